@@ -1,0 +1,93 @@
+"""Shared benchmark helpers: timing loops, the fixture location and the report table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("WASMHOST_FIXTURES", ROOT / "tests" / "fixtures" / "build"))
+RESULTS = ROOT / "bench" / "results"
+
+
+def rate(call: Callable[[], object], seconds: float, min_calls: int = 3) -> float:
+    """Calls per second of `call`, measured for about `seconds` (and at least `min_calls` calls)."""
+    call()  # warm up
+    calls = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        for _ in range(8):
+            call()
+        calls += 8
+        now = time.perf_counter()
+        if now >= deadline and calls >= min_calls:
+            return calls / (now - start)
+
+
+@dataclass
+class Row:
+    """One line of the report: a measured figure against its same-run baseline and target.
+
+    With `at_most`, the figure is absolute (a latency, say) and must not exceed `target`; the
+    baseline column then repeats the limit.
+    """
+
+    benchmark: str
+    case: str
+    baseline: float
+    measured: float
+    unit: str
+    target: float | None
+    at_most: bool = False
+
+    @property
+    def ratio(self) -> float:
+        """measured / baseline."""
+        return self.measured / self.baseline if self.baseline else float("inf")
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the target is reached (None when the row has no target)."""
+        if self.target is None:
+            return None
+        return self.measured <= self.target if self.at_most else self.ratio >= self.target
+
+    def target_text(self) -> str:
+        """The target as printed."""
+        if self.target is None:
+            return "-"
+        return f"<= {self.target:g}" if self.at_most else f">= {self.target:g}x"
+
+
+def machine() -> str:
+    """A one-line description of where the figures were measured."""
+    return f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def report(rows: list[Row]) -> str:
+    """The table `make bench` prints."""
+    header = (f"{'benchmark':<9} {'case':<16} {'baseline':>13} {'measured':>13} {'unit':<8} "
+              f"{'ratio':>8} {'target':>9}  ok")
+    lines = [f"# {machine()}", header, "-" * len(header)]
+    for r in rows:
+        ok = {True: "yes", False: "NO", None: "-"}[r.met]
+        lines.append(
+            f"{r.benchmark:<9} {r.case:<16} {r.baseline:>13,.1f} {r.measured:>13,.1f} {r.unit:<8} "
+            f"{r.ratio:>7.2f}x {r.target_text():>9}  {ok}"
+        )
+    return "\n".join(lines)
+
+
+def save(rows: list[Row]) -> Path:
+    """Write the rows as JSON under bench/results/ and return the file."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    data = {"machine": machine(), "rows": [asdict(r) | {"ratio": r.ratio, "met": r.met} for r in rows]}
+    path.write_text(json.dumps(data, indent=2))
+    return path

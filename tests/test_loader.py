@@ -1,0 +1,127 @@
+"""Loading: every way a file can be wrong is its own clear error, and compiled code is cached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import structlog
+
+from tests.conftest import fixture_path
+from wasmhost.core import ComponentId
+from wasmhost.core.errors import (
+    CompileError,
+    CoreModuleError,
+    InstantiationError,
+    LoadError,
+    MissingExportsError,
+    NotWasmError,
+    UnsatisfiedImportsError,
+)
+from wasmhost.core.limits import ResourceLimits
+from wasmhost.runtime.runtime import Runtime
+
+CID = ComponentId.parse("test-org/thing/0")
+
+
+def test_garbage_bytes_are_not_wasm(runtime: Runtime) -> None:
+    with pytest.raises(NotWasmError, match="not a WebAssembly binary") as info:
+        runtime.load(CID, fixture_path("garbage"))
+    assert str(fixture_path("garbage")) in str(info.value)
+
+
+def test_a_core_module_is_rejected_with_how_to_make_a_component(runtime: Runtime) -> None:
+    with pytest.raises(CoreModuleError) as info:
+        runtime.load(CID, fixture_path("core"))
+    assert "core WebAssembly module, not a component" in str(info.value)
+    assert "wasm-tools component new" in str(info.value)
+
+
+def test_a_truncated_component_fails_to_compile(runtime: Runtime, tmp_path: Path) -> None:
+    whole = fixture_path("echo").read_bytes()
+    broken = tmp_path / "truncated.wasm"
+    broken.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CompileError, match="invalid component") as info:
+        runtime.load(CID, broken)
+    assert str(broken) in str(info.value)
+
+
+def test_missing_lifecycle_functions_are_listed(runtime: Runtime) -> None:
+    with pytest.raises(MissingExportsError) as info:
+        runtime.load(CID, fixture_path("missing-exports"))
+    assert sorted(info.value.missing) == ["handle-callback", "health", "shutdown"]
+    assert "missing handle-callback, health, shutdown" in str(info.value)
+
+
+def test_a_wrong_signature_is_shown_next_to_the_expected_one(runtime: Runtime) -> None:
+    with pytest.raises(MissingExportsError) as info:
+        runtime.load(CID, fixture_path("bad-signature"))
+    text = str(info.value)
+    assert "wrong signature: handle-message: expected (msg: record {sender:" in text
+    assert "got (msg: string) -> string" in text
+
+
+def test_imports_the_host_cannot_satisfy_are_named(runtime: Runtime) -> None:
+    with pytest.raises(UnsatisfiedImportsError) as info:
+        runtime.load(CID, fixture_path("bad-import"))
+    assert info.value.imports == ["example:missing/thing@1.0.0 (not provided by this host)"]
+
+
+def test_a_missing_file_says_so(runtime: Runtime, tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="no such file"):
+        runtime.load(CID, tmp_path / "absent.wasm")
+
+
+def test_the_loader_resolves_the_namespace_name_instance_layout(tmp_path: Path) -> None:
+    target = tmp_path / "test-org" / "echo" / "0.1.0.wasm"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(fixture_path("echo").read_bytes())
+    runtime = Runtime(components_dir=tmp_path)
+    try:
+        loaded = runtime.load(ComponentId.parse("test-org/echo/0.1.0"))
+        assert loaded.source == str(target)
+    finally:
+        runtime.close()
+
+
+def test_minimum_memory_above_the_cap_is_a_clear_instantiation_error(runtime: Runtime) -> None:
+    loaded = runtime.load(CID, fixture_path("echo"))
+    manager = runtime.store(loaded, CID, ResourceLimits(max_memory_bytes=1024))
+    with pytest.raises(InstantiationError, match="instantiation failed"):
+        manager.instantiate()
+
+
+def test_a_second_load_comes_from_the_compilation_cache(tmp_path: Path) -> None:
+    first = Runtime(cache_dir=tmp_path)
+    try:
+        first.load(CID, fixture_path("echo"))
+        assert (first.cache.misses, first.cache.hits) == (1, 0)
+    finally:
+        first.close()
+    second = Runtime(cache_dir=tmp_path)  # a new process would look the same: nothing in memory
+    try:
+        second.load(CID, fixture_path("echo"))
+        assert (second.cache.misses, second.cache.hits) == (0, 1)
+    finally:
+        second.close()
+
+
+def test_a_corrupt_cache_entry_is_recompiled_not_fatal(tmp_path: Path) -> None:
+    wasm = fixture_path("echo").read_bytes()
+    first = Runtime(cache_dir=tmp_path)
+    try:
+        first.load(CID, fixture_path("echo"))
+        entry = first.cache.entry_path(wasm)
+    finally:
+        first.close()
+    assert entry is not None and entry.exists()
+    entry.write_bytes(b"not a compiled component")
+    second = Runtime(cache_dir=tmp_path)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            loaded = second.load(CID, fixture_path("echo"))
+        assert loaded.exports["handle-message"].name == "handle-message"
+        assert second.cache.misses == 1
+        assert any(e["event"] == "cache_entry_unusable" for e in logs)
+    finally:
+        second.close()

@@ -1,0 +1,208 @@
+"""Calling real guest components through the runtime: echo, per-instance state, guest errors and
+traps, limits, host functions and logs."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import structlog
+
+from tests.conftest import Starter
+from tests.support import MemoryStorage, RecordingMessaging
+from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.core.errors import (
+    FuelExhausted,
+    GuestTimeout,
+    GuestTrap,
+    InstanceStateError,
+    StorageError,
+    WasmError,
+)
+from wasmhost.core.limits import ResourceLimits
+from wasmhost.core.metadata import HealthStatus
+from wasmhost.runtime.host_fn import HostContext
+from wasmhost.runtime.runtime import Runtime
+
+SENDER = ComponentId("test-org", "sender", "0")
+
+
+def message(payload: bytes, sender: ComponentId = SENDER) -> ComponentMessage:
+    return ComponentMessage(sender, payload, MessageMetadata(timestamp=Timestamp.now()))
+
+
+def test_echo_returns_payloads_byte_exact(start: Starter) -> None:
+    echo = start("echo", "test-org/echo/0.1.0")
+    assert echo.handle_message(message(bytes([1, 2, 3]))) == bytes([1, 2, 3])
+    assert echo.handle_message(message(b"")) == b""  # Some([]), not None
+    big = os.urandom(1 << 20)
+    assert echo.handle_message(message(big)) == big
+
+
+def test_echo_metadata_and_health(start: Starter) -> None:
+    echo = start("echo")
+    meta = echo.metadata()
+    assert meta.name == "echo"
+    assert meta.version == "0.1.0"
+    assert meta.supported_operations
+    assert echo.health() is HealthStatus.HEALTHY
+    echo.shutdown()
+
+
+def test_counter_state_is_per_instance_and_reset_by_initialize(start: Starter) -> None:
+    first = start("counter", "test-org/counter/a")
+    second = start("counter", "test-org/counter/b")  # same bytes, independent instance
+    assert [first.handle_message(message(b"")) for _ in range(3)] == [b"1", b"2", b"3"]
+    assert second.handle_message(message(b"")) == b"1"
+    for _ in range(8):
+        first.handle_message(message(b""))
+    assert first.handle_message(message(b"")) == b"12"
+    first.initialize(ComponentConfig())
+    assert first.handle_message(message(b"")) == b"1"
+
+
+def test_guest_error_maps_to_wasm_error(start: Starter) -> None:
+    callback = start("callback", "test-org/callback/0", host=HostContext(SENDER, messaging=RecordingMessaging()))
+    with pytest.raises(WasmError) as info:
+        callback.handle_message(message(b"no separators here"))
+    assert info.value == WasmError("runtime-error", "invalid payload format: expected namespace|name|instance|data")
+
+
+def test_calls_before_instantiate_or_initialize_are_refused(runtime: Runtime, start: Starter) -> None:
+    echo = start("echo", initialize=False)
+    with pytest.raises(InstanceStateError, match="initialize"):
+        echo.handle_message(message(b"x"))
+    echo.close()
+    with pytest.raises(InstanceStateError, match="not been instantiated"):
+        echo.handle_message(message(b"x"))
+
+
+def test_a_trap_kills_the_instance_until_it_is_instantiated_again(start: Starter) -> None:
+    trapper = start("trapper", "test-org/trapper/0")
+    with pytest.raises(GuestTrap) as info:
+        trapper.handle_message(message(b"boom"))
+    assert "unreachable" in str(info.value)
+    assert "test-org/trapper/0" in str(info.value)
+    with pytest.raises(InstanceStateError, match="poisoned"):
+        trapper.handle_message(message(b"again"))
+    trapper.instantiate()
+    trapper.initialize(ComponentConfig())
+    assert trapper.metadata().name == "trapper"
+
+
+def test_spinner_is_stopped_by_its_deadline_and_a_fresh_instance_works(runtime: Runtime, start: Starter) -> None:
+    limit_ms = 100
+    spinner = start("spinner", "test-org/spinner/0", limits=ResourceLimits(max_execution_time_ms=limit_ms))
+    began = time.monotonic()
+    with pytest.raises(GuestTimeout):
+        spinner.handle_message(message(b"spin"))
+    elapsed_ms = (time.monotonic() - began) * 1000
+    tick = runtime.engine.tick_ms
+    assert limit_ms <= elapsed_ms <= limit_ms + tick + 40, f"stopped after {elapsed_ms:.0f} ms"
+    spinner.instantiate()
+    spinner.initialize(ComponentConfig())
+    assert spinner.metadata().name == "spinner"
+
+
+def test_fuel_exhaustion_is_reported_as_such(start: Starter) -> None:
+    spinner = start("spinner", "test-org/spinner/fuel", limits=ResourceLimits(max_fuel=2_000_000))
+    with pytest.raises(FuelExhausted, match="ran out of fuel"):
+        spinner.handle_message(message(b"spin"))
+
+
+def test_fuel_is_refilled_before_every_call(start: Starter) -> None:
+    busy = start("busy", "test-org/busy/0", limits=ResourceLimits(max_fuel=5_000_000))
+    for _ in range(5):  # each call fits the budget; five in a row would not if fuel were per lifetime
+        assert busy.handle_message(message(b"100000")) == b"100000"
+
+
+def test_memory_hog_cannot_pass_its_cap(start: Starter) -> None:
+    cap = 4 * 1024 * 1024
+    hog = start("memhog", "test-org/memhog/0", limits=ResourceLimits(max_memory_bytes=cap))
+    pages = int(hog.handle_message(message(b"grow")) or b"0")
+    assert 1 <= pages <= cap // 65536
+
+
+def test_guest_logs_arrive_in_structlog_with_the_component_id(start: Starter) -> None:
+    logger = start("logger", "test-org/logger/0")
+    with structlog.testing.capture_logs() as logs:
+        assert logger.handle_message(message(b"hello from the guest")) is None
+    guest = [entry for entry in logs if entry.get("guest")]
+    assert guest == [
+        {
+            "event": "hello from the guest",
+            "component": "test-org/logger/0",
+            "guest": True,
+            "guest_level": "info",
+            "source": "logger",
+            "size": "20",
+            "log_level": "info",
+        }
+    ]
+
+
+def test_storage_imports_reach_the_storage_port(start: Starter) -> None:
+    storage = MemoryStorage(quota_bytes=64)
+    guest = start("storage", "test-org/storage/0", host=HostContext(SENDER, storage=storage))
+    owner = ComponentId.parse("test-org/storage/0")
+    assert guest.handle_message(message(b"get missing")) is None
+    assert guest.handle_message(message(b"set colour deep blue")) == b"ok"
+    assert storage.data[owner] == {"colour": b"deep blue"}
+    assert guest.handle_message(message(b"get colour")) == b"deep blue"
+    assert guest.handle_message(message(b"has colour")) == b"true"
+    assert guest.handle_message(message(b"set size 10")) == b"ok"
+    assert guest.handle_message(message(b"keys")) == b"colour\nsize"
+    assert guest.handle_message(message(b"keys co")) == b"colour"
+    assert guest.handle_message(message(b"usage")) == b"21 64 2"
+    assert guest.handle_message(message(b"del colour")) == b"ok"
+    assert guest.handle_message(message(b"has colour")) == b"false"
+    with pytest.raises(WasmError, match="storage error: quota-exceeded"):
+        guest.handle_message(message(b"set big " + b"x" * 100))
+
+
+def test_storage_errors_reach_the_guest_as_wit_errors(start: Starter) -> None:
+    # get() returns result<option<list<u8>>, storage-error>: the err case wasmtime-py cannot lower.
+    storage = MemoryStorage(fail_with=StorageError("io-error", "disk unplugged"))
+    guest = start("storage", "test-org/storage/1", host=HostContext(SENDER, storage=storage))
+    with pytest.raises(WasmError, match="storage error: io-error: disk unplugged"):
+        guest.handle_message(message(b"get anything"))
+    assert guest.metadata().name == "storage"  # a host-side failure does not poison the Store
+
+
+def test_a_host_bug_becomes_an_error_value_not_a_trap(start: Starter) -> None:
+    class Broken(MemoryStorage):
+        def get(self, owner: ComponentId, key: str) -> bytes | None:
+            raise RuntimeError("bug in the host")
+
+    guest = start("storage", "test-org/storage/2", host=HostContext(SENDER, storage=Broken()))
+    with pytest.raises(WasmError, match="storage error: io-error: host error: RuntimeError: bug in the host"):
+        guest.handle_message(message(b"get k"))
+    assert guest.handle_message(message(b"set k v")) == b"ok"
+
+
+def test_request_import_returns_the_correlation_id(start: Starter) -> None:
+    messaging = RecordingMessaging(known={ComponentId.parse("test-org/echo/0.1.0")})
+    callback = start("callback", "test-org/callback/1", host=HostContext(SENDER, messaging=messaging))
+    reply = callback.handle_message(message(b"test-org|echo|0.1.0|ping|pong"))
+    assert reply == b"corr-1"
+    assert messaging.requests == [
+        (ComponentId.parse("test-org/callback/1"), ComponentId.parse("test-org/echo/0.1.0"), b"ping|pong", 5000)
+    ]
+    with pytest.raises(WasmError, match="request failed: target-not-found"):
+        callback.handle_message(message(b"test-org|nobody|0|data"))
+
+
+def test_callback_receives_handle_callback_messages(start: Starter) -> None:
+    callback = start("callback", "test-org/callback/2", host=HostContext(SENDER, messaging=RecordingMessaging()))
+    responder = ComponentId.parse("test-org/echo/0.1.0")
+    reply = ComponentMessage(
+        responder, b"the answer",
+        MessageMetadata(timestamp=Timestamp.now(), correlation_id="corr-9", content_type="text/plain"),
+    )
+    callback.handle_callback(reply)
+    assert callback.handle_message(message(b"?last-payload")) == b"the answer"
+    assert callback.handle_message(message(b"?last-correlation")) == b"corr-9"
+    assert callback.handle_message(message(b"?last-content-type")) == b"text/plain"
+    assert callback.handle_message(message(b"?last-sender")) == b"test-org/echo/0.1.0"
+    assert callback.handle_message(message(b"?callbacks")) == b"1"

@@ -1,0 +1,48 @@
+"""Component identity: `namespace/name/instance`."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class InvalidComponentId(ValueError):
+    """A string or part that is not a valid component id."""
+
+
+def _check_part(label: str, value: str, whole: str) -> None:
+    if not value:
+        raise InvalidComponentId(f"component id {whole!r}: {label} is empty")
+    if "/" in value:
+        raise InvalidComponentId(f"component id {whole!r}: {label} {value!r} contains '/'")
+    if "\x00" in value:
+        raise InvalidComponentId(f"component id {whole!r}: {label} contains a NUL byte")
+    if value in (".", "..") or ".." in value:
+        raise InvalidComponentId(f"component id {whole!r}: {label} {value!r} contains '..'")
+
+
+class ComponentId(msgspec.Struct, frozen=True, order=True):
+    """Identity of one component instance; string form `namespace/name/instance`."""
+
+    namespace: str
+    name: str
+    instance: str
+
+    def __post_init__(self) -> None:
+        whole = f"{self.namespace}/{self.name}/{self.instance}"
+        _check_part("namespace", self.namespace, whole)
+        _check_part("name", self.name, whole)
+        _check_part("instance", self.instance, whole)
+
+    @classmethod
+    def parse(cls, text: str) -> ComponentId:
+        """Parse `namespace/name/instance`, raising InvalidComponentId with the reason."""
+        parts = text.split("/")
+        if len(parts) != 3:
+            raise InvalidComponentId(
+                f"component id {text!r}: expected namespace/name/instance (three parts separated by '/'), "
+                f"got {len(parts)} part(s)"
+            )
+        return cls(parts[0], parts[1], parts[2])
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}/{self.instance}"

@@ -1,0 +1,71 @@
+"""Protocols through which the runtime reaches messaging, storage and the component directory.
+
+The runtime calls these synchronously from the thread running the guest. A method signals a
+WIT error by raising the matching HostError subclass; anything else is a host bug that the
+runtime turns into a generic error value for the guest.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from wasmhost.core.ids import ComponentId
+from wasmhost.core.metadata import ComponentInfo
+
+
+class StorageUsage(msgspec.Struct, frozen=True):
+    """Bytes used, quota and key count of one component's storage."""
+
+    used_bytes: int
+    quota_bytes: int
+    key_count: int
+
+
+class MessagingPort(Protocol):
+    """`host-messaging` as the runtime needs it; raises MessagingError."""
+
+    def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
+        """Enqueue a message for `target`."""
+
+    def request(self, sender: ComponentId, target: ComponentId, payload: bytes, timeout_ms: int) -> str:
+        """Enqueue a request; return its fresh correlation id."""
+
+    def cancel_request(self, sender: ComponentId, request_id: str) -> None:
+        """Stop a pending request from producing a callback."""
+
+    def broadcast(self, sender: ComponentId, targets: list[ComponentId], payload: bytes) -> None:
+        """Deliver `payload` to every target."""
+
+
+class StoragePort(Protocol):
+    """`storage` as the runtime needs it, scoped by owner; raises StorageError."""
+
+    def get(self, owner: ComponentId, key: str) -> bytes | None:
+        """The value under `key`, or None."""
+
+    def set(self, owner: ComponentId, key: str, value: bytes) -> None:
+        """Store `value` durably under `key`."""
+
+    def delete(self, owner: ComponentId, key: str) -> None:
+        """Remove `key`."""
+
+    def exists(self, owner: ComponentId, key: str) -> bool:
+        """Whether `key` is present."""
+
+    def list_keys(self, owner: ComponentId, prefix: str | None) -> list[str]:
+        """Keys of `owner`, optionally filtered by prefix."""
+
+    def usage(self, owner: ComponentId) -> StorageUsage:
+        """Usage figures for `owner`."""
+
+
+class DirectoryPort(Protocol):
+    """The live directory of components behind `list-components` / `get-component-metadata`."""
+
+    def list_components(self) -> list[ComponentId]:
+        """Ids of every loaded component."""
+
+    def component_info(self, component: ComponentId) -> ComponentInfo:
+        """Information about one component; raises ComponentError when unknown."""

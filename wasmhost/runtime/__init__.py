@@ -1,0 +1,1 @@
+"""The wasmtime layer: engine, compilation cache, loader, stores, host functions, limits, codec."""

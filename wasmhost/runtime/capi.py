@@ -1,0 +1,114 @@
+"""wasmtime C API entry points with address-based signatures, and the value layout they rely on.
+
+wasmtime-py's own prototypes take ctypes pointer objects; building those costs more than the call
+on the hot path, so these prototypes take plain integer addresses (our own: no public API offers it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_size_t, c_void_p
+from typing import Any
+
+from wasmtime import _bindings, _ffi
+
+WASMTIME_VERSION = "50.0.1"
+"""The wasmtime-py release whose private value layout this module was written against."""
+
+VAL_SIZE = 32  # sizeof(wasmtime_component_val_t)
+VAL_PAYLOAD = 8  # offset of the union inside wasmtime_component_val_t
+ENTRY_SIZE = 48  # sizeof(wasmtime_component_valrecord_entry_t): name (16) + val (32)
+ENTRY_VAL = 16  # offset of the val inside a record entry
+NAME_SIZE = 16  # sizeof(wasm_name_t): size_t size, char *data
+
+# Value kinds (wasmtime_component_valkind_t).
+BOOL, S8, U8, S16, U16, S32, U32, S64, U64, F32, F64, CHAR = range(12)
+STRING, LIST, RECORD, TUPLE, VARIANT, ENUM, OPTION, RESULT, FLAGS = range(12, 21)
+
+_dll = _bindings.dll
+
+
+def _proto(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A fresh prototype for `name` in the wasmtime library (does not touch wasmtime-py's)."""
+    return ctypes.CFUNCTYPE(restype, *argtypes)((name, _dll))
+
+
+val_delete = _proto("wasmtime_component_val_delete", None, c_void_p)
+val_new = _proto("wasmtime_component_val_new", c_void_p, c_void_p)
+byte_vec_new = _proto("wasm_byte_vec_new", None, c_void_p, c_size_t, c_void_p)
+byte_vec_new_uninit = _proto("wasm_byte_vec_new_uninitialized", None, c_void_p, c_size_t)
+vallist_new_uninit = _proto("wasmtime_component_vallist_new_uninit", None, c_void_p, c_size_t)
+valrecord_new_uninit = _proto("wasmtime_component_valrecord_new_uninit", None, c_void_p, c_size_t)
+valtuple_new_uninit = _proto("wasmtime_component_valtuple_new_uninit", None, c_void_p, c_size_t)
+valflags_new_uninit = _proto("wasmtime_component_valflags_new_uninit", None, c_void_p, c_size_t)
+func_call = _proto(
+    "wasmtime_component_func_call", c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t
+)
+error_new = _proto("wasmtime_error_new", c_void_p, ctypes.c_char_p)
+
+FUNC_CALLBACK = ctypes.CFUNCTYPE(c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t)
+"""Host function trampoline: (env, context, type, args, nargs, results, nresults) -> error or NULL."""
+FINALIZER = ctypes.CFUNCTYPE(None, c_void_p)
+linker_instance_add_func = _proto(
+    "wasmtime_component_linker_instance_add_func",
+    c_void_p,
+    c_void_p,
+    ctypes.c_char_p,
+    c_size_t,
+    FUNC_CALLBACK,
+    c_void_p,
+    FINALIZER,
+)
+
+
+class LayoutMismatch(RuntimeError):
+    """wasmtime-py's value structures no longer match what the fast codec writes."""
+
+
+def check_layout() -> None:
+    """Fail loudly if the private structures the codec writes by offset have changed."""
+    val = _ffi.wasmtime_component_val_t
+    entry = _ffi.wasmtime_component_valrecord_entry_t
+    union = _ffi.wasmtime_component_valunion_t
+    expected: list[tuple[str, int, int]] = [
+        ("sizeof(wasmtime_component_val_t)", ctypes.sizeof(val), VAL_SIZE),
+        ("offsetof(val, of)", val.of.offset, VAL_PAYLOAD),
+        ("sizeof(valrecord_entry)", ctypes.sizeof(entry), ENTRY_SIZE),
+        ("offsetof(entry, val)", entry.val.offset, ENTRY_VAL),
+        ("sizeof(wasm_name_t)", ctypes.sizeof(_ffi.wasm_name_t), NAME_SIZE),
+        ("offsetof(union, list)", union.list.offset, 0),
+        ("offsetof(valvariant, val)", _ffi.wasmtime_component_valvariant_t.val.offset, 16),
+        ("offsetof(valresult, val)", _ffi.wasmtime_component_valresult_t.val.offset, 8),
+    ]
+    kinds = {
+        "U8": (_ffi.WASMTIME_COMPONENT_U8.value, U8),
+        "STRING": (_ffi.WASMTIME_COMPONENT_STRING.value, STRING),
+        "LIST": (_ffi.WASMTIME_COMPONENT_LIST.value, LIST),
+        "RECORD": (_ffi.WASMTIME_COMPONENT_RECORD.value, RECORD),
+        "VARIANT": (_ffi.WASMTIME_COMPONENT_VARIANT.value, VARIANT),
+        "FLAGS": (_ffi.WASMTIME_COMPONENT_FLAGS.value, FLAGS),
+        "RESULT": (_ffi.WASMTIME_COMPONENT_RESULT.value, RESULT),
+    }
+    problems = [f"{what} is {got}, expected {want}" for what, got, want in expected if got != want]
+    problems += [f"kind {name} is {got}, expected {want}" for name, (got, want) in kinds.items() if got != want]
+    if problems:
+        raise LayoutMismatch(
+            f"wasmtime-py's component value layout changed (written for {WASMTIME_VERSION}): " + "; ".join(problems)
+        )
+
+
+def addr_of(ptr: Any) -> int:
+    """The integer address of a ctypes pointer (0 for NULL)."""
+    return ctypes.cast(ptr, c_void_p).value or 0
+
+
+context_set_fuel = _proto("wasmtime_context_set_fuel", c_void_p, c_void_p, ctypes.c_uint64)
+context_get_fuel = _proto("wasmtime_context_get_fuel", c_void_p, c_void_p, c_void_p)
+context_set_epoch_deadline = _proto("wasmtime_context_set_epoch_deadline", None, c_void_p, ctypes.c_uint64)
+
+
+def take_error(error: int) -> str:
+    """The message of a wasmtime_error_t* returned by the C API; frees the error."""
+    from wasmtime import WasmtimeError
+
+    return str(WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(_ffi.wasmtime_error_t))))

@@ -1,0 +1,326 @@
+"""The host functions guests import (`host-messaging`, `host-services`, `storage`) on one Linker.
+
+Host functions never raise into wasmtime: wasmtime-py re-raises a Python exception through a
+module global on whatever thread comes next and the trap poisons the Store. Every failure here
+becomes the function's WIT error value instead; functions without an error channel fall back to
+a harmless value and log the host-side problem.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import wasmtime
+from wasmtime import component as wc
+
+from wasmhost.core.errors import ComponentError, HostError, MessagingError, StorageError
+from wasmhost.core.ids import ComponentId, InvalidComponentId
+from wasmhost.core.messages import Timestamp
+from wasmhost.core.protocols import DirectoryPort, MessagingPort, StoragePort
+from wasmhost.runtime import capi, contract
+from wasmhost.runtime.capi import VAL_SIZE
+from wasmhost.runtime.codec import Converter, Err, Ok, clear_val, converter_for
+
+guest_log = structlog.get_logger("wasmhost.guest")
+host_log = structlog.get_logger("wasmhost.host_fn")
+
+_RESERVED_LOG_KEYS = frozenset({"event", "level", "timestamp", "component", "guest", "logger", "guest_level"})
+_LOG_METHODS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning", "error": "error"}
+
+
+@dataclass
+class HostContext:
+    """What the host functions of one Store see: whose Store it is and the ports to the host."""
+
+    component_id: ComponentId
+    messaging: MessagingPort | None = None
+    storage: StoragePort | None = None
+    directory: DirectoryPort | None = None
+    deadline: float = field(default=float("inf"))  # time.monotonic() at which the current call times out
+
+
+def id_value(component: ComponentId) -> dict[str, str]:
+    """A ComponentId as the codec's `component-id` record."""
+    return {"namespace": component.namespace, "name": component.name, "instance": component.instance}
+
+
+def id_from_value(value: dict[str, str]) -> ComponentId:
+    """A `component-id` record from a guest as a ComponentId (raises InvalidComponentId)."""
+    return ComponentId(value["namespace"], value["name"], value["instance"])
+
+
+def error_value(error: HostError) -> tuple[str, Any]:
+    """A HostError as the codec's variant value."""
+    payload = error.payload
+    return (error.case, id_value(payload) if isinstance(payload, ComponentId) else payload)
+
+
+# --- host-messaging -------------------------------------------------------------------------------
+
+
+def _messaging(ctx: HostContext) -> MessagingPort:
+    if ctx.messaging is None:
+        raise MessagingError("delivery-failed", "messaging is not available in this host")
+    return ctx.messaging
+
+
+def _target(value: dict[str, str]) -> ComponentId:
+    try:
+        return id_from_value(value)
+    except InvalidComponentId as exc:
+        raise MessagingError("invalid-message", str(exc)) from None
+
+
+def send(ctx: HostContext, target: dict[str, str], payload: bytes) -> Ok[None]:
+    """host-messaging.send"""
+    _messaging(ctx).send(ctx.component_id, _target(target), payload)
+    return Ok(None)
+
+
+def request(ctx: HostContext, target: dict[str, str], payload: bytes, timeout_ms: int) -> Ok[str]:
+    """host-messaging.request"""
+    return Ok(_messaging(ctx).request(ctx.component_id, _target(target), payload, timeout_ms))
+
+
+def cancel_request(ctx: HostContext, request_id: str) -> Ok[None]:
+    """host-messaging.cancel-request"""
+    _messaging(ctx).cancel_request(ctx.component_id, request_id)
+    return Ok(None)
+
+
+def broadcast(ctx: HostContext, targets: list[dict[str, str]], payload: bytes) -> Ok[None]:
+    """host-messaging.broadcast"""
+    _messaging(ctx).broadcast(ctx.component_id, [_target(t) for t in targets], payload)
+    return Ok(None)
+
+
+def self_id(ctx: HostContext) -> dict[str, str]:
+    """host-messaging.self-id"""
+    return id_value(ctx.component_id)
+
+
+# --- host-services --------------------------------------------------------------------------------
+
+
+def log(ctx: HostContext, level: str, message: str, context: list[tuple[str, str]] | None) -> None:
+    """host-services.log: into structlog, marked as coming from the guest, context pairs as fields."""
+    fields: dict[str, str] = {}
+    for key, value in context or ():
+        fields[f"guest_{key}" if key in _RESERVED_LOG_KEYS else key] = value
+    method = getattr(guest_log, _LOG_METHODS.get(level, "info"))
+    method(message, component=str(ctx.component_id), guest=True, guest_level=level, **fields)
+
+
+def current_time(ctx: HostContext) -> dict[str, int]:
+    """host-services.current-time"""
+    now = Timestamp.now()
+    return {"seconds": now.seconds, "nanoseconds": now.nanoseconds}
+
+
+def current_time_millis(ctx: HostContext) -> int:
+    """host-services.current-time-millis"""
+    return time.time_ns() // 1_000_000
+
+
+def sleep_millis(ctx: HostContext, duration_ms: int) -> None:
+    """host-services.sleep-millis, never past the current call's deadline."""
+    remaining = ctx.deadline - time.monotonic()
+    delay = min(duration_ms / 1000, remaining)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def list_components(ctx: HostContext) -> list[dict[str, str]]:
+    """host-services.list-components"""
+    ids = ctx.directory.list_components() if ctx.directory is not None else [ctx.component_id]
+    return [id_value(i) for i in ids]
+
+
+def get_component_metadata(ctx: HostContext, target: dict[str, str]) -> Ok[dict[str, Any]]:
+    """host-services.get-component-metadata"""
+    try:
+        wanted = id_from_value(target)
+    except InvalidComponentId as exc:
+        raise ComponentError("invalid-state", str(exc)) from None
+    if ctx.directory is None:
+        raise ComponentError("invalid-state", "no component directory in this host")
+    info = ctx.directory.component_info(wanted)
+    return Ok({"id": id_value(info.id), "name": info.name, "version": info.version, "health": info.health})
+
+
+# --- storage --------------------------------------------------------------------------------------
+
+
+def _storage(ctx: HostContext) -> StoragePort:
+    if ctx.storage is None:
+        raise StorageError("io-error", "storage is not enabled for this component")
+    return ctx.storage
+
+
+def storage_get(ctx: HostContext, key: str) -> Ok[bytes | None]:
+    """storage.get"""
+    return Ok(_storage(ctx).get(ctx.component_id, key))
+
+
+def storage_set(ctx: HostContext, key: str, value: bytes) -> Ok[None]:
+    """storage.set"""
+    _storage(ctx).set(ctx.component_id, key, value)
+    return Ok(None)
+
+
+def storage_delete(ctx: HostContext, key: str) -> Ok[None]:
+    """storage.delete"""
+    _storage(ctx).delete(ctx.component_id, key)
+    return Ok(None)
+
+
+def storage_exists(ctx: HostContext, key: str) -> Ok[bool]:
+    """storage.exists"""
+    return Ok(_storage(ctx).exists(ctx.component_id, key))
+
+
+def storage_list_keys(ctx: HostContext, prefix: str | None) -> Ok[list[str]]:
+    """storage.list-keys"""
+    return Ok(_storage(ctx).list_keys(ctx.component_id, prefix))
+
+
+def storage_usage(ctx: HostContext) -> Ok[dict[str, int]]:
+    """storage.usage"""
+    usage = _storage(ctx).usage(ctx.component_id)
+    return Ok({"used-bytes": usage.used_bytes, "quota-bytes": usage.quota_bytes, "key-count": usage.key_count})
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+Fallback = Callable[[Exception], Any]
+
+
+def _err(case: str) -> Fallback:
+    return lambda exc: Err((case, f"host error: {type(exc).__name__}: {exc}"))
+
+
+@dataclass
+class HostFunction:
+    """One imported function: its implementation, the value returned when the host fails, and the
+    converters built from its type on first use."""
+
+    interface: str
+    name: str
+    impl: Callable[..., Any]
+    fallback: Fallback
+    params: list[Converter] | None = None
+    result: Converter | None = None
+
+    def converters(self, ty_ptr: int) -> list[Converter]:
+        """Parameter converters, built once from the function type wasmtime passes in."""
+        if self.params is None:
+            pointer = ctypes.cast(ty_ptr, ctypes.POINTER(wasmtime._ffi.wasmtime_component_func_type_t))
+            fty = wc.FuncType._from_ptr(pointer, owner=self)
+            result = fty.result
+            self.result = converter_for(result) if result is not None else None
+            self.params = [converter_for(ty) for _, ty in fty.params]
+        return self.params
+
+
+_MESSAGING = contract.qualified("host-messaging")
+_SERVICES = contract.qualified("host-services")
+_STORAGE = contract.qualified("storage")
+
+HOST_FUNCTIONS: list[HostFunction] = [
+    HostFunction(_MESSAGING, "send", send, _err("delivery-failed")),
+    HostFunction(_MESSAGING, "request", request, _err("delivery-failed")),
+    HostFunction(_MESSAGING, "cancel-request", cancel_request, _err("delivery-failed")),
+    HostFunction(_MESSAGING, "broadcast", broadcast, _err("delivery-failed")),
+    HostFunction(_MESSAGING, "self-id", self_id, lambda exc: {"namespace": "?", "name": "?", "instance": "?"}),
+    HostFunction(_SERVICES, "log", log, lambda exc: None),
+    HostFunction(_SERVICES, "current-time", current_time, lambda exc: {"seconds": 0, "nanoseconds": 0}),
+    HostFunction(_SERVICES, "current-time-millis", current_time_millis, lambda exc: 0),
+    HostFunction(_SERVICES, "sleep-millis", sleep_millis, lambda exc: None),
+    HostFunction(_SERVICES, "list-components", list_components, lambda exc: []),
+    HostFunction(_SERVICES, "get-component-metadata", get_component_metadata, _err("invalid-state")),
+    HostFunction(_STORAGE, "get", storage_get, _err("io-error")),
+    HostFunction(_STORAGE, "set", storage_set, _err("io-error")),
+    HostFunction(_STORAGE, "delete", storage_delete, _err("io-error")),
+    HostFunction(_STORAGE, "exists", storage_exists, _err("io-error")),
+    HostFunction(_STORAGE, "list-keys", storage_list_keys, _err("io-error")),
+    HostFunction(_STORAGE, "usage", storage_usage, _err("io-error")),
+]
+
+_contexts: dict[int, HostContext] = {}
+_contexts_lock = threading.Lock()
+
+
+def register_context(context_address: int, ctx: HostContext) -> None:
+    """Make `ctx` what host functions see when called from the Store with this context."""
+    with _contexts_lock:
+        _contexts[context_address] = ctx
+
+
+def unregister_context(context_address: int) -> None:
+    """Forget the Store with this context."""
+    with _contexts_lock:
+        _contexts.pop(context_address, None)
+
+
+def _call(fn: HostFunction, ctx: HostContext, args: int, ty: int) -> Any:
+    """Run one host function; every failure becomes a WIT value."""
+    try:
+        params = fn.converters(ty)
+        values = [conv.lift(args + i * VAL_SIZE) for i, conv in enumerate(params)]
+        return fn.impl(ctx, *values)
+    except HostError as exc:
+        return Err(error_value(exc))
+    except Exception as exc:  # a host bug must not poison the guest's Store
+        host_log.error("host_function_failed", function=f"{fn.interface}#{fn.name}",
+                       component=str(ctx.component_id), error=repr(exc))
+        return fn.fallback(exc)
+
+
+def _trampoline(env: int | None, context: int | None, ty: int | None, args: int | None, nargs: int,
+                results: int | None, nresults: int) -> int | None:
+    fn = HOST_FUNCTIONS[env or 0]
+    ctx = _contexts.get(context or 0)
+    if ctx is None:
+        return int(capi.error_new(f"wasmhost: no host context for {fn.name}".encode()))
+    value = _call(fn, ctx, args or 0, ty or 0)
+    if fn.result is not None and results:
+        clear_val(results)
+        try:
+            fn.result.lower(value, results)
+        except Exception as exc:
+            host_log.error("host_result_unconvertible", function=f"{fn.interface}#{fn.name}",
+                           component=str(ctx.component_id), error=repr(exc))
+            fn.result.lower(fn.fallback(exc), results)
+    return None
+
+
+_TRAMPOLINE = capi.FUNC_CALLBACK(_trampoline)
+_NO_FINALIZER = capi.FINALIZER(lambda env: None)
+
+
+def build_linker(engine: wasmtime.Engine) -> wc.Linker:
+    """A component Linker with WASI 0.2 and every airssys host function defined."""
+    linker = wc.Linker(engine)
+    linker.add_wasip2()
+    by_interface: dict[str, list[tuple[int, HostFunction]]] = {}
+    for index, fn in enumerate(HOST_FUNCTIONS):
+        by_interface.setdefault(fn.interface, []).append((index, fn))
+    with linker.root() as root:
+        for interface, functions in by_interface.items():
+            with root.add_instance(interface) as instance:
+                for index, fn in functions:
+                    name = fn.name.encode()
+                    error = capi.linker_instance_add_func(
+                        capi.addr_of(instance.ptr()), name, len(name), _TRAMPOLINE, index, _NO_FINALIZER
+                    )
+                    if error:
+                        raise wasmtime.WasmtimeError._from_ptr(
+                            ctypes.cast(error, ctypes.POINTER(wasmtime._ffi.wasmtime_error_t))
+                        )
+    return linker

@@ -1,0 +1,177 @@
+"""Finds, validates and compiles component binaries, telling apart every way a file can be wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+from wasmtime import component as wc
+
+from wasmhost.core.errors import (
+    CompileError,
+    CoreModuleError,
+    LoadError,
+    MissingExportsError,
+    NotWasmError,
+    UnsatisfiedImportsError,
+)
+from wasmhost.core.ids import ComponentId
+from wasmhost.runtime import contract
+from wasmhost.runtime.cache import CompilationCache
+from wasmhost.runtime.codec import Converter, converter_for
+
+WASM_MAGIC = b"\0asm"
+CORE_VERSION = b"\x01\x00\x00\x00"
+COMPONENT_LAYER = b"\x01\x00"
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """A lifecycle export: where to find it and its converters, built once per component."""
+
+    name: str
+    index: wc.ExportIndex
+    params: list[Converter]
+    result: Converter | None
+
+
+@dataclass(frozen=True)
+class LoadedComponent:
+    """A validated, compiled component ready to be instantiated any number of times."""
+
+    source: str
+    digest: str
+    component: wc.Component
+    exports: dict[str, ExportSpec]
+    imports: frozenset[str]
+    size: int
+
+    @property
+    def uses_wasi(self) -> bool:
+        """Whether the component imports any WASI interface."""
+        return any(name.startswith("wasi:") for name in self.imports)
+
+
+def describe(fty: wc.FuncType) -> str:
+    """A function type in the contract's notation."""
+    params = [(name, converter_for(ty).wit) for name, ty in fty.params]
+    result = fty.result
+    return contract.signature(params, converter_for(result).wit if result is not None else None)
+
+
+def check_header(wasm: bytes, source: str) -> None:
+    """Reject bytes that are not wasm, and core modules, with what to do about them."""
+    if len(wasm) < 8 or wasm[:4] != WASM_MAGIC:
+        raise NotWasmError(source, f"not a WebAssembly binary (expected the magic bytes \\0asm, got {wasm[:4]!r})")
+    if wasm[4:8] == CORE_VERSION:
+        raise CoreModuleError(
+            source,
+            "this is a core WebAssembly module, not a component; wasmhost runs Component Model components "
+            "only. Turn it into one with `wasm-tools component new MODULE.wasm -o COMPONENT.wasm` "
+            "(after `wasm-tools component embed` of the airssys:core WIT if it lacks type information)",
+        )
+    if wasm[6:8] != COMPONENT_LAYER:
+        raise NotWasmError(source, f"unknown WebAssembly version/layer {wasm[4:8].hex()} (expected a component)")
+
+
+def _lifecycle_exports(compiled: wc.Component, engine: wasmtime.Engine, source: str) -> dict[str, ExportSpec]:
+    exported = {name: item.ty for name, item in compiled.type.exports(engine).items()}
+    interface = exported.get(contract.LIFECYCLE)
+    if not isinstance(interface, wc.ComponentInstanceType):
+        names = ", ".join(sorted(exported)) or "nothing"
+        raise MissingExportsError(
+            source, f"does not export {contract.LIFECYCLE} (it exports {names})", sorted(contract.LIFECYCLE_EXPORTS)
+        )
+    functions = {name: item.ty for name, item in interface.exports(engine).items()}
+    missing = [name for name in contract.LIFECYCLE_EXPORTS if not isinstance(functions.get(name), wc.FuncType)]
+    wrong = []
+    for name, expected in contract.LIFECYCLE_EXPORTS.items():
+        fty = functions.get(name)
+        if isinstance(fty, wc.FuncType) and (actual := describe(fty)) != expected:
+            wrong.append(f"{name}: expected {expected}, got {actual}")
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if wrong:
+            parts.append("wrong signature: " + "; ".join(wrong))
+        raise MissingExportsError(source, f"{contract.LIFECYCLE} is incomplete: " + "; ".join(parts), missing + wrong)
+    lifecycle_index = compiled.get_export_index(contract.LIFECYCLE)
+    specs = {}
+    for name in contract.LIFECYCLE_EXPORTS:
+        fty = functions[name]
+        assert isinstance(fty, wc.FuncType)
+        index = compiled.get_export_index(name, lifecycle_index)
+        assert index is not None
+        result = fty.result
+        specs[name] = ExportSpec(
+            name, index, [converter_for(ty) for _, ty in fty.params], converter_for(result) if result else None
+        )
+    return specs
+
+
+def _check_imports(compiled: wc.Component, engine: wasmtime.Engine, source: str) -> frozenset[str]:
+    imported = {name: item.ty for name, item in compiled.type.imports(engine).items()}
+    problems = []
+    for name, item in imported.items():
+        if name.startswith("wasi:") or name in contract.TYPE_ONLY_IMPORTS:
+            continue
+        offered = contract.HOST_IMPORTS.get(name)
+        if offered is None or not isinstance(item, wc.ComponentInstanceType):
+            problems.append(f"{name} (not provided by this host)")
+            continue
+        for fname, fitem in item.exports(engine).items():
+            fty = fitem.ty
+            if not isinstance(fty, wc.FuncType):
+                continue  # exported types (records, variants) need nothing from the host
+            if fname not in offered:
+                problems.append(f"{name}#{fname} (no such host function)")
+            elif (actual := describe(fty)) != offered[fname]:
+                problems.append(f"{name}#{fname} (expected {offered[fname]}, got {actual})")
+    if problems:
+        raise UnsatisfiedImportsError(source, "imports the host cannot satisfy: " + "; ".join(problems), problems)
+    return frozenset(imported)
+
+
+class FileComponentLoader:
+    """Loads components from `{base}/{namespace}/{name}/{instance}.wasm` or an explicit path."""
+
+    def __init__(self, base: Path | None, cache: CompilationCache) -> None:
+        self.base = base
+        self.cache = cache
+
+    def path_for(self, component: ComponentId) -> Path:
+        """Where the loader looks for `component` when no explicit path is given."""
+        if self.base is None:
+            raise LoadError(str(component), "no components directory configured and no explicit path given")
+        return self.base / component.namespace / component.name / f"{component.instance}.wasm"
+
+    def load(self, component: ComponentId, path: Path | None = None) -> LoadedComponent:
+        """Read, validate and compile the binary for `component`."""
+        where = path if path is not None else self.path_for(component)
+        try:
+            wasm = where.read_bytes()
+        except FileNotFoundError:
+            raise LoadError(str(where), "no such file") from None
+        except IsADirectoryError:
+            raise LoadError(str(where), "is a directory, expected a .wasm file") from None
+        except OSError as exc:
+            raise LoadError(str(where), f"cannot read: {exc.strerror or exc}") from None
+        return self.load_bytes(wasm, str(where))
+
+    def load_bytes(self, wasm: bytes, source: str) -> LoadedComponent:
+        """Validate and compile `wasm`; `source` names it in errors."""
+        check_header(wasm, source)
+        engine = self.cache.engine.engine
+        try:
+            compiled = self.cache.component(wasm)
+        except wasmtime.WasmtimeError as exc:
+            raise CompileError(source, f"invalid component: {str(exc).strip()}") from None
+        try:
+            exports = _lifecycle_exports(compiled, engine, source)
+            imports = _check_imports(compiled, engine, source)
+        except LoadError:
+            self.cache.forget(wasm)
+            raise
+        return LoadedComponent(source, self.cache.key(wasm), compiled, exports, imports, len(wasm))

@@ -1,0 +1,52 @@
+"""Runtime: the engine, compilation cache, loader and linker of one process, wired together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import wasmtime
+
+from wasmhost.core.ids import ComponentId
+from wasmhost.core.limits import ResourceLimits
+from wasmhost.runtime.cache import CompilationCache
+from wasmhost.runtime.engine import EngineSettings, RuntimeEngine
+from wasmhost.runtime.host_fn import HostContext, build_linker
+from wasmhost.runtime.loader import FileComponentLoader, LoadedComponent
+from wasmhost.runtime.store import StoreManager
+
+
+class Runtime:
+    """Everything needed to load components and give each its own Store."""
+
+    def __init__(
+        self,
+        settings: EngineSettings | None = None,
+        cache_dir: Path | None = None,
+        components_dir: Path | None = None,
+    ) -> None:
+        self.engine = RuntimeEngine(settings)
+        self.cache = CompilationCache(self.engine, cache_dir)
+        self.loader = FileComponentLoader(components_dir, self.cache)
+        self.linker = build_linker(self.engine.engine)
+
+    def load(self, component_id: ComponentId, path: Path | None = None) -> LoadedComponent:
+        """Load and validate a component binary (see FileComponentLoader.load)."""
+        return self.loader.load(component_id, path)
+
+    def store(
+        self,
+        loaded: LoadedComponent,
+        component_id: ComponentId,
+        limits: ResourceLimits | None = None,
+        host: HostContext | None = None,
+        wasi: wasmtime.WasiConfig | None = None,
+    ) -> StoreManager:
+        """A StoreManager for one instance of `loaded` (not yet instantiated)."""
+        return StoreManager(
+            loaded, component_id, limits or ResourceLimits(), self.linker, self.engine.engine,
+            self.engine.tick_ms, host, wasi,
+        )
+
+    def close(self) -> None:
+        """Stop the epoch ticker."""
+        self.engine.close()
