@@ -46,3 +46,7 @@ class ComponentId(msgspec.Struct, frozen=True, order=True):
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}/{self.instance}"
+
+
+HOST_ID = ComponentId("wasmhost", "host", "0")
+"""The sender id of messages the host itself sends (control socket, CLI); always allowed."""

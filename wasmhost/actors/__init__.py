@@ -1,0 +1,1 @@
+"""Actors: one task per component, mailboxes, worker threads and supervision."""

@@ -1,0 +1,275 @@
+"""ComponentActor: one task per component, draining its mailbox into the guest on worker threads."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from wasmhost.actors.envelope import Delivery, Envelope
+from wasmhost.actors.mailbox import Mailbox
+from wasmhost.actors.restart import RestartHistory
+from wasmhost.actors.spec import ActorSpec
+from wasmhost.actors.state import ActorState, ActorStats
+from wasmhost.actors.workers import WorkerPool
+from wasmhost.core.errors import ComponentError, GuestExit, GuestFailure, InstanceStateError, LoadError, WasmError
+from wasmhost.core.metadata import ComponentConfig, ComponentMetadata, HealthStatus
+from wasmhost.messaging.outcome import Outcome
+from wasmhost.messaging.router import MessageRouter
+from wasmhost.runtime.store import InstanceState, StoreManager
+
+log = structlog.get_logger("wasmhost.actor")
+
+BATCH_SIZE = 64
+"""Envelopes handled per hop to a worker thread: amortises the hop for small messages."""
+
+
+class FailureHandler(Protocol):
+    """The supervisor, as an actor sees it."""
+
+    def on_failure(self, actor: ComponentActor, error: Exception) -> float | None:
+        """Seconds to wait before restarting `actor`, or None to give up."""
+
+
+@dataclass(slots=True)
+class Handled:
+    """The result of one envelope, computed on a worker thread and routed on the loop."""
+
+    envelope: Envelope
+    reply: bytes | None
+    outcome: Outcome | None
+    detail: str
+
+
+class ComponentActor:
+    """Owns one component's Store (through its StoreManager) and mailbox; handles strictly one
+    message at a time, in order, and never runs guest code on the event loop."""
+
+    def __init__(
+        self,
+        spec: ActorSpec,
+        manager: StoreManager,
+        router: MessageRouter,
+        workers: WorkerPool,
+        supervisor: FailureHandler,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.spec = spec
+        self.component_id = spec.component_id
+        self.name = str(spec.component_id)
+        self.manager = manager
+        self.router = router
+        self.workers = workers
+        self.supervisor = supervisor
+        self.mailbox = Mailbox(spec.mailbox_capacity, loop)
+        self.state = ActorState.STOPPED
+        self.stats = ActorStats()
+        self.metadata: ComponentMetadata | None = None
+        self.health = HealthStatus.UNKNOWN
+        self.history = RestartHistory(spec.intensity)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._drain_deadline = 0.0
+        self._restart_requested = False
+        self._started = asyncio.Event()
+        self._next_health = 0.0
+
+    # --- control (event loop) ---
+
+    async def start(self) -> None:
+        """Start the actor and wait until its component is running or has failed to start."""
+        if self._task is not None and not self._task.done():
+            return
+        self._stopping = False
+        self._restart_requested = False
+        self._started.clear()
+        self.mailbox.reopen()
+        self.state = ActorState.STARTING
+        self._task = asyncio.get_running_loop().create_task(self._main(), name=f"actor {self.name}")
+        await self._started.wait()
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        """Refuse new messages, handle queued ones for up to `drain_timeout` seconds, call
+        `shutdown`, and answer whatever is left with an error."""
+        task = self._task
+        if task is None or task.done():
+            self._reject_remaining("stopped")
+            self.state = ActorState.STOPPED if self.state is not ActorState.FAILED else self.state
+            return
+        self._stopping = True
+        self._drain_deadline = time.monotonic() + drain_timeout
+        self.mailbox.seal()
+        self.mailbox.wake()
+        await task
+
+    def request_restart(self) -> None:
+        """Restart with a fresh Store at the next opportunity (a sibling failed)."""
+        self._restart_requested = True
+        self.mailbox.wake()
+
+    @property
+    def running(self) -> bool:
+        """Whether the actor task is alive (running, restarting or stopping)."""
+        return self._task is not None and not self._task.done()
+
+    # --- the actor task ---
+
+    async def _main(self) -> None:
+        try:
+            while True:
+                error = await self._boot()
+                if error is None:
+                    self._started.set()
+                    error = await self._serve()
+                    if error is None and self._restart_requested:
+                        self._restart_requested = False
+                        self.stats.restarts += 1
+                        continue
+                if error is None or self._stopping:
+                    break
+                self._record_error(error)
+                delay = self.supervisor.on_failure(self, error)
+                if delay is None:
+                    if isinstance(error, GuestExit) and error.clean:
+                        break  # a normal exit: stopped, not failed
+                    self.state = ActorState.FAILED
+                    log.error("component_failed", component=self.name, error=str(error),
+                              restarts=self.stats.restarts)
+                    self._started.set()
+                    break
+                self.state = ActorState.RESTARTING
+                self.stats.restarts += 1
+                log.warning("component_restarting", component=self.name, error=str(error), delay_s=round(delay, 3))
+                await self._sleep_unless_stopped(delay)
+                if self._stopping:
+                    break
+        finally:
+            await self._finish()
+
+    async def _sleep_unless_stopped(self, delay: float) -> None:
+        end = time.monotonic() + delay
+        while not self._stopping and (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.05))
+
+    async def _boot(self) -> Exception | None:
+        """Instantiate and initialize in a fresh Store; read the metadata once."""
+        self.state = ActorState.STARTING if self.stats.restarts == 0 else ActorState.RESTARTING
+        config = ComponentConfig(self.spec.env_vars, self.spec.config_data, self.spec.limits)
+
+        def boot() -> ComponentMetadata:
+            self.manager.instantiate()
+            self.manager.initialize(config)
+            return self.manager.metadata()
+
+        try:
+            metadata = await self.workers.run(boot)
+        except (LoadError, ComponentError, GuestFailure, InstanceStateError) as exc:
+            return exc
+        if self.metadata is None:
+            self.metadata = metadata
+        self.state = ActorState.RUNNING
+        self.health = HealthStatus.UNKNOWN
+        self._next_health = time.monotonic() + self.spec.health_interval
+        log.info("component_started", component=self.name, name=metadata.name, version=metadata.version)
+        return None
+
+    async def _serve(self) -> Exception | None:
+        """Handle batches until stopped, restarted or a guest failure (returned)."""
+        while True:
+            if self._restart_requested:
+                return None
+            if self._stopping and (not len(self.mailbox) or time.monotonic() >= self._drain_deadline):
+                return None
+            timeout = max(0.0, self._next_health - time.monotonic())
+            if self._stopping:
+                timeout = max(0.0, self._drain_deadline - time.monotonic())
+            batch = await self.mailbox.take(BATCH_SIZE, timeout)
+            if not batch:
+                if not self._stopping and time.monotonic() >= self._next_health:
+                    failure = await self._check_health()
+                    if failure is not None:
+                        return failure
+                continue
+            handled, rest, failure = await self.workers.run(functools.partial(self._process, batch))
+            self._deliver(handled)
+            self.mailbox.requeue_front(rest)
+            if failure is not None:
+                return failure
+            self.history.settled()
+
+    def _process(self, batch: list[Envelope]) -> tuple[list[Handled], list[Envelope], Exception | None]:
+        """Handle envelopes in order on a worker thread; stop at the first failure of the Store."""
+        manager = self.manager
+        done: list[Handled] = []
+        for index, envelope in enumerate(batch):
+            if self._stopping and time.monotonic() >= self._drain_deadline:
+                return done, batch[index:], None  # out of drain time: the rest is answered as stopped
+            try:
+                if envelope.delivery is Delivery.MESSAGE:
+                    reply = manager.handle_message(envelope.message)
+                    outcome = Outcome.NO_REPLY if reply is None else None
+                    done.append(Handled(envelope, reply, outcome, ""))
+                else:
+                    manager.handle_callback(envelope.message)
+                    done.append(Handled(envelope, None, None, ""))
+            except WasmError as exc:
+                done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {exc}"))
+            except (GuestFailure, InstanceStateError) as exc:
+                # The message that trapped is answered with an error and never retried.
+                done.append(Handled(envelope, None, Outcome.FAILED, str(exc)))
+                return done, batch[index + 1 :], exc
+            except Exception as exc:  # a bad value: this message fails, the Store is fine
+                done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {type(exc).__name__}: {exc}"))
+        return done, [], None
+
+    def _deliver(self, handled: list[Handled]) -> None:
+        router = self.router
+        stats = self.stats
+        for item in handled:
+            if item.outcome is Outcome.FAILED:
+                stats.failed += 1
+                stats.last_error = item.detail
+            else:
+                stats.handled += 1
+            if item.envelope.delivery is Delivery.MESSAGE:
+                router.complete(self.component_id, item.envelope, item.reply, item.outcome, item.detail)
+
+    async def _check_health(self) -> Exception | None:
+        self._next_health = time.monotonic() + self.spec.health_interval
+        try:
+            self.health = await self.workers.run(self.manager.health)
+        except (GuestFailure, InstanceStateError) as exc:
+            return exc
+        return None
+
+    async def _finish(self) -> None:
+        """Call shutdown if the instance is alive, then answer what is left."""
+        if self.state is not ActorState.FAILED:
+            self.state = ActorState.STOPPING
+        if self.manager.state is InstanceState.INITIALIZED:
+            timeout_ms = max(1, int(self.spec.shutdown_timeout * 1000))
+            try:
+                await self.workers.run(lambda: self.manager.shutdown(timeout_ms))
+            except (ComponentError, GuestFailure, InstanceStateError) as exc:
+                log.warning("component_shutdown_failed", component=self.name, error=str(exc))
+        await self.workers.run(self.manager.close)
+        self._reject_remaining("failed" if self.state is ActorState.FAILED else "stopped")
+        self.router.forget_requester(self.component_id)
+        if self.state is not ActorState.FAILED:
+            self.state = ActorState.STOPPED
+        self._started.set()
+        log.info("component_stopped", component=self.name, state=self.state.value)
+
+    def _reject_remaining(self, why: str) -> None:
+        for envelope in self.mailbox.close():
+            self.stats.rejected += 1
+            if envelope.delivery is Delivery.MESSAGE:
+                self.router.complete(self.component_id, envelope, None, Outcome.TARGET_STOPPED,
+                                     f"{self.name} {why} before handling the message")
+
+    def _record_error(self, error: Exception) -> None:
+        self.stats.last_error = str(error)

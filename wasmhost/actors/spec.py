@@ -1,0 +1,35 @@
+"""ActorSpec: everything needed to run one component as an actor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy, Strategy
+from wasmhost.core.ids import ComponentId
+from wasmhost.core.limits import ResourceLimits
+
+DEFAULT_MAILBOX_CAPACITY = 1024
+DEFAULT_HEALTH_INTERVAL = 30.0
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """How one component is run: its binary, limits, configuration and supervision."""
+
+    component_id: ComponentId
+    path: Path | None = None
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    env_vars: tuple[tuple[str, str], ...] = ()
+    config_data: bytes | None = None
+    mailbox_capacity: int = DEFAULT_MAILBOX_CAPACITY
+    restart: RestartPolicy = RestartPolicy.TRANSIENT
+    intensity: Intensity = field(default_factory=Intensity)
+    backoff: Backoff = field(default_factory=Backoff)
+    group: str | None = None
+    strategy: Strategy = Strategy.ONE_FOR_ONE
+    health_interval: float = DEFAULT_HEALTH_INTERVAL
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    storage: bool = False
+    wasi: bool = False

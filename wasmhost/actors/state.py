@@ -1,0 +1,28 @@
+"""Actor states and counters, as the layers above see them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class ActorState(enum.Enum):
+    """Where an actor is in its life."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass
+class ActorStats:
+    """Counters of one actor since the daemon started it."""
+
+    handled: int = 0
+    failed: int = 0
+    restarts: int = 0
+    rejected: int = 0  # envelopes answered with an error because the actor stopped or failed
+    last_error: str | None = None

@@ -1,0 +1,1 @@
+"""Messaging between components and the host: send, request/response, broadcast."""

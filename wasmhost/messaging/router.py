@@ -1,0 +1,280 @@
+"""MessageRouter: the `host-messaging` imports for real, plus the host's own send and request.
+
+Guests call in from worker threads; the host calls from the event loop. Routing answers at once:
+an unknown target is `target-not-found`, a full mailbox `queue-full`; nothing waits and nothing
+is dropped silently. Replies to requests come back as `handle-callback` calls on the requester.
+
+Broadcast: every target is checked first (unknown -> target-not-found, not permitted ->
+delivery-failed, and then nothing is sent); then each target gets the message, and targets whose
+mailbox is full or stopping are named in one delivery-failed error after the others got it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from wasmhost.actors.envelope import Delivery, Envelope
+from wasmhost.actors.mailbox import Mailbox
+from wasmhost.core.errors import MessagingError
+from wasmhost.core.ids import HOST_ID, ComponentId
+from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.messaging.outcome import OUTCOME_CONTENT_TYPE, Outcome, RequestFailed, encode_outcome
+
+log = structlog.get_logger("wasmhost.messaging")
+
+MAX_REQUEST_TIMEOUT_MS = 24 * 3600 * 1000
+"""Longer request timeouts (e.g. u64::MAX meaning 'forever') are capped to a day."""
+
+
+class Recipient(Protocol):
+    """What the router needs of an actor."""
+
+    component_id: ComponentId
+    mailbox: Mailbox
+
+
+class Permissions(Protocol):
+    """Capability checks (the security layer); raise MessagingError when denied."""
+
+    def check_message(self, sender: ComponentId, action: str, target: ComponentId) -> None:
+        """Allow or deny `sender` doing `action` to `target`."""
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """A request from a component that still expects a callback."""
+
+    requester: ComponentId
+    target: ComponentId
+    timer: asyncio.TimerHandle | None = None
+
+
+class MessageRouter:
+    """Routes messages between actors and from the host; implements the MessagingPort protocol."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, permissions: Permissions | None = None) -> None:
+        self.loop = loop
+        self.permissions = permissions
+        self._recipients: dict[ComponentId, Recipient] = {}
+        self._pending: dict[str, PendingRequest] = {}
+        self._lock = threading.Lock()
+        self._prefix = secrets.token_hex(4)
+        self._counter = itertools.count(1)
+        self.late_responses = 0
+
+    # --- directory of recipients ---
+
+    def attach(self, recipient: Recipient) -> None:
+        """Make `recipient` reachable under its component id."""
+        self._recipients[recipient.component_id] = recipient
+
+    def detach(self, component: ComponentId) -> None:
+        """Make `component` unreachable."""
+        self._recipients.pop(component, None)
+
+    def recipient(self, component: ComponentId) -> Recipient | None:
+        """The recipient registered under `component`, if any."""
+        return self._recipients.get(component)
+
+    # --- the MessagingPort protocol (called from guest threads) ---
+
+    def _resolve(self, sender: ComponentId, action: str, target: ComponentId) -> Recipient:
+        recipient = self._recipients.get(target)
+        if recipient is None:
+            raise MessagingError("target-not-found", target)
+        if self.permissions is not None and sender != HOST_ID:
+            self.permissions.check_message(sender, action, target)
+        return recipient
+
+    @staticmethod
+    def _offer(recipient: Recipient, envelope: Envelope) -> None:
+        if recipient.mailbox.offer(envelope):
+            return
+        if recipient.mailbox.closed:
+            raise MessagingError("delivery-failed", f"{recipient.component_id} is not accepting messages")
+        raise MessagingError("queue-full")
+
+    def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
+        """Enqueue a message for `target` with reply-to = sender."""
+        recipient = self._resolve(sender, "send", target)
+        self._offer(recipient, Envelope(_message(sender, payload)))
+
+    def new_correlation_id(self) -> str:
+        """A correlation id unique within this process run."""
+        return f"{self._prefix}-{next(self._counter)}"
+
+    def request(self, sender: ComponentId, target: ComponentId, payload: bytes, timeout_ms: int) -> str:
+        """Enqueue a request; its outcome arrives later as a callback on `sender`."""
+        if timeout_ms <= 0:
+            raise MessagingError("invalid-message", "timeout-ms must be at least 1")
+        recipient = self._resolve(sender, "request", target)
+        correlation_id = self.new_correlation_id()
+        pending = PendingRequest(sender, target)
+        with self._lock:
+            self._pending[correlation_id] = pending
+        envelope = Envelope(
+            _message(sender, payload, correlation_id), requester=sender, correlation_id=correlation_id
+        )
+        try:
+            self._offer(recipient, envelope)
+        except MessagingError:
+            with self._lock:
+                self._pending.pop(correlation_id, None)
+            raise
+        seconds = min(timeout_ms, MAX_REQUEST_TIMEOUT_MS) / 1000
+        self.loop.call_soon_threadsafe(self._arm_timeout, correlation_id, seconds)
+        return correlation_id
+
+    def cancel_request(self, sender: ComponentId, request_id: str) -> None:
+        """Stop a pending request of `sender` from producing a callback."""
+        with self._lock:
+            pending = self._pending.get(request_id)
+            if pending is None or pending.requester != sender:
+                raise MessagingError("invalid-message", f"no pending request {request_id!r} from {sender}")
+            del self._pending[request_id]
+        if pending.timer is not None:
+            self.loop.call_soon_threadsafe(pending.timer.cancel)
+
+    def broadcast(self, sender: ComponentId, targets: list[ComponentId], payload: bytes) -> None:
+        """Deliver to every target (see the module docstring for partial failures)."""
+        if not targets:
+            raise MessagingError("invalid-message", "broadcast needs at least one target")
+        recipients = [self._resolve(sender, "broadcast", target) for target in dict.fromkeys(targets)]
+        missed = []
+        for recipient in recipients:
+            try:
+                self._offer(recipient, Envelope(_message(sender, payload)))
+            except MessagingError as exc:
+                missed.append(f"{recipient.component_id} ({exc.case})")
+        if missed:
+            reached = len(recipients) - len(missed)
+            raise MessagingError(
+                "delivery-failed",
+                f"broadcast reached {reached} of {len(recipients)} targets; missed: {', '.join(missed)}",
+            )
+
+    # --- requests from the host (event loop) ---
+
+    async def host_send(self, target: ComponentId, payload: bytes, wait: bool = False) -> None:
+        """Send from the host; with `wait`, wait for mailbox room instead of failing with queue-full."""
+        recipient = self._resolve(HOST_ID, "send", target)
+        envelope = Envelope(_message(HOST_ID, payload))
+        if wait:
+            if not await recipient.mailbox.put(envelope):
+                raise MessagingError("delivery-failed", f"{target} is not accepting messages")
+        else:
+            self._offer(recipient, envelope)
+
+    async def host_request(
+        self, target: ComponentId, payload: bytes, timeout: float, wait: bool = False
+    ) -> bytes | None:
+        """Request from the host and wait for the reply (None when the target returned none).
+
+        Raises RequestFailed for a failed, stopped or timed-out request, MessagingError when it
+        cannot be delivered.
+        """
+        recipient = self._resolve(HOST_ID, "request", target)
+        future: asyncio.Future[bytes | None] = self.loop.create_future()
+        envelope = Envelope(_message(HOST_ID, payload), reply_future=future)
+        if wait:
+            if not await recipient.mailbox.put(envelope):
+                raise MessagingError("delivery-failed", f"{target} is not accepting messages")
+        else:
+            self._offer(recipient, envelope)
+        # A timer instead of asyncio.wait_for: half the per-request cost on the hot path.
+        timer = self.loop.call_later(timeout, _expire_host_request, future, target, timeout)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    # --- outcomes (event loop, after an actor handled a batch) ---
+
+    def _arm_timeout(self, correlation_id: str, seconds: float) -> None:
+        with self._lock:
+            pending = self._pending.get(correlation_id)
+            if pending is not None:
+                pending.timer = self.loop.call_later(seconds, self._expire, correlation_id)
+
+    def _expire(self, correlation_id: str) -> None:
+        with self._lock:
+            pending = self._pending.pop(correlation_id, None)
+        if pending is not None:
+            self._callback(pending.requester, pending.target, correlation_id, encode_outcome(
+                Outcome.TIMEOUT, f"no reply from {pending.target} in time"), OUTCOME_CONTENT_TYPE)
+
+    def complete(self, responder: ComponentId, envelope: Envelope, reply: bytes | None,
+                 outcome: Outcome | None = None, detail: str = "") -> None:
+        """Route the result of handling `envelope`: a reply, or an outcome when `outcome` is given."""
+        future = envelope.reply_future
+        if future is not None:
+            if future.done():
+                return
+            if outcome is None:
+                future.set_result(reply)
+            elif outcome is Outcome.NO_REPLY:
+                future.set_result(None)
+            else:
+                future.set_exception(RequestFailed(outcome, detail))
+            return
+        if envelope.requester is None or envelope.correlation_id is None:
+            return
+        with self._lock:
+            pending = self._pending.pop(envelope.correlation_id, None)
+        if pending is None:
+            self.late_responses += 1
+            log.info("late_response_dropped", component=str(responder), correlation_id=envelope.correlation_id,
+                     requester=str(envelope.requester))
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        if outcome is None:
+            self._callback(envelope.requester, responder, envelope.correlation_id, reply or b"", None)
+        else:
+            self._callback(envelope.requester, responder, envelope.correlation_id,
+                           encode_outcome(outcome, detail), OUTCOME_CONTENT_TYPE)
+
+    def _callback(self, requester: ComponentId, responder: ComponentId, correlation_id: str,
+                  payload: bytes, content_type: str | None) -> None:
+        recipient = self._recipients.get(requester)
+        message = ComponentMessage(
+            responder, payload,
+            MessageMetadata(timestamp=Timestamp.now(), correlation_id=correlation_id, reply_to=responder,
+                            content_type=content_type),
+        )
+        # Callbacks answer requests the requester made, so they may pass its capacity: bounded by
+        # its outstanding requests, and never dropped for lack of room.
+        if recipient is None or not recipient.mailbox.force(Envelope(message, Delivery.CALLBACK)):
+            log.warning("callback_undeliverable", component=str(requester), correlation_id=correlation_id,
+                        responder=str(responder))
+
+    def pending_count(self) -> int:
+        """Requests from components still waiting for a callback."""
+        return len(self._pending)
+
+    def forget_requester(self, component: ComponentId) -> None:
+        """Drop pending requests of a component that stopped (their callbacks have nowhere to go)."""
+        with self._lock:
+            gone = [cid for cid, p in self._pending.items() if p.requester == component]
+            for cid in gone:
+                pending = self._pending.pop(cid)
+                if pending.timer is not None:
+                    pending.timer.cancel()
+
+
+def _expire_host_request(future: asyncio.Future[bytes | None], target: ComponentId, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(RequestFailed(Outcome.TIMEOUT, f"no reply from {target} within {timeout:g} s"))
+
+
+def _message(sender: ComponentId, payload: bytes, correlation_id: str | None = None) -> ComponentMessage:
+    return ComponentMessage(
+        sender, payload, MessageMetadata(timestamp=Timestamp.now(), correlation_id=correlation_id, reply_to=sender)
+    )

@@ -1,0 +1,1 @@
+"""Capabilities (deny by default) and the audit log of denials."""

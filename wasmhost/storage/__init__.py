@@ -1,0 +1,1 @@
+"""Per-component key-value storage."""

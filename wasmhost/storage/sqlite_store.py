@@ -1,0 +1,204 @@
+"""SqliteStorage: per-component key-value storage in one SQLite file (WAL, durable on return)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import structlog
+
+from wasmhost.core.errors import StorageError
+from wasmhost.core.ids import ComponentId
+from wasmhost.core.protocols import StorageUsage
+
+log = structlog.get_logger("wasmhost.storage")
+
+MAX_KEY_BYTES = 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    owner TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (owner, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage (
+    owner TEXT PRIMARY KEY, used_bytes INTEGER NOT NULL, key_count INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def check_key(key: str, what: str = "key") -> None:
+    """Raise invalid-key for an empty key, one over 1 KiB (UTF-8) or one containing NUL."""
+    if not key:
+        raise StorageError("invalid-key", f"{what} is empty")
+    if "\x00" in key:
+        raise StorageError("invalid-key", f"{what} contains a NUL byte")
+    size = len(key.encode("utf-8", "surrogatepass"))
+    if size > MAX_KEY_BYTES:
+        raise StorageError("invalid-key", f"{what} is {size} bytes, the limit is {MAX_KEY_BYTES}")
+
+
+class SqliteStorage:
+    """Implements StoragePort. Synchronous: callers run it on worker threads, never on the event loop.
+
+    The owner of every row is the calling component's id, never derived from the key, so a
+    component cannot reach another one's keys whatever key it passes.
+    """
+
+    def __init__(self, path: Path, default_quota_bytes: int = 16 * 1024 * 1024) -> None:
+        self.path = path
+        self.default_quota_bytes = default_quota_bytes
+        self._quotas: dict[str, int] = {}
+        # One connection per thread: sqlite3 connections must not be shared between threads, and
+        # WAL lets readers on several threads proceed while one writes.
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self.io_errors = 0
+        self.last_io_error: str | None = None
+        self.closed = False
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._connection().executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            self._io_error(exc)
+
+    # --- connections ---
+
+    def _connection(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            if self.closed:
+                raise sqlite3.ProgrammingError("storage is closed")
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a write is on disk when set() returns
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+            with self._lock:
+                self._connections.append(db)
+        return db
+
+    @contextmanager
+    def _transaction(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """A transaction; every sqlite or OS error becomes storage-error.io-error."""
+        try:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            self._io_error(exc)
+            raise StorageError("io-error", str(exc)) from None
+
+    def _io_error(self, exc: Exception) -> None:
+        self.io_errors += 1
+        self.last_io_error = f"{type(exc).__name__}: {exc}"
+        log.error("storage_io_error", path=str(self.path), error=self.last_io_error)
+
+    # --- quotas ---
+
+    def set_quota(self, owner: str, quota_bytes: int) -> None:
+        """Give `owner` its own quota instead of the default."""
+        self._quotas[owner] = quota_bytes
+
+    def quota(self, owner: str) -> int:
+        """The quota of `owner` in bytes."""
+        return self._quotas.get(owner, self.default_quota_bytes)
+
+    # --- the StoragePort protocol ---
+
+    def get(self, owner: ComponentId, key: str) -> bytes | None:
+        """The value under `key`, or None."""
+        check_key(key)
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM kv WHERE owner = ? AND key = ?", (str(owner), key)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def set(self, owner: ComponentId, key: str, value: bytes) -> None:
+        """Store `value` under `key`, durably; quota-exceeded writes nothing."""
+        check_key(key)
+        name = str(owner)
+        size = len(key.encode()) + len(value)
+        with self._transaction(write=True) as db:
+            old = db.execute("SELECT length(key), length(value) FROM kv WHERE owner = ? AND key = ?",
+                             (name, key)).fetchone()
+            used, count = self._usage(db, name)
+            freed = (len(key.encode()) + old[1]) if old else 0
+            if used - freed + size > self.quota(name):
+                raise StorageError("quota-exceeded")
+            db.execute("INSERT OR REPLACE INTO kv (owner, key, value) VALUES (?, ?, ?)", (name, key, value))
+            self._set_usage(db, name, used - freed + size, count + (0 if old else 1))
+
+    def delete(self, owner: ComponentId, key: str) -> None:
+        """Remove `key` (absent keys are fine)."""
+        check_key(key)
+        name = str(owner)
+        with self._transaction(write=True) as db:
+            old = db.execute("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (name, key)).fetchone()
+            if old is None:
+                return
+            db.execute("DELETE FROM kv WHERE owner = ? AND key = ?", (name, key))
+            used, count = self._usage(db, name)
+            self._set_usage(db, name, used - len(key.encode()) - old[0], count - 1)
+
+    def exists(self, owner: ComponentId, key: str) -> bool:
+        """Whether `key` is present."""
+        check_key(key)
+        with self._transaction() as db:
+            row = db.execute("SELECT 1 FROM kv WHERE owner = ? AND key = ?", (str(owner), key)).fetchone()
+        return row is not None
+
+    def list_keys(self, owner: ComponentId, prefix: str | None) -> list[str]:
+        """Keys of `owner` in order; `prefix` matches literally (no wildcards)."""
+        if prefix:
+            check_key(prefix, "prefix")
+        with self._transaction() as db:
+            if prefix:
+                rows = db.execute(
+                    "SELECT key FROM kv WHERE owner = ? AND substr(key, 1, ?) = ? ORDER BY key",
+                    (str(owner), len(prefix), prefix),
+                ).fetchall()
+            else:
+                rows = db.execute("SELECT key FROM kv WHERE owner = ? ORDER BY key", (str(owner),)).fetchall()
+        return [row[0] for row in rows]
+
+    def usage(self, owner: ComponentId) -> StorageUsage:
+        """Bytes used (keys + values), quota and key count of `owner`."""
+        name = str(owner)
+        with self._transaction() as db:
+            used, count = self._usage(db, name)
+        return StorageUsage(used, self.quota(name), count)
+
+    @staticmethod
+    def _usage(db: sqlite3.Connection, owner: str) -> tuple[int, int]:
+        row = db.execute("SELECT used_bytes, key_count FROM usage WHERE owner = ?", (owner,)).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    @staticmethod
+    def _set_usage(db: sqlite3.Connection, owner: str, used: int, count: int) -> None:
+        db.execute("INSERT OR REPLACE INTO usage (owner, used_bytes, key_count) VALUES (?, ?, ?)",
+                   (owner, used, count))
+
+    # --- housekeeping ---
+
+    def owners(self) -> list[str]:
+        """Components that have stored anything."""
+        with self._transaction() as db:
+            return [row[0] for row in db.execute("SELECT owner FROM usage WHERE key_count > 0 ORDER BY owner")]
+
+    def close(self) -> None:
+        """Checkpoint the WAL and close every connection."""
+        self.closed = True
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
+            with suppress(sqlite3.Error):
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            with suppress(sqlite3.Error):
+                db.close()
