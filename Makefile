@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FIXTURES := tests/fixtures/build
 
-.PHONY: run test lint bench fixtures clean
+.PHONY: run test lint bench fixtures examples check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,18 +16,24 @@ $(STAMP): pyproject.toml
 fixtures: $(STAMP)
 	$(BIN)/python tests/fixtures/build.py --out $(FIXTURES)
 
+examples: $(STAMP)
+	$(BIN)/python config/build_examples.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check wasmhost tests bench
 	$(BIN)/mypy
 
-test: fixtures lint
+test: fixtures examples lint
 	$(BIN)/python -m pytest -q
 
 bench: fixtures
 	$(BIN)/python -m bench
 
-run: fixtures
+run: examples
 	$(BIN)/wasmhost run
 
+check: examples
+	$(BIN)/wasmhost check
+
 clean:
-	rm -rf $(VENV) $(FIXTURES) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FIXTURES) config/build config/state .pytest_cache .mypy_cache .ruff_cache

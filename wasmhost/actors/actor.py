@@ -160,19 +160,18 @@ class ComponentActor:
         self.state = ActorState.STARTING if self.stats.restarts == 0 else ActorState.RESTARTING
         config = ComponentConfig(self.spec.env_vars, self.spec.config_data, self.spec.limits)
 
-        def boot() -> ComponentMetadata:
+        def boot() -> tuple[ComponentMetadata, HealthStatus]:
             self.manager.instantiate()
             self.manager.initialize(config)
-            return self.manager.metadata()
+            return self.manager.metadata(), self.manager.health()
 
         try:
-            metadata = await self.workers.run(boot)
+            metadata, self.health = await self.workers.run(boot)
         except (LoadError, ComponentError, GuestFailure, InstanceStateError) as exc:
             return exc
         if self.metadata is None:
             self.metadata = metadata
         self.state = ActorState.RUNNING
-        self.health = HealthStatus.UNKNOWN
         self._next_health = time.monotonic() + self.spec.health_interval
         log.info("component_started", component=self.name, name=metadata.name, version=metadata.version)
         return None

@@ -58,7 +58,7 @@ class Supervisor:
         elif not spec.storage:
             storage = None
         host = HostContext(spec.component_id, messaging=self.router, storage=storage, directory=self)
-        manager = self.runtime.store(loaded, spec.component_id, spec.limits, host)
+        manager = self.runtime.store(loaded, spec.component_id, spec.limits, host, spec.wasi)
         actor = ComponentActor(spec, manager, self.router, self.workers, self, asyncio.get_running_loop())
         self.actors[spec.component_id] = actor
         self.router.attach(actor)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import wasmtime
-
 from wasmhost.core.ids import ComponentId
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.runtime.cache import CompilationCache
@@ -39,12 +37,12 @@ class Runtime:
         component_id: ComponentId,
         limits: ResourceLimits | None = None,
         host: HostContext | None = None,
-        wasi: wasmtime.WasiConfig | None = None,
+        wasi_stdio: bool = False,
     ) -> StoreManager:
         """A StoreManager for one instance of `loaded` (not yet instantiated)."""
         return StoreManager(
             loaded, component_id, limits or ResourceLimits(), self.linker, self.engine.engine,
-            self.engine.tick_ms, host, wasi,
+            self.engine.tick_ms, host, wasi_stdio,
         )
 
     def close(self) -> None:

@@ -66,6 +66,16 @@ def _config_value(config: ComponentConfig) -> dict[str, Any]:
     }
 
 
+def wasi_config(stdio: bool) -> wasmtime.WasiConfig:
+    """WASI for one Store: no files, environment, arguments or network; with `stdio`, the guest's
+    stdout and stderr go to the daemon's (a fresh config each time: a Store consumes it)."""
+    config = wasmtime.WasiConfig()
+    if stdio:
+        config.inherit_stdout()
+        config.inherit_stderr()
+    return config
+
+
 class StoreManager:
     """Owns one Store and instance of a component; used by one thread at a time."""
 
@@ -78,7 +88,7 @@ class StoreManager:
         engine: wasmtime.Engine,
         tick_ms: int,
         host: HostContext | None = None,
-        wasi: wasmtime.WasiConfig | None = None,
+        wasi_stdio: bool = False,
     ) -> None:
         self.loaded = loaded
         self.component_id = component_id
@@ -87,7 +97,7 @@ class StoreManager:
         self.linker = linker
         self.engine = engine
         self.host = host or HostContext(component_id)
-        self.wasi = wasi
+        self.wasi_stdio = wasi_stdio
         self.state = InstanceState.EMPTY
         self.store: wasmtime.Store | None = None
         self.context = 0
@@ -109,9 +119,7 @@ class StoreManager:
         store = wasmtime.Store(self.engine)
         self.limiter.apply(store)
         if self.loaded.uses_wasi:
-            config = self.wasi if self.wasi is not None else wasmtime.WasiConfig()
-            self.wasi = None  # a WasiConfig is consumed by the Store it is given to
-            store.set_wasi(config)
+            store.set_wasi(wasi_config(self.wasi_stdio))
         context = capi.addr_of(store._context())
         register_context(context, self.host)
         try:

@@ -1,0 +1,276 @@
+"""The daemon end to end: a real subprocess, a real NOTIFY_SOCKET, real signals and the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wasmhost(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI."""
+    return subprocess.run([sys.executable, "-m", "wasmhost.cli", *args], capture_output=True, text=True,
+                          input=stdin.decode() if stdin else None, timeout=60, cwd=ROOT)
+
+
+def component(cid: str, fixture: str, extra: str = "") -> str:
+    return f'[[components]]\nid = "{cid}"\npath = "{fixture}.wasm"\n{extra}\n'
+
+
+def config_text(state: Path, components: str, components_dir: Path = FIXTURES) -> str:
+    return (f'[host]\ncomponents_dir = "{components_dir}"\nstate_dir = "{state}"\ndrain_timeout_s = 5.0\n'
+            f'log_format = "json"\n\n{components}')
+
+
+class Daemon:
+    """A `wasmhost run` subprocess with a NOTIFY_SOCKET the test reads."""
+
+    def __init__(self, tmp: Path, config: Path) -> None:
+        self.config = config
+        self.socket = tmp / "state" / "wasmhost.sock"
+        self.log = tmp / "daemon.log"
+        self.notify_path = tmp / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.settimeout(60)
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "run", "--config", str(config)],
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.messages: list[str] = []
+
+    def expect(self, field: str) -> list[str]:
+        """Read notifications until one contains `field`; return everything read."""
+        seen = []
+        while True:
+            try:
+                message = self.notify.recv(4096).decode()
+            except TimeoutError:
+                raise AssertionError(f"no {field} from the daemon; log:\n{self.log.read_text()}") from None
+            seen.append(message)
+            self.messages.append(message)
+            if field in message.split("\n"):
+                return seen
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The CLI aimed at this daemon's socket."""
+        return wasmhost(*args, "--socket", str(self.socket))
+
+    def call(self, cid: str, payload: str) -> str:
+        result = self.cli("call", cid, payload)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.rstrip("\n")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
+        self.notify.settimeout(0.2)
+        try:
+            while True:
+                self.messages.append(self.notify.recv(4096).decode())
+        except (TimeoutError, BlockingIOError):
+            pass
+        self.notify.close()
+        return code
+
+    def events(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[object]:
+    started: list[Daemon] = []
+
+    def start(components: str, components_dir: Path = FIXTURES) -> Daemon:
+        config = tmp_path / "wasmhost.toml"
+        config.write_text(config_text(tmp_path / "state", components, components_dir))
+        d = Daemon(tmp_path, config)
+        started.append(d)
+        d.expect("READY=1")
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+BASIC = component("t/echo/0", "echo") + component("t/counter/0", "counter") + component(
+    "t/notes/0", "storage", "capabilities = { storage = true }")
+
+
+def test_ready_then_status_send_and_call(daemon: object) -> None:
+    d = daemon(BASIC)  # type: ignore[operator]
+    assert any("STATUS=3 running" in m for m in d.messages), d.messages
+    status = d.cli("status")
+    assert status.returncode == 0
+    assert status.stdout.splitlines()[0].split()[:3] == ["ID", "STATE", "HEALTH"]
+    assert "t/counter/0  running  healthy" in status.stdout
+    assert d.call("t/echo/0", "hello daemon") == "hello daemon"
+    assert d.cli("send", "t/counter/0", "x").returncode == 0
+    assert d.call("t/counter/0", "x") == "2"
+    (Path(d.config.parent) / "payload.bin").write_bytes(b"from a file")
+    assert d.call("t/echo/0", f"@{d.config.parent / 'payload.bin'}") == "from a file"
+    rows = {r["id"]: r for r in json.loads(d.cli("status", "--json").stdout)["components"]}
+    assert rows["t/counter/0"]["handled"] == 2
+    missing = d.cli("call", "t/ghost/0", "x")
+    assert missing.returncode == 1 and "target-not-found: t/ghost/0" in missing.stderr
+    assert d.stop() == 0
+
+
+def test_reload_applies_only_the_difference(daemon: object, tmp_path: Path) -> None:
+    d = daemon(BASIC + component("t/gone/0", "echo") + component("t/changed/0", "counter"))  # type: ignore[operator]
+    assert [d.call("t/counter/0", "") for _ in range(2)] == ["1", "2"]
+    assert d.call("t/changed/0", "") == "1"
+    d.config.write_text(config_text(tmp_path / "state", BASIC + component(
+        "t/changed/0", "counter", "mailbox_capacity = 7") + component("t/new/0", "echo")))
+    d.proc.send_signal(signal.SIGHUP)
+    seen = d.expect("READY=1")
+    assert any("RELOADING=1" in m for m in seen)
+    assert d.call("t/counter/0", "") == "3"  # unchanged: kept its instance state
+    assert d.call("t/changed/0", "") == "1"  # changed settings: restarted
+    assert d.call("t/new/0", "added") == "added"
+    assert "target-not-found" in d.cli("call", "t/gone/0", "x").stderr
+    reloaded = [e for e in d.events() if e["event"] == "reloaded"]
+    assert reloaded[-1]["added"] == ["t/new/0"] and reloaded[-1]["removed"] == ["t/gone/0"]
+    assert reloaded[-1]["changed"] == ["t/changed/0"] and reloaded[-1]["unchanged"] == 3
+    assert d.stop() == 0
+
+
+def test_an_invalid_config_on_reload_keeps_the_old_deployment(daemon: object) -> None:
+    d = daemon(BASIC)  # type: ignore[operator]
+    assert d.call("t/counter/0", "") == "1"
+    d.config.write_text('[host]\nepoch_tick_ms = "fast"\n[[components]]\nid = "bad"\n')
+    result = d.cli("reload")
+    assert result.returncode == 1
+    assert 'host.epoch_tick_ms: expected an integer > 0, got "fast"' in result.stderr
+    assert "components[0].id: component id 'bad'" in result.stderr
+    assert d.call("t/counter/0", "") == "2"
+    assert d.stop() == 0
+
+
+def test_sigterm_drains_and_exits_0_with_storage_intact(daemon: object, tmp_path: Path) -> None:
+    d = daemon(BASIC)  # type: ignore[operator]
+    assert d.call("t/notes/0", "set colour blue") == "ok"
+    assert d.stop() == 0
+    assert any("STOPPING=1" in m for m in d.messages)
+    with sqlite3.connect(tmp_path / "state" / "storage.sqlite3") as db:
+        assert db.execute("SELECT value FROM kv WHERE owner = 't/notes/0' AND key = 'colour'").fetchone() == (b"blue",)
+    assert not d.socket.exists()
+
+
+def test_a_bad_config_at_start_exits_1_listing_every_error(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(config_text(tmp_path / "state", component("t/a/0", "echo", "limits = { max_fuel = \"lots\" }")
+                                  + component("t/a/0", "echo") + component("t/core/0", "core")
+                                  + component("t/x/0", "missing-file")))
+    result = wasmhost("run", "--config", str(config), "--log-format", "console")
+    assert result.returncode == 1
+    for expected in ('components[0].limits.max_fuel: expected an integer > 0, got "lots"',
+                     "components[1].id: duplicate id 't/a/0'",
+                     "components[2].path: this is a core WebAssembly module",
+                     "components[3].path: no component file at"):
+        assert expected in result.stderr, result.stderr
+    check = wasmhost("check", "--config", str(config))
+    assert check.returncode == 1 and "4 error(s)" in check.stderr
+
+
+def test_check_compiles_a_good_config(tmp_path: Path) -> None:
+    config = tmp_path / "good.toml"
+    config.write_text(config_text(tmp_path / "state", BASIC))
+    result = wasmhost("check", "--config", str(config))
+    assert result.returncode == 0 and "ok, 3 component(s)" in result.stdout
+
+
+def test_the_cli_says_when_no_daemon_is_listening(tmp_path: Path) -> None:
+    result = wasmhost("status", "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"wasmhost: no wasmhost daemon is listening on {tmp_path / 'none.sock'}"
+
+
+def test_control_socket_is_private_and_survives_bad_frames(daemon: object) -> None:
+    d = daemon(BASIC)  # type: ignore[operator]
+    assert (d.socket.stat().st_mode & 0o777) == 0o600
+    for garbage in (b"\x00\x00\x00\x05hello", b"\xff\xff\xff\xff", b"\x00\x00\x00\x02\x81\xa1"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.settimeout(5)
+            raw.connect(str(d.socket))
+            raw.sendall(garbage)
+            answer = raw.recv(4096)
+            assert b"bad frame" in answer or b"malformed request" in answer
+    assert d.call("t/echo/0", "still serving") == "still serving"
+    assert d.stop() == 0
+
+
+def test_a_live_socket_is_not_stolen(daemon: object, tmp_path: Path) -> None:
+    d = daemon(BASIC)  # type: ignore[operator]
+    second = subprocess.run([sys.executable, "-m", "wasmhost.cli", "run", "--config", str(d.config)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert second.returncode == 1 and "another wasmhost is listening" in second.stderr
+    assert d.call("t/echo/0", "mine") == "mine"
+    assert d.stop() == 0
+
+
+def test_logs_filters_the_log_the_daemon_wrote(daemon: object) -> None:
+    d = daemon(BASIC + component("t/logger/0", "logger") + component("t/trapper/0", "trapper"))  # type: ignore[operator]
+    assert d.cli("call", "t/logger/0", "hello from the guest").returncode == 0
+    assert d.cli("call", "t/trapper/0", "boom").returncode == 1
+    assert d.stop() == 0
+    with d.log.open("a") as log:
+        log.write("not a json line\n")
+    guest = wasmhost("logs", str(d.log), "--component", "t/log*", "--grep", "hello")
+    assert guest.returncode == 0
+    assert "hello from the guest" in guest.stdout and "[t/logger/0]" in guest.stdout and "source=logger" in guest.stdout
+    assert "1 of" in guest.stderr and "not wasmhost events" in guest.stderr
+    warnings = wasmhost("logs", str(d.log), "--level", "warning", "--json").stdout.splitlines()
+    assert warnings and all(json.loads(line)["level"] in ("warning", "error") for line in warnings)
+    assert any(json.loads(line)["event"] == "component_restarting" for line in warnings)
+    piped = wasmhost("logs", "-", "--component", "t/trapper/0", stdin=d.log.read_bytes())
+    assert "component_restarting" in piped.stdout and "t/logger/0" not in piped.stdout
+
+
+def test_the_default_configuration_runs_every_example(daemon: object, tmp_path: Path) -> None:
+    text = (ROOT / "config" / "wasmhost.toml").read_text()
+    text = text.replace('components_dir = "build"', f'components_dir = "{ROOT / "config" / "build"}"')
+    text = text.replace('state_dir = "state"', f'state_dir = "{tmp_path / "state"}"')
+    config = tmp_path / "demo.toml"
+    config.write_text(text)
+    d = Daemon(tmp_path, config)
+    try:
+        d.expect("READY=1")
+        assert d.call("demo/echo/0", "hi") == "hi"
+        assert d.call("demo/counter/0", "") == "1"
+        correlation = d.call("demo/client/0", "demo|server|0|ping")
+        deadline = time.monotonic() + 10
+        while d.call("demo/client/0", "?last-correlation") != correlation and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert d.call("demo/client/0", "?last-payload") == "ping"
+        assert d.call("demo/notes/0", "set k v") == "ok" and d.call("demo/notes/0", "get k") == "v"
+        assert d.call("demo/greeter/0", "Ada") == "Hello, Ada! (greeting #1, from Python)"
+    finally:
+        assert d.stop() == 0
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    # The unit names the install prefix /opt/wasmhost/venv; point it at this venv to verify it here.
+    unit = (ROOT / "deploy" / "wasmhost.service").read_text()
+    unit = unit.replace("/opt/wasmhost/venv", sys.prefix)
+    target = tmp_path / "wasmhost.service"
+    target.write_text(unit)
+    result = subprocess.run(["systemd-analyze", "verify", str(target)], capture_output=True, text=True, timeout=60)
+    problems = [line for line in result.stderr.splitlines() if "wasmhost.service" in line]
+    assert result.returncode == 0 and problems == [], result.stderr

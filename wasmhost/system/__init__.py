@@ -1,0 +1,1 @@
+"""The daemon: configuration, deployment, control socket, signals and systemd integration."""

@@ -1,0 +1,387 @@
+"""The daemon's TOML configuration: schema (msgspec Structs), and validation that reports every
+mistake at once with its place and what was expected."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import msgspec
+
+from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy, Strategy
+from wasmhost.actors.spec import ActorSpec
+from wasmhost.core.errors import LoadError
+from wasmhost.core.ids import ComponentId, InvalidComponentId
+from wasmhost.core.limits import ResourceLimits
+from wasmhost.runtime.loader import check_header
+
+Positive = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`limits` tables: memory cap, per-call deadline, per-call fuel."""
+
+    max_memory_bytes: Positive | None = None
+    max_execution_time_ms: Positive | None = None
+    max_fuel: Positive | None = None
+
+
+class Capabilities(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What a component may do beyond computing: targets per messaging action, storage."""
+
+    send: list[str] = msgspec.field(default_factory=list)
+    request: list[str] = msgspec.field(default_factory=list)
+    broadcast: list[str] = msgspec.field(default_factory=list)
+    storage: bool = False
+    storage_quota_bytes: Positive | None = None
+
+
+class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One `[[components]]` table."""
+
+    id: str
+    path: str | None = None
+    limits: Limits = msgspec.field(default_factory=Limits)
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    config_data: str | None = None
+    config_file: str | None = None
+    mailbox_capacity: Positive | None = None
+    restart: Literal["permanent", "transient", "temporary"] = "transient"
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
+    restart_window_s: PositiveFloat = 60.0
+    backoff_base_ms: Positive = 50
+    backoff_max_ms: Positive = 5000
+    group: str | None = None
+    strategy: Literal["one-for-one", "one-for-all", "rest-for-one"] = "one-for-one"
+    health_interval_s: PositiveFloat = 30.0
+    shutdown_timeout_s: PositiveFloat = 5.0
+    capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
+    wasi: bool = False
+
+
+class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The `[host]` table."""
+
+    components_dir: str = "components"
+    state_dir: str = "state"
+    control_socket: str = "wasmhost.sock"
+    socket_mode: str = "0600"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_file: str | None = None
+    epoch_tick_ms: Positive = 10
+    worker_threads: Positive | None = None
+    default_mailbox_capacity: Positive = 1024
+    drain_timeout_s: NonNegativeFloat = 5.0
+    default_storage_quota_bytes: Positive = 16 * 1024 * 1024
+    default_limits: Limits = msgspec.field(default_factory=Limits)
+
+
+class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The whole file."""
+
+    host: HostSection = msgspec.field(default_factory=HostSection)
+    components: list[ComponentSection] = msgspec.field(default_factory=list)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; `errors` lists every problem with its place."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s):\n" + "\n".join(f"  {e}" for e in errors))
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """A validated component: its actor spec, where its binary is, and its capabilities."""
+
+    spec: ActorSpec
+    wasm_path: Path
+    capabilities: Capabilities
+    storage_quota_bytes: int
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration with every path resolved."""
+
+    source: Path
+    host: HostSection
+    components_dir: Path
+    state_dir: Path
+    control_socket: Path
+    socket_mode: int
+    components: list[ComponentPlan]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where compiled components are cached."""
+        return self.state_dir / "cache"
+
+    @property
+    def storage_path(self) -> Path:
+        """The SQLite file holding component storage."""
+        return self.state_dir / "storage.sqlite3"
+
+
+# --- validation of shapes: every field on its own, so that all mistakes are reported ---
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+_WORDS: dict[Any, tuple[str, str]] = {
+    int: ("an integer", "integers"), str: ("a string", "strings"), bool: ("true or false", "booleans"),
+    float: ("a number", "numbers"),
+}
+
+
+def _expected(tp: Any, value: Any) -> str:
+    """What a field of type `tp` accepts, in words."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, meta = get_args(tp)[:2]
+        text = _expected(base, value)
+        if meta.gt is not None:
+            text += f" > {meta.gt}"
+        if meta.ge is not None:
+            text += f" >= {meta.ge}"
+        if meta.le is not None and isinstance(value, int) and not isinstance(value, bool) and value > meta.le:
+            text += f" and <= {meta.le}"
+        return text
+    if origin in (Union, UnionType):
+        return " or ".join(_expected(arg, value) for arg in get_args(tp) if arg is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(f'"{arg}"' for arg in get_args(tp))
+    if origin is list:
+        return f"an array of {_WORDS.get(get_args(tp)[0], ('', 'values'))[1]}"
+    if origin is dict:
+        return f"a table of {_WORDS.get(get_args(tp)[1], ('', 'values'))[1]}"
+    return str(_WORDS.get(tp, (getattr(tp, "__name__", str(tp)), ""))[0])
+
+
+def _is_struct(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
+
+
+def _check(value: Any, cls: type[msgspec.Struct], path: str, errors: list[str]) -> Any:
+    """Convert `value` to `cls`, collecting one error per bad field (None when any was bad)."""
+    if not isinstance(value, dict):
+        errors.append(f"{path}: expected a table, got {_describe(value)}")
+        return None
+    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    before = len(errors)
+    for key in value:
+        if key not in fields:
+            errors.append(f"{path}.{key}: unknown key (expected one of {', '.join(fields)})")
+    converted: dict[str, Any] = {}
+    for name, info in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name not in value:
+            if info.required:
+                errors.append(f"{where}: missing (required)")
+            continue
+        raw = value[name]
+        if _is_struct(info.type):
+            converted[name] = _check(raw, info.type, where, errors)
+        elif get_origin(info.type) is list and _is_struct(get_args(info.type)[0]):
+            if not isinstance(raw, list):
+                errors.append(f"{where}: expected an array of tables, got {_describe(raw)}")
+                continue
+            converted[name] = [_check(item, get_args(info.type)[0], f"{where}[{i}]", errors)
+                               for i, item in enumerate(raw)]
+        else:
+            try:
+                converted[name] = msgspec.convert(raw, type=info.type)
+            except msgspec.ValidationError:
+                errors.append(f"{where}: expected {_expected(info.type, raw)}, got {_describe(raw)}")
+    if len(errors) > before:
+        return None
+    return cls(**{fields[k].name: v for k, v in converted.items()})
+
+
+# --- validation of meaning ---
+
+
+def _inside(base: Path, candidate: Path) -> bool:
+    try:
+        return candidate.resolve().is_relative_to(base.resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def _limits(section: Limits, defaults: ResourceLimits) -> ResourceLimits:
+    return ResourceLimits(
+        max_memory_bytes=section.max_memory_bytes or defaults.max_memory_bytes,
+        max_execution_time_ms=section.max_execution_time_ms or defaults.max_execution_time_ms,
+        max_fuel=section.max_fuel if section.max_fuel is not None else defaults.max_fuel,
+    )
+
+
+def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, components_dir: Path,
+          defaults: ResourceLimits, errors: list[str]) -> ComponentPlan | None:
+    where = f"components[{index}]"
+    count = len(errors)
+    try:
+        cid = ComponentId.parse(section.id)
+    except InvalidComponentId as exc:
+        errors.append(f"{where}.id: {exc}")
+        return None
+    if section.path is not None:
+        if "\x00" in section.path:
+            errors.append(f"{where}.path: contains a NUL byte")
+            return None
+        wasm = Path(section.path) if Path(section.path).is_absolute() else components_dir / section.path
+        place = f"{where}.path"
+    else:
+        wasm = components_dir / cid.namespace / cid.name / f"{cid.instance}.wasm"
+        place = f"{where}.id"
+    if not _inside(components_dir, wasm):
+        errors.append(f"{place}: {wasm} is outside the components directory {components_dir}")
+    elif not wasm.is_file():
+        errors.append(f"{place}: no component file at {wasm}")
+    else:
+        try:
+            with wasm.open("rb") as f:
+                check_header(f.read(8), str(wasm))
+        except LoadError as exc:
+            errors.append(f"{place}: {exc.reason}")
+        except OSError as exc:
+            errors.append(f"{place}: cannot read {wasm}: {exc.strerror}")
+    config_data: bytes | None = None
+    if section.config_data is not None and section.config_file is not None:
+        errors.append(f"{where}: give config_data or config_file, not both")
+    elif section.config_data is not None:
+        config_data = section.config_data.encode()
+    elif section.config_file is not None:
+        file = base / section.config_file
+        try:
+            config_data = file.read_bytes()
+        except OSError as exc:
+            errors.append(f"{where}.config_file: cannot read {file}: {exc.strerror or exc}")
+    if section.backoff_max_ms < section.backoff_base_ms:
+        errors.append(f"{where}.backoff_max_ms: must be >= backoff_base_ms ({section.backoff_base_ms})")
+    limits = None
+    try:
+        limits = _limits(section.limits, defaults)
+    except ValueError as exc:
+        errors.append(f"{where}.limits: {exc}")
+    if len(errors) > count or limits is None:
+        return None
+    spec = ActorSpec(
+        component_id=cid,
+        path=wasm,
+        limits=limits,
+        env_vars=tuple(sorted(section.env.items())),
+        config_data=config_data,
+        mailbox_capacity=section.mailbox_capacity or host.default_mailbox_capacity,
+        restart=RestartPolicy(section.restart),
+        intensity=Intensity(section.max_restarts, section.restart_window_s),
+        backoff=Backoff(section.backoff_base_ms / 1000, section.backoff_max_ms / 1000),
+        group=section.group,
+        strategy=Strategy(section.strategy),
+        health_interval=section.health_interval_s,
+        shutdown_timeout=section.shutdown_timeout_s,
+        storage=section.capabilities.storage,
+        wasi=section.wasi,
+    )
+    quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
+    return ComponentPlan(spec, wasm, section.capabilities, quota)
+
+
+def _pattern_warnings(plans: list[ComponentPlan]) -> list[str]:
+    """Capabilities that name components this config does not deploy (warnings, not errors)."""
+    ids = {str(p.spec.component_id) for p in plans}
+    warnings = []
+    for index, plan in enumerate(plans):
+        caps = plan.capabilities
+        for action, patterns in (("send", caps.send), ("request", caps.request), ("broadcast", caps.broadcast)):
+            for i, pattern in enumerate(patterns):
+                prefix = pattern[:-1] if pattern.endswith("*") else None
+                matches = any(x.startswith(prefix) for x in ids) if prefix is not None else pattern in ids
+                if not matches:
+                    warnings.append(f"components[{index}].capabilities.{action}[{i}]: {pattern!r} matches no "
+                                    "component in this configuration")
+    return warnings
+
+
+def parse_config(text: str, source: Path) -> Config:
+    """Validate a configuration text; raises ConfigError listing every problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(source), [f"not valid TOML: {exc}"]) from None
+    errors: list[str] = []
+    for key in raw:
+        if key not in ("host", "components"):
+            errors.append(f"{key}: unknown key (expected host or components)")
+    host = _check(raw.get("host", {}), HostSection, "host", errors) or HostSection()
+    sections = raw.get("components", [])
+    if not isinstance(sections, list):
+        errors.append(f"components: expected an array of tables ([[components]]), got {_describe(sections)}")
+        sections = []
+    checked = [_check(item, ComponentSection, f"components[{i}]", errors) for i, item in enumerate(sections)]
+    base = source.parent
+    components_dir = (base / host.components_dir).resolve()
+    state_dir = (base / host.state_dir).resolve()
+    control_socket = state_dir / host.control_socket if not os.path.isabs(host.control_socket) \
+        else Path(host.control_socket)
+    try:
+        socket_mode = int(host.socket_mode, 8)
+        if socket_mode & ~0o770 or not socket_mode & 0o600 == 0o600:
+            raise ValueError
+    except ValueError:
+        errors.append(f"host.socket_mode: expected an octal mode like \"0600\" or \"0660\" "
+                      f"(owner read-write, no access for others), got \"{host.socket_mode}\"")
+        socket_mode = 0o600
+    try:
+        defaults = _limits(host.default_limits, ResourceLimits())
+    except ValueError as exc:
+        errors.append(f"host.default_limits: {exc}")
+        defaults = ResourceLimits()
+    plans = []
+    seen: dict[str, int] = {}
+    for index, (raw_section, section) in enumerate(zip(sections, checked, strict=True)):
+        cid = raw_section.get("id") if isinstance(raw_section, dict) else None
+        if isinstance(cid, str):
+            if cid in seen:
+                errors.append(f"components[{index}].id: duplicate id {cid!r} (also components[{seen[cid]}])")
+                continue
+            seen[cid] = index
+        if section is None:
+            continue
+        plan = _plan(index, section, host, base, components_dir, defaults, errors)
+        if plan is not None:
+            plans.append(plan)
+    if errors:
+        raise ConfigError(str(source), errors)
+    return Config(source, host, components_dir, state_dir, control_socket, socket_mode, plans,
+                  _pattern_warnings(plans))
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the configuration file at `path`."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), ["not UTF-8 text"]) from None
+    return parse_config(text, path)

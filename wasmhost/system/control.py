@@ -1,0 +1,142 @@
+"""The control socket: a Unix socket answering length-prefixed msgspec frames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from wasmhost.system.protocol import (
+    LENGTH,
+    FrameError,
+    Request,
+    Response,
+    frame,
+    frame_length,
+    request_decoder,
+)
+
+log = structlog.get_logger("wasmhost.control")
+
+FRAME_TIMEOUT = 10.0
+"""Seconds a client may take to send one whole frame once it started (slow clients are dropped)."""
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class SocketInUse(Exception):
+    """Another live process is listening on the control socket path."""
+
+
+def bind_control_socket(path: Path, mode: int) -> socket.socket:
+    """A listening Unix socket at `path`, with `mode` set before it listens.
+
+    A stale socket file from a crashed run is replaced; a live one is not stolen.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+                raise
+            path.unlink(missing_ok=True)
+        else:
+            raise SocketInUse(f"{path}: another wasmhost is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 ^ mode)  # created with the final mode: never briefly wider
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+class ControlServer:
+    """Serves control requests; a bad frame gets an error answer and its connection is closed."""
+
+    def __init__(self, path: Path, mode: int, handler: Handler) -> None:
+        self.path = path
+        self.mode = mode
+        self.handler = handler
+        self._server: asyncio.Server | None = None
+        self._inode: int | None = None
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        sock = bind_control_socket(self.path, self.mode)
+        self._inode = os.stat(self.path).st_ino
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=2**16)
+
+    async def close(self) -> None:
+        """Stop accepting and remove the socket file (if it is still ours)."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:
+                self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                header = await _read_exactly_or_eof(reader, LENGTH.size, None)
+                if header is None:
+                    return
+                try:
+                    length = frame_length(header)
+                    body = await asyncio.wait_for(reader.readexactly(length), FRAME_TIMEOUT)
+                    request = request_decoder.decode(body)
+                except FrameError as exc:
+                    await _answer(writer, Response(False, f"bad frame: {exc}"))
+                    return
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    await _answer(writer, Response(False, f"malformed request: {exc}"))
+                    return
+                except TimeoutError:
+                    await _answer(writer, Response(False, f"incomplete frame after {FRAME_TIMEOUT:g} s"))
+                    return
+                try:
+                    response = await self.handler(request)
+                except Exception as exc:  # a bug answering one request must not take the daemon down
+                    log.exception("control_request_failed", request=type(request).__name__)
+                    response = Response(False, f"internal error: {type(exc).__name__}: {exc}")
+                await _answer(writer, response)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+async def _read_exactly_or_eof(reader: asyncio.StreamReader, size: int, timeout: float | None) -> bytes | None:
+    """`size` bytes, or None on a clean end of stream before the first byte."""
+    first = await asyncio.wait_for(reader.read(1), timeout)
+    if not first:
+        return None
+    rest = await asyncio.wait_for(reader.readexactly(size - 1), FRAME_TIMEOUT)
+    return first + rest
+
+
+async def _answer(writer: asyncio.StreamWriter, response: Response) -> None:
+    try:
+        data = frame(response)
+    except FrameError as exc:
+        data = frame(Response(False, str(exc)))
+    writer.write(data)
+    await writer.drain()

@@ -1,0 +1,91 @@
+"""Control socket frames: a 4-byte big-endian length, then a msgpack request or response (msgspec)."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+MAX_FRAME = 32 * 1024 * 1024
+"""Largest frame accepted either way (payloads up to a little under this)."""
+
+LENGTH = struct.Struct(">I")
+
+
+class Status(msgspec.Struct, tag="status", forbid_unknown_fields=True):
+    """Ask for the table of components."""
+
+
+class Send(msgspec.Struct, tag="send", forbid_unknown_fields=True):
+    """Send a payload to a component (no reply)."""
+
+    id: str
+    payload: bytes
+    wait: bool = True
+
+
+class Call(msgspec.Struct, tag="call", forbid_unknown_fields=True):
+    """Request-response with a component."""
+
+    id: str
+    payload: bytes
+    timeout: float = 30.0
+
+
+class Reload(msgspec.Struct, tag="reload", forbid_unknown_fields=True):
+    """Re-read the configuration and apply the difference."""
+
+
+class Stop(msgspec.Struct, tag="stop", forbid_unknown_fields=True):
+    """Stop one component."""
+
+    id: str
+
+
+class Start(msgspec.Struct, tag="start", forbid_unknown_fields=True):
+    """Start one stopped or failed component."""
+
+    id: str
+
+
+class Restart(msgspec.Struct, tag="restart", forbid_unknown_fields=True):
+    """Restart one component with a fresh instance."""
+
+    id: str
+
+
+Request = Status | Send | Call | Reload | Stop | Start | Restart
+
+
+class Response(msgspec.Struct, forbid_unknown_fields=True):
+    """The answer to one request: `ok` with `data`, or an `error` text."""
+
+    ok: bool
+    error: str | None = None
+    data: Any = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(Request)
+response_decoder = msgspec.msgpack.Decoder(Response)
+
+
+class FrameError(Exception):
+    """A frame that is too large or cannot be decoded."""
+
+
+def frame(message: msgspec.Struct) -> bytes:
+    """Encode `message` with its length prefix."""
+    body = _encoder.encode(message)
+    if len(body) > MAX_FRAME:
+        raise FrameError(f"frame of {len(body)} bytes exceeds the limit of {MAX_FRAME}")
+    return LENGTH.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    """The body length announced by a 4-byte header (raises FrameError when too large)."""
+    (length,) = LENGTH.unpack(header)
+    if length > MAX_FRAME:
+        raise FrameError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
+    return int(length)
