@@ -354,3 +354,14 @@ async def test_broadcast_reaches_every_target_and_names_the_ones_it_missed(super
     with pytest.raises(MessagingError, match=missed):
         supervisor.router.broadcast(sender, [counters[1].component_id, full.component_id], b"x")
     await until(lambda: counters[1].stats.handled == 2)
+
+
+async def test_services_see_the_live_directory(supervisor: Supervisor) -> None:
+    await launch(supervisor, "services", "test-org/services/0")
+    await launch(supervisor, "counter", "test-org/counter/0")
+    assert await ask(supervisor, "test-org/services/0", b"list") == b"test-org/services/0\ntest-org/counter/0"
+    assert await ask(supervisor, "test-org/services/0", b"meta test-org|counter|0") == b"counter 0.1.0 healthy"
+    with pytest.raises(RequestFailed, match="component-error"):
+        await ask(supervisor, "test-org/services/0", b"meta test-org|ghost|0")
+    await supervisor.stop(ComponentId.parse("test-org/counter/0"))
+    assert await ask(supervisor, "test-org/services/0", b"list") == b"test-org/services/0"

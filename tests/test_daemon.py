@@ -38,7 +38,7 @@ def config_text(state: Path, components: str, components_dir: Path = FIXTURES) -
 class Daemon:
     """A `wasmhost run` subprocess with a NOTIFY_SOCKET the test reads."""
 
-    def __init__(self, tmp: Path, config: Path) -> None:
+    def __init__(self, tmp: Path, config: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.socket = tmp / "state" / "wasmhost.sock"
         self.log = tmp / "daemon.log"
@@ -46,7 +46,7 @@ class Daemon:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(60)
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "run", "--config", str(config)],
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.messages: list[str] = []
@@ -274,3 +274,32 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(target)], capture_output=True, text=True, timeout=60)
     problems = [line for line in result.stderr.splitlines() if "wasmhost.service" in line]
     assert result.returncode == 0 and problems == [], result.stderr
+
+
+def test_the_watchdog_is_fed_while_the_loop_is_healthy(tmp_path: Path) -> None:
+    config = tmp_path / "wasmhost.toml"
+    config.write_text(config_text(tmp_path / "state", BASIC))
+    d = Daemon(tmp_path, config, env={"WATCHDOG_USEC": "200000"})
+    try:
+        d.expect("READY=1")
+        began = time.monotonic()
+        d.expect("WATCHDOG=1")
+        d.expect("WATCHDOG=1")
+        assert time.monotonic() - began < 2
+    finally:
+        assert d.stop() == 0
+
+
+def test_logs_follow_prints_lines_as_they_are_written(tmp_path: Path) -> None:
+    log = tmp_path / "growing.log"
+    log.write_text("")
+    follower = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "logs", str(log), "--follow"],
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        with log.open("a") as out:
+            out.write(json.dumps({"event": "late_line", "level": "info", "timestamp": "2026-01-01T00:00:00Z"}) + "\n")
+        assert follower.stdout is not None
+        assert "late_line" in follower.stdout.readline()
+    finally:
+        follower.kill()
+        follower.wait()

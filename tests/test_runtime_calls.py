@@ -3,6 +3,7 @@ traps, limits, host functions and logs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -206,3 +207,34 @@ def test_callback_receives_handle_callback_messages(start: Starter) -> None:
     assert callback.handle_message(message(b"?last-content-type")) == b"text/plain"
     assert callback.handle_message(message(b"?last-sender")) == b"test-org/echo/0.1.0"
     assert callback.handle_message(message(b"?callbacks")) == b"1"
+
+
+def test_services_answer_the_guest(start: Starter) -> None:
+    guest = start("services", "test-org/services/0")
+    assert guest.handle_message(message(b"self")) == b"test-org/services/0"
+    before = time.time_ns() // 1_000_000
+    millis = int(guest.handle_message(message(b"time")) or b"0")
+    assert before <= millis <= time.time_ns() // 1_000_000
+    seconds, nanos = (guest.handle_message(message(b"clock")) or b"").split(b".")
+    assert abs(int(seconds) - time.time()) < 5 and 0 <= int(nanos) < 10**9
+    assert guest.handle_message(message(b"list")) == b"test-org/services/0"  # no directory: just itself
+
+
+def test_sleep_is_bounded_by_the_calls_deadline(runtime: Runtime, start: Starter) -> None:
+    guest = start("services", "test-org/services/1", limits=ResourceLimits(max_execution_time_ms=150))
+    began = time.monotonic()
+    assert guest.handle_message(message(b"sleep 30")) == b"slept"
+    assert time.monotonic() - began >= 0.03
+    began = time.monotonic()
+    # A sleep past the deadline ends at the deadline; a guest that keeps computing then is interrupted.
+    with contextlib.suppress(GuestTimeout):
+        guest.handle_message(message(b"sleep 60000"))
+    assert time.monotonic() - began <= 0.15 + runtime.engine.tick_ms / 1000 + 0.05
+
+
+def test_guest_logs_carry_the_correlation_id_of_the_message(start: Starter) -> None:
+    logger = start("logger", "test-org/logger/1")
+    request = ComponentMessage(SENDER, b"traced", MessageMetadata(timestamp=Timestamp.now(), correlation_id="c-7"))
+    with structlog.testing.capture_logs() as logs:
+        logger.handle_message(request)
+    assert [e.get("correlation_id") for e in logs if e.get("guest")] == ["c-7"]

@@ -30,7 +30,9 @@ from wasmhost.runtime.codec import Converter, Err, Ok, clear_val, converter_for
 guest_log = structlog.get_logger("wasmhost.guest")
 host_log = structlog.get_logger("wasmhost.host_fn")
 
-_RESERVED_LOG_KEYS = frozenset({"event", "level", "timestamp", "component", "guest", "logger", "guest_level"})
+_RESERVED_LOG_KEYS = frozenset(
+    {"event", "level", "timestamp", "component", "guest", "logger", "guest_level", "correlation_id"}
+)
 _LOG_METHODS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning", "error": "error"}
 
 
@@ -43,6 +45,7 @@ class HostContext:
     storage: StoragePort | None = None
     directory: DirectoryPort | None = None
     deadline: float = field(default=float("inf"))  # time.monotonic() at which the current call times out
+    correlation_id: str | None = None  # of the message being handled, for the guest's log lines
 
 
 def id_value(component: ComponentId) -> dict[str, str]:
@@ -113,6 +116,8 @@ def log(ctx: HostContext, level: str, message: str, context: list[tuple[str, str
     fields: dict[str, str] = {}
     for key, value in context or ():
         fields[f"guest_{key}" if key in _RESERVED_LOG_KEYS else key] = value
+    if ctx.correlation_id is not None:
+        fields["correlation_id"] = ctx.correlation_id
     method = getattr(guest_log, _LOG_METHODS.get(level, "info"))
     method(message, component=str(ctx.component_id), guest=True, guest_level=level, **fields)
 

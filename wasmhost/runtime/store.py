@@ -200,7 +200,9 @@ class StoreManager:
             self._require(InstanceState.INITIALIZED)
         argument = message_argument()
         address = argument.fill(message)
-        self.host.deadline = self.limiter.arm(self.context)
+        host = self.host
+        host.correlation_id = message.metadata.correlation_id
+        host.deadline = self.limiter.arm(self.context)
         result = self._result_address
         error = capi.func_call(self._func_addresses[function], self.context, address, 1, result, 1)
         argument.clear()

@@ -3,6 +3,7 @@ mistake at once with its place and what was expected."""
 
 from __future__ import annotations
 
+import grp
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     state_dir: str = "state"
     control_socket: str = "wasmhost.sock"
     socket_mode: str = "0600"
+    socket_group: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_file: str | None = None
@@ -119,6 +121,7 @@ class Config:
     state_dir: Path
     control_socket: Path
     socket_mode: int
+    socket_gid: int | None
     components: list[ComponentPlan]
     warnings: list[str] = field(default_factory=list)
 
@@ -351,6 +354,12 @@ def parse_config(text: str, source: Path) -> Config:
         errors.append(f"host.socket_mode: expected an octal mode like \"0600\" or \"0660\" "
                       f"(owner read-write, no access for others), got \"{host.socket_mode}\"")
         socket_mode = 0o600
+    socket_gid: int | None = None
+    if host.socket_group is not None:
+        try:
+            socket_gid = grp.getgrnam(host.socket_group).gr_gid
+        except KeyError:
+            errors.append(f"host.socket_group: no group named \"{host.socket_group}\" on this system")
     try:
         defaults = _limits(host.default_limits, ResourceLimits())
     except ValueError as exc:
@@ -372,7 +381,7 @@ def parse_config(text: str, source: Path) -> Config:
             plans.append(plan)
     if errors:
         raise ConfigError(str(source), errors)
-    return Config(source, host, components_dir, state_dir, control_socket, socket_mode, plans,
+    return Config(source, host, components_dir, state_dir, control_socket, socket_mode, socket_gid, plans,
                   _pattern_warnings(plans))
 
 

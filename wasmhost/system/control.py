@@ -35,8 +35,8 @@ class SocketInUse(Exception):
     """Another live process is listening on the control socket path."""
 
 
-def bind_control_socket(path: Path, mode: int) -> socket.socket:
-    """A listening Unix socket at `path`, with `mode` set before it listens.
+def bind_control_socket(path: Path, mode: int, gid: int | None = None) -> socket.socket:
+    """A listening Unix socket at `path`, with `mode` (and group `gid`) set before it listens.
 
     A stale socket file from a crashed run is replaced; a live one is not stolen.
     """
@@ -60,6 +60,8 @@ def bind_control_socket(path: Path, mode: int) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
+    if gid is not None:
+        os.chown(path, -1, gid)
     sock.listen(64)
     sock.setblocking(False)
     return sock
@@ -68,16 +70,17 @@ def bind_control_socket(path: Path, mode: int) -> socket.socket:
 class ControlServer:
     """Serves control requests; a bad frame gets an error answer and its connection is closed."""
 
-    def __init__(self, path: Path, mode: int, handler: Handler) -> None:
+    def __init__(self, path: Path, mode: int, handler: Handler, gid: int | None = None) -> None:
         self.path = path
         self.mode = mode
+        self.gid = gid
         self.handler = handler
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
-        sock = bind_control_socket(self.path, self.mode)
+        sock = bind_control_socket(self.path, self.mode, self.gid)
         self._inode = os.stat(self.path).st_ino
         self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=2**16)
 

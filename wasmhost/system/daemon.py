@@ -74,7 +74,8 @@ class Daemon:
         loop = self._loop = asyncio.get_running_loop()
         self.router = MessageRouter(loop, self.permissions)
         self.supervisor = Supervisor(self.runtime, self.router, self.workers, self.storage, self.permissions)
-        self.control = ControlServer(self.config.control_socket, self.config.socket_mode, self.handle)
+        self.control = ControlServer(self.config.control_socket, self.config.socket_mode, self.handle,
+                                     self.config.socket_gid)
         try:
             await self.control.start()
         except (SocketInUse, OSError) as exc:

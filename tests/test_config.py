@@ -1,0 +1,125 @@
+"""Configuration validation: every mistake with its place, warnings, path confinement."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES
+from wasmhost.actors.restart import RestartPolicy, Strategy
+from wasmhost.system.config import ConfigError, parse_config
+
+
+def parse(tmp_path: Path, text: str) -> object:
+    return parse_config(f'[host]\ncomponents_dir = "{FIXTURES}"\nstate_dir = "{tmp_path}"\n' + text,
+                        tmp_path / "wasmhost.toml")
+
+
+def errors(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(tmp_path, text)
+    return info.value.errors
+
+
+def test_a_full_component_table_becomes_its_spec(tmp_path: Path) -> None:
+    (tmp_path / "data.json").write_text('{"k": 1}')
+    config = parse(tmp_path, '''
+[[components]]
+id = "a/echo/0"
+path = "echo.wasm"
+limits = { max_fuel = 1000, max_execution_time_ms = 250 }
+env = { MODE = "test" }
+config_file = "data.json"
+mailbox_capacity = 8
+restart = "permanent"
+max_restarts = 2
+group = "g"
+strategy = "rest-for-one"
+capabilities = { send = ["a/*"], storage = true, storage_quota_bytes = 4096 }
+''')
+    plan = config.components[0]  # type: ignore[attr-defined]
+    spec = plan.spec
+    assert str(spec.component_id) == "a/echo/0" and spec.path == FIXTURES / "echo.wasm"
+    assert (spec.limits.max_fuel, spec.limits.max_execution_time_ms) == (1000, 250)
+    assert spec.limits.max_memory_bytes == 64 * 1024 * 1024
+    assert spec.env_vars == (("MODE", "test"),) and spec.config_data == b'{"k": 1}'
+    assert (spec.mailbox_capacity, spec.restart, spec.strategy) == (8, RestartPolicy.PERMANENT, Strategy.REST_FOR_ONE)
+    assert spec.storage and plan.storage_quota_bytes == 4096
+
+
+def test_every_mistake_is_reported_with_its_place(tmp_path: Path) -> None:
+    found = errors(tmp_path, '''
+bogus = 1
+[[components]]
+id = "a/b/c"
+path = "echo.wasm"
+limits = { max_fuel = "lots", max_memory_bytes = -5 }
+restart = "sometimes"
+colour = "red"
+[[components]]
+id = "a/b"
+[[components]]
+id = "x/y/z"
+path = "../../../../etc/passwd"
+[[components]]
+id = "a/b/c"
+path = "echo.wasm"
+config_data = "x"
+config_file = "y"
+''')
+    assert found[0].startswith("host.bogus: unknown key (expected one of components_dir, state_dir,")
+    assert found[1:] == [
+        "components[0].colour: unknown key (expected one of id, path, limits, env, config_data, config_file, "
+        "mailbox_capacity, restart, max_restarts, restart_window_s, backoff_base_ms, backoff_max_ms, group, strategy, "
+        "health_interval_s, shutdown_timeout_s, capabilities, wasi)",
+        'components[0].limits.max_memory_bytes: expected an integer > 0, got -5',
+        'components[0].limits.max_fuel: expected an integer > 0, got "lots"',
+        'components[0].restart: expected one of "permanent", "transient", "temporary", got "sometimes"',
+        "components[1].id: component id 'a/b': expected namespace/name/instance (three parts separated by '/'), "
+        "got 2 part(s)",
+        # the [host] table is invalid, so its defaults apply (components_dir = "components")
+        f"components[2].path: {tmp_path / 'components/../../../../etc/passwd'} is outside the components "
+        f"directory {tmp_path / 'components'}",
+        "components[3].id: duplicate id 'a/b/c' (also components[0])",
+    ]
+
+
+def test_symlinks_out_of_the_components_directory_are_refused(tmp_path: Path) -> None:
+    components = tmp_path / "components"
+    components.mkdir()
+    os.symlink(FIXTURES / "echo.wasm", components / "sneaky.wasm")
+    with pytest.raises(ConfigError, match="is outside the components directory"):
+        parse_config(f'[host]\ncomponents_dir = "{components}"\n[[components]]\nid = "a/b/c"\npath = "sneaky.wasm"\n',
+                     tmp_path / "wasmhost.toml")
+
+
+def test_core_modules_and_missing_files_are_named(tmp_path: Path) -> None:
+    found = errors(tmp_path, '[[components]]\nid = "a/core/0"\npath = "core.wasm"\n'
+                             '[[components]]\nid = "a/none/0"\n')
+    assert found[0].startswith("components[0].path: this is a core WebAssembly module")
+    assert found[1] == f"components[1].id: no component file at {FIXTURES / 'a' / 'none' / '0.wasm'}"
+
+
+def test_capabilities_naming_unknown_components_are_warnings(tmp_path: Path) -> None:
+    config = parse(tmp_path, '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\n'
+                             'capabilities = { send = ["a/*", "b/*"], request = ["a/echo/1"] }\n')
+    assert config.warnings == [  # type: ignore[attr-defined]
+        "components[0].capabilities.send[1]: 'b/*' matches no component in this configuration",
+        "components[0].capabilities.request[0]: 'a/echo/1' matches no component in this configuration",
+    ]
+
+
+def test_socket_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[host]\nstate_dir = "{tmp_path}"\nsocket_mode = "0666"\nsocket_group = "no-such-group-x"\n',
+                     tmp_path / "wasmhost.toml")
+    assert info.value.errors[0].startswith('host.socket_mode: expected an octal mode like "0600" or "0660"')
+    assert info.value.errors[1] == 'host.socket_group: no group named "no-such-group-x" on this system'
+
+
+def test_not_toml_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("[host\n", tmp_path / "x.toml")
+    assert info.value.errors[0].startswith("not valid TOML:")

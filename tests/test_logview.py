@@ -1,0 +1,41 @@
+"""`wasmhost logs` filtering, on lines shaped like the daemon's."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from wasmhost.logview import LogFilter, parse_time, show
+
+LINES = [
+    json.dumps({"event": "component_started", "level": "info", "timestamp": "2026-01-01T10:00:00Z",
+                "component": "demo/echo/0"}),
+    json.dumps({"event": "greeting", "level": "info", "timestamp": "2026-01-01T10:05:00Z",
+                "component": "demo/greeter/0", "guest": True, "correlation_id": "c-1"}),
+    json.dumps({"event": "component_restarting", "level": "warning", "timestamp": "2026-01-01T10:10:00Z",
+                "component": "other/trapper/0"}),
+    "plain text from something else",
+    json.dumps({"unrelated": "json"}),
+]
+
+
+def run(keep: LogFilter, as_json: bool = False) -> tuple[list[str], int]:
+    out = io.StringIO()
+    counts = show(LINES, keep, as_json, out)
+    return out.getvalue().splitlines(), counts.skipped
+
+
+def test_filters_combine() -> None:
+    assert len(run(LogFilter())[0]) == 3
+    assert run(LogFilter(component="demo/*"))[0][0].split()[2] == "component_started"
+    assert len(run(LogFilter(component="demo/*"))[0]) == 2
+    warnings = run(LogFilter(level="warning"), as_json=True)[0]
+    assert [json.loads(x)["event"] for x in warnings] == ["component_restarting"]
+    window = LogFilter(since=parse_time("2026-01-01T10:01:00Z"), until=parse_time("2026-01-01T10:06:00"))
+    assert len(run(window)[0]) == 1
+    assert "correlation_id=c-1" in run(LogFilter(correlation="c-1"))[0][0]
+    assert run(LogFilter(grep="trapper"))[0][0].endswith("[other/trapper/0]")
+
+
+def test_lines_that_are_not_ours_are_counted_not_fatal() -> None:
+    assert run(LogFilter())[1] == 2
