@@ -79,7 +79,7 @@ def report(rows: list[Row]) -> str:
         ok = {True: "yes", False: "NO", None: "-"}[r.met]
         lines.append(
             f"{r.benchmark:<9} {r.case:<16} {r.baseline:>13,.1f} {r.measured:>13,.1f} {r.unit:<8} "
-            f"{r.ratio:>7.2f}x {r.target_text():>9}  {ok}"
+            f"{(f'{r.ratio:.2f}x' if r.baseline else '-'):>8} {r.target_text():>9}  {ok}"
         )
     return "\n".join(lines)
 

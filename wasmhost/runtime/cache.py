@@ -33,6 +33,7 @@ class CompilationCache:
         self.directory = directory
         self._salt = f"wasmtime={wasmtime_version()};{engine.settings.fingerprint()}".encode()
         self._memory: dict[str, wc.Component] = {}
+        self._marks: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -45,12 +46,11 @@ class CompilationCache:
         """Where the compiled form of `wasm` is stored, if there is a cache directory."""
         return self.directory / f"{self.key(wasm)}.cwasm" if self.directory else None
 
-    def component(self, wasm: bytes) -> wc.Component:
-        """The compiled component for `wasm`: from memory, from disk, or freshly compiled.
-
-        Raises wasmtime.WasmtimeError when the bytes do not compile.
+    def component(self, wasm: bytes, key: str | None = None) -> wc.Component:
+        """The compiled component for `wasm` (whose `key` may be given): from memory, from disk, or
+        freshly compiled. Raises wasmtime.WasmtimeError when the bytes do not compile.
         """
-        key = self.key(wasm)
+        key = key or self.key(wasm)
         with self._lock:
             found = self._memory.get(key)
         if found is not None:
@@ -66,6 +66,19 @@ class CompilationCache:
         with self._lock:
             self._memory[key] = compiled
         return compiled
+
+    def is_marked(self, key: str, tag: str) -> bool:
+        """Whether `mark(key, tag)` was done, in this process or an earlier one."""
+        with self._lock:
+            if (key, tag) in self._marks:
+                return True
+        return self.directory is not None and (self.directory / f"{key}.{tag}.ok").exists()
+
+    def mark(self, key: str, tag: str) -> None:
+        """Remember a fact about the component with this key (the loader: "validated against tag")."""
+        with self._lock:
+            self._marks.add((key, tag))
+        self._write(f"{key}.{tag}.ok", b"")
 
     def forget(self, wasm: bytes) -> None:
         """Drop the in-memory copy for `wasm` (the disk entry stays)."""
@@ -89,11 +102,21 @@ class CompilationCache:
         if self.directory is None:
             return
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
             data = compiled.serialize()
+        except wasmtime.WasmtimeError as exc:
+            log.warning("cache_write_failed", directory=str(self.directory), error=str(exc))
+            return
+        self._write(f"{key}.cwasm", bytes(data))
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Write a cache file atomically; a failure is logged, never fatal."""
+        if self.directory is None:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
-            os.replace(tmp, self.directory / f"{key}.cwasm")
-        except (OSError, wasmtime.WasmtimeError) as exc:
+            os.replace(tmp, self.directory / name)
+        except OSError as exc:
             log.warning("cache_write_failed", directory=str(self.directory), error=str(exc))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
+import time
 from dataclasses import dataclass
 
 import wasmtime
 
 DEFAULT_EPOCH_TICK_MS = 10
+MAX_CATCH_UP = 100
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,18 @@ class EpochTicker:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.tick_s):
-            self.engine.increment_epoch()
+        # Ticks are scheduled at absolute times and missed ones are caught up, so the epoch keeps
+        # pace with the wall clock even when this thread wakes late (busy cores, GIL hand-offs).
+        next_at = time.monotonic() + self.tick_s
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            now = time.monotonic()
+            for _ in range(MAX_CATCH_UP):
+                if next_at > now:
+                    break
+                self.engine.increment_epoch()
+                next_at += self.tick_s
+            else:
+                next_at = now + self.tick_s  # suspended for long: resume from now
 
     def stop(self) -> None:
         """Stop ticking and wait for the thread."""

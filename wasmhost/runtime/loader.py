@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from wasmhost.core.ids import ComponentId
 from wasmhost.runtime import contract
 from wasmhost.runtime.cache import CompilationCache
 from wasmhost.runtime.codec import Converter, converter_for
+
+_EXPECTED = (
+    sorted(contract.LIFECYCLE_EXPORTS.items()),
+    sorted((name, sorted(functions.items())) for name, functions in contract.HOST_IMPORTS.items()),
+)
+CONTRACT_FINGERPRINT = hashlib.sha256(repr(_EXPECTED).encode()).hexdigest()[:16]
+"""Changes whenever the expected signatures change, invalidating remembered validations."""
 
 WASM_MAGIC = b"\0asm"
 CORE_VERSION = b"\x01\x00\x00\x00"
@@ -53,11 +61,32 @@ class LoadedComponent:
         return any(name.startswith("wasi:") for name in self.imports)
 
 
+@dataclass(frozen=True)
+class Signature:
+    """A function type read once: its converters and its description in the contract's notation."""
+
+    params: list[Converter]
+    result: Converter | None
+    text: str
+
+
+def signature_of(fty: wc.FuncType) -> Signature:
+    """Read a function type through the FFI once and build its converters."""
+    params = [(name, converter_for(ty)) for name, ty in fty.params]
+    result_type = fty.result
+    result = converter_for(result_type) if result_type is not None else None
+    text = contract.signature([(name, conv.wit) for name, conv in params], result.wit if result else None)
+    return Signature([conv for _, conv in params], result, text)
+
+
 def describe(fty: wc.FuncType) -> str:
     """A function type in the contract's notation."""
-    params = [(name, converter_for(ty).wit) for name, ty in fty.params]
-    result = fty.result
-    return contract.signature(params, converter_for(result).wit if result is not None else None)
+    return signature_of(fty).text
+
+
+_VALIDATED: dict[str, Signature] = {}
+"""Converters of the lifecycle exports, shared by every component that matched the contract
+(converters hold no state); filled by the first full validation in this process."""
 
 
 def check_header(wasm: bytes, source: str) -> None:
@@ -86,10 +115,13 @@ def _lifecycle_exports(compiled: wc.Component, engine: wasmtime.Engine, source: 
     functions = {name: item.ty for name, item in interface.exports(engine).items()}
     missing = [name for name in contract.LIFECYCLE_EXPORTS if not isinstance(functions.get(name), wc.FuncType)]
     wrong = []
+    found: dict[str, Signature] = {}
     for name, expected in contract.LIFECYCLE_EXPORTS.items():
         fty = functions.get(name)
-        if isinstance(fty, wc.FuncType) and (actual := describe(fty)) != expected:
-            wrong.append(f"{name}: expected {expected}, got {actual}")
+        if isinstance(fty, wc.FuncType):
+            found[name] = signature_of(fty)
+            if found[name].text != expected:
+                wrong.append(f"{name}: expected {expected}, got {found[name].text}")
     if missing or wrong:
         parts = []
         if missing:
@@ -97,17 +129,18 @@ def _lifecycle_exports(compiled: wc.Component, engine: wasmtime.Engine, source: 
         if wrong:
             parts.append("wrong signature: " + "; ".join(wrong))
         raise MissingExportsError(source, f"{contract.LIFECYCLE} is incomplete: " + "; ".join(parts), missing + wrong)
+    for name, sig in found.items():
+        _VALIDATED.setdefault(name, sig)
+    return _export_specs(compiled, found)
+
+
+def _export_specs(compiled: wc.Component, signatures: dict[str, Signature]) -> dict[str, ExportSpec]:
     lifecycle_index = compiled.get_export_index(contract.LIFECYCLE)
     specs = {}
-    for name in contract.LIFECYCLE_EXPORTS:
-        fty = functions[name]
-        assert isinstance(fty, wc.FuncType)
+    for name, sig in signatures.items():
         index = compiled.get_export_index(name, lifecycle_index)
         assert index is not None
-        result = fty.result
-        specs[name] = ExportSpec(
-            name, index, [converter_for(ty) for _, ty in fty.params], converter_for(result) if result else None
-        )
+        specs[name] = ExportSpec(name, index, sig.params, sig.result)
     return specs
 
 
@@ -164,14 +197,20 @@ class FileComponentLoader:
         """Validate and compile `wasm`; `source` names it in errors."""
         check_header(wasm, source)
         engine = self.cache.engine.engine
+        key = self.cache.key(wasm)
         try:
-            compiled = self.cache.component(wasm)
+            compiled = self.cache.component(wasm, key)
         except wasmtime.WasmtimeError as exc:
             raise CompileError(source, f"invalid component: {str(exc).strip()}") from None
+        if len(_VALIDATED) == len(contract.LIFECYCLE_EXPORTS) and self.cache.is_marked(key, CONTRACT_FINGERPRINT):
+            # These very bytes matched this very contract before: skip walking their types again.
+            imports = frozenset(compiled.type.imports(engine))
+            return LoadedComponent(source, key, compiled, _export_specs(compiled, _VALIDATED), imports, len(wasm))
         try:
             exports = _lifecycle_exports(compiled, engine, source)
             imports = _check_imports(compiled, engine, source)
         except LoadError:
             self.cache.forget(wasm)
             raise
-        return LoadedComponent(source, self.cache.key(wasm), compiled, exports, imports, len(wasm))
+        self.cache.mark(key, CONTRACT_FINGERPRINT)
+        return LoadedComponent(source, key, compiled, exports, imports, len(wasm))

@@ -1,0 +1,106 @@
+"""Density: 10,000 small components in one real daemon; resident memory per idle component beyond a
+daemon running one, and the p99 of a `call` and of `status` through the control socket at that size."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.harness import FIXTURES, Row
+from wasmhost.system import protocol
+from wasmhost.system.client import request
+
+COUNT = 10_000
+CALLS = 500
+
+
+def _config(directory: Path, count: int) -> Path:
+    lines = [f'[host]\ncomponents_dir = "{FIXTURES}"\nstate_dir = "{directory / "state"}"\nlog_level = "warning"\n'
+             'default_mailbox_capacity = 16\n']
+    lines += [f'[[components]]\nid = "dense/echo/{i}"\npath = "echo.wasm"\nhealth_interval_s = 3600\n'
+              for i in range(count)]
+    path = directory / f"dense-{count}.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+class _Daemon:
+    def __init__(self, directory: Path, count: int) -> None:
+        self.socket = directory / "state" / "wasmhost.sock"
+        notify_path = directory / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(notify_path))
+        self.notify.settimeout(600)
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "run", "--config",
+                                      str(_config(directory, count))],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        while b"READY=1" not in self.notify.recv(4096).split(b"\n"):
+            pass
+        self.ready_after = time.perf_counter() - self.started
+
+    def settle(self) -> int:
+        """RSS once the daemon has been idle for a moment."""
+        time.sleep(1.0)
+        return _rss_kib(self.proc.pid)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=600)
+        self.notify.close()
+
+
+def _p99(samples: list[float]) -> float:
+    samples.sort()
+    return samples[int(len(samples) * 0.99) - 1] * 1000
+
+
+def run(seconds: float = 1.0) -> list[Row]:
+    """Start a daemon with 1 and with COUNT echo components; compare memory, time calls."""
+    with tempfile.TemporaryDirectory() as tmp:
+        one_dir, many_dir = Path(tmp) / "one", Path(tmp) / "many"
+        one_dir.mkdir()
+        many_dir.mkdir()
+        one = _Daemon(one_dir, 1)
+        baseline = one.settle()
+        one.close()
+        many = _Daemon(many_dir, COUNT)
+        try:
+            loaded = many.settle()
+            calls = []
+            for _ in range(CALLS):
+                target = f"dense/echo/{random.randrange(COUNT)}"
+                began = time.perf_counter()
+                response = request(many.socket, protocol.Call(target, b"ping", 5.0))
+                calls.append(time.perf_counter() - began)
+                assert response.ok and response.data == b"ping", response
+            statuses = []
+            for _ in range(20):
+                began = time.perf_counter()
+                assert len(request(many.socket, protocol.Status()).data["components"]) == COUNT
+                statuses.append(time.perf_counter() - began)
+            ready = many.ready_after
+        finally:
+            many.close()
+    per_component = (loaded - baseline) / COUNT
+    return [
+        Row("density", f"RSS/comp ({COUNT})", 64.0, per_component, "KiB", 64.0, at_most=True),
+        Row("density", "call p99", 50.0, _p99(calls), "ms", 50.0, at_most=True),
+        Row("density", "status p99", 50.0, _p99(statuses), "ms", None, at_most=True),
+        Row("density", f"READY ({COUNT})", 0.0, ready, "s", None),
+    ]

@@ -1,0 +1,75 @@
+"""Restart cost: a trapping component back in service (new Store, initialize done)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+
+import uvloop
+
+from bench.harness import FIXTURES, Row
+from wasmhost.actors.restart import Backoff, Intensity
+from wasmhost.actors.spec import ActorSpec
+from wasmhost.actors.state import ActorState
+from wasmhost.actors.supervisor import Supervisor
+from wasmhost.actors.workers import WorkerPool
+from wasmhost.core import ComponentId
+from wasmhost.messaging.outcome import RequestFailed
+from wasmhost.messaging.router import MessageRouter
+from wasmhost.runtime.runtime import Runtime
+
+ROUNDS = 200
+
+
+async def _measure(runtime: Runtime) -> list[float]:
+    workers = WorkerPool()
+    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers)
+    cid = ComponentId("bench", "trapper", "0")
+    # No deliberate backoff: this measures the restart itself, not the policy's wait.
+    spec = ActorSpec(cid, backoff=Backoff(base=0.0, maximum=0.0), intensity=Intensity(ROUNDS + 10, 3600))
+    actor = await sup.start(spec, runtime.load(cid, FIXTURES / "trapper.wasm"))
+    samples = []
+    try:
+        for _ in range(ROUNDS):
+            began = time.perf_counter()
+            with contextlib.suppress(RequestFailed):
+                await sup.router.host_request(cid, b"boom", 5.0)
+            while actor.state is not ActorState.RUNNING or actor.manager.state.value != "initialized":
+                await asyncio.sleep(0)
+            samples.append(time.perf_counter() - began)
+    finally:
+        await sup.stop_all(1.0)
+        workers.close()
+    return samples
+
+
+def _direct(runtime: Runtime) -> list[float]:
+    """The bare cost: new Store, instantiate, initialize, on the calling thread."""
+    from wasmhost.core import ComponentConfig
+
+    cid = ComponentId("bench", "direct-trapper", "0")
+    manager = runtime.store(runtime.load(cid, FIXTURES / "trapper.wasm"), cid)
+    samples = []
+    for _ in range(ROUNDS):
+        began = time.perf_counter()
+        manager.instantiate()
+        manager.initialize(ComponentConfig())
+        samples.append(time.perf_counter() - began)
+    manager.close()
+    return samples
+
+
+def run(seconds: float = 1.0) -> list[Row]:
+    """p50 of the trap-to-running time through the actor system, and of the bare re-instantiation."""
+    runtime = Runtime()
+    try:
+        through_actor = uvloop.run(_measure(runtime))
+        direct = _direct(runtime)
+    finally:
+        runtime.close()
+    return [
+        Row("restart", "actor p50", 1.0, statistics.median(through_actor) * 1000, "ms", 1.0, at_most=True),
+        Row("restart", "store p50", 1.0, statistics.median(direct) * 1000, "ms", 1.0, at_most=True),
+    ]
