@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FIXTURES := tests/fixtures/build
 
-.PHONY: run test lint bench fixtures examples check clean
+.PHONY: run test lint bench fuzz fixtures examples check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ lint: $(STAMP)
 
 test: fixtures examples lint
 	$(BIN)/python -m pytest -q
+
+fuzz: fixtures
+	HYPOTHESIS_PROFILE=fuzz FUZZ_CONTROL_EXAMPLES=300 $(BIN)/python -m pytest -q -s tests/test_fuzz.py
 
 bench: fixtures
 	$(BIN)/python -m bench

@@ -26,9 +26,10 @@ def fixture_path(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    """A Runtime with a fresh compilation cache directory."""
-    rt = Runtime(cache_dir=tmp_path_factory.mktemp("cache"))
+def runtime() -> Iterator[Runtime]:
+    """A Runtime whose compilation cache lives beside the fixtures (the Python guests take seconds
+    to compile; tests of the cache itself use their own directories)."""
+    rt = Runtime(cache_dir=FIXTURES / "cache")
     yield rt
     rt.close()
 

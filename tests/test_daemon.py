@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
+from wasmhost.system import protocol
+from wasmhost.system.client import request
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -303,3 +305,50 @@ def test_logs_follow_prints_lines_as_they_are_written(tmp_path: Path) -> None:
     finally:
         follower.kill()
         follower.wait()
+
+
+def test_other_users_are_refused_when_control_users_is_set(tmp_path: Path) -> None:
+    public = Path(f"/tmp/wasmhost-peercred-{os.getpid()}")  # traversable by other users, unlike tmp_path
+    public.mkdir(mode=0o755, exist_ok=True)
+    try:
+        config = tmp_path / "wasmhost.toml"
+        config.write_text(config_text(tmp_path / "state", BASIC).replace(
+            "[host]\n", f'[host]\ncontrol_socket = "{public / "ctl.sock"}"\nsocket_mode = "0660"\n'
+                        'socket_group = "nogroup"\ncontrol_users = ["root"]\n'))
+        d = Daemon(tmp_path, config)
+        d.socket = public / "ctl.sock"
+        d.expect("READY=1")
+        assert d.call("t/echo/0", "root may") == "root may"
+
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child becomes another user and asks, with the CLI's own client code
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                answer = request(d.socket, protocol.Status())
+                os.write(write_end, f"{answer.ok}|{answer.error}".encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(child, 0)
+        with os.fdopen(read_end) as result:
+            assert result.read() == ("False|permission denied: uid 65534 is not allowed to control this daemon "
+                                     "(host.control_users)")
+        assert d.stop() == 0
+    finally:
+        for leftover in public.iterdir():
+            leftover.unlink()
+        public.rmdir()
+
+
+def test_the_systemd_unit_is_hardened(tmp_path: Path) -> None:
+    unit = (ROOT / "deploy" / "wasmhost.service").read_text().replace("/opt/wasmhost/venv", sys.prefix)
+    target = tmp_path / "wasmhost.service"
+    target.write_text(unit)
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(target)],
+                            capture_output=True, text=True, timeout=60)
+    verdict = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
+    assert verdict, result.stdout + result.stderr
+    exposure = float(verdict[0].split(":")[1].split()[0])
+    assert exposure <= 1.0, verdict[0]  # the README quotes 0.4 SAFE

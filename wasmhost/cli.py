@@ -136,6 +136,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns[:-1], widths, strict=True)) + "  LAST ERROR")
     for r in table:
         print("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1][:120])
+    if response.data.get("storage_io_errors"):
+        data = response.data
+        print(f"storage: {data['storage_io_errors']} I/O error(s), last: {data['storage_last_error']}")
     return EXIT_OK
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def request(path: Path, message: Request, timeout: float = 60.0) -> Response:
             raise DaemonUnavailable(f"no wasmhost daemon is listening on {path}") from None
         except PermissionError:
             raise DaemonUnavailable(f"not allowed to connect to {path} (permission denied)") from None
-        sock.sendall(frame(message))
+        with contextlib.suppress(BrokenPipeError):  # refused before reading: its answer is waiting
+            sock.sendall(frame(message))
         length = frame_length(_read_exactly(sock, LENGTH.size))
         return response_decoder.decode(_read_exactly(sock, length))
     finally:

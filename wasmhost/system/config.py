@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     control_socket: str = "wasmhost.sock"
     socket_mode: str = "0600"
     socket_group: str | None = None
+    control_users: list[str] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_file: str | None = None
@@ -122,6 +124,7 @@ class Config:
     control_socket: Path
     socket_mode: int
     socket_gid: int | None
+    control_uids: frozenset[int] | None  # None: anyone who can open the socket
     components: list[ComponentPlan]
     warnings: list[str] = field(default_factory=list)
 
@@ -354,6 +357,15 @@ def parse_config(text: str, source: Path) -> Config:
         errors.append(f"host.socket_mode: expected an octal mode like \"0600\" or \"0660\" "
                       f"(owner read-write, no access for others), got \"{host.socket_mode}\"")
         socket_mode = 0o600
+    control_uids: frozenset[int] | None = None
+    if host.control_users is not None:
+        uids = set()
+        for index, user in enumerate(host.control_users):
+            try:
+                uids.add(int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid)
+            except KeyError:
+                errors.append(f"host.control_users[{index}]: no user named \"{user}\" on this system")
+        control_uids = frozenset(uids)
     socket_gid: int | None = None
     if host.socket_group is not None:
         try:
@@ -381,8 +393,8 @@ def parse_config(text: str, source: Path) -> Config:
             plans.append(plan)
     if errors:
         raise ConfigError(str(source), errors)
-    return Config(source, host, components_dir, state_dir, control_socket, socket_mode, socket_gid, plans,
-                  _pattern_warnings(plans))
+    return Config(source, host, components_dir, state_dir, control_socket, socket_mode, socket_gid, control_uids,
+                  plans, _pattern_warnings(plans))
 
 
 def load_config(path: Path) -> Config:

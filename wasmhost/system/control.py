@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -27,6 +28,8 @@ log = structlog.get_logger("wasmhost.control")
 
 FRAME_TIMEOUT = 10.0
 """Seconds a client may take to send one whole frame once it started (slow clients are dropped)."""
+IDLE_TIMEOUT = 300.0
+"""Seconds a connection may sit idle between requests before it is closed."""
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -70,10 +73,15 @@ def bind_control_socket(path: Path, mode: int, gid: int | None = None) -> socket
 class ControlServer:
     """Serves control requests; a bad frame gets an error answer and its connection is closed."""
 
-    def __init__(self, path: Path, mode: int, handler: Handler, gid: int | None = None) -> None:
+    def __init__(self, path: Path, mode: int, handler: Handler, gid: int | None = None,
+                 frame_timeout: float = FRAME_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
+                 allowed_uids: frozenset[int] | None = None) -> None:
         self.path = path
+        self.allowed_uids = allowed_uids
         self.mode = mode
         self.gid = gid
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
         self.handler = handler
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
@@ -94,15 +102,34 @@ class ControlServer:
             if os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
 
+    def _refusal(self, writer: asyncio.StreamWriter) -> str | None:
+        """Why this peer may not control the daemon (SO_PEERCRED), or None."""
+        if self.allowed_uids is None:
+            return None
+        sock = writer.get_extra_info("socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        if uid in self.allowed_uids:
+            return None
+        log.warning("control_peer_refused", uid=uid, pid=pid)
+        return f"permission denied: uid {uid} is not allowed to control this daemon (host.control_users)"
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            refusal = self._refusal(writer)
+            if refusal is not None:
+                await _answer(writer, Response(False, refusal))
+                return
             while True:
-                header = await _read_exactly_or_eof(reader, LENGTH.size, None)
+                try:
+                    header = await _read_exactly_or_eof(reader, LENGTH.size, self.idle_timeout, self.frame_timeout)
+                except TimeoutError:
+                    return
                 if header is None:
                     return
                 try:
                     length = frame_length(header)
-                    body = await asyncio.wait_for(reader.readexactly(length), FRAME_TIMEOUT)
+                    body = await asyncio.wait_for(reader.readexactly(length), self.frame_timeout)
                     request = request_decoder.decode(body)
                 except FrameError as exc:
                     await _answer(writer, Response(False, f"bad frame: {exc}"))
@@ -111,7 +138,7 @@ class ControlServer:
                     await _answer(writer, Response(False, f"malformed request: {exc}"))
                     return
                 except TimeoutError:
-                    await _answer(writer, Response(False, f"incomplete frame after {FRAME_TIMEOUT:g} s"))
+                    await _answer(writer, Response(False, f"incomplete frame after {self.frame_timeout:g} s"))
                     return
                 try:
                     response = await self.handler(request)
@@ -127,12 +154,12 @@ class ControlServer:
                 await writer.wait_closed()
 
 
-async def _read_exactly_or_eof(reader: asyncio.StreamReader, size: int, timeout: float | None) -> bytes | None:
+async def _read_exactly_or_eof(reader: asyncio.StreamReader, size: int, idle: float, frame: float) -> bytes | None:
     """`size` bytes, or None on a clean end of stream before the first byte."""
-    first = await asyncio.wait_for(reader.read(1), timeout)
+    first = await asyncio.wait_for(reader.read(1), idle)
     if not first:
         return None
-    rest = await asyncio.wait_for(reader.readexactly(size - 1), FRAME_TIMEOUT)
+    rest = await asyncio.wait_for(reader.readexactly(size - 1), frame)
     return first + rest
 
 

@@ -75,7 +75,7 @@ class Daemon:
         self.router = MessageRouter(loop, self.permissions)
         self.supervisor = Supervisor(self.runtime, self.router, self.workers, self.storage, self.permissions)
         self.control = ControlServer(self.config.control_socket, self.config.socket_mode, self.handle,
-                                     self.config.socket_gid)
+                                     self.config.socket_gid, allowed_uids=self.config.control_uids)
         try:
             await self.control.start()
         except (SocketInUse, OSError) as exc:
@@ -268,7 +268,8 @@ class Daemon:
     async def _handle(self, request: protocol.Request) -> protocol.Response:
         if isinstance(request, protocol.Status):
             return protocol.Response(True, data={"components": self.status_rows(),
-                                                 "storage_io_errors": self.storage.io_errors})
+                                                 "storage_io_errors": self.storage.io_errors,
+                                                 "storage_last_error": self.storage.last_io_error})
         if isinstance(request, protocol.Reload):
             errors = await self.reload()
             return protocol.Response(not errors, "\n".join(errors) or None)
