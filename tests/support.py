@@ -6,11 +6,16 @@ runtime, wasmtime and the guest components around them are real.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from wasmhost.core.errors import MessagingError, StorageError
 from wasmhost.core.ids import ComponentId
 from wasmhost.core.protocols import StorageUsage
+from wasmhost.runtime.runtime import Runtime
 
 
 @dataclass
@@ -80,3 +85,24 @@ class RecordingMessaging:
     def broadcast(self, sender: ComponentId, targets: list[ComponentId], payload: bytes) -> None:
         for target in targets:
             self.send(sender, target, payload)
+
+
+@asynccontextmanager
+async def guarded_supervisor(runtime: Runtime, storage_path: Path, quota_bytes: int) -> AsyncIterator[object]:
+    """A Supervisor with real SQLite storage and capability checks, as the daemon wires it."""
+    from wasmhost.actors.supervisor import Supervisor
+    from wasmhost.actors.workers import WorkerPool
+    from wasmhost.messaging.router import MessageRouter
+    from wasmhost.security.capabilities import CapabilityChecker
+    from wasmhost.storage.sqlite_store import SqliteStorage
+
+    workers = WorkerPool(4)
+    permissions = CapabilityChecker()
+    storage = SqliteStorage(storage_path, default_quota_bytes=quota_bytes)
+    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop(), permissions), workers, storage, permissions)
+    try:
+        yield sup
+    finally:
+        await sup.stop_all(drain_timeout=1.0)
+        workers.close()
+        storage.close()

@@ -12,6 +12,7 @@ import pytest
 import structlog
 
 from tests.conftest import fixture_path
+from tests.support import guarded_supervisor
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy, Strategy
 from wasmhost.actors.spec import ActorSpec
@@ -24,8 +25,7 @@ from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import OUTCOME_CONTENT_TYPE, Outcome, RequestFailed, decode_outcome
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
-from wasmhost.security.capabilities import Capabilities, CapabilityChecker
-from wasmhost.storage.sqlite_store import SqliteStorage
+from wasmhost.security.capabilities import Capabilities
 
 pytestmark = pytest.mark.anyio
 
@@ -290,14 +290,8 @@ async def test_directory_answers_from_live_actors(supervisor: Supervisor) -> Non
 @pytest.fixture
 async def guarded(runtime: Runtime, tmp_path: Path) -> AsyncIterator[Supervisor]:
     """A supervisor with SQLite storage and capability checks, as the daemon runs it."""
-    workers = WorkerPool(4)
-    permissions = CapabilityChecker()
-    storage = SqliteStorage(tmp_path / "storage.sqlite3", default_quota_bytes=64)
-    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop(), permissions), workers, storage, permissions)
-    yield sup
-    await sup.stop_all(drain_timeout=1.0)
-    workers.close()
-    storage.close()
+    async with guarded_supervisor(runtime, tmp_path / "storage.sqlite3", 64) as sup:
+        yield sup  # type: ignore[misc]
 
 
 async def test_storage_is_isolated_between_components_and_quota_applies(guarded: Supervisor) -> None:

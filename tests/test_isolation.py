@@ -12,18 +12,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import fixture_path
+from tests.support import guarded_supervisor
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
 from wasmhost.messaging.outcome import RequestFailed
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.runtime.store import InstanceState
-from wasmhost.security.capabilities import Capabilities, CapabilityChecker
-from wasmhost.storage.sqlite_store import SqliteStorage
+from wasmhost.security.capabilities import Capabilities
 
 pytestmark = pytest.mark.anyio
 PROBER = ComponentId.parse("evil/prober/0")
@@ -37,21 +35,17 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 async def host(runtime: Runtime, tmp_path: Path) -> AsyncIterator[Supervisor]:
-    workers = WorkerPool(4)
-    permissions = CapabilityChecker()
-    storage = SqliteStorage(tmp_path / "storage.sqlite3", default_quota_bytes=4096)
-    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop(), permissions), workers, storage, permissions)
-    permissions.grant(PROBER, Capabilities.from_config(send=["evil/*"], request=["evil/*"], storage=True))
     os.environ["WASMHOST_TEST_SECRET"] = "hunter2"
     try:
-        await sup.start(ActorSpec(VICTIM), runtime.load(VICTIM, fixture_path("echo")))
-        await sup.start(ActorSpec(PROBER, mailbox_capacity=64), runtime.load(PROBER, fixture_path("prober")))
-        yield sup
+        async with guarded_supervisor(runtime, tmp_path / "storage.sqlite3", 4096) as sup:
+            assert isinstance(sup, Supervisor) and sup.permissions is not None
+            grant = Capabilities.from_config(send=["evil/*"], request=["evil/*"], storage=True)
+            sup.permissions.grant(PROBER, grant)
+            await sup.start(ActorSpec(VICTIM), runtime.load(VICTIM, fixture_path("echo")))
+            await sup.start(ActorSpec(PROBER, mailbox_capacity=64), runtime.load(PROBER, fixture_path("prober")))
+            yield sup
     finally:
         os.environ.pop("WASMHOST_TEST_SECRET", None)
-        await sup.stop_all(1.0)
-        workers.close()
-        storage.close()
 
 
 async def probe(sup: Supervisor, command: str) -> str:

@@ -38,19 +38,15 @@ class Mailbox:
 
     def offer(self, envelope: Envelope) -> bool:
         """Enqueue from any thread; False when the mailbox is full or closed."""
-        with self._lock:
-            if self.closed or len(self._items) >= self.capacity:
-                return False
-            was_empty = not self._items
-            self._items.append(envelope)
-        if was_empty:
-            self._signal()
-        return True
+        return self._append(envelope, bounded=True)
 
     def force(self, envelope: Envelope) -> bool:
         """Enqueue past the capacity (for callbacks answering this actor's own requests); False when closed."""
+        return self._append(envelope, bounded=False)
+
+    def _append(self, envelope: Envelope, bounded: bool) -> bool:
         with self._lock:
-            if self.closed:
+            if self.closed or (bounded and len(self._items) >= self.capacity):
                 return False
             was_empty = not self._items
             self._items.append(envelope)

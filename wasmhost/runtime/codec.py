@@ -36,34 +36,34 @@ _RESULT_HEAD = struct.Struct("<?7xQ")
 _ZERO_VAL = bytes(VAL_SIZE)
 
 
-class Ok(Generic[T]):
+class _ResultCase(Generic[T]):
+    """A case of a WIT result with its payload (None when the case carries none)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T = None) -> None:  # type: ignore[assignment]
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.value == self.value  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.value))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.value!r})"
+
+
+class Ok(_ResultCase[T]):
     """The `ok` case of a WIT result."""
 
-    __slots__ = ("value",)
-
-    def __init__(self, value: T = None) -> None:  # type: ignore[assignment]
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Ok) and other.value == self.value
-
-    def __repr__(self) -> str:
-        return f"Ok({self.value!r})"
+    __slots__ = ()
 
 
-class Err(Generic[T]):
+class Err(_ResultCase[T]):
     """The `err` case of a WIT result."""
 
-    __slots__ = ("value",)
-
-    def __init__(self, value: T = None) -> None:  # type: ignore[assignment]
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Err) and other.value == self.value
-
-    def __repr__(self) -> str:
-        return f"Err({self.value!r})"
+    __slots__ = ()
 
 
 class ConversionError(ValueError):
