@@ -23,7 +23,7 @@ CALLS = 500
 def _config(directory: Path, count: int) -> Path:
     lines = [f'[host]\ncomponents_dir = "{FIXTURES}"\nstate_dir = "{directory / "state"}"\nlog_level = "warning"\n'
              'default_mailbox_capacity = 16\n']
-    lines += [f'[[components]]\nid = "dense/echo/{i}"\npath = "echo.wasm"\nhealth_interval_s = 3600\n'
+    lines += [f'[[components]]\nid = "dense/echo/{i}"\npath = "echo.wasm"\n'
               for i in range(count)]
     path = directory / f"dense-{count}.toml"
     path.write_text("\n".join(lines))
