@@ -62,7 +62,6 @@ class Daemon:
         self._stop = asyncio.Event()
         self._stopping = False
         self._reload_lock = asyncio.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.router: MessageRouter
         self.supervisor: Supervisor
         self.control: ControlServer
@@ -71,7 +70,7 @@ class Daemon:
 
     async def run(self) -> int:
         """Deploy, serve until a stop signal, stop gracefully; returns the exit code."""
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         self.router = MessageRouter(loop, self.permissions)
         self.supervisor = Supervisor(self.runtime, self.router, self.workers, self.storage, self.permissions)
         self.control = ControlServer(self.config.control_socket, self.config.socket_mode, self.handle,
@@ -89,7 +88,8 @@ class Daemon:
         for warning in self.config.warnings:
             log.warning("config_warning", detail=warning)
         began = time.monotonic()
-        await self._apply(self.config.components)
+        async with self._reload_lock:  # a SIGHUP during start-up waits for it
+            await self._apply(self.config.components)
         self.notifier.notify("READY=1", f"STATUS={self._summary()}")
         log.info("daemon_ready", seconds=round(time.monotonic() - began, 3), summary=self._summary(),
                  socket=str(self.config.control_socket))
@@ -102,8 +102,7 @@ class Daemon:
     def _on_stop_signal(self, sig: int) -> None:
         if self._stopping:
             log.warning("forced_exit", signal=signal.Signals(sig).name)
-            self.storage.close()
-            os._exit(0)  # committed writes are durable; SQLite's journal keeps the file consistent
+            os._exit(0)  # committed writes are durable and SQLite's WAL keeps the file consistent
         self._stopping = True
         log.info("stopping", signal=signal.Signals(sig).name)
         self._stop.set()
@@ -195,15 +194,17 @@ class Daemon:
     async def reload(self) -> list[str]:
         """Re-read the config file and apply the difference; returns the errors (nothing changes then)."""
         async with self._reload_lock:
-            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+            monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
             try:
                 new = await asyncio.to_thread(load_config, self.config.source)
             except ConfigError as exc:
                 log.error("reload_rejected", errors=exc.errors)
                 self.notifier.notify("READY=1", f"STATUS=reload rejected; {self._summary()}")
                 return exc.errors
-            changes = await self._diff(new)
-            added, removed, changed, unchanged = changes
+            if new.host != self.config.host:
+                log.warning("host_settings_need_restart", detail="[host] changed; it applies at the next start")
+            added, removed, changed, unchanged = await self._diff(new)
             for cid in removed:
                 await self._remove(cid)
             for cid in changed:
