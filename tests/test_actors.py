@@ -359,3 +359,18 @@ async def test_services_see_the_live_directory(supervisor: Supervisor) -> None:
         await ask(supervisor, "test-org/services/0", b"meta test-org|ghost|0")
     await supervisor.stop(ComponentId.parse("test-org/counter/0"))
     assert await ask(supervisor, "test-org/services/0", b"list") == b"test-org/services/0"
+
+
+async def test_shutdown_is_called_and_bounded_in_time(supervisor: Supervisor) -> None:
+    echo = await launch(supervisor, "echo", "test-org/echo/0.1.0")
+    slow = await launch(supervisor, "slowstop", "test-org/slowstop/0", shutdown_timeout=0.2)
+    with structlog.testing.capture_logs() as logs:
+        await supervisor.stop(echo.component_id)
+        began = time.monotonic()
+        await supervisor.stop(slow.component_id)
+        elapsed = time.monotonic() - began
+    failed = [e for e in logs if e["event"] == "component_shutdown_failed"]
+    assert [e["component"] for e in failed] == ["test-org/slowstop/0"]  # echo's shutdown ran and succeeded
+    assert "timed out" in failed[0]["error"]
+    assert elapsed < 2.0, f"stop took {elapsed:.2f} s with a 0.2 s shutdown bound"
+    assert slow.state is ActorState.STOPPED

@@ -352,3 +352,15 @@ def test_the_systemd_unit_is_hardened(tmp_path: Path) -> None:
     assert verdict, result.stdout + result.stderr
     exposure = float(verdict[0].split(":")[1].split()[0])
     assert exposure <= 1.0, verdict[0]  # the README quotes 0.4 SAFE
+
+
+def test_the_log_file_setting_writes_json_lines(tmp_path: Path) -> None:
+    config = tmp_path / "wasmhost.toml"
+    log_file = tmp_path / "wasmhost.log"
+    config.write_text(config_text(tmp_path / "state", BASIC).replace("[host]\n", f'[host]\nlog_file = "{log_file}"\n'))
+    d = Daemon(tmp_path, config)
+    d.expect("READY=1")
+    assert d.call("t/echo/0", "logged") == "logged"
+    assert d.stop() == 0
+    events = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
+    assert "daemon_ready" in events and events[-1] == "stopped"
