@@ -22,6 +22,7 @@ from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
 from wasmhost.core.errors import MessagingError
 from wasmhost.core.limits import ResourceLimits
+from wasmhost.core.metadata import HealthStatus
 from wasmhost.messaging.outcome import OUTCOME_CONTENT_TYPE, Outcome, RequestFailed, decode_outcome
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
@@ -374,3 +375,11 @@ async def test_shutdown_is_called_and_bounded_in_time(supervisor: Supervisor) ->
     assert "timed out" in failed[0]["error"]
     assert elapsed < 2.0, f"stop took {elapsed:.2f} s with a 0.2 s shutdown bound"
     assert slow.state is ActorState.STOPPED
+
+
+async def test_health_is_polled_on_its_interval(supervisor: Supervisor) -> None:
+    moody = await launch(supervisor, "moody", "test-org/moody/0", health_interval=0.05)
+    assert moody.health is HealthStatus.HEALTHY  # read once at start
+    await until(lambda: moody.health is HealthStatus.DEGRADED)
+    info = supervisor.component_info(moody.component_id)
+    assert info.health == "degraded"
