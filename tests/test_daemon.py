@@ -194,7 +194,7 @@ def test_a_bad_config_at_start_exits_1_listing_every_error(tmp_path: Path) -> No
 def test_check_compiles_a_good_config(tmp_path: Path) -> None:
     config = tmp_path / "good.toml"
     config.write_text(config_text(tmp_path / "state", BASIC))
-    result = wasmhost("check", "--config", str(config))
+    result = wasmhost("check", str(config))
     assert result.returncode == 0 and "ok, 3 component(s)" in result.stdout
 
 

@@ -18,8 +18,8 @@ EMBEDDED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "wasmhost.
 
 
 def config_path(args: argparse.Namespace) -> Path:
-    """--config, else $WASMHOST_CONFIG, else the embedded default configuration."""
-    given = getattr(args, "config", None) or os.environ.get("WASMHOST_CONFIG")
+    """CONFIG or --config, else $WASMHOST_CONFIG, else the embedded default configuration."""
+    given = getattr(args, "config_file", None) or getattr(args, "config", None) or os.environ.get("WASMHOST_CONFIG")
     return Path(given) if given else EMBEDDED_CONFIG
 
 
@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", cmd_run, "run the daemon in the foreground")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", choices=["auto", "json", "console"])
-    add("check", cmd_check, "validate the configuration and compile every component")
+    add("check", cmd_check, "validate the configuration and compile every component").add_argument(
+        "config_file", nargs="?", metavar="CONFIG", help="configuration file (same as --config)")
     add("status", cmd_status, "show the state of every component", control=True).add_argument(
         "--json", action="store_true", help="machine-readable output")
     for name, func, text in (("send", cmd_send, "send PAYLOAD (or @FILE) to component ID"),
