@@ -57,7 +57,8 @@ class Supervisor:
             storage = StorageGate(storage, self.permissions)  # denials are audited
         elif not spec.storage:
             storage = None
-        host = HostContext(spec.component_id, messaging=self.router, storage=storage, directory=self)
+        host = HostContext(spec.component_id, messaging=self.router, storage=storage, directory=self,
+                           log_limit=spec.log_limit)
         manager = self.runtime.store(loaded, spec.component_id, spec.limits, host, spec.wasi)
         actor = ComponentActor(spec, manager, self.router, self.workers, self, asyncio.get_running_loop())
         self.actors[spec.component_id] = actor

@@ -9,6 +9,7 @@ a harmless value and log the host-side problem.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -23,17 +24,17 @@ from wasmhost.core.errors import ComponentError, HostError, MessagingError, Stor
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.messages import Timestamp
 from wasmhost.core.protocols import DirectoryPort, MessagingPort, StoragePort
+from wasmhost.core.rate_limit import RateLimit
 from wasmhost.runtime import capi, contract
 from wasmhost.runtime.capi import VAL_SIZE
 from wasmhost.runtime.codec import Converter, Err, Ok, clear_val, converter_for
+from wasmhost.runtime.guest_log import LogGate, guest_fields
 
 guest_log = structlog.get_logger("wasmhost.guest")
 host_log = structlog.get_logger("wasmhost.host_fn")
 
-_RESERVED_LOG_KEYS = frozenset(
-    {"event", "level", "timestamp", "component", "guest", "logger", "guest_level", "correlation_id"}
-)
 _LOG_METHODS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning", "error": "error"}
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 @dataclass
@@ -46,6 +47,9 @@ class HostContext:
     directory: DirectoryPort | None = None
     deadline: float = field(default=float("inf"))  # time.monotonic() at which the current call times out
     correlation_id: str | None = None  # of the message being handled, for the guest's log lines
+    log_limit: RateLimit = field(default_factory=RateLimit)  # guest log lines per second and burst
+    log_gate: LogGate | None = field(default=None, init=False, repr=False)  # made at the first log line; kept
+    # across restarts of the instance, so that trapping does not refill the bucket
 
 
 def id_value(component: ComponentId) -> dict[str, str]:
@@ -112,14 +116,19 @@ def self_id(ctx: HostContext) -> dict[str, str]:
 
 
 def log(ctx: HostContext, level: str, message: str, context: list[tuple[str, str]] | None) -> None:
-    """host-services.log: into structlog, marked as coming from the guest, context pairs as fields."""
-    fields: dict[str, str] = {}
-    for key, value in context or ():
-        fields[f"guest_{key}" if key in _RESERVED_LOG_KEYS else key] = value
-    if ctx.correlation_id is not None:
-        fields["correlation_id"] = ctx.correlation_id
-    method = getattr(guest_log, _LOG_METHODS.get(level, "info"))
-    method(message, component=str(ctx.component_id), guest=True, guest_level=level, **fields)
+    """host-services.log: into structlog, marked as coming from the guest, context pairs as fields;
+    within the component's rate limit (lines over it are counted and summarised, never written)."""
+    method = _LOG_METHODS.get(level, "info")
+    enabled = getattr(guest_log, "is_enabled_for", None)
+    if enabled is not None and not enabled(_LOG_LEVELS[method]):
+        return  # filtered out by the log level anyway: it does not count against the rate
+    gate = ctx.log_gate
+    if gate is None:
+        gate = ctx.log_gate = LogGate(str(ctx.component_id), ctx.log_limit)
+    if not gate.admit():
+        return
+    fields = guest_fields(context or (), ctx.correlation_id)
+    getattr(guest_log, method)(message, component=str(ctx.component_id), guest=True, guest_level=level, **fields)
 
 
 def current_time(ctx: HostContext) -> dict[str, int]:

@@ -19,6 +19,7 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.core.errors import LoadError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.limits import ResourceLimits
+from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
 from wasmhost.runtime.loader import check_header
 
 Positive = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
@@ -65,6 +66,8 @@ class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     shutdown_timeout_s: PositiveFloat = 5.0
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
     wasi: bool = False
+    log_rate: PositiveFloat | None = None
+    log_burst: Positive | None = None
 
 
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -85,6 +88,8 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     drain_timeout_s: NonNegativeFloat = 5.0
     default_storage_quota_bytes: Positive = 16 * 1024 * 1024
     default_limits: Limits = msgspec.field(default_factory=Limits)
+    default_log_rate: PositiveFloat = DEFAULT_LOG_RATE
+    default_log_burst: Positive = DEFAULT_LOG_BURST
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -241,6 +246,14 @@ def _limits(section: Limits, defaults: ResourceLimits) -> ResourceLimits:
     )
 
 
+def _log_limit(where: str, rate: float, burst: int, errors: list[str]) -> RateLimit | None:
+    try:
+        return RateLimit(rate, burst)
+    except ValueError:
+        errors.append(f"{where}: expected a finite number > 0 (lines per second), got {rate!r}")
+        return None
+
+
 def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, components_dir: Path,
           defaults: ResourceLimits, errors: list[str]) -> ComponentPlan | None:
     where = f"components[{index}]"
@@ -289,7 +302,9 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         limits = _limits(section.limits, defaults)
     except ValueError as exc:
         errors.append(f"{where}.limits: {exc}")
-    if len(errors) > count or limits is None:
+    log_limit = _log_limit(f"{where}.log_rate", section.log_rate or host.default_log_rate,
+                           section.log_burst or host.default_log_burst, errors)
+    if len(errors) > count or limits is None or log_limit is None:
         return None
     spec = ActorSpec(
         component_id=cid,
@@ -307,6 +322,7 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         shutdown_timeout=section.shutdown_timeout_s,
         storage=section.capabilities.storage,
         wasi=section.wasi,
+        log_limit=log_limit,
     )
     quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
     return ComponentPlan(spec, wasm, section.capabilities, quota)
@@ -372,6 +388,8 @@ def parse_config(text: str, source: Path) -> Config:
             socket_gid = grp.getgrnam(host.socket_group).gr_gid
         except KeyError:
             errors.append(f"host.socket_group: no group named \"{host.socket_group}\" on this system")
+    if _log_limit("host.default_log_rate", host.default_log_rate, host.default_log_burst, errors) is None:
+        host = msgspec.structs.replace(host, default_log_rate=DEFAULT_LOG_RATE)
     try:
         defaults = _limits(host.default_limits, ResourceLimits())
     except ValueError as exc:
