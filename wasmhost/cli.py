@@ -52,13 +52,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
     import uvloop
 
+    from wasmhost.runtime.guest_log import flush_suppressed
     from wasmhost.system.daemon import run_daemon
-    from wasmhost.system.logging import configure_logging
+    from wasmhost.system.logging import configure_logging, shutdown_logging
 
     source = config_path(args)
     level, fmt, log_file = _log_settings(source)
     configure_logging(args.log_level or level, args.log_format or fmt, log_file)
-    return uvloop.run(run_daemon(source))
+    try:
+        return uvloop.run(run_daemon(source))
+    finally:
+        flush_suppressed()  # the last `suppressed=N` counts of guests that flooded their logs
+        shutdown_logging()  # bounded: a destination nobody reads does not hold the exit
 
 
 def _log_settings(source: Path) -> tuple[str, str, str | None]:
@@ -136,6 +141,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns[:-1], widths, strict=True)) + "  LAST ERROR")
     for r in table:
         print("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1][:120])
+    if response.data.get("log_lines_dropped"):
+        print(f"logs: {response.data['log_lines_dropped']} line(s) dropped: a log destination could not keep up")
     if response.data.get("storage_io_errors"):
         data = response.data
         print(f"storage: {data['storage_io_errors']} I/O error(s), last: {data['storage_last_error']}")

@@ -29,6 +29,7 @@ from wasmhost.storage.sqlite_store import SqliteStorage
 from wasmhost.system import protocol
 from wasmhost.system.config import ComponentPlan, Config, ConfigError, load_config
 from wasmhost.system.control import ControlServer, SocketInUse
+from wasmhost.system.logging import lines_dropped
 from wasmhost.system.sd_notify import Notifier
 
 log = structlog.get_logger("wasmhost.daemon")
@@ -270,7 +271,8 @@ class Daemon:
         if isinstance(request, protocol.Status):
             return protocol.Response(True, data={"components": self.status_rows(),
                                                  "storage_io_errors": self.storage.io_errors,
-                                                 "storage_last_error": self.storage.last_io_error})
+                                                 "storage_last_error": self.storage.last_io_error,
+                                                 "log_lines_dropped": lines_dropped()})
         if isinstance(request, protocol.Reload):
             errors = await self.reload()
             return protocol.Response(not errors, "\n".join(errors) or None)

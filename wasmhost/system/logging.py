@@ -1,36 +1,59 @@
-"""structlog setup: JSON lines when stdout is not a terminal (journald, files), console otherwise."""
+"""structlog setup: JSON lines when stdout is not a terminal (journald, files), console otherwise.
+
+Rendered lines go to stdout and, when configured, to a log file through a LogSink each (log_writer.py):
+logging never waits for a write, and lines a slow destination cannot take are dropped and counted.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Any, TextIO
+import time
+from typing import Any
 
 import structlog
 
+from wasmhost.system.log_writer import LogSink
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
+FLUSH_TIMEOUT_S = 2.0
+"""How long shutdown waits for buffered lines to be written before giving up on a blocked destination."""
 
-class _Tee:
-    """Writes every log line to stdout and, when configured, to a log file."""
+_sinks: list[LogSink] = []
+log = structlog.get_logger("wasmhost.logging")
 
-    def __init__(self, *streams: TextIO) -> None:
-        self.streams = streams
 
-    def write(self, text: str) -> None:
-        for stream in self.streams:
-            stream.write(text)
+class BufferedLogger:
+    """The structlog logger: hands each rendered line to every sink."""
 
-    def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
+    def __init__(self, sinks: list[LogSink]) -> None:
+        self.sinks = sinks
+
+    def msg(self, message: str) -> None:
+        """Queue one rendered line on every destination."""
+        line = (message + "\n").encode("utf-8", "backslashreplace")
+        for sink in self.sinks:
+            sink.put(line)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
+
+
+def _report_drops(destination: str, count: int) -> None:
+    log.warning("log_lines_dropped", dropped=count, destination=destination)
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", log_file: str | None = None) -> None:
     """Configure structlog for the daemon: every event gets timestamp, level and event name."""
-    stream: Any = sys.stdout
+    shutdown_logging(0.0)
+    sys.stdout.flush()  # from here on stdout is written through its file descriptor only
+    sinks = [LogSink("stdout", sys.stdout.fileno(), _report_drops)]
     if log_file:
-        stream = _Tee(sys.stdout, open(log_file, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        sinks.append(LogSink("log_file", fd, _report_drops))
+    _sinks[:] = sinks
+    logger = BufferedLogger(sinks)
     as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
@@ -42,6 +65,25 @@ def configure_logging(level: str = "info", fmt: str = "auto", log_file: str | No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=lambda *args: logger,
         cache_logger_on_first_use=False,
     )
+
+
+def lines_dropped() -> int:
+    """Log lines dropped so far because a destination could not keep up (summed over destinations)."""
+    return sum(sink.dropped for sink in _sinks)
+
+
+def shutdown_logging(timeout: float = FLUSH_TIMEOUT_S) -> bool:
+    """Write what is buffered within `timeout` seconds; True when every destination caught up. Never
+    hangs on a blocked destination."""
+    deadline = time.monotonic() + timeout
+    flushed = True
+    for sink in _sinks:
+        if not sink.close(deadline):
+            flushed = False  # its writer is stuck in a write: leave its descriptor alone
+        elif sink.fd > 2:
+            os.close(sink.fd)
+    _sinks.clear()
+    return flushed

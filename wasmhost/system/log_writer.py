@@ -1,0 +1,102 @@
+"""LogSink: the daemon's log lines for one destination (stdout, the log file), kept in a bounded buffer and
+written by a thread of its own, so that no thread that logs (the event loop, guest workers) ever waits for
+a write. A destination nobody reads (a full pipe) only costs the lines beyond the buffer: they are dropped
+and counted, and the count is logged once the writer has caught up.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+MAX_BUFFERED_LINES = 10_000
+"""Lines one destination holds while its writer is behind; further lines are dropped and counted."""
+MAX_BUFFERED_BYTES = 8 * 1024 * 1024
+"""Bytes one destination holds while its writer is behind."""
+
+DropReport = Callable[[str, int], None]
+"""Called on the writer thread with (destination, lines dropped since the last report) once it caught up."""
+
+
+class LogSink:
+    """One destination: a file descriptor, a bounded buffer of encoded lines, and the thread writing them."""
+
+    def __init__(self, name: str, fd: int, on_caught_up: DropReport | None = None,
+                 max_lines: int = MAX_BUFFERED_LINES, max_bytes: int = MAX_BUFFERED_BYTES) -> None:
+        self.name = name
+        self.fd = fd
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self.dropped = 0  # lines never written, in total
+        self._unreported = 0  # of which not yet reported in a log line
+        self._on_caught_up = on_caught_up
+        self._lines: deque[bytes] = deque()
+        self._bytes = 0
+        self._writing = False
+        self._closing = False
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = threading.Thread(target=self._run, name=f"log-writer-{name}", daemon=True)
+        self._thread.start()
+
+    def put(self, line: bytes) -> None:
+        """Queue one encoded line; drops (and counts) it when the buffer is full. Never waits for I/O."""
+        with self._cond:
+            if len(self._lines) >= self.max_lines or self._bytes + len(line) > self.max_bytes or self._closing:
+                self.dropped += 1
+                self._unreported += 1
+                return
+            self._lines.append(line)
+            self._bytes += len(line)
+            self._cond.notify()
+
+    def close(self, deadline: float) -> bool:
+        """Stop taking lines and wait until what is buffered is written or time.monotonic() passes
+        `deadline`; True when everything was written. A writer stuck on a full pipe is abandoned (it is a
+        daemon thread: it does not keep the process alive)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lines and not self._closing:
+                    self._cond.wait()
+                if not self._lines:
+                    return
+                batch, self._lines, self._bytes = self._lines, deque(), 0
+            self._write(batch)
+            report = 0
+            with self._cond:
+                if not self._lines and self._unreported and not self._closing:
+                    report, self._unreported = self._unreported, 0
+            if report and self._on_caught_up is not None:
+                self._on_caught_up(self.name, report)  # logs a line: this sink has room for it now
+
+    def _write(self, batch: deque[bytes]) -> None:
+        data = memoryview(b"".join(batch))
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            # A closed pipe or a full disk: what was not written is lost; count it as whole lines.
+            lost = self._lines_in_tail(batch, len(data))
+            with self._cond:
+                self.dropped += lost
+                self._unreported += lost
+
+    @staticmethod
+    def _lines_in_tail(batch: deque[bytes], tail: int) -> int:
+        """How many lines of `batch` lie at least partly in its last `tail` bytes."""
+        count = 0
+        for line in reversed(batch):
+            if tail <= 0:
+                break
+            tail -= len(line)
+            count += 1
+        return count
