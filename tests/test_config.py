@@ -123,3 +123,27 @@ def test_not_toml_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("[host\n", tmp_path / "x.toml")
     assert info.value.errors[0].startswith("not valid TOML:")
+
+
+def test_guest_log_limits_come_from_the_component_else_the_host_defaults(tmp_path: Path) -> None:
+    config = parse(tmp_path, 'default_log_rate = 20\ndefault_log_burst = 40\n'
+                             '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\nlog_rate = 2.5\n'
+                             '[[components]]\nid = "a/echo/1"\npath = "echo.wasm"\nlog_burst = 7\n')
+    limits = [(p.spec.log_limit.rate, p.spec.log_limit.burst) for p in config.components]  # type: ignore[attr-defined]
+    assert limits == [(2.5, 40), (20.0, 7)]
+    default = parse(tmp_path, '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\n')
+    assert default.components[0].spec.log_limit.rate == 100.0  # type: ignore[attr-defined]
+    assert default.components[0].spec.log_limit.burst == 1000  # type: ignore[attr-defined]
+
+
+def test_guest_log_limits_that_cannot_limit_are_located_errors(tmp_path: Path) -> None:
+    assert errors(tmp_path, 'default_log_rate = inf\n') == [
+        "host.default_log_rate: expected a finite number > 0 (lines per second), got inf"]
+    assert errors(tmp_path, '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\nlog_rate = 0\nlog_burst = 1.5\n'
+                            '[[components]]\nid = "a/echo/1"\npath = "echo.wasm"\nlog_rate = inf\n'
+                            '[[components]]\nid = "a/echo/2"\npath = "echo.wasm"\nlog_burst = "lots"\n') == [
+        "components[0].log_rate: expected a number > 0, got 0",
+        "components[0].log_burst: expected an integer > 0, got 1.5",
+        'components[2].log_burst: expected an integer > 0, got "lots"',
+        "components[1].log_rate: expected a finite number > 0 (lines per second), got inf",  # checked after shapes
+    ]
