@@ -15,7 +15,7 @@ from tests.conftest import Starter
 from wasmhost.core import ComponentConfig, ComponentId
 from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.rate_limit import RateLimit, TokenBucket
-from wasmhost.runtime.guest_log import flush_suppressed
+from wasmhost.runtime.guest_log import MAX_LINE_CHARS, flush_suppressed
 from wasmhost.runtime.host_fn import HostContext
 from wasmhost.system.log_writer import LogSink
 
@@ -97,6 +97,17 @@ def test_every_context_key_a_guest_sends_is_logged(start: Starter) -> None:
     assert fields == {"guest_self": "1", "guest_event": "2", "guest__record": "3", "": "4",
                       "not an identifier!": "5", "guest_guest_self": "6", "guest_exc_info": "7", "source": "8",
                       "guest_source": "9", "guest_guest_level": "10"}
+
+
+def test_a_guest_line_is_cut_to_its_size_cap_and_says_how_much_was_cut(start: Starter) -> None:
+    guest = start("logfields", "test-org/logfields/1")
+    payload = b"big\n" + b"x" * 40000 + b"\nafter\n1"
+    with structlog.testing.capture_logs() as logs:
+        guest.handle_message(message(payload))
+    [line] = guest_lines(logs, "test-org/logfields/1")
+    kept = MAX_LINE_CHARS - len("fields") - len("big")
+    assert line["big"] == "x" * kept and "after" not in line
+    assert line["truncated_chars"] == (40000 - kept) + len("after") + len("1")
 
 
 # --- the log writer ---

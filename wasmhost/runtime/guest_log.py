@@ -1,7 +1,7 @@
 """What happens to a guest's log line before structlog sees it: the per-component rate limit (a token
 bucket; what it drops is counted and reported as `guest_log_suppressed` lines with `suppressed=N`, at most
-one per component per SUMMARY_INTERVAL_S) and the mapping of the guest's context pairs to fields, under
-which every key a guest sends is kept.
+one per component per SUMMARY_INTERVAL_S), the size cap of one line, and the mapping of the guest's context
+pairs to fields, under which every key a guest sends is kept.
 """
 
 from __future__ import annotations
@@ -19,10 +19,15 @@ log = structlog.get_logger("wasmhost.guest_log")
 SUMMARY_INTERVAL_S = 1.0
 """At most one `guest_log_suppressed` line per component in this many seconds."""
 
+MAX_LINE_CHARS = 16 * 1024
+"""Characters of message, keys and values one guest line may carry; the rest is cut and counted, so that
+the rate limit also bounds the bytes a guest can make the host write."""
+
 PREFIX = "guest_"
 RESERVED_KEYS = frozenset({
     # the host's own fields on a guest line
     "event", "level", "timestamp", "component", "guest", "logger", "guest_level", "correlation_id",
+    "truncated_chars",
     # the first parameter of structlog's logging methods: passing it as a keyword raises TypeError
     "self",
     # keys structlog's processors and renderers (or its stdlib bridge) interpret rather than print
@@ -31,17 +36,38 @@ RESERVED_KEYS = frozenset({
 })
 
 
-def guest_fields(context: Iterable[tuple[str, str]], correlation_id: str | None) -> dict[str, str]:
-    """The guest's context pairs as log fields. A key that is one of ours (RESERVED_KEYS) or already used
-    by an earlier pair gets `guest_` in front, as often as needed, so that every pair is kept."""
-    fields: dict[str, str] = {}
+def guest_line(message: str, context: Iterable[tuple[str, str]],
+               correlation_id: str | None) -> tuple[str, dict[str, str | int]]:
+    """The guest's message and context pairs as an event and its fields.
+
+    A key that is one of ours (RESERVED_KEYS) or already used by an earlier pair gets `guest_` in front, as
+    often as needed, so that every pair is kept. Message, keys and values share MAX_LINE_CHARS in that
+    order; what does not fit is cut (pairs with no room left are left out) and the number of characters
+    cut is the field `truncated_chars`.
+    """
+    room = MAX_LINE_CHARS
+    cut = max(0, len(message) - room)
+    message = message[:room]
+    room -= len(message)
+    fields: dict[str, str | int] = {}
     for key, value in context:
+        if room <= 0:
+            cut += len(key) + len(value)
+            continue
+        cut += max(0, len(key) - room)
+        key = key[:room]
+        room -= len(key)
+        cut += max(0, len(value) - room)
+        value = value[:max(room, 0)]
+        room -= len(value)
         while key in RESERVED_KEYS or key in fields:
             key = PREFIX + key
         fields[key] = value
+    if cut:
+        fields["truncated_chars"] = cut
     if correlation_id is not None:
         fields["correlation_id"] = correlation_id
-    return fields
+    return message, fields
 
 
 class LogGate:

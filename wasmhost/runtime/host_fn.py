@@ -28,7 +28,7 @@ from wasmhost.core.rate_limit import RateLimit
 from wasmhost.runtime import capi, contract
 from wasmhost.runtime.capi import VAL_SIZE
 from wasmhost.runtime.codec import Converter, Err, Ok, clear_val, converter_for
-from wasmhost.runtime.guest_log import LogGate, guest_fields
+from wasmhost.runtime.guest_log import LogGate, guest_line
 
 guest_log = structlog.get_logger("wasmhost.guest")
 host_log = structlog.get_logger("wasmhost.host_fn")
@@ -116,8 +116,8 @@ def self_id(ctx: HostContext) -> dict[str, str]:
 
 
 def log(ctx: HostContext, level: str, message: str, context: list[tuple[str, str]] | None) -> None:
-    """host-services.log: into structlog, marked as coming from the guest, context pairs as fields;
-    within the component's rate limit (lines over it are counted and summarised, never written)."""
+    """host-services.log: into structlog, marked as coming from the guest, context pairs as fields, at most
+    guest_log.MAX_LINE_CHARS (16 Ki); within the component's rate limit (lines over it are counted and summarised)."""
     method = _LOG_METHODS.get(level, "info")
     enabled = getattr(guest_log, "is_enabled_for", None)
     if enabled is not None and not enabled(_LOG_LEVELS[method]):
@@ -127,8 +127,8 @@ def log(ctx: HostContext, level: str, message: str, context: list[tuple[str, str
         gate = ctx.log_gate = LogGate(str(ctx.component_id), ctx.log_limit)
     if not gate.admit():
         return
-    fields = guest_fields(context or (), ctx.correlation_id)
-    getattr(guest_log, method)(message, component=str(ctx.component_id), guest=True, guest_level=level, **fields)
+    event, fields = guest_line(message, context or (), ctx.correlation_id)
+    getattr(guest_log, method)(event, component=str(ctx.component_id), guest=True, guest_level=level, **fields)
 
 
 def current_time(ctx: HostContext) -> dict[str, int]:
