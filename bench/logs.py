@@ -1,0 +1,131 @@
+"""Log containment: what a guest line refused by its rate limit costs against a written one, and a real
+daemon whose stdout is a pipe nobody reads while a guest floods its log: an echo's call p99 meanwhile,
+the lines dropped, and how long SIGTERM takes to exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from bench.harness import FIXTURES, Row
+from wasmhost.core import ComponentConfig, ComponentId
+from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.core.rate_limit import RateLimit
+from wasmhost.runtime.guest_log import flush_suppressed
+from wasmhost.runtime.host_fn import HostContext
+from wasmhost.runtime.runtime import Runtime
+from wasmhost.system import protocol
+from wasmhost.system.client import request
+from wasmhost.system.logging import configure_logging, shutdown_logging
+
+FLOOD = 20_000  # lines per flood call
+
+
+def _line_us(seconds: float, limit: RateLimit) -> float:
+    """Microseconds per guest `log` call under `limit` (wasm -> host -> back), logging configured as in the
+    daemon (JSON) with its stdout on /dev/null."""
+    cid = ComponentId("bench", "logflood", "0")
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    configure_logging("info", "json")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            runtime = Runtime(cache_dir=Path(tmp))
+            manager = runtime.store(runtime.load(cid, FIXTURES / "logflood.wasm"), cid,
+                                    host=HostContext(cid, log_limit=limit))
+            manager.instantiate()
+            manager.initialize(ComponentConfig())
+            message = ComponentMessage(cid, str(FLOOD).encode(), MessageMetadata(timestamp=Timestamp.now()))
+            manager.handle_message(message)  # warms up (and spends a small burst)
+            lines, began = 0, time.perf_counter()
+            while time.perf_counter() - began < seconds:
+                manager.handle_message(message)
+                lines += FLOOD
+            elapsed = time.perf_counter() - began
+            flush_suppressed()
+            manager.close()
+            runtime.close()
+    finally:
+        shutdown_logging()
+        structlog.reset_defaults()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+    return elapsed / lines * 1e6
+
+
+def _p99(samples: list[float]) -> float:
+    samples.sort()
+    return samples[max(0, int(len(samples) * 0.99) - 1)] * 1000
+
+
+def _blocked_pipe(seconds: float) -> tuple[float, float, int]:
+    """(echo call p99 in ms, seconds from SIGTERM to exit, lines dropped) for a daemon whose stdout
+    nobody reads while a guest floods its log without a rate limit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        config = directory / "wasmhost.toml"
+        config.write_text(f'[host]\ncomponents_dir = "{FIXTURES}"\nstate_dir = "{directory / "state"}"\n'
+                          'log_format = "json"\n[[components]]\nid = "b/echo/0"\npath = "echo.wasm"\n'
+                          '[[components]]\nid = "b/flood/0"\npath = "logflood.wasm"\n'
+                          'log_rate = 1000000000.0\nlog_burst = 1000000000\n')
+        sock = directory / "state" / "wasmhost.sock"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(directory / "notify.sock"))
+        notify.settimeout(60)
+        env = {**os.environ, "NOTIFY_SOCKET": str(directory / "notify.sock")}
+        proc = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "run", "--config", str(config)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        try:
+            while b"READY=1" not in notify.recv(4096).split(b"\n"):
+                pass
+            stop = threading.Event()
+
+            def flood() -> None:
+                while not stop.is_set():
+                    request(sock, protocol.Call("b/flood/0", str(FLOOD).encode(), 60), timeout=60)
+
+            flooder = threading.Thread(target=flood, daemon=True)
+            flooder.start()
+            calls = []
+            began = time.perf_counter()
+            while time.perf_counter() - began < max(seconds * 3, 2.0):
+                t0 = time.perf_counter()
+                assert request(sock, protocol.Call("b/echo/0", b"ping", 10), timeout=30).data == b"ping"
+                calls.append(time.perf_counter() - t0)
+            dropped = int(request(sock, protocol.Status(), timeout=30).data["log_lines_dropped"])
+            stop.set()
+            flooder.join(60)
+            t0 = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            exit_s = time.perf_counter() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            notify.close()
+    return _p99(calls), exit_s, dropped
+
+
+def run(seconds: float = 1.0) -> list[Row]:
+    """Measure the cost of a suppressed line and a daemon logging into a pipe nobody reads."""
+    written = _line_us(seconds, RateLimit(1e9, 10**9))
+    suppressed = _line_us(seconds, RateLimit(1e-6, 1))
+    p99, exit_s, dropped = _blocked_pipe(seconds)
+    return [
+        Row("logs", "line: written/dropped", suppressed, written, "us", 2.0),  # a dropped line costs far less
+        Row("logs", "echo p99, unread", 50.0, p99, "ms", 50.0, at_most=True),
+        Row("logs", "SIGTERM exit, unread", 7.0, exit_s, "s", 7.0, at_most=True),
+        Row("logs", "lines dropped", 0.0, float(dropped), "lines", None),
+    ]
