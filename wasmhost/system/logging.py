@@ -50,7 +50,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", log_file: str | No
     sys.stdout.flush()  # from here on stdout is written through its file descriptor only
     sinks = [LogSink("stdout", sys.stdout.fileno(), _report_drops)]
     if log_file:
-        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         sinks.append(LogSink("log_file", fd, _report_drops))
     _sinks[:] = sinks
     logger = BufferedLogger(sinks)
