@@ -160,6 +160,28 @@ def test_a_hung_database_answers_io_error_within_the_bound_and_withdraws_queued_
     store.close()
 
 
+def test_if_the_writer_thread_dies_writes_are_io_errors_not_hangs(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SqliteStorage(tmp_path / "s.sqlite3")
+    store.set(QUIET, "k", b"v")
+
+    class Died(BaseException):
+        pass
+
+    def die() -> list[object]:
+        raise Died("simulated")
+
+    monkeypatch.setattr(store._writer, "_take", die)
+    with structlog.testing.capture_logs() as logs, pytest.raises(StorageError) as queued:
+        store.set(QUIET, "k2", b"v")  # queued when the thread died: failed by it on the way out
+    assert queued.value.case == "io-error" and "writer stopped" in str(queued.value)
+    assert any(e["event"] == "storage_writer_died" for e in logs)
+    with pytest.raises(StorageError, match="not running"):
+        store.set(QUIET, "k3", b"v")
+    assert store.get(QUIET, "k") == b"v" and store.get(QUIET, "k2") is None  # reads still work
+    store.close()
+
+
 def test_writes_after_close_are_io_errors_not_hangs(tmp_path: Path) -> None:
     store = SqliteStorage(tmp_path / "s.sqlite3")
     store.set(QUIET, "k", b"v")

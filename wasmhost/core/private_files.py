@@ -37,7 +37,7 @@ def private_dir(path: Path, mode: int = DIR_MODE, group: int | None = None) -> P
 
 def private_file(path: Path, mode: int = FILE_MODE) -> Path:
     """Create `path` empty if it is missing, and make it `mode` (owner-only by default)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
     os.close(fd)
     _tighten(path, mode)
     return path
