@@ -27,6 +27,8 @@ from wasmhost.security.capabilities import Capabilities
 from wasmhost.storage.accounting import entry_cost
 from wasmhost.storage.sqlite_store import SqliteStorage
 from wasmhost.storage.writer import PER_OWNER
+from wasmhost.system.config import parse_config
+from wasmhost.system.daemon import prepare_state_dir
 
 FLOOD = ComponentId.parse("org/flood/0")
 QUIET = ComponentId.parse("org/quiet/0")
@@ -312,6 +314,20 @@ def test_the_daemon_keeps_its_state_owner_only_whatever_the_umask(tmp_path: Path
         assert d.stop() == 0
     events = [json.loads(line) for line in d.log.read_text().splitlines() if line.startswith("{")]
     assert any(e["event"] == "permissions_tightened" and e["path"] == str(state) for e in events)
+
+
+def test_a_group_control_socket_inside_state_dir_gets_group_traverse_only(tmp_path: Path) -> None:
+    import grp
+
+    state = tmp_path / "state"
+    config = parse_config(f'[host]\nstate_dir = "{state}"\nsocket_mode = "0660"\nsocket_group = "nogroup"\n',
+                          tmp_path / "wasmhost.toml")
+    prepare_state_dir(config)
+    assert mode(state) == 0o710 and state.stat().st_gid == grp.getgrnam("nogroup").gr_gid
+    outside = parse_config(f'[host]\nstate_dir = "{state}"\nsocket_mode = "0660"\nsocket_group = "nogroup"\n'
+                           f'control_socket = "{tmp_path / "ctl.sock"}"\n', tmp_path / "wasmhost.toml")
+    prepare_state_dir(outside)
+    assert mode(state) == 0o700
 
 
 # --- a hostile guest next to a well-behaved one -------------------------------------------------------

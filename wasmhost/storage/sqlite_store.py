@@ -70,10 +70,15 @@ class SqliteStorage:
         self.closed = False
         try:
             self._prepare_files()
-            db = self._open()
+            db = sqlite3.connect(self.path, isolation_level=None)
             try:
-                db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only takes effect on a new file
+                db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # what accounting assumes; before WAL fixes it
+                db.execute("PRAGMA journal_mode=WAL")
                 db.executescript(_SCHEMA)
+                page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+                if page_size != PAGE_SIZE:  # a file made elsewhere: charges are approximate
+                    log.warning("storage_page_size_unexpected", path=str(path), page_size=page_size,
+                                accounted=PAGE_SIZE)
                 self._migrate(db)
             finally:
                 db.close()

@@ -47,7 +47,7 @@ class Deployment:
     load_error: str | None = None
 
 
-def _private_state_dir(config: Config) -> None:
+def prepare_state_dir(config: Config) -> None:
     """Make state_dir owner-only (0700) before anything is created in it, whatever the umask; 0710 with
     the socket's group when a group-accessible control socket lives inside it (the group may reach
     the socket, not list or read anything: every file in it is 0600). A failure shows up later as
@@ -65,7 +65,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         host = config.host
-        _private_state_dir(config)
+        prepare_state_dir(config)
         self.runtime = Runtime(EngineSettings(epoch_tick_ms=host.epoch_tick_ms), config.cache_dir,
                                config.components_dir)
         self.storage = SqliteStorage(config.storage_path, default_quota_bytes=host.default_storage_quota_bytes)
