@@ -20,7 +20,7 @@ import structlog
 from tests.conftest import fixture_path
 from tests.support import guarded_supervisor
 from tests.test_actors import ask, launch
-from tests.test_daemon import Daemon, component, config_text
+from tests.test_daemon import Daemon, component, config_text, wasmhost
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId, StorageError
 from wasmhost.runtime.runtime import Runtime
@@ -314,6 +314,15 @@ def test_the_daemon_keeps_its_state_owner_only_whatever_the_umask(tmp_path: Path
         assert d.stop() == 0
     events = [json.loads(line) for line in d.log.read_text().splitlines() if line.startswith("{")]
     assert any(e["event"] == "permissions_tightened" and e["path"] == str(state) for e in events)
+
+
+def test_wasmhost_check_creates_the_state_and_cache_owner_only(tmp_path: Path, umask: int) -> None:
+    config = tmp_path / "wasmhost.toml"
+    config.write_text(config_text(tmp_path / "state", component("t/echo/0", "echo")))
+    result = wasmhost("check", str(config))  # inherits this umask
+    assert result.returncode == 0, result.stderr
+    assert (mode(tmp_path / "state"), mode(tmp_path / "state" / "cache")) == (0o700, 0o700)
+    assert {mode(p) for p in (tmp_path / "state" / "cache").iterdir()} == {0o600}
 
 
 def test_a_group_control_socket_inside_state_dir_gets_group_traverse_only(tmp_path: Path) -> None:
