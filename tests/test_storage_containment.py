@@ -74,14 +74,14 @@ def test_the_writer_serves_owners_round_robin_whatever_one_has_queued(tmp_path: 
     blocker.execute("BEGIN EXCLUSIVE")  # hold the writer while the queues fill up
     threads = [threading.Thread(target=store.set, args=(FLOOD, "first", b""))]
     threads[0].start()
-    until(lambda: not writer._ring)  # the writer took it and waits for the lock
+    until(lambda: writer.units_taken == 1)  # the writer took it and waits for the lock
     for i in range(30):
         threads.append(threading.Thread(target=store.set, args=(FLOOD, f"k{i}", b"")))
         threads[-1].start()
-    until(lambda: len(writer._queues.get(str(FLOOD), ())) == 30)
+    until(lambda: writer.queued() == 30)
     threads.append(threading.Thread(target=store.set, args=(QUIET, "q", b"v")))
     threads[-1].start()
-    until(lambda: str(QUIET) in writer._queues)
+    until(lambda: writer.queued() == 31)
     blocker.execute("ROLLBACK")
     for t in threads:
         t.join(10)
@@ -108,21 +108,22 @@ def test_one_failing_write_in_a_batch_fails_alone(tmp_path: Path) -> None:
 
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # the writer waits on it with everything queued behind
+    writer, taken = store._writer, store._writer.units_taken
     first = threading.Thread(target=write, args=(QUIET, "first", b"1"))
     first.start()
-    threading.Event().wait(0.2)  # let the writer take "first" alone and block; the rest then queue
-    batches = store._writer.batches
+    until(lambda: writer.units_taken == taken + 1)  # the writer took "first" alone and waits
+    batches = writer.batches
     later = [threading.Thread(target=write, args=args) for args in (
         (FLOOD, "big", b"x" * 100), (QUIET, "second", b"2"), (ComponentId.parse("org/third/0"), "third", b"3"))]
     for t in later:
         t.start()
-    threading.Event().wait(0.2)
+    until(lambda: writer.queued() == 3)
     blocker.execute("ROLLBACK")
     for t in [first, *later]:
         t.join(10)
     assert errors["big"] is not None and errors["big"].case == "quota-exceeded"
     assert errors["first"] is None and errors["second"] is None and errors["third"] is None
-    assert store._writer.batches - batches <= 2  # "first" alone, then the three together (at most)
+    assert writer.batches - batches == 2  # "first" alone, then the three together
     assert store.get(QUIET, "second") == b"2" and store.get(FLOOD, "big") is None
     assert store.usage(FLOOD).key_count == 0
     store.close()
@@ -143,9 +144,10 @@ def test_a_hung_database_answers_io_error_within_the_bound_and_withdraws_queued_
 
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # as if the disk hung: the writer cannot commit
+    taken = store._writer.units_taken
     stuck = threading.Thread(target=write, args=("stuck",))
     stuck.start()
-    threading.Event().wait(0.1)
+    until(lambda: store._writer.units_taken == taken + 1)  # taken, and the writer waits on the lock
     queued = threading.Thread(target=write, args=("queued",))
     queued.start()
     stuck.join(5)

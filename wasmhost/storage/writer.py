@@ -79,6 +79,7 @@ class StorageWriter:
         self._closing = False
         self._db: sqlite3.Connection | None = None
         self.batches = 0
+        self.units_taken = 0
         self._thread = threading.Thread(target=self._run, name="storage-writer", daemon=True)
         self._thread.start()
 
@@ -110,6 +111,11 @@ class StorageWriter:
                     unit.done.set()
         if unit.error is not None:
             raise unit.error
+
+    def queued(self) -> int:
+        """Units waiting for the writer to take them."""
+        with self._cond:
+            return sum(len(queue) for queue in self._queues.values())
 
     def _withdraw(self, unit: WriteUnit) -> None:
         queue = self._queues.get(unit.owner)
@@ -166,6 +172,7 @@ class StorageWriter:
                     break
                 unit = queue.popleft()
                 unit.taken = True
+                self.units_taken += 1
                 batch.append(unit)
                 size += unit.nbytes
             if queue:
