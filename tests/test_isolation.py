@@ -37,7 +37,7 @@ def anyio_backend() -> str:
 async def host(runtime: Runtime, tmp_path: Path) -> AsyncIterator[Supervisor]:
     os.environ["WASMHOST_TEST_SECRET"] = "hunter2"
     try:
-        async with guarded_supervisor(runtime, tmp_path / "storage.sqlite3", 4096) as sup:
+        async with guarded_supervisor(runtime, tmp_path / "storage.sqlite3", 16384) as sup:
             assert isinstance(sup, Supervisor) and sup.permissions is not None
             grant = Capabilities.from_config(send=["evil/*"], request=["evil/*"], storage=True)
             sup.permissions.grant(PROBER, grant)
@@ -78,7 +78,7 @@ async def test_extreme_host_import_arguments_are_wit_errors(host: Supervisor) ->
         "cancel no-such-request": "error: InvalidMessage: no pending request",
         "bigkey 1025": "error: InvalidKey: key is 1025 bytes, the limit is 1024",
         "bigkey 1024": "ok",
-        "bigvalue 8192": "error: QuotaExceeded",
+        "bigvalue 16384": "error: QuotaExceeded",
         "manykeys 200": "ok: 201 keys",
         "prefix key-00019": "ok: key-000190,key-000191,key-000192",
     }

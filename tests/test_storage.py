@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from wasmhost.core import ComponentId, StorageError
+from wasmhost.storage.accounting import entry_cost
 from wasmhost.storage.sqlite_store import SqliteStorage
 
 A = ComponentId.parse("org/a/0")
@@ -36,11 +37,12 @@ def test_basic_operations(storage: SqliteStorage) -> None:
     storage.set(A, "k2", b"")
     assert storage.list_keys(A, None) == ["k", "k2"]
     usage = storage.usage(A)
-    assert (usage.used_bytes, usage.quota_bytes, usage.key_count) == (1 + 7 + 2, 1000, 2)
+    charged = entry_cost(str(A), "k", 7) + entry_cost(str(A), "k2", 0)
+    assert (usage.used_bytes, usage.quota_bytes, usage.key_count) == (charged, 1000, 2)
     storage.delete(A, "k")
     storage.delete(A, "absent")
     assert storage.list_keys(A, None) == ["k2"]
-    assert storage.usage(A).used_bytes == 2
+    assert storage.usage(A).used_bytes == entry_cost(str(A), "k2", 0)
 
 
 def test_prefixes_match_literally(storage: SqliteStorage) -> None:
@@ -73,12 +75,13 @@ def test_bad_keys_are_invalid_key(storage: SqliteStorage, key: str, reason: str)
 
 
 def test_quota_exceeded_writes_nothing(storage: SqliteStorage) -> None:
-    storage.set_quota(str(A), 20)
+    one = entry_cost(str(A), "k", 10)
+    storage.set_quota(str(A), one + entry_cost(str(A), "k2", 10) - 1)
     storage.set(A, "k", b"x" * 10)
     with pytest.raises(StorageError) as info:
         storage.set(A, "k2", b"y" * 10)
     assert info.value.case == "quota-exceeded"
-    assert storage.get(A, "k2") is None and storage.usage(A).used_bytes == 11
+    assert storage.get(A, "k2") is None and storage.usage(A).used_bytes == one
     storage.set(A, "k", b"z" * 19)  # replacing within the quota is fine
     assert storage.get(A, "k") == b"z" * 19
 
@@ -125,7 +128,8 @@ WRITER = textwrap.dedent(
     import sys
     from pathlib import Path
     from wasmhost.core import ComponentId
-    from wasmhost.storage.sqlite_store import SqliteStorage
+    from wasmhost.storage.accounting import entry_cost
+from wasmhost.storage.sqlite_store import SqliteStorage
     store = SqliteStorage(Path(sys.argv[1]), default_quota_bytes=1 << 30)
     owner = ComponentId.parse("org/writer/0")
     i = 0

@@ -82,6 +82,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from wasmhost.runtime.engine import EngineSettings
     from wasmhost.runtime.runtime import Runtime
     from wasmhost.system.config import ConfigError, load_config
+    from wasmhost.system.daemon import prepare_state_dir
 
     source = config_path(args)
     try:
@@ -91,6 +92,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    prepare_state_dir(config)  # the cache is created inside it: owner-only, as the daemon makes it
     runtime = Runtime(EngineSettings(epoch_tick_ms=config.host.epoch_tick_ms), config.cache_dir)
     failures = []
     try:

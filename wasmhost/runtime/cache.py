@@ -13,6 +13,7 @@ import structlog
 import wasmtime
 from wasmtime import component as wc
 
+from wasmhost.core.private_files import private_dir
 from wasmhost.runtime.engine import RuntimeEngine
 
 log = structlog.get_logger("wasmhost.cache")
@@ -37,6 +38,8 @@ class CompilationCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        if directory is not None and directory.exists():
+            self._private_directory()  # tighten what an older version left readable by others
 
     def key(self, wasm: bytes) -> str:
         """Cache key of `wasm` under this engine's version and settings."""
@@ -108,13 +111,22 @@ class CompilationCache:
             return
         self._write(f"{key}.cwasm", bytes(data))
 
+    def _private_directory(self) -> None:
+        """Create the cache directory owner-only (0700) and tighten a looser one; logged, never fatal."""
+        if self.directory is None:
+            return
+        try:
+            private_dir(self.directory)
+        except OSError as exc:
+            log.warning("cache_directory_unusable", directory=str(self.directory), error=str(exc))
+
     def _write(self, name: str, data: bytes) -> None:
         """Write a cache file atomically; a failure is logged, never fatal."""
         if self.directory is None:
             return
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            self._private_directory()
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")  # mkstemp files are 0600
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
             os.replace(tmp, self.directory / name)

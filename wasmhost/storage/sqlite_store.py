@@ -1,4 +1,5 @@
-"""SqliteStorage: per-component key-value storage in one SQLite file (WAL, durable on return)."""
+"""SqliteStorage: per-component key-value storage in one SQLite file (WAL, durable on return,
+one fair writer thread, quotas in bytes really used)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ import structlog
 
 from wasmhost.core.errors import StorageError
 from wasmhost.core.ids import ComponentId
+from wasmhost.core.private_files import private_dir, private_file, tighten_if_present
 from wasmhost.core.protocols import StorageUsage
+from wasmhost.storage.accounting import PAGE_SIZE, entry_cost
+from wasmhost.storage.writer import StorageWriter, WriteOp, WriteUnit
 
 log = structlog.get_logger("wasmhost.storage")
 
 MAX_KEY_BYTES = 1024
+ACCOUNTING_VERSION = 2
+"""PRAGMA user_version of a file whose usage rows follow accounting.entry_cost (1 and 0: key + value)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -43,10 +49,14 @@ class SqliteStorage:
     """Implements StoragePort. Synchronous: callers run it on worker threads, never on the event loop.
 
     The owner of every row is the calling component's id, never derived from the key, so a
-    component cannot reach another one's keys whatever key it passes.
+    component cannot reach another one's keys whatever key it passes. Reads use one connection per
+    thread (WAL lets them run beside the writer); writes go through the one StorageWriter thread,
+    fair between owners and committed in groups. Each entry is charged `entry_cost` (key, value and
+    the per-entry overhead it really takes on disk) against its owner's quota. The file, its WAL
+    and the directory it creates are owner-only.
     """
 
-    def __init__(self, path: Path, default_quota_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, path: Path, default_quota_bytes: int = 16 * 1024 * 1024, write_timeout_s: float = 10.0) -> None:
         self.path = path
         self.default_quota_bytes = default_quota_bytes
         self._quotas: dict[str, int] = {}
@@ -59,47 +69,97 @@ class SqliteStorage:
         self.last_io_error: str | None = None
         self.closed = False
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._connection().executescript(_SCHEMA)
+            self._prepare_files()
+            db = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # what accounting assumes; before WAL fixes it
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(_SCHEMA)
+                page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+                if page_size != PAGE_SIZE:  # a file made elsewhere: charges are approximate
+                    log.warning("storage_page_size_unexpected", path=str(path), page_size=page_size,
+                                accounted=PAGE_SIZE)
+                self._migrate(db)
+            finally:
+                db.close()
         except (sqlite3.Error, OSError) as exc:
             self._io_error(exc)
+        self._writer = StorageWriter(self._open_writer, self._apply, self._io_error, timeout_s=write_timeout_s)
 
-    # --- connections ---
+    # --- files and connections ---
+
+    def _prepare_files(self) -> None:
+        """Create the database owner-only before SQLite does (it gives the WAL and shm files the
+        database's mode) and tighten what an older version left readable by others."""
+        if not self.path.parent.is_dir():
+            private_dir(self.path.parent)
+        private_file(self.path)
+        for suffix in ("-wal", "-shm", "-journal"):
+            tighten_if_present(self.path.with_name(self.path.name + suffix))
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    def _open_writer(self) -> sqlite3.Connection:
+        db = self._open()
+        db.execute("PRAGMA synchronous=FULL")  # a write is on disk before it is acknowledged
+        return db
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             if self.closed:
                 raise sqlite3.ProgrammingError("storage is closed")
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # a write is on disk when set() returns
-            db.execute("PRAGMA busy_timeout=30000")
+            db = self._open()
             self._local.db = db
             with self._lock:
                 self._connections.append(db)
         return db
 
     @contextmanager
-    def _transaction(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """A transaction; every sqlite or OS error becomes storage-error.io-error."""
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction; every sqlite or OS error becomes storage-error.io-error."""
         try:
             db = self._connection()
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            db.execute("BEGIN")
             try:
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            finally:
+                if db.in_transaction:
+                    db.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
             self._io_error(exc)
             raise StorageError("io-error", str(exc)) from None
 
-    def _io_error(self, exc: Exception) -> None:
+    def _io_error(self, exc: BaseException) -> None:
         self.io_errors += 1
         self.last_io_error = f"{type(exc).__name__}: {exc}"
         log.error("storage_io_error", path=str(self.path), error=self.last_io_error)
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Recount every owner's usage when the file was written by an older accounting rule."""
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version >= ACCOUNTING_VERSION:
+            return
+        totals: dict[str, tuple[int, int]] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for owner, key, value_len in db.execute("SELECT owner, key, length(value) FROM kv"):
+                used, count = totals.get(owner, (0, 0))
+                totals[owner] = (used + entry_cost(owner, key, int(value_len)), count + 1)
+            db.execute("DELETE FROM usage")
+            db.executemany("INSERT INTO usage (owner, used_bytes, key_count) VALUES (?, ?, ?)",
+                           [(owner, used, count) for owner, (used, count) in totals.items()])
+            db.execute(f"PRAGMA user_version={ACCOUNTING_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if totals:
+            log.info("storage_usage_recounted", path=str(self.path), owners=len(totals), accounting=ACCOUNTING_VERSION)
 
     # --- quotas ---
 
@@ -121,31 +181,34 @@ class SqliteStorage:
         return bytes(row[0]) if row else None
 
     def set(self, owner: ComponentId, key: str, value: bytes) -> None:
-        """Store `value` under `key`, durably; quota-exceeded writes nothing."""
+        """Store `value` under `key`; returns once committed. quota-exceeded writes nothing."""
         check_key(key)
-        name = str(owner)
-        size = len(key.encode()) + len(value)
-        with self._transaction(write=True) as db:
-            old = db.execute("SELECT length(key), length(value) FROM kv WHERE owner = ? AND key = ?",
-                             (name, key)).fetchone()
-            used, count = self._usage(db, name)
-            freed = (len(key.encode()) + old[1]) if old else 0
-            if used - freed + size > self.quota(name):
-                raise StorageError("quota-exceeded")
-            db.execute("INSERT OR REPLACE INTO kv (owner, key, value) VALUES (?, ?, ?)", (name, key, value))
-            self._set_usage(db, name, used - freed + size, count + (0 if old else 1))
+        self._writer.submit(WriteUnit(str(owner), [WriteOp(key, bytes(value))]))
 
     def delete(self, owner: ComponentId, key: str) -> None:
-        """Remove `key` (absent keys are fine)."""
+        """Remove `key` (absent keys are fine); returns once committed."""
         check_key(key)
-        name = str(owner)
-        with self._transaction(write=True) as db:
-            old = db.execute("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (name, key)).fetchone()
-            if old is None:
-                return
-            db.execute("DELETE FROM kv WHERE owner = ? AND key = ?", (name, key))
-            used, count = self._usage(db, name)
-            self._set_usage(db, name, used - len(key.encode()) - old[0], count - 1)
+        self._writer.submit(WriteUnit(str(owner), [WriteOp(key, None)]))
+
+    def _apply(self, db: sqlite3.Connection, unit: WriteUnit) -> None:
+        """Apply `unit` in the writer's open transaction, with the owner's up-to-date usage."""
+        name = unit.owner
+        used, count = self._usage(db, name)
+        for op in unit.ops:
+            old = db.execute("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (name, op.key)).fetchone()
+            freed = entry_cost(name, op.key, int(old[0])) if old else 0
+            if op.value is None:
+                if old is None:
+                    continue
+                db.execute("DELETE FROM kv WHERE owner = ? AND key = ?", (name, op.key))
+                used, count = used - freed, count - 1
+                continue
+            cost = entry_cost(name, op.key, len(op.value))
+            if cost > freed and used - freed + cost > self.quota(name):  # shrinking is always allowed
+                raise StorageError("quota-exceeded")
+            db.execute("INSERT OR REPLACE INTO kv (owner, key, value) VALUES (?, ?, ?)", (name, op.key, op.value))
+            used, count = used - freed + cost, count + (0 if old else 1)
+        self._set_usage(db, name, used, count)
 
     def exists(self, owner: ComponentId, key: str) -> bool:
         """Whether `key` is present."""
@@ -169,7 +232,7 @@ class SqliteStorage:
         return [row[0] for row in rows]
 
     def usage(self, owner: ComponentId) -> StorageUsage:
-        """Bytes used (keys + values), quota and key count of `owner`."""
+        """Bytes charged (see accounting.entry_cost), quota and key count of `owner`."""
         name = str(owner)
         with self._transaction() as db:
             used, count = self._usage(db, name)
@@ -193,7 +256,8 @@ class SqliteStorage:
             return [row[0] for row in db.execute("SELECT owner FROM usage WHERE key_count > 0 ORDER BY owner")]
 
     def close(self) -> None:
-        """Checkpoint the WAL and close every connection."""
+        """Commit queued writes, checkpoint the WAL and close every connection."""
+        self._writer.close()
         self.closed = True
         with self._lock:
             connections, self._connections = self._connections, []

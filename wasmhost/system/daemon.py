@@ -19,6 +19,7 @@ from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core.errors import HostError, LoadError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
+from wasmhost.core.private_files import private_dir
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.engine import EngineSettings
@@ -47,12 +48,25 @@ class Deployment:
     load_error: str | None = None
 
 
+def prepare_state_dir(config: Config) -> None:
+    """Make state_dir owner-only (0700) before anything is created in it, whatever the umask; 0710 with
+    the socket's group when a group-accessible control socket lives inside it (the group may reach
+    the socket, not list or read anything: every file in it is 0600). A failure shows up later as
+    storage io-errors, as before."""
+    grouped = config.socket_gid is not None and config.control_socket.parent == config.state_dir
+    try:
+        private_dir(config.state_dir, 0o710 if grouped else 0o700, config.socket_gid if grouped else None)
+    except OSError as exc:
+        log.error("state_dir_unusable", path=str(config.state_dir), error=str(exc))
+
+
 class Daemon:
     """Runs one configuration until stopped."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         host = config.host
+        prepare_state_dir(config)
         self.runtime = Runtime(EngineSettings(epoch_tick_ms=host.epoch_tick_ms), config.cache_dir,
                                config.components_dir)
         self.storage = SqliteStorage(config.storage_path, default_quota_bytes=host.default_storage_quota_bytes)

@@ -1,0 +1,112 @@
+"""Storage fairness: a well-behaved component's `set` latency (full path: mailbox, worker thread,
+storage import, commit) while storageflood components write new keys as fast as they can; and how
+much disk the quota's accounting lets many small keys really take."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+from bench.harness import FIXTURES, Row
+from wasmhost.actors.restart import RestartPolicy
+from wasmhost.actors.spec import ActorSpec
+from wasmhost.actors.supervisor import Supervisor
+from wasmhost.actors.workers import WorkerPool
+from wasmhost.core import ComponentId
+from wasmhost.core.errors import StorageError
+from wasmhost.messaging.router import MessageRouter
+from wasmhost.runtime.runtime import Runtime
+from wasmhost.storage.sqlite_store import SqliteStorage
+
+TARGET_P99_MS = 50.0
+NEIGHBOUR = ComponentId("bench", "notes", "0")
+
+
+async def _neighbour_p99(runtime: Runtime, state: Path, flooders: int, seconds: float) -> tuple[float, float, float]:
+    """(p50, p99) in ms of the neighbour's sets with `flooders` flooding, and the flood's writes/s."""
+    storage = SqliteStorage(state / f"storage-{flooders}.sqlite3", default_quota_bytes=1 << 40)
+    workers = WorkerPool(flooders + 4)  # a thread per flooder and spare: sharing threads is the CPU bench's part
+    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers, storage)
+    stop = asyncio.Event()
+    try:
+        await sup.start(ActorSpec(NEIGHBOUR, restart=RestartPolicy.TEMPORARY, storage=True),
+                        runtime.load(NEIGHBOUR, FIXTURES / "storage.wasm"))
+        floods = [ComponentId("bench", "flood", str(i)) for i in range(flooders)]
+        for cid in floods:
+            await sup.start(ActorSpec(cid, restart=RestartPolicy.TEMPORARY, storage=True),
+                            runtime.load(cid, FIXTURES / "storageflood.wasm"))
+
+        async def flood(cid: ComponentId) -> int:
+            done = 0
+            while not stop.is_set():  # back to back: always inside its write loop
+                reply = await sup.router.host_request(cid, b"500", 60.0)
+                done += int(reply or b"0")
+            return done
+
+        flood_began = time.perf_counter()
+        tasks = [asyncio.ensure_future(flood(cid)) for cid in floods]
+        await asyncio.sleep(0.2 if flooders else 0)
+        samples = []
+        end = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < end or len(samples) < 100:
+            began = time.perf_counter()
+            await sup.router.host_request(NEIGHBOUR, f"set n{i} value-{i}".encode(), 30.0)
+            samples.append((time.perf_counter() - began) * 1000)
+            i += 1
+        stop.set()
+        flood_rate = sum(await asyncio.gather(*tasks)) / (time.perf_counter() - flood_began)
+        samples.sort()
+        return samples[len(samples) // 2], samples[max(0, int(len(samples) * 0.99) - 1)], flood_rate
+    finally:
+        stop.set()
+        await sup.stop_all(5.0)
+        workers.close()
+        storage.close()
+
+
+def _disk_per_charged(state: Path, keys: int) -> float:
+    """File growth (pages after a checkpoint) / bytes charged, for `keys` tiny keys of one owner."""
+    def size(path: Path) -> int:
+        with sqlite3.connect(path) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+            return pages * int(db.execute("PRAGMA page_size").fetchone()[0])
+
+    SqliteStorage(state / "empty.sqlite3").close()
+    store = SqliteStorage(state / "keys.sqlite3", default_quota_bytes=1 << 40)
+    owner = ComponentId("bench", "keys", "0")
+    for i in range(keys):
+        try:
+            store.set(owner, f"k{i}", b"")
+        except StorageError:
+            break
+    charged = store.usage(owner).used_bytes
+    store.close()
+    return (size(state / "keys.sqlite3") - size(state / "empty.sqlite3")) / charged
+
+
+def run(seconds: float = 1.0) -> list[Row]:
+    """Neighbour set p99 alone and next to 1 and 4 flooders; disk per charged byte of small keys."""
+    runtime = Runtime()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            state = Path(tmp)
+            _, quiet99, _ = uvloop.run(_neighbour_p99(runtime, state, 0, seconds))
+            rows.append(Row("storage", "set p99 alone", TARGET_P99_MS, quiet99, "ms", TARGET_P99_MS, at_most=True))
+            for flooders in (1, 4):
+                _, p99, flood_rate = uvloop.run(_neighbour_p99(runtime, state, flooders, 2 * seconds))
+                rows.append(Row("storage", f"set p99 {flooders} flood", TARGET_P99_MS, p99, "ms", TARGET_P99_MS,
+                                at_most=True))
+                rows.append(Row("storage", f"flood w/s {flooders}", 0.0, flood_rate, "w/s", None))
+            rows.append(Row("storage", "disk/charged", 1.0, _disk_per_charged(state, 20_000), "ratio", 1.0,
+                            at_most=True))
+    finally:
+        runtime.close()
+    return rows

@@ -1,0 +1,232 @@
+"""StorageWriter: the one thread that writes to the storage database, fairly and with group commit.
+
+Callers (worker threads running guests) hand it a `WriteUnit` and block until that unit is
+committed or has failed. The writer takes units round-robin across owners, at most PER_OWNER per
+owner per batch, applies a batch in one transaction (each unit under its own SAVEPOINT, so a unit
+that fails is rolled back alone) and commits once: one fsync for the whole batch. A component
+flooding storage therefore delays another one's write by about one batch, never by its backlog.
+
+Every wait is bounded: a unit not committed within `timeout_s` (the disk hangs, the thread died)
+ends in io-error; one not yet taken by the writer is withdrawn, so it is never written later.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import structlog
+
+from wasmhost.core.errors import StorageError
+
+log = structlog.get_logger("wasmhost.storage")
+
+PER_OWNER = 4
+"""Units taken from one owner per batch."""
+MAX_BATCH_UNITS = 256
+"""Units in one transaction at most."""
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+"""Value bytes in one transaction at most (beyond the first unit), so one fsync stays short."""
+
+
+@dataclass
+class WriteOp:
+    """One set (value given) or delete (value None) of `key`."""
+
+    key: str
+    value: bytes | None
+
+
+@dataclass(eq=False)
+class WriteUnit:
+    """Writes of one owner acknowledged together: committed all, or none with one error.
+
+    Today every unit holds one operation; it is the place where a message's writes can be grouped.
+    """
+
+    owner: str
+    ops: list[WriteOp]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: StorageError | None = None
+    taken: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Value bytes the unit writes."""
+        return sum(len(op.value) for op in self.ops if op.value is not None)
+
+
+Apply = Callable[[sqlite3.Connection, WriteUnit], None]
+"""Applies a unit inside the open transaction; raises StorageError to fail that unit alone."""
+
+
+class StorageWriter:
+    """Owns the write connection and the writer thread."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], apply: Apply,
+                 on_io_error: Callable[[Exception], None], timeout_s: float = 10.0) -> None:
+        self._connect = connect
+        self._apply = apply
+        self._on_io_error = on_io_error
+        self.timeout_s = timeout_s
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[WriteUnit]] = {}
+        self._ring: deque[str] = deque()  # owners with queued units, next to serve first
+        self._closing = False
+        self._db: sqlite3.Connection | None = None
+        self.batches = 0
+        self.units_taken = 0
+        self._thread = threading.Thread(target=self._run, name="storage-writer", daemon=True)
+        self._thread.start()
+
+    # --- callers ---
+
+    def submit(self, unit: WriteUnit) -> None:
+        """Queue `unit` and wait until it is committed; raises its StorageError otherwise."""
+        with self._cond:
+            if self._closing or not self._thread.is_alive():
+                raise StorageError("io-error", "storage writer is not running")
+            queue = self._queues.get(unit.owner)
+            if queue is None:
+                queue = self._queues[unit.owner] = deque()
+                self._ring.append(unit.owner)
+            queue.append(unit)
+            self._cond.notify_all()
+        if not unit.done.wait(self.timeout_s):
+            with self._cond:
+                if not unit.done.is_set():
+                    if unit.taken:
+                        unit.error = StorageError(
+                            "io-error", f"storage write not confirmed within {self.timeout_s:g} s (it may land later)")
+                    else:
+                        self._withdraw(unit)
+                        unit.error = StorageError(
+                            "io-error", f"storage writer did not take the write within {self.timeout_s:g} s; "
+                                        "nothing was written")
+                    self._on_io_error(TimeoutError(str(unit.error)))
+                    unit.done.set()
+        if unit.error is not None:
+            raise unit.error
+
+    def queued(self) -> int:
+        """Units waiting for the writer to take them."""
+        with self._cond:
+            return sum(len(queue) for queue in self._queues.values())
+
+    def _withdraw(self, unit: WriteUnit) -> None:
+        queue = self._queues.get(unit.owner)
+        if queue is not None and unit in queue:
+            queue.remove(unit)
+            if not queue:
+                del self._queues[unit.owner]
+                self._ring.remove(unit.owner)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Commit what is queued, then stop the thread and close the connection."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    # --- the writer thread ---
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._ring and not self._closing:
+                        self._cond.wait()
+                    if not self._ring:
+                        break  # closing and nothing left
+                    batch = self._take()
+                self._commit(batch)
+        except BaseException as exc:  # whatever ends the thread, nobody may wait forever
+            log.error("storage_writer_died", error=f"{type(exc).__name__}: {exc}")
+            self._on_io_error(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+        finally:
+            with self._cond:
+                self._closing = True
+                left = [unit for queue in self._queues.values() for unit in queue]
+                self._queues.clear()
+                self._ring.clear()
+            for unit in left:
+                self._finish(unit, StorageError("io-error", "storage writer stopped"))
+            if self._db is not None:
+                self._db.close()
+
+    def _take(self) -> list[WriteUnit]:
+        """Up to PER_OWNER units from each owner in ring order, within the batch bounds."""
+        batch: list[WriteUnit] = []
+        size = 0
+        for _ in range(len(self._ring)):
+            if len(batch) >= MAX_BATCH_UNITS or (batch and size >= MAX_BATCH_BYTES):
+                break
+            owner = self._ring.popleft()
+            queue = self._queues[owner]
+            for _ in range(PER_OWNER):
+                if not queue or len(batch) >= MAX_BATCH_UNITS or (batch and size >= MAX_BATCH_BYTES):
+                    break
+                unit = queue.popleft()
+                unit.taken = True
+                self.units_taken += 1
+                batch.append(unit)
+                size += unit.nbytes
+            if queue:
+                self._ring.append(owner)  # served: to the back of the ring
+            else:
+                del self._queues[owner]
+        return batch
+
+    def _commit(self, batch: list[WriteUnit]) -> None:
+        """Apply `batch` in one transaction and acknowledge each unit after the commit."""
+        failed: dict[int, StorageError] = {}
+        try:
+            if self._db is None:
+                self._db = self._connect()
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for unit in batch:
+                    db.execute("SAVEPOINT unit")
+                    try:
+                        self._apply(db, unit)
+                    except StorageError as exc:
+                        db.execute("ROLLBACK TO unit")
+                        failed[id(unit)] = exc
+                    db.execute("RELEASE unit")
+                db.execute("COMMIT")
+            except BaseException:
+                with suppress(sqlite3.Error):
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            self._on_io_error(exc)
+            if self._db is not None:  # reconnect for the next batch: the connection may be unusable
+                with suppress(sqlite3.Error):
+                    self._db.close()
+                self._db = None
+            error = StorageError("io-error", str(exc))
+            for unit in batch:
+                self._finish(unit, failed.get(id(unit), error))
+            return
+        except Exception as exc:  # a bug must fail this batch, not stop the writer
+            log.exception("storage_batch_failed")
+            self._on_io_error(exc)
+            for unit in batch:
+                self._finish(unit, StorageError("io-error", f"{type(exc).__name__}: {exc}"))
+            return
+        self.batches += 1
+        for unit in batch:
+            self._finish(unit, failed.get(id(unit)))
+
+    def _finish(self, unit: WriteUnit, error: StorageError | None) -> None:
+        with self._cond:
+            if unit.done.is_set():
+                return  # its caller already gave up and reported io-error
+            unit.error = error
+            unit.done.set()
