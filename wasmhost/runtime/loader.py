@@ -12,15 +12,18 @@ from wasmtime import component as wc
 from wasmhost.core.errors import (
     CompileError,
     CoreModuleError,
+    FootprintError,
     LoadError,
     MissingExportsError,
     NotWasmError,
     UnsatisfiedImportsError,
 )
 from wasmhost.core.ids import ComponentId
+from wasmhost.core.limits import MAX_INSTANCES, MAX_MEMORIES, MAX_TABLES
 from wasmhost.runtime import contract
 from wasmhost.runtime.cache import CompilationCache
 from wasmhost.runtime.codec import Converter, converter_for
+from wasmhost.runtime.footprint import Footprint, UnreadableBinary, footprint
 
 _EXPECTED = (
     sorted(contract.LIFECYCLE_EXPORTS.items()),
@@ -54,6 +57,8 @@ class LoadedComponent:
     exports: dict[str, ExportSpec]
     imports: frozenset[str]
     size: int
+    footprint: Footprint
+    """What one instantiation creates: core instances, memories, tables (the limiter's budget)."""
 
     @property
     def uses_wasi(self) -> bool:
@@ -102,6 +107,29 @@ def check_header(wasm: bytes, source: str) -> None:
         )
     if wasm[6:8] != COMPONENT_LAYER:
         raise NotWasmError(source, f"unknown WebAssembly version/layer {wasm[4:8].hex()} (expected a component)")
+
+
+def count_footprint(wasm: bytes, source: str) -> Footprint:
+    """What instantiating the validated component `wasm` creates; FootprintError when it creates
+    more than a Store allows (core/limits.py) or cannot be counted."""
+    try:
+        found = footprint(wasm)
+    except (UnreadableBinary, IndexError, RecursionError) as exc:
+        raise FootprintError(source, f"cannot count the instances, memories and tables it creates: {exc}") from None
+    problems = [
+        f"{count} {what} (at most {limit})"
+        for what, count, limit in (
+            ("core module instances", found.instances, MAX_INSTANCES),
+            ("linear memories", found.memories, MAX_MEMORIES),
+            ("tables", found.tables, MAX_TABLES),
+        )
+        if count > limit
+    ]
+    if found.shared_memories:
+        problems.append(f"{found.shared_memories} shared memories (not supported)")
+    if problems:
+        raise FootprintError(source, "creates more than one component's Store allows: " + ", ".join(problems))
+    return found
 
 
 def _lifecycle_exports(compiled: wc.Component, engine: wasmtime.Engine, source: str) -> dict[str, ExportSpec]:
@@ -202,10 +230,16 @@ class FileComponentLoader:
             compiled = self.cache.component(wasm, key)
         except wasmtime.WasmtimeError as exc:
             raise CompileError(source, f"invalid component: {str(exc).strip()}") from None
+        try:
+            counted = count_footprint(wasm, source)
+        except LoadError:
+            self.cache.forget(wasm)
+            raise
         if len(_VALIDATED) == len(contract.LIFECYCLE_EXPORTS) and self.cache.is_marked(key, CONTRACT_FINGERPRINT):
             # These very bytes matched this very contract before: skip walking their types again.
             imports = frozenset(compiled.type.imports(engine))
-            return LoadedComponent(source, key, compiled, _export_specs(compiled, _VALIDATED), imports, len(wasm))
+            exports = _export_specs(compiled, _VALIDATED)
+            return LoadedComponent(source, key, compiled, exports, imports, len(wasm), counted)
         try:
             exports = _lifecycle_exports(compiled, engine, source)
             imports = _check_imports(compiled, engine, source)
@@ -213,4 +247,4 @@ class FileComponentLoader:
             self.cache.forget(wasm)
             raise
         self.cache.mark(key, CONTRACT_FINGERPRINT)
-        return LoadedComponent(source, key, compiled, exports, imports, len(wasm))
+        return LoadedComponent(source, key, compiled, exports, imports, len(wasm), counted)
