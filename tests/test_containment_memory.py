@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Starter, fixture_path
-from tests.test_daemon import Daemon, component, config_text
+from tests.test_daemon import Daemon, component, config_text, wasmhost
 from tests.test_runtime_calls import message
 from wasmhost.core import ComponentConfig, ComponentId
 from wasmhost.core.errors import CompileError, FootprintError, MemoryBudgetError
@@ -140,3 +140,13 @@ def test_hostile_growth_in_a_daemon_stays_within_the_budgets(tmp_path: Path) -> 
         assert all(rows[cid]["restarts"] == 0 for cid in rows)
     finally:
         assert d.stop() == 0
+
+
+def test_check_reports_a_budget_too_small_for_a_component(tmp_path: Path) -> None:
+    config = tmp_path / "wasmhost.toml"
+    config.write_text(config_text(tmp_path / "state", component("t/echo/0", "echo")
+                                  + component("t/memories/0", "memhogs", "limits = { max_memory_bytes = 300000 }")))
+    result = wasmhost("check", str(config))
+    assert result.returncode == 1
+    assert "t/memories/0" in result.stderr and "needs at least 327680" in result.stderr
+    assert "t/echo/0" not in result.stderr
