@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+import wasmtime
+from wasmtime import component as wc
 
 from tests.conftest import Starter, fixture_path
 from tests.test_daemon import Daemon, component, config_text, wasmhost
@@ -21,7 +23,7 @@ from wasmhost.core.limits import (
     ResourceLimits,
 )
 from wasmhost.runtime.footprint import PAGE_BYTES, Footprint, footprint
-from wasmhost.runtime.limiter import StoreBudget
+from wasmhost.runtime.limiter import Limiter, StoreBudget
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.system import protocol
 from wasmhost.system.client import request
@@ -85,6 +87,19 @@ def test_instances_of_nested_components_are_counted_and_refused_at_load(runtime:
         runtime.load(ComponentId.parse("t/many/0"), fixture_path("manyinstances"))
 
 
+def test_nested_components_joined_by_wasmtime_adapters_still_instantiate(runtime: Runtime) -> None:
+    wasm = fixture_path("fused").read_bytes()
+    found = footprint(wasm)
+    assert (found.instances, found.memories, found.tables) == (3, 2, 0)  # wasmtime adds a 4th: the adapter
+    store = wasmtime.Store(runtime.engine.engine)
+    Limiter(ResourceLimits(), runtime.engine.tick_ms, found).apply(store)
+    store.set_fuel(1_000_000)
+    store.set_epoch_deadline(1_000)
+    instance = wc.Linker(runtime.engine.engine).instantiate(store, wc.Component(runtime.engine.engine, wasm))
+    g = instance.get_func(store, "g")
+    assert g is not None and g(store, 42) == 42
+
+
 def test_the_gc_heap_is_off(runtime: Runtime) -> None:
     # A GC heap would be one more memory, outside the counts the budget is shared by.
     with pytest.raises(CompileError, match="gc"):
@@ -107,7 +122,7 @@ def test_every_budget_fits_max_memory_bytes(memories: int, tables: int, cap: int
         assert memories * PAGE_BYTES + tables * 10_000 * TABLE_ELEMENT_BYTES > cap
         return
     assert budget.total_bytes <= cap
-    assert (budget.memories, budget.tables, budget.instances) == (memories, tables, 1)
+    assert (budget.memories, budget.tables, budget.instances) == (memories, tables, MAX_INSTANCES)
 
 
 def test_python_guests_fit_the_default_budget_with_room_to_spare() -> None:

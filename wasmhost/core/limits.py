@@ -10,7 +10,8 @@ DEFAULT_MAX_EXECUTION_TIME_MS = 30_000
 # What one component's Store may create, whatever its max_memory_bytes (README, "Threat model").
 # A componentize-py guest creates 14 core instances, 1 memory and 2 tables.
 MAX_INSTANCES = 100
-"""Core module instances per Store."""
+"""Core module instances per Store (a component counted at load with more is refused; the Store
+limit also leaves room for the adapter instances wasmtime adds between nested components)."""
 MAX_MEMORIES = 16
 """Linear memories per Store (each also reserves address space, however little of it is used)."""
 MAX_TABLES = 100

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import wasmtime
 
 from wasmhost.core.errors import MemoryBudgetError
-from wasmhost.core.limits import MIN_TABLE_ELEMENTS, TABLE_ELEMENT_BYTES, ResourceLimits
+from wasmhost.core.limits import MAX_INSTANCES, MIN_TABLE_ELEMENTS, TABLE_ELEMENT_BYTES, ResourceLimits
 from wasmhost.runtime import capi
 from wasmhost.runtime.footprint import PAGE_BYTES, Footprint
 
@@ -27,6 +27,8 @@ class StoreBudget:
     table_elements: int
     """The most elements any one table may hold."""
     instances: int
+    """MAX_INSTANCES, not the component's own count: wasmtime adds instances of the adapters it
+    generates between nested components, which define no memories or tables."""
     memories: int
     tables: int
 
@@ -54,7 +56,7 @@ class StoreBudget:
                 f"elements ({TABLE_ELEMENT_BYTES} bytes each); it needs at least {needed}",
             )
         return cls(
-            min(memory_bytes, 2**63 - 1), table_elements, footprint.instances, footprint.memories, footprint.tables
+            min(memory_bytes, 2**63 - 1), table_elements, MAX_INSTANCES, footprint.memories, footprint.tables
         )
 
 
