@@ -100,6 +100,28 @@ def test_nested_components_joined_by_wasmtime_adapters_still_instantiate(runtime
     assert g is not None and g(store, 42) == 42
 
 
+def test_outer_aliases_and_exported_components_are_counted_as_wasmtime_counts(runtime: Runtime) -> None:
+    engine = runtime.engine.engine
+    wasm = fixture_path("aliases").read_bytes()
+    found = footprint(wasm)
+    assert (found.instances, found.memories, found.tables) == (4, 4, 4)
+    assert (found.largest_memory_min, found.largest_table_min) == (2 * PAGE_BYTES, 3)
+    compiled = wc.Component(engine, wasm)
+    for memories, works in ((found.memories, True), (found.memories - 1, False)):
+        store = wasmtime.Store(engine)
+        store.set_limits(memories=memories, tables=found.tables)
+        if works:
+            wc.Linker(engine).instantiate(store, compiled)
+        else:
+            with pytest.raises(wasmtime.WasmtimeError, match="memory count too high"):
+                wc.Linker(engine).instantiate(store, compiled)
+
+
+def test_a_component_instantiating_an_imported_module_is_refused_at_load(runtime: Runtime) -> None:
+    with pytest.raises(FootprintError, match=r"instantiates core module 0 .* imported or taken from an instance"):
+        runtime.load(ComponentId.parse("t/imports/0"), fixture_path("importsmodule"))
+
+
 def test_the_gc_heap_is_off(runtime: Runtime) -> None:
     # A GC heap would be one more memory, outside the counts the budget is shared by.
     with pytest.raises(CompileError, match="gc"):
