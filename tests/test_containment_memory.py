@@ -147,6 +147,16 @@ def test_every_budget_fits_max_memory_bytes(memories: int, tables: int, cap: int
     assert (budget.memories, budget.tables, budget.instances) == (memories, tables, MAX_INSTANCES)
 
 
+def test_the_size_a_budget_error_asks_for_is_exactly_enough() -> None:
+    found = Footprint(instances=14, memories=3, tables=2, largest_memory_min=197 * PAGE_BYTES, largest_table_min=5688)
+    with pytest.raises(MemoryBudgetError, match=r"needs at least (\d+)") as info:
+        StoreBudget.plan(1 << 20, found, "t")
+    needed = int(re.search(r"needs at least (\d+)", str(info.value)).group(1))  # type: ignore[union-attr]
+    assert StoreBudget.plan(needed, found, "t").total_bytes <= needed
+    with pytest.raises(MemoryBudgetError):
+        StoreBudget.plan(needed - 1, found, "t")
+
+
 def test_python_guests_fit_the_default_budget_with_room_to_spare() -> None:
     for path in (fixture_path("prober"), ROOT / "config" / "build" / "greeter.wasm"):
         found = footprint(path.read_bytes())

@@ -48,16 +48,27 @@ class StoreBudget:
             memory_bytes = max(0, max_memory_bytes - table_bytes) // footprint.memories // PAGE_BYTES * PAGE_BYTES
         if table_bytes > max_memory_bytes or memory_bytes < footprint.largest_memory_min:
             needed = footprint.memories * footprint.largest_memory_min + table_bytes
+            parts = []
+            if footprint.memories == 1:
+                parts.append(f"1 linear memory starting at {footprint.largest_memory_min} bytes")
+            elif footprint.memories:
+                parts.append(f"{footprint.memories} linear memories sharing it equally, the largest starting at "
+                             f"{footprint.largest_memory_min} bytes")
+            if footprint.tables:
+                parts.append(f"{_count(footprint.tables, 'table', 'tables')} of up to {table_elements} elements "
+                             f"at {TABLE_ELEMENT_BYTES} bytes each")
             raise MemoryBudgetError(
                 source,
                 f"max_memory_bytes = {max_memory_bytes} is too small for what the component creates: "
-                f"{footprint.memories} linear memories (each gets an equal share; the largest starts at "
-                f"{footprint.largest_memory_min} bytes) and {footprint.tables} tables of up to {table_elements} "
-                f"elements ({TABLE_ELEMENT_BYTES} bytes each); it needs at least {needed}",
+                f"{' and '.join(parts)}; it needs at least {needed}",
             )
         return cls(
             min(memory_bytes, 2**63 - 1), table_elements, MAX_INSTANCES, footprint.memories, footprint.tables
         )
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 class Limiter:
