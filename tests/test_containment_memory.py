@@ -122,6 +122,23 @@ def test_a_component_instantiating_an_imported_module_is_refused_at_load(runtime
         runtime.load(ComponentId.parse("t/imports/0"), fixture_path("importsmodule"))
 
 
+def test_host_resources_a_guest_hoards_are_capped_by_wasmtime(runtime: Runtime) -> None:
+    # Not part of max_memory_bytes: wasmtime's own cap of 100,000 handles per Store bounds them.
+    engine = runtime.engine.engine
+    wasm = fixture_path("handlehog").read_bytes()
+    store = wasmtime.Store(engine)
+    Limiter(ResourceLimits(max_memory_bytes=CAP), runtime.engine.tick_ms, footprint(wasm)).apply(store)
+    store.set_wasi(wasmtime.WasiConfig())
+    store.set_fuel(2**62)
+    store.set_epoch_deadline(100_000)
+    run = runtime.linker.instantiate(store, wc.Component(engine, wasm)).get_func(store, "run")
+    assert run is not None
+    before = rss()
+    with pytest.raises(wasmtime.WasmtimeError, match="handle limit exceeded"):
+        run(store, 10_000_000)
+    assert rss() - before <= OVERHEAD + 12 * 1024 * 1024  # measured: 8.2 MiB at the cap
+
+
 def test_the_gc_heap_is_off(runtime: Runtime) -> None:
     # A GC heap would be one more memory, outside the counts the budget is shared by.
     with pytest.raises(CompileError, match="gc"):
