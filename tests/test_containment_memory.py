@@ -24,6 +24,7 @@ from wasmhost.core.limits import (
 )
 from wasmhost.runtime.footprint import PAGE_BYTES, Footprint, footprint
 from wasmhost.runtime.limiter import Limiter, StoreBudget
+from wasmhost.runtime.loader import FOOTPRINT_NOTE
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.system import protocol
 from wasmhost.system.client import request
@@ -172,6 +173,23 @@ def test_the_size_a_budget_error_asks_for_is_exactly_enough() -> None:
     assert StoreBudget.plan(needed, found, "t").total_bytes <= needed
     with pytest.raises(MemoryBudgetError):
         StoreBudget.plan(needed - 1, found, "t")
+
+
+def test_counts_are_kept_in_the_compilation_cache_and_a_bad_note_is_recounted(tmp_path: Path) -> None:
+    wasm = fixture_path("memhogs").read_bytes()
+    first = Runtime(cache_dir=tmp_path)
+    try:
+        loaded = first.loader.load_bytes(wasm, "memhogs")
+        key = first.cache.key(wasm)
+    finally:
+        first.close()
+    assert Footprint.decode((tmp_path / f"{key}.{FOOTPRINT_NOTE}").read_bytes()) == loaded.footprint == footprint(wasm)
+    (tmp_path / f"{key}.{FOOTPRINT_NOTE}").write_bytes(b"garbage")
+    second = Runtime(cache_dir=tmp_path)
+    try:
+        assert second.loader.load_bytes(wasm, "memhogs").footprint == footprint(wasm)
+    finally:
+        second.close()
 
 
 def test_python_guests_fit_the_default_budget_with_room_to_spare() -> None:

@@ -42,6 +42,18 @@ class Footprint:
     shared_memories: int = 0
     """Memories declared `shared` (the threads proposal)."""
 
+    def encode(self) -> bytes:
+        """The counts as ASCII, for the compilation cache."""
+        return ",".join(str(getattr(self, name)) for name in _FIELDS).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Footprint | None:
+        """What `encode` made, or None for anything else."""
+        parts = data.split(b",")
+        if len(parts) != len(_FIELDS) or not all(part.isdigit() for part in parts):
+            return None
+        return cls(*(int(part) for part in parts))
+
     def __add__(self, other: Footprint) -> Footprint:
         return Footprint(
             self.instances + other.instances,
@@ -52,6 +64,8 @@ class Footprint:
             self.shared_memories + other.shared_memories,
         )
 
+
+_FIELDS = ("instances", "memories", "tables", "largest_memory_min", "largest_table_min", "shared_memories")
 
 _UNKNOWN = None
 """An index-space entry whose footprint cannot be known (imported or aliased from an instance)."""
