@@ -17,6 +17,7 @@ from wasmhost.core import ComponentConfig, ComponentId
 from wasmhost.core.errors import CompileError, FootprintError, MemoryBudgetError
 from wasmhost.core.limits import (
     DEFAULT_MAX_MEMORY_BYTES,
+    MAX_COMPONENT_INSTANCES,
     MAX_INSTANCES,
     MAX_MEMORIES,
     TABLE_ELEMENT_BYTES,
@@ -99,6 +100,18 @@ def test_nested_components_joined_by_wasmtime_adapters_still_instantiate(runtime
     instance = wc.Linker(runtime.engine.engine).instantiate(store, wc.Component(runtime.engine.engine, wasm))
     g = instance.get_func(store, "g")
     assert g is not None and g(store, 42) == 42
+
+
+def test_a_nested_instantiation_bomb_is_refused_before_it_is_compiled(tmp_path: Path) -> None:
+    fresh = Runtime(cache_dir=tmp_path)
+    try:
+        before = rss()
+        with pytest.raises(FootprintError, match=rf"1111111 component instances \(at most {MAX_COMPONENT_INSTANCES}\)"):
+            fresh.load(ComponentId.parse("t/bomb/0"), fixture_path("nestbomb"))
+        assert fresh.cache.misses == 0  # never handed to the compiler (it would take ~100 MiB)
+        assert rss() - before < OVERHEAD
+    finally:
+        fresh.close()
 
 
 def test_outer_aliases_and_exported_components_are_counted_as_wasmtime_counts(runtime: Runtime) -> None:

@@ -12,6 +12,9 @@ DEFAULT_MAX_EXECUTION_TIME_MS = 30_000
 MAX_INSTANCES = 100
 """Core module instances per Store (a component counted at load with more is refused; the Store
 limit also leaves room for the adapter instances wasmtime adds between nested components)."""
+MAX_COMPONENT_INSTANCES = 100
+"""Component instances per component (wit-component makes one or two; each costs host memory, and
+wasmtime's compiler flattens them all, so they are counted before compiling)."""
 MAX_MEMORIES = 16
 """Linear memories per Store (each also reserves address space, however little of it is used)."""
 MAX_TABLES = 100

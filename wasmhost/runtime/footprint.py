@@ -1,4 +1,5 @@
-"""Counts what one instantiation of a component creates: core instances, linear memories and tables.
+"""Counts what one instantiation of a component creates: core instances, linear memories, tables
+and component instances.
 
 wasmtime limits memory size and table elements per memory and per table, and the numbers of
 instances, memories and tables per Store; it has no limit on their sum. To bound a Store's total,
@@ -6,11 +7,12 @@ the limiter needs these counts before instantiation, so this module reads them f
 binary (no library reads the component binary format from Python). Only what matters is decoded:
 core modules' table and memory sections, core and component instantiations, and the imports,
 exports and aliases that add modules or components to their index spaces; everything else is
-skipped by its section size. The binary has already been validated by wasmtime.
+skipped by its section size. The loader reads the counts before wasmtime compiles (and validates)
+the binary, so anything malformed ends in UnreadableBinary.
 
 Counts are exact for the components wit-component and componentize-py produce. wasmtime enforces
-the counts at instantiation, so a count that were too low would make instantiation fail; it could
-never let a guest create more than the limiter budgeted for.
+the memory and table counts at instantiation, so a count that were too low would make
+instantiation fail; it could never let a guest create more than the limiter budgeted for.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class Footprint:
     """The largest initial size of any of those tables, in elements."""
     shared_memories: int = 0
     """Memories declared `shared` (the threads proposal)."""
+    component_instances: int = 0
+    """Component instances (nested components instantiated), which create no memories themselves."""
 
     def encode(self) -> bytes:
         """The counts as ASCII, for the compilation cache."""
@@ -62,10 +66,16 @@ class Footprint:
             max(self.largest_memory_min, other.largest_memory_min),
             max(self.largest_table_min, other.largest_table_min),
             self.shared_memories + other.shared_memories,
+            self.component_instances + other.component_instances,
         )
 
 
-_FIELDS = ("instances", "memories", "tables", "largest_memory_min", "largest_table_min", "shared_memories")
+_FIELDS = (
+    "instances", "memories", "tables", "largest_memory_min", "largest_table_min", "shared_memories",
+    "component_instances",
+)
+
+_ONE_COMPONENT = Footprint(component_instances=1)
 
 _UNKNOWN = None
 """An index-space entry whose footprint cannot be known (imported or aliased from an instance)."""
@@ -260,7 +270,7 @@ def component_footprint(reader: _Reader, outer: list[_Scope]) -> Footprint:
             for _ in range(body.leb()):
                 if body.byte() == 0x00:
                     at = body.pos
-                    total += _pick(scope.components, body.leb(), "component", at)
+                    total += _pick(scope.components, body.leb(), "component", at) + _ONE_COMPONENT
                     for _ in range(body.leb()):
                         body.name()
                         _sort(body)
@@ -321,5 +331,10 @@ def _entry(space: list[Footprint | None], index: int) -> Footprint | None:
 
 
 def footprint(wasm: bytes) -> Footprint:
-    """What instantiating the component `wasm` (a validated component binary) creates."""
-    return component_footprint(_Reader(wasm), [])
+    """What instantiating the component `wasm` creates; UnreadableBinary when it cannot be read."""
+    try:
+        return component_footprint(_Reader(wasm), [])
+    except IndexError:
+        raise UnreadableBinary("a length runs past the end of the binary") from None
+    except RecursionError:
+        raise UnreadableBinary("components nested too deeply") from None

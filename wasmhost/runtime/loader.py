@@ -19,7 +19,7 @@ from wasmhost.core.errors import (
     UnsatisfiedImportsError,
 )
 from wasmhost.core.ids import ComponentId
-from wasmhost.core.limits import MAX_INSTANCES, MAX_MEMORIES, MAX_TABLES
+from wasmhost.core.limits import MAX_COMPONENT_INSTANCES, MAX_INSTANCES, MAX_MEMORIES, MAX_TABLES
 from wasmhost.runtime import contract
 from wasmhost.runtime.cache import CompilationCache
 from wasmhost.runtime.codec import Converter, converter_for
@@ -109,28 +109,34 @@ def check_header(wasm: bytes, source: str) -> None:
         raise NotWasmError(source, f"unknown WebAssembly version/layer {wasm[4:8].hex()} (expected a component)")
 
 
-FOOTPRINT_NOTE = "footprint-1"
+FOOTPRINT_NOTE = "footprint-2"
 """Name under which a component's counts are kept in the compilation cache (bump it when footprint.py
 counts differently). Reading an 18 MB componentize-py binary takes a few milliseconds, a small one
 about a third of a cached start."""
 
 
-def count_footprint(wasm: bytes, source: str, cache: CompilationCache | None = None, key: str = "") -> Footprint:
-    """What instantiating the validated component `wasm` creates (kept in `cache` under `key`);
-    FootprintError when it creates more than a Store allows (core/limits.py) or cannot be counted."""
+def read_footprint(wasm: bytes, cache: CompilationCache | None = None, key: str = "") -> Footprint | str:
+    """What instantiating the component `wasm` creates (kept in `cache` under `key`), or why it
+    cannot be counted (for bytes wasmtime has not validated yet, that may just mean they are invalid)."""
     noted = cache.recall(key, FOOTPRINT_NOTE) if cache is not None else None
     found = Footprint.decode(noted) if noted is not None else None
     if found is None:
         try:
             found = footprint(wasm)
-        except (UnreadableBinary, IndexError, RecursionError) as exc:
-            raise FootprintError(source, f"cannot count the instances, memories and tables it creates: {exc}") from None
+        except UnreadableBinary as exc:
+            return str(exc)
         if cache is not None:
             cache.note(key, FOOTPRINT_NOTE, found.encode())
+    return found
+
+
+def check_footprint(found: Footprint, source: str) -> None:
+    """FootprintError when a component creates more than one Store allows (core/limits.py)."""
     problems = [
         f"{count} {what} (at most {limit})"
         for what, count, limit in (
             ("core module instances", found.instances, MAX_INSTANCES),
+            ("component instances", found.component_instances, MAX_COMPONENT_INSTANCES),
             ("linear memories", found.memories, MAX_MEMORIES),
             ("tables", found.tables, MAX_TABLES),
         )
@@ -140,7 +146,6 @@ def count_footprint(wasm: bytes, source: str, cache: CompilationCache | None = N
         problems.append(f"{found.shared_memories} shared memories (not supported)")
     if problems:
         raise FootprintError(source, "creates more than one component's Store allows: " + ", ".join(problems))
-    return found
 
 
 def _lifecycle_exports(compiled: wc.Component, engine: wasmtime.Engine, source: str) -> dict[str, ExportSpec]:
@@ -237,15 +242,18 @@ class FileComponentLoader:
         check_header(wasm, source)
         engine = self.cache.engine.engine
         key = self.cache.key(wasm)
+        # Counted before compiling: wasmtime flattens nested instantiations when it compiles, so a
+        # few hundred bytes nesting components ten deep would take gigabytes to compile.
+        counted = read_footprint(wasm, self.cache, key)
+        if isinstance(counted, Footprint):
+            check_footprint(counted, source)
         try:
             compiled = self.cache.component(wasm, key)
         except wasmtime.WasmtimeError as exc:
             raise CompileError(source, f"invalid component: {str(exc).strip()}") from None
-        try:
-            counted = count_footprint(wasm, source, self.cache, key)
-        except LoadError:
+        if not isinstance(counted, Footprint):
             self.cache.forget(wasm)
-            raise
+            raise FootprintError(source, f"cannot count the instances, memories and tables it creates: {counted}")
         if len(_VALIDATED) == len(contract.LIFECYCLE_EXPORTS) and self.cache.is_marked(key, CONTRACT_FINGERPRINT):
             # These very bytes matched this very contract before: skip walking their types again.
             imports = frozenset(compiled.type.imports(engine))
