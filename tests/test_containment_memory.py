@@ -203,6 +203,10 @@ def test_counts_are_kept_in_the_compilation_cache_and_a_bad_note_is_recounted(tm
     second = Runtime(cache_dir=tmp_path)
     try:
         assert second.loader.load_bytes(wasm, "memhogs").footprint == footprint(wasm)
+        invalid = b"\0asm\x0d\x00\x01\x00" + b"\x07\x01\xff"  # countable (a type section), but invalid
+        with pytest.raises(CompileError):
+            second.loader.load_bytes(invalid, "invalid")
+        assert not (tmp_path / f"{second.cache.key(invalid)}.{FOOTPRINT_NOTE}").exists()
     finally:
         second.close()
 

@@ -115,19 +115,13 @@ counts differently). Reading an 18 MB componentize-py binary takes a few millise
 about a third of a cached start."""
 
 
-def read_footprint(wasm: bytes, cache: CompilationCache | None = None, key: str = "") -> Footprint | str:
-    """What instantiating the component `wasm` creates (kept in `cache` under `key`), or why it
-    cannot be counted (for bytes wasmtime has not validated yet, that may just mean they are invalid)."""
-    noted = cache.recall(key, FOOTPRINT_NOTE) if cache is not None else None
-    found = Footprint.decode(noted) if noted is not None else None
-    if found is None:
-        try:
-            found = footprint(wasm)
-        except UnreadableBinary as exc:
-            return str(exc)
-        if cache is not None:
-            cache.note(key, FOOTPRINT_NOTE, found.encode())
-    return found
+def read_footprint(wasm: bytes) -> Footprint | str:
+    """What instantiating the component `wasm` creates, or why it cannot be counted (for bytes
+    wasmtime has not validated yet, that may just mean they are invalid)."""
+    try:
+        return footprint(wasm)
+    except UnreadableBinary as exc:
+        return str(exc)
 
 
 def check_footprint(found: Footprint, source: str) -> None:
@@ -244,7 +238,9 @@ class FileComponentLoader:
         key = self.cache.key(wasm)
         # Counted before compiling: wasmtime flattens nested instantiations when it compiles, so a
         # few hundred bytes nesting components ten deep would take gigabytes to compile.
-        counted = read_footprint(wasm, self.cache, key)
+        noted = self.cache.recall(key, FOOTPRINT_NOTE)
+        recalled = Footprint.decode(noted) if noted is not None else None
+        counted = recalled or read_footprint(wasm)
         if isinstance(counted, Footprint):
             check_footprint(counted, source)
         try:
@@ -254,6 +250,8 @@ class FileComponentLoader:
         if not isinstance(counted, Footprint):
             self.cache.forget(wasm)
             raise FootprintError(source, f"cannot count the instances, memories and tables it creates: {counted}")
+        if recalled is None:
+            self.cache.note(key, FOOTPRINT_NOTE, counted.encode())  # kept only for bytes that compile
         if len(_VALIDATED) == len(contract.LIFECYCLE_EXPORTS) and self.cache.is_marked(key, CONTRACT_FINGERPRINT):
             # These very bytes matched this very contract before: skip walking their types again.
             imports = frozenset(compiled.type.imports(engine))
