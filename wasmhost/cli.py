@@ -80,6 +80,7 @@ def _log_settings(source: Path) -> tuple[str, str, str | None]:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the configuration and compile every component, without starting anything."""
     from wasmhost.runtime.engine import EngineSettings
+    from wasmhost.runtime.limiter import StoreBudget
     from wasmhost.runtime.runtime import Runtime
     from wasmhost.system.config import ConfigError, load_config
     from wasmhost.system.daemon import prepare_state_dir
@@ -98,7 +99,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         for plan in config.components:
             try:
-                runtime.load(plan.spec.component_id, plan.wasm_path)
+                loaded = runtime.load(plan.spec.component_id, plan.wasm_path)
+                # The memories and tables it creates must fit its max_memory_bytes, or it cannot start.
+                StoreBudget.plan(plan.spec.limits.max_memory_bytes, loaded.footprint, str(loaded.source))
             except LoadError as exc:
                 failures.append(f"{plan.spec.component_id}: {exc}")
     finally:

@@ -159,6 +159,15 @@ class InstantiationError(LoadError):
     """The component compiled but could not be instantiated (e.g. memory above its cap)."""
 
 
+class FootprintError(LoadError):
+    """The component creates more core instances, memories or tables than a Store allows, or
+    creates them in a way the host cannot count."""
+
+
+class MemoryBudgetError(InstantiationError):
+    """max_memory_bytes cannot hold the memories and tables the component creates."""
+
+
 class GuestFailure(Exception):
     """A call into a guest ended abnormally; the instance's Store is no longer usable."""
 

@@ -7,6 +7,24 @@ import msgspec
 DEFAULT_MAX_MEMORY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_EXECUTION_TIME_MS = 30_000
 
+# What one component's Store may create, whatever its max_memory_bytes (README, "Threat model").
+# A componentize-py guest creates 14 core instances, 1 memory and 2 tables.
+MAX_INSTANCES = 100
+"""Core module instances per Store (a component counted at load with more is refused; the Store
+limit also leaves room for the adapter instances wasmtime adds between nested components)."""
+MAX_COMPONENT_INSTANCES = 100
+"""Component instances per component (wit-component makes one or two; each costs host memory, and
+wasmtime's compiler flattens them all, so they are counted before compiling)."""
+MAX_MEMORIES = 16
+"""Linear memories per Store (each also reserves address space, however little of it is used)."""
+MAX_TABLES = 100
+"""Tables per Store."""
+TABLE_ELEMENT_BYTES = 8
+"""What one table element is counted as against max_memory_bytes (wasmtime stores a pointer)."""
+MIN_TABLE_ELEMENTS = 10_000
+"""Every table may grow to this many elements, or to twice the largest table the component
+declares if that is more (a componentize-py guest declares 5,688)."""
+
 
 class ResourceLimits(msgspec.Struct, frozen=True):
     """Memory cap, per-call wall-clock deadline and optional per-call fuel budget."""

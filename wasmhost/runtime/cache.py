@@ -35,6 +35,7 @@ class CompilationCache:
         self._salt = f"wasmtime={wasmtime_version()};{engine.settings.fingerprint()}".encode()
         self._memory: dict[str, wc.Component] = {}
         self._marks: set[tuple[str, str]] = set()
+        self._notes: dict[tuple[str, str], bytes] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -82,6 +83,23 @@ class CompilationCache:
         with self._lock:
             self._marks.add((key, tag))
         self._write(f"{key}.{tag}.ok", b"")
+
+    def note(self, key: str, name: str, data: bytes) -> None:
+        """Keep a small fact about the component with this key (the loader: its footprint)."""
+        with self._lock:
+            self._notes[(key, name)] = data
+        self._write(f"{key}.{name}", data)
+
+    def recall(self, key: str, name: str) -> bytes | None:
+        """What `note(key, name, ...)` kept, in this process or an earlier one, or None."""
+        with self._lock:
+            found = self._notes.get((key, name))
+        if found is not None or self.directory is None:
+            return found
+        try:
+            return (self.directory / f"{key}.{name}").read_bytes()
+        except OSError:
+            return None
 
     def forget(self, wasm: bytes) -> None:
         """Drop the in-memory copy for `wasm` (the disk entry stays)."""

@@ -23,7 +23,7 @@ class EngineSettings:
 
     def fingerprint(self) -> str:
         """The settings that change compiled code, as text for cache keys."""
-        return f"fuel=1;epoch=1;component-model=1;opt={int(self.optimize)}"
+        return f"fuel=1;epoch=1;component-model=1;gc=0;exceptions=0;opt={int(self.optimize)}"
 
 
 def _keep_large_allocations_in_heap() -> None:
@@ -91,6 +91,11 @@ class RuntimeEngine:
         config.consume_fuel = True
         config.epoch_interruption = True
         config.wasm_component_model = True
+        # The GC proposal's heap (which also holds exception objects) is a memory that wasmtime's
+        # memory-count limit does not count, so a guest could hold another max_memory_bytes in it;
+        # no supported guest language needs GC or exceptions.
+        config.wasm_gc = False
+        config.wasm_exceptions = False
         config.cranelift_opt_level = "speed" if self.settings.optimize else "none"
         self.engine = wasmtime.Engine(config)
         self.ticker = EpochTicker(self.engine, self.settings.epoch_tick_ms)

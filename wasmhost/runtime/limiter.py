@@ -1,24 +1,85 @@
-"""Applies ResourceLimits to a Store: memory cap once, fuel and epoch deadline before every call."""
+"""Applies ResourceLimits to a Store: memory budget once, fuel and epoch deadline before every call."""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import wasmtime
 
-from wasmhost.core.limits import ResourceLimits
+from wasmhost.core.errors import MemoryBudgetError
+from wasmhost.core.limits import MAX_INSTANCES, MIN_TABLE_ELEMENTS, TABLE_ELEMENT_BYTES, ResourceLimits
 from wasmhost.runtime import capi
+from wasmhost.runtime.footprint import PAGE_BYTES, Footprint
 
 UNLIMITED_FUEL = 2**63 - 1
 """Fuel given when a component has no fuel limit (wasmtime counts fuel in a signed 64-bit word)."""
 
 
+@dataclass(frozen=True)
+class StoreBudget:
+    """The Store limits that keep everything a component's instantiation creates, grown as far as
+    wasmtime lets it, within max_memory_bytes: each memory and each table gets an equal share."""
+
+    memory_bytes: int
+    """The most any one linear memory may hold."""
+    table_elements: int
+    """The most elements any one table may hold."""
+    instances: int
+    """MAX_INSTANCES, not the component's own count: wasmtime adds instances of the adapters it
+    generates between nested components, which define no memories or tables."""
+    memories: int
+    tables: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Every memory and every table at its limit (table elements counted as TABLE_ELEMENT_BYTES)."""
+        return self.memories * self.memory_bytes + self.tables * self.table_elements * TABLE_ELEMENT_BYTES
+
+    @classmethod
+    def plan(cls, max_memory_bytes: int, footprint: Footprint, source: str) -> StoreBudget:
+        """Share `max_memory_bytes` out; MemoryBudgetError names what does not fit."""
+        table_elements = max(MIN_TABLE_ELEMENTS, 2 * footprint.largest_table_min) if footprint.tables else 0
+        table_bytes = footprint.tables * table_elements * TABLE_ELEMENT_BYTES
+        memory_bytes = 0
+        if footprint.memories:
+            # Whole pages: wasm memories grow by pages, so a share between pages is unusable anyway.
+            memory_bytes = max(0, max_memory_bytes - table_bytes) // footprint.memories // PAGE_BYTES * PAGE_BYTES
+        if table_bytes > max_memory_bytes or memory_bytes < footprint.largest_memory_min:
+            needed = footprint.memories * footprint.largest_memory_min + table_bytes
+            parts = []
+            if footprint.memories == 1:
+                parts.append(f"1 linear memory starting at {footprint.largest_memory_min} bytes")
+            elif footprint.memories:
+                parts.append(f"{footprint.memories} linear memories sharing it equally, the largest starting at "
+                             f"{footprint.largest_memory_min} bytes")
+            if footprint.tables:
+                parts.append(f"{_count(footprint.tables, 'table', 'tables')} of up to {table_elements} elements "
+                             f"at {TABLE_ELEMENT_BYTES} bytes each")
+            raise MemoryBudgetError(
+                source,
+                f"max_memory_bytes = {max_memory_bytes} is too small for what the component creates: "
+                f"{' and '.join(parts)}; it needs at least {needed}",
+            )
+        return cls(
+            min(memory_bytes, 2**63 - 1), table_elements, MAX_INSTANCES, footprint.memories, footprint.tables
+        )
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 class Limiter:
     """The limits of one component, turned into Store settings."""
 
-    def __init__(self, limits: ResourceLimits, tick_ms: int) -> None:
+    def __init__(
+        self, limits: ResourceLimits, tick_ms: int, footprint: Footprint, source: str = "component"
+    ) -> None:
         self.limits = limits
+        self.footprint = footprint
+        self.source = source
         self.tick_ms = tick_ms
         self.fuel = min(limits.max_fuel, UNLIMITED_FUEL) if limits.max_fuel is not None else UNLIMITED_FUEL
         # One extra tick: the current tick may be nearly over when the deadline is armed, so the
@@ -28,9 +89,18 @@ class Limiter:
         self.fuel_unset = True
 
     def apply(self, store: wasmtime.Store) -> None:
-        """Cap linear memory (memory.grow beyond it fails in the guest) of a fresh Store."""
+        """Set every limit wasmtime offers on a fresh Store (memory.grow and table.grow beyond them
+        return -1 in the guest; creating more instances, memories or tables fails instantiation).
+        Raises MemoryBudgetError when max_memory_bytes cannot hold what the component creates."""
         self.fuel_unset = True
-        store.set_limits(memory_size=min(self.limits.max_memory_bytes, 2**63 - 1))
+        budget = StoreBudget.plan(self.limits.max_memory_bytes, self.footprint, self.source)
+        store.set_limits(
+            memory_size=budget.memory_bytes,
+            table_elements=budget.table_elements,
+            instances=budget.instances,
+            tables=budget.tables,
+            memories=budget.memories,
+        )
 
     def arm(self, context: int, deadline_ms: int | None = None) -> float:
         """Refill fuel and arm the epoch deadline for one call on the Store with this context

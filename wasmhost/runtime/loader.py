@@ -12,15 +12,18 @@ from wasmtime import component as wc
 from wasmhost.core.errors import (
     CompileError,
     CoreModuleError,
+    FootprintError,
     LoadError,
     MissingExportsError,
     NotWasmError,
     UnsatisfiedImportsError,
 )
 from wasmhost.core.ids import ComponentId
+from wasmhost.core.limits import MAX_COMPONENT_INSTANCES, MAX_INSTANCES, MAX_MEMORIES, MAX_TABLES
 from wasmhost.runtime import contract
 from wasmhost.runtime.cache import CompilationCache
 from wasmhost.runtime.codec import Converter, converter_for
+from wasmhost.runtime.footprint import Footprint, UnreadableBinary, footprint
 
 _EXPECTED = (
     sorted(contract.LIFECYCLE_EXPORTS.items()),
@@ -54,6 +57,8 @@ class LoadedComponent:
     exports: dict[str, ExportSpec]
     imports: frozenset[str]
     size: int
+    footprint: Footprint
+    """What one instantiation creates: core instances, memories, tables (the limiter's budget)."""
 
     @property
     def uses_wasi(self) -> bool:
@@ -102,6 +107,39 @@ def check_header(wasm: bytes, source: str) -> None:
         )
     if wasm[6:8] != COMPONENT_LAYER:
         raise NotWasmError(source, f"unknown WebAssembly version/layer {wasm[4:8].hex()} (expected a component)")
+
+
+FOOTPRINT_NOTE = "footprint-2"
+"""Name under which a component's counts are kept in the compilation cache (bump it when footprint.py
+counts differently). Reading an 18 MB componentize-py binary takes a few milliseconds, a small one
+about a third of a cached start."""
+
+
+def read_footprint(wasm: bytes) -> Footprint | str:
+    """What instantiating the component `wasm` creates, or why it cannot be counted (for bytes
+    wasmtime has not validated yet, that may just mean they are invalid)."""
+    try:
+        return footprint(wasm)
+    except UnreadableBinary as exc:
+        return str(exc)
+
+
+def check_footprint(found: Footprint, source: str) -> None:
+    """FootprintError when a component creates more than one Store allows (core/limits.py)."""
+    problems = [
+        f"{count} {what} (at most {limit})"
+        for what, count, limit in (
+            ("core module instances", found.instances, MAX_INSTANCES),
+            ("component instances", found.component_instances, MAX_COMPONENT_INSTANCES),
+            ("linear memories", found.memories, MAX_MEMORIES),
+            ("tables", found.tables, MAX_TABLES),
+        )
+        if count > limit
+    ]
+    if found.shared_memories:
+        problems.append(f"{found.shared_memories} shared memories (not supported)")
+    if problems:
+        raise FootprintError(source, "creates more than one component's Store allows: " + ", ".join(problems))
 
 
 def _lifecycle_exports(compiled: wc.Component, engine: wasmtime.Engine, source: str) -> dict[str, ExportSpec]:
@@ -198,14 +236,27 @@ class FileComponentLoader:
         check_header(wasm, source)
         engine = self.cache.engine.engine
         key = self.cache.key(wasm)
+        # Counted before compiling: wasmtime flattens nested instantiations when it compiles, so a
+        # few hundred bytes nesting components ten deep would take gigabytes to compile.
+        noted = self.cache.recall(key, FOOTPRINT_NOTE)
+        recalled = Footprint.decode(noted) if noted is not None else None
+        counted = recalled or read_footprint(wasm)
+        if isinstance(counted, Footprint):
+            check_footprint(counted, source)
         try:
             compiled = self.cache.component(wasm, key)
         except wasmtime.WasmtimeError as exc:
             raise CompileError(source, f"invalid component: {str(exc).strip()}") from None
+        if not isinstance(counted, Footprint):
+            self.cache.forget(wasm)
+            raise FootprintError(source, f"cannot count the instances, memories and tables it creates: {counted}")
+        if recalled is None:
+            self.cache.note(key, FOOTPRINT_NOTE, counted.encode())  # kept only for bytes that compile
         if len(_VALIDATED) == len(contract.LIFECYCLE_EXPORTS) and self.cache.is_marked(key, CONTRACT_FINGERPRINT):
             # These very bytes matched this very contract before: skip walking their types again.
             imports = frozenset(compiled.type.imports(engine))
-            return LoadedComponent(source, key, compiled, _export_specs(compiled, _VALIDATED), imports, len(wasm))
+            exports = _export_specs(compiled, _VALIDATED)
+            return LoadedComponent(source, key, compiled, exports, imports, len(wasm), counted)
         try:
             exports = _lifecycle_exports(compiled, engine, source)
             imports = _check_imports(compiled, engine, source)
@@ -213,4 +264,4 @@ class FileComponentLoader:
             self.cache.forget(wasm)
             raise
         self.cache.mark(key, CONTRACT_FINGERPRINT)
-        return LoadedComponent(source, key, compiled, exports, imports, len(wasm))
+        return LoadedComponent(source, key, compiled, exports, imports, len(wasm), counted)

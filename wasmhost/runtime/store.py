@@ -93,7 +93,7 @@ class StoreManager:
         self.loaded = loaded
         self.component_id = component_id
         self.name = str(component_id)
-        self.limiter = Limiter(limits, tick_ms)
+        self.limiter = Limiter(limits, tick_ms, loaded.footprint, self.name)
         self.linker = linker
         self.engine = engine
         self.host = host or HostContext(component_id)
