@@ -262,9 +262,11 @@ class StoreManager:
         """Drop the call in progress, if any, mid-flight; the instance cannot be used after that."""
         future, self._future = self._future, 0
         if future:
+            # Suspended between slices, the guest is not running: from here on it never runs again
+            # (deleting the future, which may wait for the GIL on its way back, only frees it).
+            self.failed_at = time.monotonic()
             capi.call_future_delete(future)
             self.state = InstanceState.DEAD
-            self.failed_at = time.monotonic()
             error = self._error[0]
             if error:
                 self._error[0] = None
