@@ -154,7 +154,12 @@ class WorkerPool:
         self._put(self._levels[min(LEVELS - 1, job.slices.bit_length())], job)
         if job.deadline != job.heap_deadline and job.deadline != math.inf:
             job.heap_deadline = job.deadline
-            heapq.heappush(self._deadlines, (job.deadline, next(self._order), job))
+            heap = self._deadlines
+            if len(heap) > 1024 and len(heap) > 4 * self._waiting:
+                # Entries of calls that have ended stay until their deadline: drop them now and then.
+                heap = self._deadlines = [entry for entry in heap if entry[2].heap_deadline == entry[0]]
+                heapq.heapify(heap)
+            heapq.heappush(heap, (job.deadline, next(self._order), job))
             if self._deadlines[0][2] is job:
                 self._reaper_cond.notify()  # a new earliest deadline
         self._cond.notify()
@@ -227,6 +232,7 @@ class WorkerPool:
         with job.lock if job.lock is not None else contextlib.nullcontext():
             try:
                 if job.cancelled or self._closed:
+                    job.heap_deadline = math.inf
                     if job.steps is not None:
                         job.steps.close()  # abandons the call in progress: the Store is never left mid-call
                     with contextlib.suppress(RuntimeError):  # (a closed pool cancels what it will not run)
@@ -253,6 +259,7 @@ class WorkerPool:
                 value = stop.value
             except BaseException as exc:
                 error = exc
+        job.heap_deadline = math.inf  # ended: its deadline entry, if any, is stale
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
             job.loop.call_soon_threadsafe(_resolve, job.future, value, error)
 
