@@ -207,7 +207,7 @@ class StoreManager:
         may be reused afterwards); return it and whether it has finished."""
         if self._future:
             raise InstanceStateError(f"{self.name}: cannot call {function}: a call is already in progress")
-        self._error[0] = None
+        # The error slot is empty here: whoever finds an error in it takes it out.
         future = capi.func_call_async(
             self._func_addresses[function], self.context, args, nargs, self._result_address, nresults,
             self._error_address,
@@ -299,9 +299,9 @@ class StoreManager:
         yield from self._wait(function, future, done)
         return self._take_result(function)
 
-    def _message_steps(self, function: str, message: ComponentMessage) -> Steps[tuple[bool, Any]]:
-        """Call handle-message / handle-callback with the reusable message argument;
-        returns (is_ok, payload) of the guest's result."""
+    def _message_start(self, function: str, message: ComponentMessage) -> tuple[int, bool]:
+        """Start handle-message / handle-callback with this thread's reusable message argument;
+        if the first slice finished the call, end it here (the common case: no generator needed)."""
         if self.state is not InstanceState.INITIALIZED:
             self._require(InstanceState.INITIALIZED)
         argument = message_argument()
@@ -313,21 +313,37 @@ class StoreManager:
             future, done = self._start(function, address, 1, 1)
         finally:
             argument.clear()  # this thread's argument: free for other calls once the first poll read it
-        if not done:
-            yield from self._wait(function, future, done)
-        else:
+        if done:
             self._future = 0
             capi.call_future_delete(future)
             error = self._error[0]
             if error:
                 self._error[0] = None
                 raise self._fail(function, error)
+        return future, done
+
+    def _message_result(self, function: str) -> tuple[bool, Any]:
+        """(is_ok, payload) of the guest's result of a message call that has ended."""
         result = self._result_address
         try:
             return self._message_results[function].lift_parts(result)
         finally:
             capi.val_delete(result)
             self._result[0] = capi.BOOL
+
+    def _message_steps(self, function: str, message: ComponentMessage) -> Steps[tuple[bool, Any]]:
+        """Call handle-message / handle-callback; returns (is_ok, payload) of the guest's result."""
+        future, done = self._message_start(function, message)
+        if not done:
+            yield from self._wait(function, future, done)
+        return self._message_result(function)
+
+    def _message_now(self, function: str, message: ComponentMessage) -> tuple[bool, Any]:
+        """`_message_steps` run to the end on this thread, without generators when one slice will do."""
+        future, done = self._message_start(function, message)
+        if not done:
+            run_to_end(self._wait(function, future, done))
+        return self._message_result(function)
 
     def initialize_steps(self, config: ComponentConfig) -> Steps[None]:
         """Call `initialize`; a guest error raises ComponentError."""
@@ -379,11 +395,16 @@ class StoreManager:
 
     def handle_message(self, message: ComponentMessage) -> bytes | None:
         """`handle_message_steps` run to the end on this thread."""
-        return run_to_end(self.handle_message_steps(message))
+        is_ok, value = self._message_now("handle-message", message)
+        if is_ok:
+            return value  # type: ignore[no-any-return]
+        raise WasmError(*value)
 
     def handle_callback(self, message: ComponentMessage) -> None:
         """`handle_callback_steps` run to the end on this thread."""
-        run_to_end(self.handle_callback_steps(message))
+        is_ok, value = self._message_now("handle-callback", message)
+        if not is_ok:
+            raise WasmError(*value)
 
     def metadata(self) -> ComponentMetadata:
         """`metadata_steps` run to the end on this thread."""
