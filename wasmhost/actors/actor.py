@@ -141,6 +141,9 @@ class ComponentActor:
                     if isinstance(error, GuestExit) and error.clean:
                         break  # a normal exit: stopped, not failed
                     self.state = ActorState.FAILED
+                    # Refuse new messages now, not after the Store is closed on a worker thread:
+                    # a failed actor must not accept a message only to reject it a moment later.
+                    self.mailbox.seal()
                     log.error("component_failed", component=self.name, error=str(error),
                               restarts=self.stats.restarts)
                     self._started.set()
