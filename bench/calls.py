@@ -1,7 +1,9 @@
-"""Call path: wasmtime-py's generic `Func.__call__` vs our typed path, `handle-message` on echo."""
+"""Call path: wasmtime-py's generic `Func.__call__` vs our typed path, `handle-message` on echo; and
+what making every call a sliced async call costs against the same typed call made synchronously."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import wasmtime
@@ -9,8 +11,17 @@ from wasmtime import component as wc
 
 from bench.harness import FIXTURES, Row, rate
 from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, MessageMetadata, Timestamp
-from wasmhost.runtime import contract
+from wasmhost.runtime import capi, contract
+from wasmhost.runtime.capi import VAL_SIZE
+from wasmhost.runtime.host_fn import HostContext
+from wasmhost.runtime.limiter import Limiter
+from wasmhost.runtime.message_arg import message_argument
 from wasmhost.runtime.runtime import Runtime
+from wasmhost.runtime.store import StoreManager
+
+ASYNC_TARGET = 0.75
+"""Async (preemptible) typed calls must keep this share of the synchronous typed call rate: creating
+and deleting wasmtime's call future costs about 2.5 us, a fifth of a 64 B echo call."""
 
 SIZES: list[tuple[int, str, float | None]] = [
     (0, "0 B", None), (64, "64 B", 25.0), (4096, "4 KiB", 25.0), (65536, "64 KiB", 25.0), (1 << 20, "1 MiB", 10.0),
@@ -22,6 +33,35 @@ def _record(**fields: object) -> wc.Record:
     for name, value in fields.items():
         setattr(record, name.replace("_", "-"), value)
     return record
+
+
+class _SyncTyped:
+    """Our typed `handle-message` call made synchronously on a Store without fuel yields, step for
+    step as StoreManager made it before calls became sliced async calls: the baseline of their cost."""
+
+    def __init__(self, store: wasmtime.Store, func: wc.Func, manager: StoreManager) -> None:
+        self.context = capi.addr_of(store._context())
+        self.func = ctypes.addressof(func._func)
+        self.limiter = Limiter(manager.limiter.limits, manager.limiter.tick_ms)
+        self.host = HostContext(manager.component_id)
+        self.lift = manager._message_results["handle-message"].lift_parts
+        self.out = (ctypes.c_uint8 * VAL_SIZE)()
+        self.address = ctypes.addressof(self.out)
+
+    def __call__(self, message: ComponentMessage) -> object:
+        argument = message_argument()
+        address = argument.fill(message)
+        self.host.correlation_id = message.metadata.correlation_id
+        self.host.deadline = self.limiter.arm(self.context)
+        error = capi.func_call(self.func, self.context, address, 1, self.address, 1)
+        argument.clear()
+        if error:
+            raise RuntimeError(capi.take_error(error))
+        try:
+            return self.lift(self.address)
+        finally:
+            capi.val_delete(self.address)
+            self.out[0] = capi.BOOL
 
 
 def run(seconds: float = 1.0) -> list[Row]:
@@ -58,6 +98,11 @@ def run(seconds: float = 1.0) -> list[Row]:
             base = rate(lambda: generic(store, record), seconds)  # noqa: B023
             typed = rate(lambda: ours.handle_message(message), seconds)  # noqa: B023
             rows.append(Row("calls", label, base, typed, "calls/s", target))
+            if size == 64:
+                sync_call = _SyncTyped(store, generic, ours)
+                sync = rate(lambda: sync_call(message), seconds)  # noqa: B023
+                typed = rate(lambda: ours.handle_message(message), seconds)  # noqa: B023
+                rows.append(Row("calls", "async 64 B", sync, typed, "calls/s", ASYNC_TARGET))
         return rows
     finally:
         runtime.close()

@@ -1,12 +1,17 @@
 """Fairness: one guest in an endless loop (until its deadline) and one computing for seconds within
-its limits, while 10 other components answer requests; and how late the runaway is stopped."""
+its limits, while 10 other components answer requests; and how late the runaway is stopped. Then
+4 to 1,024 spinners, each looping until its 1.5 s deadline, time-sliced over the worker threads
+while an idle echo answers requests: its p99, how late the last spinner is stopped, the thread
+count and the memory of each suspended call."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import random
+import threading
 import time
+from dataclasses import dataclass
 
 import uvloop
 
@@ -22,6 +27,9 @@ from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 
 RUNAWAY_DEADLINE_MS = 2000
+SPINNER_DEADLINE_MS = 1500
+SPINNER_TARGETS = {4: 20.0, 32: 50.0, 256: 100.0, 1024: 100.0}
+"""Spinners running at once -> the idle echo's request p99 target (ms)."""
 BUSY_ITERATIONS = b"2500000000"  # a few seconds of guest arithmetic, within a 60 s limit
 
 
@@ -68,16 +76,93 @@ async def _measure(runtime: Runtime) -> tuple[float, float, float, float]:
         workers.close()
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+@dataclass
+class Spinning:
+    """What one run with `count` spinners measured."""
+
+    count: int
+    p99_ms: float
+    worst_late_ms: float  # the Store's call ended (the guest stopped running)
+    worst_reply_late_ms: float  # the requester got the timeout
+    threads: int
+    suspended_call_bytes: float
+
+
+async def _spinners(runtime: Runtime, count: int) -> Spinning:
+    """`count` spinners loop until their deadline while an idle echo answers requests."""
+    workers = WorkerPool()
+    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers)
+    try:
+        echo = ComponentId("spin", "echo", "0")
+        await _start(sup, "echo", echo, ResourceLimits())
+        ids = [ComponentId("spin", "spinner", str(i)) for i in range(count)]
+        limits = ResourceLimits(max_execution_time_ms=SPINNER_DEADLINE_MS)
+        for cid in ids:
+            await _start(sup, "spinner", cid, limits)
+        managers = [sup.actors[cid].manager for cid in ids]
+        idle_rss = _rss_bytes()
+        ended: dict[int, float] = {}
+
+        async def spin(index: int) -> None:
+            with contextlib.suppress(RequestFailed):
+                await sup.router.host_request(ids[index], b"spin", 30.0)
+            ended[index] = time.monotonic()
+
+        tasks = [asyncio.ensure_future(spin(i)) for i in range(count)]
+        # Wait until every spinner is inside its call (suspended between slices or running one).
+        while not all(m.in_call for m in managers):
+            if any(task.done() for task in tasks):
+                raise RuntimeError(f"a spinner ended before all {count} had started: the machine is too slow")
+            await asyncio.sleep(0.005)
+        deadlines = [m.host.deadline for m in managers]
+        suspended_rss = _rss_bytes()
+        samples = []
+        end = min(deadlines) - 0.05
+        while time.monotonic() < end:
+            began = time.perf_counter()
+            await sup.router.host_request(echo, b"ping", 5.0)
+            samples.append((time.perf_counter() - began) * 1000)
+            await asyncio.sleep(0.002)
+        assert not any(task.done() for task in tasks), "every spinner should still be running"
+        threads = threading.active_count()
+        await asyncio.gather(*tasks)
+        samples.sort()
+        late = max(m.failed_at - deadline for m, deadline in zip(managers, deadlines, strict=True)) * 1000
+        reply_late = max(ended[i] - deadlines[i] for i in range(count)) * 1000
+        p99 = samples[max(0, int(len(samples) * 0.99) - 1)] if samples else float("nan")
+        return Spinning(count, p99, late, reply_late, threads, (suspended_rss - idle_rss) / count)
+    finally:
+        await sup.stop_all(1.0)
+        workers.close()
+
+
 def run(seconds: float = 1.0) -> list[Row]:
-    """p50/p99 of requests to 10 echo components while two guests hog threads; runaway lateness."""
+    """p50/p99 of requests to 10 echo components while two guests hog threads; runaway lateness;
+    an idle echo's p99 next to 4 - 1,024 spinners."""
     runtime = Runtime()
     try:
         p50, p99, overshoot, _ = uvloop.run(_measure(runtime))
-        tick = runtime.engine.tick_ms
+        spinning = [uvloop.run(_spinners(runtime, count)) for count in SPINNER_TARGETS]
+        tick = float(runtime.engine.tick_ms)
     finally:
         runtime.close()
-    return [
+    rows = [
         Row("fairness", "others p50", 5.0, p50, "ms", 5.0, at_most=True),
         Row("fairness", "others p99", 5.0, p99, "ms", 5.0, at_most=True),
-        Row("fairness", "runaway late", float(tick), overshoot, "ms", float(tick), at_most=True),
+        Row("fairness", "runaway late", tick, overshoot, "ms", tick, at_most=True),
     ]
+    for s in spinning:
+        target = SPINNER_TARGETS[s.count]
+        rows += [
+            Row("fairness", f"echo p99 {s.count} sp", target, s.p99_ms, "ms", target, at_most=True),
+            Row("fairness", f"late {s.count} sp", tick, s.worst_late_ms, "ms", tick, at_most=True),
+            Row("fairness", f"reply late {s.count}", 0.0, s.worst_reply_late_ms, "ms", None),
+            Row("fairness", f"threads {s.count} sp", float(s.threads), float(s.threads), "threads", None),
+            Row("fairness", f"KiB/call {s.count} sp", 0.0, s.suspended_call_bytes / 1024, "KiB", None),
+        ]
+    return rows

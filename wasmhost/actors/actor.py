@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import math
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +27,9 @@ log = structlog.get_logger("wasmhost.actor")
 
 BATCH_SIZE = 64
 """Envelopes handled per hop to a worker thread: amortises the hop for small messages."""
+
+SLICE_S = 0.002
+"""Guest time after which a batch of short calls gives up its thread between two envelopes."""
 
 
 class FailureHandler(Protocol):
@@ -137,6 +141,9 @@ class ComponentActor:
                     if isinstance(error, GuestExit) and error.clean:
                         break  # a normal exit: stopped, not failed
                     self.state = ActorState.FAILED
+                    # Refuse new messages now, not after the Store is closed on a worker thread:
+                    # a failed actor must not accept a message only to reject it a moment later.
+                    self.mailbox.seal()
                     log.error("component_failed", component=self.name, error=str(error),
                               restarts=self.stats.restarts)
                     self._started.set()
@@ -160,13 +167,14 @@ class ComponentActor:
         self.state = ActorState.STARTING if self.stats.restarts == 0 else ActorState.RESTARTING
         config = ComponentConfig(self.spec.env_vars, self.spec.config_data, self.spec.limits)
 
-        def boot() -> tuple[ComponentMetadata, HealthStatus]:
+        def boot() -> Generator[float, None, tuple[ComponentMetadata, HealthStatus]]:
             self.manager.instantiate()
-            self.manager.initialize(config)
-            return self.manager.metadata(), self.manager.health()
+            yield from self.manager.initialize_steps(config)
+            metadata = yield from self.manager.metadata_steps()
+            return metadata, (yield from self.manager.health_steps())
 
         try:
-            metadata, self.health = await self.workers.run(boot)
+            metadata, self.health = await self.workers.run_steps(boot(), self.manager.lock)
         except (LoadError, ComponentError, GuestFailure, InstanceStateError) as exc:
             return exc
         if self.metadata is None:
@@ -193,27 +201,35 @@ class ComponentActor:
                     if failure is not None:
                         return failure
                 continue
-            handled, rest, failure = await self.workers.run(functools.partial(self._process, batch))
+            handled, rest, failure = await self.workers.run_steps(self._process(batch), self.manager.lock)
             self._deliver(handled)
             self.mailbox.requeue_front(rest)
             if failure is not None:
                 return failure
             self.history.settled()
 
-    def _process(self, batch: list[Envelope]) -> tuple[list[Handled], list[Envelope], Exception | None]:
-        """Handle envelopes in order on a worker thread; stop at the first failure of the Store."""
+    def _process(
+        self, batch: list[Envelope]
+    ) -> Generator[float, None, tuple[list[Handled], list[Envelope], Exception | None]]:
+        """Handle envelopes in order, one time slice per step on worker threads; stop at the first
+        failure of the Store."""
         manager = self.manager
         done: list[Handled] = []
+        slice_end = time.monotonic() + SLICE_S
         for index, envelope in enumerate(batch):
-            if self._stopping and time.monotonic() >= self._drain_deadline:
+            now = time.monotonic()
+            if self._stopping and now >= self._drain_deadline:
                 return done, batch[index:], None  # out of drain time: the rest is answered as stopped
+            if now >= slice_end:
+                yield math.inf  # many short calls add up to a slice too: let others run
+                slice_end = time.monotonic() + SLICE_S
             try:
                 if envelope.delivery is Delivery.MESSAGE:
-                    reply = manager.handle_message(envelope.message)
+                    reply = yield from manager.handle_message_steps(envelope.message)
                     outcome = Outcome.NO_REPLY if reply is None else None
                     done.append(Handled(envelope, reply, outcome, ""))
                 else:
-                    manager.handle_callback(envelope.message)
+                    yield from manager.handle_callback_steps(envelope.message)
                     done.append(Handled(envelope, None, None, ""))
             except WasmError as exc:
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {exc}"))
@@ -240,7 +256,7 @@ class ComponentActor:
     async def _check_health(self) -> Exception | None:
         self._next_health = time.monotonic() + self.spec.health_interval
         try:
-            self.health = await self.workers.run(self.manager.health)
+            self.health = await self.workers.run_steps(self.manager.health_steps(), self.manager.lock)
         except (GuestFailure, InstanceStateError) as exc:
             return exc
         return None
@@ -252,10 +268,10 @@ class ComponentActor:
         if self.manager.state is InstanceState.INITIALIZED:
             timeout_ms = max(1, int(self.spec.shutdown_timeout * 1000))
             try:
-                await self.workers.run(lambda: self.manager.shutdown(timeout_ms))
+                await self.workers.run_steps(self.manager.shutdown_steps(timeout_ms), self.manager.lock)
             except (ComponentError, GuestFailure, InstanceStateError) as exc:
                 log.warning("component_shutdown_failed", component=self.name, error=str(exc))
-        await self.workers.run(self.manager.close)
+        await self.workers.run(self.manager.close, self.manager.lock)
         self._reject_remaining("failed" if self.state is ActorState.FAILED else "stopped")
         self.router.forget_requester(self.component_id)
         if self.state is not ActorState.FAILED:

@@ -105,6 +105,20 @@ def addr_of(ptr: Any) -> int:
 context_set_fuel = _proto("wasmtime_context_set_fuel", c_void_p, c_void_p, ctypes.c_uint64)
 context_get_fuel = _proto("wasmtime_context_get_fuel", c_void_p, c_void_p, c_void_p)
 context_set_epoch_deadline = _proto("wasmtime_context_set_epoch_deadline", None, c_void_p, ctypes.c_uint64)
+context_fuel_async_yield_interval = _proto(
+    "wasmtime_context_fuel_async_yield_interval", c_void_p, c_void_p, ctypes.c_uint64
+)
+
+# Async calls: (func, context, args, nargs, results, nresults, error_ret) -> wasmtime_call_future_t*.
+# The future reads `args` on its first poll (not when created) and writes `results` and *error_ret
+# (a wasmtime_error_t*, NULL on success) once a poll returns true; delete it after that, or to abandon
+# the call (which leaves the instance unusable).
+func_call_async = _proto(
+    "wasmtime_component_func_call_async",
+    c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p,
+)
+call_future_poll = _proto("wasmtime_call_future_poll", ctypes.c_bool, c_void_p)
+call_future_delete = _proto("wasmtime_call_future_delete", None, c_void_p)
 
 
 def take_error(error: int) -> str:

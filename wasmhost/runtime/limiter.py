@@ -16,6 +16,14 @@ from wasmhost.runtime.footprint import PAGE_BYTES, Footprint
 UNLIMITED_FUEL = 2**63 - 1
 """Fuel given when a component has no fuel limit (wasmtime counts fuel in a signed 64-bit word)."""
 
+SLICE_FUEL = 2_000_000
+"""Fuel a guest burns before it yields its thread (one time slice): 0.2 - 2 ms of guest code
+(measured: 0.2 ms of arithmetic with locals, 1.6 ms of an empty loop, the fastest fuel burns)."""
+
+FIRST_SLICE_FUEL = SLICE_FUEL // 10
+"""The first slice of every call is shorter: a burst of new long calls (hundreds of guests handed
+work at once) then costs little before a short call that arrives behind them gets its turn."""
+
 
 @dataclass(frozen=True)
 class StoreBudget:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import enum
-from typing import Any
+import threading
+import time
+from collections.abc import Generator
+from typing import Any, TypeVar
 
 import wasmtime
 from wasmtime import component as wc
@@ -28,9 +31,22 @@ from wasmhost.runtime import capi
 from wasmhost.runtime.capi import VAL_SIZE
 from wasmhost.runtime.codec import Err, ResultConverter
 from wasmhost.runtime.host_fn import HostContext, register_context, unregister_context
-from wasmhost.runtime.limiter import Limiter
+from wasmhost.runtime.limiter import FIRST_SLICE_FUEL, SLICE_FUEL, Limiter
 from wasmhost.runtime.loader import LoadedComponent
 from wasmhost.runtime.message_arg import message_argument
+
+T = TypeVar("T")
+Steps = Generator[float, None, T]
+"""A guest call run one slice per step; each step yields the monotonic deadline of the call."""
+
+
+def run_to_end(steps: Steps[T]) -> T:
+    """Run every step of `steps` on this thread and return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
 
 class InstanceState(enum.Enum):
@@ -105,6 +121,13 @@ class StoreManager:
         self._func_addresses: dict[str, int] = {}
         self._result = (ctypes.c_uint8 * VAL_SIZE)()
         self._result_address = ctypes.addressof(self._result)
+        self._error = (ctypes.c_void_p * 1)()  # the error_ret slot of async calls
+        self._error_address = ctypes.addressof(self._error)
+        self._future = 0  # the call future in progress, if any
+        self.failed_at = 0.0
+        """time.monotonic() when the last call that failed (trap, timeout, ...) ended."""
+        self.lock = threading.Lock()
+        """Held by whoever touches the Store (a scheduler slice, instantiate, close)."""
         self._message_results: dict[str, ResultConverter] = {}
         for name in ("handle-message", "handle-callback"):
             result = loaded.exports[name].result
@@ -135,16 +158,27 @@ class StoreManager:
                 unregister_context(context)
                 raise InstantiationError(self.name, f"export {name} vanished after instantiation")
             funcs[name] = func
+        # Only now: once guests yield on fuel, every call on the Store must be async (instantiation too).
+        error = capi.context_fuel_async_yield_interval(context, FIRST_SLICE_FUEL)
+        if error:
+            unregister_context(context)
+            raise InstantiationError(self.name, f"cannot set the fuel yield interval: {capi.take_error(error)}")
         self.store, self.context, self._funcs = store, context, funcs
         self._func_addresses = {name: ctypes.addressof(f._func) for name, f in funcs.items()}
         self.state = InstanceState.INSTANTIATED
 
     def close(self) -> None:
-        """Drop the Store and everything in it."""
+        """Drop the Store and everything in it (a call in progress first)."""
+        self._abandon()
         if self.context:
             unregister_context(self.context)
         self.store, self.context, self._funcs, self._func_addresses = None, 0, {}, {}
         self.state = InstanceState.EMPTY
+
+    @property
+    def in_call(self) -> bool:
+        """Whether a call has started and not yet ended (it may be suspended between slices)."""
+        return self._future != 0
 
     def _require(self, *states: InstanceState) -> None:
         if self.state not in states:
@@ -157,10 +191,86 @@ class StoreManager:
             raise InstanceStateError(f"{self.name}: cannot call now: {detail}")
 
     # --- calls ---
+    #
+    # Every call is an async call future, run one slice (SLICE_FUEL units of fuel) per poll: the
+    # `*_steps` generators poll once per step and yield the call's monotonic deadline between
+    # slices, so a scheduler can time-slice many guests over few threads; the plain methods run
+    # the steps to the end on the calling thread.
 
     def _fail(self, function: str, error: int) -> GuestFailure:
         self.state = InstanceState.DEAD
+        self.failed_at = time.monotonic()
         return classify_trap(self.name, function, capi.take_error(error))
+
+    def _start(self, function: str, args: int, nargs: int, nresults: int) -> tuple[int, bool]:
+        """Create the call future and poll it once (the first poll reads the arguments, so they
+        may be reused afterwards); return it and whether it has finished."""
+        if self._future:
+            raise InstanceStateError(f"{self.name}: cannot call {function}: a call is already in progress")
+        # The error slot is empty here: whoever finds an error in it takes it out.
+        future = capi.func_call_async(
+            self._func_addresses[function], self.context, args, nargs, self._result_address, nresults,
+            self._error_address,
+        )
+        if not future:
+            error = self._error[0]
+            self._error[0] = None
+            raise self._fail(function, error) if error else InstanceStateError(f"{self.name}: cannot call {function}")
+        self._future = future
+        try:
+            return future, capi.call_future_poll(future)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _wait(self, function: str, future: int, done: bool) -> Generator[float, None, None]:
+        """Poll `future` one slice per step until it finishes or its deadline passes."""
+        deadline = self.host.deadline
+        if not done:
+            # Past the short first slice: full slices until the end of the call (the yield interval
+            # is the Store's and takes effect from the next poll).
+            self._yield_interval(SLICE_FUEL)
+        try:
+            while not done:
+                yield deadline
+                if self._future != future:
+                    raise InstanceStateError(f"{self.name}: {function} was abandoned (the Store was closed)")
+                if time.monotonic() >= deadline:
+                    # Waited past the deadline for a slice: end it here rather than poll it again.
+                    self._abandon()
+                    raise GuestTimeout(self.name, function, "wasm trap: interrupt (deadline passed between slices)")
+                done = capi.call_future_poll(future)
+        finally:
+            if self._future == future:
+                if done:
+                    self._future = 0
+                    capi.call_future_delete(future)
+                    self._yield_interval(FIRST_SLICE_FUEL)
+                else:
+                    self._abandon()  # closed before the end (its waiter went away)
+        error = self._error[0]
+        if error:
+            self._error[0] = None
+            raise self._fail(function, error)
+
+    def _yield_interval(self, fuel: int) -> None:
+        error = capi.context_fuel_async_yield_interval(self.context, fuel)
+        if error:
+            raise RuntimeError(f"{self.name}: cannot set the fuel yield interval: {capi.take_error(error)}")
+
+    def _abandon(self) -> None:
+        """Drop the call in progress, if any, mid-flight; the instance cannot be used after that."""
+        future, self._future = self._future, 0
+        if future:
+            # Suspended between slices, the guest is not running: from here on it never runs again
+            # (deleting the future, which may wait for the GIL on its way back, only frees it).
+            self.failed_at = time.monotonic()
+            capi.call_future_delete(future)
+            self.state = InstanceState.DEAD
+            error = self._error[0]
+            if error:
+                self._error[0] = None
+                capi.take_error(error)
 
     def _take_result(self, function: str) -> Any:
         address = self._result_address
@@ -171,7 +281,7 @@ class StoreManager:
             capi.val_delete(address)
             self._result[0] = capi.BOOL  # the next call overwrites (drops) this slot: leave nothing to free
 
-    def _call(self, function: str, args: list[Any], deadline_ms: int | None = None) -> Any:
+    def _call_steps(self, function: str, args: list[Any], deadline_ms: int | None = None) -> Steps[Any]:
         """Call an export through the owned-value converters (for the rarely called exports)."""
         spec = self.loaded.exports[function]
         buffer = (ctypes.c_uint8 * (VAL_SIZE * max(len(args), 1)))()
@@ -182,20 +292,16 @@ class StoreManager:
                 conv.lower(value, base + lowered * VAL_SIZE)
                 lowered += 1
             self.host.deadline = self.limiter.arm(self.context, deadline_ms)
-            error = capi.func_call(
-                self._func_addresses[function], self.context, base, lowered, self._result_address,
-                1 if spec.result is not None else 0,
-            )
+            future, done = self._start(function, base, lowered, 1 if spec.result is not None else 0)
         finally:
             for i in range(lowered):
                 capi.val_delete(base + i * VAL_SIZE)
-        if error:
-            raise self._fail(function, error)
+        yield from self._wait(function, future, done)
         return self._take_result(function)
 
-    def _call_message(self, function: str, message: ComponentMessage) -> tuple[bool, Any]:
-        """Call handle-message / handle-callback with the reusable message argument;
-        returns (is_ok, payload) of the guest's result."""
+    def _message_start(self, function: str, message: ComponentMessage) -> tuple[int, bool]:
+        """Start handle-message / handle-callback with this thread's reusable message argument;
+        if the first slice finished the call, end it here (the common case: no generator needed)."""
         if self.state is not InstanceState.INITIALIZED:
             self._require(InstanceState.INITIALIZED)
         argument = message_argument()
@@ -203,60 +309,114 @@ class StoreManager:
         host = self.host
         host.correlation_id = message.metadata.correlation_id
         host.deadline = self.limiter.arm(self.context)
+        try:
+            future, done = self._start(function, address, 1, 1)
+        finally:
+            argument.clear()  # this thread's argument: free for other calls once the first poll read it
+        if done:
+            self._future = 0
+            capi.call_future_delete(future)
+            error = self._error[0]
+            if error:
+                self._error[0] = None
+                raise self._fail(function, error)
+        return future, done
+
+    def _message_result(self, function: str) -> tuple[bool, Any]:
+        """(is_ok, payload) of the guest's result of a message call that has ended."""
         result = self._result_address
-        error = capi.func_call(self._func_addresses[function], self.context, address, 1, result, 1)
-        argument.clear()
-        if error:
-            raise self._fail(function, error)
         try:
             return self._message_results[function].lift_parts(result)
         finally:
             capi.val_delete(result)
             self._result[0] = capi.BOOL
 
-    def initialize(self, config: ComponentConfig) -> None:
+    def _message_steps(self, function: str, message: ComponentMessage) -> Steps[tuple[bool, Any]]:
+        """Call handle-message / handle-callback; returns (is_ok, payload) of the guest's result."""
+        future, done = self._message_start(function, message)
+        if not done:
+            yield from self._wait(function, future, done)
+        return self._message_result(function)
+
+    def _message_now(self, function: str, message: ComponentMessage) -> tuple[bool, Any]:
+        """`_message_steps` run to the end on this thread, without generators when one slice will do."""
+        future, done = self._message_start(function, message)
+        if not done:
+            run_to_end(self._wait(function, future, done))
+        return self._message_result(function)
+
+    def initialize_steps(self, config: ComponentConfig) -> Steps[None]:
         """Call `initialize`; a guest error raises ComponentError."""
         self._require(InstanceState.INSTANTIATED, InstanceState.INITIALIZED)
-        outcome = self._call("initialize", [_config_value(config)])
+        outcome = yield from self._call_steps("initialize", [_config_value(config)])
         if isinstance(outcome, Err):
             raise ComponentError(*outcome.value)
         self.state = InstanceState.INITIALIZED
 
-    def handle_message(self, message: ComponentMessage) -> bytes | None:
+    def handle_message_steps(self, message: ComponentMessage) -> Steps[bytes | None]:
         """Call `handle-message`; returns the optional reply, a guest error raises WasmError."""
-        is_ok, value = self._call_message("handle-message", message)
+        is_ok, value = yield from self._message_steps("handle-message", message)
         if is_ok:
             return value  # type: ignore[no-any-return]
         raise WasmError(*value)
 
-    def handle_callback(self, message: ComponentMessage) -> None:
+    def handle_callback_steps(self, message: ComponentMessage) -> Steps[None]:
         """Call `handle-callback`; a guest error raises WasmError."""
-        is_ok, value = self._call_message("handle-callback", message)
+        is_ok, value = yield from self._message_steps("handle-callback", message)
         if not is_ok:
             raise WasmError(*value)
 
-    def metadata(self) -> ComponentMetadata:
+    def metadata_steps(self) -> Steps[ComponentMetadata]:
         """Call `metadata`."""
         self._require(InstanceState.INSTANTIATED, InstanceState.INITIALIZED)
-        value = self._call("metadata", [])
+        value = yield from self._call_steps("metadata", [])
         return ComponentMetadata(
             name=value["name"], version=value["version"], description=value["description"],
             author=value["author"], license=value["license"],
             supported_operations=tuple(value["supported-operations"]), stateful=value["stateful"],
         )
 
-    def health(self) -> HealthStatus:
+    def health_steps(self) -> Steps[HealthStatus]:
         """Call `health`."""
         self._require(InstanceState.INITIALIZED)
-        return HealthStatus(self._call("health", []))
+        return HealthStatus((yield from self._call_steps("health", [])))
 
-    def shutdown(self, deadline_ms: int | None = None) -> None:
+    def shutdown_steps(self, deadline_ms: int | None = None) -> Steps[None]:
         """Call `shutdown`, interrupted after `deadline_ms` when given (else the usual limit);
         a guest error raises ComponentError."""
         self._require(InstanceState.INITIALIZED)
-        outcome = self._call("shutdown", [], deadline_ms)
+        outcome = yield from self._call_steps("shutdown", [], deadline_ms)
         if isinstance(outcome, Err):
             raise ComponentError(*outcome.value)
+
+    def initialize(self, config: ComponentConfig) -> None:
+        """`initialize_steps` run to the end on this thread."""
+        run_to_end(self.initialize_steps(config))
+
+    def handle_message(self, message: ComponentMessage) -> bytes | None:
+        """`handle_message_steps` run to the end on this thread."""
+        is_ok, value = self._message_now("handle-message", message)
+        if is_ok:
+            return value  # type: ignore[no-any-return]
+        raise WasmError(*value)
+
+    def handle_callback(self, message: ComponentMessage) -> None:
+        """`handle_callback_steps` run to the end on this thread."""
+        is_ok, value = self._message_now("handle-callback", message)
+        if not is_ok:
+            raise WasmError(*value)
+
+    def metadata(self) -> ComponentMetadata:
+        """`metadata_steps` run to the end on this thread."""
+        return run_to_end(self.metadata_steps())
+
+    def health(self) -> HealthStatus:
+        """`health_steps` run to the end on this thread."""
+        return run_to_end(self.health_steps())
+
+    def shutdown(self, deadline_ms: int | None = None) -> None:
+        """`shutdown_steps` run to the end on this thread."""
+        run_to_end(self.shutdown_steps(deadline_ms))
 
     def fuel_left(self) -> int:
         """Fuel remaining from the last call's budget."""

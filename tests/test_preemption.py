@@ -1,0 +1,149 @@
+"""Preemption: guest calls are time-sliced over a bounded set of worker threads, so busy guests
+beyond the thread count never stall an idle neighbour, and runaways still end at their deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.conftest import Starter, fixture_path
+from tests.test_actors import ask, until
+from wasmhost.actors.restart import RestartPolicy
+from wasmhost.actors.spec import ActorSpec
+from wasmhost.actors.state import ActorState
+from wasmhost.actors.supervisor import Supervisor
+from wasmhost.actors.workers import WorkerPool
+from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.core.errors import GuestTimeout
+from wasmhost.core.limits import ResourceLimits
+from wasmhost.messaging.outcome import RequestFailed
+from wasmhost.messaging.router import MessageRouter
+from wasmhost.runtime.runtime import Runtime
+from wasmhost.runtime.store import InstanceState, run_to_end
+
+pytestmark = pytest.mark.anyio
+
+THREADS = 2
+SPINNERS = 5  # more busy guests than threads
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def small_pool(runtime: Runtime) -> AsyncIterator[Supervisor]:
+    workers = WorkerPool(THREADS)
+    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers)
+    yield sup
+    await sup.stop_all(drain_timeout=1.0)
+    workers.close()
+
+
+def message(payload: bytes) -> ComponentMessage:
+    return ComponentMessage(ComponentId("test-org", "sender", "0"), payload, MessageMetadata(timestamp=Timestamp.now()))
+
+
+def fnv_loop(n: int) -> int:
+    """What the hasher guest computes, in Python."""
+    acc = 1469598103934665603
+    for i in range(n):
+        acc = ((acc ^ i) * 1099511628211) & 0xFFFF_FFFF_FFFF_FFFF
+    return acc
+
+
+async def test_echo_answers_while_more_spinners_than_threads_run(small_pool: Supervisor) -> None:
+    sup = small_pool
+    echo = ComponentId.parse("test-org/echo/0")
+    await sup.start(ActorSpec(echo), sup.runtime.load(echo, fixture_path("echo")))
+    spinners = []
+    for i in range(SPINNERS):
+        cid = ComponentId("test-org", "spinner", str(i))
+        spec = ActorSpec(cid, limits=ResourceLimits(max_execution_time_ms=3000), restart=RestartPolicy.TEMPORARY)
+        spinners.append(await sup.start(spec, sup.runtime.load(cid, fixture_path("spinner"))))
+
+    async def spin(cid: ComponentId) -> str:
+        try:
+            await sup.router.host_request(cid, b"spin", 30.0)
+        except RequestFailed as exc:
+            return str(exc)
+        return "answered"
+
+    calls = [asyncio.ensure_future(spin(actor.component_id)) for actor in spinners]
+    await until(lambda: all(actor.manager.in_call for actor in spinners))
+    # Every spinner is inside its call; with one thread each, the echo would wait for a deadline.
+    for i in range(20):
+        assert await ask(sup, "test-org/echo/0", b"ping %d" % i) == b"ping %d" % i
+    assert not any(call.done() for call in calls), "the echo should answer while every spinner still runs"
+    assert all(actor.manager.in_call for actor in spinners)
+    assert sup.workers.threads == THREADS
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls), 30)
+    assert all("timed out" in outcome for outcome in outcomes), outcomes
+    for actor in spinners:
+        await until(lambda a=actor: a.state is ActorState.STOPPED or a.state is ActorState.FAILED)  # type: ignore[misc]
+        assert "timed out" in (actor.stats.last_error or "")
+    assert await ask(sup, "test-org/echo/0", b"after") == b"after"
+    assert sup.workers.threads == THREADS
+
+
+async def test_a_long_computation_gives_the_same_result_sliced(runtime: Runtime, start: Starter) -> None:
+    n = 2_000_000
+    expected = str(fnv_loop(n)).encode()
+    hasher = start("hasher", "test-org/hasher/a", ResourceLimits(max_execution_time_ms=60_000))
+    steps = hasher.handle_message_steps(message(b"%d" % n))
+    slices = 0
+    with contextlib.suppress(StopIteration):
+        while True:
+            next(steps)
+            slices += 1
+    assert slices > 5, "the computation should have been cut into slices"
+    assert hasher.handle_message(message(b"%d" % n)) == expected
+    # Interleaved with another hasher on one thread, slice by slice: still the same answer each.
+    other = start("hasher", "test-org/hasher/b", ResourceLimits(max_execution_time_ms=60_000))
+    workers = WorkerPool(1)
+    try:
+        results = await asyncio.gather(
+            workers.run_steps(hasher.handle_message_steps(message(b"%d" % n)), hasher.lock),
+            workers.run_steps(other.handle_message_steps(message(b"%d" % n)), other.lock),
+        )
+    finally:
+        workers.close()
+    assert results == [expected, expected]
+    assert run_to_end(hasher.handle_message_steps(message(b"7"))) == str(fnv_loop(7)).encode()
+
+
+async def test_a_cancelled_waiter_leaves_no_call_in_the_store(start: Starter) -> None:
+    spinner = start("spinner", "test-org/spinner/0", ResourceLimits(max_execution_time_ms=30_000))
+    echo = start("echo", "test-org/echo/0")
+    workers = WorkerPool(1)
+    try:
+        call = asyncio.ensure_future(workers.run_steps(spinner.handle_message_steps(message(b"spin")), spinner.lock))
+        await until(lambda: spinner.in_call)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await until(lambda: not spinner.in_call)  # abandoned at once, not at its 30 s deadline
+        assert spinner.state is InstanceState.DEAD
+        # The one thread is free again for others.
+        assert await workers.run_steps(echo.handle_message_steps(message(b"hi")), echo.lock) == b"hi"
+    finally:
+        workers.close()
+
+
+async def test_a_deadline_that_passes_while_waiting_for_a_thread_is_a_timeout(start: Starter) -> None:
+    spinners = [start("spinner", f"test-org/spinner/{i}", ResourceLimits(max_execution_time_ms=300))
+                for i in range(3)]
+    workers = WorkerPool(1)
+    try:
+        results = await asyncio.gather(
+            *(workers.run_steps(s.handle_message_steps(message(b"spin")), s.lock) for s in spinners),
+            return_exceptions=True,
+        )
+    finally:
+        workers.close()
+    assert all(isinstance(result, GuestTimeout) for result in results), results
+    assert all(s.state is InstanceState.DEAD and not s.in_call for s in spinners)
