@@ -61,6 +61,7 @@ class ComponentActor:
         self.spec = spec
         self.component_id = spec.component_id
         self.name = str(spec.component_id)
+        self.max_message_bytes = spec.max_message_bytes
         self.manager = manager
         self.router = router
         self.workers = workers

@@ -8,6 +8,7 @@ from pathlib import Path
 from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy, Strategy
 from wasmhost.core.ids import ComponentId
 from wasmhost.core.limits import ResourceLimits
+from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES
 
 DEFAULT_MAILBOX_CAPACITY = 1024
 DEFAULT_HEALTH_INTERVAL = 30.0
@@ -33,3 +34,4 @@ class ActorSpec:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     storage: bool = False
     wasi: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest payload this component is handed

@@ -19,6 +19,7 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.core.errors import LoadError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.limits import ResourceLimits
+from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_CEILING, WASMTIME_LIST_U8_CEILING
 from wasmhost.runtime.loader import check_header
 
 Positive = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
@@ -65,6 +66,7 @@ class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     shutdown_timeout_s: PositiveFloat = 5.0
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
     wasi: bool = False
+    max_message_bytes: Positive | None = None
 
 
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -85,6 +87,7 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     drain_timeout_s: NonNegativeFloat = 5.0
     default_storage_quota_bytes: Positive = 16 * 1024 * 1024
     default_limits: Limits = msgspec.field(default_factory=Limits)
+    max_message_bytes: Positive = DEFAULT_MAX_MESSAGE_BYTES
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -241,6 +244,14 @@ def _limits(section: Limits, defaults: ResourceLimits) -> ResourceLimits:
     )
 
 
+def _message_bytes_error(where: str, value: int) -> str | None:
+    """Why `value` cannot be a max_message_bytes, or None."""
+    if value <= MAX_MESSAGE_BYTES_CEILING:
+        return None
+    return (f"{where}: expected an integer <= {MAX_MESSAGE_BYTES_CEILING} (2.5 MiB; wasmtime traps a guest "
+            f"passing a byte list longer than {WASMTIME_LIST_U8_CEILING}), got {value}")
+
+
 def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, components_dir: Path,
           defaults: ResourceLimits, errors: list[str]) -> ComponentPlan | None:
     where = f"components[{index}]"
@@ -282,6 +293,10 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
             config_data = file.read_bytes()
         except OSError as exc:
             errors.append(f"{where}.config_file: cannot read {file}: {exc.strerror or exc}")
+    if section.max_message_bytes is not None:
+        problem = _message_bytes_error(f"{where}.max_message_bytes", section.max_message_bytes)
+        if problem is not None:
+            errors.append(problem)
     if section.backoff_max_ms < section.backoff_base_ms:
         errors.append(f"{where}.backoff_max_ms: must be >= backoff_base_ms ({section.backoff_base_ms})")
     limits = None
@@ -307,6 +322,7 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         shutdown_timeout=section.shutdown_timeout_s,
         storage=section.capabilities.storage,
         wasi=section.wasi,
+        max_message_bytes=section.max_message_bytes or host.max_message_bytes,
     )
     quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
     return ComponentPlan(spec, wasm, section.capabilities, quota)
@@ -372,6 +388,9 @@ def parse_config(text: str, source: Path) -> Config:
             socket_gid = grp.getgrnam(host.socket_group).gr_gid
         except KeyError:
             errors.append(f"host.socket_group: no group named \"{host.socket_group}\" on this system")
+    problem = _message_bytes_error("host.max_message_bytes", host.max_message_bytes)
+    if problem is not None:
+        errors.append(problem)
     try:
         defaults = _limits(host.default_limits, ResourceLimits())
     except ValueError as exc:
