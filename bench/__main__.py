@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from bench import actors, calls, density, fairness, memory, restart, startup
+from bench import actors, calls, density, fairness, memory, payload, restart, startup
 from bench.harness import report, save
 
 BENCHMARKS = {
     "calls": calls.run, "actors": actors.run, "startup": startup.run, "restart": restart.run,
     "density": density.run, "fairness": fairness.run, "memory": memory.run,
+    "payload": payload.run,
 }
 
 

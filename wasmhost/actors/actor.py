@@ -10,6 +10,7 @@ from typing import Protocol
 
 import structlog
 
+from wasmhost.actors.conversion_budget import CONVERSIONS, LARGE_PAYLOAD
 from wasmhost.actors.envelope import Delivery, Envelope
 from wasmhost.actors.mailbox import Mailbox
 from wasmhost.actors.restart import RestartHistory
@@ -20,12 +21,16 @@ from wasmhost.core.errors import ComponentError, GuestExit, GuestFailure, Instan
 from wasmhost.core.metadata import ComponentConfig, ComponentMetadata, HealthStatus
 from wasmhost.messaging.outcome import Outcome
 from wasmhost.messaging.router import MessageRouter
+from wasmhost.runtime.malloc import release_free_memory
 from wasmhost.runtime.store import InstanceState, StoreManager
 
 log = structlog.get_logger("wasmhost.actor")
 
 BATCH_SIZE = 64
 """Envelopes handled per hop to a worker thread: amortises the hop for small messages."""
+TRIM_AFTER = 256 * 1024
+"""Payloads or replies from this size on (about 40 MiB of transient conversion memory) are followed
+by handing free heap memory back to the OS."""
 
 
 class FailureHandler(Protocol):
@@ -194,9 +199,22 @@ class ComponentActor:
                     if failure is not None:
                         return failure
                 continue
-            handled, rest, failure = await self.workers.run(functools.partial(self._process, batch))
+            large = _first_large(batch)
+            if large is None:
+                handled, rest, failure = await self.workers.run(functools.partial(self._process, batch))
+            else:
+                # a large payload goes alone, once the process-wide conversion budget has room for it
+                cut = max(large, 1)
+                self.mailbox.requeue_front(batch[cut:])
+                batch = batch[:cut]
+                if large:
+                    handled, rest, failure = await self.workers.run(functools.partial(self._process, batch))
+                else:
+                    async with CONVERSIONS.reserve(len(batch[0].message.payload)):
+                        handled, rest, failure = await self.workers.run(functools.partial(self._process, batch))
             self._deliver(handled)
             self.mailbox.requeue_front(rest)
+            del batch, handled, rest  # not kept while idle: they hold the last payloads and replies
             if failure is not None:
                 return failure
             self.history.settled()
@@ -224,6 +242,9 @@ class ComponentActor:
                 return done, batch[index + 1 :], exc
             except Exception as exc:  # a bad value: this message fails, the Store is fine
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {type(exc).__name__}: {exc}"))
+            reply = done[-1].reply
+            if max(len(envelope.message.payload), len(reply or b"")) >= TRIM_AFTER:
+                release_free_memory()  # the conversion's transient copies are freed: give them back
         return done, [], None
 
     def _deliver(self, handled: list[Handled]) -> None:
@@ -273,3 +294,11 @@ class ComponentActor:
 
     def _record_error(self, error: Exception) -> None:
         self.stats.last_error = str(error)
+
+
+def _first_large(batch: list[Envelope]) -> int | None:
+    """Index of the first envelope whose payload is budgeted (LARGE_PAYLOAD or more), or None."""
+    for index, envelope in enumerate(batch):
+        if len(envelope.message.payload) >= LARGE_PAYLOAD:
+            return index
+    return None
