@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_actors import ask, last_outcome, launch, wait_callbacks
-from tests.test_daemon import component, daemon
+from tests.test_daemon import component, daemon, wasmhost
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
@@ -178,3 +178,14 @@ def test_a_20_mib_call_is_refused_and_the_echo_keeps_answering(daemon: object, t
     assert rows["t/echo/0"]["state"] == "running"
     assert d.stop() == 0
 
+
+
+def test_the_cli_refuses_an_oversized_payload_before_connecting(tmp_path: Path) -> None:
+    nowhere = str(tmp_path / "no.sock")  # nothing listens: a refusal here cannot come from a daemon
+    piped = wasmhost("send", "t/echo/0", "@-", "--socket", nowhere, stdin=b"x" * (MAX_MESSAGE_BYTES_CEILING + 1))
+    assert piped.returncode == 1
+    assert piped.stderr == (f"wasmhost: stdin: more than {MAX_MESSAGE_BYTES_CEILING} bytes is too large to send: "
+                            f"no component takes more than {MAX_MESSAGE_BYTES_CEILING} bytes "
+                            "(the largest max_message_bytes)\n")
+    fits = wasmhost("send", "t/echo/0", "@-", "--socket", nowhere, stdin=b"x" * MAX_MESSAGE_BYTES_CEILING)
+    assert fits.returncode == 1 and "no wasmhost daemon is listening" in fits.stderr
