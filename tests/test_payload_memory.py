@@ -116,3 +116,26 @@ async def test_concurrent_large_messages_share_one_conversion_window(supervisor:
         await asyncio.sleep(0.05)
     retained = _status("VmRSS:") - base
     assert retained < 64 * MiB, f"{retained / MiB:.0f} MiB stayed resident after the burst"
+
+
+async def test_a_guest_that_produced_a_large_payload_waits_for_the_budget_next_time(supervisor: Supervisor) -> None:
+    await launch(supervisor, "echo", "test-org/echo/0", max_message_bytes=2 * MiB)
+    await launch(supervisor, "blaster", "test-org/blaster/0", max_message_bytes=2 * MiB)
+    blaster = ComponentId.parse("test-org/blaster/0")
+
+    async def held_back(payload: bytes) -> bytes | None:
+        """Ask the blaster while the whole budget is taken: the ask must queue for it, then finish."""
+        async with CONVERSIONS.reserve(CONVERSIONS.total_bytes):
+            ask = asyncio.create_task(supervisor.router.host_request(blaster, payload, 30.0))
+            deadline = time.monotonic() + 10
+            while CONVERSIONS.waiting == 0:
+                assert time.monotonic() < deadline, "the blaster's next call did not wait for the budget"
+                await asyncio.sleep(0.01)
+        return await asyncio.wait_for(ask, 30)
+
+    # a send of 1 MiB (converted inside the guest's own call) budgets its next call, small as it is
+    assert await supervisor.router.host_request(blaster, b"s1048576|test-org|echo|0", 30.0) == b"ok"
+    assert await held_back(b"R10") == bytes(10)
+    # so does a large reply
+    assert await supervisor.router.host_request(blaster, b"R1048576", 30.0) == bytes(MiB)
+    assert await held_back(b"R10") == bytes(10)

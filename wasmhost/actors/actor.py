@@ -67,6 +67,10 @@ class ComponentActor:
         self.component_id = spec.component_id
         self.name = str(spec.component_id)
         self.max_message_bytes = spec.max_message_bytes
+        # Largest payload this guest recently produced (reply or send): its next calls are budgeted
+        # like a large incoming payload, since wasmtime converts what it produces the same way.
+        self.output_hint = 0
+        self._call_output = 0
         self.manager = manager
         self.router = router
         self.workers = workers
@@ -199,7 +203,8 @@ class ComponentActor:
                     if failure is not None:
                         return failure
                 continue
-            large = _first_large(batch)
+            hint = self.output_hint
+            large = 0 if hint >= LARGE_PAYLOAD else _first_large(batch)
             if large is None:
                 handled, rest, failure = await self.workers.run(functools.partial(self._process, batch))
             else:
@@ -210,7 +215,7 @@ class ComponentActor:
                 if large:
                     handled, rest, failure = await self.workers.run(functools.partial(self._process, batch))
                 else:
-                    async with CONVERSIONS.reserve(len(batch[0].message.payload)):
+                    async with CONVERSIONS.reserve(max(len(batch[0].message.payload), hint)):
                         handled, rest, failure = await self.workers.run(functools.partial(self._process, batch))
             self._deliver(handled)
             self.mailbox.requeue_front(rest)
@@ -226,6 +231,7 @@ class ComponentActor:
         for index, envelope in enumerate(batch):
             if self._stopping and time.monotonic() >= self._drain_deadline:
                 return done, batch[index:], None  # out of drain time: the rest is answered as stopped
+            self._call_output = 0
             try:
                 if envelope.delivery is Delivery.MESSAGE:
                     reply = manager.handle_message(envelope.message)
@@ -242,10 +248,15 @@ class ComponentActor:
                 return done, batch[index + 1 :], exc
             except Exception as exc:  # a bad value: this message fails, the Store is fine
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {type(exc).__name__}: {exc}"))
-            reply = done[-1].reply
-            if max(len(envelope.message.payload), len(reply or b"")) >= TRIM_AFTER:
+            produced = max(self._call_output, len(done[-1].reply or b""))
+            self.output_hint = max(produced, self.output_hint // 2)  # halves with every quiet call
+            if max(len(envelope.message.payload), produced) >= TRIM_AFTER:
                 release_free_memory()  # the conversion's transient copies are freed: give them back
         return done, [], None
+
+    def produced(self, size: int) -> None:
+        """The guest passed a payload of `size` bytes to an import (the router calls this from its thread)."""
+        self._call_output = max(self._call_output, size)
 
     def _deliver(self, handled: list[Handled]) -> None:
         router = self.router

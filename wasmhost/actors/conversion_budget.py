@@ -5,7 +5,9 @@ again into 48-byte values of its own, and the same for the reply: an echo of S b
 needs about 160 x S of host memory (measured: 320 MiB for 2 MiB). Nothing cheaper exists in the C
 API of wasmtime 50, so this budget bounds how many such conversions run at once: an actor waits
 (on the event loop, holding no worker thread) until the payload bytes it is about to hand a guest
-fit, in arrival order. A payload larger than the whole budget runs alone.
+fit, in arrival order. A payload larger than the whole budget runs alone. What a guest produces
+(its reply, a payload it sends) is converted during its own call, before the host sees its size;
+an actor whose guest recently produced a large payload budgets its next calls for that size too.
 
 Freed conversion memory sits in glibc's per-thread arenas; each large call is followed by a trim on
 its worker thread (actor.py), and once the budget has been idle for IDLE_TRIM_S the replies and
@@ -42,6 +44,11 @@ class ConversionBudget:
         self.idle_trims = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self._idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Reservations waiting for room."""
+        return len(self._waiters)
 
     def _fits(self, size: int) -> bool:
         return self.in_use == 0 or self.in_use + size <= self.total_bytes

@@ -35,6 +35,8 @@ from wasmhost.messaging.outcome import OUTCOME_CONTENT_TYPE, Outcome, RequestFai
 
 log = structlog.get_logger("wasmhost.messaging")
 
+PRODUCED_NOTICE = 64 * 1024
+"""Guest payloads from this size on are reported to the sending actor (see Recipient.produced)."""
 MAX_REQUEST_TIMEOUT_MS = 24 * 3600 * 1000
 """Longer request timeouts (e.g. u64::MAX meaning 'forever') are capped to a day."""
 
@@ -45,6 +47,9 @@ class Recipient(Protocol):
     component_id: ComponentId
     mailbox: Mailbox
     max_message_bytes: int
+
+    def produced(self, size: int) -> None:
+        """This component's guest passed a payload of `size` bytes to a messaging import."""
 
 
 class Permissions(Protocol):
@@ -103,6 +108,13 @@ class MessageRouter:
         check_message_size(size, recipient.max_message_bytes, target)
         return recipient
 
+    def _produced(self, sender: ComponentId, payload: bytes) -> None:
+        """Tell the sending actor how large a payload its guest produced (large ones budget its calls)."""
+        if len(payload) >= PRODUCED_NOTICE:
+            recipient = self._recipients.get(sender)
+            if recipient is not None:
+                recipient.produced(len(payload))
+
     @staticmethod
     def _offer(recipient: Recipient, envelope: Envelope) -> None:
         if recipient.mailbox.offer(envelope):
@@ -113,6 +125,7 @@ class MessageRouter:
 
     def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
         """Enqueue a message for `target` with reply-to = sender."""
+        self._produced(sender, payload)
         recipient = self._resolve(sender, "send", target, len(payload))
         self._offer(recipient, Envelope(_message(sender, payload)))
 
@@ -122,6 +135,7 @@ class MessageRouter:
 
     def request(self, sender: ComponentId, target: ComponentId, payload: bytes, timeout_ms: int) -> str:
         """Enqueue a request; its outcome arrives later as a callback on `sender`."""
+        self._produced(sender, payload)
         if timeout_ms <= 0:
             raise MessagingError("invalid-message", "timeout-ms must be at least 1")
         recipient = self._resolve(sender, "request", target, len(payload))
@@ -154,6 +168,7 @@ class MessageRouter:
 
     def broadcast(self, sender: ComponentId, targets: list[ComponentId], payload: bytes) -> None:
         """Deliver to every target (see the module docstring for partial failures)."""
+        self._produced(sender, payload)
         if not targets:
             raise MessagingError("invalid-message", "broadcast needs at least one target")
         recipients = [self._resolve(sender, "broadcast", target, len(payload)) for target in dict.fromkeys(targets)]
