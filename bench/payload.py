@@ -3,7 +3,8 @@
 Peak RSS growth (VmHWM, reset before each run) of one message is the transient conversion window
 (wasmtime's value arrays; wasmhost.actors.conversion_budget lets one such window exist at a time);
 the growth of N in-flight messages beyond that window, per message, is what each one costs the host;
-and what stays resident once the burst is over and the budget's idle trim ran.
+and what stays resident once the burst is over and the budget's idle trim ran. Then guests that
+themselves send large payloads (converted inside their own calls, budgeted from their next call on).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ ECHOES = 8
 MESSAGES = 64
 SIZE = DEFAULT_MAX_MESSAGE_BYTES
 MiB = 1024 * 1024
+SENDERS = 6
+SENDS = 5
+SENT = 2 * MiB
 
 
 def _status(key: str) -> int:
@@ -57,11 +61,7 @@ async def _burst(sup: Supervisor, targets: list[ComponentId], payloads: list[byt
     assert all(reply == payload for reply, payload in zip(replies, payloads, strict=True))
     del replies
     gc.collect()
-    trims = CONVERSIONS.idle_trims
-    deadline = time.monotonic() + 10
-    while CONVERSIONS.idle_trims == trims and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.2)  # the trim itself runs on an executor thread
+    await _idle_trim()
     return peak - base, _status("VmRSS:") - base
 
 
@@ -84,11 +84,54 @@ async def _measure(runtime: Runtime) -> tuple[int, int, int]:
         workers.close()
 
 
+async def _senders(runtime: Runtime) -> tuple[int, int]:
+    """(peak, kept) RSS growth while SENDERS guests each send SENDS payloads of SENT bytes to one echo."""
+    workers = WorkerPool()
+    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers)
+    try:
+        sink = ComponentId("payload", "sink", "0")
+        await sup.start(ActorSpec(sink, max_message_bytes=SENT + 1024), runtime.load(sink, FIXTURES / "echo.wasm"))
+        senders = []
+        for i in range(SENDERS):
+            cid = ComponentId("payload", "blaster", str(i))
+            await sup.start(ActorSpec(cid), runtime.load(cid, FIXTURES / "blaster.wasm"))
+            senders.append(cid)
+        command = f"s{SENT}|payload|sink|0".encode()
+        gc.collect()
+        release_free_memory()
+        base = _status("VmRSS:")
+        _reset_peak()
+
+        async def sender(cid: ComponentId) -> None:
+            for _ in range(SENDS):
+                assert await sup.router.host_request(cid, command, 600.0) == b"ok"
+
+        await asyncio.gather(*(sender(cid) for cid in senders))
+        sink_actor = sup.actors[sink]
+        while len(sink_actor.mailbox) or sink_actor.stats.handled < SENDERS * SENDS:
+            await asyncio.sleep(0.05)
+        peak = _status("VmHWM:") - base
+        await _idle_trim()
+        return peak, _status("VmRSS:") - base
+    finally:
+        await sup.stop_all(1.0)
+        workers.close()
+
+
+async def _idle_trim() -> None:
+    """Wait for the budget's next idle trim (bounded)."""
+    trims = CONVERSIONS.idle_trims
+    deadline = time.monotonic() + 10
+    while CONVERSIONS.idle_trims == trims and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 def run(seconds: float = 1.0) -> list[Row]:
     """Peak and retained RSS growth for one and for MESSAGES in-flight messages of SIZE bytes."""
     runtime = Runtime()
     try:
         single, peak, retained = uvloop.run(_measure(runtime))
+        sent_peak, sent_kept = uvloop.run(_senders(runtime))
     finally:
         runtime.close()
     total = MESSAGES * SIZE
@@ -103,4 +146,8 @@ def run(seconds: float = 1.0) -> list[Row]:
             " KiB)", 256.0, single / MiB, "MiB", 256.0, at_most=True),
         Row("payload", f"{n}: RSS kept after the burst / payload", 1.0, retained / total, "x", 1.0,
             at_most=True),
+        Row("payload", f"{SENDERS} guests each sending {SENDS} x {SENT // MiB} MiB: peak RSS growth", 0.0,
+            sent_peak / MiB, "MiB", None, at_most=True),
+        Row("payload", f"{SENDERS} guests each sending {SENDS} x {SENT // MiB} MiB: RSS kept afterwards", 64.0,
+            sent_kept / MiB, "MiB", 64.0, at_most=True),
     ]
