@@ -79,7 +79,9 @@ class ConversionBudget:
             yield
         finally:
             self._release(size)
-            if self.in_use == 0 and self._idle_timer is None:
+            if self.in_use == 0:  # restart the idle timer (a stale one may belong to a closed loop)
+                if self._idle_timer is not None:
+                    self._idle_timer.cancel()
                 loop = asyncio.get_running_loop()
                 self._idle_timer = loop.call_later(IDLE_TRIM_S, self._trim_when_idle, loop)
 
