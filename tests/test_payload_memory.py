@@ -14,9 +14,11 @@ import pytest
 
 from tests.test_actors import launch
 from wasmhost.actors.conversion_budget import CONVERSIONS, ConversionBudget
+from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
+from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.malloc import release_free_memory
 from wasmhost.runtime.runtime import Runtime
@@ -118,27 +120,28 @@ async def test_concurrent_large_messages_share_one_conversion_window(supervisor:
     assert retained < 64 * MiB, f"{retained / MiB:.0f} MiB stayed resident after the burst"
 
 
+async def held_back(sup: Supervisor, target: ComponentId, payload: bytes) -> bytes | None:
+    """Ask `target` while the whole budget is taken: the ask must queue for it, then finish."""
+    async with CONVERSIONS.reserve(CONVERSIONS.total_bytes):
+        ask = asyncio.create_task(sup.router.host_request(target, payload, 30.0))
+        deadline = time.monotonic() + 10
+        while CONVERSIONS.waiting == 0:
+            assert time.monotonic() < deadline, f"the next call of {target} did not wait for the budget"
+            await asyncio.sleep(0.01)
+    return await asyncio.wait_for(ask, 30)
+
+
 async def test_a_guest_that_produced_a_large_payload_waits_for_the_budget_next_time(supervisor: Supervisor) -> None:
     await launch(supervisor, "echo", "test-org/echo/0", max_message_bytes=2 * MiB)
     await launch(supervisor, "blaster", "test-org/blaster/0", max_message_bytes=2 * MiB)
     blaster = ComponentId.parse("test-org/blaster/0")
 
-    async def held_back(payload: bytes) -> bytes | None:
-        """Ask the blaster while the whole budget is taken: the ask must queue for it, then finish."""
-        async with CONVERSIONS.reserve(CONVERSIONS.total_bytes):
-            ask = asyncio.create_task(supervisor.router.host_request(blaster, payload, 30.0))
-            deadline = time.monotonic() + 10
-            while CONVERSIONS.waiting == 0:
-                assert time.monotonic() < deadline, "the blaster's next call did not wait for the budget"
-                await asyncio.sleep(0.01)
-        return await asyncio.wait_for(ask, 30)
-
     # a send of 1 MiB (converted inside the guest's own call) budgets its next call, small as it is
     assert await supervisor.router.host_request(blaster, b"s1048576|test-org|echo|0", 30.0) == b"ok"
-    assert await held_back(b"R10") == bytes(10)
+    assert await held_back(supervisor, blaster, b"R10") == bytes(10)
     # so does a large reply
     assert await supervisor.router.host_request(blaster, b"R1048576", 30.0) == bytes(MiB)
-    assert await held_back(b"R10") == bytes(10)
+    assert await held_back(supervisor, blaster, b"R10") == bytes(10)
 
 
 async def test_memory_of_guests_sending_large_payloads_goes_back_afterwards(supervisor: Supervisor) -> None:
@@ -167,3 +170,15 @@ async def test_memory_of_guests_sending_large_payloads_goes_back_afterwards(supe
         await asyncio.sleep(0.05)
     retained = _status("VmRSS:") - base
     assert retained < 48 * MiB, f"{retained / MiB:.0f} MiB stayed resident after 24 MiB were sent"
+
+
+async def test_a_guest_trapped_by_wasmtimes_size_guard_is_budgeted_after_its_restart(supervisor: Supervisor) -> None:
+    actor = await launch(supervisor, "blaster", "test-org/blaster/0")
+    blaster = actor.component_id
+    with pytest.raises(RequestFailed, match="too much data is being copied between the host and the guest"):
+        await supervisor.router.host_request(blaster, b"s4194304|test-org|blaster|0", 30.0)
+    deadline = time.monotonic() + 10
+    while actor.state is not ActorState.RUNNING or actor.stats.restarts < 1:
+        assert time.monotonic() < deadline, "the blaster was not restarted"
+        await asyncio.sleep(0.01)
+    assert await held_back(supervisor, blaster, b"R10") == bytes(10)

@@ -18,6 +18,7 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState, ActorStats
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core.errors import ComponentError, GuestExit, GuestFailure, InstanceStateError, LoadError, WasmError
+from wasmhost.core.message_size import WASMTIME_LIST_U8_CEILING
 from wasmhost.core.metadata import ComponentConfig, ComponentMetadata, HealthStatus
 from wasmhost.messaging.outcome import Outcome
 from wasmhost.messaging.router import MessageRouter
@@ -245,6 +246,9 @@ class ComponentActor:
             except (GuestFailure, InstanceStateError) as exc:
                 # The message that trapped is answered with an error and never retried.
                 done.append(Handled(envelope, None, Outcome.FAILED, str(exc)))
+                if "too much data is being copied" in str(exc):  # wasmtime's own size guard fired
+                    self.output_hint = WASMTIME_LIST_U8_CEILING  # mid-conversion: as large as it gets
+                    release_free_memory()
                 return done, batch[index + 1 :], exc
             except Exception as exc:  # a bad value: this message fails, the Store is fine
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {type(exc).__name__}: {exc}"))
