@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import Starter
 from tests.test_actors import ask, last_outcome, launch, wait_callbacks
 from tests.test_daemon import component, daemon, wasmhost
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
-from wasmhost.core import ComponentId
-from wasmhost.core.errors import MessagingError
+from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.core.errors import GuestTrap, MessagingError
+from wasmhost.core.limits import ResourceLimits
 from wasmhost.core.message_size import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES_CEILING,
@@ -35,6 +37,8 @@ __all__ = ["daemon"]  # the real-daemon fixture of test_daemon.py
 ECHO = "test-org/echo/0"
 BLASTER = "test-org/blaster/0"
 LIMIT = 64 * 1024
+MiB = 1024 * 1024
+SENDER = ComponentId.parse("test-org/sender/0")
 
 
 @pytest.fixture
@@ -60,6 +64,15 @@ async def untouched(sup: Supervisor, echo: ComponentActor, handled: int) -> None
 
 def test_the_limit_stays_below_what_wasmtime_can_pass() -> None:
     assert DEFAULT_MAX_MESSAGE_BYTES <= MAX_MESSAGE_BYTES_CEILING < WASMTIME_LIST_U8_CEILING
+
+
+def test_the_measured_wasmtime_ceiling_still_holds(start: Starter) -> None:
+    # The ceiling the limits are derived from: an upgrade of wasmtime that moves it fails here.
+    echo = start("echo", ECHO, ResourceLimits(max_memory_bytes=64 * MiB))
+    at_ceiling = bytes(WASMTIME_LIST_U8_CEILING)
+    assert echo.handle_message(ComponentMessage(SENDER, at_ceiling, MessageMetadata(Timestamp.now()))) == at_ceiling
+    with pytest.raises(GuestTrap, match="too much data is being copied between the host and the guest"):
+        echo.handle_message(ComponentMessage(SENDER, at_ceiling + b"!", MessageMetadata(Timestamp.now())))
 
 
 def test_config_takes_a_host_default_and_per_component_limits(tmp_path: Path) -> None:
