@@ -18,7 +18,7 @@ from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
-from wasmhost.messaging.outcome import RequestFailed
+from wasmhost.messaging.outcome import Outcome, RequestFailed
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.malloc import release_free_memory
 from wasmhost.runtime.runtime import Runtime
@@ -182,3 +182,19 @@ async def test_a_guest_trapped_by_wasmtimes_size_guard_is_budgeted_after_its_res
         assert time.monotonic() < deadline, "the blaster was not restarted"
         await asyncio.sleep(0.01)
     assert await held_back(supervisor, blaster, b"R10") == bytes(10)
+
+
+async def test_an_actor_waiting_for_the_budget_still_stops_within_its_drain_time(supervisor: Supervisor) -> None:
+    echo = await launch(supervisor, "echo", "test-org/echo/0")
+    async with CONVERSIONS.reserve(CONVERSIONS.total_bytes):  # a guest holding the whole budget
+        ask = asyncio.create_task(supervisor.router.host_request(echo.component_id, bytes(MiB), 30.0))
+        deadline = time.monotonic() + 10
+        while CONVERSIONS.waiting == 0:
+            assert time.monotonic() < deadline, "the large message did not wait for the budget"
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(supervisor.stop(echo.component_id, drain_timeout=0.0), 10)
+        with pytest.raises(RequestFailed) as caught:
+            await asyncio.wait_for(ask, 10)
+        assert caught.value.outcome is Outcome.TARGET_STOPPED
+        assert CONVERSIONS.waiting == 0 and CONVERSIONS.in_use == CONVERSIONS.total_bytes
+    assert CONVERSIONS.in_use == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ class ComponentActor:
         self._drain_deadline = 0.0
         self._restart_requested = False
         self._started = asyncio.Event()
+        self._stop_requested = asyncio.Event()
         self._next_health = 0.0
 
     # --- control (event loop) ---
@@ -96,6 +98,7 @@ class ComponentActor:
         if self._task is not None and not self._task.done():
             return
         self._stopping = False
+        self._stop_requested.clear()
         self._restart_requested = False
         self._started.clear()
         self.mailbox.reopen()
@@ -113,6 +116,7 @@ class ComponentActor:
             return
         self._stopping = True
         self._drain_deadline = time.monotonic() + drain_timeout
+        self._stop_requested.set()
         self.mailbox.seal()
         self.mailbox.wake()
         await task
@@ -216,14 +220,39 @@ class ComponentActor:
                 if large:
                     handled, rest, failure = await self.workers.run(functools.partial(self._process, batch))
                 else:
-                    async with CONVERSIONS.reserve(max(len(batch[0].message.payload), hint)):
+                    taken = await self._take_budget(max(len(batch[0].message.payload), hint))
+                    if taken is None:  # out of drain time while waiting: answered as stopped
+                        self.mailbox.requeue_front(batch)
+                        return None
+                    try:
                         handled, rest, failure = await self.workers.run(functools.partial(self._process, batch))
+                    finally:
+                        CONVERSIONS.release(taken)
             self._deliver(handled)
             self.mailbox.requeue_front(rest)
             del batch, handled, rest  # not kept while idle: they hold the last payloads and replies
             if failure is not None:
                 return failure
             self.history.settled()
+
+    async def _take_budget(self, size: int) -> int | None:
+        """Take `size` bytes of the conversion budget, or None once stopping and out of drain time
+        (a guest holding the budget must not hold up a stop beyond its drain timeout)."""
+        acquire = asyncio.ensure_future(CONVERSIONS.acquire(size))
+        while True:
+            if self._stopping:
+                await asyncio.wait({acquire}, timeout=max(0.0, self._drain_deadline - time.monotonic()))
+            else:
+                stop = asyncio.ensure_future(self._stop_requested.wait())
+                await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+            if acquire.done():
+                return acquire.result()
+            if self._stopping and time.monotonic() >= self._drain_deadline:
+                acquire.cancel()  # the budget withdraws the waiter (or hands on a grant it just got)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquire
+                return None
 
     def _process(self, batch: list[Envelope]) -> tuple[list[Handled], list[Envelope], Exception | None]:
         """Handle envelopes in order on a worker thread; stop at the first failure of the Store."""

@@ -53,9 +53,9 @@ class ConversionBudget:
     def _fits(self, size: int) -> bool:
         return self.in_use == 0 or self.in_use + size <= self.total_bytes
 
-    @asynccontextmanager
-    async def reserve(self, size: int) -> AsyncIterator[None]:
-        """Hold `size` bytes of the budget (all of it when `size` is larger) for the block."""
+    async def acquire(self, size: int) -> int:
+        """Wait for and take `size` bytes (all of the budget when `size` is larger); returns what was
+        taken, to give back with `release`. Cancelled while waiting, it takes nothing."""
         size = min(size, self.total_bytes)
         if self._waiters or not self._fits(size):
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -66,7 +66,7 @@ class ConversionBudget:
                 await future
             except BaseException:
                 if future.done() and not future.cancelled():
-                    self._release(size)  # granted just as we were cancelled: hand it on
+                    self.release(size)  # granted just as we were cancelled: hand it on
                 elif entry in self._waiters:
                     self._waiters.remove(entry)
                 raise
@@ -75,15 +75,25 @@ class ConversionBudget:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        return size
+
+    def release(self, size: int) -> None:
+        """Give back `size` bytes taken by `acquire` (event loop only)."""
+        self._release(size)
+        if self.in_use == 0:  # restart the idle timer (a stale one may belong to a closed loop)
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(IDLE_TRIM_S, self._trim_when_idle, loop)
+
+    @asynccontextmanager
+    async def reserve(self, size: int) -> AsyncIterator[None]:
+        """Hold `size` bytes of the budget (all of it when `size` is larger) for the block."""
+        taken = await self.acquire(size)
         try:
             yield
         finally:
-            self._release(size)
-            if self.in_use == 0:  # restart the idle timer (a stale one may belong to a closed loop)
-                if self._idle_timer is not None:
-                    self._idle_timer.cancel()
-                loop = asyncio.get_running_loop()
-                self._idle_timer = loop.call_later(IDLE_TRIM_S, self._trim_when_idle, loop)
+            self.release(taken)
 
     def _trim_when_idle(self, loop: asyncio.AbstractEventLoop) -> None:
         self._idle_timer = None
