@@ -72,7 +72,8 @@ async def test_messages_to_targets_not_granted_are_denied(host: Supervisor) -> N
 async def test_extreme_host_import_arguments_are_wit_errors(host: Supervisor) -> None:
     answers = {
         "send evil nobody 0 1": "error: TargetNotFound",
-        "send evil prober 0 2097152": "ok",  # 2 MiB to itself: delivered
+        "send evil prober 0 1048576": "ok",  # 1 MiB to itself: its max_message_bytes, delivered
+        "send evil prober 0 2097152": "error: InvalidMessage: payload of 2097152 bytes exceeds the limit of 1048576",
         "timeout evil prober 0 0": "error: InvalidMessage: timeout-ms must be at least 1",
         "timeout evil prober 0 18446744073709551615": "ok: ",  # capped to a day, not an error
         "cancel no-such-request": "error: InvalidMessage: no pending request",

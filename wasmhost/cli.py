@@ -37,12 +37,27 @@ def socket_path(args: argparse.Namespace) -> Path:
 
 
 def _payload(text: str) -> bytes:
-    """PAYLOAD, or the contents of FILE for @FILE ('@-' for stdin)."""
+    """PAYLOAD, or the contents of FILE for @FILE ('@-' for stdin), refused before sending when no
+    component could take it (above the largest `max_message_bytes`; the daemon checks the target's own)."""
+    from wasmhost.core.message_size import MAX_MESSAGE_BYTES_CEILING
+
     if text == "@-":
-        return sys.stdin.buffer.read()
-    if text.startswith("@"):
-        return Path(text[1:]).read_bytes()
-    return text.encode()
+        payload, where = sys.stdin.buffer.read(MAX_MESSAGE_BYTES_CEILING + 1), "stdin"
+        size = len(payload) if len(payload) <= MAX_MESSAGE_BYTES_CEILING else None
+    elif text.startswith("@"):
+        path = Path(text[1:])
+        where, size, payload = text[1:], path.stat().st_size, b""
+        if size <= MAX_MESSAGE_BYTES_CEILING:
+            payload = path.read_bytes()
+            size = len(payload)
+    else:
+        payload, where = text.encode(), "PAYLOAD"
+        size = len(payload)
+    if size is None or size > MAX_MESSAGE_BYTES_CEILING:
+        amount = f"{size} bytes" if size is not None else f"more than {MAX_MESSAGE_BYTES_CEILING} bytes"
+        raise ValueError(f"{where}: {amount} is too large to send: no component takes more than "
+                         f"{MAX_MESSAGE_BYTES_CEILING} bytes (the largest max_message_bytes)")
+    return payload
 
 
 # --- daemon and config ---

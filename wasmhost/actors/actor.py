@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Generator
@@ -11,6 +12,7 @@ from typing import Protocol
 
 import structlog
 
+from wasmhost.actors.conversion_budget import CONVERSIONS, LARGE_PAYLOAD
 from wasmhost.actors.envelope import Delivery, Envelope
 from wasmhost.actors.mailbox import Mailbox
 from wasmhost.actors.restart import RestartHistory
@@ -18,15 +20,20 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState, ActorStats
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core.errors import ComponentError, GuestExit, GuestFailure, InstanceStateError, LoadError, WasmError
+from wasmhost.core.message_size import WASMTIME_LIST_U8_CEILING
 from wasmhost.core.metadata import ComponentConfig, ComponentMetadata, HealthStatus
 from wasmhost.messaging.outcome import Outcome
 from wasmhost.messaging.router import MessageRouter
+from wasmhost.runtime.malloc import release_free_memory
 from wasmhost.runtime.store import InstanceState, StoreManager
 
 log = structlog.get_logger("wasmhost.actor")
 
 BATCH_SIZE = 64
 """Envelopes handled per hop to a worker thread: amortises the hop for small messages."""
+TRIM_AFTER = 256 * 1024
+"""Payloads or replies from this size on (about 40 MiB of transient conversion memory) are followed
+by handing free heap memory back to the OS."""
 
 SLICE_S = 0.002
 """Guest time after which a batch of short calls gives up its thread between two envelopes."""
@@ -65,6 +72,11 @@ class ComponentActor:
         self.spec = spec
         self.component_id = spec.component_id
         self.name = str(spec.component_id)
+        self.max_message_bytes = spec.max_message_bytes
+        # Largest payload this guest recently produced (reply or send): its next calls are budgeted
+        # like a large incoming payload, since wasmtime converts what it produces the same way.
+        self.output_hint = 0
+        self._call_output = 0
         self.manager = manager
         self.router = router
         self.workers = workers
@@ -80,6 +92,7 @@ class ComponentActor:
         self._drain_deadline = 0.0
         self._restart_requested = False
         self._started = asyncio.Event()
+        self._stop_requested = asyncio.Event()
         self._next_health = 0.0
 
     # --- control (event loop) ---
@@ -89,6 +102,7 @@ class ComponentActor:
         if self._task is not None and not self._task.done():
             return
         self._stopping = False
+        self._stop_requested.clear()
         self._restart_requested = False
         self._started.clear()
         self.mailbox.reopen()
@@ -106,6 +120,7 @@ class ComponentActor:
             return
         self._stopping = True
         self._drain_deadline = time.monotonic() + drain_timeout
+        self._stop_requested.set()
         self.mailbox.seal()
         self.mailbox.wake()
         await task
@@ -201,12 +216,55 @@ class ComponentActor:
                     if failure is not None:
                         return failure
                 continue
-            handled, rest, failure = await self.workers.run_steps(self._process(batch), self.manager.lock)
+            hint = self.output_hint
+            large = 0 if hint >= LARGE_PAYLOAD else _first_large(batch)
+            if large is None:
+                handled, rest, failure = await self._handle_batch(batch)
+            else:
+                # a large payload goes alone, once the process-wide conversion budget has room for it
+                cut = max(large, 1)
+                self.mailbox.requeue_front(batch[cut:])
+                batch = batch[:cut]
+                if large:
+                    handled, rest, failure = await self._handle_batch(batch)
+                else:
+                    taken = await self._take_budget(max(len(batch[0].message.payload), hint))
+                    if taken is None:  # out of drain time while waiting: answered as stopped
+                        self.mailbox.requeue_front(batch)
+                        return None
+                    try:
+                        handled, rest, failure = await self._handle_batch(batch)
+                    finally:
+                        CONVERSIONS.release(taken)
             self._deliver(handled)
             self.mailbox.requeue_front(rest)
+            del batch, handled, rest  # not kept while idle: they hold the last payloads and replies
             if failure is not None:
                 return failure
             self.history.settled()
+
+    async def _take_budget(self, size: int) -> int | None:
+        """Take `size` bytes of the conversion budget, or None once stopping and out of drain time
+        (a guest holding the budget must not hold up a stop beyond its drain timeout)."""
+        acquire = asyncio.ensure_future(CONVERSIONS.acquire(size))
+        while True:
+            if self._stopping:
+                await asyncio.wait({acquire}, timeout=max(0.0, self._drain_deadline - time.monotonic()))
+            else:
+                stop = asyncio.ensure_future(self._stop_requested.wait())
+                await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+            if acquire.done():
+                return acquire.result()
+            if self._stopping and time.monotonic() >= self._drain_deadline:
+                acquire.cancel()  # the budget withdraws the waiter (or hands on a grant it just got)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquire
+                return None
+
+    async def _handle_batch(self, batch: list[Envelope]) -> tuple[list[Handled], list[Envelope], Exception | None]:
+        """Run `_process` on the worker pool, time-sliced, holding the Store's lock for each step."""
+        return await self.workers.run_steps(self._process(batch), self.manager.lock)
 
     def _process(
         self, batch: list[Envelope]
@@ -223,6 +281,7 @@ class ComponentActor:
             if now >= slice_end:
                 yield math.inf  # many short calls add up to a slice too: let others run
                 slice_end = time.monotonic() + SLICE_S
+            self._call_output = 0
             try:
                 if envelope.delivery is Delivery.MESSAGE:
                     reply = yield from manager.handle_message_steps(envelope.message)
@@ -236,10 +295,21 @@ class ComponentActor:
             except (GuestFailure, InstanceStateError) as exc:
                 # The message that trapped is answered with an error and never retried.
                 done.append(Handled(envelope, None, Outcome.FAILED, str(exc)))
+                if "too much data is being copied" in str(exc):  # wasmtime's own size guard fired
+                    self.output_hint = WASMTIME_LIST_U8_CEILING  # mid-conversion: as large as it gets
+                    release_free_memory()
                 return done, batch[index + 1 :], exc
             except Exception as exc:  # a bad value: this message fails, the Store is fine
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {type(exc).__name__}: {exc}"))
+            produced = max(self._call_output, len(done[-1].reply or b""))
+            self.output_hint = max(produced, self.output_hint // 2)  # halves with every quiet call
+            if max(len(envelope.message.payload), produced) >= TRIM_AFTER:
+                release_free_memory()  # the conversion's transient copies are freed: give them back
         return done, [], None
+
+    def produced(self, size: int) -> None:
+        """The guest passed a payload of `size` bytes to an import (the router calls this from its thread)."""
+        self._call_output = max(self._call_output, size)
 
     def _deliver(self, handled: list[Handled]) -> None:
         router = self.router
@@ -288,3 +358,11 @@ class ComponentActor:
 
     def _record_error(self, error: Exception) -> None:
         self.stats.last_error = str(error)
+
+
+def _first_large(batch: list[Envelope]) -> int | None:
+    """Index of the first envelope whose payload is budgeted (LARGE_PAYLOAD or more), or None."""
+    for index, envelope in enumerate(batch):
+        if len(envelope.message.payload) >= LARGE_PAYLOAD:
+            return index
+    return None

@@ -8,6 +8,7 @@ from pathlib import Path
 from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy, Strategy
 from wasmhost.core.ids import ComponentId
 from wasmhost.core.limits import ResourceLimits
+from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES
 from wasmhost.core.rate_limit import RateLimit
 
 DEFAULT_MAILBOX_CAPACITY = 1024
@@ -35,3 +36,4 @@ class ActorSpec:
     storage: bool = False
     wasi: bool = False
     log_limit: RateLimit = field(default_factory=RateLimit)  # guest log lines per second and burst
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest payload this component is handed

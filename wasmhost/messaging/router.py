@@ -4,9 +4,14 @@ Guests call in from worker threads; the host calls from the event loop. Routing 
 an unknown target is `target-not-found`, a full mailbox `queue-full`; nothing waits and nothing
 is dropped silently. Replies to requests come back as `handle-callback` calls on the requester.
 
+Payload size: every payload is checked against the *target's* `max_message_bytes` (it must be able to
+take it) before it is queued, so an oversized one is `invalid-message` naming the size and the limit
+and the target never sees it; a reply larger than the requester's limit becomes a `failed` outcome.
+
 Broadcast: every target is checked first (unknown -> target-not-found, not permitted ->
-delivery-failed, and then nothing is sent); then each target gets the message, and targets whose
-mailbox is full or stopping are named in one delivery-failed error after the others got it.
+delivery-failed, too large -> invalid-message, and then nothing is sent); then each target gets the
+message, and targets whose mailbox is full or stopping are named in one delivery-failed error after
+the others got it.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from wasmhost.actors.envelope import Delivery, Envelope
 from wasmhost.actors.mailbox import Mailbox
 from wasmhost.core.errors import MessagingError
 from wasmhost.core.ids import HOST_ID, ComponentId
+from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, check_message_size, too_large
 from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.messaging.outcome import OUTCOME_CONTENT_TYPE, Outcome, RequestFailed, encode_outcome
 
 log = structlog.get_logger("wasmhost.messaging")
 
+PRODUCED_NOTICE = 64 * 1024
+"""Guest payloads from this size on are reported to the sending actor (see Recipient.produced)."""
 MAX_REQUEST_TIMEOUT_MS = 24 * 3600 * 1000
 """Longer request timeouts (e.g. u64::MAX meaning 'forever') are capped to a day."""
 
@@ -38,6 +46,10 @@ class Recipient(Protocol):
 
     component_id: ComponentId
     mailbox: Mailbox
+    max_message_bytes: int
+
+    def produced(self, size: int) -> None:
+        """This component's guest passed a payload of `size` bytes to a messaging import."""
 
 
 class Permissions(Protocol):
@@ -59,9 +71,11 @@ class PendingRequest:
 class MessageRouter:
     """Routes messages between actors and from the host; implements the MessagingPort protocol."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, permissions: Permissions | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, permissions: Permissions | None = None,
+                 host_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.loop = loop
         self.permissions = permissions
+        self.host_max_message_bytes = host_max_message_bytes  # replies the host accepts ([host] max_message_bytes)
         self._recipients: dict[ComponentId, Recipient] = {}
         self._pending: dict[str, PendingRequest] = {}
         self._lock = threading.Lock()
@@ -85,13 +99,21 @@ class MessageRouter:
 
     # --- the MessagingPort protocol (called from guest threads) ---
 
-    def _resolve(self, sender: ComponentId, action: str, target: ComponentId) -> Recipient:
+    def _resolve(self, sender: ComponentId, action: str, target: ComponentId, size: int) -> Recipient:
         recipient = self._recipients.get(target)
         if recipient is None:
             raise MessagingError("target-not-found", target)
         if self.permissions is not None and sender != HOST_ID:
             self.permissions.check_message(sender, action, target)
+        check_message_size(size, recipient.max_message_bytes, target)
         return recipient
+
+    def _produced(self, sender: ComponentId, payload: bytes) -> None:
+        """Tell the sending actor how large a payload its guest produced (large ones budget its calls)."""
+        if len(payload) >= PRODUCED_NOTICE:
+            recipient = self._recipients.get(sender)
+            if recipient is not None:
+                recipient.produced(len(payload))
 
     @staticmethod
     def _offer(recipient: Recipient, envelope: Envelope) -> None:
@@ -103,7 +125,8 @@ class MessageRouter:
 
     def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
         """Enqueue a message for `target` with reply-to = sender."""
-        recipient = self._resolve(sender, "send", target)
+        self._produced(sender, payload)
+        recipient = self._resolve(sender, "send", target, len(payload))
         self._offer(recipient, Envelope(_message(sender, payload)))
 
     def new_correlation_id(self) -> str:
@@ -112,9 +135,10 @@ class MessageRouter:
 
     def request(self, sender: ComponentId, target: ComponentId, payload: bytes, timeout_ms: int) -> str:
         """Enqueue a request; its outcome arrives later as a callback on `sender`."""
+        self._produced(sender, payload)
         if timeout_ms <= 0:
             raise MessagingError("invalid-message", "timeout-ms must be at least 1")
-        recipient = self._resolve(sender, "request", target)
+        recipient = self._resolve(sender, "request", target, len(payload))
         correlation_id = self.new_correlation_id()
         pending = PendingRequest(sender, target)
         with self._lock:
@@ -144,9 +168,10 @@ class MessageRouter:
 
     def broadcast(self, sender: ComponentId, targets: list[ComponentId], payload: bytes) -> None:
         """Deliver to every target (see the module docstring for partial failures)."""
+        self._produced(sender, payload)
         if not targets:
             raise MessagingError("invalid-message", "broadcast needs at least one target")
-        recipients = [self._resolve(sender, "broadcast", target) for target in dict.fromkeys(targets)]
+        recipients = [self._resolve(sender, "broadcast", target, len(payload)) for target in dict.fromkeys(targets)]
         missed = []
         for recipient in recipients:
             try:
@@ -164,7 +189,7 @@ class MessageRouter:
 
     async def host_send(self, target: ComponentId, payload: bytes, wait: bool = False) -> None:
         """Send from the host; with `wait`, wait for mailbox room instead of failing with queue-full."""
-        recipient = self._resolve(HOST_ID, "send", target)
+        recipient = self._resolve(HOST_ID, "send", target, len(payload))
         envelope = Envelope(_message(HOST_ID, payload))
         if wait:
             if not await recipient.mailbox.put(envelope):
@@ -180,7 +205,7 @@ class MessageRouter:
         Raises RequestFailed for a failed, stopped or timed-out request, MessagingError when it
         cannot be delivered.
         """
-        recipient = self._resolve(HOST_ID, "request", target)
+        recipient = self._resolve(HOST_ID, "request", target, len(payload))
         future: asyncio.Future[bytes | None] = self.loop.create_future()
         envelope = Envelope(_message(HOST_ID, payload), reply_future=future)
         if wait:
@@ -214,6 +239,12 @@ class MessageRouter:
                  outcome: Outcome | None = None, detail: str = "") -> None:
         """Route the result of handling `envelope`: a reply, or an outcome when `outcome` is given."""
         future = envelope.reply_future
+        if outcome is None and reply is not None:
+            requester = "the host" if future is not None else envelope.requester
+            limit = self._reply_limit(envelope)
+            if len(reply) > limit:
+                outcome, detail, reply = Outcome.FAILED, f"reply from {responder}: " + too_large(
+                    len(reply), limit, requester), None
         if future is not None:
             if future.done():
                 return
@@ -240,6 +271,13 @@ class MessageRouter:
         else:
             self._callback(envelope.requester, responder, envelope.correlation_id,
                            encode_outcome(outcome, detail), OUTCOME_CONTENT_TYPE)
+
+    def _reply_limit(self, envelope: Envelope) -> int:
+        """The largest reply the requester of `envelope` takes."""
+        if envelope.reply_future is not None or envelope.requester is None:
+            return self.host_max_message_bytes
+        recipient = self._recipients.get(envelope.requester)
+        return recipient.max_message_bytes if recipient is not None else self.host_max_message_bytes
 
     def _callback(self, requester: ComponentId, responder: ComponentId, correlation_id: str,
                   payload: bytes, content_type: str | None) -> None:

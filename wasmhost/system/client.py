@@ -6,7 +6,15 @@ import contextlib
 import socket
 from pathlib import Path
 
-from wasmhost.system.protocol import LENGTH, Request, Response, frame, frame_length, response_decoder
+from wasmhost.system.protocol import (
+    LENGTH,
+    MAX_RESPONSE_FRAME,
+    Request,
+    Response,
+    frame,
+    frame_length,
+    response_decoder,
+)
 
 
 class DaemonUnavailable(Exception):
@@ -25,7 +33,8 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 def request(path: Path, message: Request, timeout: float = 60.0) -> Response:
-    """Send one request and wait for its response."""
+    """Send one request and wait for its response (an oversized request raises FrameError unsent)."""
+    data = frame(message)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -36,8 +45,8 @@ def request(path: Path, message: Request, timeout: float = 60.0) -> Response:
         except PermissionError:
             raise DaemonUnavailable(f"not allowed to connect to {path} (permission denied)") from None
         with contextlib.suppress(BrokenPipeError):  # refused before reading: its answer is waiting
-            sock.sendall(frame(message))
-        length = frame_length(_read_exactly(sock, LENGTH.size))
+            sock.sendall(data)
+        length = frame_length(_read_exactly(sock, LENGTH.size), MAX_RESPONSE_FRAME)
         return response_decoder.decode(_read_exactly(sock, length))
     finally:
         sock.close()

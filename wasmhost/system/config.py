@@ -19,6 +19,7 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.core.errors import LoadError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.limits import ResourceLimits
+from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_CEILING, WASMTIME_LIST_U8_CEILING
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
 from wasmhost.runtime.loader import check_header
 
@@ -68,6 +69,7 @@ class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     wasi: bool = False
     log_rate: PositiveFloat | None = None
     log_burst: Positive | None = None
+    max_message_bytes: Positive | None = None
 
 
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -90,6 +92,7 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     default_limits: Limits = msgspec.field(default_factory=Limits)
     default_log_rate: PositiveFloat = DEFAULT_LOG_RATE
     default_log_burst: Positive = DEFAULT_LOG_BURST
+    max_message_bytes: Positive = DEFAULT_MAX_MESSAGE_BYTES
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -254,6 +257,14 @@ def _log_limit(where: str, rate: float, burst: int, errors: list[str]) -> RateLi
         return None
 
 
+def _message_bytes_error(where: str, value: int) -> str | None:
+    """Why `value` cannot be a max_message_bytes, or None."""
+    if value <= MAX_MESSAGE_BYTES_CEILING:
+        return None
+    return (f"{where}: expected an integer <= {MAX_MESSAGE_BYTES_CEILING} (2.5 MiB; wasmtime traps a guest "
+            f"passing a byte list longer than {WASMTIME_LIST_U8_CEILING}), got {value}")
+
+
 def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, components_dir: Path,
           defaults: ResourceLimits, errors: list[str]) -> ComponentPlan | None:
     where = f"components[{index}]"
@@ -295,6 +306,10 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
             config_data = file.read_bytes()
         except OSError as exc:
             errors.append(f"{where}.config_file: cannot read {file}: {exc.strerror or exc}")
+    if section.max_message_bytes is not None:
+        problem = _message_bytes_error(f"{where}.max_message_bytes", section.max_message_bytes)
+        if problem is not None:
+            errors.append(problem)
     if section.backoff_max_ms < section.backoff_base_ms:
         errors.append(f"{where}.backoff_max_ms: must be >= backoff_base_ms ({section.backoff_base_ms})")
     limits = None
@@ -323,6 +338,7 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         storage=section.capabilities.storage,
         wasi=section.wasi,
         log_limit=log_limit,
+        max_message_bytes=section.max_message_bytes or host.max_message_bytes,
     )
     quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
     return ComponentPlan(spec, wasm, section.capabilities, quota)
@@ -390,6 +406,9 @@ def parse_config(text: str, source: Path) -> Config:
             errors.append(f"host.socket_group: no group named \"{host.socket_group}\" on this system")
     if _log_limit("host.default_log_rate", host.default_log_rate, host.default_log_burst, errors) is None:
         host = msgspec.structs.replace(host, default_log_rate=DEFAULT_LOG_RATE)
+    problem = _message_bytes_error("host.max_message_bytes", host.max_message_bytes)
+    if problem is not None:
+        errors.append(problem)
     try:
         defaults = _limits(host.default_limits, ResourceLimits())
     except ValueError as exc:

@@ -16,6 +16,7 @@ import structlog
 
 from wasmhost.system.protocol import (
     LENGTH,
+    MAX_RESPONSE_FRAME,
     FrameError,
     Request,
     Response,
@@ -165,8 +166,8 @@ async def _read_exactly_or_eof(reader: asyncio.StreamReader, size: int, idle: fl
 
 async def _answer(writer: asyncio.StreamWriter, response: Response) -> None:
     try:
-        data = frame(response)
+        data = frame(response, MAX_RESPONSE_FRAME)
     except FrameError as exc:
-        data = frame(Response(False, str(exc)))
+        data = frame(Response(False, str(exc)), MAX_RESPONSE_FRAME)
     writer.write(data)
     await writer.drain()

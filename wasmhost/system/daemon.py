@@ -86,7 +86,7 @@ class Daemon:
     async def run(self) -> int:
         """Deploy, serve until a stop signal, stop gracefully; returns the exit code."""
         loop = asyncio.get_running_loop()
-        self.router = MessageRouter(loop, self.permissions)
+        self.router = MessageRouter(loop, self.permissions, self.config.host.max_message_bytes)
         self.supervisor = Supervisor(self.runtime, self.router, self.workers, self.storage, self.permissions)
         self.control = ControlServer(self.config.control_socket, self.config.socket_mode, self.handle,
                                      self.config.socket_gid, allowed_uids=self.config.control_uids)

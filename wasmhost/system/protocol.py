@@ -7,8 +7,15 @@ from typing import Any
 
 import msgspec
 
-MAX_FRAME = 32 * 1024 * 1024
-"""Largest frame accepted either way (payloads up to a little under this)."""
+from wasmhost.core.message_size import MAX_MESSAGE_BYTES_CEILING
+
+FRAME_OVERHEAD = 64 * 1024
+"""Room in a request frame for everything but the payload (id, tags, msgpack headers)."""
+MAX_FRAME = MAX_MESSAGE_BYTES_CEILING + FRAME_OVERHEAD
+"""Largest request frame the daemon reads: follows from the largest `max_message_bytes` a config may
+set, so a client cannot make the daemon buffer more than one maximal message per connection."""
+MAX_RESPONSE_FRAME = 32 * 1024 * 1024
+"""Largest response frame (the status table of many thousands of components is the big one)."""
 
 LENGTH = struct.Struct(">I")
 
@@ -75,17 +82,17 @@ class FrameError(Exception):
     """A frame that is too large or cannot be decoded."""
 
 
-def frame(message: msgspec.Struct) -> bytes:
-    """Encode `message` with its length prefix."""
+def frame(message: msgspec.Struct, limit: int = MAX_FRAME) -> bytes:
+    """Encode `message` with its length prefix (requests: MAX_FRAME; responses: MAX_RESPONSE_FRAME)."""
     body = _encoder.encode(message)
-    if len(body) > MAX_FRAME:
-        raise FrameError(f"frame of {len(body)} bytes exceeds the limit of {MAX_FRAME}")
+    if len(body) > limit:
+        raise FrameError(f"frame of {len(body)} bytes exceeds the limit of {limit}")
     return LENGTH.pack(len(body)) + body
 
 
-def frame_length(header: bytes) -> int:
-    """The body length announced by a 4-byte header (raises FrameError when too large)."""
+def frame_length(header: bytes, limit: int = MAX_FRAME) -> int:
+    """The body length announced by a 4-byte header (raises FrameError when above `limit`)."""
     (length,) = LENGTH.unpack(header)
-    if length > MAX_FRAME:
-        raise FrameError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
+    if length > limit:
+        raise FrameError(f"frame of {length} bytes exceeds the limit of {limit}")
     return int(length)
