@@ -147,3 +147,24 @@ async def test_a_deadline_that_passes_while_waiting_for_a_thread_is_a_timeout(st
         workers.close()
     assert all(isinstance(result, GuestTimeout) for result in results), results
     assert all(s.state is InstanceState.DEAD and not s.in_call for s in spinners)
+
+
+async def test_echo_answers_while_more_guests_than_threads_sleep_in_a_host_call(small_pool: Supervisor) -> None:
+    """A guest waiting in sleep-millis is lent a replacement thread, so sleepers beyond the thread
+    count do not stall a neighbour; the lent threads end once the sleepers wake."""
+    sup = small_pool
+    echo = ComponentId.parse("test-org/echo/0")
+    await sup.start(ActorSpec(echo), sup.runtime.load(echo, fixture_path("echo")))
+    sleepers = []
+    for i in range(SPINNERS):
+        cid = ComponentId("test-org", "sleeper", str(i))
+        spec = ActorSpec(cid, limits=ResourceLimits(max_execution_time_ms=20_000))
+        sleepers.append(await sup.start(spec, sup.runtime.load(cid, fixture_path("services"))))
+    naps = [asyncio.ensure_future(ask(sup, str(actor.component_id), b"sleep 4000", 30.0)) for actor in sleepers]
+    await until(lambda: all(actor.manager.in_call for actor in sleepers))
+    for i in range(5):
+        assert await ask(sup, "test-org/echo/0", b"ping %d" % i) == b"ping %d" % i
+    assert not any(nap.done() for nap in naps), "the echo answered while every sleeper still slept"
+    assert THREADS < sup.workers.threads <= THREADS + SPINNERS
+    assert await asyncio.gather(*naps) == [b"slept"] * SPINNERS
+    await until(lambda: sup.workers.threads == THREADS)  # lent threads end once idle

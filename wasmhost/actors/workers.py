@@ -9,6 +9,10 @@ take turns. A job whose waiter went away is stepped first, so its call is abando
 whose call deadline passes while it waits for a slice is ended (as a timeout, without running guest
 code again) by the pool's deadline thread at that moment, not when its turn comes; a call running a
 slice at its deadline is interrupted by wasmtime's epoch deadline as before.
+
+A thread whose guest waits inside a host call (sleep-millis, a storage commit: see core/blocking.py)
+is lent a replacement while work is queued, so waiting guests do not take the threads busy guests
+need; at most MAX_LENT_THREADS threads are lent at once, and surplus threads end once idle.
 """
 
 from __future__ import annotations
@@ -25,9 +29,14 @@ from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
+from wasmhost.core import blocking
+
 T = TypeVar("T")
 
 LEVELS = 8
+MAX_LENT_THREADS = 256
+"""Threads lent at most to stand in for threads whose guests wait in host calls (beyond it, waiting
+guests hold their threads). Each costs a thread stack: measured RSS in the README."""
 """Feedback-queue levels: level n holds jobs that have used 2^(n-1) to 2^n - 1 slices (the last, more)."""
 
 
@@ -89,8 +98,9 @@ def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | Non
 class WorkerPool:
     """A fixed set of threads that time-slice guest calls (see the module docstring)."""
 
-    def __init__(self, size: int | None = None) -> None:
+    def __init__(self, size: int | None = None, max_lent: int = MAX_LENT_THREADS) -> None:
         self.size = size or default_worker_count()
+        self.max_threads = self.size + max_lent
         lock = threading.Lock()
         self._cond = threading.Condition(lock)  # workers wait on this one
         self._reaper_cond = threading.Condition(lock)  # the deadline thread waits on this one
@@ -100,17 +110,46 @@ class WorkerPool:
         self._order = itertools.count()
         self._waiting = 0  # jobs queued (whatever stale entries the queues still hold)
         self._closed = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"wasmhost-guest-{i}", daemon=True) for i in range(self.size)
-        ]
+        self._live = 0  # worker threads started and not yet ended
+        self._blocked = 0  # of which waiting in a blocking section
+        self._idle = 0  # of which waiting for work
+        self._names = itertools.count()
+        with self._cond:
+            for _ in range(self.size):
+                self._spawn()
         self._reaper = threading.Thread(target=self._reap, name="wasmhost-deadlines", daemon=True)
-        for thread in [*self._threads, self._reaper]:
-            thread.start()
+        self._reaper.start()
 
     @property
     def threads(self) -> int:
-        """Worker threads alive (never more than `size`; the deadline thread is not counted)."""
-        return sum(thread.is_alive() for thread in self._threads)
+        """Worker threads alive: `size`, plus those lent while guests wait in host calls (the
+        deadline thread is not counted)."""
+        return self._live
+
+    def _spawn(self) -> None:
+        """Start one more worker thread (called with self._cond held)."""
+        self._live += 1
+        name = f"wasmhost-guest-{next(self._names)}"
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def _lend_if_short(self) -> None:
+        """Start a thread if queued work would otherwise wait for one that is blocked (self._cond held)."""
+        if (self._waiting and not self._idle and self._live - self._blocked < self.size
+                and self._live < self.max_threads and not self._closed):
+            self._spawn()
+
+    def enter_blocking(self) -> None:
+        """The calling worker is about to wait in a host call: lend a thread if work is queued."""
+        with self._cond:
+            self._blocked += 1
+            self._lend_if_short()
+
+    def leave_blocking(self) -> None:
+        """The calling worker runs again; a surplus thread ends when it next finds no work."""
+        with self._cond:
+            self._blocked -= 1
+            if self._idle and self._live - self._blocked > self.size:
+                self._cond.notify()  # an idle thread is surplus now: let it end
 
     async def run(self, fn: Callable[[], T], lock: threading.Lock | None = None) -> T:
         """Run `fn` on a worker thread (in one go, holding `lock`) and wait for it."""
@@ -163,6 +202,7 @@ class WorkerPool:
             if self._deadlines[0][2] is job:
                 self._reaper_cond.notify()  # a new earliest deadline
         self._cond.notify()
+        self._lend_if_short()
 
     def _pick(self) -> _Job | None:
         """The next job to step: cancelled ones, then any past its deadline, then by level."""
@@ -201,13 +241,17 @@ class WorkerPool:
     # --- worker threads ---
 
     def _work(self) -> None:
+        blocking.install(self)
         while True:
             with self._cond:
                 job = self._pick()
                 while job is None:
-                    if self._closed:
+                    if self._closed or self._live - self._blocked > self.size:
+                        self._live -= 1  # closed, or a lent thread no longer needed
                         return
+                    self._idle += 1
                     self._cond.wait()
+                    self._idle -= 1
                     job = self._pick()
             self._step(job)
 

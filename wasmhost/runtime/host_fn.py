@@ -20,6 +20,7 @@ import structlog
 import wasmtime
 from wasmtime import component as wc
 
+from wasmhost.core.blocking import blocking
 from wasmhost.core.errors import ComponentError, HostError, MessagingError, StorageError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.messages import Timestamp
@@ -147,7 +148,8 @@ def sleep_millis(ctx: HostContext, duration_ms: int) -> None:
     remaining = ctx.deadline - time.monotonic()
     delay = min(duration_ms / 1000, remaining)
     if delay > 0:
-        time.sleep(delay)
+        with blocking():  # the scheduler lends another thread meanwhile
+            time.sleep(delay)
 
 
 def list_components(ctx: HostContext) -> list[dict[str, str]]:
@@ -184,13 +186,15 @@ def storage_get(ctx: HostContext, key: str) -> Ok[bytes | None]:
 
 def storage_set(ctx: HostContext, key: str, value: bytes) -> Ok[None]:
     """storage.set"""
-    _storage(ctx).set(ctx.component_id, key, value)
+    with blocking():  # waits for the group commit: the scheduler lends another thread meanwhile
+        _storage(ctx).set(ctx.component_id, key, value)
     return Ok(None)
 
 
 def storage_delete(ctx: HostContext, key: str) -> Ok[None]:
     """storage.delete"""
-    _storage(ctx).delete(ctx.component_id, key)
+    with blocking():
+        _storage(ctx).delete(ctx.component_id, key)
     return Ok(None)
 
 
