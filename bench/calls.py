@@ -42,7 +42,7 @@ class _SyncTyped:
     def __init__(self, store: wasmtime.Store, func: wc.Func, manager: StoreManager) -> None:
         self.context = capi.addr_of(store._context())
         self.func = ctypes.addressof(func._func)
-        self.limiter = Limiter(manager.limiter.limits, manager.limiter.tick_ms)
+        self.limiter = Limiter(manager.limiter.limits, manager.limiter.tick_ms, manager.loaded.footprint)
         self.host = HostContext(manager.component_id)
         self.lift = manager._message_results["handle-message"].lift_parts
         self.out = (ctypes.c_uint8 * VAL_SIZE)()

@@ -25,6 +25,12 @@ def fixture_path(name: str) -> Path:
     return path
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (marked anyio) run on asyncio, as the daemon does."""
+    return "asyncio"
+
+
 @pytest.fixture(scope="session")
 def runtime() -> Iterator[Runtime]:
     """A Runtime whose compilation cache lives beside the fixtures (the Python guests take seconds

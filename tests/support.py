@@ -11,11 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wasmhost.core.errors import MessagingError, StorageError
 from wasmhost.core.ids import ComponentId
 from wasmhost.core.protocols import StorageUsage
 from wasmhost.runtime.runtime import Runtime
+
+if TYPE_CHECKING:
+    from wasmhost.actors.supervisor import Supervisor
 
 
 @dataclass
@@ -85,6 +89,27 @@ class RecordingMessaging:
     def broadcast(self, sender: ComponentId, targets: list[ComponentId], payload: bytes) -> None:
         for target in targets:
             self.send(sender, target, payload)
+
+
+@asynccontextmanager
+async def plain_supervisor(runtime: Runtime, threads: int = 8, host_max_message_bytes: int | None = None
+                           ) -> AsyncIterator[Supervisor]:
+    """A Supervisor on a worker pool of its own and a router without capability checks or storage;
+    stops every actor and the pool afterwards."""
+    from wasmhost.actors.supervisor import Supervisor
+    from wasmhost.actors.workers import WorkerPool
+    from wasmhost.messaging.router import MessageRouter
+
+    workers = WorkerPool(threads)
+    loop = asyncio.get_running_loop()
+    router = (MessageRouter(loop) if host_max_message_bytes is None
+              else MessageRouter(loop, host_max_message_bytes=host_max_message_bytes))
+    sup = Supervisor(runtime, router, workers)
+    try:
+        yield sup
+    finally:
+        await sup.stop_all(drain_timeout=1.0)
+        workers.close()
 
 
 @asynccontextmanager

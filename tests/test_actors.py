@@ -12,19 +12,17 @@ import pytest
 import structlog
 
 from tests.conftest import fixture_path
-from tests.support import guarded_supervisor
+from tests.support import guarded_supervisor, plain_supervisor
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy, Strategy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
 from wasmhost.core.errors import MessagingError
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.core.metadata import HealthStatus
 from wasmhost.messaging.outcome import OUTCOME_CONTENT_TYPE, Outcome, RequestFailed, decode_outcome
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import Capabilities
 
@@ -34,18 +32,9 @@ FAST_BACKOFF = Backoff(base=0.01, maximum=0.05)
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def supervisor(runtime: Runtime) -> AsyncIterator[Supervisor]:
-    workers = WorkerPool(8)
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(runtime, router, workers)
-    yield sup
-    await sup.stop_all(drain_timeout=1.0)
-    workers.close()
+    async with plain_supervisor(runtime) as sup:
+        yield sup
 
 
 async def launch(sup: Supervisor, fixture: str, component_id: str, **settings: object) -> ComponentActor:

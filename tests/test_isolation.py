@@ -29,11 +29,6 @@ VICTIM = ComponentId.parse("good/echo/0")
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def host(runtime: Runtime, tmp_path: Path) -> AsyncIterator[Supervisor]:
     os.environ["WASMHOST_TEST_SECRET"] = "hunter2"
     try:

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import plain_supervisor
 from tests.test_actors import launch
 from wasmhost.actors.conversion_budget import CONVERSIONS, ConversionBudget
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
 from wasmhost.messaging.outcome import Outcome, RequestFailed
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.malloc import release_free_memory
 from wasmhost.runtime.runtime import Runtime
 
@@ -29,17 +28,9 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def supervisor(runtime: Runtime) -> AsyncIterator[Supervisor]:
-    workers = WorkerPool(8)
-    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers)
-    yield sup
-    await sup.stop_all(drain_timeout=1.0)
-    workers.close()
+    async with plain_supervisor(runtime) as sup:
+        yield sup
 
 
 def _status(key: str) -> int:

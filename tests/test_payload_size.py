@@ -3,7 +3,6 @@ and the control socket and CLI of a real daemon. The target of an oversized payl
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -12,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Starter
+from tests.support import plain_supervisor
 from tests.test_actors import ask, last_outcome, launch, wait_callbacks
 from tests.test_daemon import component, daemon, wasmhost
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.errors import GuestTrap, MessagingError
 from wasmhost.core.limits import ResourceLimits
@@ -26,7 +25,6 @@ from wasmhost.core.message_size import (
     WASMTIME_LIST_U8_CEILING,
 )
 from wasmhost.messaging.outcome import Outcome, RequestFailed
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.system import protocol
 from wasmhost.system.config import ConfigError, parse_config
@@ -42,17 +40,9 @@ SENDER = ComponentId.parse("test-org/sender/0")
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def supervisor(runtime: Runtime) -> AsyncIterator[Supervisor]:
-    workers = WorkerPool(4)
-    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop(), host_max_message_bytes=LIMIT), workers)
-    yield sup
-    await sup.stop_all(drain_timeout=1.0)
-    workers.close()
+    async with plain_supervisor(runtime, 4, host_max_message_bytes=LIMIT) as sup:
+        yield sup
 
 
 async def untouched(sup: Supervisor, echo: ComponentActor, handled: int) -> None:

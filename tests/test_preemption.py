@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.conftest import Starter, fixture_path
+from tests.support import plain_supervisor
 from tests.test_actors import ask, until
 from wasmhost.actors.restart import RestartPolicy
 from wasmhost.actors.spec import ActorSpec
@@ -20,7 +21,6 @@ from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timest
 from wasmhost.core.errors import GuestTimeout
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import RequestFailed
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.runtime.store import InstanceState, run_to_end
 
@@ -31,17 +31,9 @@ SPINNERS = 5  # more busy guests than threads
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def small_pool(runtime: Runtime) -> AsyncIterator[Supervisor]:
-    workers = WorkerPool(THREADS)
-    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers)
-    yield sup
-    await sup.stop_all(drain_timeout=1.0)
-    workers.close()
+    async with plain_supervisor(runtime, THREADS) as sup:
+        yield sup
 
 
 def message(payload: bytes) -> ComponentMessage:

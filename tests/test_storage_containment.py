@@ -36,11 +36,6 @@ QUIET = ComponentId.parse("org/quiet/0")
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def storage(tmp_path: Path) -> Iterator[SqliteStorage]:
     store = SqliteStorage(tmp_path / "state" / "storage.sqlite3", default_quota_bytes=1 << 30)
     yield store
