@@ -48,7 +48,16 @@ def fnv_loop(n: int) -> int:
     return acc
 
 
-async def test_echo_answers_while_more_spinners_than_threads_run(small_pool: Supervisor) -> None:
+@pytest.mark.parametrize(
+    ("fixture", "work"),
+    [("spinner", b"spin"), ("logflood", b"1000000000")],  # a loop of wasm; a loop of (rate-limited) host calls
+    ids=["spinning", "calling-host-functions"],
+)
+async def test_echo_answers_while_more_busy_guests_than_threads_run(
+    small_pool: Supervisor, fixture: str, work: bytes
+) -> None:
+    """Guests are sliced by fuel and by epoch ticks (time spent in host functions burns no fuel), so
+    busy guests beyond the thread count never keep a neighbour waiting for a deadline."""
     sup = small_pool
     echo = ComponentId.parse("test-org/echo/0")
     await sup.start(ActorSpec(echo), sup.runtime.load(echo, fixture_path("echo")))
@@ -56,11 +65,11 @@ async def test_echo_answers_while_more_spinners_than_threads_run(small_pool: Sup
     for i in range(SPINNERS):
         cid = ComponentId("test-org", "spinner", str(i))
         spec = ActorSpec(cid, limits=ResourceLimits(max_execution_time_ms=3000), restart=RestartPolicy.TEMPORARY)
-        spinners.append(await sup.start(spec, sup.runtime.load(cid, fixture_path("spinner"))))
+        spinners.append(await sup.start(spec, sup.runtime.load(cid, fixture_path(fixture))))
 
     async def spin(cid: ComponentId) -> str:
         try:
-            await sup.router.host_request(cid, b"spin", 30.0)
+            await sup.router.host_request(cid, work, 30.0)
         except RequestFailed as exc:
             return str(exc)
         return "answered"

@@ -108,6 +108,10 @@ context_set_epoch_deadline = _proto("wasmtime_context_set_epoch_deadline", None,
 context_fuel_async_yield_interval = _proto(
     "wasmtime_context_fuel_async_yield_interval", c_void_p, c_void_p, ctypes.c_uint64
 )
+# Our own prototype: wasmtime-py declares a pointer result for this void function.
+context_epoch_deadline_async_yield_and_update = _proto(
+    "wasmtime_context_epoch_deadline_async_yield_and_update", None, c_void_p, ctypes.c_uint64
+)
 
 # Async calls: (func, context, args, nargs, results, nresults, error_ret) -> wasmtime_call_future_t*.
 # The future reads `args` on its first poll (not when created) and writes `results` and *error_ret

@@ -20,6 +20,10 @@ SLICE_FUEL = 2_000_000
 """Fuel a guest burns before it yields its thread (one time slice): 0.2 - 2 ms of guest code
 (measured: 0.2 ms of arithmetic with locals, 1.6 ms of an empty loop, the fastest fuel burns)."""
 
+EPOCH_SLICE_TICKS = 1
+"""A call also yields at every epoch tick, fuel or not: a guest spending its time in host functions
+(whose work burns no fuel) is time-sliced too, and its deadline is checked at every yield."""
+
 FIRST_SLICE_FUEL = SLICE_FUEL // 10
 """The first slice of every call is shorter: a burst of new long calls (hundreds of guests handed
 work at once) then costs little before a short call that arrives behind them gets its turn."""
@@ -95,12 +99,14 @@ class Limiter:
         self.deadline_ticks = math.ceil(limits.max_execution_time_ms / tick_ms) + 1
         self.deadline_s = limits.max_execution_time_ms / 1000
         self.fuel_unset = True
+        self.epoch_yields = False  # set once the Store's calls are async (start_epoch_yields)
 
     def apply(self, store: wasmtime.Store) -> None:
         """Set every limit wasmtime offers on a fresh Store (memory.grow and table.grow beyond them
         return -1 in the guest; creating more instances, memories or tables fails instantiation).
         Raises MemoryBudgetError when max_memory_bytes cannot hold what the component creates."""
         self.fuel_unset = True
+        self.epoch_yields = False
         budget = StoreBudget.plan(self.limits.max_memory_bytes, self.footprint, self.source)
         store.set_limits(
             memory_size=budget.memory_bytes,
@@ -110,15 +116,28 @@ class Limiter:
             memories=budget.memories,
         )
 
+    def start_epoch_yields(self, context: int) -> None:
+        """From now on (async calls only) the Store's guest yields at every epoch tick instead of
+        trapping at its epoch deadline."""
+        capi.context_epoch_deadline_async_yield_and_update(context, EPOCH_SLICE_TICKS)
+        self.epoch_yields = True
+
     def arm(self, context: int, deadline_ms: int | None = None) -> float:
         """Refill fuel and arm the epoch deadline for one call on the Store with this context
-        address (a shorter `deadline_ms` may replace the limit); return the monotonic deadline."""
+        address (a shorter `deadline_ms` may replace the limit); return the monotonic deadline.
+        Before `start_epoch_yields` the epoch deadline traps the guest at the deadline; after it,
+        the guest yields every epoch tick and its poller enforces the deadline."""
         if self.limits.max_fuel is not None or self.fuel_unset:
             # Unlimited fuel is set once: 2^63 units cannot run out between calls.
             self.fuel_unset = False
             error = capi.context_set_fuel(context, self.fuel)
             if error:
                 raise RuntimeError(f"cannot set fuel: {capi.take_error(error)}")
+        if self.epoch_yields:
+            # The epoch deadline is a yield point now (see EPOCH_SLICE_TICKS); whoever polls the call
+            # ends it at the first yield past the returned deadline.
+            capi.context_set_epoch_deadline(context, EPOCH_SLICE_TICKS)
+            return time.monotonic() + (self.deadline_s if deadline_ms is None else deadline_ms / 1000)
         if deadline_ms is None:
             capi.context_set_epoch_deadline(context, self.deadline_ticks)
             return time.monotonic() + self.deadline_s

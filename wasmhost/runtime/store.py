@@ -163,6 +163,7 @@ class StoreManager:
         if error:
             unregister_context(context)
             raise InstantiationError(self.name, f"cannot set the fuel yield interval: {capi.take_error(error)}")
+        self.limiter.start_epoch_yields(context)
         self.store, self.context, self._funcs = store, context, funcs
         self._func_addresses = {name: ctypes.addressof(f._func) for name, f in funcs.items()}
         self.state = InstanceState.INSTANTIATED
