@@ -20,11 +20,14 @@ from wasmhost.runtime.runtime import Runtime
 from wasmhost.runtime.store import StoreManager
 
 ASYNC_TARGET = 0.75
-"""Async (preemptible) typed calls must keep this share of the synchronous typed call rate: creating
-and deleting wasmtime's call future costs about 2.5 us, a fifth of a 64 B echo call."""
+"""Async (preemptible) typed calls must keep this share of the synchronous typed call rate: measured
+0.77 - 0.85x at 64 B, 4 KiB and 64 KiB alike (wasmtime's async call path costs about a fifth more per
+value converted, plus about 2.5 us to create and delete the call future)."""
 
 SIZES: list[tuple[int, str, float | None]] = [
-    (0, "0 B", None), (64, "64 B", 25.0), (4096, "4 KiB", 25.0), (65536, "64 KiB", 25.0), (1 << 20, "1 MiB", 10.0),
+    # Every call is async since preemption: 25x for the synchronous typed path (still 28 - 29x) times
+    # the async share above gives the 20x these rows must keep.
+    (0, "0 B", None), (64, "64 B", 20.0), (4096, "4 KiB", 20.0), (65536, "64 KiB", 20.0), (1 << 20, "1 MiB", 10.0),
 ]
 
 
