@@ -21,6 +21,8 @@ from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
 from wasmhost.runtime.loader import check_header
+from wasmhost.security.capabilities import Capabilities as Grants
+from wasmhost.security.capabilities import TargetPattern
 
 Positive = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -116,6 +118,8 @@ class ComponentPlan:
     wasm_path: Path
     capabilities: Capabilities
     storage_quota_bytes: int
+    grants: Grants
+    """The capabilities parsed for the checker (every pattern was validated with the config)."""
 
 
 @dataclass(frozen=True)
@@ -192,8 +196,9 @@ def _is_struct(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
 
 
-def _check(value: Any, cls: type[msgspec.Struct], path: str, errors: list[str]) -> Any:
-    """Convert `value` to `cls`, collecting one error per bad field (None when any was bad)."""
+def _check(value: Any, cls: type[msgspec.Struct], path: str, errors: list[str], keep_valid: bool = False) -> Any:
+    """Convert `value` to `cls`, collecting one error per bad field (None when any was bad, unless `keep_valid`:
+    then the fields that were good are kept and the bad ones take their defaults)."""
     if not isinstance(value, dict):
         errors.append(f"{path}: expected a table, got {_describe(value)}")
         return None
@@ -224,7 +229,9 @@ def _check(value: Any, cls: type[msgspec.Struct], path: str, errors: list[str]) 
             except msgspec.ValidationError:
                 errors.append(f"{where}: expected {_expected(info.type, raw)}, got {_describe(raw)}")
     if len(errors) > before:
-        return None
+        if not keep_valid:
+            return None
+        converted = {k: v for k, v in converted.items() if v is not None}
     return cls(**{fields[k].name: v for k, v in converted.items()})
 
 
@@ -290,11 +297,7 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
     elif section.config_data is not None:
         config_data = section.config_data.encode()
     elif section.config_file is not None:
-        file = base / section.config_file
-        try:
-            config_data = file.read_bytes()
-        except OSError as exc:
-            errors.append(f"{where}.config_file: cannot read {file}: {exc.strerror or exc}")
+        config_data = _config_file(f"{where}.config_file", section.config_file, base, errors)
     if section.backoff_max_ms < section.backoff_base_ms:
         errors.append(f"{where}.backoff_max_ms: must be >= backoff_base_ms ({section.backoff_base_ms})")
     limits = None
@@ -304,7 +307,8 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         errors.append(f"{where}.limits: {exc}")
     log_limit = _log_limit(f"{where}.log_rate", section.log_rate or host.default_log_rate,
                            section.log_burst or host.default_log_burst, errors)
-    if len(errors) > count or limits is None or log_limit is None:
+    grants = _grants(f"{where}.capabilities", section.capabilities, host, errors)
+    if len(errors) > count or limits is None or log_limit is None or grants is None:
         return None
     spec = ActorSpec(
         component_id=cid,
@@ -325,7 +329,45 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         log_limit=log_limit,
     )
     quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
-    return ComponentPlan(spec, wasm, section.capabilities, quota)
+    return ComponentPlan(spec, wasm, section.capabilities, quota, grants)
+
+
+def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes | None:
+    """The bytes of a component's config_file, which must be a regular file inside the config's directory tree
+    (a config that can be edited by a deployer must not hand a guest any file the daemon can read)."""
+    if "\x00" in name:
+        errors.append(f"{where}: contains a NUL byte")
+        return None
+    file = base / name
+    if not _inside(base, file):
+        errors.append(f"{where}: {file} is outside the configuration's directory {base}")
+        return None
+    if not file.is_file():  # a FIFO or device would block or never end
+        errors.append(f"{where}: no regular file at {file}")
+        return None
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        errors.append(f"{where}: cannot read {file}: {exc.strerror or exc}")
+        return None
+
+
+def _grants(where: str, caps: Capabilities, host: HostSection, errors: list[str]) -> Grants | None:
+    """Parse every target pattern, reporting each bad one at its place."""
+    count = len(errors)
+    parsed: dict[str, tuple[TargetPattern, ...]] = {}
+    for action, texts in (("send", caps.send), ("request", caps.request), ("broadcast", caps.broadcast)):
+        patterns = []
+        for index, text in enumerate(texts):
+            try:
+                patterns.append(TargetPattern.parse(text))
+            except ValueError as exc:
+                errors.append(f"{where}.{action}[{index}]: {exc}")
+        parsed[action] = tuple(patterns)
+    if len(errors) > count:
+        return None
+    quota = caps.storage_quota_bytes or host.default_storage_quota_bytes
+    return Grants(parsed["send"], parsed["request"], parsed["broadcast"], caps.storage, quota)
 
 
 def _pattern_warnings(plans: list[ComponentPlan]) -> list[str]:
@@ -354,7 +396,13 @@ def parse_config(text: str, source: Path) -> Config:
     for key in raw:
         if key not in ("host", "components"):
             errors.append(f"{key}: unknown key (expected host or components)")
-    host = _check(raw.get("host", {}), HostSection, "host", errors) or HostSection()
+    # A bad [host] value takes its default; the good ones (components_dir above all) still apply, so that
+    # the errors reported about components are the true ones.
+    host = _check(raw.get("host", {}), HostSection, "host", errors, keep_valid=True) or HostSection()
+    for key in ("components_dir", "state_dir", "control_socket", "log_file"):
+        if "\x00" in (getattr(host, key) or ""):
+            errors.append(f"host.{key}: contains a NUL byte")
+            host = msgspec.structs.replace(host, **{key: getattr(HostSection(), key)})
     sections = raw.get("components", [])
     if not isinstance(sections, list):
         errors.append(f"components: expected an array of tables ([[components]]), got {_describe(sections)}")
@@ -379,14 +427,14 @@ def parse_config(text: str, source: Path) -> Config:
         for index, user in enumerate(host.control_users):
             try:
                 uids.add(int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid)
-            except KeyError:
+            except (KeyError, ValueError):  # ValueError: a NUL in the name
                 errors.append(f"host.control_users[{index}]: no user named \"{user}\" on this system")
         control_uids = frozenset(uids)
     socket_gid: int | None = None
     if host.socket_group is not None:
         try:
             socket_gid = grp.getgrnam(host.socket_group).gr_gid
-        except KeyError:
+        except (KeyError, ValueError):
             errors.append(f"host.socket_group: no group named \"{host.socket_group}\" on this system")
     if _log_limit("host.default_log_rate", host.default_log_rate, host.default_log_burst, errors) is None:
         host = msgspec.structs.replace(host, default_log_rate=DEFAULT_LOG_RATE)
