@@ -22,7 +22,6 @@ from wasmhost.core.limits import ResourceLimits
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
 from wasmhost.runtime.loader import check_header
 from wasmhost.security.capabilities import Capabilities as Grants
-from wasmhost.security.capabilities import TargetPattern
 
 Positive = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -354,34 +353,21 @@ def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes 
 
 def _grants(where: str, caps: Capabilities, host: HostSection, errors: list[str]) -> Grants | None:
     """Parse every target pattern, reporting each bad one at its place."""
-    count = len(errors)
-    parsed: dict[str, tuple[TargetPattern, ...]] = {}
-    for action, texts in (("send", caps.send), ("request", caps.request), ("broadcast", caps.broadcast)):
-        patterns = []
-        for index, text in enumerate(texts):
-            try:
-                patterns.append(TargetPattern.parse(text))
-            except ValueError as exc:
-                errors.append(f"{where}.{action}[{index}]: {exc}")
-        parsed[action] = tuple(patterns)
-    if len(errors) > count:
-        return None
     quota = caps.storage_quota_bytes or host.default_storage_quota_bytes
-    return Grants(parsed["send"], parsed["request"], parsed["broadcast"], caps.storage, quota)
+    grants, bad = Grants.parse(caps.send, caps.request, caps.broadcast, caps.storage, quota)
+    errors.extend(f"{where}.{error}" for error in bad)
+    return None if bad else grants
 
 
 def _pattern_warnings(plans: list[ComponentPlan]) -> list[str]:
     """Capabilities that name components this config does not deploy (warnings, not errors)."""
-    ids = {str(p.spec.component_id) for p in plans}
+    ids = [p.spec.component_id for p in plans]
     warnings = []
     for index, plan in enumerate(plans):
-        caps = plan.capabilities
-        for action, patterns in (("send", caps.send), ("request", caps.request), ("broadcast", caps.broadcast)):
-            for i, pattern in enumerate(patterns):
-                prefix = pattern[:-1] if pattern.endswith("*") else None
-                matches = any(x.startswith(prefix) for x in ids) if prefix is not None else pattern in ids
-                if not matches:
-                    warnings.append(f"components[{index}].capabilities.{action}[{i}]: {pattern!r} matches no "
+        for action in ("send", "request", "broadcast"):
+            for i, pattern in enumerate(plan.grants.patterns(action)):
+                if not pattern.could_match_any(ids):
+                    warnings.append(f"components[{index}].capabilities.{action}[{i}]: {pattern.text!r} matches no "
                                     "component in this configuration")
     return warnings
 
