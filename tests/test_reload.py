@@ -90,10 +90,11 @@ def test_a_new_version_that_cannot_load_leaves_the_old_one_running(tmp_path: Pat
     rewrite(d, tmp_path, components, BASE + component("t/new/0", "echo"))  # and a valid addition
     code, output = reload_reported(d)
     assert code == "1", output
-    assert "reload rejected, nothing changed" in output and "t/counter/0: " in output, output
+    assert "reload rejected, nothing changed: 1 problem(s):\n  t/counter/0: " in output, output
+    assert f"t/counter/0: {components / 'counter.wasm'}: invalid component: " in output, output
     assert d.call("t/counter/0", "") == "3"  # the old instance, its state intact
     assert "t/new/0" not in rows(d)  # all or nothing: the valid addition waits too
-    assert rows(d)["t/counter/0"]["state"] == "running"
+    assert rows(d)["t/counter/0"]["state"] == "running" and rows(d)["t/counter/0"]["handled"] == 3
 
     (components / "counter.wasm").write_bytes(good)
     rewrite(d, tmp_path, components, component("t/echo/0", "echo")

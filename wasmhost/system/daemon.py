@@ -264,7 +264,8 @@ class Daemon:
             new = await asyncio.to_thread(load_config, self.config.source)
         except ConfigError as exc:
             log.error("reload_rejected", errors=exc.errors)
-            return [f"reload rejected, nothing changed: {exc.source}: {len(exc.errors)} error(s):", *exc.errors]
+            return [f"reload rejected, nothing changed: {exc.source}: {len(exc.errors)} error(s):",
+                    *(f"  {e}" for e in exc.errors)]
         problems = [f"host.{key}: changed from {old!r} to {value!r}; [host] settings are read only at start: "
                     "restart wasmhost to apply them" for key, old, value in _host_changes(self.config, new)]
         added, removed, changed, unchanged = await self._diff(new)
@@ -275,10 +276,10 @@ class Daemon:
                 loaded[cid] = await self._load(wanted[cid])
             except Exception as exc:  # whatever stops the new version, the old one keeps running
                 reason = str(exc) if isinstance(exc, LoadError) else _describe(exc)
-                problems.append(f"{cid}: {reason}")
+                problems.append(f"{cid}: " + " ".join(line.strip() for line in reason.splitlines() if line.strip()))
         if problems:
             log.error("reload_rejected", errors=problems)
-            return ["reload rejected, nothing changed:", *problems]
+            return [f"reload rejected, nothing changed: {len(problems)} problem(s):", *(f"  {p}" for p in problems)]
         old_config, old_deployments = self.config, dict(self.deployments)
         try:
             for cid in removed + changed:
