@@ -25,7 +25,10 @@ from wasmhost.security.capabilities import Capabilities as Grants
 
 Positive = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+MAX_SECONDS = 86400.0
+"""The longest timeout or interval accepted: longer is a mistake, and `inf` would make a stop wait forever or
+overflow a deadline when the daemon is already running."""
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -58,13 +61,13 @@ class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     mailbox_capacity: Positive | None = None
     restart: Literal["permanent", "transient", "temporary"] = "transient"
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
-    restart_window_s: PositiveFloat = 60.0
+    restart_window_s: Seconds = 60.0
     backoff_base_ms: Positive = 50
     backoff_max_ms: Positive = 5000
     group: str | None = None
     strategy: Literal["one-for-one", "one-for-all", "rest-for-one"] = "one-for-one"
-    health_interval_s: PositiveFloat = 30.0
-    shutdown_timeout_s: PositiveFloat = 5.0
+    health_interval_s: Seconds = 30.0
+    shutdown_timeout_s: Seconds = 5.0
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
     wasi: bool = False
     log_rate: PositiveFloat | None = None
@@ -83,10 +86,10 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_file: str | None = None
-    epoch_tick_ms: Positive = 10
+    epoch_tick_ms: Annotated[int, msgspec.Meta(gt=0, le=1000)] = 10  # deadlines are counted in ticks
     worker_threads: Positive | None = None
     default_mailbox_capacity: Positive = 1024
-    drain_timeout_s: NonNegativeFloat = 5.0
+    drain_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)] = 5.0
     default_storage_quota_bytes: Positive = 16 * 1024 * 1024
     default_limits: Limits = msgspec.field(default_factory=Limits)
     default_log_rate: PositiveFloat = DEFAULT_LOG_RATE
@@ -177,7 +180,8 @@ def _expected(tp: Any, value: Any) -> str:
             text += f" > {meta.gt}"
         if meta.ge is not None:
             text += f" >= {meta.ge}"
-        if meta.le is not None and isinstance(value, int) and not isinstance(value, bool) and value > meta.le:
+        if meta.le is not None and isinstance(value, int | float) and not isinstance(value, bool) \
+                and value > meta.le:
             text += f" and <= {meta.le}"
         return text
     if origin in (Union, UnionType):
