@@ -212,3 +212,12 @@ def test_timeouts_and_ticks_that_would_hang_or_overflow_a_running_daemon_are_err
         "components[0].health_interval_s: expected a number > 0, got nan",
         "components[0].shutdown_timeout_s: expected a number > 0 and <= 86400.0, got inf",
     ]
+
+
+def test_a_control_socket_path_too_long_to_bind_is_an_error(tmp_path: Path) -> None:
+    state = tmp_path / ("s" * 120)
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[host]\nstate_dir = "{state}"\n', tmp_path / "wasmhost.toml")
+    length = len(str(state / "wasmhost.sock"))
+    assert info.value.errors == [f"host.control_socket: {state / 'wasmhost.sock'} is {length} bytes long; a Unix "
+                                 "socket path holds at most 107 (shorten state_dir or control_socket)"]

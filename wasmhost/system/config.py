@@ -29,6 +29,8 @@ MAX_SECONDS = 86400.0
 """The longest timeout or interval accepted: longer is a mistake, and `inf` would make a stop wait forever or
 overflow a deadline when the daemon is already running."""
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
+MAX_SOCKET_PATH = 107
+"""Bytes in a Unix socket path (sun_path is 108 with its NUL on Linux)."""
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -403,6 +405,9 @@ def parse_config(text: str, source: Path) -> Config:
     state_dir = (base / host.state_dir).resolve()
     control_socket = state_dir / host.control_socket if not os.path.isabs(host.control_socket) \
         else Path(host.control_socket)
+    if len(os.fsencode(control_socket)) > MAX_SOCKET_PATH:
+        errors.append(f"host.control_socket: {control_socket} is {len(os.fsencode(control_socket))} bytes long; "
+                      f"a Unix socket path holds at most {MAX_SOCKET_PATH} (shorten state_dir or control_socket)")
     try:
         socket_mode = int(host.socket_mode, 8)
         if socket_mode & ~0o770 or not socket_mode & 0o600 == 0o600:
