@@ -162,3 +162,17 @@ def test_a_fault_while_applying_restores_the_old_deployment(tmp_path: Path, comp
     assert code == "0", output
     assert sorted(rows(d)) == ["t/counter/0", "t/echo/0"]
     assert d.stop() == 0
+
+
+def test_a_reload_signalled_after_sigterm_starts_nothing(tmp_path: Path, components: Path,
+                                                         started: list[Daemon]) -> None:
+    shutil.copy(FIXTURES / "slowstop.wasm", components / "slowstop.wasm")
+    slow = component("t/slow/0", "slowstop", "shutdown_timeout_s = 3")  # keeps the daemon stopping for 3 s
+    d = start(tmp_path, components, started, BASE + slow)
+    rewrite(d, tmp_path, components, BASE + slow + component("t/new/0", "echo"))
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(signal.SIGHUP)  # handled after SIGTERM: signals reach the loop in order
+    assert d.proc.wait(timeout=60) == 0 and d.stop() == 0  # (a second SIGTERM would force the exit)
+    events = d.events()
+    assert [e for e in events if e["event"] == "reload_refused"], events
+    assert not [e for e in events if e.get("component") == "t/new/0"], events

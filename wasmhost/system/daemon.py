@@ -245,6 +245,9 @@ class Daemon:
         Everything that can fail is done before a running component is touched: the config is parsed and
         validated, every added or changed component is compiled and checked against its memory budget.
         RELOADING=1 is always followed by READY=1, and the lock is released, whatever happens."""
+        if self._stopping:  # what it would start, the shutdown would not stop
+            log.warning("reload_refused", reason="the daemon is stopping")
+            return ["reload refused: the daemon is stopping"]
         async with self._reload_lock:
             monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
@@ -277,6 +280,8 @@ class Daemon:
             except Exception as exc:  # whatever stops the new version, the old one keeps running
                 reason = str(exc) if isinstance(exc, LoadError) else _describe(exc)
                 problems.append(f"{cid}: " + " ".join(line.strip() for line in reason.splitlines() if line.strip()))
+        if self._stopping:  # a stop signal came while the new versions compiled: start nothing now
+            problems.append("the daemon is stopping")
         if problems:
             log.error("reload_rejected", errors=problems)
             return [f"reload rejected, nothing changed: {len(problems)} problem(s):", *(f"  {p}" for p in problems)]
