@@ -79,9 +79,9 @@ config_file = "y"
         'components[0].restart: expected one of "permanent", "transient", "temporary", got "sometimes"',
         "components[1].id: component id 'a/b': expected namespace/name/instance (three parts separated by '/'), "
         "got 2 part(s)",
-        # the [host] table is invalid, so its defaults apply (components_dir = "components")
-        f"components[2].path: {tmp_path / 'components/../../../../etc/passwd'} is outside the components "
-        f"directory {tmp_path / 'components'}",
+        # the [host] table has a mistake, but its good values (components_dir) still apply
+        f"components[2].path: {FIXTURES / '../../../../etc/passwd'} is outside the components "
+        f"directory {FIXTURES}",
         "components[3].id: duplicate id 'a/b/c' (also components[0])",
     ]
 
@@ -147,3 +147,77 @@ def test_guest_log_limits_that_cannot_limit_are_located_errors(tmp_path: Path) -
         'components[2].log_burst: expected an integer > 0, got "lots"',
         "components[1].log_rate: expected a finite number > 0 (lines per second), got inf",  # checked after shapes
     ]
+
+
+def test_one_bad_host_value_hides_neither_the_others_nor_the_components_dir(tmp_path: Path) -> None:
+    found = errors(tmp_path, 'epoch_tick_ms = "fast"\ndrain_timeout_s = -1\n'
+                             '[[components]]\nid = "a/none/0"\n')
+    assert found == [
+        'host.epoch_tick_ms: expected an integer > 0, got "fast"',
+        "host.drain_timeout_s: expected a number >= 0, got -1",
+        f"components[0].id: no component file at {FIXTURES / 'a' / 'none' / '0.wasm'}",
+    ]
+
+
+def test_bad_capability_patterns_are_located_errors(tmp_path: Path) -> None:
+    found = errors(tmp_path, '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\n'
+                             'capabilities = { send = ["demo/echo", "a/*"], broadcast = ["a/*/x"] }\n')
+    assert found == [
+        "components[0].capabilities.send[0]: target pattern 'demo/echo': expected '*', 'namespace/*', "
+        "'namespace/name/*' or 'namespace/name/instance'",
+        "components[0].capabilities.broadcast[0]: target pattern 'a/*/x': expected '*', 'namespace/*', "
+        "'namespace/name/*' or 'namespace/name/instance'",
+    ]
+
+
+def test_config_file_stays_inside_the_config_directory(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "ok.json").write_text("{}")
+    outside = tmp_path.parent / f"{tmp_path.name}-secret.txt"
+    outside.write_text("secret")
+    os.symlink(outside, tmp_path / "sneaky.txt")
+    os.mkfifo(tmp_path / "fifo")
+    component = '[[components]]\nid = "a/echo/{0}"\npath = "echo.wasm"\nconfig_file = "{1}"\n'
+    found = errors(tmp_path, component.format(0, "sub/ok.json") + component.format(1, f"../{outside.name}")
+                   + component.format(2, "sneaky.txt") + component.format(3, "fifo")
+                   + component.format(4, "a\\u0000b"))
+    assert found == [
+        f"components[1].config_file: {tmp_path / '..' / outside.name} is outside the configuration's directory "
+        f"{tmp_path}",
+        f"components[2].config_file: {tmp_path / 'sneaky.txt'} is outside the configuration's directory {tmp_path}",
+        f"components[3].config_file: no regular file at {tmp_path / 'fifo'}",
+        "components[4].config_file: contains a NUL byte",
+    ]
+
+
+def test_nul_bytes_in_host_paths_and_names_are_located_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config('[host]\nstate_dir = "s\\u0000"\nsocket_group = "g\\u0000"\ncontrol_users = ["u\\u0000"]\n',
+                     tmp_path / "wasmhost.toml")
+    assert info.value.errors == [
+        "host.state_dir: contains a NUL byte",
+        'host.control_users[0]: no user named "u\x00" on this system',
+        'host.socket_group: no group named "g\x00" on this system',
+    ]
+
+
+def test_timeouts_and_ticks_that_would_hang_or_overflow_a_running_daemon_are_errors(tmp_path: Path) -> None:
+    found = errors(tmp_path, 'drain_timeout_s = inf\nepoch_tick_ms = 100000000000\n'
+                             '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\nshutdown_timeout_s = inf\n'
+                             'health_interval_s = nan\nrestart_window_s = 1e300\n')
+    assert found == [
+        "host.epoch_tick_ms: expected an integer > 0 and <= 1000, got 100000000000",
+        "host.drain_timeout_s: expected a number >= 0 and <= 86400.0, got inf",
+        "components[0].restart_window_s: expected a number > 0 and <= 86400.0, got 1e+300",
+        "components[0].health_interval_s: expected a number > 0, got nan",
+        "components[0].shutdown_timeout_s: expected a number > 0 and <= 86400.0, got inf",
+    ]
+
+
+def test_a_control_socket_path_too_long_to_bind_is_an_error(tmp_path: Path) -> None:
+    state = tmp_path / ("s" * 120)
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[host]\nstate_dir = "{state}"\n', tmp_path / "wasmhost.toml")
+    length = len(str(state / "wasmhost.sock"))
+    assert info.value.errors == [f"host.control_socket: {state / 'wasmhost.sock'} is {length} bytes long; a Unix "
+                                 "socket path holds at most 107 (shorten state_dir or control_socket)"]

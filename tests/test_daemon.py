@@ -40,7 +40,8 @@ def config_text(state: Path, components: str, components_dir: Path = FIXTURES) -
 class Daemon:
     """A `wasmhost run` subprocess with a NOTIFY_SOCKET the test reads."""
 
-    def __init__(self, tmp: Path, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, config: Path, env: dict[str, str] | None = None,
+                 python_args: tuple[str, ...] = ("-m", "wasmhost.cli")) -> None:
         self.config = config
         self.socket = tmp / "state" / "wasmhost.sock"
         self.log = tmp / "daemon.log"
@@ -49,7 +50,7 @@ class Daemon:
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(60)
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "run", "--config", str(config)],
+        self.proc = subprocess.Popen([sys.executable, *python_args, "run", "--config", str(config)],
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.messages: list[str] = []
 

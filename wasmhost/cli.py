@@ -95,10 +95,9 @@ def _log_settings(source: Path) -> tuple[str, str, str | None]:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the configuration and compile every component, without starting anything."""
     from wasmhost.runtime.engine import EngineSettings
-    from wasmhost.runtime.limiter import StoreBudget
     from wasmhost.runtime.runtime import Runtime
     from wasmhost.system.config import ConfigError, load_config
-    from wasmhost.system.daemon import prepare_state_dir
+    from wasmhost.system.daemon import load_plan, prepare_state_dir
 
     source = config_path(args)
     try:
@@ -109,14 +108,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     prepare_state_dir(config)  # the cache is created inside it: owner-only, as the daemon makes it
-    runtime = Runtime(EngineSettings(epoch_tick_ms=config.host.epoch_tick_ms), config.cache_dir)
+    runtime = Runtime(EngineSettings(epoch_tick_ms=config.host.epoch_tick_ms), config.cache_dir,
+                      config.components_dir)
     failures = []
     try:
         for plan in config.components:
             try:
-                loaded = runtime.load(plan.spec.component_id, plan.wasm_path)
-                # The memories and tables it creates must fit its max_memory_bytes, or it cannot start.
-                StoreBudget.plan(plan.spec.limits.max_memory_bytes, loaded.footprint, str(loaded.source))
+                load_plan(runtime, plan)  # the load step of run and reload, budget check included
             except LoadError as exc:
                 failures.append(f"{plan.spec.component_id}: {exc}")
     finally:

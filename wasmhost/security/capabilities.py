@@ -65,6 +65,16 @@ class Capabilities:
     def from_config(cls, send: Iterable[str] = (), request: Iterable[str] = (), broadcast: Iterable[str] = (),
                     storage: bool = False, storage_quota_bytes: int | None = None) -> Capabilities:
         """Build from configuration strings; every bad pattern is reported in one ValueError."""
+        capabilities, errors = cls.parse(send, request, broadcast, storage, storage_quota_bytes)
+        if errors:
+            raise ValueError("; ".join(f"capabilities.{error}" for error in errors))
+        return capabilities
+
+    @classmethod
+    def parse(cls, send: Iterable[str] = (), request: Iterable[str] = (), broadcast: Iterable[str] = (),
+              storage: bool = False, storage_quota_bytes: int | None = None) -> tuple[Capabilities, list[str]]:
+        """Build from configuration strings, leaving bad patterns out; each is reported as
+        `action[index]: why`, for the caller to place (the config prefixes where the table is)."""
         errors: list[str] = []
         parsed: dict[str, list[TargetPattern]] = {}
         for action, texts in (("send", send), ("request", request), ("broadcast", broadcast)):
@@ -73,11 +83,10 @@ class Capabilities:
                 try:
                     parsed[action].append(TargetPattern.parse(text))
                 except ValueError as exc:
-                    errors.append(f"capabilities.{action}[{index}]: {exc}")
-        if errors:
-            raise ValueError("; ".join(errors))
-        return cls(tuple(parsed["send"]), tuple(parsed["request"]), tuple(parsed["broadcast"]), storage,
-                   storage_quota_bytes)
+                    errors.append(f"{action}[{index}]: {exc}")
+        capabilities = cls(tuple(parsed["send"]), tuple(parsed["request"]), tuple(parsed["broadcast"]), storage,
+                           storage_quota_bytes)
+        return capabilities, errors
 
     def patterns(self, action: str) -> tuple[TargetPattern, ...]:
         """The patterns granted for `action`."""

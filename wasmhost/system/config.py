@@ -22,10 +22,16 @@ from wasmhost.core.limits import ResourceLimits
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_CEILING, WASMTIME_LIST_U8_CEILING
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
 from wasmhost.runtime.loader import check_header
+from wasmhost.security.capabilities import Capabilities as Grants
 
 Positive = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+MAX_SECONDS = 86400.0
+"""The longest timeout or interval accepted: longer is a mistake, and `inf` would make a stop wait forever or
+overflow a deadline when the daemon is already running."""
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
+MAX_SOCKET_PATH = 107
+"""Bytes in a Unix socket path (sun_path is 108 with its NUL on Linux)."""
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -58,13 +64,13 @@ class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     mailbox_capacity: Positive | None = None
     restart: Literal["permanent", "transient", "temporary"] = "transient"
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
-    restart_window_s: PositiveFloat = 60.0
+    restart_window_s: Seconds = 60.0
     backoff_base_ms: Positive = 50
     backoff_max_ms: Positive = 5000
     group: str | None = None
     strategy: Literal["one-for-one", "one-for-all", "rest-for-one"] = "one-for-one"
-    health_interval_s: PositiveFloat = 30.0
-    shutdown_timeout_s: PositiveFloat = 5.0
+    health_interval_s: Seconds = 30.0
+    shutdown_timeout_s: Seconds = 5.0
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
     wasi: bool = False
     log_rate: PositiveFloat | None = None
@@ -84,10 +90,10 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_file: str | None = None
-    epoch_tick_ms: Positive = 10
+    epoch_tick_ms: Annotated[int, msgspec.Meta(gt=0, le=1000)] = 10  # deadlines are counted in ticks
     worker_threads: Positive | None = None
     default_mailbox_capacity: Positive = 1024
-    drain_timeout_s: NonNegativeFloat = 5.0
+    drain_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)] = 5.0
     default_storage_quota_bytes: Positive = 16 * 1024 * 1024
     default_limits: Limits = msgspec.field(default_factory=Limits)
     default_log_rate: PositiveFloat = DEFAULT_LOG_RATE
@@ -119,6 +125,8 @@ class ComponentPlan:
     wasm_path: Path
     capabilities: Capabilities
     storage_quota_bytes: int
+    grants: Grants
+    """The capabilities parsed for the checker (every pattern was validated with the config)."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +185,8 @@ def _expected(tp: Any, value: Any) -> str:
             text += f" > {meta.gt}"
         if meta.ge is not None:
             text += f" >= {meta.ge}"
-        if meta.le is not None and isinstance(value, int) and not isinstance(value, bool) and value > meta.le:
+        if meta.le is not None and isinstance(value, int | float) and not isinstance(value, bool) \
+                and value > meta.le:
             text += f" and <= {meta.le}"
         return text
     if origin in (Union, UnionType):
@@ -195,8 +204,9 @@ def _is_struct(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
 
 
-def _check(value: Any, cls: type[msgspec.Struct], path: str, errors: list[str]) -> Any:
-    """Convert `value` to `cls`, collecting one error per bad field (None when any was bad)."""
+def _check(value: Any, cls: type[msgspec.Struct], path: str, errors: list[str], keep_valid: bool = False) -> Any:
+    """Convert `value` to `cls`, collecting one error per bad field (None when any was bad, unless `keep_valid`:
+    then the fields that were good are kept and the bad ones take their defaults)."""
     if not isinstance(value, dict):
         errors.append(f"{path}: expected a table, got {_describe(value)}")
         return None
@@ -227,7 +237,9 @@ def _check(value: Any, cls: type[msgspec.Struct], path: str, errors: list[str]) 
             except msgspec.ValidationError:
                 errors.append(f"{where}: expected {_expected(info.type, raw)}, got {_describe(raw)}")
     if len(errors) > before:
-        return None
+        if not keep_valid:
+            return None
+        converted = {k: v for k, v in converted.items() if v is not None}
     return cls(**{fields[k].name: v for k, v in converted.items()})
 
 
@@ -301,11 +313,7 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
     elif section.config_data is not None:
         config_data = section.config_data.encode()
     elif section.config_file is not None:
-        file = base / section.config_file
-        try:
-            config_data = file.read_bytes()
-        except OSError as exc:
-            errors.append(f"{where}.config_file: cannot read {file}: {exc.strerror or exc}")
+        config_data = _config_file(f"{where}.config_file", section.config_file, base, errors)
     if section.max_message_bytes is not None:
         problem = _message_bytes_error(f"{where}.max_message_bytes", section.max_message_bytes)
         if problem is not None:
@@ -319,7 +327,8 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         errors.append(f"{where}.limits: {exc}")
     log_limit = _log_limit(f"{where}.log_rate", section.log_rate or host.default_log_rate,
                            section.log_burst or host.default_log_burst, errors)
-    if len(errors) > count or limits is None or log_limit is None:
+    grants = _grants(f"{where}.capabilities", section.capabilities, host, errors)
+    if len(errors) > count or limits is None or log_limit is None or grants is None:
         return None
     spec = ActorSpec(
         component_id=cid,
@@ -341,21 +350,46 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         max_message_bytes=section.max_message_bytes or host.max_message_bytes,
     )
     quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
-    return ComponentPlan(spec, wasm, section.capabilities, quota)
+    return ComponentPlan(spec, wasm, section.capabilities, quota, grants)
+
+
+def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes | None:
+    """The bytes of a component's config_file, which must be a regular file inside the config's directory tree
+    (a config that can be edited by a deployer must not hand a guest any file the daemon can read)."""
+    if "\x00" in name:
+        errors.append(f"{where}: contains a NUL byte")
+        return None
+    file = base / name
+    if not _inside(base, file):
+        errors.append(f"{where}: {file} is outside the configuration's directory {base}")
+        return None
+    if not file.is_file():  # a FIFO or device would block or never end
+        errors.append(f"{where}: no regular file at {file}")
+        return None
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        errors.append(f"{where}: cannot read {file}: {exc.strerror or exc}")
+        return None
+
+
+def _grants(where: str, caps: Capabilities, host: HostSection, errors: list[str]) -> Grants | None:
+    """Parse every target pattern, reporting each bad one at its place."""
+    quota = caps.storage_quota_bytes or host.default_storage_quota_bytes
+    grants, bad = Grants.parse(caps.send, caps.request, caps.broadcast, caps.storage, quota)
+    errors.extend(f"{where}.{error}" for error in bad)
+    return None if bad else grants
 
 
 def _pattern_warnings(plans: list[ComponentPlan]) -> list[str]:
     """Capabilities that name components this config does not deploy (warnings, not errors)."""
-    ids = {str(p.spec.component_id) for p in plans}
+    ids = [p.spec.component_id for p in plans]
     warnings = []
     for index, plan in enumerate(plans):
-        caps = plan.capabilities
-        for action, patterns in (("send", caps.send), ("request", caps.request), ("broadcast", caps.broadcast)):
-            for i, pattern in enumerate(patterns):
-                prefix = pattern[:-1] if pattern.endswith("*") else None
-                matches = any(x.startswith(prefix) for x in ids) if prefix is not None else pattern in ids
-                if not matches:
-                    warnings.append(f"components[{index}].capabilities.{action}[{i}]: {pattern!r} matches no "
+        for action in ("send", "request", "broadcast"):
+            for i, pattern in enumerate(plan.grants.patterns(action)):
+                if not pattern.could_match_any(ids):
+                    warnings.append(f"components[{index}].capabilities.{action}[{i}]: {pattern.text!r} matches no "
                                     "component in this configuration")
     return warnings
 
@@ -370,7 +404,13 @@ def parse_config(text: str, source: Path) -> Config:
     for key in raw:
         if key not in ("host", "components"):
             errors.append(f"{key}: unknown key (expected host or components)")
-    host = _check(raw.get("host", {}), HostSection, "host", errors) or HostSection()
+    # A bad [host] value takes its default; the good ones (components_dir above all) still apply, so that
+    # the errors reported about components are the true ones.
+    host = _check(raw.get("host", {}), HostSection, "host", errors, keep_valid=True) or HostSection()
+    for key in ("components_dir", "state_dir", "control_socket", "log_file"):
+        if "\x00" in (getattr(host, key) or ""):
+            errors.append(f"host.{key}: contains a NUL byte")
+            host = msgspec.structs.replace(host, **{key: getattr(HostSection(), key)})
     sections = raw.get("components", [])
     if not isinstance(sections, list):
         errors.append(f"components: expected an array of tables ([[components]]), got {_describe(sections)}")
@@ -381,6 +421,9 @@ def parse_config(text: str, source: Path) -> Config:
     state_dir = (base / host.state_dir).resolve()
     control_socket = state_dir / host.control_socket if not os.path.isabs(host.control_socket) \
         else Path(host.control_socket)
+    if len(os.fsencode(control_socket)) > MAX_SOCKET_PATH:
+        errors.append(f"host.control_socket: {control_socket} is {len(os.fsencode(control_socket))} bytes long; "
+                      f"a Unix socket path holds at most {MAX_SOCKET_PATH} (shorten state_dir or control_socket)")
     try:
         socket_mode = int(host.socket_mode, 8)
         if socket_mode & ~0o770 or not socket_mode & 0o600 == 0o600:
@@ -395,14 +438,14 @@ def parse_config(text: str, source: Path) -> Config:
         for index, user in enumerate(host.control_users):
             try:
                 uids.add(int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid)
-            except KeyError:
+            except (KeyError, ValueError):  # ValueError: a NUL in the name
                 errors.append(f"host.control_users[{index}]: no user named \"{user}\" on this system")
         control_uids = frozenset(uids)
     socket_gid: int | None = None
     if host.socket_group is not None:
         try:
             socket_gid = grp.getgrnam(host.socket_group).gr_gid
-        except KeyError:
+        except (KeyError, ValueError):
             errors.append(f"host.socket_group: no group named \"{host.socket_group}\" on this system")
     if _log_limit("host.default_log_rate", host.default_log_rate, host.default_log_burst, errors) is None:
         host = msgspec.structs.replace(host, default_log_rate=DEFAULT_LOG_RATE)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+import msgspec
 import structlog
 
 from wasmhost.actors.state import ActorState
@@ -23,9 +25,10 @@ from wasmhost.core.private_files import private_dir
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.engine import EngineSettings
+from wasmhost.runtime.limiter import StoreBudget
 from wasmhost.runtime.loader import LoadedComponent
 from wasmhost.runtime.runtime import Runtime
-from wasmhost.security.capabilities import Capabilities, CapabilityChecker
+from wasmhost.security.capabilities import CapabilityChecker
 from wasmhost.storage.sqlite_store import SqliteStorage
 from wasmhost.system import protocol
 from wasmhost.system.config import ComponentPlan, Config, ConfigError, load_config
@@ -46,6 +49,8 @@ class Deployment:
     plan: ComponentPlan
     digest: str | None = None
     load_error: str | None = None
+    loaded: LoadedComponent | None = None
+    """The compiled component it runs, kept so that a failed reload can put it back."""
 
 
 def prepare_state_dir(config: Config) -> None:
@@ -58,6 +63,27 @@ def prepare_state_dir(config: Config) -> None:
         private_dir(config.state_dir, 0o710 if grouped else 0o700, config.socket_gid if grouped else None)
     except OSError as exc:
         log.error("state_dir_unusable", path=str(config.state_dir), error=str(exc))
+
+
+def load_plan(runtime: Runtime, plan: ComponentPlan) -> LoadedComponent:
+    """Compile and validate a component's binary, and check that what it creates fits its max_memory_bytes:
+    the load step of `run`, `reload` and `check` (LoadError says why not)."""
+    loaded = runtime.load(plan.spec.component_id, plan.wasm_path)
+    StoreBudget.plan(plan.spec.limits.max_memory_bytes, loaded.footprint, str(loaded.source))
+    return loaded
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message` of an exception, or of every exception inside a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _host_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """The [host] settings that differ between two configs, as (key, old, new)."""
+    before, after = msgspec.structs.asdict(old.host), msgspec.structs.asdict(new.host)
+    return [(key, before[key], after[key]) for key in before if before[key] != after[key]]
 
 
 class Daemon:
@@ -157,27 +183,27 @@ class Daemon:
     # --- deployment ---
 
     async def _load(self, plan: ComponentPlan) -> LoadedComponent:
-        return await asyncio.to_thread(self.runtime.load, plan.spec.component_id, plan.wasm_path)
+        return await asyncio.to_thread(load_plan, self.runtime, plan)
 
-    async def _start(self, plan: ComponentPlan) -> None:
+    async def _start(self, plan: ComponentPlan, loaded: LoadedComponent | None = None) -> None:
+        """Start one component, loading it first unless the reload already has (`loaded`)."""
         cid = plan.spec.component_id
         deployment = Deployment(plan)
         self.deployments[cid] = deployment
-        try:
-            loaded = await self._load(plan)
-        except LoadError as exc:
-            deployment.load_error = str(exc)
-            log.error("component_load_failed", component=str(cid), error=str(exc))
-            return
+        if loaded is None:
+            try:
+                loaded = await self._load(plan)
+            except LoadError as exc:
+                deployment.load_error = str(exc)
+                log.error("component_load_failed", component=str(cid), error=str(exc))
+                return
         deployment.digest = loaded.digest
+        deployment.loaded = loaded
         self._grant(plan)
         await self.supervisor.start(plan.spec, loaded)
 
     def _grant(self, plan: ComponentPlan) -> None:
-        caps = plan.capabilities
-        self.permissions.grant(plan.spec.component_id, Capabilities.from_config(
-            send=caps.send, request=caps.request, broadcast=caps.broadcast, storage=caps.storage,
-            storage_quota_bytes=plan.storage_quota_bytes))
+        self.permissions.grant(plan.spec.component_id, plan.grants)  # parsed and checked with the config
         self.storage.set_quota(str(plan.spec.component_id), plan.storage_quota_bytes)
 
     async def _remove(self, cid: ComponentId) -> None:
@@ -185,12 +211,13 @@ class Daemon:
         self.permissions.revoke(cid)
         self.deployments.pop(cid, None)
 
-    async def _apply(self, plans: list[ComponentPlan]) -> None:
+    async def _apply(self, plans: list[ComponentPlan],
+                     loaded: dict[ComponentId, LoadedComponent] | None = None) -> None:
         gate = asyncio.Semaphore(START_CONCURRENCY)
 
         async def one(plan: ComponentPlan) -> None:
             async with gate:
-                await self._start(plan)
+                await self._start(plan, (loaded or {}).get(plan.spec.component_id))
 
         # Within a supervisor group, start order matters (rest-for-one): start groups in order.
         grouped: dict[str | None, list[ComponentPlan]] = {}
@@ -202,35 +229,93 @@ class Daemon:
             for plan in members:
                 await one(plan)
 
-        await asyncio.gather(*(one(p) for p in ungrouped), *(in_order(m) for m in grouped.values()))
+        # A task group: if one start raises, the others are cancelled and awaited before the error goes on,
+        # so that a reload restoring the old version never races a start still under way.
+        async with anyio.create_task_group() as group:
+            for plan in ungrouped:
+                group.start_soon(one, plan)
+            for members in grouped.values():
+                group.start_soon(in_order, members)
 
     # --- reload ---
 
     async def reload(self) -> list[str]:
-        """Re-read the config file and apply the difference; returns the errors (nothing changes then)."""
+        """Re-read the config file and apply it whole; returns what stopped it (nothing changed then).
+
+        Everything that can fail is done before a running component is touched: the config is parsed and
+        validated, every added or changed component is compiled and checked against its memory budget.
+        RELOADING=1 is always followed by READY=1, and the lock is released, whatever happens."""
+        if self._stopping:  # what it would start, the shutdown would not stop
+            log.warning("reload_refused", reason="the daemon is stopping")
+            return ["reload refused: the daemon is stopping"]
         async with self._reload_lock:
             monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+            outcome = "reload failed"
             try:
-                new = await asyncio.to_thread(load_config, self.config.source)
-            except ConfigError as exc:
-                log.error("reload_rejected", errors=exc.errors)
-                self.notifier.notify("READY=1", f"STATUS=reload rejected; {self._summary()}")
-                return exc.errors
-            if new.host != self.config.host:
-                log.warning("host_settings_need_restart", detail="[host] changed; it applies at the next start")
-            added, removed, changed, unchanged = await self._diff(new)
-            for cid in removed:
-                await self._remove(cid)
-            for cid in changed:
+                errors = await self._reload()
+                outcome = "reload rejected" if errors else "reloaded"
+                return errors
+            except Exception as exc:  # a bug must not leave systemd waiting nor the reload lock held
+                log.exception("reload_failed")
+                return [f"reload failed, previous configuration restored: {_describe(exc)}"]
+            finally:
+                self.notifier.notify("READY=1", f"STATUS={outcome}; {self._summary()}")
+
+    async def _reload(self) -> list[str]:
+        try:
+            new = await asyncio.to_thread(load_config, self.config.source)
+        except ConfigError as exc:
+            log.error("reload_rejected", errors=exc.errors)
+            return [f"reload rejected, nothing changed: {exc.source}: {len(exc.errors)} error(s):",
+                    *(f"  {e}" for e in exc.errors)]
+        problems = [f"host.{key}: changed from {old!r} to {value!r}; [host] settings are read only at start: "
+                    "restart wasmhost to apply them" for key, old, value in _host_changes(self.config, new)]
+        added, removed, changed, unchanged = await self._diff(new)
+        wanted = {p.spec.component_id: p for p in new.components}
+        loaded: dict[ComponentId, LoadedComponent] = {}
+        for cid in added + changed:  # compile and check every new version before touching the old ones
+            try:
+                loaded[cid] = await self._load(wanted[cid])
+            except Exception as exc:  # whatever stops the new version, the old one keeps running
+                reason = str(exc) if isinstance(exc, LoadError) else _describe(exc)
+                problems.append(f"{cid}: " + " ".join(line.strip() for line in reason.splitlines() if line.strip()))
+        if self._stopping:  # a stop signal came while the new versions compiled: start nothing now
+            problems.append("the daemon is stopping")
+        if problems:
+            log.error("reload_rejected", errors=problems)
+            return [f"reload rejected, nothing changed: {len(problems)} problem(s):", *(f"  {p}" for p in problems)]
+        old_config, old_deployments = self.config, dict(self.deployments)
+        try:
+            for cid in removed + changed:
                 await self._remove(cid)
             self.config = new
-            wanted = {p.spec.component_id: p for p in new.components}
-            await self._apply([wanted[c] for c in added + changed])
-            log.info("reloaded", added=[str(c) for c in added], removed=[str(c) for c in removed],
-                     changed=[str(c) for c in changed], unchanged=len(unchanged))
-            self.notifier.notify("READY=1", f"STATUS={self._summary()}")
-            return []
+            await self._apply([wanted[c] for c in added + changed], loaded)
+        except Exception:
+            await self._restore(old_config, old_deployments, added + changed + removed)
+            raise
+        log.info("reloaded", added=[str(c) for c in added], removed=[str(c) for c in removed],
+                 changed=[str(c) for c in changed], unchanged=len(unchanged))
+        return []
+
+    async def _restore(self, config: Config, deployments: dict[ComponentId, Deployment],
+                       touched: list[ComponentId]) -> None:
+        """Put back what a failed reload changed: the old config, and the old version of every component it
+        touched (restarted from the bytes it was loaded from; its instance state is lost, its storage kept)."""
+        log.error("reload_restoring", components=[str(c) for c in touched])
+        self.config = config
+        for cid in touched:
+            try:
+                await self._remove(cid)
+                previous = deployments.get(cid)
+                if previous is None:
+                    continue
+                self.deployments[cid] = previous
+                if previous.loaded is not None:
+                    self._grant(previous.plan)
+                    await self.supervisor.start(previous.plan.spec, previous.loaded)
+            except Exception:  # restore the others even if one cannot be
+                log.exception("reload_restore_failed", component=str(cid))
 
     async def _diff(self, new: Config) -> tuple[list[ComponentId], list[ComponentId], list[ComponentId],
                                                 list[ComponentId]]:

@@ -22,11 +22,6 @@ class Notifier:
             self.address = "\0" + address[1:] if address.startswith("@") else address
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
-    @property
-    def enabled(self) -> bool:
-        """Whether systemd is listening."""
-        return self._socket is not None
-
     def notify(self, *fields: str) -> None:
         """Send the fields (e.g. "READY=1", "STATUS=...") in one datagram."""
         if self._socket is None or self.address is None:

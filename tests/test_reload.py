@@ -1,0 +1,178 @@
+"""Reload against the real daemon: a config is applied whole or not at all, a new version that cannot load
+leaves the old one running, every error is located, and RELOADING=1 is always followed by READY=1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES
+from tests.test_daemon import Daemon, component, config_text, wasmhost
+
+PATTERN_ERROR = ("components[1].capabilities.send[0]: target pattern 'demo/echo': expected '*', 'namespace/*', "
+                 "'namespace/name/*' or 'namespace/name/instance'")
+
+# Runs the real CLI with Daemon._grant failing for t/boom/0: an unexpected exception in the middle of a reload.
+FAULTY = """
+import sys
+from wasmhost.system import daemon
+grant = daemon.Daemon._grant
+def faulty(self, plan):
+    if str(plan.spec.component_id) == "t/boom/0":
+        raise RuntimeError("injected fault")
+    grant(self, plan)
+daemon.Daemon._grant = faulty
+from wasmhost.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def components(tmp_path: Path) -> Path:
+    """A components directory of copies the tests may overwrite."""
+    folder = tmp_path / "components"
+    folder.mkdir()
+    for name in ("echo", "counter"):
+        shutil.copy(FIXTURES / f"{name}.wasm", folder / f"{name}.wasm")
+    return folder
+
+
+@pytest.fixture
+def started(tmp_path: Path, components: Path) -> Iterator[list[Daemon]]:
+    daemons: list[Daemon] = []
+    yield daemons
+    for d in daemons:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def start(tmp_path: Path, components: Path, started: list[Daemon], text: str,
+          python_args: tuple[str, ...] = ("-m", "wasmhost.cli")) -> Daemon:
+    config = tmp_path / "wasmhost.toml"
+    config.write_text(config_text(tmp_path / "state", text, components))
+    d = Daemon(tmp_path, config, python_args=python_args)
+    started.append(d)
+    d.expect("READY=1")
+    return d
+
+
+def rewrite(d: Daemon, tmp_path: Path, components: Path, text: str) -> None:
+    d.config.write_text(config_text(tmp_path / "state", text, components))
+
+
+def reload_reported(d: Daemon) -> list[str]:
+    """Reload through the CLI; the notifications it caused must be RELOADING=1 then READY=1."""
+    result = d.cli("reload")
+    seen = d.expect("READY=1")
+    assert any("RELOADING=1" in m.split("\n") for m in seen), seen
+    return [str(result.returncode), result.stdout + result.stderr]
+
+
+def rows(d: Daemon) -> dict[str, dict[str, object]]:
+    return {r["id"]: r for r in json.loads(d.cli("status", "--json").stdout)["components"]}
+
+
+BASE = component("t/echo/0", "echo") + component("t/counter/0", "counter")
+
+
+def test_a_new_version_that_cannot_load_leaves_the_old_one_running(tmp_path: Path, components: Path,
+                                                                   started: list[Daemon]) -> None:
+    d = start(tmp_path, components, started, BASE)
+    assert [d.call("t/counter/0", "") for _ in range(2)] == ["1", "2"]
+    good = (components / "counter.wasm").read_bytes()
+    (components / "counter.wasm").write_bytes(good[: len(good) // 2])  # a truncated upload
+    rewrite(d, tmp_path, components, BASE + component("t/new/0", "echo"))  # and a valid addition
+    code, output = reload_reported(d)
+    assert code == "1", output
+    assert "reload rejected, nothing changed: 1 problem(s):\n  t/counter/0: " in output, output
+    assert f"t/counter/0: {components / 'counter.wasm'}: invalid component: " in output, output
+    assert d.call("t/counter/0", "") == "3"  # the old instance, its state intact
+    assert "t/new/0" not in rows(d)  # all or nothing: the valid addition waits too
+    assert rows(d)["t/counter/0"]["state"] == "running" and rows(d)["t/counter/0"]["handled"] == 3
+
+    (components / "counter.wasm").write_bytes(good)
+    rewrite(d, tmp_path, components, component("t/echo/0", "echo")
+            + component("t/counter/0", "counter", "limits = { max_memory_bytes = 1 }"))
+    code, output = reload_reported(d)
+    assert code == "1" and "t/counter/0: " in output and "max_memory_bytes = 1 is too small" in output, output
+    assert d.call("t/counter/0", "") == "4"
+
+    rewrite(d, tmp_path, components, BASE + component("t/new/0", "echo"))
+    code, output = reload_reported(d)
+    assert code == "0" and "reload: ok" in output, output
+    assert d.call("t/new/0", "hi") == "hi" and d.call("t/counter/0", "") == "5"
+    assert d.stop() == 0
+
+
+def test_a_bad_capability_pattern_is_found_by_check_run_and_reload(tmp_path: Path, components: Path,
+                                                                   started: list[Daemon]) -> None:
+    bad = BASE.replace('path = "counter.wasm"\n', 'path = "counter.wasm"\ncapabilities = { send = ["demo/echo"] }\n')
+    config = tmp_path / "bad.toml"
+    config.write_text(config_text(tmp_path / "state", bad, components))
+    check = wasmhost("check", str(config))
+    assert check.returncode == 1 and PATTERN_ERROR in check.stderr, check.stderr
+    run = wasmhost("run", "--config", str(config), "--log-format", "console")
+    assert run.returncode == 1 and PATTERN_ERROR in run.stderr, run.stderr
+
+    d = start(tmp_path, components, started, BASE)
+    assert d.call("t/counter/0", "") == "1"
+    rewrite(d, tmp_path, components, bad + component("t/new/0", "echo"))
+    d.proc.send_signal(signal.SIGHUP)  # what `systemctl reload` does: it waits for READY=1
+    seen = d.expect("READY=1")
+    assert any("RELOADING=1" in m.split("\n") for m in seen) and "STATUS=reload rejected" in seen[-1], seen
+    code, output = reload_reported(d)
+    assert code == "1" and PATTERN_ERROR in output and "internal error" not in output, output
+    assert d.call("t/counter/0", "") == "2" and "t/new/0" not in rows(d)
+    assert d.stop() == 0
+
+
+def test_host_settings_changed_on_reload_are_refused_by_name(tmp_path: Path, components: Path,
+                                                             started: list[Daemon]) -> None:
+    d = start(tmp_path, components, started, BASE)
+    d.config.write_text(config_text(tmp_path / "state", BASE + component("t/new/0", "echo"), components)
+                        .replace("drain_timeout_s = 5.0", "drain_timeout_s = 1.0"))
+    code, output = reload_reported(d)
+    assert code == "1" and "host.drain_timeout_s: changed from 5.0 to 1.0" in output, output
+    assert "t/new/0" not in rows(d)
+    assert d.stop() == 0
+
+
+def test_a_fault_while_applying_restores_the_old_deployment(tmp_path: Path, components: Path,
+                                                            started: list[Daemon]) -> None:
+    d = start(tmp_path, components, started, BASE + component("t/gone/0", "echo"), ("-c", FAULTY))
+    assert d.call("t/counter/0", "") == "1"
+    rewrite(d, tmp_path, components, component("t/echo/0", "echo")
+            + component("t/counter/0", "counter", "mailbox_capacity = 7") + component("t/boom/0", "echo"))
+    code, output = reload_reported(d)
+    assert code == "1" and "RuntimeError: injected fault" in output and "internal error" not in output, output
+    status = rows(d)
+    assert sorted(status) == ["t/counter/0", "t/echo/0", "t/gone/0"], status
+    assert all(r["state"] == "running" for r in status.values()), status
+    assert d.call("t/gone/0", "back") == "back" and d.call("t/echo/0", "still") == "still"
+    assert d.call("t/counter/0", "") == "1"  # restarted from its previous version: instance state is lost
+
+    rewrite(d, tmp_path, components, BASE)  # the lock was released: the next reload applies
+    code, output = reload_reported(d)
+    assert code == "0", output
+    assert sorted(rows(d)) == ["t/counter/0", "t/echo/0"]
+    assert d.stop() == 0
+
+
+def test_a_reload_signalled_after_sigterm_starts_nothing(tmp_path: Path, components: Path,
+                                                         started: list[Daemon]) -> None:
+    shutil.copy(FIXTURES / "slowstop.wasm", components / "slowstop.wasm")
+    slow = component("t/slow/0", "slowstop", "shutdown_timeout_s = 3")  # keeps the daemon stopping for 3 s
+    d = start(tmp_path, components, started, BASE + slow)
+    rewrite(d, tmp_path, components, BASE + slow + component("t/new/0", "echo"))
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(signal.SIGHUP)  # handled after SIGTERM: signals reach the loop in order
+    assert d.proc.wait(timeout=60) == 0 and d.stop() == 0  # (a second SIGTERM would force the exit)
+    events = d.events()
+    assert [e for e in events if e["event"] == "reload_refused"], events
+    assert not [e for e in events if e.get("component") == "t/new/0"], events
