@@ -15,6 +15,8 @@ from tests.support import MemoryStorage, RecordingMessaging
 from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.errors import (
     FuelExhausted,
+    GuestExit,
+    GuestFailure,
     GuestTimeout,
     GuestTrap,
     InstanceStateError,
@@ -90,6 +92,23 @@ def test_a_trap_kills_the_instance_until_it_is_instantiated_again(start: Starter
     trapper.instantiate()
     trapper.initialize(ComponentConfig())
     assert trapper.metadata().name == "trapper"
+
+
+def test_a_trap_is_classified_by_wasmtimes_cause_not_by_the_names_in_its_backtrace(start: Starter) -> None:
+    impostor = start("impostor")
+    with pytest.raises(GuestFailure) as info:
+        impostor.handle_message(message(b"x"))
+    assert "wasm trap: interrupt" in str(info.value)  # its function name is in the backtrace ...
+    assert type(info.value) is GuestTrap  # ... but it trapped on `unreachable`, which is what counts
+
+
+@pytest.mark.parametrize(("status", "clean"), [(0, True), (3, False)])
+def test_a_wasi_exit_carries_its_status(start: Starter, status: int, clean: bool) -> None:
+    prober = start("prober")
+    with pytest.raises(GuestExit) as info:
+        prober.handle_message(message(b"exit %d" % status))
+    assert info.value.clean is clean
+    assert (info.value.status == 0) is clean  # WASI 0.2 reports a failing exit as status 1
 
 
 def test_spinner_is_stopped_by_its_deadline_and_a_fresh_instance_works(runtime: Runtime, start: Starter) -> None:

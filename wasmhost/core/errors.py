@@ -193,14 +193,18 @@ class GuestTimeout(GuestFailure):
 
 
 class GuestExit(GuestFailure):
-    """The guest ended itself (WASI `exit`); status 0 is a normal exit, not a failure."""
+    """The guest ended itself (WASI `exit`) with `status`; status 0 is a normal exit, not a failure."""
 
     kind = "exited"
+
+    def __init__(self, component: str, function: str, detail: str, status: int) -> None:
+        super().__init__(component, function, detail)
+        self.status = status
 
     @property
     def clean(self) -> bool:
         """Whether the exit status was 0."""
-        return "exit status 0" in self.detail
+        return self.status == 0
 
 
 class FuelExhausted(GuestFailure):

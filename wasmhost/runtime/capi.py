@@ -45,6 +45,8 @@ func_call = _proto(
     "wasmtime_component_func_call", c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t
 )
 error_new = _proto("wasmtime_error_new", c_void_p, ctypes.c_char_p)
+error_exit_status = _proto("wasmtime_error_exit_status", ctypes.c_bool, c_void_p, c_void_p)
+"""(error, int *status) -> whether the error is a WASI exit, whose status it then writes."""
 
 FUNC_CALLBACK = ctypes.CFUNCTYPE(c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t)
 """Host function trampoline: (env, context, type, args, nargs, results, nresults) -> error or NULL."""

@@ -58,15 +58,33 @@ class InstanceState(enum.Enum):
     DEAD = "dead"  # a trap poisoned the Store: instantiate again
 
 
-def classify_trap(component: str, function: str, message: str) -> GuestFailure:
-    """Turn a wasmtime trap message into timeout, fuel exhaustion or a plain trap."""
-    if "all fuel consumed" in message:
-        return FuelExhausted(component, function, message)
-    if "interrupt" in message:
-        return GuestTimeout(component, function, message)
-    if "exit status" in message:
-        return GuestExit(component, function, message)
-    return GuestTrap(component, function, message)
+TRAP_CAUSES: dict[str, type[GuestFailure]] = {
+    "wasm trap: interrupt": GuestTimeout,
+    "wasm trap: all fuel consumed by WebAssembly": FuelExhausted,
+}
+"""wasmtime's own words for the traps that are not plain traps, as the last line of its error."""
+
+
+def trap_cause(message: str) -> str:
+    """The last line of wasmtime's error text: its cause, after the guest's backtrace (whose function
+    names the guest chooses, so they are never searched)."""
+    lines = message.strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+def classify_error(component: str, function: str, error: int) -> GuestFailure:
+    """Turn a wasmtime_error_t* from a call into an exit (WASI exit, with its status), a timeout,
+    fuel exhaustion or a plain trap; frees the error.
+
+    wasmtime's C API has no trap code for a component call's error (only for core traps), so the
+    kind comes from the cause wasmtime writes last, compared whole; the exit status is structured.
+    """
+    status = ctypes.c_int(0)
+    exited = capi.error_exit_status(error, ctypes.addressof(status))
+    message = capi.take_error(error)
+    if exited:
+        return GuestExit(component, function, message, status.value)
+    return TRAP_CAUSES.get(trap_cause(message), GuestTrap)(component, function, message)
 
 
 def _config_value(config: ComponentConfig) -> dict[str, Any]:
@@ -201,7 +219,7 @@ class StoreManager:
     def _fail(self, function: str, error: int) -> GuestFailure:
         self.state = InstanceState.DEAD
         self.failed_at = time.monotonic()
-        return classify_trap(self.name, function, capi.take_error(error))
+        return classify_error(self.name, function, error)
 
     def _start(self, function: str, args: int, nargs: int, nresults: int) -> tuple[int, bool]:
         """Create the call future and poll it once (the first poll reads the arguments, so they

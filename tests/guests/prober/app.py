@@ -10,6 +10,7 @@ Payload commands, each answered with a short text:
   cancel ID           -> cancel-request of an unknown id
   bigkey N / bigvalue N / manykeys N / prefix TEXT -> storage with extreme arguments
   self                -> self-id
+  exit N              -> ends the process through WASI exit with status N (WASI 0.2 passes 0 or 1)
 Every host error comes back as "error: <case>: <detail>"; anything else means the call succeeded.
 """
 
@@ -83,6 +84,8 @@ def run(words: list[str]) -> str:
         return f"ok: {len(storage.list_keys(None))} keys"
     if op == "prefix":
         return "ok: " + ",".join(storage.list_keys(words[1] if len(words) > 1 else None))
+    if op == "exit":
+        os._exit(int(words[1]))
     if op == "self":
         me = host_messaging.self_id()
         return f"{me.namespace}/{me.name}/{me.instance}"
