@@ -13,8 +13,6 @@ from typing import Protocol
 import structlog
 
 from wasmhost.actors.conversion_budget import CONVERSIONS, LARGE_PAYLOAD
-from wasmhost.actors.envelope import Delivery, Envelope
-from wasmhost.actors.mailbox import Mailbox
 from wasmhost.actors.restart import RestartHistory
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState, ActorStats
@@ -22,6 +20,8 @@ from wasmhost.actors.workers import WorkerPool
 from wasmhost.core.errors import ComponentError, GuestExit, GuestFailure, InstanceStateError, LoadError, WasmError
 from wasmhost.core.message_size import WASMTIME_LIST_U8_CEILING
 from wasmhost.core.metadata import ComponentConfig, ComponentMetadata, HealthStatus
+from wasmhost.messaging.envelope import Delivery, Envelope
+from wasmhost.messaging.mailbox import Mailbox
 from wasmhost.messaging.outcome import Outcome
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.malloc import release_free_memory

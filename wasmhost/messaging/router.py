@@ -25,12 +25,12 @@ from typing import Protocol
 
 import structlog
 
-from wasmhost.actors.envelope import Delivery, Envelope
-from wasmhost.actors.mailbox import Mailbox
 from wasmhost.core.errors import MessagingError
 from wasmhost.core.ids import HOST_ID, ComponentId
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, check_message_size, too_large
 from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.messaging.envelope import Delivery, Envelope
+from wasmhost.messaging.mailbox import Mailbox
 from wasmhost.messaging.outcome import OUTCOME_CONTENT_TYPE, Outcome, RequestFailed, encode_outcome
 
 log = structlog.get_logger("wasmhost.messaging")

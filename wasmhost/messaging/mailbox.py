@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections import deque
 
-from wasmhost.actors.envelope import Envelope
+from wasmhost.messaging.envelope import Envelope
 
 
 class Mailbox:
