@@ -27,8 +27,3 @@ class Envelope:
     reply_future: asyncio.Future[bytes | None] | None = None
     requester: ComponentId | None = None
     correlation_id: str | None = None
-
-    @property
-    def is_request(self) -> bool:
-        """Whether someone waits for this envelope's outcome."""
-        return self.reply_future is not None or self.requester is not None

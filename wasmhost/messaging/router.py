@@ -93,10 +93,6 @@ class MessageRouter:
         """Make `component` unreachable."""
         self._recipients.pop(component, None)
 
-    def recipient(self, component: ComponentId) -> Recipient | None:
-        """The recipient registered under `component`, if any."""
-        return self._recipients.get(component)
-
     # --- the MessagingPort protocol (called from guest threads) ---
 
     def _resolve(self, sender: ComponentId, action: str, target: ComponentId, size: int) -> Recipient:
@@ -292,10 +288,6 @@ class MessageRouter:
         if recipient is None or not recipient.mailbox.force(Envelope(message, Delivery.CALLBACK)):
             log.warning("callback_undeliverable", component=str(requester), correlation_id=correlation_id,
                         responder=str(responder))
-
-    def pending_count(self) -> int:
-        """Requests from components still waiting for a callback."""
-        return len(self._pending)
 
     def forget_requester(self, component: ComponentId) -> None:
         """Drop pending requests of a component that stopped (their callbacks have nowhere to go)."""

@@ -436,11 +436,3 @@ class StoreManager:
     def shutdown(self, deadline_ms: int | None = None) -> None:
         """`shutdown_steps` run to the end on this thread."""
         run_to_end(self.shutdown_steps(deadline_ms))
-
-    def fuel_left(self) -> int:
-        """Fuel remaining from the last call's budget."""
-        remaining = ctypes.c_uint64(0)
-        error = capi.context_get_fuel(self.context, ctypes.addressof(remaining))
-        if error:
-            raise RuntimeError(capi.take_error(error))
-        return remaining.value

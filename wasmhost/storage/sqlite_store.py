@@ -250,11 +250,6 @@ class SqliteStorage:
 
     # --- housekeeping ---
 
-    def owners(self) -> list[str]:
-        """Components that have stored anything."""
-        with self._transaction() as db:
-            return [row[0] for row in db.execute("SELECT owner FROM usage WHERE key_count > 0 ORDER BY owner")]
-
     def close(self) -> None:
         """Commit queued writes, checkpoint the WAL and close every connection."""
         self._writer.close()
