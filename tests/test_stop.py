@@ -18,7 +18,7 @@ import anyio
 import pytest
 import structlog
 
-from tests.conftest import fixture_path
+from tests.conftest import Starter, fixture_path
 from tests.support import plain_supervisor
 from tests.test_daemon import ROOT, Daemon, component, config_text
 from wasmhost.actors.actor import ComponentActor
@@ -26,7 +26,8 @@ from wasmhost.actors.restart import Backoff, RestartPolicy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.core import ComponentId
+from wasmhost.actors.workers import WorkerPool
+from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import Outcome, RequestFailed
 from wasmhost.runtime.runtime import Runtime
@@ -76,6 +77,24 @@ async def outcomes(pending: list[asyncio.Future[bytes | None]]) -> list[object]:
 async def in_call(actor: ComponentActor, first: asyncio.Future[bytes | None]) -> None:
     """Wait until `actor` has taken its first message and is running it."""
     await until(lambda: len(actor.mailbox) == 0 and actor.manager.in_call and not first.done())
+
+
+async def test_a_cancelled_call_ends_a_sleep_and_returns_only_once_its_thread_let_go(start: Starter) -> None:
+    sleeper = start("services", "t/services/0", LONG)
+    workers = WorkerPool(1)
+    try:
+        message = ComponentMessage(sleeper.component_id, b"sleep 600000", MessageMetadata(timestamp=Timestamp.now()))
+        call = asyncio.ensure_future(
+            workers.run_steps(sleeper.handle_message_steps(message), sleeper.lock, sleeper.host.interrupt))
+        await until(lambda: sleeper.in_call and sleeper.lock.locked())  # asleep in sleep-millis, holding the Store
+        call.cancel()
+        with anyio.fail_after(BOUND), pytest.raises(asyncio.CancelledError):
+            await call
+        # No `until` here: when the cancelled waiter returns, no thread is in the Store any more.
+        assert not sleeper.lock.locked() and not sleeper.in_call
+        assert sleeper.host.interrupted
+    finally:
+        workers.close()
 
 
 async def test_stop_interrupts_a_spinning_call_and_answers_every_queued_request(supervisor: Supervisor) -> None:
