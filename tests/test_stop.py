@@ -162,6 +162,19 @@ async def test_stop_during_a_restart_backoff_returns_at_once_and_answers_the_que
     assert spinner.state is ActorState.STOPPED
 
 
+async def test_stop_during_an_endless_initialize_interrupts_it(supervisor: Supervisor) -> None:
+    cid = ComponentId.parse("t/initloop/0")
+    starting = asyncio.ensure_future(
+        supervisor.start(ActorSpec(cid, limits=LONG), supervisor.runtime.load(cid, fixture_path("initloop"))))
+    await until(lambda: cid in supervisor.actors and supervisor.actors[cid].manager.in_call)
+    actor = supervisor.actors[cid]
+    with anyio.fail_after(BOUND):
+        await supervisor.stop(cid, drain_timeout=0.3)
+        await starting  # the start returns too: the component stopped before it ran
+    assert actor.state is ActorState.STOPPED
+    assert not actor.manager.in_call
+
+
 async def test_concurrent_stops_of_every_kind_of_guest_all_complete(supervisor: Supervisor) -> None:
     spinner = await launch(supervisor, "stoptrap", "t/spinner/0", limits=LONG)
     sleeper = await launch(supervisor, "stoptrap", "t/sleeper/0", limits=LONG)
