@@ -19,7 +19,7 @@ import pytest
 import structlog
 
 from tests.conftest import Starter, fixture_path
-from tests.support import plain_supervisor
+from tests.support import MemoryStorage, plain_supervisor
 from tests.test_daemon import ROOT, Daemon, component, config_text
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.restart import Backoff, RestartPolicy
@@ -30,6 +30,7 @@ from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import Outcome, RequestFailed
+from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.system import protocol
 from wasmhost.system.client import request
@@ -173,6 +174,44 @@ async def test_stop_during_an_endless_initialize_interrupts_it(supervisor: Super
         await starting  # the start returns too: the component stopped before it ran
     assert actor.state is ActorState.STOPPED
     assert not actor.manager.in_call
+
+
+class HungStorage(MemoryStorage):
+    """A storage whose writes wait until released (a hung disk, within the storage's own bound)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def set(self, owner: ComponentId, key: str, value: bytes) -> None:
+        self.entered.set()
+        self.release.wait(BOUND)
+        super().set(owner, key, value)
+
+
+async def test_a_guest_held_in_a_storage_write_does_not_hold_up_the_stop(runtime: Runtime) -> None:
+    storage = HungStorage()
+    workers = WorkerPool(4)
+    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers, storage)
+    try:
+        writer = await launch(sup, "storage", "t/writer/0", storage=True, shutdown_timeout=0.2)
+        write = ask(sup, writer, b"set k v")
+        await until(storage.entered.is_set)
+        queued = [ask(sup, writer, b"get k") for _ in range(QUEUED)]
+        await until(lambda: len(writer.mailbox) == QUEUED)
+        with structlog.testing.capture_logs() as logs, anyio.fail_after(BOUND / 2):
+            await sup.stop(writer.component_id, drain_timeout=0.1)  # returns at its bound, the write still hung
+        assert [e["event"] for e in logs if e["event"] == "component_stop_overran"] == ["component_stop_overran"]
+        assert await outcomes(queued) == [Outcome.TARGET_STOPPED] * QUEUED
+        assert not write.done()
+        storage.release.set()  # the write ends: its message is answered then (the guest finished it)
+        assert await outcomes([write]) == [b"ok"]
+        await until(lambda: writer.state is ActorState.STOPPED)
+    finally:
+        storage.release.set()
+        await sup.stop_all(1.0)
+        workers.close()
 
 
 async def test_concurrent_stops_of_every_kind_of_guest_all_complete(supervisor: Supervisor) -> None:
