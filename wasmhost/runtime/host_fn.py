@@ -65,7 +65,7 @@ class HostContext:
         """Wait until time.monotonic() reaches `end`, or less if interrupted."""
         with self._wake:
             while not self.interrupted and (left := end - time.monotonic()) > 0:
-                self._wake.wait(left)
+                self._wake.wait(min(left, threading.TIMEOUT_MAX))  # a deadline years away is still a wait
 
 
 def id_value(component: ComponentId) -> dict[str, str]:
