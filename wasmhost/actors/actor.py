@@ -1,15 +1,26 @@
-"""ComponentActor: one task per component, draining its mailbox into the guest on worker threads."""
+"""ComponentActor: one task per component, draining its mailbox into the guest on worker threads.
+
+Stopping: `stop()` seals the mailbox and gives the actor task's working life (one cancel scope, the
+drain scope) a deadline, `drain_timeout` from now. Queued messages are handled until then; at the
+deadline the scope cancels whatever the task waits for: a guest call is interrupted (its host-call
+waits end at once and the pool abandons it at its next slice boundary, waiting until its thread has
+let go), the message it was handling is answered `failed` ("interrupted"), and the rest are answered
+`target-stopped`. Then the task winds down under a shield, bounded by `shutdown_timeout` +
+STOP_GRACE: `shutdown` if the instance is still alive, closing the Store, and answering anything
+left, whatever happened before. So a stop takes at most drain + shutdown time plus STOP_GRACE, and
+every message that was queued ends with an answer.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
+import anyio
 import structlog
 
 from wasmhost.actors.conversion_budget import CONVERSIONS, LARGE_PAYLOAD
@@ -37,6 +48,11 @@ by handing free heap memory back to the OS."""
 
 SLICE_S = 0.002
 """Guest time after which a batch of short calls gives up its thread between two envelopes."""
+STOP_GRACE = 0.5
+"""Seconds a stop may take beyond drain_timeout + shutdown_timeout: for the thread of an interrupted
+call to let go (one slice, or the host call the guest is in) and for closing the Store."""
+
+T = TypeVar("T")
 
 
 class FailureHandler(Protocol):
@@ -54,6 +70,15 @@ class Handled:
     reply: bytes | None
     outcome: Outcome | None
     detail: str
+
+
+@dataclass(slots=True)
+class Progress:
+    """How far a batch got, kept outside its generator so that an interrupted batch still delivers
+    what it handled (read on the loop only once the pool says no thread touches it any more)."""
+
+    done: list[Handled] = field(default_factory=list)
+    started: int = 0  # envelopes whose call began: one more than `done` while a call is in progress
 
 
 class ComponentActor:
@@ -89,10 +114,12 @@ class ComponentActor:
         self.history = RestartHistory(spec.intensity)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._drain_deadline = 0.0
+        self._drain_deadline = math.inf  # anyio.current_time() at which the drain scope is cancelled
+        self._drain: anyio.CancelScope | None = None  # the actor task's working life (see the module docstring)
+        self._backoff: anyio.CancelScope | None = None  # a wait before restarting: a stop ends it at once
         self._restart_requested = False
         self._started = asyncio.Event()
-        self._stop_requested = asyncio.Event()
+        self._ended = asyncio.Event()  # the task has let go of the Store and answered everything
         self._next_health = 0.0
 
     # --- control (event loop) ---
@@ -102,28 +129,39 @@ class ComponentActor:
         if self._task is not None and not self._task.done():
             return
         self._stopping = False
-        self._stop_requested.clear()
+        self._drain_deadline = math.inf
         self._restart_requested = False
         self._started.clear()
+        self._ended.clear()
         self.mailbox.reopen()
         self.state = ActorState.STARTING
         self._task = asyncio.get_running_loop().create_task(self._main(), name=f"actor {self.name}")
         await self._started.wait()
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
-        """Refuse new messages, handle queued ones for up to `drain_timeout` seconds, call
-        `shutdown`, and answer whatever is left with an error."""
+        """Refuse new messages, handle queued ones for up to `drain_timeout` seconds, then interrupt
+        the guest call in progress, call `shutdown` (at most shutdown_timeout) and answer whatever is
+        left with an error. Returns within drain_timeout + shutdown_timeout + 2 x STOP_GRACE, whatever
+        the guest does; concurrent stops share the earliest drain deadline."""
         task = self._task
         if task is None or task.done():
             self._reject_remaining("stopped")
             self.state = ActorState.STOPPED if self.state is not ActorState.FAILED else self.state
             return
         self._stopping = True
-        self._drain_deadline = time.monotonic() + drain_timeout
-        self._stop_requested.set()
+        self._drain_deadline = min(self._drain_deadline, anyio.current_time() + max(0.0, drain_timeout))
+        if self._drain is not None:
+            self._drain.deadline = self._drain_deadline
+        if self._backoff is not None:
+            self._backoff.cancel()  # no instance to drain into while it waits to restart
         self.mailbox.seal()
         self.mailbox.wake()
-        await task
+        bound = max(0.0, self._drain_deadline - anyio.current_time()) + self.spec.shutdown_timeout + 2 * STOP_GRACE
+        with anyio.move_on_after(bound) as late:
+            await self._ended.wait()
+        if late.cancelled_caught:  # not expected (the task's own bounds are tighter): still answer everyone
+            log.error("component_stop_overran", component=self.name, seconds=round(bound, 3))
+            self._reject_remaining("stopped")
 
     def request_restart(self) -> None:
         """Restart with a fresh Store at the next opportunity (a sibling failed)."""
@@ -139,43 +177,57 @@ class ComponentActor:
 
     async def _main(self) -> None:
         try:
-            while True:
-                error = await self._boot()
-                if error is None:
-                    self._started.set()
-                    error = await self._serve()
-                    if error is None and self._restart_requested:
-                        self._restart_requested = False
-                        self.stats.restarts += 1
-                        continue
-                if error is None or self._stopping:
-                    break
-                self._record_error(error)
-                delay = self.supervisor.on_failure(self, error)
-                if delay is None:
-                    if isinstance(error, GuestExit) and error.clean:
-                        break  # a normal exit: stopped, not failed
-                    self.state = ActorState.FAILED
-                    # Refuse new messages now, not after the Store is closed on a worker thread:
-                    # a failed actor must not accept a message only to reject it a moment later.
-                    self.mailbox.seal()
-                    log.error("component_failed", component=self.name, error=str(error),
-                              restarts=self.stats.restarts)
-                    self._started.set()
-                    break
-                self.state = ActorState.RESTARTING
-                self.stats.restarts += 1
-                log.warning("component_restarting", component=self.name, error=str(error), delay_s=round(delay, 3))
-                await self._sleep_unless_stopped(delay)
-                if self._stopping:
-                    break
+            with anyio.CancelScope(deadline=self._drain_deadline) as self._drain:
+                await self._live()
+            if self._drain.cancelled_caught:
+                log.warning("component_drain_timeout", component=self.name, queued=len(self.mailbox))
         finally:
+            self._drain = None
             await self._finish()
 
-    async def _sleep_unless_stopped(self, delay: float) -> None:
-        end = time.monotonic() + delay
-        while not self._stopping and (left := end - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, 0.05))
+    async def _live(self) -> None:
+        """Boot, serve, restart by the supervisor's word; returns when stopped, failed or exited."""
+        while True:
+            error = await self._boot()
+            if error is None:
+                self._started.set()
+                error = await self._serve()
+                if error is None and self._restart_requested:
+                    self._restart_requested = False
+                    self.stats.restarts += 1
+                    continue
+            if error is None or self._stopping:
+                return
+            self._record_error(error)
+            delay = self.supervisor.on_failure(self, error)
+            if delay is None:
+                if isinstance(error, GuestExit) and error.clean:
+                    return  # a normal exit: stopped, not failed
+                self.state = ActorState.FAILED
+                # Refuse new messages now, not after the Store is closed on a worker thread:
+                # a failed actor must not accept a message only to reject it a moment later.
+                self.mailbox.seal()
+                log.error("component_failed", component=self.name, error=str(error),
+                          restarts=self.stats.restarts)
+                self._started.set()
+                return
+            self.state = ActorState.RESTARTING
+            self.stats.restarts += 1
+            log.warning("component_restarting", component=self.name, error=str(error), delay_s=round(delay, 3))
+            with anyio.CancelScope() as self._backoff:
+                if not self._stopping:
+                    await anyio.sleep(delay)
+            self._backoff = None
+            if self._stopping:
+                return
+
+    async def _guest(self, steps: Generator[float, None, T]) -> T:
+        """Run one guest call on the worker pool. Cancelled (the drain or shutdown time ran out), it
+        interrupts the guest (host-call waits end at once) and returns only once no thread touches
+        the Store any more; the cancellation then propagates."""
+        host = self.manager.host
+        host.interrupted = False  # a new call: an earlier interruption (already over) does not apply
+        return await self.workers.run_steps(steps, self.manager.lock, host.interrupt)
 
     async def _boot(self) -> Exception | None:
         """Instantiate and initialize in a fresh Store; read the metadata once."""
@@ -189,7 +241,7 @@ class ComponentActor:
             return metadata, (yield from self.manager.health_steps())
 
         try:
-            metadata, self.health = await self.workers.run_steps(boot(), self.manager.lock)
+            metadata, self.health = await self._guest(boot())
         except (LoadError, ComponentError, GuestFailure, InstanceStateError) as exc:
             return exc
         if self.metadata is None:
@@ -200,16 +252,15 @@ class ComponentActor:
         return None
 
     async def _serve(self) -> Exception | None:
-        """Handle batches until stopped, restarted or a guest failure (returned)."""
+        """Handle batches until stopped (and drained), restarted or a guest failure (returned).
+        Cancelled by the drain scope, a batch in hand is answered or put back first."""
         while True:
             if self._restart_requested:
                 return None
-            if self._stopping and (not len(self.mailbox) or time.monotonic() >= self._drain_deadline):
-                return None
-            timeout = max(0.0, self._next_health - time.monotonic())
-            if self._stopping:
-                timeout = max(0.0, self._drain_deadline - time.monotonic())
-            batch = await self.mailbox.take(BATCH_SIZE, timeout)
+            if self._stopping and not len(self.mailbox):
+                return None  # drained
+            timeout = None if self._stopping else max(0.0, self._next_health - time.monotonic())
+            batch = await self.mailbox.take(BATCH_SIZE, timeout)  # stopping: `stop` wakes it, the scope bounds it
             if not batch:
                 if not self._stopping and time.monotonic() >= self._next_health:
                     failure = await self._check_health()
@@ -228,10 +279,11 @@ class ComponentActor:
                 if large:
                     handled, rest, failure = await self._handle_batch(batch)
                 else:
-                    taken = await self._take_budget(max(len(batch[0].message.payload), hint))
-                    if taken is None:  # out of drain time while waiting: answered as stopped
+                    try:
+                        taken = await CONVERSIONS.acquire(max(len(batch[0].message.payload), hint))
+                    except BaseException:  # out of drain time while waiting: answered as stopped
                         self.mailbox.requeue_front(batch)
-                        return None
+                        raise
                     try:
                         handled, rest, failure = await self._handle_batch(batch)
                     finally:
@@ -243,44 +295,43 @@ class ComponentActor:
                 return failure
             self.history.settled()
 
-    async def _take_budget(self, size: int) -> int | None:
-        """Take `size` bytes of the conversion budget, or None once stopping and out of drain time
-        (a guest holding the budget must not hold up a stop beyond its drain timeout)."""
-        acquire = asyncio.ensure_future(CONVERSIONS.acquire(size))
-        while True:
-            if self._stopping:
-                await asyncio.wait({acquire}, timeout=max(0.0, self._drain_deadline - time.monotonic()))
-            else:
-                stop = asyncio.ensure_future(self._stop_requested.wait())
-                await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-            if acquire.done():
-                return acquire.result()
-            if self._stopping and time.monotonic() >= self._drain_deadline:
-                acquire.cancel()  # the budget withdraws the waiter (or hands on a grant it just got)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await acquire
-                return None
-
     async def _handle_batch(self, batch: list[Envelope]) -> tuple[list[Handled], list[Envelope], Exception | None]:
-        """Run `_process` on the worker pool, time-sliced, holding the Store's lock for each step."""
-        return await self.workers.run_steps(self._process(batch), self.manager.lock)
+        """Run `_process` on the worker pool, time-sliced, holding the Store's lock for each step.
 
-    def _process(
-        self, batch: list[Envelope]
-    ) -> Generator[float, None, tuple[list[Handled], list[Envelope], Exception | None]]:
-        """Handle envelopes in order, one time slice per step on worker threads; stop at the first
-        failure of the Store."""
+        Interrupted (cancelled), it answers what it handled, fails the message whose call was cut
+        short, puts the rest back (to be answered as stopped), and lets the cancellation go on."""
+        progress = Progress()
+        try:
+            rest, failure = await self._guest(self._process(batch, progress))
+        except BaseException:
+            done = progress.done  # no thread touches it any more (see _guest)
+            if progress.started > len(done):
+                envelope = batch[len(done)]
+                log.warning("component_call_interrupted", component=self.name, delivery=envelope.delivery.value)
+                done.append(Handled(envelope, None, Outcome.FAILED,
+                                    f"{self.name}: interrupted: the component was stopped and its drain time "
+                                    "ran out while it handled this message"))
+            self._deliver(done)
+            self.mailbox.requeue_front(batch[len(done):])
+            raise
+        return progress.done, rest, failure
+
+    def _process(self, batch: list[Envelope], progress: Progress) -> Generator[float, None, tuple[list[Envelope],
+                                                                                              Exception | None]]:
+        """Handle envelopes in order, one time slice per step on worker threads, recording each in
+        `progress`; stop at the first failure of the Store, or before the next envelope once the
+        call is interrupted. Returns the envelopes not handled and the failure, if any."""
         manager = self.manager
-        done: list[Handled] = []
+        host = manager.host
+        done = progress.done
         slice_end = time.monotonic() + SLICE_S
         for index, envelope in enumerate(batch):
-            now = time.monotonic()
-            if self._stopping and now >= self._drain_deadline:
-                return done, batch[index:], None  # out of drain time: the rest is answered as stopped
-            if now >= slice_end:
+            if host.interrupted:
+                return batch[index:], None  # out of drain time: the rest is answered as stopped
+            if time.monotonic() >= slice_end:
                 yield math.inf  # many short calls add up to a slice too: let others run
                 slice_end = time.monotonic() + SLICE_S
+            progress.started = index + 1
             self._call_output = 0
             try:
                 if envelope.delivery is Delivery.MESSAGE:
@@ -298,14 +349,14 @@ class ComponentActor:
                 if "too much data is being copied" in str(exc):  # wasmtime's own size guard fired
                     self.output_hint = WASMTIME_LIST_U8_CEILING  # mid-conversion: as large as it gets
                     release_free_memory()
-                return done, batch[index + 1 :], exc
+                return batch[index + 1 :], exc
             except Exception as exc:  # a bad value: this message fails, the Store is fine
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {type(exc).__name__}: {exc}"))
             produced = max(self._call_output, len(done[-1].reply or b""))
             self.output_hint = max(produced, self.output_hint // 2)  # halves with every quiet call
             if max(len(envelope.message.payload), produced) >= TRIM_AFTER:
                 release_free_memory()  # the conversion's transient copies are freed: give them back
-        return done, [], None
+        return [], None
 
     def produced(self, size: int) -> None:
         """The guest passed a payload of `size` bytes to an import (the router calls this from its thread)."""
@@ -326,28 +377,49 @@ class ComponentActor:
     async def _check_health(self) -> Exception | None:
         self._next_health = time.monotonic() + self.spec.health_interval
         try:
-            self.health = await self.workers.run_steps(self.manager.health_steps(), self.manager.lock)
+            self.health = await self._guest(self.manager.health_steps())
         except (GuestFailure, InstanceStateError) as exc:
             return exc
         return None
 
     async def _finish(self) -> None:
-        """Call shutdown if the instance is alive, then answer what is left."""
+        """Call shutdown if the instance is alive, close the Store, then answer what is left. Shielded
+        from the cancellation that may have ended the task, bounded by shutdown_timeout + STOP_GRACE
+        (shutdown is interrupted like any call when that runs out), and the answers come last
+        whatever happened before them."""
         if self.state is not ActorState.FAILED:
             self.state = ActorState.STOPPING
-        if self.manager.state is InstanceState.INITIALIZED:
-            timeout_ms = max(1, int(self.spec.shutdown_timeout * 1000))
-            try:
-                await self.workers.run_steps(self.manager.shutdown_steps(timeout_ms), self.manager.lock)
-            except (ComponentError, GuestFailure, InstanceStateError) as exc:
-                log.warning("component_shutdown_failed", component=self.name, error=str(exc))
-        await self.workers.run(self.manager.close, self.manager.lock)
-        self._reject_remaining("failed" if self.state is ActorState.FAILED else "stopped")
-        self.router.forget_requester(self.component_id)
-        if self.state is not ActorState.FAILED:
-            self.state = ActorState.STOPPED
-        self._started.set()
-        log.info("component_stopped", component=self.name, state=self.state.value)
+        try:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(self.spec.shutdown_timeout + STOP_GRACE) as late:
+                    await self._shutdown()
+                if late.cancelled_caught:
+                    log.warning("component_shutdown_failed", component=self.name, error="interrupted: it outlasted "
+                                f"shutdown_timeout_s ({self.spec.shutdown_timeout:g} s)")
+                with anyio.move_on_after(STOP_GRACE) as late:
+                    await self.workers.run(self.manager.close, self.manager.lock)
+                if late.cancelled_caught:  # a thread still holds the Store (a storage write): it is closed later
+                    log.warning("component_close_late", component=self.name)
+        except Exception as exc:  # the worker pool is closed, say: nothing may keep the answers from going out
+            log.error("component_finish_failed", component=self.name, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._reject_remaining("failed" if self.state is ActorState.FAILED else "stopped")
+            self.router.forget_requester(self.component_id)
+            if self.state is not ActorState.FAILED:
+                self.state = ActorState.STOPPED
+            self._started.set()
+            self._ended.set()
+            log.info("component_stopped", component=self.name, state=self.state.value)
+
+    async def _shutdown(self) -> None:
+        """The guest's `shutdown`, if its instance is still alive (not after a trap or an interrupted call)."""
+        if self.manager.state is not InstanceState.INITIALIZED:
+            return
+        timeout_ms = max(1, int(self.spec.shutdown_timeout * 1000))
+        try:
+            await self._guest(self.manager.shutdown_steps(timeout_ms))
+        except (ComponentError, GuestFailure, InstanceStateError) as exc:
+            log.warning("component_shutdown_failed", component=self.name, error=str(exc))
 
     def _reject_remaining(self, why: str) -> None:
         for envelope in self.mailbox.close():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import anyio
 import structlog
 
 from wasmhost.actors.actor import ComponentActor
@@ -85,8 +86,11 @@ class Supervisor:
         del self.actors[component]
 
     async def stop_all(self, drain_timeout: float = 5.0) -> None:
-        """Stop every component, in reverse start order, draining concurrently."""
-        await asyncio.gather(*(a.stop(drain_timeout) for a in reversed(list(self.actors.values()))))
+        """Stop every component, asked in reverse start order and draining concurrently: returns within
+        drain_timeout + the largest shutdown_timeout + 2 x STOP_GRACE, whatever the guests do."""
+        async with anyio.create_task_group() as group:
+            for actor in reversed(list(self.actors.values())):
+                group.start_soon(actor.stop, drain_timeout, name=f"stop {actor.name}")
 
     # --- failures (called by actors on the event loop) ---
 

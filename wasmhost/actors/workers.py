@@ -5,7 +5,9 @@ poll of its wasmtime call future, about one slice of fuel, see StoreManager), an
 one step of the most deserving job, then puts it back. Jobs are kept in a multi-level feedback
 queue: a job starts at level 0 and sinks one level each time the slices it has used double, so a
 call that just arrived runs before calls that have already used many slices; within a level, jobs
-take turns. A job whose waiter went away is stepped first, so its call is abandoned at once. A job
+take turns. A job whose waiter went away is stepped first, so its call is abandoned at once, and the
+cancelled waiter waits for that (after calling its `interrupt`, which ends a host call's wait): once
+it has returned, no thread touches the job's Store or generator any more. A job
 whose call deadline passes while it waits for a slice is ended (as a timeout, without running guest
 code again) by the pool's deadline thread at that moment, not when its turn comes; a call running a
 slice at its deadline is interrupted by wasmtime's epoch deadline as before.
@@ -28,6 +30,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
+
+import anyio
 
 from wasmhost.core import blocking
 
@@ -54,12 +58,14 @@ class _Job:
     __slots__ = (
         "cancelled",
         "deadline",
+        "ended",
         "fn",
         "future",
         "heap_deadline",
         "lock",
         "loop",
         "queued",
+        "released",
         "slices",
         "steps",
         "ticket",
@@ -84,12 +90,21 @@ class _Job:
         self.ticket = 0  # queue entries carrying an older ticket are stale
         self.queued = False
         self.cancelled = False
+        self.ended = False  # set on the loop once no thread will touch the job again
+        self.released: asyncio.Future[None] | None = None  # made by a cancelled waiter that waits for `ended`
 
 
-def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+def _resolve(job: _Job, value: Any, error: BaseException | None, abandoned: bool = False) -> None:
+    """On the loop: the job has ended (no thread touches it again); hand its result to its waiter."""
+    job.ended = True
+    if job.released is not None and not job.released.done():
+        job.released.set_result(None)
+    future = job.future
     if future.done():
         return  # the waiter was cancelled
-    if error is not None:
+    if abandoned:
+        future.cancel()  # a closed pool does not run what was left
+    elif error is not None:
         future.set_exception(error)
     else:
         future.set_result(value)
@@ -155,14 +170,18 @@ class WorkerPool:
         """Run `fn` on a worker thread (in one go, holding `lock`) and wait for it."""
         return await self._submit(None, fn, lock)  # type: ignore[no-any-return]
 
-    async def run_steps(self, steps: Generator[float, None, T], lock: threading.Lock | None = None) -> T:
+    async def run_steps(self, steps: Generator[float, None, T], lock: threading.Lock | None = None,
+                        interrupt: Callable[[], None] | None = None) -> T:
         """Run `steps` one step at a time (each holding `lock`, the Store's) on worker threads and
         return its result; each step yields the monotonic deadline of the call in progress. If the
-        waiter is cancelled, the generator is closed (its call abandoned) on the next free thread."""
-        return await self._submit(steps, None, lock)  # type: ignore[no-any-return]
+        waiter is cancelled, it calls `interrupt` (which must end any wait of a host call the guest
+        may be in, from any thread), the generator is closed (its call abandoned) on the next free
+        thread, and only then is the cancellation raised."""
+        return await self._submit(steps, None, lock, interrupt)  # type: ignore[no-any-return]
 
     async def _submit(
-        self, steps: Generator[float, None, Any] | None, fn: Callable[[], Any] | None, lock: threading.Lock | None
+        self, steps: Generator[float, None, Any] | None, fn: Callable[[], Any] | None, lock: threading.Lock | None,
+        interrupt: Callable[[], None] | None = None,
     ) -> Any:
         loop = asyncio.get_running_loop()
         job = _Job(steps, fn, lock, loop, loop.create_future())
@@ -178,6 +197,10 @@ class WorkerPool:
                 if job.queued:
                     self._put(self._urgent, job)
                     self._cond.notify()
+            if not job.ended:
+                if interrupt is not None:
+                    interrupt()
+                await _until_released(job)
             raise
 
     # --- queues (called with self._cond held) ---
@@ -280,7 +303,7 @@ class WorkerPool:
                     if job.steps is not None:
                         job.steps.close()  # abandons the call in progress: the Store is never left mid-call
                     with contextlib.suppress(RuntimeError):  # (a closed pool cancels what it will not run)
-                        job.loop.call_soon_threadsafe(job.future.cancel)
+                        job.loop.call_soon_threadsafe(_resolve, job, None, None, True)
                     return
                 if job.steps is None:
                     assert job.fn is not None
@@ -305,7 +328,7 @@ class WorkerPool:
                 error = exc
         job.heap_deadline = math.inf  # ended: its deadline entry, if any, is stale
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
-            job.loop.call_soon_threadsafe(_resolve, job.future, value, error)
+            job.loop.call_soon_threadsafe(_resolve, job, value, error)
 
     def close(self) -> None:
         """Stop accepting work; queued calls are abandoned, then the threads end."""
@@ -313,3 +336,15 @@ class WorkerPool:
             self._closed = True
             self._cond.notify_all()
             self._reaper_cond.notify_all()
+
+
+async def _until_released(job: _Job) -> None:
+    """Wait, whatever cancels the caller meanwhile, until no thread touches `job` any more: at most
+    one slice, or the host call the guest is in (its waits end early once interrupted)."""
+    job.released = released = job.loop.create_future()
+    while not released.done():
+        try:
+            with anyio.CancelScope(shield=True):  # no re-delivered cancellation (a spin) meanwhile
+                await asyncio.shield(released)
+        except asyncio.CancelledError:
+            continue  # cancelled again (natively): the thread still has the Store; keep waiting

@@ -51,6 +51,21 @@ class HostContext:
     log_limit: RateLimit = field(default_factory=RateLimit)  # guest log lines per second and burst
     log_gate: LogGate | None = field(default=None, init=False, repr=False)  # made at the first log line; kept
     # across restarts of the instance, so that trapping does not refill the bucket
+    interrupted: bool = field(default=False, init=False, compare=False)  # set by interrupt(), cleared by its owner
+    _wake: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False, compare=False)
+
+    def interrupt(self) -> None:
+        """End the current call's waits now (from any thread): a guest in sleep-millis returns at once,
+        and so does every sleep after it until the owner clears `interrupted` for the next call."""
+        with self._wake:
+            self.interrupted = True
+            self._wake.notify_all()
+
+    def sleep_until(self, end: float) -> None:
+        """Wait until time.monotonic() reaches `end`, or less if interrupted."""
+        with self._wake:
+            while not self.interrupted and (left := end - time.monotonic()) > 0:
+                self._wake.wait(min(left, threading.TIMEOUT_MAX))  # a deadline years away is still a wait
 
 
 def id_value(component: ComponentId) -> dict[str, str]:
@@ -144,12 +159,12 @@ def current_time_millis(ctx: HostContext) -> int:
 
 
 def sleep_millis(ctx: HostContext, duration_ms: int) -> None:
-    """host-services.sleep-millis, never past the current call's deadline."""
-    remaining = ctx.deadline - time.monotonic()
-    delay = min(duration_ms / 1000, remaining)
-    if delay > 0:
+    """host-services.sleep-millis, never past the current call's deadline, and not once the call is interrupted."""
+    now = time.monotonic()
+    end = min(now + duration_ms / 1000, ctx.deadline)
+    if end > now and not ctx.interrupted:
         with blocking():  # the scheduler lends another thread meanwhile
-            time.sleep(delay)
+            ctx.sleep_until(end)  # ends early when the call is interrupted (a stop out of drain time)
 
 
 def list_components(ctx: HostContext) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import msgspec
 import structlog
 
@@ -31,6 +32,8 @@ FRAME_TIMEOUT = 10.0
 """Seconds a client may take to send one whole frame once it started (slow clients are dropped)."""
 IDLE_TIMEOUT = 300.0
 """Seconds a connection may sit idle between requests before it is closed."""
+ANSWER_TIMEOUT = 1.0
+"""Seconds `close` waits for requests being answered (a `call` answered as the daemon stops) to be sent."""
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -86,6 +89,8 @@ class ControlServer:
         self.handler = handler
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
+        self._answering = 0  # requests read and not yet answered
+        self._answered = asyncio.Event()  # set whenever _answering drops to 0
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
@@ -97,6 +102,10 @@ class ControlServer:
         """Stop accepting and remove the socket file (if it is still ours)."""
         if self._server is not None:
             self._server.close()
+            with anyio.move_on_after(ANSWER_TIMEOUT):  # answers already decided (stop answers every message) go out
+                while self._answering:
+                    self._answered.clear()
+                    await self._answered.wait()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
         with contextlib.suppress(OSError):
@@ -141,12 +150,18 @@ class ControlServer:
                 except TimeoutError:
                     await _answer(writer, Response(False, f"incomplete frame after {self.frame_timeout:g} s"))
                     return
+                self._answering += 1
                 try:
-                    response = await self.handler(request)
-                except Exception as exc:  # a bug answering one request must not take the daemon down
-                    log.exception("control_request_failed", request=type(request).__name__)
-                    response = Response(False, f"internal error: {type(exc).__name__}: {exc}")
-                await _answer(writer, response)
+                    try:
+                        response = await self.handler(request)
+                    except Exception as exc:  # a bug answering one request must not take the daemon down
+                        log.exception("control_request_failed", request=type(request).__name__)
+                        response = Response(False, f"internal error: {type(exc).__name__}: {exc}")
+                    await _answer(writer, response)
+                finally:
+                    self._answering -= 1
+                    if not self._answering:
+                        self._answered.set()
         except (asyncio.IncompleteReadError, ConnectionError):
             return
         finally:

@@ -1,0 +1,116 @@
+"""Stop under a long-running guest: how long `stop` takes for a component in the middle of a call with a
+ten-minute deadline (spinning, or sleeping in sleep-millis with a shutdown that traps), against
+drain_timeout + shutdown_timeout + 100 ms; and a real daemon from SIGTERM to exit with both."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import uvloop
+
+from bench.harness import FIXTURES, Row
+from wasmhost.actors.spec import ActorSpec
+from wasmhost.actors.supervisor import Supervisor
+from wasmhost.actors.workers import WorkerPool
+from wasmhost.core import ComponentId
+from wasmhost.core.limits import ResourceLimits
+from wasmhost.messaging.router import MessageRouter
+from wasmhost.runtime.runtime import Runtime
+from wasmhost.system import protocol
+from wasmhost.system.client import request
+
+DRAIN_S = 0.5
+SHUTDOWN_S = 1.0
+ROUNDS = 5
+QUEUED = 100  # requests queued behind the long call, all answered by the stop
+LONG = ResourceLimits(max_execution_time_ms=600_000)
+
+
+async def _stop_times(runtime: Runtime, payload: bytes) -> list[float]:
+    """Seconds each `stop` took, the component `payload`-busy (spin / sleep) for up to ten minutes."""
+    workers = WorkerPool()
+    router = MessageRouter(asyncio.get_running_loop())
+    sup = Supervisor(runtime, router, workers)
+    samples = []
+    try:
+        for round_ in range(ROUNDS):
+            cid = ComponentId("bench", "stoptrap", str(round_))
+            spec = ActorSpec(cid, limits=LONG, shutdown_timeout=SHUTDOWN_S)
+            actor = await sup.start(spec, runtime.load(cid, FIXTURES / "stoptrap.wasm"))
+            calls = [asyncio.ensure_future(router.host_request(cid, payload, 600.0))]
+            while len(actor.mailbox) or not actor.manager.in_call:
+                await asyncio.sleep(0.001)
+            calls += [asyncio.ensure_future(router.host_request(cid, b"m", 600.0)) for _ in range(QUEUED)]
+            await asyncio.sleep(0)
+            began = time.perf_counter()
+            await sup.stop(cid, DRAIN_S)
+            samples.append(time.perf_counter() - began)
+            results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+            assert len(results) == QUEUED + 1, "every request is answered"
+    finally:
+        await sup.stop_all(DRAIN_S)
+        workers.close()
+    return samples
+
+
+def _sigterm_exit() -> float:
+    """Seconds from SIGTERM to exit for a daemon with a spinning and a sleeping ten-minute call."""
+    hung = f"limits = {{ max_execution_time_ms = 600000 }}\nshutdown_timeout_s = {SHUTDOWN_S}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        config = directory / "wasmhost.toml"
+        config.write_text(f'[host]\ncomponents_dir = "{FIXTURES}"\nstate_dir = "{directory / "state"}"\n'
+                          f'log_format = "json"\ndrain_timeout_s = {DRAIN_S}\n'
+                          f'[[components]]\nid = "b/spin/0"\npath = "stoptrap.wasm"\n{hung}'
+                          f'[[components]]\nid = "b/sleep/0"\npath = "stoptrap.wasm"\n{hung}')
+        sock = directory / "state" / "wasmhost.sock"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(directory / "notify.sock"))
+        notify.settimeout(60)
+        env = {**os.environ, "NOTIFY_SOCKET": str(directory / "notify.sock")}
+        proc = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "run", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+        try:
+            while b"READY=1" not in notify.recv(4096).split(b"\n"):
+                pass
+            for cid, payload in (("b/spin/0", b"spin"), ("b/sleep/0", b"sleep")):
+                threading.Thread(target=request, args=(sock, protocol.Call(cid, payload, 600.0)),
+                                 kwargs={"timeout": 60}, daemon=True).start()
+            time.sleep(0.3)  # the two calls arrive ...
+            while any(r["mailbox"] for r in request(sock, protocol.Status()).data["components"]):
+                time.sleep(0.01)  # ... and are taken: both guests are in their ten-minute calls
+            began = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            return time.perf_counter() - began
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            notify.close()
+
+
+def run(seconds: float = 1.0) -> list[Row]:
+    """Worst stop time over a few rounds, spinning and sleeping; a daemon's SIGTERM-to-exit."""
+    runtime = Runtime()
+    try:
+        spinning = uvloop.run(_stop_times(runtime, b"spin"))
+        sleeping = uvloop.run(_stop_times(runtime, b"sleep"))
+    finally:
+        runtime.close()
+    exit_s = _sigterm_exit()
+    limit_ms = (DRAIN_S + SHUTDOWN_S) * 1000 + 100
+    return [
+        Row("stop", "spinning call", limit_ms, max(spinning) * 1000, "ms", limit_ms, at_most=True),
+        Row("stop", "sleeping call", limit_ms, max(sleeping) * 1000, "ms", limit_ms, at_most=True),
+        Row("stop", "SIGTERM exit", DRAIN_S + SHUTDOWN_S + 1, exit_s, "s", DRAIN_S + SHUTDOWN_S + 1, at_most=True),
+    ]

@@ -1,0 +1,322 @@
+"""Stop always completes and answers everything: a guest mid-call (spinning, sleeping, trapping in
+shutdown) is interrupted once the drain time is over, every queued message ends with an answer, and
+`wasmhost stop` / SIGTERM finish within drain_timeout_s + shutdown_timeout_s plus a small margin."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import anyio
+import pytest
+import structlog
+
+from tests.conftest import Starter, fixture_path
+from tests.support import MemoryStorage, plain_supervisor
+from tests.test_daemon import ROOT, Daemon, component, config_text
+from wasmhost.actors.actor import ComponentActor
+from wasmhost.actors.restart import Backoff, RestartPolicy
+from wasmhost.actors.spec import ActorSpec
+from wasmhost.actors.state import ActorState
+from wasmhost.actors.supervisor import Supervisor
+from wasmhost.actors.workers import WorkerPool
+from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.core.limits import ResourceLimits
+from wasmhost.messaging.outcome import Outcome, RequestFailed
+from wasmhost.messaging.router import MessageRouter
+from wasmhost.runtime.runtime import Runtime
+from wasmhost.system import protocol
+from wasmhost.system.client import request
+
+pytestmark = pytest.mark.anyio
+
+LONG = ResourceLimits(max_execution_time_ms=600_000)
+"""A ten-minute call deadline: nothing in these tests may wait for it."""
+BOUND = 30.0
+"""What any stop here may take at most (drain + shutdown are a second or two; the guests would run
+for ten minutes): generous for a loaded machine, far below what waiting for the guest would take."""
+QUEUED = 20
+
+
+@pytest.fixture
+async def supervisor(runtime: Runtime) -> AsyncIterator[Supervisor]:
+    async with plain_supervisor(runtime, threads=4) as sup:
+        yield sup
+
+
+async def launch(sup: Supervisor, fixture: str, name: str, **settings: object) -> ComponentActor:
+    cid = ComponentId.parse(name)
+    spec = replace(ActorSpec(cid, backoff=Backoff(0.01, 0.05)), **settings)  # type: ignore[arg-type]
+    return await sup.start(spec, sup.runtime.load(cid, fixture_path(fixture)))
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.005)
+
+
+def ask(sup: Supervisor, actor: ComponentActor, payload: bytes) -> asyncio.Future[bytes | None]:
+    """A host request to `actor`, queued at once (its mailbox has room)."""
+    return asyncio.ensure_future(sup.router.host_request(actor.component_id, payload, 600.0))
+
+
+async def outcomes(pending: list[asyncio.Future[bytes | None]]) -> list[object]:
+    """Every answer, within the bound: a reply, or the RequestFailed outcome."""
+    with anyio.fail_after(BOUND):
+        results = await asyncio.gather(*pending, return_exceptions=True)
+    return [r.outcome if isinstance(r, RequestFailed) else r for r in results]
+
+
+async def in_call(actor: ComponentActor, first: asyncio.Future[bytes | None]) -> None:
+    """Wait until `actor` has taken its first message and is running it."""
+    await until(lambda: len(actor.mailbox) == 0 and actor.manager.in_call and not first.done())
+
+
+async def test_a_cancelled_call_ends_a_sleep_and_returns_only_once_its_thread_let_go(start: Starter) -> None:
+    sleeper = start("services", "t/services/0", LONG)
+    workers = WorkerPool(1)
+    try:
+        message = ComponentMessage(sleeper.component_id, b"sleep 600000", MessageMetadata(timestamp=Timestamp.now()))
+        call = asyncio.ensure_future(
+            workers.run_steps(sleeper.handle_message_steps(message), sleeper.lock, sleeper.host.interrupt))
+        await until(lambda: sleeper.in_call and sleeper.lock.locked())  # asleep in sleep-millis, holding the Store
+        call.cancel()
+        with anyio.fail_after(BOUND), pytest.raises(asyncio.CancelledError):
+            await call
+        # No `until` here: when the cancelled waiter returns, no thread is in the Store any more.
+        assert not sleeper.lock.locked() and not sleeper.in_call
+        assert sleeper.host.interrupted
+    finally:
+        workers.close()
+
+
+async def test_stop_interrupts_a_spinning_call_and_answers_every_queued_request(supervisor: Supervisor) -> None:
+    echo = await launch(supervisor, "echo", "t/echo/0")
+    spinner = await launch(supervisor, "stoptrap", "t/spinner/0", limits=LONG)
+    spin = ask(supervisor, spinner, b"spin")
+    await in_call(spinner, spin)
+    queued = [ask(supervisor, spinner, f"m{i}".encode()) for i in range(QUEUED)]
+    await until(lambda: len(spinner.mailbox) == QUEUED)
+    with structlog.testing.capture_logs() as logs, anyio.fail_after(BOUND):
+        await supervisor.stop(spinner.component_id, drain_timeout=0.3)
+    assert spinner.state is ActorState.STOPPED
+    with pytest.raises(RequestFailed) as failed:
+        await spin
+    assert failed.value.outcome is Outcome.FAILED and "interrupted" in failed.value.detail
+    assert await outcomes(queued) == [Outcome.TARGET_STOPPED] * QUEUED
+    assert spinner.stats.rejected == QUEUED
+    assert [e["component"] for e in logs if e["event"] == "component_call_interrupted"] == ["t/spinner/0"]
+    assert await supervisor.router.host_request(echo.component_id, b"still here", 5.0) == b"still here"
+
+
+async def test_a_sleeping_guest_wakes_at_the_drain_timeout_and_a_trap_in_shutdown_loses_nothing(
+    supervisor: Supervisor,
+) -> None:
+    sleeper = await launch(supervisor, "stoptrap", "t/sleeper/0", limits=LONG, shutdown_timeout=1.0)
+    sleep = ask(supervisor, sleeper, b"sleep")
+    await in_call(sleeper, sleep)
+    queued = [ask(supervisor, sleeper, f"m{i}".encode()) for i in range(QUEUED)]
+    await until(lambda: len(sleeper.mailbox) == QUEUED)
+    with structlog.testing.capture_logs() as logs, anyio.fail_after(BOUND):
+        await supervisor.stop(sleeper.component_id, drain_timeout=0.3)
+    # The sleep ended early and the guest finished its call: its reply arrives, then the rest are
+    # answered as stopped, and shutdown (which traps) was still called on the live instance.
+    assert await sleep == b"slept"
+    assert await outcomes(queued) == [Outcome.TARGET_STOPPED] * QUEUED
+    failed = [e for e in logs if e["event"] == "component_shutdown_failed"]
+    assert len(failed) == 1 and "unreachable" in failed[0]["error"]
+    assert sleeper.state is ActorState.STOPPED
+
+
+async def test_messages_queued_behind_a_trap_are_answered_when_the_component_gives_up(
+    supervisor: Supervisor,
+) -> None:
+    trapper = await launch(supervisor, "trapper", "t/trapper/0", restart=RestartPolicy.TEMPORARY)
+    pending = [ask(supervisor, trapper, f"m{i}".encode()) for i in range(QUEUED)]
+    answers = await outcomes(pending)
+    assert answers[0] is Outcome.FAILED  # the message that trapped
+    assert answers[1:] == [Outcome.TARGET_STOPPED] * (QUEUED - 1)
+    assert trapper.state is ActorState.FAILED
+
+
+async def test_stop_during_a_restart_backoff_returns_at_once_and_answers_the_queue(
+    supervisor: Supervisor,
+) -> None:
+    spinner = await launch(supervisor, "stoptrap", "t/spinner/0", backoff=Backoff(600.0, 600.0),
+                           limits=ResourceLimits(max_execution_time_ms=50))
+    first = ask(supervisor, spinner, b"spin")  # times out after 50 ms: restart in 600 s
+    await until(lambda: spinner.state is ActorState.RESTARTING)
+    queued = [ask(supervisor, spinner, f"m{i}".encode()) for i in range(QUEUED)]
+    await until(lambda: len(spinner.mailbox) == QUEUED)
+    with anyio.fail_after(BOUND):
+        await supervisor.stop(spinner.component_id, drain_timeout=0.3)
+    assert await outcomes([first]) == [Outcome.FAILED]
+    assert await outcomes(queued) == [Outcome.TARGET_STOPPED] * QUEUED
+    assert spinner.state is ActorState.STOPPED
+
+
+async def test_stop_during_an_endless_initialize_interrupts_it(supervisor: Supervisor) -> None:
+    cid = ComponentId.parse("t/initloop/0")
+    starting = asyncio.ensure_future(
+        supervisor.start(ActorSpec(cid, limits=LONG), supervisor.runtime.load(cid, fixture_path("initloop"))))
+    await until(lambda: cid in supervisor.actors and supervisor.actors[cid].manager.in_call)
+    actor = supervisor.actors[cid]
+    with anyio.fail_after(BOUND):
+        await supervisor.stop(cid, drain_timeout=0.3)
+        await starting  # the start returns too: the component stopped before it ran
+    assert actor.state is ActorState.STOPPED
+    assert not actor.manager.in_call
+
+
+class HungStorage(MemoryStorage):
+    """A storage whose writes wait until released (a hung disk, within the storage's own bound)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def set(self, owner: ComponentId, key: str, value: bytes) -> None:
+        self.entered.set()
+        self.release.wait(BOUND)
+        super().set(owner, key, value)
+
+
+async def test_a_guest_held_in_a_storage_write_does_not_hold_up_the_stop(runtime: Runtime) -> None:
+    storage = HungStorage()
+    workers = WorkerPool(4)
+    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers, storage)
+    try:
+        writer = await launch(sup, "storage", "t/writer/0", storage=True, shutdown_timeout=0.2)
+        write = ask(sup, writer, b"set k v")
+        await until(storage.entered.is_set)
+        queued = [ask(sup, writer, b"get k") for _ in range(QUEUED)]
+        await until(lambda: len(writer.mailbox) == QUEUED)
+        with structlog.testing.capture_logs() as logs, anyio.fail_after(BOUND / 2):
+            await sup.stop(writer.component_id, drain_timeout=0.1)  # returns at its bound, the write still hung
+        assert [e["event"] for e in logs if e["event"] == "component_stop_overran"] == ["component_stop_overran"]
+        assert await outcomes(queued) == [Outcome.TARGET_STOPPED] * QUEUED
+        assert not write.done()
+        storage.release.set()  # the write ends: its message is answered then (the guest finished it)
+        assert await outcomes([write]) == [b"ok"]
+        await until(lambda: writer.state is ActorState.STOPPED)
+    finally:
+        storage.release.set()
+        await sup.stop_all(1.0)
+        workers.close()
+
+
+async def test_concurrent_stops_of_every_kind_of_guest_all_complete(supervisor: Supervisor) -> None:
+    spinner = await launch(supervisor, "stoptrap", "t/spinner/0", limits=LONG)
+    sleeper = await launch(supervisor, "stoptrap", "t/sleeper/0", limits=LONG)
+    slow = await launch(supervisor, "slowstop", "t/slowstop/0", shutdown_timeout=0.5)
+    calls = [ask(supervisor, spinner, b"spin"), ask(supervisor, sleeper, b"sleep")]
+    await in_call(spinner, calls[0])
+    await in_call(sleeper, calls[1])
+    with anyio.fail_after(BOUND):
+        async with anyio.create_task_group() as group:
+            group.start_soon(supervisor.stop, spinner.component_id, 0.3)  # twice: both return
+            group.start_soon(supervisor.stop_all, 0.3)
+    assert await outcomes(calls) == [Outcome.FAILED, b"slept"]
+    assert {a.state for a in (spinner, sleeper, slow)} == {ActorState.STOPPED}
+
+
+# --- the real daemon ---------------------------------------------------------------------------------
+
+DRAIN_S = 1.0
+SHUTDOWN_S = 1.0
+HUNG = f"limits = {{ max_execution_time_ms = 600000 }}\nshutdown_timeout_s = {SHUTDOWN_S}"
+
+
+def start_daemon(tmp_path: Path, components: str) -> Daemon:
+    config = tmp_path / "wasmhost.toml"
+    text = config_text(tmp_path / "state", components).replace("drain_timeout_s = 5.0", f"drain_timeout_s = {DRAIN_S}")
+    config.write_text(text)
+    daemon = Daemon(tmp_path, config)
+    daemon.expect("READY=1")
+    return daemon
+
+
+def call_in_background(d: Daemon, cid: str, payload: bytes) -> tuple[threading.Thread, list[protocol.Response]]:
+    answers: list[protocol.Response] = []
+
+    def run() -> None:
+        answers.append(request(d.socket, protocol.Call(cid, payload, 600.0), timeout=BOUND + 60))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, answers
+
+
+def wait_for_status(d: Daemon, cid: str, condition: Callable[[dict[str, object]], bool]) -> None:
+    end = time.monotonic() + BOUND
+    while time.monotonic() < end:
+        response = request(d.socket, protocol.Status())
+        assert response.data is not None
+        row = next(r for r in response.data["components"] if r["id"] == cid)
+        if condition(row):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{cid} never reached the expected status; log:\n{d.log.read_text()}")
+
+
+def begin(d: Daemon, cid: str, payload: bytes) -> None:
+    """Queue `payload` for `cid` (a send: acknowledged once queued) and wait until the guest runs it."""
+    assert request(d.socket, protocol.Send(cid, payload, wait=True)).ok
+    wait_for_status(d, cid, lambda row: row["mailbox"] == 0)
+
+
+def test_wasmhost_stop_interrupts_a_ten_minute_call(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path, component("t/echo/0", "echo") + component("t/spinner/0", "stoptrap", HUNG))
+    try:
+        begin(d, "t/spinner/0", b"spin")
+        queued = [call_in_background(d, "t/spinner/0", f"m{i}".encode()) for i in range(5)]
+        wait_for_status(d, "t/spinner/0", lambda row: row["mailbox"] == 5)
+        began = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "wasmhost.cli", "stop", "t/spinner/0", "--socket",
+                                 str(d.socket)], capture_output=True, text=True, timeout=BOUND + 60, cwd=ROOT)
+        elapsed = time.monotonic() - began
+        assert result.returncode == 0, result.stderr
+        assert elapsed < BOUND, f"stop took {elapsed:.1f} s"
+        for thread, queued_answers in queued:
+            thread.join(BOUND)
+            assert queued_answers and "target-stopped" in (queued_answers[0].error or ""), queued_answers
+        wait_for_status(d, "t/spinner/0", lambda row: row["state"] == "stopped" and row["failed"] == 1
+                        and "interrupted" in str(row["last_error"]))
+        assert d.call("t/echo/0", "still here") == "still here"
+    finally:
+        assert d.stop() == 0
+
+
+def test_sigterm_exits_within_drain_plus_shutdown_whatever_the_guests_do(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path, component("t/spinner/0", "stoptrap", HUNG) + component("t/sleeper/0", "stoptrap", HUNG)
+                     + component("t/slowstop/0", "slowstop", f"shutdown_timeout_s = {SHUTDOWN_S}")
+                     + component("t/echo/0", "echo"))
+    begin(d, "t/spinner/0", b"spin")
+    begin(d, "t/sleeper/0", b"sleep")
+    queued = [call_in_background(d, "t/sleeper/0", f"m{i}".encode()) for i in range(5)]
+    wait_for_status(d, "t/sleeper/0", lambda row: row["mailbox"] == 5)
+    began = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)
+    code = d.proc.wait(timeout=BOUND + 60)
+    elapsed = time.monotonic() - began
+    assert code == 0
+    assert elapsed < BOUND, f"SIGTERM took {elapsed:.1f} s to exit"
+    for thread, queued_answers in queued:  # answered before the daemon exited, not cut off
+        thread.join(BOUND)
+        assert queued_answers and "target-stopped" in (queued_answers[0].error or ""), queued_answers
+    events = d.events()
+    # The spinner was interrupted; the sleeper woke up and finished its message, then its shutdown trapped.
+    assert [e["component"] for e in events if e["event"] == "component_call_interrupted"] == ["t/spinner/0"]
+    shutdowns = {e["component"] for e in events if e["event"] == "component_shutdown_failed"}
+    assert shutdowns == {"t/sleeper/0", "t/slowstop/0"}
+    assert "stopped" in {e["event"] for e in events}
+    assert d.stop() == 0
