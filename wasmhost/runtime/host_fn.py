@@ -12,7 +12,8 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,9 @@ class HostContext:
     log_gate: LogGate | None = field(default=None, init=False, repr=False)  # made at the first log line; kept
     # across restarts of the instance, so that trapping does not refill the bucket
     interrupted: bool = field(default=False, init=False, compare=False)  # set by interrupt(), cleared by its owner
+    fresh_slice: Callable[[], None] | None = field(default=None, init=False, repr=False, compare=False)
+    """Set by the Store's owner while its guest yields at epoch ticks: gives the guest a whole epoch
+    slice again (called after a wait in a host call, which used no CPU)."""
     _wake: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False, compare=False)
 
     def interrupt(self) -> None:
@@ -158,12 +162,23 @@ def current_time_millis(ctx: HostContext) -> int:
     return time.time_ns() // 1_000_000
 
 
+@contextmanager
+def _waiting(ctx: HostContext) -> Iterator[None]:
+    """A wait inside a host call: the scheduler lends another thread meanwhile, and the guest resumes
+    with a whole time slice (so a guest woken by an interrupt finishes its few last instructions
+    rather than being abandoned at once)."""
+    with blocking():
+        yield
+    if ctx.fresh_slice is not None:
+        ctx.fresh_slice()
+
+
 def sleep_millis(ctx: HostContext, duration_ms: int) -> None:
     """host-services.sleep-millis, never past the current call's deadline, and not once the call is interrupted."""
     now = time.monotonic()
     end = min(now + duration_ms / 1000, ctx.deadline)
     if end > now and not ctx.interrupted:
-        with blocking():  # the scheduler lends another thread meanwhile
+        with _waiting(ctx):
             ctx.sleep_until(end)  # ends early when the call is interrupted (a stop out of drain time)
 
 
@@ -201,14 +216,14 @@ def storage_get(ctx: HostContext, key: str) -> Ok[bytes | None]:
 
 def storage_set(ctx: HostContext, key: str, value: bytes) -> Ok[None]:
     """storage.set"""
-    with blocking():  # waits for the group commit: the scheduler lends another thread meanwhile
+    with _waiting(ctx):  # for the group commit
         _storage(ctx).set(ctx.component_id, key, value)
     return Ok(None)
 
 
 def storage_delete(ctx: HostContext, key: str) -> Ok[None]:
     """storage.delete"""
-    with blocking():
+    with _waiting(ctx):
         _storage(ctx).delete(ctx.component_id, key)
     return Ok(None)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import wasmtime
@@ -116,11 +118,13 @@ class Limiter:
             memories=budget.memories,
         )
 
-    def start_epoch_yields(self, context: int) -> None:
+    def start_epoch_yields(self, context: int) -> Callable[[], None]:
         """From now on (async calls only) the Store's guest yields at every epoch tick instead of
-        trapping at its epoch deadline."""
+        trapping at its epoch deadline. Returns what gives the guest a whole slice again, from a
+        host function (at least one full tick: the current one may be nearly over)."""
         capi.context_epoch_deadline_async_yield_and_update(context, EPOCH_SLICE_TICKS)
         self.epoch_yields = True
+        return functools.partial(capi.context_set_epoch_deadline, context, EPOCH_SLICE_TICKS + 1)
 
     def arm(self, context: int, deadline_ms: int | None = None) -> float:
         """Refill fuel and arm the epoch deadline for one call on the Store with this context

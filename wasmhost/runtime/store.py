@@ -181,7 +181,7 @@ class StoreManager:
         if error:
             unregister_context(context)
             raise InstantiationError(self.name, f"cannot set the fuel yield interval: {capi.take_error(error)}")
-        self.limiter.start_epoch_yields(context)
+        self.host.fresh_slice = self.limiter.start_epoch_yields(context)
         self.store, self.context, self._funcs = store, context, funcs
         self._func_addresses = {name: ctypes.addressof(f._func) for name, f in funcs.items()}
         self.state = InstanceState.INSTANTIATED
@@ -189,6 +189,7 @@ class StoreManager:
     def close(self) -> None:
         """Drop the Store and everything in it (a call in progress first)."""
         self._abandon()
+        self.host.fresh_slice = None
         if self.context:
             unregister_context(self.context)
         self.store, self.context, self._funcs, self._func_addresses = None, 0, {}, {}
