@@ -2,17 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("WASMHOST_FIXTURES", ROOT / "tests" / "fixtures" / "build"))
 RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass
+class Daemon:
+    """A `wasmhost run` subprocess that has sent READY=1, and its control socket."""
+
+    proc: subprocess.Popen[bytes]
+    socket: Path
+
+
+@contextlib.contextmanager
+def running_daemon(components: str, host: str = "", stdout: int = subprocess.DEVNULL) -> Iterator[Daemon]:
+    """Start `wasmhost run` on the fixtures with `host` lines added to [host] and the `components`
+    tables, in a temporary state directory; yield it once READY=1 came; kill it afterwards if it
+    is still running."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        config = directory / "wasmhost.toml"
+        config.write_text(f'[host]\ncomponents_dir = "{FIXTURES}"\nstate_dir = "{directory / "state"}"\n'
+                          f'log_format = "json"\n{host}{components}')
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(directory / "notify.sock"))
+        notify.settimeout(60)
+        env = {**os.environ, "NOTIFY_SOCKET": str(directory / "notify.sock")}
+        proc = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "run", "--config", str(config)],
+                                stdout=stdout, stderr=subprocess.STDOUT, env=env)
+        try:
+            while b"READY=1" not in notify.recv(4096).split(b"\n"):
+                pass
+            yield Daemon(proc, directory / "state" / "wasmhost.sock")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            notify.close()
 
 
 def rate(call: Callable[[], object], seconds: float, min_calls: int = 3) -> float:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from bench.harness import FIXTURES, Row
+from bench.harness import FIXTURES, Row, running_daemon
 from wasmhost.core import ComponentConfig, ComponentId
 from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.rate_limit import RateLimit
@@ -72,49 +70,32 @@ def _p99(samples: list[float]) -> float:
 def _blocked_pipe(seconds: float) -> tuple[float, float, int]:
     """(echo call p99 in ms, seconds from SIGTERM to exit, lines dropped) for a daemon whose stdout
     nobody reads while a guest floods its log without a rate limit."""
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        config = directory / "wasmhost.toml"
-        config.write_text(f'[host]\ncomponents_dir = "{FIXTURES}"\nstate_dir = "{directory / "state"}"\n'
-                          'log_format = "json"\n[[components]]\nid = "b/echo/0"\npath = "echo.wasm"\n'
-                          '[[components]]\nid = "b/flood/0"\npath = "logflood.wasm"\n'
-                          'log_rate = 1000000000.0\nlog_burst = 1000000000\n')
-        sock = directory / "state" / "wasmhost.sock"
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(directory / "notify.sock"))
-        notify.settimeout(60)
-        env = {**os.environ, "NOTIFY_SOCKET": str(directory / "notify.sock")}
-        proc = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "run", "--config", str(config)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        try:
-            while b"READY=1" not in notify.recv(4096).split(b"\n"):
-                pass
-            stop = threading.Event()
+    components = ('[[components]]\nid = "b/echo/0"\npath = "echo.wasm"\n'
+                  '[[components]]\nid = "b/flood/0"\npath = "logflood.wasm"\n'
+                  'log_rate = 1000000000.0\nlog_burst = 1000000000\n')
+    with running_daemon(components, stdout=subprocess.PIPE) as daemon:  # a pipe nobody reads
+        proc, sock = daemon.proc, daemon.socket
+        stop = threading.Event()
 
-            def flood() -> None:
-                while not stop.is_set():
-                    request(sock, protocol.Call("b/flood/0", str(FLOOD).encode(), 60), timeout=60)
+        def flood() -> None:
+            while not stop.is_set():
+                request(sock, protocol.Call("b/flood/0", str(FLOOD).encode(), 60), timeout=60)
 
-            flooder = threading.Thread(target=flood, daemon=True)
-            flooder.start()
-            calls = []
-            began = time.perf_counter()
-            while time.perf_counter() - began < max(seconds * 3, 2.0):
-                t0 = time.perf_counter()
-                assert request(sock, protocol.Call("b/echo/0", b"ping", 10), timeout=30).data == b"ping"
-                calls.append(time.perf_counter() - t0)
-            dropped = int(request(sock, protocol.Status(), timeout=30).data["log_lines_dropped"])
-            stop.set()
-            flooder.join(60)
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        calls = []
+        began = time.perf_counter()
+        while time.perf_counter() - began < max(seconds * 3, 2.0):
             t0 = time.perf_counter()
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-            exit_s = time.perf_counter() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            notify.close()
+            assert request(sock, protocol.Call("b/echo/0", b"ping", 10), timeout=30).data == b"ping"
+            calls.append(time.perf_counter() - t0)
+        dropped = int(request(sock, protocol.Status(), timeout=30).data["log_lines_dropped"])
+        stop.set()
+        flooder.join(60)
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        exit_s = time.perf_counter() - t0
     return _p99(calls), exit_s, dropped
 
 

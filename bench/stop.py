@@ -5,19 +5,13 @@ drain_timeout + shutdown_timeout + 100 ms; and a real daemon from SIGTERM to exi
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import uvloop
 
-from bench.harness import FIXTURES, Row
+from bench.harness import FIXTURES, Row, running_daemon
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
@@ -65,38 +59,20 @@ async def _stop_times(runtime: Runtime, payload: bytes) -> list[float]:
 def _sigterm_exit() -> float:
     """Seconds from SIGTERM to exit for a daemon with a spinning and a sleeping ten-minute call."""
     hung = f"limits = {{ max_execution_time_ms = 600000 }}\nshutdown_timeout_s = {SHUTDOWN_S}\n"
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        config = directory / "wasmhost.toml"
-        config.write_text(f'[host]\ncomponents_dir = "{FIXTURES}"\nstate_dir = "{directory / "state"}"\n'
-                          f'log_format = "json"\ndrain_timeout_s = {DRAIN_S}\n'
-                          f'[[components]]\nid = "b/spin/0"\npath = "stoptrap.wasm"\n{hung}'
-                          f'[[components]]\nid = "b/sleep/0"\npath = "stoptrap.wasm"\n{hung}')
-        sock = directory / "state" / "wasmhost.sock"
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(directory / "notify.sock"))
-        notify.settimeout(60)
-        env = {**os.environ, "NOTIFY_SOCKET": str(directory / "notify.sock")}
-        proc = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "run", "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
-        try:
-            while b"READY=1" not in notify.recv(4096).split(b"\n"):
-                pass
-            for cid, payload in (("b/spin/0", b"spin"), ("b/sleep/0", b"sleep")):
-                threading.Thread(target=request, args=(sock, protocol.Call(cid, payload, 600.0)),
-                                 kwargs={"timeout": 60}, daemon=True).start()
-            time.sleep(0.3)  # the two calls arrive ...
-            while any(r["mailbox"] for r in request(sock, protocol.Status()).data["components"]):
-                time.sleep(0.01)  # ... and are taken: both guests are in their ten-minute calls
-            began = time.perf_counter()
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-            return time.perf_counter() - began
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            notify.close()
+    components = (f'[[components]]\nid = "b/spin/0"\npath = "stoptrap.wasm"\n{hung}'
+                  f'[[components]]\nid = "b/sleep/0"\npath = "stoptrap.wasm"\n{hung}')
+    with running_daemon(components, f"drain_timeout_s = {DRAIN_S}\n") as daemon:
+        proc, sock = daemon.proc, daemon.socket
+        for cid, payload in (("b/spin/0", b"spin"), ("b/sleep/0", b"sleep")):
+            threading.Thread(target=request, args=(sock, protocol.Call(cid, payload, 600.0)),
+                             kwargs={"timeout": 60}, daemon=True).start()
+        time.sleep(0.3)  # the two calls arrive ...
+        while any(r["mailbox"] for r in request(sock, protocol.Status()).data["components"]):
+            time.sleep(0.01)  # ... and are taken: both guests are in their ten-minute calls
+        began = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        return time.perf_counter() - began
 
 
 def run(seconds: float = 1.0) -> list[Row]:
