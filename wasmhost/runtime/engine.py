@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import threading
 import time
 from dataclasses import dataclass
 
 import wasmtime
+
+from wasmhost.runtime.malloc import keep_large_allocations_in_heap
 
 DEFAULT_EPOCH_TICK_MS = 10
 MAX_CATCH_UP = 100
@@ -24,28 +24,6 @@ class EngineSettings:
     def fingerprint(self) -> str:
         """The settings that change compiled code, as text for cache keys."""
         return f"fuel=1;epoch=1;component-model=1;gc=0;exceptions=0;opt={int(self.optimize)}"
-
-
-def _keep_large_allocations_in_heap() -> None:
-    """Stop glibc from mmap/munmap-ing every large value array wasmtime allocates per call.
-
-    Measured on the echo guest: 64 KiB payloads 201 -> 489 calls/s, 1 MiB 12 -> 30 calls/s.
-    """
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return
-    libc = ctypes.CDLL(libc_name)
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold, m_arena_max = -1, -2, -3, -8
-    # One arena: malloc_trim (runtime/malloc.py) can hand back only the main arena's top, so memory
-    # freed in per-thread arenas after large conversions stayed resident (measured: 219 MiB after six
-    # guests sent 2 MiB five times each; 14 MiB with one arena).
-    mallopt(m_arena_max, 1)
-    mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-    mallopt(m_trim_threshold, 256 * 1024 * 1024)
-    mallopt(m_top_pad, 16 * 1024 * 1024)
 
 
 class EpochTicker:
@@ -90,7 +68,7 @@ class RuntimeEngine:
         self.settings = settings or EngineSettings()
         if self.settings.epoch_tick_ms <= 0:
             raise ValueError(f"epoch tick must be > 0 ms, got {self.settings.epoch_tick_ms}")
-        _keep_large_allocations_in_heap()
+        keep_large_allocations_in_heap()
         config = wasmtime.Config()
         config.consume_fuel = True
         config.epoch_interruption = True
