@@ -365,3 +365,14 @@ def test_the_log_file_setting_writes_json_lines(tmp_path: Path) -> None:
     assert d.stop() == 0
     events = [json.loads(line)["event"] for line in log_file.read_text().splitlines()]
     assert "daemon_ready" in events and events[-1] == "stopped"
+
+
+def test_ready_comes_after_the_first_attempt_of_a_component_whose_initialize_never_ends(daemon: object) -> None:
+    """READY=1 waits for every component's first attempt, not for all the restarts of one that keeps
+    failing (five initialize deadlines plus backoff)."""
+    endless = component("t/endless/0", "initloop", "limits = { max_execution_time_ms = 2000 }")
+    d = daemon(component("t/echo/0", "echo") + endless)  # type: ignore[operator]
+    rows = {r["id"]: r for r in json.loads(d.cli("status", "--json").stdout)["components"]}
+    assert rows["t/endless/0"]["state"] == "restarting", rows["t/endless/0"]
+    assert "timed out" in rows["t/endless/0"]["last_error"]
+    assert d.call("t/echo/0", "still here") == "still here"

@@ -125,7 +125,9 @@ class ComponentActor:
     # --- control (event loop) ---
 
     async def start(self) -> None:
-        """Start the actor and wait until its component is running or has failed to start."""
+        """Start the actor and wait until its component's first attempt has ended: running, restarting
+        after a failure (a component whose `initialize` never ends does not hold up READY=1 or a
+        reload for all its restarts), or failed."""
         if self._task is not None and not self._task.done():
             return
         self._stopping = False
@@ -213,6 +215,7 @@ class ComponentActor:
                 return
             self.state = ActorState.RESTARTING
             self.stats.restarts += 1
+            self._started.set()  # the first attempt has ended: whoever waits for the start hears it now
             log.warning("component_restarting", component=self.name, error=str(error), delay_s=round(delay, 3))
             with anyio.CancelScope() as self._backoff:
                 if not self._stopping:
