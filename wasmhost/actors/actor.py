@@ -36,7 +36,7 @@ from wasmhost.messaging.mailbox import Mailbox
 from wasmhost.messaging.outcome import Outcome
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.malloc import release_free_memory
-from wasmhost.runtime.store import InstanceState, StoreManager
+from wasmhost.runtime.store import InstanceState, StoreManager, hit_size_guard
 
 log = structlog.get_logger("wasmhost.actor")
 
@@ -349,7 +349,7 @@ class ComponentActor:
             except (GuestFailure, InstanceStateError) as exc:
                 # The message that trapped is answered with an error and never retried.
                 done.append(Handled(envelope, None, Outcome.FAILED, str(exc)))
-                if "too much data is being copied" in str(exc):  # wasmtime's own size guard fired
+                if isinstance(exc, GuestFailure) and hit_size_guard(exc):  # wasmtime's own size guard fired
                     self.output_hint = WASMTIME_LIST_U8_CEILING  # mid-conversion: as large as it gets
                     release_free_memory()
                 return batch[index + 1 :], exc

@@ -72,6 +72,12 @@ def trap_cause(message: str) -> str:
     return lines[-1].strip() if lines else ""
 
 
+def hit_size_guard(failure: GuestFailure) -> bool:
+    """Whether wasmtime trapped the guest for copying too much data through one call (its cause
+    line, never the guest-named backtrace)."""
+    return trap_cause(failure.detail).startswith("too much data is being copied")
+
+
 def classify_error(component: str, function: str, error: int) -> GuestFailure:
     """Turn a wasmtime_error_t* from a call into an exit (WASI exit, with its status), a timeout,
     fuel exhaustion or a plain trap; frees the error.
