@@ -30,7 +30,7 @@ class HealthStatus(enum.Enum):
 
 
 class ComponentMetadata(msgspec.Struct, frozen=True):
-    """What a component's `metadata()` export returns."""
+    """What a component's `metadata()` export returns (WIT `component-lifecycle.component-metadata`)."""
 
     name: str
     version: str
@@ -50,7 +50,7 @@ class ComponentConfig(msgspec.Struct, frozen=True):
 
 
 class ComponentInfo(msgspec.Struct, frozen=True):
-    """Public information about a loaded component (WIT `component-info`)."""
+    """Public information about a loaded component (WIT `host-services.component-info`)."""
 
     id: ComponentId
     name: str

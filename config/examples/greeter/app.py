@@ -6,6 +6,7 @@ greeting count in its storage.
 
 from componentize_py_types import Err
 from wit_world import exports
+from wit_world.exports.component_lifecycle import ComponentMetadata
 from wit_world.imports import host_services, storage, types
 from wit_world.imports.errors import WasmError_RuntimeError
 
@@ -30,9 +31,9 @@ class ComponentLifecycle(exports.ComponentLifecycle):
     def handle_callback(self, msg: types.ComponentMessage) -> None:
         """The greeter makes no requests."""
 
-    def metadata(self) -> types.ComponentMetadata:
+    def metadata(self) -> ComponentMetadata:
         """Who the greeter is."""
-        return types.ComponentMetadata(
+        return ComponentMetadata(
             name="greeter", version="0.1.0", description="Greets by name; written in Python",
             author="wasmhost examples", license="Apache-2.0", supported_operations=["greet"], stateful=False,
         )

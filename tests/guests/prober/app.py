@@ -18,6 +18,7 @@ import os
 
 from componentize_py_types import Err
 from wit_world import exports
+from wit_world.exports.component_lifecycle import ComponentMetadata
 from wit_world.imports import host_messaging, storage, types
 from wit_world.imports.errors import WasmError_RuntimeError
 
@@ -109,8 +110,8 @@ class ComponentLifecycle(exports.ComponentLifecycle):
     def handle_callback(self, msg: types.ComponentMessage) -> None:
         pass
 
-    def metadata(self) -> types.ComponentMetadata:
-        return types.ComponentMetadata(
+    def metadata(self) -> ComponentMetadata:
+        return ComponentMetadata(
             name="prober", version="0.1.0", description="Tries what a hostile component would try",
             author="wasmhost tests", license="Apache-2.0", supported_operations=["probe"], stateful=False,
         )
