@@ -231,18 +231,44 @@ def _time(text: str | None) -> Any:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Validate one component binary and print its metadata and imports."""
+    """Describe TARGET: a component file (loaded, instantiated, its metadata and imports printed), or the
+    id of a component of the running daemon (its state and last error; non-zero when it has failed)."""
+    if Path(args.target).exists() or args.target.endswith(".wasm"):
+        return _inspect_file(args, Path(args.target))
+    from wasmhost.core.ids import ComponentId, InvalidComponentId
+
+    try:
+        ComponentId.parse(args.target)
+    except InvalidComponentId:
+        raise ValueError(f"inspect: {args.target!r} is neither a component file (no such file) nor a component "
+                         "id NAMESPACE/NAME/INSTANCE") from None
+    return _inspect_running(args, args.target)
+
+
+def _inspect_file(args: argparse.Namespace, path: Path) -> int:
+    """Load and instantiate one component binary and print its metadata; a guest that fails says so."""
+    from wasmhost.core.errors import GuestFailure, HostError, InstanceStateError
     from wasmhost.core.ids import ComponentId
     from wasmhost.runtime.runtime import Runtime
 
+    cid = ComponentId.parse(args.id)
     runtime = Runtime()
     try:
-        cid = ComponentId.parse(args.id)
-        loaded = runtime.load(cid, Path(args.path))
+        loaded = runtime.load(cid, path)
         manager = runtime.store(loaded, cid)
-        manager.instantiate()
-        meta = manager.metadata()
-        manager.close()
+        step = "instantiating it"
+        try:
+            manager.instantiate()
+            step = "calling its metadata export"
+            meta = manager.metadata()
+        except (GuestFailure, HostError, InstanceStateError) as exc:
+            # The guest's own failure (a trap in `metadata`, say): the binary is valid, the component
+            # is not usable, and the daemon would restart it until it is marked failed. Say so, in full.
+            print(f"wasmhost: {path} is a valid component, but {step} failed, so it cannot run:\n{exc}",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            manager.close()
     finally:
         runtime.close()
     print(f"component   {loaded.source} ({loaded.size:,} bytes)")
@@ -251,6 +277,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"author      {meta.author}  license {meta.license}")
     print(f"operations  {', '.join(meta.supported_operations) or '-'}  stateful {meta.stateful}")
     print(f"imports     {', '.join(sorted(loaded.imports)) or '-'}")
+    return EXIT_OK
+
+
+def _inspect_running(args: argparse.Namespace, target: str) -> int:
+    """Print one component's row of the daemon's status in full; a failed component exits non-zero."""
+    from wasmhost.system import protocol
+
+    response = _ask(args, protocol.Status())
+    if response is None:
+        return EXIT_FAILED
+    rows = {row["id"]: row for row in response.data["components"]}
+    row = rows.get(target)
+    if row is None:
+        print(f"wasmhost: the daemon runs no component {target} (it runs: {', '.join(sorted(rows)) or 'none'})",
+              file=sys.stderr)
+        return EXIT_FAILED
+    for field in ("id", "state", "health", "restarts", "mailbox", "handled", "failed"):
+        print(f"{field:<11} {row.get(field)}")
+    print(f"last error  {row.get('last_error') or '-'}")
+    if row.get("state") == "failed":
+        print(f"wasmhost: {target} has failed and stays down after {row.get('restarts')} restart(s); "
+              "fix it, then `wasmhost start` or `wasmhost reload`", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -296,9 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--grep", help="text anywhere in the event")
     logs.add_argument("--follow", "-f", action="store_true", help="keep reading a growing file")
     logs.add_argument("--json", action="store_true", help="print the matching JSON lines unchanged")
-    inspect = add("inspect", cmd_inspect, "validate a component binary and show its metadata", config=False)
-    inspect.add_argument("path")
-    inspect.add_argument("--id", default="local/inspect/0", help="component id to load it under")
+    inspect = add("inspect", cmd_inspect, "show a component file's metadata, or a running component's state",
+                  control=True)
+    inspect.add_argument("target", metavar="PATH|ID",
+                         help="a component file (.wasm), or the id of a component of the running daemon")
+    inspect.add_argument("--id", default="local/inspect/0", help="component id to load a file under")
     return parser
 
 
