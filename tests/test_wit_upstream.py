@@ -150,3 +150,19 @@ def test_a_guest_written_against_upstreams_wit_runs_on_wasmhost(start: Starter, 
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+
+
+def test_a_binary_built_for_wasmhosts_earlier_layout_still_runs(tmp_path: Path) -> None:
+    # Component-model types are structural: a binary whose component-metadata and component-info come
+    # from `types` (tests/fixtures/wit-variants/earlier-layout) links against the same host functions.
+    config = tmp_path / "wasmhost.toml"
+    config.write_text(config_text(tmp_path / "state", component("t/earlier/0", "earlier"), FIXTURES))
+    d = Daemon(tmp_path, config)
+    try:
+        d.expect("READY=1")
+        assert d.call("t/earlier/0", "who") == "earlier 0.1.0 healthy"
+        assert d.stop() == 0
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
