@@ -65,10 +65,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     visible = [p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != ROOT]
     (site_packages / "test-deps.pth").write_text("\n".join(visible) + "\n")
     installed = Installed(venv, site_packages)
-    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps",
+    done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--verbose", "--no-deps",
                            "--no-build-isolation", "--no-index", "--ignore-installed", str(source)],
                           capture_output=True, text=True, timeout=300, cwd=base, env=installed.env())
     assert done.returncode == 0, done.stdout + done.stderr
+    # pyproject.toml as the build backend expects it: no deprecation warning (a license table was one)
+    assert "BuildBackendWarning" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert "SetuptoolsDeprecationWarning" not in done.stdout + done.stderr, done.stdout + done.stderr
     yield installed
 
 
