@@ -29,7 +29,7 @@ test: fixtures examples lint
 fuzz: fixtures
 	HYPOTHESIS_PROFILE=fuzz FUZZ_CONTROL_EXAMPLES=300 $(BIN)/python -m pytest -q -s tests/test_fuzz.py
 
-bench: fixtures
+bench: fixtures examples  # startup runs the example greeter from config/build
 	$(BIN)/python -m bench
 
 run: examples

@@ -110,8 +110,9 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
-def report(rows: list[Row]) -> str:
-    """The table `make bench` prints."""
+def report(rows: list[Row], failed: dict[str, str] | None = None) -> str:
+    """The table `make bench` prints; `failed` maps each benchmark that raised to its error, shown as
+    a FAILED line of its own."""
     header = (f"{'benchmark':<9} {'case':<16} {'baseline':>13} {'measured':>13} {'unit':<8} "
               f"{'ratio':>8} {'target':>9}  ok")
     lines = [f"# {machine()}", header, "-" * len(header)]
@@ -121,13 +122,17 @@ def report(rows: list[Row]) -> str:
             f"{r.benchmark:<9} {r.case:<16} {r.baseline:>13,.1f} {r.measured:>13,.1f} {r.unit:<8} "
             f"{(f'{r.ratio:.2f}x' if r.baseline else '-'):>8} {r.target_text():>9}  {ok}"
         )
+    for name, error in (failed or {}).items():
+        lines.append(f"{name:<9} {'FAILED':<16} {error}")
     return "\n".join(lines)
 
 
-def save(rows: list[Row]) -> Path:
-    """Write the rows as JSON under bench/results/ and return the file."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / time.strftime("bench-%Y%m%d-%H%M%S.json")
-    data = {"machine": machine(), "rows": [asdict(r) | {"ratio": r.ratio, "met": r.met} for r in rows]}
+def save(rows: list[Row], failed: dict[str, str] | None = None, results: Path = RESULTS) -> Path:
+    """Write the rows (and the benchmarks that failed, with their errors) as JSON under `results` and
+    return the file."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    data = {"machine": machine(), "rows": [asdict(r) | {"ratio": r.ratio, "met": r.met} for r in rows],
+            "failed": failed or {}}
     path.write_text(json.dumps(data, indent=2))
     return path

@@ -18,7 +18,7 @@ GREETER = ROOT / "config" / "examples" / "greeter"
 def main() -> int:
     """Build everything the default configuration deploys."""
     status = subprocess.call([sys.executable, str(ROOT / "tests" / "fixtures" / "build.py"), "--out", str(OUT),
-                             "--wat-only"])
+                             "--wat-only", "--label", "examples"])
     if status:
         return status
     target = OUT / "greeter.wasm"

@@ -14,13 +14,13 @@ from wasmhost import __version__
 from wasmhost.core.errors import LoadError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-EMBEDDED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "wasmhost.toml"
 
 
 def config_path(args: argparse.Namespace) -> Path:
-    """CONFIG or --config, else $WASMHOST_CONFIG, else the embedded default configuration."""
-    given = getattr(args, "config_file", None) or getattr(args, "config", None) or os.environ.get("WASMHOST_CONFIG")
-    return Path(given) if given else EMBEDDED_CONFIG
+    """CONFIG or --config, else $WASMHOST_CONFIG, else the checkout's or /etc's (system/config_location.py)."""
+    from wasmhost.system.config_location import find_config
+
+    return find_config(getattr(args, "config_file", None) or getattr(args, "config", None))
 
 
 def socket_path(args: argparse.Namespace) -> Path:
@@ -30,7 +30,10 @@ def socket_path(args: argparse.Namespace) -> Path:
     source = config_path(args)
     try:
         host = tomllib.loads(source.read_text()).get("host", {})
-    except (OSError, tomllib.TOMLDecodeError):
+    except OSError as exc:  # no guessing a socket beside a file that is not there
+        raise ValueError(f"{source}: cannot read the configuration that names the control socket "
+                         f"({exc.strerror or exc}); name the socket with --socket") from None
+    except tomllib.TOMLDecodeError:
         host = {}
     state_dir = source.parent / str(host.get("state_dir", "state"))
     return state_dir / str(host.get("control_socket", "wasmhost.sock"))
@@ -312,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: Any, help_text: str, config: bool = True, control: bool = False) -> Any:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if config:
-            p.add_argument("--config", help="configuration file (default: $WASMHOST_CONFIG or the embedded one)")
+            p.add_argument("--config", help="configuration file (default: $WASMHOST_CONFIG, else a source checkout's "
+                                            "config/wasmhost.toml, else /etc/wasmhost/wasmhost.toml)")
         if control:
             p.add_argument("--socket", help="control socket (default: the one the configuration names)")
         p.set_defaults(func=func)

@@ -33,7 +33,7 @@ from wasmhost.storage.sqlite_store import SqliteStorage
 from wasmhost.system import protocol
 from wasmhost.system.config import ComponentPlan, Config, ConfigError, load_config
 from wasmhost.system.control import ControlServer, SocketInUse
-from wasmhost.system.logging import lines_dropped
+from wasmhost.system.logging import lines_dropped, reopen_log_files
 from wasmhost.system.sd_notify import Notifier
 
 log = structlog.get_logger("wasmhost.daemon")
@@ -126,6 +126,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR1, reopen_log_files)  # logrotate's postrotate: a new log_file
         for warning in self.config.warnings:
             log.warning("config_warning", detail=warning)
         began = time.monotonic()

@@ -19,15 +19,29 @@ MAX_BUFFERED_BYTES = 8 * 1024 * 1024
 
 DropReport = Callable[[str, int], None]
 """Called on the writer thread with (destination, lines dropped since the last report) once it caught up."""
+ReopenReport = Callable[[str, str, str | None], None]
+"""Called on the writer thread after a reopen with (destination, path, error or None)."""
+FILE_MODE = 0o640
+
+
+def open_log_file(path: str) -> int:
+    """Open (or create) `path` for appending log lines; O_APPEND keeps lines whole next to other writers
+    and after a `copytruncate` rotation."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
 
 
 class LogSink:
-    """One destination: a file descriptor, a bounded buffer of encoded lines, and the thread writing them."""
+    """One destination: a file descriptor, a bounded buffer of encoded lines, and the thread writing them.
+    A sink made with the `path` its descriptor was opened from can reopen it (after a log rotation)."""
 
     def __init__(self, name: str, fd: int, on_caught_up: DropReport | None = None,
-                 max_lines: int = MAX_BUFFERED_LINES, max_bytes: int = MAX_BUFFERED_BYTES) -> None:
+                 max_lines: int = MAX_BUFFERED_LINES, max_bytes: int = MAX_BUFFERED_BYTES,
+                 path: str | None = None, on_reopened: ReopenReport | None = None) -> None:
         self.name = name
         self.fd = fd
+        self.path = path
+        self._on_reopened = on_reopened
+        self._reopen = False  # asked for, not yet done by the writer thread
         self.max_lines = max_lines
         self.max_bytes = max_bytes
         self.dropped = 0  # lines never written, in total
@@ -52,6 +66,16 @@ class LogSink:
             self._bytes += len(line)
             self._cond.notify()
 
+    def reopen(self) -> None:
+        """Ask the writer thread to open `path` anew and write there from its next batch on (the old
+        descriptor is closed once the new one is open; if opening fails, it keeps writing to the old
+        one and reports the error). Never waits for I/O: safe in a signal handler on the event loop."""
+        if self.path is None:
+            return
+        with self._cond:
+            self._reopen = True
+            self._cond.notify()
+
     def close(self, deadline: float) -> bool:
         """Stop taking lines and wait until what is buffered is written or time.monotonic() passes
         `deadline`; True when everything was written. A writer stuck on a full pipe is abandoned (it is a
@@ -65,11 +89,16 @@ class LogSink:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._lines and not self._closing:
+                while not self._lines and not self._closing and not self._reopen:
                     self._cond.wait()
-                if not self._lines:
-                    return
+                reopen, self._reopen = self._reopen, False
                 batch, self._lines, self._bytes = self._lines, deque(), 0
+            if reopen:
+                self._reopen_file()  # lines logged after the request go to the new file
+            if not batch:
+                if self._closing:
+                    return
+                continue
             self._write(batch)
             report = 0
             with self._cond:
@@ -77,6 +106,19 @@ class LogSink:
                     report, self._unreported = self._unreported, 0
             if report and self._on_caught_up is not None:
                 self._on_caught_up(self.name, report)  # logs a line: this sink has room for it now
+
+    def _reopen_file(self) -> None:
+        """On the writer thread: swap the descriptor for a new one on `path`."""
+        assert self.path is not None
+        try:
+            fd = open_log_file(self.path)
+        except OSError as exc:
+            error: str | None = f"{exc.strerror or exc}"
+        else:
+            old, self.fd, error = self.fd, fd, None
+            os.close(old)
+        if self._on_reopened is not None:
+            self._on_reopened(self.name, self.path, error)
 
     def _write(self, batch: deque[bytes]) -> None:
         data = memoryview(b"".join(batch))

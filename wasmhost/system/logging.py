@@ -1,7 +1,8 @@
 """structlog setup: JSON lines when stdout is not a terminal (journald, files), console otherwise.
 
 Rendered lines go to stdout and, when configured, to a log file through a LogSink each (log_writer.py):
-logging never waits for a write, and lines a slow destination cannot take are dropped and counted.
+logging never waits for a write, and lines a slow destination cannot take are dropped and counted. The
+log file is reopened by its path on request (SIGUSR1, see daemon.py), for log rotation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from wasmhost.system.log_writer import LogSink
+from wasmhost.system.log_writer import LogSink, open_log_file
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -44,14 +45,21 @@ def _report_drops(destination: str, count: int) -> None:
     log.warning("log_lines_dropped", dropped=count, destination=destination)
 
 
+def _report_reopen(destination: str, path: str, error: str | None) -> None:
+    if error is None:
+        log.info("log_file_reopened", path=path)
+    else:
+        log.error("log_file_reopen_failed", path=path, error=error, detail="still writing to the old file")
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", log_file: str | None = None) -> None:
     """Configure structlog for the daemon: every event gets timestamp, level and event name."""
     shutdown_logging(0.0)
     sys.stdout.flush()  # from here on stdout is written through its file descriptor only
     sinks = [LogSink("stdout", sys.stdout.fileno(), _report_drops)]
     if log_file:
-        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        sinks.append(LogSink("log_file", fd, _report_drops))
+        sinks.append(LogSink("log_file", open_log_file(log_file), _report_drops, path=log_file,
+                             on_reopened=_report_reopen))
     _sinks[:] = sinks
     logger = BufferedLogger(sinks)
     as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
@@ -68,6 +76,13 @@ def configure_logging(level: str = "info", fmt: str = "auto", log_file: str | No
         logger_factory=lambda *args: logger,
         cache_logger_on_first_use=False,
     )
+
+
+def reopen_log_files() -> None:
+    """Reopen `log_file` by its path (SIGUSR1, after logrotate moved it away). Returns at once: the
+    file's writer thread opens the new file before writing its next lines."""
+    for sink in _sinks:
+        sink.reopen()
 
 
 def lines_dropped() -> int:
