@@ -125,9 +125,11 @@ SLEEPER = component("t/sleeper/0", "services", "mailbox_capacity = 1")
 def test_send_on_a_full_mailbox_times_out_and_sends_nothing(daemon: Start) -> None:
     d = daemon(SLEEPER)
     busy = background(d, "call", "t/sleeper/0", "sleep 4000")
-    wait_for(lambda: rows(d)["t/sleeper/0"]["mailbox"] == 1, "the sleep to be taken (in hand, counted)")
+    wait_for(lambda: rows(d)["t/sleeper/0"]["in_hand"] == 1, "the sleep to be taken")
     assert d.cli("send", "t/sleeper/0", "time").returncode == 0  # fills the one slot
-    assert rows(d)["t/sleeper/0"]["mailbox"] == 2  # one queued + the one being handled
+    row = rows(d)["t/sleeper/0"]
+    assert (row["mailbox"], row["queued"], row["in_hand"]) == (2, 1, 1)  # MAILBOX counts the one in hand
+    assert d.cli("status").stdout.splitlines()[1].split()[:5] == ["t/sleeper/0", "running", "healthy", "0", "2"]
     full = d.cli("send", "--timeout", "0.5", "t/sleeper/0", "self")
     assert full.returncode == 1
     assert full.stderr == ("wasmhost: timeout: the mailbox of t/sleeper/0 stayed full (1 messages) for 0.5 s: "
@@ -142,7 +144,7 @@ def test_send_on_a_full_mailbox_times_out_and_sends_nothing(daemon: Start) -> No
 def test_a_call_that_times_out_is_withdrawn_or_its_reply_dropped(daemon: Start) -> None:
     d = daemon(component("t/sleeper/0", "services"))
     busy = background(d, "call", "t/sleeper/0", "sleep 5000")
-    wait_for(lambda: rows(d)["t/sleeper/0"]["mailbox"] == 1, "the sleep to be taken")
+    wait_for(lambda: rows(d)["t/sleeper/0"]["in_hand"] == 1, "the sleep to be taken")
     queued = d.cli("call", "--timeout", "1", "t/sleeper/0", "self")
     assert queued.returncode == 1
     assert queued.stderr == ("wasmhost: timeout: no reply from t/sleeper/0 within 1 s; the request was withdrawn "
@@ -162,12 +164,12 @@ def test_a_call_that_times_out_is_withdrawn_or_its_reply_dropped(daemon: Start) 
 def test_a_call_whose_client_goes_away_is_withdrawn(daemon: Start) -> None:
     d = daemon(component("t/sleeper/0", "services"))
     busy = background(d, "call", "t/sleeper/0", "sleep 4000")
-    wait_for(lambda: rows(d)["t/sleeper/0"]["mailbox"] == 1, "the sleep to be taken")
+    wait_for(lambda: rows(d)["t/sleeper/0"]["in_hand"] == 1, "the sleep to be taken")
     impatient = background(d, "call", "t/sleeper/0", "self")
-    wait_for(lambda: rows(d)["t/sleeper/0"]["mailbox"] == 2, "the second call to be queued")
+    wait_for(lambda: rows(d)["t/sleeper/0"]["queued"] == 1, "the second call to be queued")
     impatient.kill()  # its connection closes: the daemon withdraws the queued request
     impatient.communicate()
-    wait_for(lambda: rows(d)["t/sleeper/0"]["mailbox"] == 1, "the abandoned call to be withdrawn")
+    wait_for(lambda: rows(d)["t/sleeper/0"]["queued"] == 0, "the abandoned call to be withdrawn")
     assert busy.communicate(timeout=30) == ("slept", "")
     assert rows(d)["t/sleeper/0"]["handled"] == 1
     assert any(e["event"] == "control_client_gone" for e in d.events())
@@ -260,7 +262,7 @@ def test_status_shows_one_line_per_component_and_only_what_is_true(daemon: Start
 def test_status_shows_stopping_while_a_component_drains(daemon: Start) -> None:
     d = daemon(component("t/sleeper/0", "services"))
     busy = background(d, "call", "t/sleeper/0", "sleep 3000")
-    wait_for(lambda: rows(d)["t/sleeper/0"]["mailbox"] == 1, "the sleep to be taken")
+    wait_for(lambda: rows(d)["t/sleeper/0"]["in_hand"] == 1, "the sleep to be taken")
     stopping = background(d, "stop", "t/sleeper/0")
     wait_for(lambda: rows(d)["t/sleeper/0"]["state"] == "stopping", "the drain to show as stopping")
     assert busy.communicate(timeout=30) == ("slept", "")  # drained: the message in hand was finished
@@ -329,7 +331,8 @@ def test_a_component_that_failed_to_load_says_so(daemon: Start) -> None:
 
 def test_the_readme_documents_every_command_and_option() -> None:
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Control CLI", 1)[1].split("\n### ", 1)[0]
+    sections = readme.split("\n### ")
+    section = "".join(text for text in sections if text.startswith(("Control CLI\n", "Logs\n")))
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices  # type: ignore[attr-defined]
     for name, sub in commands.items():

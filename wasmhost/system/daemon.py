@@ -351,13 +351,15 @@ class Daemon:
             actor = self.supervisor.actors.get(cid)
             if actor is None:
                 rows.append({"id": str(cid), "state": "failed", "health": None, "restarts": 0,
-                             "mailbox": 0, "handled": 0, "failed": 0, "last_error": deployment.load_error})
+                             "mailbox": 0, "queued": 0, "in_hand": 0, "handled": 0, "failed": 0,
+                             "last_error": deployment.load_error})
                 continue
             stats = actor.stats
             # health is the last answer of a live instance: none to show while it is not running
             health = actor.health.value if actor.state is ActorState.RUNNING else None
             rows.append({"id": str(cid), "state": actor.state.value, "health": health, "restarts": stats.restarts,
-                         "mailbox": len(actor.mailbox) + actor.in_hand, "handled": stats.handled,
+                         "mailbox": len(actor.mailbox) + actor.in_hand, "queued": len(actor.mailbox),
+                         "in_hand": actor.in_hand, "handled": stats.handled,
                          "failed": stats.failed, "last_error": stats.last_error})
         return rows
 
