@@ -176,6 +176,27 @@ def test_a_call_whose_client_goes_away_is_withdrawn(daemon: Start) -> None:
     assert d.stop() == 0
 
 
+def test_requests_pipelined_on_one_connection_are_all_answered_in_order(daemon: Start) -> None:
+    """The daemon watches a connection for a hang-up while it answers a call; a client that sends its
+    next request meanwhile is no hang-up, and that request is read whole."""
+    d = daemon(component("t/sleeper/0", "services"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(d.socket))
+        conn.sendall(protocol.frame(protocol.Call("t/sleeper/0", b"sleep 2000", 10.0)))
+        wait_for(lambda: rows(d)["t/sleeper/0"]["in_hand"] == 1, "the sleep to be taken")
+        conn.sendall(protocol.frame(protocol.Call("t/sleeper/0", b"self", 10.0)) + protocol.frame(protocol.Status()))
+        stream = conn.makefile("rb")
+        answers = []
+        for _ in range(3):
+            length = protocol.frame_length(stream.read(protocol.LENGTH.size), protocol.MAX_RESPONSE_FRAME)
+            answers.append(protocol.response_decoder.decode(stream.read(length)))
+    assert [a.ok for a in answers] == [True, True, True]
+    assert answers[0].data == b"slept" and answers[1].data == b"t/sleeper/0"
+    assert answers[2].data["components"][0]["id"] == "t/sleeper/0"
+    assert d.stop() == 0
+
+
 # --- many clients at once ---
 
 
