@@ -91,6 +91,12 @@ def test_call_writes_the_reply_bytes_exactly(daemon: Start, tmp_path: Path) -> N
     written = cli_bytes(d, "call", "t/echo/0", f"@{tmp_path / 'blob.bin'}", "-o", str(tmp_path / "reply.bin"))
     assert written.returncode == 0 and written.stdout == b""
     assert (tmp_path / "reply.bin").read_bytes() == blob
+    again = cli_bytes(d, "call", "t/echo/0", "short", "-o", str(tmp_path / "reply.bin"))
+    assert again.returncode == 0 and (tmp_path / "reply.bin").read_bytes() == b"short"  # replaced, not appended
+    failed = cli_bytes(d, "call", "t/ghost/0", "x", "-o", str(tmp_path / "reply.bin"))
+    assert failed.returncode == 1 and (tmp_path / "reply.bin").read_bytes() == b"short"  # kept on failure
+    assert cli_bytes(d, "call", "t/ghost/0", "x", "-o", str(tmp_path / "new.bin")).returncode == 1
+    assert not (tmp_path / "new.bin").exists()
     assert cli_bytes(d, "call", "t/echo/0", "@@home").stdout == b"@home"  # @@ is a literal @
     assert d.stop() == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -235,15 +236,23 @@ def cmd_call(args: argparse.Namespace) -> int:
     _check_timeout(args.timeout)
     payload = _payload(args.payload)
     if args.output is not None:
-        try:  # refused before the call: the component is not asked for a reply that cannot be kept
-            out = open(args.output, "wb")  # noqa: SIM115 (closed below, after the call)
+        existed = os.path.exists(args.output)
+        try:  # checked before the call (the component is not asked for a reply that cannot be kept), untouched
+            out = open(args.output, "ab")  # noqa: SIM115 (closed below, after the call)
         except OSError as exc:
             raise CliError(f"cannot write the reply to {args.output}: {_os_reason(exc)} "
                            "(expected --output FILE in a writable directory)") from None
-        with out:
-            response = _ask(args, protocol.Call(args.id, payload, args.timeout, verbose=args.verbose))
-            if response is not None and response.data is not None:
-                out.write(response.data)
+        response = None
+        try:
+            with out:
+                response = _ask(args, protocol.Call(args.id, payload, args.timeout, verbose=args.verbose))
+                if response is not None:  # replaced by the reply only once there is one
+                    out.truncate(0)
+                    out.write(response.data or b"")
+        finally:
+            if response is None and not existed:  # a failed call leaves no empty reply file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(args.output)
         return EXIT_OK if response is not None else EXIT_FAILED
     response = _ask(args, protocol.Call(args.id, payload, args.timeout, verbose=args.verbose))
     if response is None:
