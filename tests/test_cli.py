@@ -130,7 +130,7 @@ SLEEPER = component("t/sleeper/0", "services", "mailbox_capacity = 1")
 
 def test_send_on_a_full_mailbox_times_out_and_sends_nothing(daemon: Start) -> None:
     d = daemon(SLEEPER)
-    busy = background(d, "call", "t/sleeper/0", "sleep 4000")
+    busy = background(d, "call", "t/sleeper/0", "sleep 6000")
     wait_for(lambda: rows(d)["t/sleeper/0"]["in_hand"] == 1, "the sleep to be taken")
     assert d.cli("send", "t/sleeper/0", "time").returncode == 0  # fills the one slot
     row = rows(d)["t/sleeper/0"]
@@ -140,9 +140,15 @@ def test_send_on_a_full_mailbox_times_out_and_sends_nothing(daemon: Start) -> No
     assert full.returncode == 1
     assert full.stderr == ("wasmhost: timeout: the mailbox of t/sleeper/0 stayed full (1 messages) for 0.5 s: "
                            "the message was not sent\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:  # a sender that hangs up while it waits
+        gone.connect(str(d.socket))
+        gone.sendall(protocol.frame(protocol.Send("t/sleeper/0", b"clock")))
+    wait_for(lambda: any(e["event"] == "control_client_gone" and e["request"] == "Send" for e in d.events()),
+             "the daemon to drop the send whose client went away")
     assert busy.communicate(timeout=30) == ("slept", "")
     wait_for(lambda: rows(d)["t/sleeper/0"]["mailbox"] == 0, "the queue to drain")
-    assert rows(d)["t/sleeper/0"]["handled"] + rows(d)["t/sleeper/0"]["failed"] == 2  # `self` never arrived
+    row = rows(d)["t/sleeper/0"]
+    assert row["handled"] + row["failed"] == 2  # the sleep and `time`: neither `self` nor `clock` was queued
     assert "(default: 30)" in d.cli("send", "--help").stdout
     assert d.stop() == 0
 
