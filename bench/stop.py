@@ -67,7 +67,7 @@ def _sigterm_exit() -> float:
             threading.Thread(target=request, args=(sock, protocol.Call(cid, payload, 600.0)),
                              kwargs={"timeout": 60}, daemon=True).start()
         time.sleep(0.3)  # the two calls arrive ...
-        while any(r["mailbox"] for r in request(sock, protocol.Status()).data["components"]):
+        while any(r["queued"] for r in request(sock, protocol.Status()).data["components"]):
             time.sleep(0.01)  # ... and are taken: both guests are in their ten-minute calls
         began = time.perf_counter()
         proc.send_signal(signal.SIGTERM)

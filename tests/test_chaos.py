@@ -95,7 +95,7 @@ def test_a_flood_is_refused_with_queue_full_and_every_message_is_accounted_for(t
     assert refused > 0 and accepted + refused == sent
     for _ in range(600):
         row = request(d.socket, protocol.Status()).data["components"][0]
-        assert row["mailbox"] <= 8
+        assert row["queued"] <= 8
         if row["handled"] == accepted:
             break
         threading.Event().wait(0.05)

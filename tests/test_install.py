@@ -131,7 +131,7 @@ def test_a_config_named_by_wasmhost_config_that_is_missing_is_named(installed: I
     assert checked.returncode == 1 and f"{missing}: 1 error(s):\n  cannot read: No such file" in checked.stderr
     status = installed.wasmhost("status", cwd=tmp_path, WASMHOST_CONFIG=str(missing))
     assert status.returncode == 1, status.stdout
-    assert f"{missing}: cannot read the configuration that names the control socket" in status.stderr
+    assert f"cannot read the configuration {missing} to find the control socket" in status.stderr
 
 
 def test_the_order_of_the_default_places(tmp_path: Path) -> None:

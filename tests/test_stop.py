@@ -271,7 +271,7 @@ def wait_for_status(d: Daemon, cid: str, condition: Callable[[dict[str, object]]
 def begin(d: Daemon, cid: str, payload: bytes) -> None:
     """Queue `payload` for `cid` (a send: acknowledged once queued) and wait until the guest runs it."""
     assert request(d.socket, protocol.Send(cid, payload, wait=True)).ok
-    wait_for_status(d, cid, lambda row: row["mailbox"] == 0)
+    wait_for_status(d, cid, lambda row: row["queued"] == 0 and row["in_hand"] == 1)
 
 
 def test_wasmhost_stop_interrupts_a_ten_minute_call(tmp_path: Path) -> None:
@@ -279,7 +279,7 @@ def test_wasmhost_stop_interrupts_a_ten_minute_call(tmp_path: Path) -> None:
     try:
         begin(d, "t/spinner/0", b"spin")
         queued = [call_in_background(d, "t/spinner/0", f"m{i}".encode()) for i in range(5)]
-        wait_for_status(d, "t/spinner/0", lambda row: row["mailbox"] == 5)
+        wait_for_status(d, "t/spinner/0", lambda row: row["queued"] == 5)
         began = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "wasmhost.cli", "stop", "t/spinner/0", "--socket",
                                  str(d.socket)], capture_output=True, text=True, timeout=BOUND + 60, cwd=ROOT)
@@ -303,7 +303,7 @@ def test_sigterm_exits_within_drain_plus_shutdown_whatever_the_guests_do(tmp_pat
     begin(d, "t/spinner/0", b"spin")
     begin(d, "t/sleeper/0", b"sleep")
     queued = [call_in_background(d, "t/sleeper/0", f"m{i}".encode()) for i in range(5)]
-    wait_for_status(d, "t/sleeper/0", lambda row: row["mailbox"] == 5)
+    wait_for_status(d, "t/sleeper/0", lambda row: row["queued"] == 5)
     began = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)
     code = d.proc.wait(timeout=BOUND + 60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -14,6 +15,21 @@ from wasmhost import __version__
 from wasmhost.core.errors import LoadError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_TIMEOUT = 30.0
+"""Seconds `call` and `send` wait by default (the daemon answers `timeout` then)."""
+ANSWER_MARGIN = 5.0
+"""Seconds the CLI waits for the daemon beyond a request's own timeout: the daemon answers first."""
+LAST_ERROR_WIDTH = 100
+"""Characters of a component's last error shown in the status table (the whole text: `status --json`)."""
+
+
+class CliError(Exception):
+    """A mistake in what the command was given: printed as `wasmhost: MESSAGE`, exit status 1."""
+
+
+def _os_reason(exc: OSError) -> str:
+    """What went wrong with a file, without the errno noise: `no such file`, `permission denied`..."""
+    return (exc.strerror or str(exc)).lower().replace("no such file or directory", "no such file")
 
 
 def config_path(args: argparse.Namespace) -> Path:
@@ -30,31 +46,45 @@ def socket_path(args: argparse.Namespace) -> Path:
     source = config_path(args)
     try:
         host = tomllib.loads(source.read_text()).get("host", {})
-    except OSError as exc:  # no guessing a socket beside a file that is not there
-        raise ValueError(f"{source}: cannot read the configuration that names the control socket "
-                         f"({exc.strerror or exc}); name the socket with --socket") from None
-    except tomllib.TOMLDecodeError:
+    except OSError as exc:
+        raise CliError(f"cannot read the configuration {source} to find the control socket: {_os_reason(exc)} "
+                       "(expected --config FILE or $WASMHOST_CONFIG naming a readable file, "
+                       "or --socket PATH)") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{source}: not valid TOML ({exc}); expected a wasmhost configuration "
+                       "(or give the control socket with --socket PATH)") from None
+    if not isinstance(host, dict):
         host = {}
     state_dir = source.parent / str(host.get("state_dir", "state"))
     return state_dir / str(host.get("control_socket", "wasmhost.sock"))
 
 
 def _payload(text: str) -> bytes:
-    """PAYLOAD, or the contents of FILE for @FILE ('@-' for stdin), refused before sending when no
-    component could take it (above the largest `max_message_bytes`; the daemon checks the target's own)."""
+    """PAYLOAD as it is; `@FILE` the contents of FILE, `@-` stdin, and `@@TEXT` the literal `@TEXT` (a
+    payload starting with `@`). Refused before sending when no component could take it (above the
+    largest `max_message_bytes`; the daemon checks the target's own)."""
     from wasmhost.core.message_size import MAX_MESSAGE_BYTES_CEILING
 
     if text == "@-":
         payload, where = sys.stdin.buffer.read(MAX_MESSAGE_BYTES_CEILING + 1), "stdin"
         size = len(payload) if len(payload) <= MAX_MESSAGE_BYTES_CEILING else None
-    elif text.startswith("@"):
-        path = Path(text[1:])
-        where, size, payload = text[1:], path.stat().st_size, b""
-        if size <= MAX_MESSAGE_BYTES_CEILING:
-            payload = path.read_bytes()
-            size = len(payload)
+    elif text.startswith("@") and not text.startswith("@@"):
+        if text == "@":
+            raise CliError("PAYLOAD '@': expected @FILE naming a file, @- for stdin, or @@TEXT for a literal "
+                           "payload starting with @")
+        where = text[1:]
+        payload = b""
+        try:
+            with open(where, "rb") as stream:
+                size = os.fstat(stream.fileno()).st_size
+                if size <= MAX_MESSAGE_BYTES_CEILING:
+                    payload = stream.read(MAX_MESSAGE_BYTES_CEILING + 1)
+                    size = len(payload)
+        except OSError as exc:
+            raise CliError(f"cannot read payload file {where}: {_os_reason(exc)} (expected @FILE to name a "
+                           "readable file; for a literal payload starting with @ write @@)") from None
     else:
-        payload, where = text.encode(), "PAYLOAD"
+        payload, where = (text[1:] if text.startswith("@@") else text).encode(), "PAYLOAD"
         size = len(payload)
     if size is None or size > MAX_MESSAGE_BYTES_CEILING:
         amount = f"{size} bytes" if size is not None else f"more than {MAX_MESSAGE_BYTES_CEILING} bytes"
@@ -138,11 +168,23 @@ def _ask(args: argparse.Namespace, message: Any) -> Any:
     """Send one control request; print the error and return None when it failed."""
     from wasmhost.system.client import request
 
-    response = request(socket_path(args), message, timeout=getattr(args, "timeout", 30.0) + 5.0)
+    response = request(socket_path(args), message,
+                       timeout=getattr(args, "timeout", DEFAULT_TIMEOUT) + ANSWER_MARGIN)
     if not response.ok:
         print(f"wasmhost: {response.error}", file=sys.stderr)
+        if getattr(args, "verbose", False) and isinstance(response.data, str):
+            print(response.data.rstrip("\n"), file=sys.stderr)  # the whole story, e.g. a wasm backtrace
         return None
     return response
+
+
+def _first_line(text: str, width: int) -> str:
+    """The first line of `text`, cut to `width` characters (`...` says it was cut, or that more lines follow)."""
+    lines = text.strip().splitlines() or [""]
+    line = lines[0]
+    if len(line) > width or len(lines) > 1:
+        line = line[: width - 3].rstrip() + "..."
+    return line
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -158,10 +200,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     columns = ["id", "state", "health", "restarts", "mailbox", "handled", "failed", "last_error"]
     table = [[str(row.get(c) if row.get(c) is not None else "-") for c in columns] for row in rows]
+    for r in table:  # one line per row: a wasm backtrace is many lines (the whole text: --json)
+        r[-1] = _first_line(r[-1], LAST_ERROR_WIDTH)
     widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(columns[:-1])]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns[:-1], widths, strict=True)) + "  LAST ERROR")
     for r in table:
-        print("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1][:120])
+        print(("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]).rstrip())
     if response.data.get("log_lines_dropped"):
         print(f"logs: {response.data['log_lines_dropped']} line(s) dropped: a log destination could not keep up")
     if response.data.get("storage_io_errors"):
@@ -174,20 +218,50 @@ def cmd_send(args: argparse.Namespace) -> int:
     """Send PAYLOAD to a component."""
     from wasmhost.system import protocol
 
-    return EXIT_OK if _ask(args, protocol.Send(args.id, _payload(args.payload))) else EXIT_FAILED
+    _check_timeout(args.timeout)
+    message = protocol.Send(args.id, _payload(args.payload), timeout=args.timeout)
+    return EXIT_OK if _ask(args, message) else EXIT_FAILED
+
+
+def _check_timeout(seconds: float) -> None:
+    if not 0 < seconds <= 86400:
+        raise CliError(f"--timeout {seconds:g}: expected seconds above 0, at most 86400 (a day)")
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    """Request-response with a component: prints the reply bytes."""
+    """Request-response with a component: writes the reply bytes exactly to stdout or --output FILE (on a
+    terminal a newline is added when the reply does not end with one, so the prompt starts on a line of its own)."""
     from wasmhost.system import protocol
 
-    response = _ask(args, protocol.Call(args.id, _payload(args.payload), args.timeout))
+    _check_timeout(args.timeout)
+    payload = _payload(args.payload)
+    if args.output is not None:
+        existed = os.path.exists(args.output)
+        try:  # checked before the call (the component is not asked for a reply that cannot be kept), untouched
+            out = open(args.output, "ab")  # noqa: SIM115 (closed below, after the call)
+        except OSError as exc:
+            raise CliError(f"cannot write the reply to {args.output}: {_os_reason(exc)} "
+                           "(expected --output FILE in a writable directory)") from None
+        response = None
+        try:
+            with out:
+                response = _ask(args, protocol.Call(args.id, payload, args.timeout, verbose=args.verbose))
+                if response is not None:  # replaced by the reply only once there is one
+                    out.truncate(0)
+                    out.write(response.data or b"")
+        finally:
+            if response is None and not existed:  # a failed call leaves no empty reply file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(args.output)
+        return EXIT_OK if response is not None else EXIT_FAILED
+    response = _ask(args, protocol.Call(args.id, payload, args.timeout, verbose=args.verbose))
     if response is None:
         return EXIT_FAILED
     if response.data is not None:
         sys.stdout.buffer.write(response.data)
-        if sys.stdout.isatty() or not response.data.endswith(b"\n"):
+        if sys.stdout.isatty() and not response.data.endswith(b"\n"):
             sys.stdout.buffer.write(b"\n")
+        sys.stdout.buffer.flush()
     return EXIT_OK
 
 
@@ -213,7 +287,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if args.file in (None, "-"):
         counts = logview.show(sys.stdin, keep, args.json)
     else:
-        with open(args.file, encoding="utf-8", errors="replace") as stream:
+        try:
+            stream = open(args.file, encoding="utf-8", errors="replace")  # noqa: SIM115 (closed below)
+        except OSError as exc:
+            raise CliError(f"cannot read log file {args.file}: {_os_reason(exc)} (expected a file of wasmhost "
+                           "log lines, or - for stdin)") from None
+        with stream:
             lines = logview.follow(stream) if args.follow else stream
             counts = logview.show(lines, keep, args.json)
     if counts.skipped:
@@ -323,23 +402,33 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     run = add("run", cmd_run, "run the daemon in the foreground")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--log-format", choices=["auto", "json", "console"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="overrides host.log_level (default: the configuration's, else info)")
+    run.add_argument("--log-format", choices=["auto", "json", "console"],
+                     help="overrides host.log_format; auto is console on a terminal, JSON lines otherwise")
     add("check", cmd_check, "validate the configuration and compile every component").add_argument(
         "config_file", nargs="?", metavar="CONFIG", help="configuration file (same as --config)")
     add("status", cmd_status, "show the state of every component", control=True).add_argument(
         "--json", action="store_true", help="machine-readable output")
-    for name, func, text in (("send", cmd_send, "send PAYLOAD (or @FILE) to component ID"),
-                             ("call", cmd_call, "send PAYLOAD (or @FILE) to component ID and print the reply")):
-        p = add(name, func, text, control=True)
-        p.add_argument("id")
-        p.add_argument("payload")
-        if name == "call":
-            p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
+    payload_help = "the bytes to send; @FILE sends a file's contents, @- stdin, @@TEXT the literal @TEXT"
+    send = add("send", cmd_send, "send PAYLOAD (or @FILE) to component ID", control=True)
+    send.add_argument("id")
+    send.add_argument("payload", help=payload_help)
+    send.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                      help="seconds to wait for room in a full mailbox; then nothing is sent (default: %(default)g)")
+    call = add("call", cmd_call, "send PAYLOAD (or @FILE) to component ID and write its reply", control=True)
+    call.add_argument("id")
+    call.add_argument("payload", help=payload_help)
+    call.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                      help="seconds for the whole call, mailbox room and reply; a request not yet taken is then "
+                           "withdrawn (default: %(default)g)")
+    call.add_argument("-o", "--output", metavar="FILE", help="write the reply bytes to FILE instead of stdout")
+    call.add_argument("-v", "--verbose", action="store_true",
+                      help="on failure, also print the whole error (a trapped guest's wasm backtrace)")
     add("reload", cmd_simple, "re-read the configuration and apply the difference", control=True)
     for name in ("stop", "start", "restart"):
         add(name, cmd_simple, f"{name} component ID", control=True).add_argument("id")
-    logs = add("logs", cmd_logs, "filter and print the daemon's JSON logs", config=False)
+    logs = add("logs", cmd_logs, "filter and print the daemon's logs (JSON lines or console format)", config=False)
     logs.add_argument("file", nargs="?", help="log file, or - for stdin (default)")
     logs.add_argument("--component", help="component id glob, e.g. 'demo/*'")
     logs.add_argument("--level", choices=["debug", "info", "warning", "error"], help="minimum level")
@@ -363,8 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     from wasmhost.system.client import DaemonUnavailable
 
     try:
-        return int(args.func(args))
-    except DaemonUnavailable as exc:
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
+    except (DaemonUnavailable, CliError) as exc:
         print(f"wasmhost: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (LoadError, ValueError, OSError) as exc:
@@ -372,6 +465,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
+
+
+def _reader_gone() -> int:
+    """stdout's reader stopped reading (`wasmhost status | head`): end quietly, as it asked for no more.
+    stdout is pointed at /dev/null so that the interpreter's last flush does not complain either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
-"""`wasmhost logs`: read the daemon's JSON log lines, filter them and print them readably."""
+"""`wasmhost logs`: read the daemon's log lines, filter them and print them readably.
+
+Both formats the daemon writes are read: JSON lines (exact) and the console format of a terminal
+(`TIMESTAMP [level    ] event   key=value ...`, read best effort: values are as printed, a guest
+message containing ` key=value` text may be split there, and continuation lines of a multi-line
+message or traceback are skipped).
+"""
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -60,18 +68,101 @@ class Counts:
 
 
 def events(lines: Iterable[str], counts: Counts) -> Iterator[dict[str, Any]]:
-    """The wasmhost events among `lines`; other lines are counted and skipped."""
+    """The wasmhost events among `lines` (JSON or console format); other lines are counted and skipped."""
     for line in lines:
         counts.read += 1
-        try:
-            event = json.loads(line)
-        except ValueError:
-            counts.skipped += 1
-            continue
-        if not isinstance(event, dict) or "event" not in event or "level" not in event:
+        event = parse_line(line)
+        if event is None:
             counts.skipped += 1
             continue
         yield event
+
+
+def parse_line(line: str) -> dict[str, Any] | None:
+    """One log line as an event (timestamp, level, event and its fields), or None when it is not one."""
+    text = line.rstrip("\r\n")
+    if text.lstrip().startswith("{"):
+        try:
+            event = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(event, dict) or "event" not in event or "level" not in event:
+            return None
+        return event
+    return parse_console(text)
+
+
+_CONSOLE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?) \[(\w+) *\] (.*)")
+_KEY = re.compile(r"([A-Za-z_][\w.-]*)=")
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+_CLOSING = {"[": "]", "{": "}", "(": ")"}
+
+
+def parse_console(text: str) -> dict[str, Any] | None:
+    """A line of structlog's console format as an event, or None when it is not one."""
+    match = _CONSOLE.fullmatch(text)
+    if match is None or match.group(2).lower() not in LEVELS:
+        return None
+    stamp, level, rest = match.groups()
+    # The event (a guest's message may contain spaces) ends where the rest parses as key=value pairs.
+    for boundary in [m.start() for m in re.finditer(r"\s(?=[A-Za-z_][\w.-]*=)", rest)] + [len(rest)]:
+        fields = _pairs(rest[boundary:].strip())
+        if fields is not None and rest[:boundary].strip():
+            return {"timestamp": stamp, "level": level.lower(), "event": rest[:boundary].strip(), **fields}
+    return None
+
+
+def _pairs(text: str) -> dict[str, Any] | None:
+    """`key=value key=value ...` as a dict, or None when `text` is not wholly made of pairs."""
+    fields: dict[str, Any] = {}
+    at = 0
+    while at < len(text):
+        key = _KEY.match(text, at)
+        if key is None:
+            return None
+        end = _value_end(text, key.end())
+        if end is None or (end < len(text) and text[end] != " "):
+            return None
+        fields[key.group(1)] = _value(text[key.end():end])
+        at = end + 1
+    return fields
+
+
+def _value_end(text: str, start: int) -> int | None:
+    """Where the value starting at `start` ends: a quoted string, a bracketed literal or a bare word."""
+    if start < len(text) and text[start] in "'\"":
+        quoted = _QUOTED.match(text, start)
+        return quoted.end() if quoted else None
+    if start < len(text) and text[start] in _CLOSING:
+        stack, at = [], start
+        while at < len(text):
+            char = text[at]
+            if char in "'\"":
+                quoted = _QUOTED.match(text, at)
+                if quoted is None:
+                    return None
+                at = quoted.end()
+                continue
+            if char in _CLOSING:
+                stack.append(_CLOSING[char])
+            elif stack and char == stack[-1]:
+                stack.pop()
+                if not stack:
+                    return at + 1
+            at += 1
+        return None
+    space = text.find(" ", start)
+    return len(text) if space < 0 else space
+
+
+def _value(raw: str) -> Any:
+    """A printed value back as what it was where that is plain (strings, numbers, lists...), else as printed."""
+    if raw[:1] in "'\"[{(" or raw in ("True", "False", "None") or re.fullmatch(r"-?\d+(\.\d+)?", raw):
+        try:
+            return ast.literal_eval(raw)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return raw
+    return raw
 
 
 def render(event: dict[str, Any]) -> str:

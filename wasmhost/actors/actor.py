@@ -69,7 +69,8 @@ class Handled:
     envelope: Envelope
     reply: bytes | None
     outcome: Outcome | None
-    detail: str
+    detail: str  # one line
+    trace: str = ""  # the full text behind `detail` (a guest's wasm backtrace), when there is more
 
 
 @dataclass(slots=True)
@@ -121,6 +122,7 @@ class ComponentActor:
         self._started = asyncio.Event()
         self._ended = asyncio.Event()  # the task has let go of the Store and answered everything
         self._next_health = 0.0
+        self.in_hand = 0  # envelopes taken from the mailbox whose answers have not gone out yet
 
     # --- control (event loop) ---
 
@@ -151,6 +153,8 @@ class ComponentActor:
             self.state = ActorState.STOPPED if self.state is not ActorState.FAILED else self.state
             return
         self._stopping = True
+        if self.state is not ActorState.FAILED:
+            self.state = ActorState.STOPPING  # draining: shown as stopping from now, not as running
         self._drain_deadline = min(self._drain_deadline, anyio.current_time() + max(0.0, drain_timeout))
         if self._drain is not None:
             self._drain.deadline = self._drain_deadline
@@ -249,7 +253,7 @@ class ComponentActor:
             return exc
         if self.metadata is None:
             self.metadata = metadata
-        self.state = ActorState.RUNNING
+        self.state = ActorState.RUNNING if not self._stopping else ActorState.STOPPING
         self._next_health = time.monotonic() + self.spec.health_interval
         log.info("component_started", component=self.name, name=metadata.name, version=metadata.version)
         return None
@@ -304,9 +308,11 @@ class ComponentActor:
         Interrupted (cancelled), it answers what it handled, fails the message whose call was cut
         short, puts the rest back (to be answered as stopped), and lets the cancellation go on."""
         progress = Progress()
+        self.in_hand = len(batch)  # answered by the caller right after this returns, without awaiting
         try:
             rest, failure = await self._guest(self._process(batch, progress))
         except BaseException:
+            self.in_hand = 0
             done = progress.done  # no thread touches it any more (see _guest)
             if progress.started > len(done):
                 envelope = batch[len(done)]
@@ -317,6 +323,7 @@ class ComponentActor:
             self._deliver(done)
             self.mailbox.requeue_front(batch[len(done):])
             raise
+        self.in_hand = 0
         return progress.done, rest, failure
 
     def _process(self, batch: list[Envelope], progress: Progress) -> Generator[float, None, tuple[list[Envelope],
@@ -347,8 +354,10 @@ class ComponentActor:
             except WasmError as exc:
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {exc}"))
             except (GuestFailure, InstanceStateError) as exc:
-                # The message that trapped is answered with an error and never retried.
-                done.append(Handled(envelope, None, Outcome.FAILED, str(exc)))
+                # The message that trapped is answered with an error and never retried: one line (what
+                # happened), the backtrace for the log, the status JSON and `wasmhost call --verbose`.
+                summary = exc.summary if isinstance(exc, GuestFailure) else str(exc)
+                done.append(Handled(envelope, None, Outcome.FAILED, summary, str(exc)))
                 if isinstance(exc, GuestFailure) and hit_size_guard(exc):  # wasmtime's own size guard fired
                     self.output_hint = WASMTIME_LIST_U8_CEILING  # mid-conversion: as large as it gets
                     release_free_memory()
@@ -371,11 +380,11 @@ class ComponentActor:
         for item in handled:
             if item.outcome is Outcome.FAILED:
                 stats.failed += 1
-                stats.last_error = item.detail
+                stats.last_error = item.trace or item.detail
             else:
                 stats.handled += 1
             if item.envelope.delivery is Delivery.MESSAGE:
-                router.complete(self.component_id, item.envelope, item.reply, item.outcome, item.detail)
+                router.complete(self.component_id, item.envelope, item.reply, item.outcome, item.detail, item.trace)
 
     async def _check_health(self) -> Exception | None:
         self._next_health = time.monotonic() + self.spec.health_interval

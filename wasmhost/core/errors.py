@@ -177,7 +177,16 @@ class GuestFailure(Exception):
         self.component = component
         self.function = function
         self.detail = detail
-        super().__init__(f"{component}: {function} {self.kind}: {detail}")
+        # The first line says what happened; wasmtime's full text (its backtrace) follows when it has more.
+        full = detail.strip()
+        super().__init__(self.summary if "\n" not in full else f"{self.summary}\n{full}")
+
+    @property
+    def summary(self) -> str:
+        """One line: the component, the export and wasmtime's cause (the last line of its text, after the
+        guest backtrace), e.g. `a/b/0: handle-message trapped: wasm trap: wasm `unreachable` ...`."""
+        lines = [line.strip() for line in self.detail.strip().splitlines() if line.strip()]
+        return f"{self.component}: {self.function} {self.kind}: {lines[-1] if lines else 'no detail'}"
 
 
 class GuestTrap(GuestFailure):

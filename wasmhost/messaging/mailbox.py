@@ -64,6 +64,18 @@ class Mailbox:
             self._space.clear()
             await self._space.wait()
 
+    def withdraw(self, envelope: Envelope) -> bool:
+        """Remove `envelope` if it is still queued (its sender gave up on it); False when the actor
+        has taken it already (or it was never queued)."""
+        with self._lock:
+            # by identity: two envelopes with equal contents are still two messages
+            index = next((i for i, queued in enumerate(self._items) if queued is envelope), None)
+            if index is None:
+                return False
+            del self._items[index]
+        self._space.set()
+        return True
+
     def requeue_front(self, envelopes: list[Envelope]) -> None:
         """Put envelopes taken but not processed back at the head, in order (may exceed capacity)."""
         with self._lock:

@@ -46,9 +46,11 @@ def decode_outcome(payload: bytes) -> OutcomeReport:
 
 
 class RequestFailed(Exception):
-    """A request from the host ended with an outcome instead of a reply."""
+    """A request from the host ended with an outcome instead of a reply. `detail` is one line;
+    `trace` the full text behind it when there is more (a guest's wasm backtrace), else empty."""
 
-    def __init__(self, outcome: Outcome, detail: str) -> None:
+    def __init__(self, outcome: Outcome, detail: str, trace: str = "") -> None:
         self.outcome = outcome
         self.detail = detail
+        self.trace = trace
         super().__init__(f"{outcome.value}: {detail}" if detail else outcome.value)

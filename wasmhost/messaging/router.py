@@ -12,12 +12,18 @@ Broadcast: every target is checked first (unknown -> target-not-found, not permi
 delivery-failed, too large -> invalid-message, and then nothing is sent); then each target gets the
 message, and targets whose mailbox is full or stopping are named in one delivery-failed error after
 the others got it.
+
+The host's requests and sends that wait for mailbox room (`wasmhost call` / `send`) are bounded by
+their timeout as a whole: waiting for room, then for the reply. A request that times out or whose
+caller goes away (cancelled) is withdrawn from the mailbox if the actor has not taken it yet; if it
+has, the guest call runs to its end and its reply is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import secrets
 import threading
 from dataclasses import dataclass
@@ -77,6 +83,7 @@ class MessageRouter:
         self.permissions = permissions
         self.host_max_message_bytes = host_max_message_bytes  # replies the host accepts ([host] max_message_bytes)
         self._recipients: dict[ComponentId, Recipient] = {}
+        self._load_failures: dict[ComponentId, str] = {}  # configured, but their binary could not be loaded
         self._pending: dict[str, PendingRequest] = {}
         self._lock = threading.Lock()
         self._prefix = secrets.token_hex(4)
@@ -88,16 +95,28 @@ class MessageRouter:
     def attach(self, recipient: Recipient) -> None:
         """Make `recipient` reachable under its component id."""
         self._recipients[recipient.component_id] = recipient
+        self._load_failures.pop(recipient.component_id, None)
 
     def detach(self, component: ComponentId) -> None:
         """Make `component` unreachable."""
         self._recipients.pop(component, None)
+
+    def load_failed(self, component: ComponentId, reason: str | None) -> None:
+        """Record that the configured `component` could not be loaded and why (None: forget it, it
+        is no longer configured), so that messages to it say so instead of `target-not-found`."""
+        if reason is None:
+            self._load_failures.pop(component, None)
+        else:
+            self._load_failures[component] = " ".join(line.strip() for line in reason.splitlines() if line.strip())
 
     # --- the MessagingPort protocol (called from guest threads) ---
 
     def _resolve(self, sender: ComponentId, action: str, target: ComponentId, size: int) -> Recipient:
         recipient = self._recipients.get(target)
         if recipient is None:
+            reason = self._load_failures.get(target)
+            if reason is not None:
+                raise MessagingError("delivery-failed", f"{target} failed to load: {reason}")
             raise MessagingError("target-not-found", target)
         if self.permissions is not None and sender != HOST_ID:
             self.permissions.check_message(sender, action, target)
@@ -183,36 +202,60 @@ class MessageRouter:
 
     # --- requests from the host (event loop) ---
 
-    async def host_send(self, target: ComponentId, payload: bytes, wait: bool = False) -> None:
-        """Send from the host; with `wait`, wait for mailbox room instead of failing with queue-full."""
+    async def host_send(self, target: ComponentId, payload: bytes, wait: bool = False,
+                        timeout: float = math.inf) -> None:
+        """Send from the host; with `wait`, wait up to `timeout` seconds for mailbox room instead of
+        failing with queue-full (then RequestFailed `timeout`, and nothing was queued)."""
         recipient = self._resolve(HOST_ID, "send", target, len(payload))
         envelope = Envelope(_message(HOST_ID, payload))
         if wait:
-            if not await recipient.mailbox.put(envelope):
-                raise MessagingError("delivery-failed", f"{target} is not accepting messages")
+            await self._put(recipient, envelope, self.loop.time() + timeout, timeout, "the message was not sent")
         else:
             self._offer(recipient, envelope)
+
+    async def _put(self, recipient: Recipient, envelope: Envelope, deadline: float, timeout: float,
+                   consequence: str) -> None:
+        """Queue `envelope`, waiting for room until `deadline` (loop time); never half-queued."""
+        try:
+            async with asyncio.timeout_at(deadline if math.isfinite(deadline) else None):
+                queued = await recipient.mailbox.put(envelope)
+        except TimeoutError:
+            raise RequestFailed(Outcome.TIMEOUT, f"the mailbox of {recipient.component_id} stayed full "
+                                f"({recipient.mailbox.capacity} messages) for {timeout:g} s: {consequence}") from None
+        if not queued:
+            raise MessagingError("delivery-failed", f"{recipient.component_id} is not accepting messages")
 
     async def host_request(
         self, target: ComponentId, payload: bytes, timeout: float, wait: bool = False
     ) -> bytes | None:
-        """Request from the host and wait for the reply (None when the target returned none).
+        """Request from the host and wait for the reply (None when the target returned none); with
+        `wait`, wait for mailbox room instead of failing with queue-full. `timeout` bounds both.
 
         Raises RequestFailed for a failed, stopped or timed-out request, MessagingError when it
-        cannot be delivered.
+        cannot be delivered. Timed out or cancelled, the request is withdrawn if not yet taken.
         """
         recipient = self._resolve(HOST_ID, "request", target, len(payload))
         future: asyncio.Future[bytes | None] = self.loop.create_future()
         envelope = Envelope(_message(HOST_ID, payload), reply_future=future)
+        deadline = self.loop.time() + timeout
         if wait:
-            if not await recipient.mailbox.put(envelope):
-                raise MessagingError("delivery-failed", f"{target} is not accepting messages")
+            await self._put(recipient, envelope, deadline, timeout, "the request was not queued")
         else:
             self._offer(recipient, envelope)
         # A timer instead of asyncio.wait_for: half the per-request cost on the hot path.
-        timer = self.loop.call_later(timeout, _expire_host_request, future, target, timeout)
+        timer = self.loop.call_at(deadline, _expire_host_request, future, target, timeout)
         try:
             return await future
+        except RequestFailed as exc:
+            if exc.outcome is not Outcome.TIMEOUT:
+                raise
+            if recipient.mailbox.withdraw(envelope):
+                raise RequestFailed(exc.outcome, f"{exc.detail}; the request was withdrawn unhandled") from None
+            raise RequestFailed(exc.outcome, f"{exc.detail}; {target} was already handling it: its reply "
+                                "will be dropped") from None
+        except asyncio.CancelledError:  # the caller went away (a `wasmhost call` that hung up)
+            recipient.mailbox.withdraw(envelope)
+            raise
         finally:
             timer.cancel()
 
@@ -232,8 +275,9 @@ class MessageRouter:
                 Outcome.TIMEOUT, f"no reply from {pending.target} in time"), OUTCOME_CONTENT_TYPE)
 
     def complete(self, responder: ComponentId, envelope: Envelope, reply: bytes | None,
-                 outcome: Outcome | None = None, detail: str = "") -> None:
-        """Route the result of handling `envelope`: a reply, or an outcome when `outcome` is given."""
+                 outcome: Outcome | None = None, detail: str = "", trace: str = "") -> None:
+        """Route the result of handling `envelope`: a reply, or an outcome when `outcome` is given.
+        `detail` is one line; `trace` the whole story (a guest backtrace), for the host's requests only."""
         future = envelope.reply_future
         if outcome is None and reply is not None:
             requester = "the host" if future is not None else envelope.requester
@@ -249,7 +293,7 @@ class MessageRouter:
             elif outcome is Outcome.NO_REPLY:
                 future.set_result(None)
             else:
-                future.set_exception(RequestFailed(outcome, detail))
+                future.set_exception(RequestFailed(outcome, detail, trace))
             return
         if envelope.requester is None or envelope.correlation_id is None:
             return

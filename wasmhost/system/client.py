@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
+import time
 from pathlib import Path
 
 from wasmhost.system.protocol import (
@@ -16,9 +18,34 @@ from wasmhost.system.protocol import (
     response_decoder,
 )
 
+CONNECT_RETRY_FIRST = 0.002
+"""Seconds before the first retry of a connection the daemon's full accept queue refused (EAGAIN)."""
+CONNECT_RETRY_MAX = 0.2
+"""Longest pause between two such retries (the pauses double up to it, with jitter)."""
+
 
 class DaemonUnavailable(Exception):
-    """Nothing is listening on the control socket."""
+    """Nothing is listening on the control socket, or it did not answer in time."""
+
+
+def _connect(sock: socket.socket, path: Path, deadline: float) -> None:
+    """Connect, retrying with backoff while the daemon's accept queue is full, until `deadline`."""
+    pause = CONNECT_RETRY_FIRST
+    while True:
+        try:
+            sock.connect(str(path))
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonUnavailable(f"no wasmhost daemon is listening on {path}") from None
+        except PermissionError:
+            raise DaemonUnavailable(f"not allowed to connect to {path} (permission denied)") from None
+        except (BlockingIOError, InterruptedError):  # EAGAIN: a burst of clients filled the queue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DaemonUnavailable(f"the daemon on {path} accepted no connection in time: "
+                                        "its queue of waiting clients stayed full") from None
+            time.sleep(min(left, pause * random.uniform(0.5, 1.5)))  # jitter: retries do not arrive in step
+            pause = min(pause * 2, CONNECT_RETRY_MAX)
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes:
@@ -33,20 +60,20 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 def request(path: Path, message: Request, timeout: float = 60.0) -> Response:
-    """Send one request and wait for its response (an oversized request raises FrameError unsent)."""
+    """Send one request and wait for its response, all within `timeout` seconds (an oversized request
+    raises FrameError unsent; no answer in time raises DaemonUnavailable)."""
     data = frame(message)
+    deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise DaemonUnavailable(f"no wasmhost daemon is listening on {path}") from None
-        except PermissionError:
-            raise DaemonUnavailable(f"not allowed to connect to {path} (permission denied)") from None
+        _connect(sock, path, deadline)
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
         with contextlib.suppress(BrokenPipeError):  # refused before reading: its answer is waiting
             sock.sendall(data)
         length = frame_length(_read_exactly(sock, LENGTH.size), MAX_RESPONSE_FRAME)
         return response_decoder.decode(_read_exactly(sock, length))
+    except TimeoutError:
+        raise DaemonUnavailable(f"no answer from the daemon on {path} within {timeout:g} s") from None
     finally:
         sock.close()

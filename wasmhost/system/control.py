@@ -18,9 +18,11 @@ import structlog
 from wasmhost.system.protocol import (
     LENGTH,
     MAX_RESPONSE_FRAME,
+    Call,
     FrameError,
     Request,
     Response,
+    Send,
     frame,
     frame_length,
     request_decoder,
@@ -34,6 +36,9 @@ IDLE_TIMEOUT = 300.0
 """Seconds a connection may sit idle between requests before it is closed."""
 ANSWER_TIMEOUT = 1.0
 """Seconds `close` waits for requests being answered (a `call` answered as the daemon stops) to be sent."""
+BACKLOG = 4096
+"""Connections the kernel queues before the daemon accepts them (capped by net.core.somaxconn): a burst of
+a thousand clients is queued, not refused with EAGAIN (clients also retry, see client.py)."""
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -69,7 +74,7 @@ def bind_control_socket(path: Path, mode: int, gid: int | None = None) -> socket
     os.chmod(path, mode)
     if gid is not None:
         os.chown(path, -1, gid)
-    sock.listen(64)
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -96,7 +101,8 @@ class ControlServer:
         """Bind and start accepting connections."""
         sock = bind_control_socket(self.path, self.mode, self.gid)
         self._inode = os.stat(self.path).st_ino
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=2**16)
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=2**16,
+                                                   backlog=BACKLOG)  # it listens again, with its own default
 
     async def close(self) -> None:
         """Stop accepting and remove the socket file (if it is still ours)."""
@@ -124,15 +130,40 @@ class ControlServer:
         log.warning("control_peer_refused", uid=uid, pid=pid)
         return f"permission denied: uid {uid} is not allowed to control this daemon (host.control_users)"
 
+    async def _handle_unless_gone(self, request: Request, reader: asyncio.StreamReader
+                                  ) -> tuple[Response | None, bytes]:
+        """Answer a call or send, cancelling it if its client hangs up first (its message is then
+        withdrawn from the mailbox unless the component already took it): (None, b"") then. Also
+        returns the first byte of a next request the client sent meanwhile (pipelined)."""
+        handling = asyncio.ensure_future(self.handler(request))
+        watching = asyncio.ensure_future(reader.read(1))
+        try:
+            await asyncio.wait((handling, watching), return_when=asyncio.FIRST_COMPLETED)
+            if not handling.done() and (watching.exception() is not None or not watching.result()):
+                handling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await handling
+                log.info("control_client_gone", request=type(request).__name__, id=getattr(request, "id", None))
+                return None, b""
+            return await handling, (await watching if watching.done() else b"")
+        finally:
+            for task in (handling, watching):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                        await task
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             refusal = self._refusal(writer)
             if refusal is not None:
                 await _answer(writer, Response(False, refusal))
                 return
+            early = b""  # a byte of the next request, read while watching for a hang-up
             while True:
                 try:
-                    header = await _read_exactly_or_eof(reader, LENGTH.size, self.idle_timeout, self.frame_timeout)
+                    header = await _read_exactly_or_eof(reader, LENGTH.size, self.idle_timeout, self.frame_timeout,
+                                                        early)
                 except TimeoutError:
                     return
                 if header is None:
@@ -153,10 +184,15 @@ class ControlServer:
                 self._answering += 1
                 try:
                     try:
-                        response = await self.handler(request)
+                        if isinstance(request, Call | Send):
+                            response, early = await self._handle_unless_gone(request, reader)
+                        else:  # a reload or stop is carried out even if its client does not wait for it
+                            response, early = await self.handler(request), b""
                     except Exception as exc:  # a bug answering one request must not take the daemon down
                         log.exception("control_request_failed", request=type(request).__name__)
-                        response = Response(False, f"internal error: {type(exc).__name__}: {exc}")
+                        response, early = Response(False, f"internal error: {type(exc).__name__}: {exc}"), b""
+                    if response is None:
+                        return
                     await _answer(writer, response)
                 finally:
                     self._answering -= 1
@@ -170,9 +206,12 @@ class ControlServer:
                 await writer.wait_closed()
 
 
-async def _read_exactly_or_eof(reader: asyncio.StreamReader, size: int, idle: float, frame: float) -> bytes | None:
-    """`size` bytes, or None on a clean end of stream before the first byte."""
-    first = await asyncio.wait_for(reader.read(1), idle)
+async def _read_exactly_or_eof(reader: asyncio.StreamReader, size: int, idle: float, frame: float,
+                               first: bytes = b"") -> bytes | None:
+    """`size` bytes (starting with `first` if already read), or None on a clean end of stream before
+    the first byte."""
+    if not first:
+        first = await asyncio.wait_for(reader.read(1), idle)
     if not first:
         return None
     rest = await asyncio.wait_for(reader.readexactly(size - 1), frame)

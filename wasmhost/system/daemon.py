@@ -196,6 +196,7 @@ class Daemon:
                 loaded = await self._load(plan)
             except LoadError as exc:
                 deployment.load_error = str(exc)
+                self.router.load_failed(cid, str(exc))  # messages to it say so, not target-not-found
                 log.error("component_load_failed", component=str(cid), error=str(exc))
                 return
         deployment.digest = loaded.digest
@@ -211,6 +212,7 @@ class Daemon:
         await self.supervisor.remove(cid, self.config.host.drain_timeout_s)
         self.permissions.revoke(cid)
         self.deployments.pop(cid, None)
+        self.router.load_failed(cid, None)
 
     async def _apply(self, plans: list[ComponentPlan],
                      loaded: dict[ComponentId, LoadedComponent] | None = None) -> None:
@@ -349,12 +351,16 @@ class Daemon:
         for cid, deployment in self.deployments.items():
             actor = self.supervisor.actors.get(cid)
             if actor is None:
-                rows.append({"id": str(cid), "state": "failed", "health": "unknown", "restarts": 0,
-                             "mailbox": 0, "handled": 0, "failed": 0, "last_error": deployment.load_error})
+                rows.append({"id": str(cid), "state": "failed", "health": None, "restarts": 0,
+                             "mailbox": 0, "queued": 0, "in_hand": 0, "handled": 0, "failed": 0,
+                             "last_error": deployment.load_error})
                 continue
             stats = actor.stats
-            rows.append({"id": str(cid), "state": actor.state.value, "health": actor.health.value,
-                         "restarts": stats.restarts, "mailbox": len(actor.mailbox), "handled": stats.handled,
+            # health is the last answer of a live instance: none to show while it is not running
+            health = actor.health.value if actor.state is ActorState.RUNNING else None
+            rows.append({"id": str(cid), "state": actor.state.value, "health": health, "restarts": stats.restarts,
+                         "mailbox": len(actor.mailbox) + actor.in_hand, "queued": len(actor.mailbox),
+                         "in_hand": actor.in_hand, "handled": stats.handled,
                          "failed": stats.failed, "last_error": stats.last_error})
         return rows
 
@@ -378,10 +384,13 @@ class Daemon:
             return protocol.Response(not errors, "\n".join(errors) or None)
         cid = ComponentId.parse(request.id)
         if isinstance(request, protocol.Send):
-            await self.router.host_send(cid, request.payload, wait=request.wait)
+            await self.router.host_send(cid, request.payload, wait=request.wait, timeout=request.timeout)
             return protocol.Response(True)
         if isinstance(request, protocol.Call):
-            reply = await self.router.host_request(cid, request.payload, request.timeout, wait=True)
+            try:
+                reply = await self.router.host_request(cid, request.payload, request.timeout, wait=True)
+            except RequestFailed as exc:  # the backtrace behind a one-line error only when asked for
+                return protocol.Response(False, str(exc), data=(exc.trace or None) if request.verbose else None)
             return protocol.Response(True, data=reply)
         actor = self.supervisor.actors.get(cid)
         if actor is None:

@@ -30,6 +30,8 @@ class Send(msgspec.Struct, tag="send", forbid_unknown_fields=True):
     id: str
     payload: bytes
     wait: bool = True
+    timeout: float = 30.0
+    """Seconds to wait for mailbox room; then it fails with `timeout` and nothing was queued."""
 
 
 class Call(msgspec.Struct, tag="call", forbid_unknown_fields=True):
@@ -38,6 +40,9 @@ class Call(msgspec.Struct, tag="call", forbid_unknown_fields=True):
     id: str
     payload: bytes
     timeout: float = 30.0
+    """Seconds for the whole call: mailbox room, then the reply."""
+    verbose: bool = False
+    """Whether a failure's full text (a guest's wasm backtrace) comes back as `data`."""
 
 
 class Reload(msgspec.Struct, tag="reload", forbid_unknown_fields=True):
