@@ -18,9 +18,9 @@ WASI_HTTP = "wasi:http/"
 """Imports under this prefix are outbound HTTP: linked only for a component granted `outbound_http`."""
 
 WASIP2_PACKAGES = frozenset({"io", "clocks", "random", "filesystem", "sockets", "cli"})
-"""The WASI 0.2 packages `Linker.add_wasip2` defines. wasmtime-py cannot list what a linker defines and
-its linker reports only the first import it cannot satisfy, so imports are first sorted by name (to name
-every one) and the real link step then has the last word."""
+"""The WASI 0.2 packages `Linker.add_wasip2` defines. wasmtime-py cannot list what a linker defines, and
+the linker reports only the first import it cannot satisfy, so every import is first judged by its name
+(to name each one the host lacks) and the real link step then has the last word."""
 
 NOT_PROVIDED = "not provided by this host"
 NOT_GRANTED = "outbound HTTP, not granted"
