@@ -104,3 +104,11 @@ def test_run_never_starts_a_component_it_cannot_link_and_reload_refuses_one(daem
     assert "wasi:keyvalue/store@0.2.0-draft (not provided by this host)" in refused
     assert d.call("t/echo/0", "still here") == "still here"
     assert d.stop() == 0
+
+
+def test_inspect_links_wasi_http_only_when_asked() -> None:
+    refused = wasmhost("inspect", str(fixture_path("httpclient")))
+    assert refused.returncode == 1 and HTTP_IMPORTS[0] in refused.stderr
+    granted = wasmhost("inspect", "--outbound-http", str(fixture_path("httpclient")))
+    assert granted.returncode == 0, granted.stderr
+    assert "httpclient 0.1.0" in granted.stdout

@@ -238,7 +238,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     runtime = Runtime()
     try:
         cid = ComponentId.parse(args.id)
-        loaded = runtime.load(cid, Path(args.path))
+        loaded = runtime.load(cid, Path(args.path), args.outbound_http)
         manager = runtime.store(loaded, cid)
         manager.instantiate()
         meta = manager.metadata()
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = add("inspect", cmd_inspect, "validate a component binary and show its metadata", config=False)
     inspect.add_argument("path")
     inspect.add_argument("--id", default="local/inspect/0", help="component id to load it under")
+    inspect.add_argument("--outbound-http", action="store_true",
+                         help="link wasi:http, as `outbound_http = true` does (the component may make HTTP requests)")
     return parser
 
 
