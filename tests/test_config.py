@@ -73,7 +73,8 @@ config_file = "y"
     assert found[1:] == [
         "components[0].colour: unknown key (expected one of id, path, limits, env, config_data, config_file, "
         "mailbox_capacity, restart, max_restarts, restart_window_s, backoff_base_ms, backoff_max_ms, group, strategy, "
-        "health_interval_s, shutdown_timeout_s, capabilities, wasi, log_rate, log_burst, max_message_bytes)",
+        "health_interval_s, shutdown_timeout_s, capabilities, wasi, outbound_http, log_rate, log_burst, "
+        "max_message_bytes)",
         'components[0].limits.max_memory_bytes: expected an integer > 0, got -5',
         'components[0].limits.max_fuel: expected an integer > 0, got "lots"',
         'components[0].restart: expected one of "permanent", "transient", "temporary", got "sometimes"',
@@ -221,3 +222,11 @@ def test_a_control_socket_path_too_long_to_bind_is_an_error(tmp_path: Path) -> N
     length = len(str(state / "wasmhost.sock"))
     assert info.value.errors == [f"host.control_socket: {state / 'wasmhost.sock'} is {length} bytes long; a Unix "
                                  "socket path holds at most 107 (shorten state_dir or control_socket)"]
+
+
+def test_outbound_http_is_granted_per_component_and_must_be_a_boolean(tmp_path: Path) -> None:
+    config = parse(tmp_path, '[[components]]\nid = "a/web/0"\npath = "echo.wasm"\noutbound_http = true\n'
+                             '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\n')
+    assert [plan.outbound_http for plan in config.components] == [True, False]  # type: ignore[attr-defined]
+    found = errors(tmp_path, '[[components]]\nid = "a/web/0"\npath = "echo.wasm"\noutbound_http = "yes"\n')
+    assert found == ['components[0].outbound_http: expected true or false, got "yes"']

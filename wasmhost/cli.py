@@ -336,7 +336,7 @@ def _inspect_file(args: argparse.Namespace, path: Path) -> int:
     cid = ComponentId.parse(args.id)
     runtime = Runtime()
     try:
-        loaded = runtime.load(cid, path)
+        loaded = runtime.load(cid, path, args.outbound_http)
         manager = runtime.store(loaded, cid)
         step = "instantiating it"
         try:
@@ -443,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("target", metavar="PATH|ID",
                          help="a component file (.wasm), or the id of a component of the running daemon")
     inspect.add_argument("--id", default="local/inspect/0", help="component id to load a file under")
+    inspect.add_argument("--outbound-http", action="store_true",
+                         help="link wasi:http, as `outbound_http = true` does (the component may make HTTP requests)")
     return parser
 
 

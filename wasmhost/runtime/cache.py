@@ -7,16 +7,32 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import structlog
 import wasmtime
 from wasmtime import component as wc
 
+from wasmhost.core.errors import CompileError
 from wasmhost.core.private_files import private_dir
 from wasmhost.runtime.engine import RuntimeEngine
 
 log = structlog.get_logger("wasmhost.cache")
+
+COMPILE_WAIT_S = 600.0
+"""How long a load waits for another load's compilation of the same bytes (a 12 MB JavaScript guest
+compiles in 10 to 30 s on two busy cores); the wait ends earlier when that compilation ends."""
+
+
+class _Compilation:
+    """One compilation (or cache read) in progress, shared by every load of the same bytes meanwhile."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: wc.Component | None = None
+        self.error: str | None = None
+        """wasmtime's message when the bytes did not compile."""
 
 
 def wasmtime_version() -> str:
@@ -36,9 +52,14 @@ class CompilationCache:
         self._memory: dict[str, wc.Component] = {}
         self._marks: set[tuple[str, str]] = set()
         self._notes: dict[tuple[str, str], bytes] = {}
+        self._pending: dict[str, _Compilation] = {}
         self._lock = threading.Lock()
         self.hits = 0
+        """Components found in memory or on disk."""
         self.misses = 0
+        """Compilations: one per distinct binary not in the cache, however many loads asked for it."""
+        self.joined = 0
+        """Loads that found a compilation of the same bytes under way and waited for it instead."""
         if directory is not None and directory.exists():
             self._private_directory()  # tighten what an older version left readable by others
 
@@ -50,24 +71,74 @@ class CompilationCache:
         """Where the compiled form of `wasm` is stored, if there is a cache directory."""
         return self.directory / f"{self.key(wasm)}.cwasm" if self.directory else None
 
-    def component(self, wasm: bytes, key: str | None = None) -> wc.Component:
+    def component(self, wasm: bytes, key: str | None = None, source: str = "", component: str | None = None
+                  ) -> wc.Component:
         """The compiled component for `wasm` (whose `key` may be given): from memory, from disk, or
-        freshly compiled. Raises wasmtime.WasmtimeError when the bytes do not compile.
+        freshly compiled, once per distinct binary: concurrent calls for the same bytes share one
+        compilation. `source` and `component` name it in the log. Raises wasmtime.WasmtimeError when the
+        bytes do not compile, CompileError when another load's compilation outlasts COMPILE_WAIT_S.
         """
         key = key or self.key(wasm)
         with self._lock:
             found = self._memory.get(key)
-        if found is not None:
-            self.hits += 1
-            return found
-        compiled = self._from_disk(key)
-        if compiled is None:
-            compiled = wc.Component(self.engine.engine, wasm)
-            self.misses += 1
-            self._to_disk(key, compiled)
-        else:
-            self.hits += 1
+            if found is not None:
+                self.hits += 1
+                return found
+            pending = self._pending.get(key)
+            owner = pending is None
+            if pending is None:
+                pending = self._pending[key] = _Compilation()
+        if not owner:
+            return self._join(pending, source, component)
+        try:
+            compiled = pending.result = self._produce(wasm, key, source, component)
+        except wasmtime.WasmtimeError as exc:
+            pending.error = str(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._pending[key]
+            pending.done.set()  # also after an unexpected error: waiters then find no result and say so
+        return compiled
+
+    def _join(self, pending: _Compilation, source: str, component: str | None) -> wc.Component:
+        """Wait for the compilation another load started for the same bytes, and take its outcome."""
+        log.debug("compile_joined", source=source, component=component)
         with self._lock:
+            self.joined += 1
+        if not pending.done.wait(COMPILE_WAIT_S):
+            raise CompileError(source, f"another load of the same binary has been compiling it for more than "
+                                       f"{COMPILE_WAIT_S:.0f} s")
+        if pending.error is not None:
+            raise wasmtime.WasmtimeError(pending.error)
+        if pending.result is None:
+            raise CompileError(source, "the compilation this load waited for failed (see the log)")
+        return pending.result
+
+    def _produce(self, wasm: bytes, key: str, source: str, component: str | None) -> wc.Component:
+        """Read the compiled form from disk or compile it, logging how long it took (a cold start of a
+        large guest takes seconds, and would otherwise be silent), and keep it in memory; the result
+        is also handed to the loads waiting for it."""
+        log.info("compile_started", source=source, component=component, size=len(wasm))
+        began = time.monotonic()
+        compiled = self._from_disk(key)
+        hit = compiled is not None
+        if compiled is None:
+            try:
+                compiled = wc.Component(self.engine.engine, wasm)
+            except wasmtime.WasmtimeError:
+                log.info("compile_finished", source=source, component=component, cache="miss",
+                         seconds=round(time.monotonic() - began, 3), ok=False)
+                raise
+            self._to_disk(key, compiled)
+        with self._lock:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
+        log.info("compile_finished", source=source, component=component, cache="hit" if hit else "miss",
+                 seconds=round(time.monotonic() - began, 3), ok=True)
+        with self._lock:  # before the waiters wake: a load arriving now finds it in memory
             self._memory[key] = compiled
         return compiled
 

@@ -20,7 +20,7 @@ from wasmhost.core.errors import (
 )
 from wasmhost.core.ids import ComponentId
 from wasmhost.core.limits import MAX_COMPONENT_INSTANCES, MAX_INSTANCES, MAX_MEMORIES, MAX_TABLES
-from wasmhost.runtime import contract
+from wasmhost.runtime import contract, linking
 from wasmhost.runtime.cache import CompilationCache
 from wasmhost.runtime.codec import Converter, converter_for
 from wasmhost.runtime.footprint import Footprint, UnreadableBinary, footprint
@@ -182,7 +182,9 @@ def _export_specs(compiled: wc.Component, signatures: dict[str, Signature]) -> d
     return specs
 
 
-def _check_imports(compiled: wc.Component, engine: wasmtime.Engine, source: str) -> frozenset[str]:
+def _contract_imports(compiled: wc.Component, engine: wasmtime.Engine) -> tuple[list[str], list[str]]:
+    """The component's imports in order, and what is wrong with those that are not WASI: each airssys host
+    function must exist with the contract's signature, and nothing else may be imported."""
     imported = {name: item.ty for name, item in compiled.type.imports(engine).items()}
     problems = []
     for name, item in imported.items():
@@ -190,7 +192,7 @@ def _check_imports(compiled: wc.Component, engine: wasmtime.Engine, source: str)
             continue
         offered = contract.HOST_IMPORTS.get(name)
         if offered is None or not isinstance(item, wc.ComponentInstanceType):
-            problems.append(f"{name} (not provided by this host)")
+            problems.append(f"{name} ({linking.NOT_PROVIDED})")
             continue
         for fname, fitem in item.exports(engine).items():
             fty = fitem.ty
@@ -200,17 +202,16 @@ def _check_imports(compiled: wc.Component, engine: wasmtime.Engine, source: str)
                 problems.append(f"{name}#{fname} (no such host function)")
             elif (actual := describe(fty)) != offered[fname]:
                 problems.append(f"{name}#{fname} (expected {offered[fname]}, got {actual})")
-    if problems:
-        raise UnsatisfiedImportsError(source, "imports the host cannot satisfy: " + "; ".join(problems), problems)
-    return frozenset(imported)
+    return list(imported), problems
 
 
 class FileComponentLoader:
     """Loads components from `{base}/{namespace}/{name}/{instance}.wasm` or an explicit path."""
 
-    def __init__(self, base: Path | None, cache: CompilationCache) -> None:
+    def __init__(self, base: Path | None, cache: CompilationCache, linkers: linking.Linkers) -> None:
         self.base = base
         self.cache = cache
+        self.linkers = linkers
 
     def path_for(self, component: ComponentId) -> Path:
         """Where the loader looks for `component` when no explicit path is given."""
@@ -218,8 +219,9 @@ class FileComponentLoader:
             raise LoadError(str(component), "no components directory configured and no explicit path given")
         return self.base / component.namespace / component.name / f"{component.instance}.wasm"
 
-    def load(self, component: ComponentId, path: Path | None = None) -> LoadedComponent:
-        """Read, validate and compile the binary for `component`."""
+    def load(self, component: ComponentId, path: Path | None = None, outbound_http: bool = False) -> LoadedComponent:
+        """Read, validate, compile and link-check the binary for `component` (`outbound_http`: whether its
+        configuration grants it wasi:http)."""
         where = path if path is not None else self.path_for(component)
         try:
             wasm = where.read_bytes()
@@ -229,10 +231,11 @@ class FileComponentLoader:
             raise LoadError(str(where), "is a directory, expected a .wasm file") from None
         except OSError as exc:
             raise LoadError(str(where), f"cannot read: {exc.strerror or exc}") from None
-        return self.load_bytes(wasm, str(where))
+        return self.load_bytes(wasm, str(where), outbound_http, str(component))
 
-    def load_bytes(self, wasm: bytes, source: str) -> LoadedComponent:
-        """Validate and compile `wasm`; `source` names it in errors."""
+    def load_bytes(self, wasm: bytes, source: str, outbound_http: bool = False,
+                   component: str | None = None) -> LoadedComponent:
+        """Validate, compile and link-check `wasm`; `source` (and `component`) name it in errors and logs."""
         check_header(wasm, source)
         engine = self.cache.engine.engine
         key = self.cache.key(wasm)
@@ -244,7 +247,7 @@ class FileComponentLoader:
         if isinstance(counted, Footprint):
             check_footprint(counted, source)
         try:
-            compiled = self.cache.component(wasm, key)
+            compiled = self.cache.component(wasm, key, source, component)
         except wasmtime.WasmtimeError as exc:
             raise CompileError(source, f"invalid component: {str(exc).strip()}") from None
         if not isinstance(counted, Footprint):
@@ -252,16 +255,34 @@ class FileComponentLoader:
             raise FootprintError(source, f"cannot count the instances, memories and tables it creates: {counted}")
         if recalled is None:
             self.cache.note(key, FOOTPRINT_NOTE, counted.encode())  # kept only for bytes that compile
-        if len(_VALIDATED) == len(contract.LIFECYCLE_EXPORTS) and self.cache.is_marked(key, CONTRACT_FINGERPRINT):
-            # These very bytes matched this very contract before: skip walking their types again.
-            imports = frozenset(compiled.type.imports(engine))
-            exports = _export_specs(compiled, _VALIDATED)
-            return LoadedComponent(source, key, compiled, exports, imports, len(wasm), counted)
+        problems: list[str] = []
         try:
-            exports = _lifecycle_exports(compiled, engine, source)
-            imports = _check_imports(compiled, engine, source)
+            if len(_VALIDATED) == len(contract.LIFECYCLE_EXPORTS) and self.cache.is_marked(key, CONTRACT_FINGERPRINT):
+                # These very bytes matched this very contract before: skip walking their types again.
+                names = list(compiled.type.imports(engine))
+                exports = _export_specs(compiled, _VALIDATED)
+            else:
+                exports = _lifecycle_exports(compiled, engine, source)
+                names, problems = _contract_imports(compiled, engine)
+                if not problems:
+                    self.cache.mark(key, CONTRACT_FINGERPRINT)
+            self._check_links(compiled, names, problems, outbound_http, source)
         except LoadError:
             self.cache.forget(wasm)
             raise
-        self.cache.mark(key, CONTRACT_FINGERPRINT)
-        return LoadedComponent(source, key, compiled, exports, imports, len(wasm), counted)
+        return LoadedComponent(source, key, compiled, exports, frozenset(names), len(wasm), counted)
+
+    def _check_links(self, compiled: wc.Component, names: list[str], problems: list[str], outbound_http: bool,
+                     source: str) -> None:
+        """UnsatisfiedImportsError naming every import `run` could not link, with what to do about it:
+        `problems` found in the contract, WASI imports judged by name, then the real link step."""
+        problems = problems + [p for name in names if name.startswith("wasi:")
+                               and (p := linking.wasi_problem(name, outbound_http)) is not None]
+        failed = self.linkers.link_problem(compiled, frozenset(names))
+        if failed is not None and not any(p.split(" ", 1)[0].split("#", 1)[0] == failed[0] for p in problems):
+            problems.append(failed[1])
+        if problems:
+            raise UnsatisfiedImportsError(
+                source, f"imports the host cannot satisfy: {'; '.join(problems)}. {linking.remedies(problems)}",
+                problems,
+            )

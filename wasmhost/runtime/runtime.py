@@ -8,7 +8,8 @@ from wasmhost.core.ids import ComponentId
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.runtime.cache import CompilationCache
 from wasmhost.runtime.engine import EngineSettings, RuntimeEngine
-from wasmhost.runtime.host_fn import HostContext, build_linker
+from wasmhost.runtime.host_fn import HostContext
+from wasmhost.runtime.linking import Linkers
 from wasmhost.runtime.loader import FileComponentLoader, LoadedComponent
 from wasmhost.runtime.store import StoreManager
 
@@ -24,12 +25,15 @@ class Runtime:
     ) -> None:
         self.engine = RuntimeEngine(settings)
         self.cache = CompilationCache(self.engine, cache_dir)
-        self.loader = FileComponentLoader(components_dir, self.cache)
-        self.linker = build_linker(self.engine.engine)
+        self.linkers = Linkers(self.engine.engine)
+        self.linker = self.linkers.plain
+        """The linker of components that do not import wasi:http."""
+        self.loader = FileComponentLoader(components_dir, self.cache, self.linkers)
 
-    def load(self, component_id: ComponentId, path: Path | None = None) -> LoadedComponent:
-        """Load and validate a component binary (see FileComponentLoader.load)."""
-        return self.loader.load(component_id, path)
+    def load(self, component_id: ComponentId, path: Path | None = None, outbound_http: bool = False
+             ) -> LoadedComponent:
+        """Load, validate and link-check a component binary (see FileComponentLoader.load)."""
+        return self.loader.load(component_id, path, outbound_http)
 
     def store(
         self,
@@ -40,9 +44,10 @@ class Runtime:
         wasi_stdio: bool = False,
     ) -> StoreManager:
         """A StoreManager for one instance of `loaded` (not yet instantiated)."""
+        linker = self.linkers.for_imports(loaded.imports)  # the loader refused wasi:http unless granted
         return StoreManager(
-            loaded, component_id, limits or ResourceLimits(), self.linker, self.engine.engine,
-            self.engine.tick_ms, host, wasi_stdio,
+            loaded, component_id, limits or ResourceLimits(), linker, self.engine.engine, self.engine.tick_ms, host,
+            wasi_stdio,
         )
 
     def close(self) -> None:

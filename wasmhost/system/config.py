@@ -73,6 +73,7 @@ class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     shutdown_timeout_s: Seconds = 5.0
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
     wasi: bool = False
+    outbound_http: bool = False
     log_rate: PositiveFloat | None = None
     log_burst: Positive | None = None
     max_message_bytes: Positive | None = None
@@ -127,6 +128,8 @@ class ComponentPlan:
     storage_quota_bytes: int
     grants: Grants
     """The capabilities parsed for the checker (every pattern was validated with the config)."""
+    outbound_http: bool = False
+    """Whether the component may import wasi:http: outbound HTTP(S) to any host, all or nothing."""
 
 
 @dataclass(frozen=True)
@@ -350,7 +353,7 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         max_message_bytes=section.max_message_bytes or host.max_message_bytes,
     )
     quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
-    return ComponentPlan(spec, wasm, section.capabilities, quota, grants)
+    return ComponentPlan(spec, wasm, section.capabilities, quota, grants, section.outbound_http)
 
 
 def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes | None:

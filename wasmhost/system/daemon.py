@@ -66,9 +66,10 @@ def prepare_state_dir(config: Config) -> None:
 
 
 def load_plan(runtime: Runtime, plan: ComponentPlan) -> LoadedComponent:
-    """Compile and validate a component's binary, and check that what it creates fits its max_memory_bytes:
-    the load step of `run`, `reload` and `check` (LoadError says why not)."""
-    loaded = runtime.load(plan.spec.component_id, plan.wasm_path)
+    """Compile and validate a component's binary, link-check its imports (wasi:http only with outbound_http),
+    and check that what it creates fits its max_memory_bytes: the load step of `run`, `reload` and `check`
+    (LoadError says why not)."""
+    loaded = runtime.load(plan.spec.component_id, plan.wasm_path, plan.outbound_http)
     StoreBudget.plan(plan.spec.limits.max_memory_bytes, loaded.footprint, str(loaded.source))
     return loaded
 
