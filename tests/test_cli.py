@@ -418,4 +418,4 @@ def test_logs_reads_the_journal_lines_of_a_real_daemon(tmp_path: Path) -> None:
     assert "component_restarting" in shown.stdout and "[t/trapper/0]" in shown.stdout
     guest = wasmhost("logs", "-", "--component", "t/logger/0", "--json", stdin=journal)
     assert [json.loads(line)["event"] for line in guest.stdout.splitlines()] == [
-        "component_started", "journal line", "component_stopped"]
+        "compile_started", "compile_finished", "component_started", "journal line", "component_stopped"]

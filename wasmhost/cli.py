@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from wasmhost import __version__
 from wasmhost.core.errors import LoadError
@@ -452,6 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `wasmhost` console script."""
     args = build_parser().parse_args(argv)
     from wasmhost.system.client import DaemonUnavailable
+
+    if args.func is not cmd_run:  # stdout is the command's answer: log lines go to stderr, and only
+        # `check` (whose compilations may take a minute) tells what it is doing
+        quiet = logging.INFO if args.func is cmd_check else logging.WARNING
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+                            wrapper_class=structlog.make_filtering_bound_logger(quiet))
 
     try:
         code = int(args.func(args))
