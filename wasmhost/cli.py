@@ -456,11 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from wasmhost.system.client import DaemonUnavailable
 
-    if args.func is not cmd_run:  # stdout is the command's answer: log lines go to stderr, and only
-        # `check` (whose compilations may take a minute) tells what it is doing
-        quiet = logging.INFO if args.func is cmd_check else logging.WARNING
+    if args.func is not cmd_run:  # stdout is the command's answer: only warnings are logged, to stderr
         structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-                            wrapper_class=structlog.make_filtering_bound_logger(quiet))
+                            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
     try:
         code = int(args.func(args))

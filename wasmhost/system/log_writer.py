@@ -93,13 +93,14 @@ class LogSink:
                     self._cond.wait()
                 reopen, self._reopen = self._reopen, False
                 batch, self._lines, self._bytes = self._lines, deque(), 0
+            if batch:
+                self._write(batch)  # logged before the reopen request: they belong in the old file
             if reopen:
                 self._reopen_file()  # lines logged after the request go to the new file
             if not batch:
                 if self._closing:
                     return
                 continue
-            self._write(batch)
             report = 0
             with self._cond:
                 if not self._lines and self._unreported and not self._closing:
