@@ -159,6 +159,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns[:-1], widths, strict=True)) + "  LAST ERROR")
     for r in table:
         print("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1][:120])
+    for row in rows:  # the reload kept (or put back) the previous version: the operator must hear why
+        if str(row.get("rollout") or "").startswith("rolled back"):
+            print(f"reload: {row['id']}: {row['rollout']}")
     if response.data.get("log_lines_dropped"):
         print(f"logs: {response.data['log_lines_dropped']} line(s) dropped: a log destination could not keep up")
     if response.data.get("storage_io_errors"):

@@ -86,6 +86,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _one_line(text: str, component: ComponentId | None = None) -> str:
+    """A multi-line error (a wasm backtrace) on one line, without a leading `component: `."""
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text.removeprefix(f"{component}: ") if component is not None else text
+
+
 def _host_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     """The [host] settings that differ between two configs, as (key, old, new)."""
     before, after = msgspec.structs.asdict(old.host), msgspec.structs.asdict(new.host)
@@ -302,7 +308,7 @@ class Daemon:
                 loaded[cid] = await self._load(wanted[cid])
             except Exception as exc:  # whatever stops the new version, the old one keeps running
                 reason = str(exc) if isinstance(exc, LoadError) else _describe(exc)
-                problems.append(f"{cid}: " + " ".join(line.strip() for line in reason.splitlines() if line.strip()))
+                problems.append(f"{cid}: {_one_line(reason)}")
         if self._stopping:  # a stop signal came while the new versions compiled: start nothing now
             problems.append("the daemon is stopping")
         if problems:
@@ -370,7 +376,7 @@ class Daemon:
         try:
             error = await self.supervisor.hand_over(plan.spec, loaded, (previous.plan.spec, previous.loaded))
             if error is not None:  # the actor has already booted the previous version again
-                reason = f"the new version failed to start: {error}"
+                reason = f"the new version failed to start: {_one_line(str(error), cid)}"
             else:
                 reason = await self._check(cid, plan.rollout_check_s)
                 if reason is not None:
@@ -397,11 +403,11 @@ class Daemon:
         while True:
             if actor is None or actor.state is not ActorState.RUNNING:
                 last = actor.stats.last_error if actor is not None else None
-                return f"it stopped running during its check window ({last or 'no error recorded'})"
+                return f"it stopped running during its check window: {_one_line(last or 'no error recorded', cid)}"
             if probe:
                 error = await actor.probe_health()
                 if error is not None:
-                    return f"its health check failed: {error}"
+                    return f"its health check failed: {_one_line(str(error), cid)}"
             if actor.health is HealthStatus.UNHEALTHY:
                 return "it reported unhealthy"
             left = end - anyio.current_time()
