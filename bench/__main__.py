@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from bench import actors, calls, density, fairness, logs, memory, payload, restart, startup, stop, storage
+from bench import actors, calls, density, fairness, logs, memory, payload, reload, restart, startup, stop, storage
 from bench.harness import report, save
 
 BENCHMARKS = {
     "calls": calls.run, "actors": actors.run, "startup": startup.run, "restart": restart.run,
     "density": density.run, "fairness": fairness.run, "memory": memory.run, "logs": logs.run,
     "storage": storage.run,
-    "payload": payload.run, "stop": stop.run,
+    "payload": payload.run, "stop": stop.run, "reload": reload.run,
 }
 
 
