@@ -90,11 +90,19 @@ class Handover:
     manager: StoreManager
     fallback: Callable[[], tuple[ActorSpec, StoreManager]] | None
     done: asyncio.Future[Exception | None]
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the new version failed while on probation and its fallback took over."""
+    failure: Exception | None = None
 
     def finish(self, error: Exception | None) -> None:
         """Tell the waiter how the new version's first boot ended (None: it runs)."""
         if not self.done.done():
             self.done.set_result(error)
+
+    @property
+    def boot_error(self) -> Exception | None:
+        """Why the new version's first boot failed (None: it ran); only once `done`."""
+        return self.done.result()
 
 
 class ComponentActor:
@@ -139,6 +147,7 @@ class ComponentActor:
         self._next_health = 0.0
         self._handover: Handover | None = None  # asked for, not yet taken up by the actor task
         self._booting: Handover | None = None  # taken up: its first boot is under way
+        self._probation: Handover | None = None  # booted: a failure falls back instead of restarting
 
     # --- control (event loop) ---
 
@@ -189,12 +198,14 @@ class ComponentActor:
         self.mailbox.wake()
 
     async def hand_over(self, spec: ActorSpec, manager: StoreManager,
-                        fallback: Callable[[], tuple[ActorSpec, StoreManager]] | None = None) -> Exception | None:
+                        fallback: Callable[[], tuple[ActorSpec, StoreManager]] | None = None) -> Handover:
         """Run a new version of the component on this actor: same mailbox, queue and counters. The
-        instance in place finishes the batch step in hand, runs `shutdown` (bounded) and its Store is
-        closed; then `manager` boots with `spec` and takes up the queue. Returns None once it runs, or
-        why its first boot failed: then, with a `fallback`, the version it returns boots in its place
-        before this returns. Only for a running actor (`running`); a stop ends the wait with an error."""
+        instance in place finishes the message in hand, runs `shutdown` (bounded) and its Store is
+        closed; then `manager` boots with `spec` and takes up the queue. Returns once that first boot
+        has ended (`boot_error` says how). With a `fallback`: if the boot failed, the version it returns
+        boots in its place before this returns; if it ran, the new version is on probation until
+        `end_probation`: a failure then boots the fallback at once instead of a restart (`failed` is
+        set). Only when `accepts_handover`; a stop ends the wait with an error."""
         if not self.accepts_handover:
             raise RuntimeError(f"{self.name} is not running: start it rather than hand it over")
         previous = self._handover
@@ -205,7 +216,8 @@ class ComponentActor:
         if self._backoff is not None:
             self._backoff.cancel()  # waiting to restart the old version: boot the new one now
         self.mailbox.wake()
-        return await handover.done
+        await handover.done
+        return handover
 
     async def probe_health(self) -> Exception | None:
         """Ask the running instance for its health now (between two steps of the batch in hand, under
@@ -261,6 +273,9 @@ class ComponentActor:
             if error is None or self._stopping:
                 return
             self._record_error(error)
+            if self._probation is not None:
+                await self._fall_back(error)
+                continue
             delay = self.supervisor.on_failure(self, error)
             if delay is None:
                 if isinstance(error, GuestExit) and error.clean:
@@ -290,34 +305,54 @@ class ComponentActor:
         handover, self._handover = self._handover, None
         assert handover is not None
         self._booting = handover
+        self._probation = None  # a newer version supersedes the one on probation
         await self._retire()
-        self.spec, self.manager = handover.spec, handover.manager
-        self.max_message_bytes = handover.spec.max_message_bytes
-        self.mailbox.capacity = handover.spec.mailbox_capacity  # what is queued beyond it stays queued
-        self.history = RestartHistory(handover.spec.intensity)
+        self._install(handover.spec, handover.manager)
+        log.info("component_handover", component=self.name, queued=len(self.mailbox))
+
+    def _install(self, spec: ActorSpec, manager: StoreManager) -> None:
+        """Make `spec` and `manager` the version this actor runs (its Store is not yet instantiated)."""
+        self.spec, self.manager = spec, manager
+        self.max_message_bytes = spec.max_message_bytes
+        self.mailbox.capacity = spec.mailbox_capacity  # what is queued beyond it stays queued
+        self.history = RestartHistory(spec.intensity)
         self.metadata = None
         self.health = HealthStatus.UNKNOWN
-        log.info("component_handover", component=self.name, queued=len(self.mailbox))
 
     async def _handover_booted(self, error: Exception | None) -> Exception | None:
         """The handed-over version's first boot ended with `error`: on failure, boot its fallback (same
-        mailbox) before telling the waiter. Returns the error of the version now in place."""
+        mailbox) before telling the waiter; on success it stays on probation (a failure falls back
+        at once) until `end_probation`. Returns the error of the version now in place."""
         handover, self._booting = self._booting, None
         assert handover is not None
         if error is None or handover.fallback is None:
+            if error is None and handover.fallback is not None:
+                self._probation = handover
             handover.finish(error)
             return error
         log.warning("component_handover_failed", component=self.name, error=str(error))
         self._record_error(error)
         await self._retire()
-        self.spec, self.manager = handover.fallback()
-        self.max_message_bytes = self.spec.max_message_bytes
-        self.mailbox.capacity = self.spec.mailbox_capacity
-        self.history = RestartHistory(self.spec.intensity)
-        self.metadata = None
+        self._install(*handover.fallback())
         restored = await self._boot()
         handover.finish(error)
         return restored
+
+    async def _fall_back(self, error: Exception) -> None:
+        """The version on probation failed: retire it and install its fallback (booted next), on the same
+        mailbox, instead of restarting it; whoever watches the probation hears why."""
+        probation, self._probation = self._probation, None
+        assert probation is not None and probation.fallback is not None
+        log.warning("component_probation_failed", component=self.name, error=str(error))
+        await self._retire()
+        self._install(*probation.fallback())
+        probation.failure = error
+        probation.failed.set()
+
+    def end_probation(self) -> None:
+        """The new version passed (or no longer needs) its check: failures are handled by its restart
+        policy again."""
+        self._probation = None
 
     async def _retire(self) -> None:
         """`shutdown` the instance in place if it is alive (bounded like a stop's), then close its Store."""
@@ -515,7 +550,7 @@ class ComponentActor:
             for handover in (self._booting, self._handover):  # a stop came first: the waiter hears it
                 if handover is not None:
                     handover.finish(RuntimeError(f"{self.name} stopped during the handover"))
-            self._booting = self._handover = None
+            self._booting = self._handover = self._probation = None
             self._reject_remaining("failed" if self.state is ActorState.FAILED else "stopped")
             self.router.forget_requester(self.component_id)
             if self.state is not ActorState.FAILED:

@@ -8,7 +8,7 @@ import time
 import anyio
 import structlog
 
-from wasmhost.actors.actor import ComponentActor
+from wasmhost.actors.actor import ComponentActor, Handover
 from wasmhost.actors.restart import RestartPolicy, Strategy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
@@ -72,9 +72,9 @@ class Supervisor:
         return self.runtime.store(loaded, spec.component_id, spec.limits, host, spec.wasi)
 
     async def hand_over(self, spec: ActorSpec, loaded: LoadedComponent,
-                        fallback: tuple[ActorSpec, LoadedComponent] | None = None) -> Exception | None:
-        """Run a new version of a running component on its actor, keeping its mailbox, queue and counters;
-        None once it runs, else why it could not start (then `fallback` runs again, when given)."""
+                        fallback: tuple[ActorSpec, LoadedComponent] | None = None) -> Handover:
+        """Run a new version of a running component on its actor, keeping its mailbox, queue and counters
+        (see ComponentActor.hand_over: `fallback` runs again if it fails to start or while on probation)."""
         actor = self.actors[spec.component_id]
         restore = None if fallback is None else (lambda: (fallback[0], self._manager(*fallback)))
         return await actor.hand_over(spec, self._manager(spec, loaded), restore)

@@ -16,6 +16,7 @@ import anyio
 import msgspec
 import structlog
 
+from wasmhost.actors.actor import Handover
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
@@ -90,6 +91,18 @@ def _one_line(text: str, component: ComponentId | None = None) -> str:
     """A multi-line error (a wasm backtrace) on one line, without a leading `component: `."""
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
     return text.removeprefix(f"{component}: ") if component is not None else text
+
+
+async def _first_of(timeout: float, *events: asyncio.Event) -> None:
+    """Wait until one of `events` is set, for at most `timeout` seconds."""
+    with anyio.move_on_after(timeout):
+        async with anyio.create_task_group() as group:
+            async def wait(event: asyncio.Event) -> None:
+                await event.wait()
+                group.cancel_scope.cancel()
+
+            for event in events:
+                group.start_soon(wait, event)
 
 
 def _host_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
@@ -374,12 +387,19 @@ class Daemon:
         self.deployments[cid] = Deployment(plan, loaded.digest, loaded=loaded, rollout="upgraded")
         reason: str | None
         try:
-            error = await self.supervisor.hand_over(plan.spec, loaded, (previous.plan.spec, previous.loaded))
-            if error is not None:  # the actor has already booted the previous version again
-                reason = f"the new version failed to start: {_one_line(str(error), cid)}"
+            handover = await self.supervisor.hand_over(plan.spec, loaded, (previous.plan.spec, previous.loaded))
+            if handover.boot_error is not None:  # the actor has already booted the previous version again
+                reason = f"the new version failed to start: {_one_line(str(handover.boot_error), cid)}"
             else:
-                reason = await self._check(cid, plan.rollout_check_s)
-                if reason is not None:
+                try:
+                    reason = await self._check(cid, handover, plan.rollout_check_s)
+                finally:
+                    actor = self.supervisor.actors.get(cid)
+                    if actor is not None:
+                        actor.end_probation()
+                if handover.failed.is_set():  # it failed on probation: the actor fell back by itself
+                    reason = f"it failed during its check window: {_one_line(str(handover.failure), cid)}"
+                elif reason is not None:
                     await self._put_back(previous)
         except Exception as exc:  # a bug: the previous version's settings apply again all the same
             log.exception("reload_upgrade_failed", component=str(cid))
@@ -393,17 +413,17 @@ class Daemon:
         log.error("reload_rolled_back", component=str(cid), reason=reason)
         return reason
 
-    async def _check(self, cid: ComponentId, window: float) -> str | None:
-        """Watch a new version for `window` seconds: its health as it booted, then a probe every
-        ROLLOUT_PROBE_S and at the end. Returns why it failed, or None (also when a stop cuts it short:
-        the shutdown does not wait for the window). Each probe is bounded by the component's call deadline."""
+    async def _check(self, cid: ComponentId, handover: Handover, window: float) -> str | None:
+        """Watch a new version on probation for `window` seconds: its health as it booted, then a probe
+        every ROLLOUT_PROBE_S and at the end; a failure ends the watch at once (`handover.failed`, the
+        actor has fallen back). Returns why it must go, or None (also when a stop cuts the window short:
+        the shutdown does not wait for it). Each probe is bounded by the component's call deadline."""
         actor = self.supervisor.actors.get(cid)
         end = anyio.current_time() + window
         probe = False
-        while True:
-            if actor is None or actor.state is not ActorState.RUNNING:
-                last = actor.stats.last_error if actor is not None else None
-                return f"it stopped running during its check window: {_one_line(last or 'no error recorded', cid)}"
+        while not handover.failed.is_set():
+            if actor is None or actor.state in (ActorState.STOPPING, ActorState.STOPPED):
+                return None  # stopped on purpose (`wasmhost stop`, a shutdown): nothing left to check
             if probe:
                 error = await actor.probe_health()
                 if error is not None:
@@ -413,9 +433,9 @@ class Daemon:
             left = end - anyio.current_time()
             if left <= 0 or self._stopping:
                 return None
-            with anyio.move_on_after(min(ROLLOUT_PROBE_S, left)):
-                await self._stop.wait()
+            await _first_of(min(ROLLOUT_PROBE_S, left), handover.failed, self._stop)
             probe = not self._stopping
+        return None  # the caller reads the failure
 
     async def _put_back(self, previous: Deployment) -> None:
         """Run the previous version of a component again, on its mailbox when the actor still runs."""
@@ -425,7 +445,7 @@ class Daemon:
         assert previous.loaded is not None
         actor = self.supervisor.actors.get(spec.component_id)
         if actor is not None and actor.accepts_handover:
-            await self.supervisor.hand_over(spec, previous.loaded)
+            await self.supervisor.hand_over(spec, previous.loaded)  # no fallback: its own restart policy applies
             return
         await self.supervisor.remove(spec.component_id, self.config.host.drain_timeout_s)
         await self.supervisor.start(spec, previous.loaded)
