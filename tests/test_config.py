@@ -73,7 +73,8 @@ config_file = "y"
     assert found[1:] == [
         "components[0].colour: unknown key (expected one of id, path, limits, env, config_data, config_file, "
         "mailbox_capacity, restart, max_restarts, restart_window_s, backoff_base_ms, backoff_max_ms, group, strategy, "
-        "health_interval_s, shutdown_timeout_s, capabilities, wasi, log_rate, log_burst, max_message_bytes)",
+        "health_interval_s, shutdown_timeout_s, capabilities, wasi, log_rate, log_burst, max_message_bytes, "
+        "rollout_check_s)",
         'components[0].limits.max_memory_bytes: expected an integer > 0, got -5',
         'components[0].limits.max_fuel: expected an integer > 0, got "lots"',
         'components[0].restart: expected one of "permanent", "transient", "temporary", got "sometimes"',
@@ -221,3 +222,13 @@ def test_a_control_socket_path_too_long_to_bind_is_an_error(tmp_path: Path) -> N
     length = len(str(state / "wasmhost.sock"))
     assert info.value.errors == [f"host.control_socket: {state / 'wasmhost.sock'} is {length} bytes long; a Unix "
                                  "socket path holds at most 107 (shorten state_dir or control_socket)"]
+
+
+def test_the_rollout_check_window_has_a_host_default_and_a_per_component_override(tmp_path: Path) -> None:
+    config = parse(tmp_path, 'rollout_check_s = 0.5\n[[components]]\nid = "a/b/c"\npath = "echo.wasm"\n'
+                             '[[components]]\nid = "a/b/d"\npath = "echo.wasm"\nrollout_check_s = 0\n')
+    assert [p.rollout_check_s for p in config.components] == [0.5, 0.0]  # type: ignore[attr-defined]
+    found = errors(tmp_path, 'rollout_check_s = -1\n[[components]]\nid = "a/b/c"\npath = "echo.wasm"\n'
+                             'rollout_check_s = "long"\n')
+    assert found == ["host.rollout_check_s: expected a number >= 0, got -1",
+                     'components[0].rollout_check_s: expected a number >= 0, got "long"'], found

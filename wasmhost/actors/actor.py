@@ -344,10 +344,10 @@ class ComponentActor:
         probation, self._probation = self._probation, None
         assert probation is not None and probation.fallback is not None
         log.warning("component_probation_failed", component=self.name, error=str(error))
+        probation.failure = error  # said before any wait: whoever ends the probation next sees it
+        probation.failed.set()
         await self._retire()
         self._install(*probation.fallback())
-        probation.failure = error
-        probation.failed.set()
 
     def end_probation(self) -> None:
         """The new version passed (or no longer needs) its check: failures are handled by its restart
