@@ -20,6 +20,17 @@ from tests.test_daemon import ROOT, Daemon, component, config_text
 from wasmhost.system import protocol
 from wasmhost.system.client import request
 
+# Runs the real CLI with Supervisor.hand_over failing: an unexpected exception in the middle of an upgrade.
+FAULTY = """
+import sys
+from wasmhost.actors import supervisor
+async def faulty(self, *args, **kwargs):
+    raise RuntimeError("injected fault")
+supervisor.Supervisor.hand_over = faulty
+from wasmhost.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 LONG = b"1000000000"  # about 4 s of busy's loop: the component is in the middle of it when the reload comes
 QUEUED = 300
 
@@ -43,10 +54,11 @@ def started() -> Iterator[list[Daemon]]:
             d.proc.wait()
 
 
-def start(tmp_path: Path, components: Path, started: list[Daemon], extra: str) -> Daemon:
+def start(tmp_path: Path, components: Path, started: list[Daemon], extra: str,
+          python_args: tuple[str, ...] = ("-m", "wasmhost.cli")) -> Daemon:
     config = tmp_path / "wasmhost.toml"
     config.write_text(config_text(tmp_path / "state", component("t/svc/0", "svc", extra), components))
-    d = Daemon(tmp_path, config)
+    d = Daemon(tmp_path, config, python_args=python_args)
     started.append(d)
     d.expect("READY=1")
     return d
@@ -162,4 +174,20 @@ def test_a_notify_socket_nobody_reads_does_not_hang_the_daemon(tmp_path: Path, c
         response = request(d.socket, protocol.Reload(), timeout=30)
         assert response.ok and response.data["outcome"] == "reloaded", response
     assert d.call("t/svc/0", "5") == "5"
+    assert d.stop() == 0
+
+
+def test_a_fault_in_an_upgrade_keeps_the_previous_version_and_says_so(tmp_path: Path, components: Path,
+                                                                     started: list[Daemon]) -> None:
+    d = start(tmp_path, components, started, "", ("-c", FAULTY))
+    new_version(d, tmp_path, components, "hasher", "rollout_check_s = 0.5")
+    result = d.cli("reload", "--json")
+    assert result.returncode == 1, result
+    report = json.loads(result.stdout)
+    assert report["outcome"] == "rolled-back" and report["changed"] == [], report
+    assert report["rolled_back"] == {"t/svc/0": "the upgrade failed: RuntimeError: injected fault"}, report
+    assert d.call("t/svc/0", "5") == "5" and row(d)["rollout"] == "rolled back: the upgrade failed: " \
+        "RuntimeError: injected fault"
+    seen = d.expect("READY=1")
+    assert any("STATUS=reloaded with rollbacks; 1 running" in m.split("\n") for m in seen), seen
     assert d.stop() == 0
