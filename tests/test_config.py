@@ -74,7 +74,7 @@ config_file = "y"
         "components[0].colour: unknown key (expected one of id, path, limits, env, config_data, config_file, "
         "mailbox_capacity, restart, max_restarts, restart_window_s, backoff_base_ms, backoff_max_ms, group, strategy, "
         "health_interval_s, shutdown_timeout_s, capabilities, wasi, outbound_http, log_rate, log_burst, "
-        "max_message_bytes)",
+        "max_message_bytes, rollout_check_s)",
         'components[0].limits.max_memory_bytes: expected an integer > 0, got -5',
         'components[0].limits.max_fuel: expected an integer > 0, got "lots"',
         'components[0].restart: expected one of "permanent", "transient", "temporary", got "sometimes"',
@@ -230,3 +230,13 @@ def test_outbound_http_is_granted_per_component_and_must_be_a_boolean(tmp_path: 
     assert [plan.outbound_http for plan in config.components] == [True, False]  # type: ignore[attr-defined]
     found = errors(tmp_path, '[[components]]\nid = "a/web/0"\npath = "echo.wasm"\noutbound_http = "yes"\n')
     assert found == ['components[0].outbound_http: expected true or false, got "yes"']
+
+
+def test_the_rollout_check_window_has_a_host_default_and_a_per_component_override(tmp_path: Path) -> None:
+    config = parse(tmp_path, 'rollout_check_s = 0.5\n[[components]]\nid = "a/b/c"\npath = "echo.wasm"\n'
+                             '[[components]]\nid = "a/b/d"\npath = "echo.wasm"\nrollout_check_s = 0\n')
+    assert [p.rollout_check_s for p in config.components] == [0.5, 0.0]  # type: ignore[attr-defined]
+    found = errors(tmp_path, 'rollout_check_s = -1\n[[components]]\nid = "a/b/c"\npath = "echo.wasm"\n'
+                             'rollout_check_s = "long"\n')
+    assert found == ["host.rollout_check_s: expected a number >= 0, got -1",
+                     'components[0].rollout_check_s: expected a number >= 0, got "long"'], found

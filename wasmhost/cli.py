@@ -209,6 +209,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns[:-1], widths, strict=True)) + "  LAST ERROR")
     for r in table:
         print(("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]).rstrip())
+    for row in rows:  # the reload kept (or put back) the previous version: the operator must hear why
+        if str(row.get("rollout") or "").startswith("rolled back"):
+            print(f"reload: {row['id']}: {row['rollout']}")
     if response.data.get("log_lines_dropped"):
         print(f"logs: {response.data['log_lines_dropped']} line(s) dropped: a log destination could not keep up")
     if response.data.get("storage_io_errors"):
@@ -268,12 +271,32 @@ def cmd_call(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the daemon to reload and print its report: exit 1 when anything was rejected or rolled back."""
+    import msgspec
+
+    from wasmhost.system import protocol
+    from wasmhost.system.client import request
+    from wasmhost.system.reload_report import ReloadReport
+
+    # A reload lasts as long as the longest rollout check window of the versions it hands over.
+    response = request(socket_path(args), protocol.Reload(), timeout=args.timeout)
+    if response.data is None:  # not a report: the request itself failed
+        print(f"wasmhost: {response.error}", file=sys.stderr)
+        return EXIT_FAILED
+    report = msgspec.convert(response.data, ReloadReport)  # the daemon sent msgspec.to_builtins of one
+    if args.json:
+        print(json.dumps(response.data, indent=2))
+    else:
+        print("\n".join(report.lines()), file=sys.stdout if response.ok else sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 def cmd_simple(args: argparse.Namespace) -> int:
-    """reload / stop ID / start ID / restart ID."""
+    """stop ID / start ID / restart ID."""
     from wasmhost.system import protocol
 
-    message: Any = protocol.Reload() if args.command == "reload" else {
-        "stop": protocol.Stop, "start": protocol.Start, "restart": protocol.Restart}[args.command](args.id)
+    message: Any = {"stop": protocol.Stop, "start": protocol.Start, "restart": protocol.Restart}[args.command](args.id)
     response = _ask(args, message)
     if response is None:
         return EXIT_FAILED
@@ -428,7 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("-o", "--output", metavar="FILE", help="write the reply bytes to FILE instead of stdout")
     call.add_argument("-v", "--verbose", action="store_true",
                       help="on failure, also print the whole error (a trapped guest's wasm backtrace)")
-    add("reload", cmd_simple, "re-read the configuration and apply the difference", control=True)
+    reload = add("reload", cmd_reload, "re-read the configuration, apply the difference and report what changed",
+                 control=True)
+    reload.add_argument("--json", action="store_true", help="machine-readable report")
+    reload.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                        help="seconds to wait for the report (a reload waits for its rollout check windows; "
+                             "default: %(default)g)")
     for name in ("stop", "start", "restart"):
         add(name, cmd_simple, f"{name} component ID", control=True).add_argument("id")
     logs = add("logs", cmd_logs, "filter and print the daemon's logs (JSON lines or console format)", config=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -82,6 +82,30 @@ class Progress:
     started: int = 0  # envelopes whose call began: one more than `done` while a call is in progress
 
 
+@dataclass(slots=True)
+class Handover:
+    """A new version (spec and a fresh StoreManager) to run on the same actor, mailbox and counters, and
+    the version to fall back to when it cannot start (None: its failure is handled like any boot failure)."""
+
+    spec: ActorSpec
+    manager: StoreManager
+    fallback: Callable[[], tuple[ActorSpec, StoreManager]] | None
+    done: asyncio.Future[Exception | None]
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the new version failed while on probation and its fallback took over."""
+    failure: Exception | None = None
+
+    def finish(self, error: Exception | None) -> None:
+        """Tell the waiter how the new version's first boot ended (None: it runs)."""
+        if not self.done.done():
+            self.done.set_result(error)
+
+    @property
+    def boot_error(self) -> Exception | None:
+        """Why the new version's first boot failed (None: it ran); only once `done`."""
+        return self.done.result()
+
+
 class ComponentActor:
     """Owns one component's Store (through its StoreManager) and mailbox; handles strictly one
     message at a time, in order, and never runs guest code on the event loop."""
@@ -123,6 +147,9 @@ class ComponentActor:
         self._ended = asyncio.Event()  # the task has let go of the Store and answered everything
         self._next_health = 0.0
         self.in_hand = 0  # envelopes taken from the mailbox whose answers have not gone out yet
+        self._handover: Handover | None = None  # asked for, not yet taken up by the actor task
+        self._booting: Handover | None = None  # taken up: its first boot is under way
+        self._probation: Handover | None = None  # booted: a failure falls back instead of restarting
 
     # --- control (event loop) ---
 
@@ -174,10 +201,49 @@ class ComponentActor:
         self._restart_requested = True
         self.mailbox.wake()
 
+    async def hand_over(self, spec: ActorSpec, manager: StoreManager,
+                        fallback: Callable[[], tuple[ActorSpec, StoreManager]] | None = None) -> Handover:
+        """Run a new version of the component on this actor: same mailbox, queue and counters. The
+        instance in place finishes the message in hand, runs `shutdown` (bounded) and its Store is
+        closed; then `manager` boots with `spec` and takes up the queue. Returns once that first boot
+        has ended (`boot_error` says how). With a `fallback`: if the boot failed, the version it returns
+        boots in its place before this returns; if it ran, the new version is on probation until
+        `end_probation`: a failure then boots the fallback at once instead of a restart (`failed` is
+        set). Only when `accepts_handover`; a stop ends the wait with an error."""
+        if not self.accepts_handover:
+            raise RuntimeError(f"{self.name} is not running: start it rather than hand it over")
+        previous = self._handover
+        if previous is not None:  # not taken up yet: the newer one replaces it
+            previous.finish(RuntimeError("replaced by a newer version"))
+        handover = Handover(spec, manager, fallback, asyncio.get_running_loop().create_future())
+        self._handover = handover
+        if self._backoff is not None:
+            self._backoff.cancel()  # waiting to restart the old version: boot the new one now
+        self.mailbox.wake()
+        await handover.done
+        return handover
+
+    async def probe_health(self) -> Exception | None:
+        """Ask the running instance for its health now (between two steps of the batch in hand, under
+        the Store's lock); returns the failure of the call, if any. `health` holds the answer."""
+        if self.state is not ActorState.RUNNING:
+            return None
+        try:
+            self.health = await self.workers.run_steps(self.manager.health_steps(), self.manager.lock,
+                                                       self.manager.host.interrupt)
+        except (GuestFailure, InstanceStateError) as exc:
+            return exc
+        return None
+
     @property
     def running(self) -> bool:
         """Whether the actor task is alive (running, restarting or stopping)."""
         return self._task is not None and not self._task.done()
+
+    @property
+    def accepts_handover(self) -> bool:
+        """Whether `hand_over` may be called: the actor task is alive and not stopping."""
+        return self.running and not self._stopping
 
     # --- the actor task ---
 
@@ -194,10 +260,16 @@ class ComponentActor:
     async def _live(self) -> None:
         """Boot, serve, restart by the supervisor's word; returns when stopped, failed or exited."""
         while True:
+            if self._handover is not None and not self._stopping:  # handed over: retire this version first
+                await self._take_handover()
             error = await self._boot()
+            if self._booting is not None:
+                error = await self._handover_booted(error)
             if error is None:
                 self._started.set()
                 error = await self._serve()
+                if error is None and self._handover is not None and not self._stopping:
+                    continue  # the new version is taken up at the top
                 if error is None and self._restart_requested:
                     self._restart_requested = False
                     self.stats.restarts += 1
@@ -205,6 +277,9 @@ class ComponentActor:
             if error is None or self._stopping:
                 return
             self._record_error(error)
+            if self._probation is not None:
+                await self._fall_back(error)
+                continue
             delay = self.supervisor.on_failure(self, error)
             if delay is None:
                 if isinstance(error, GuestExit) and error.clean:
@@ -227,6 +302,70 @@ class ComponentActor:
             self._backoff = None
             if self._stopping:
                 return
+
+    async def _take_handover(self) -> None:
+        """Retire the instance in place (shutdown, bounded; Store closed) and put the handed-over
+        version in its place; its boot comes next."""
+        handover, self._handover = self._handover, None
+        assert handover is not None
+        self._booting = handover
+        self._probation = None  # a newer version supersedes the one on probation
+        await self._retire()
+        self._install(handover.spec, handover.manager)
+        log.info("component_handover", component=self.name, queued=len(self.mailbox))
+
+    def _install(self, spec: ActorSpec, manager: StoreManager) -> None:
+        """Make `spec` and `manager` the version this actor runs (its Store is not yet instantiated)."""
+        self.spec, self.manager = spec, manager
+        self.max_message_bytes = spec.max_message_bytes
+        self.mailbox.capacity = spec.mailbox_capacity  # what is queued beyond it stays queued
+        self.history = RestartHistory(spec.intensity)
+        self.metadata = None
+        self.health = HealthStatus.UNKNOWN
+
+    async def _handover_booted(self, error: Exception | None) -> Exception | None:
+        """The handed-over version's first boot ended with `error`: on failure, boot its fallback (same
+        mailbox) before telling the waiter; on success it stays on probation (a failure falls back
+        at once) until `end_probation`. Returns the error of the version now in place."""
+        handover, self._booting = self._booting, None
+        assert handover is not None
+        if error is None or handover.fallback is None:
+            if error is None and handover.fallback is not None:
+                self._probation = handover
+            handover.finish(error)
+            return error
+        log.warning("component_handover_failed", component=self.name, error=str(error))
+        self._record_error(error)
+        await self._retire()
+        self._install(*handover.fallback())
+        restored = await self._boot()
+        handover.finish(error)
+        return restored
+
+    async def _fall_back(self, error: Exception) -> None:
+        """The version on probation failed: retire it and install its fallback (booted next), on the same
+        mailbox, instead of restarting it; whoever watches the probation hears why."""
+        probation, self._probation = self._probation, None
+        assert probation is not None and probation.fallback is not None
+        log.warning("component_probation_failed", component=self.name, error=str(error))
+        probation.failure = error  # said before any wait: whoever ends the probation next sees it
+        probation.failed.set()
+        await self._retire()
+        self._install(*probation.fallback())
+
+    def end_probation(self) -> None:
+        """The new version passed (or no longer needs) its check: failures are handled by its restart
+        policy again."""
+        self._probation = None
+
+    async def _retire(self) -> None:
+        """`shutdown` the instance in place if it is alive (bounded like a stop's), then close its Store."""
+        with anyio.move_on_after(self.spec.shutdown_timeout + STOP_GRACE) as late:
+            await self._shutdown()
+        if late.cancelled_caught:
+            log.warning("component_shutdown_failed", component=self.name, error="interrupted: it outlasted "
+                        f"shutdown_timeout_s ({self.spec.shutdown_timeout:g} s)")
+        await self.workers.run(self.manager.close, self.manager.lock)
 
     async def _guest(self, steps: Generator[float, None, T]) -> T:
         """Run one guest call on the worker pool. Cancelled (the drain or shutdown time ran out), it
@@ -262,7 +401,7 @@ class ComponentActor:
         """Handle batches until stopped (and drained), restarted or a guest failure (returned).
         Cancelled by the drain scope, a batch in hand is answered or put back first."""
         while True:
-            if self._restart_requested:
+            if self._restart_requested or self._handover is not None:
                 return None
             if self._stopping and not len(self.mailbox):
                 return None  # drained
@@ -338,6 +477,8 @@ class ComponentActor:
         for index, envelope in enumerate(batch):
             if host.interrupted:
                 return batch[index:], None  # out of drain time: the rest is answered as stopped
+            if self._handover is not None:
+                return batch[index:], None  # a new version takes over: the rest waits for it
             if time.monotonic() >= slice_end:
                 yield math.inf  # many short calls add up to a slice too: let others run
                 slice_end = time.monotonic() + SLICE_S
@@ -415,6 +556,10 @@ class ComponentActor:
         except Exception as exc:  # the worker pool is closed, say: nothing may keep the answers from going out
             log.error("component_finish_failed", component=self.name, error=f"{type(exc).__name__}: {exc}")
         finally:
+            for handover in (self._booting, self._handover):  # a stop came first: the waiter hears it
+                if handover is not None:
+                    handover.finish(RuntimeError(f"{self.name} stopped during the handover"))
+            self._booting = self._handover = self._probation = None
             self._reject_remaining("failed" if self.state is ActorState.FAILED else "stopped")
             self.router.forget_requester(self.component_id)
             if self.state is not ActorState.FAILED:

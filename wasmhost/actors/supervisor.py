@@ -8,7 +8,7 @@ import time
 import anyio
 import structlog
 
-from wasmhost.actors.actor import ComponentActor
+from wasmhost.actors.actor import ComponentActor, Handover
 from wasmhost.actors.restart import RestartPolicy, Strategy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
@@ -21,6 +21,7 @@ from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.host_fn import HostContext
 from wasmhost.runtime.loader import LoadedComponent
 from wasmhost.runtime.runtime import Runtime
+from wasmhost.runtime.store import StoreManager
 from wasmhost.security.capabilities import CapabilityChecker, StorageGate
 
 log = structlog.get_logger("wasmhost.supervisor")
@@ -53,6 +54,14 @@ class Supervisor:
         """Create (not start) the actor for `spec`; it becomes reachable for messages at once."""
         if spec.component_id in self.actors:
             raise ValueError(f"component {spec.component_id} is already loaded")
+        manager = self._manager(spec, loaded)
+        actor = ComponentActor(spec, manager, self.router, self.workers, self, asyncio.get_running_loop())
+        self.actors[spec.component_id] = actor
+        self.router.attach(actor)
+        return actor
+
+    def _manager(self, spec: ActorSpec, loaded: LoadedComponent) -> StoreManager:
+        """A fresh (not yet instantiated) Store manager running `loaded` with `spec`'s settings."""
         storage = self.storage
         if storage is not None and self.permissions is not None:
             storage = StorageGate(storage, self.permissions)  # denials are audited
@@ -60,11 +69,15 @@ class Supervisor:
             storage = None
         host = HostContext(spec.component_id, messaging=self.router, storage=storage, directory=self,
                            log_limit=spec.log_limit)
-        manager = self.runtime.store(loaded, spec.component_id, spec.limits, host, spec.wasi)
-        actor = ComponentActor(spec, manager, self.router, self.workers, self, asyncio.get_running_loop())
-        self.actors[spec.component_id] = actor
-        self.router.attach(actor)
-        return actor
+        return self.runtime.store(loaded, spec.component_id, spec.limits, host, spec.wasi)
+
+    async def hand_over(self, spec: ActorSpec, loaded: LoadedComponent,
+                        fallback: tuple[ActorSpec, LoadedComponent] | None = None) -> Handover:
+        """Run a new version of a running component on its actor, keeping its mailbox, queue and counters
+        (see ComponentActor.hand_over: `fallback` runs again if it fails to start or while on probation)."""
+        actor = self.actors[spec.component_id]
+        restore = None if fallback is None else (lambda: (fallback[0], self._manager(*fallback)))
+        return await actor.hand_over(spec, self._manager(spec, loaded), restore)
 
     async def start(self, spec: ActorSpec, loaded: LoadedComponent) -> ComponentActor:
         """Add and start one component; returns once it runs or has failed to start."""

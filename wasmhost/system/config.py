@@ -30,6 +30,9 @@ MAX_SECONDS = 86400.0
 """The longest timeout or interval accepted: longer is a mistake, and `inf` would make a stop wait forever or
 overflow a deadline when the daemon is already running."""
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
+CheckSeconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
+DEFAULT_ROLLOUT_CHECK_S = 3.0
+"""Seconds a new version handed over by a reload must stay up and healthy, or the old one comes back."""
 MAX_SOCKET_PATH = 107
 """Bytes in a Unix socket path (sun_path is 108 with its NUL on Linux)."""
 
@@ -77,6 +80,7 @@ class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_rate: PositiveFloat | None = None
     log_burst: Positive | None = None
     max_message_bytes: Positive | None = None
+    rollout_check_s: CheckSeconds | None = None
 
 
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -100,6 +104,7 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     default_log_rate: PositiveFloat = DEFAULT_LOG_RATE
     default_log_burst: Positive = DEFAULT_LOG_BURST
     max_message_bytes: Positive = DEFAULT_MAX_MESSAGE_BYTES
+    rollout_check_s: CheckSeconds = DEFAULT_ROLLOUT_CHECK_S
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -130,6 +135,8 @@ class ComponentPlan:
     """The capabilities parsed for the checker (every pattern was validated with the config)."""
     outbound_http: bool = False
     """Whether the component may import wasi:http: outbound HTTP(S) to any host, all or nothing."""
+    rollout_check_s: float = DEFAULT_ROLLOUT_CHECK_S
+    """Seconds a new version of it must stay up and healthy after a reload, or the previous one comes back."""
 
 
 @dataclass(frozen=True)
@@ -353,7 +360,8 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         max_message_bytes=section.max_message_bytes or host.max_message_bytes,
     )
     quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
-    return ComponentPlan(spec, wasm, section.capabilities, quota, grants, section.outbound_http)
+    check = host.rollout_check_s if section.rollout_check_s is None else section.rollout_check_s
+    return ComponentPlan(spec, wasm, section.capabilities, quota, grants, section.outbound_http, check)
 
 
 def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes | None:

@@ -16,11 +16,13 @@ import anyio
 import msgspec
 import structlog
 
+from wasmhost.actors.actor import Handover
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core.errors import HostError, LoadError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
+from wasmhost.core.metadata import HealthStatus
 from wasmhost.core.private_files import private_dir
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
@@ -34,12 +36,15 @@ from wasmhost.system import protocol
 from wasmhost.system.config import ComponentPlan, Config, ConfigError, load_config
 from wasmhost.system.control import ControlServer, SocketInUse
 from wasmhost.system.logging import lines_dropped, reopen_log_files
+from wasmhost.system.reload_report import ReloadReport
 from wasmhost.system.sd_notify import Notifier
 
 log = structlog.get_logger("wasmhost.daemon")
 
 START_CONCURRENCY = 32
 """Components loaded and started at the same time."""
+ROLLOUT_PROBE_S = 1.0
+"""Seconds between two health probes of a new version during its rollout check window."""
 
 
 @dataclass
@@ -51,6 +56,8 @@ class Deployment:
     load_error: str | None = None
     loaded: LoadedComponent | None = None
     """The compiled component it runs, kept so that a failed reload can put it back."""
+    rollout: str | None = None
+    """What the last reload did to its version: `upgraded`, or `rolled back: REASON`."""
 
 
 def prepare_state_dir(config: Config) -> None:
@@ -81,6 +88,24 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _one_line(text: str, component: ComponentId | None = None) -> str:
+    """A multi-line error (a wasm backtrace) on one line, without a leading `component: `."""
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text.removeprefix(f"{component}: ") if component is not None else text
+
+
+async def _first_of(timeout: float, *events: asyncio.Event) -> None:
+    """Wait until one of `events` is set, for at most `timeout` seconds."""
+    with anyio.move_on_after(timeout):
+        async with anyio.create_task_group() as group:
+            async def wait(event: asyncio.Event) -> None:
+                await event.wait()
+                group.cancel_scope.cancel()
+
+            for event in events:
+                group.start_soon(wait, event)
+
+
 def _host_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     """The [host] settings that differ between two configs, as (key, old, new)."""
     before, after = msgspec.structs.asdict(old.host), msgspec.structs.asdict(new.host)
@@ -104,6 +129,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._stopping = False
         self._reload_lock = asyncio.Lock()
+        self._ready = False  # start-up is over: from now on a reload never waits for another one
         self.router: MessageRouter
         self.supervisor: Supervisor
         self.control: ControlServer
@@ -133,6 +159,7 @@ class Daemon:
         began = time.monotonic()
         async with self._reload_lock:  # a SIGHUP during start-up waits for it
             await self._apply(self.config.components)
+        self._ready = True
         self.notifier.notify("READY=1", f"STATUS={self._summary()}")
         log.info("daemon_ready", seconds=round(time.monotonic() - began, 3), summary=self._summary(),
                  socket=str(self.config.control_socket))
@@ -243,36 +270,51 @@ class Daemon:
 
     # --- reload ---
 
-    async def reload(self) -> list[str]:
-        """Re-read the config file and apply it whole; returns what stopped it (nothing changed then).
+    async def reload(self) -> ReloadReport:
+        """Re-read the config file and apply it whole; returns what it did (see ReloadReport).
 
         Everything that can fail is done before a running component is touched: the config is parsed and
         validated, every added or changed component is compiled and checked against its memory budget.
-        RELOADING=1 is always followed by READY=1, and the lock is released, whatever happens."""
+        A changed component that runs is handed over to its new version on the same actor (nothing queued
+        is lost) and rolled back to its previous version if that one fails to start or to stay up and
+        healthy for its rollout check window. A reload asked for while another one runs is refused at
+        once. RELOADING=1 is always followed by READY=1, and the lock is released, whatever happens."""
         if self._stopping:  # what it would start, the shutdown would not stop
             log.warning("reload_refused", reason="the daemon is stopping")
-            return ["reload refused: the daemon is stopping"]
+            return ReloadReport("refused", problems=["reload refused: the daemon is stopping"])
+        if self._ready and self._reload_lock.locked():  # another one may take a whole check window: never wait
+            log.warning("reload_refused", reason="a reload is in progress")
+            self._notify_reloading()  # systemd's reload waits for this pair whatever the daemon decides
+            self.notifier.notify("READY=1", f"STATUS=reload refused: a reload is in progress; {self._summary()}")
+            return ReloadReport("refused", problems=["reload refused, nothing changed: a reload is in progress; "
+                                                     "try again once it has ended"])
         async with self._reload_lock:
-            monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+            self._notify_reloading()
             outcome = "reload failed"
             try:
-                errors = await self._reload()
-                outcome = "reload rejected" if errors else "reloaded"
-                return errors
+                report = await self._reload()
+                outcome = {"reloaded": "reloaded", "rolled-back": "reloaded with rollbacks"}.get(
+                    report.outcome, "reload rejected")
+                return report
             except Exception as exc:  # a bug must not leave systemd waiting nor the reload lock held
                 log.exception("reload_failed")
-                return [f"reload failed, previous configuration restored: {_describe(exc)}"]
+                return ReloadReport("failed", problems=[
+                    f"reload failed, previous configuration restored: {_describe(exc)}"])
             finally:
                 self.notifier.notify("READY=1", f"STATUS={outcome}; {self._summary()}")
 
-    async def _reload(self) -> list[str]:
+    def _notify_reloading(self) -> None:
+        monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+
+    async def _reload(self) -> ReloadReport:
         try:
             new = await asyncio.to_thread(load_config, self.config.source)
         except ConfigError as exc:
             log.error("reload_rejected", errors=exc.errors)
-            return [f"reload rejected, nothing changed: {exc.source}: {len(exc.errors)} error(s):",
-                    *(f"  {e}" for e in exc.errors)]
+            return ReloadReport("rejected", problems=[
+                f"reload rejected, nothing changed: {exc.source}: {len(exc.errors)} error(s):",
+                *(f"  {e}" for e in exc.errors)])
         problems = [f"host.{key}: changed from {old!r} to {value!r}; [host] settings are read only at start: "
                     "restart wasmhost to apply them" for key, old, value in _host_changes(self.config, new)]
         added, removed, changed, unchanged = await self._diff(new)
@@ -283,24 +325,134 @@ class Daemon:
                 loaded[cid] = await self._load(wanted[cid])
             except Exception as exc:  # whatever stops the new version, the old one keeps running
                 reason = str(exc) if isinstance(exc, LoadError) else _describe(exc)
-                problems.append(f"{cid}: " + " ".join(line.strip() for line in reason.splitlines() if line.strip()))
+                problems.append(f"{cid}: {_one_line(reason)}")
         if self._stopping:  # a stop signal came while the new versions compiled: start nothing now
             problems.append("the daemon is stopping")
         if problems:
             log.error("reload_rejected", errors=problems)
-            return [f"reload rejected, nothing changed: {len(problems)} problem(s):", *(f"  {p}" for p in problems)]
+            return ReloadReport("rejected", problems=[f"reload rejected, nothing changed: {len(problems)} problem(s):",
+                                                      *(f"  {p}" for p in problems)])
+        handed = [c for c in changed if self._can_hand_over(c)]
+        replaced = [c for c in changed if c not in handed]  # not running: nothing to hand over, started anew
         old_config, old_deployments = self.config, dict(self.deployments)
         try:
-            for cid in removed + changed:
+            for cid in removed + replaced:
                 await self._remove(cid)
             self.config = new
-            await self._apply([wanted[c] for c in added + changed], loaded)
+            await self._apply([wanted[c] for c in added + replaced], loaded)
         except Exception:
-            await self._restore(old_config, old_deployments, added + changed + removed)
+            await self._restore(old_config, old_deployments, added + replaced + removed)
             raise
-        log.info("reloaded", added=[str(c) for c in added], removed=[str(c) for c in removed],
-                 changed=[str(c) for c in changed], unchanged=len(unchanged))
-        return []
+        rolled_back = await self._roll_out([wanted[c] for c in handed], loaded, old_deployments)
+        kept_changes = [c for c in changed if c not in rolled_back]
+        report = ReloadReport("rolled-back" if rolled_back else "reloaded", added=[str(c) for c in added],
+                              removed=[str(c) for c in removed], changed=[str(c) for c in kept_changes],
+                              kept=[str(c) for c in unchanged],
+                              rolled_back={str(c): reason for c, reason in rolled_back.items()})
+        log.info("reloaded", added=report.added, removed=report.removed, changed=report.changed,
+                 unchanged=len(unchanged), rolled_back=report.rolled_back)
+        return report
+
+    def _can_hand_over(self, cid: ComponentId) -> bool:
+        """Whether a changed component runs a version it can hand its queue over to (and fall back to)."""
+        actor = self.supervisor.actors.get(cid)
+        previous = self.deployments.get(cid)
+        return actor is not None and actor.accepts_handover and previous is not None and previous.loaded is not None
+
+    async def _roll_out(self, plans: list[ComponentPlan], loaded: dict[ComponentId, LoadedComponent],
+                        previous: dict[ComponentId, Deployment]) -> dict[ComponentId, str]:
+        """Hand each running changed component over to its new version, all at once, and watch each for its
+        check window; returns the components rolled back to their previous version, with the reason."""
+        if not plans:
+            return {}
+        window = max(p.rollout_check_s for p in plans)
+        ids = ", ".join(str(p.spec.component_id) for p in plans)
+        self.notifier.notify(f"STATUS=reload: checking new versions of {ids} for up to {window:g} s")
+        rolled_back: dict[ComponentId, str] = {}
+
+        async def one(plan: ComponentPlan) -> None:
+            cid = plan.spec.component_id
+            reason = await self._upgrade(plan, loaded[cid], previous[cid])
+            if reason is not None:
+                rolled_back[cid] = reason
+
+        async with anyio.create_task_group() as group:
+            for plan in plans:
+                group.start_soon(one, plan, name=f"roll out {plan.spec.component_id}")
+        return rolled_back
+
+    async def _upgrade(self, plan: ComponentPlan, loaded: LoadedComponent, previous: Deployment) -> str | None:
+        """Hand one running component over to its new version (same actor, mailbox and counters) and check
+        it for its window; on failure the previous version and settings run again on the same mailbox.
+        Returns why it was rolled back, or None when the new version stays."""
+        cid = plan.spec.component_id
+        assert previous.loaded is not None  # _can_hand_over
+        self._grant(plan)
+        self.deployments[cid] = Deployment(plan, loaded.digest, loaded=loaded, rollout="upgraded")
+        reason: str | None
+        try:
+            handover = await self.supervisor.hand_over(plan.spec, loaded, (previous.plan.spec, previous.loaded))
+            if handover.boot_error is not None:  # the actor has already booted the previous version again
+                reason = f"the new version failed to start: {_one_line(str(handover.boot_error), cid)}"
+            else:
+                try:
+                    reason = await self._check(cid, handover, plan.rollout_check_s)
+                finally:
+                    actor = self.supervisor.actors.get(cid)
+                    if actor is not None:
+                        actor.end_probation()
+                if handover.failed.is_set():  # it failed on probation: the actor fell back by itself
+                    reason = f"it failed during its check window: {_one_line(str(handover.failure), cid)}"
+                elif reason is not None:
+                    await self._put_back(previous)
+        except Exception as exc:  # a bug: the previous version's settings apply again all the same
+            log.exception("reload_upgrade_failed", component=str(cid))
+            reason = f"the upgrade failed: {_describe(exc)}"
+        if reason is None:
+            log.info("component_upgraded", component=str(cid))
+            return None
+        self._grant(previous.plan)
+        previous.rollout = f"rolled back: {reason}"
+        self.deployments[cid] = previous
+        log.error("reload_rolled_back", component=str(cid), reason=reason)
+        return reason
+
+    async def _check(self, cid: ComponentId, handover: Handover, window: float) -> str | None:
+        """Watch a new version on probation for `window` seconds: its health as it booted, then a probe
+        every ROLLOUT_PROBE_S and at the end; a failure ends the watch at once (`handover.failed`, the
+        actor has fallen back). Returns why it must go, or None (also when a stop cuts the window short:
+        the shutdown does not wait for it). Each probe is bounded by the component's call deadline."""
+        actor = self.supervisor.actors.get(cid)
+        end = anyio.current_time() + window
+        probe = False
+        while not handover.failed.is_set():
+            if actor is None or actor.state in (ActorState.STOPPING, ActorState.STOPPED):
+                return None  # stopped on purpose (`wasmhost stop`, a shutdown): nothing left to check
+            if probe:
+                error = await actor.probe_health()
+                if error is not None:
+                    return f"its health check failed: {_one_line(str(error), cid)}"
+            if actor.health is HealthStatus.UNHEALTHY:
+                return "it reported unhealthy"
+            left = end - anyio.current_time()
+            if left <= 0 or self._stopping:
+                return None
+            await _first_of(min(ROLLOUT_PROBE_S, left), handover.failed, self._stop)
+            probe = not self._stopping
+        return None  # the caller reads the failure
+
+    async def _put_back(self, previous: Deployment) -> None:
+        """Run the previous version of a component again, on its mailbox when the actor still runs."""
+        if self._stopping:
+            return
+        spec = previous.plan.spec
+        assert previous.loaded is not None
+        actor = self.supervisor.actors.get(spec.component_id)
+        if actor is not None and actor.accepts_handover:
+            await self.supervisor.hand_over(spec, previous.loaded)  # no fallback: its own restart policy applies
+            return
+        await self.supervisor.remove(spec.component_id, self.config.host.drain_timeout_s)
+        await self.supervisor.start(spec, previous.loaded)
 
     async def _restore(self, config: Config, deployments: dict[ComponentId, Deployment],
                        touched: list[ComponentId]) -> None:
@@ -354,7 +506,7 @@ class Daemon:
             if actor is None:
                 rows.append({"id": str(cid), "state": "failed", "health": None, "restarts": 0,
                              "mailbox": 0, "queued": 0, "in_hand": 0, "handled": 0, "failed": 0,
-                             "last_error": deployment.load_error})
+                             "last_error": deployment.load_error, "rollout": deployment.rollout})
                 continue
             stats = actor.stats
             # health is the last answer of a live instance: none to show while it is not running
@@ -362,7 +514,7 @@ class Daemon:
             rows.append({"id": str(cid), "state": actor.state.value, "health": health, "restarts": stats.restarts,
                          "mailbox": len(actor.mailbox) + actor.in_hand, "queued": len(actor.mailbox),
                          "in_hand": actor.in_hand, "handled": stats.handled,
-                         "failed": stats.failed, "last_error": stats.last_error})
+                         "failed": stats.failed, "last_error": stats.last_error, "rollout": deployment.rollout})
         return rows
 
     # --- control requests ---
@@ -381,8 +533,10 @@ class Daemon:
                                                  "storage_last_error": self.storage.last_io_error,
                                                  "log_lines_dropped": lines_dropped()})
         if isinstance(request, protocol.Reload):
-            errors = await self.reload()
-            return protocol.Response(not errors, "\n".join(errors) or None)
+            report = await self.reload()
+            nothing_changed = report.outcome in ("rejected", "refused", "failed")
+            return protocol.Response(not nothing_changed, "\n".join(report.problems) if nothing_changed else None,
+                                     data=msgspec.to_builtins(report))
         cid = ComponentId.parse(request.id)
         if isinstance(request, protocol.Send):
             await self.router.host_send(cid, request.payload, wait=request.wait, timeout=request.timeout)

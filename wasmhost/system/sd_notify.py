@@ -27,7 +27,9 @@ class Notifier:
         if self._socket is None or self.address is None:
             return
         try:
-            self._socket.sendto("\n".join(fields).encode(), self.address)
+            # Never blocks the event loop: a receiver that stopped reading (its queue holds ~10 datagrams)
+            # costs this notification (logged), not the daemon.
+            self._socket.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self.address)
         except OSError as exc:
             log.warning("sd_notify_failed", error=str(exc))
 

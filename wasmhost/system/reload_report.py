@@ -1,0 +1,43 @@
+"""What one reload did, as the daemon answers it and the CLI prints it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Outcome = Literal["reloaded", "rolled-back", "rejected", "refused", "failed"]
+
+
+class ReloadReport(msgspec.Struct, forbid_unknown_fields=True):
+    """The result of one reload: what was added, removed, changed (handed over to a new version) and kept,
+    which changed components were rolled back to their previous version and why, and, when nothing
+    changed, the lines saying what stopped it (`outcome` rejected, refused or failed)."""
+
+    outcome: Outcome = "reloaded"
+    added: list[str] = msgspec.field(default_factory=list)
+    removed: list[str] = msgspec.field(default_factory=list)
+    changed: list[str] = msgspec.field(default_factory=list)
+    kept: list[str] = msgspec.field(default_factory=list)
+    rolled_back: dict[str, str] = msgspec.field(default_factory=dict)
+    """Component id -> why its new version was not kept (the previous version runs again)."""
+    problems: list[str] = msgspec.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether everything the configuration asked for was applied."""
+        return self.outcome == "reloaded"
+
+    def lines(self) -> list[str]:
+        """The report in words, one line each (the CLI prints them)."""
+        if self.outcome in ("rejected", "refused", "failed"):
+            return list(self.problems)  # they say that nothing changed, and why
+        head = "reload: ok" if self.ok else \
+            f"reload: {len(self.rolled_back)} component(s) rolled back to their previous version"
+        out = [head]
+        for label, ids in (("added", self.added), ("removed", self.removed), ("changed", self.changed)):
+            if ids:
+                out.append(f"  {label}: {', '.join(ids)}")
+        out.append(f"  kept: {len(self.kept)} unchanged")
+        out.extend(f"  rolled back: {cid}: {reason}" for cid, reason in self.rolled_back.items())
+        return out
