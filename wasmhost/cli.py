@@ -69,16 +69,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from wasmhost.runtime.guest_log import flush_suppressed
     from wasmhost.system.daemon import run_daemon
+    from wasmhost.system.detached import busy
     from wasmhost.system.logging import configure_logging, shutdown_logging
 
     source = config_path(args)
     level, fmt, log_file = _log_settings(source)
     configure_logging(args.log_level or level, args.log_format or fmt, log_file)
+    code = 1
     try:
-        return uvloop.run(run_daemon(source))
+        code = uvloop.run(run_daemon(source))
+        return code
     finally:
         flush_suppressed()  # the last `suppressed=N` counts of guests that flooded their logs
         shutdown_logging()  # bounded: a destination nobody reads does not hold the exit
+        if busy():  # a compile the stop abandoned: do not finalize the interpreter under it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
 def _log_settings(source: Path) -> tuple[str, str, str | None]:
@@ -143,7 +150,8 @@ def _ask(args: argparse.Namespace, message: Any) -> Any:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show every component: state, health, restarts, mailbox depth, counters, last error."""
+    """Show every component: state (and phase while starting), health, restarts, mailbox depth, counters,
+    last error."""
     from wasmhost.system import protocol
 
     response = _ask(args, protocol.Status())
@@ -154,6 +162,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(response.data, indent=2))
         return EXIT_OK
     columns = ["id", "state", "health", "restarts", "mailbox", "handled", "failed", "last_error"]
+    for row in rows:
+        if row.get("phase"):  # what a starting component is doing: starting/compiling
+            row["state"] = f"{row['state']}/{row['phase']}"
     table = [[str(row.get(c) if row.get(c) is not None else "-") for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(columns[:-1])]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns[:-1], widths, strict=True)) + "  LAST ERROR")
