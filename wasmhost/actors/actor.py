@@ -337,6 +337,7 @@ class ComponentActor:
         self.phase = "terminating"
         with anyio.move_on_after(self.spec.shutdown_timeout + STOP_GRACE):
             await self._shutdown()
+        log.info("component_terminated", component=self.name, reason="restart")
         self._resume = anyio.Event()
         self._suspended.set()
         with anyio.CancelScope() as self._idle:
