@@ -1,8 +1,8 @@
 """The daemon: deploys the configured components, reloads the config, answers the control socket,
 speaks sd_notify, and stops gracefully on SIGTERM / SIGINT.
 
-`run` is one task group: signal handling, reload requests (SIGHUP), the watchdog and start-up run in
-it, inside the supervisor (which owns every actor task); the workers, storage, runtime, notifier and
+`run` is one task group: the control server, signal handling, reload requests (SIGHUP), the watchdog
+and start-up run in it, inside the supervisor (which owns every actor task); the workers, storage, runtime, notifier and
 control socket are released in `finally` blocks whatever ends it. A stop signal cancels a start-up in
 progress (compiles are abandoned, not waited for: see detached.py) and then stops every component
 within drain_timeout_s + shutdown_timeout_s.
@@ -146,6 +146,7 @@ class Daemon:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals, \
                     reloads_in, reloads_out:
                 async with self.supervisor, anyio.create_task_group() as tasks:
+                    await tasks.start(self.control.serve, name="control")
                     tasks.start_soon(self._signals, signals, reloads_in, name="signals")
                     tasks.start_soon(self._reloads, reloads_out, name="reloads")
                     tasks.start_soon(self._watchdog, name="watchdog")
@@ -153,10 +154,11 @@ class Daemon:
                         await self._start_up()
                     await self._stop.wait()
                     await self._shutdown()
+                    await self.control.close()  # after the stop: answers it decided (stopped, failed) go out
                     tasks.cancel_scope.cancel()  # the signal, reload and watchdog tasks
         finally:
             with anyio.CancelScope(shield=True):
-                await self.control.close()  # bounded (control.ANSWER_TIMEOUT and a second)
+                await self.control.close()  # bounded (control.ANSWER_TIMEOUT and a second); at once if closed
         log.info("stopped")
         return 0
 
