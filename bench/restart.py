@@ -31,10 +31,10 @@ async def _measure(runtime: Runtime) -> list[float]:
     cid = ComponentId("bench", "trapper", "0")
     # No deliberate backoff: this measures the restart itself, not the policy's wait.
     spec = ActorSpec(cid, backoff=Backoff(base=0.0, maximum=0.0), intensity=Intensity(ROUNDS + 10, 3600))
-    actor = await sup.start(spec, runtime.load(cid, FIXTURES / "trapper.wasm"))
     samples = []
     async with sup:
         try:
+            actor = await sup.start(spec, runtime.load(cid, FIXTURES / "trapper.wasm"))
             for _ in range(ROUNDS):
                 began = time.perf_counter()
                 with contextlib.suppress(RequestFailed):

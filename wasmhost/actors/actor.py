@@ -299,7 +299,7 @@ class ComponentActor:
             self._attempt_ended()
             if error is None:
                 error = await self._serve()
-                if error is None and self._suspend_wanted:
+                if error is None and self._suspend_wanted and not self._stopping:
                     if not await self._suspend():
                         return
                     continue
