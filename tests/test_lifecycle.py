@@ -32,7 +32,9 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId
-from wasmhost.messaging.outcome import RequestFailed
+from wasmhost.core.errors import LoadError
+from wasmhost.messaging.outcome import Outcome, RequestFailed
+from wasmhost.runtime.loader import LoadedComponent
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.system.config import load_config
 from wasmhost.system.daemon import Daemon
@@ -156,6 +158,93 @@ def test_every_restart_is_answered_once_done_and_counted(tmp_path: Path) -> None
         assert d.call("t/counter/0", "") == "1"  # a fresh instance
     finally:
         assert d.stop() == 0
+
+
+# --- an actor exists while its component compiles (in-process supervisor, real components) ---
+# The compile step is our own Compile callable gated on an event (standing in for seconds of
+# compiling); what it returns is a real compiled component.
+
+
+@pytest.mark.anyio
+async def test_messages_wait_while_compiling_and_are_handled_once_it_runs(runtime: Runtime) -> None:
+    cid = ComponentId.parse("t/echo/0")
+    compiled = anyio.Event()
+
+    async def compile_slowly() -> LoadedComponent:
+        await compiled.wait()
+        return runtime.load(cid, fixture_path("echo"))
+
+    async with plain_supervisor(runtime) as sup, anyio.create_task_group() as group:
+        actor = sup.add(ActorSpec(cid), compile_slowly)
+        group.start_soon(actor.start)
+        with anyio.fail_after(10):
+            while actor.phase != "compiling":
+                await anyio.sleep(0.005)
+        replies: list[bytes | None] = []
+
+        async def call() -> None:
+            replies.append(await sup.router.host_request(cid, b"queued", 30.0))
+
+        group.start_soon(call)
+        with anyio.fail_after(10):
+            while len(actor.mailbox) != 1:
+                await anyio.sleep(0.005)
+        assert (actor.state, actor.phase) == (ActorState.STARTING, "compiling")
+        compiled.set()
+        with anyio.fail_after(10):
+            while not replies:
+                await anyio.sleep(0.005)
+        assert replies == [b"queued"]
+        assert (actor.state, actor.phase) == (ActorState.RUNNING, None)
+
+
+@pytest.mark.anyio
+async def test_a_component_that_fails_to_compile_answers_what_waited_for_it(runtime: Runtime) -> None:
+    cid = ComponentId.parse("t/broken/0")
+    compiled = anyio.Event()
+
+    async def compile_broken() -> LoadedComponent:
+        await compiled.wait()
+        raise LoadError("broken.wasm", "not a component")
+
+    async with plain_supervisor(runtime) as sup, anyio.create_task_group() as group:
+        actor = sup.add(ActorSpec(cid), compile_broken)
+        group.start_soon(actor.start)
+        outcomes: list[object] = []
+
+        async def call() -> None:
+            with pytest.raises(RequestFailed) as failed:
+                await sup.router.host_request(cid, b"waits", 30.0)
+            outcomes.append(failed.value.outcome)
+
+        group.start_soon(call)
+        with anyio.fail_after(10):
+            while len(actor.mailbox) != 1:
+                await anyio.sleep(0.005)
+        compiled.set()
+    assert outcomes == [Outcome.TARGET_STOPPED]
+    assert actor.state is ActorState.FAILED
+    assert actor.stats.last_error == "broken.wasm: not a component"
+
+
+@pytest.mark.anyio
+async def test_a_stop_during_a_compile_does_not_wait_for_it(runtime: Runtime) -> None:
+    cid = ComponentId.parse("t/echo/0")
+    never = anyio.Event()
+
+    async def compile_forever() -> LoadedComponent:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    async with plain_supervisor(runtime) as sup, anyio.create_task_group() as group:
+        actor = sup.add(ActorSpec(cid), compile_forever)
+        group.start_soon(actor.start)
+        with anyio.fail_after(10):
+            while actor.phase != "compiling":
+                await anyio.sleep(0.005)
+        with anyio.fail_after(5):  # drain time is 60 s: the stop must not spend it waiting for the compile
+            await actor.stop(drain_timeout=60.0)
+    assert actor.state is ActorState.STOPPED
 
 
 # --- OTP group strategies (in-process supervisor, real components) ---
