@@ -57,7 +57,6 @@ class Supervisor:
                         tb: TracebackType | None) -> bool | None:
         group = self._group
         assert group is not None, "the supervisor was not entered"
-        self._closing = True  # no actor starts from now on
         try:
             with anyio.CancelScope(shield=True):
                 await self.stop_all(STOP_ALL_DRAIN)  # bounded; quick when the owner has stopped them already
@@ -111,7 +110,9 @@ class Supervisor:
 
     async def stop_all(self, drain_timeout: float = 5.0) -> None:
         """Stop every component, asked in reverse start order and draining concurrently: returns within
-        drain_timeout + the largest shutdown_timeout + 2 x STOP_GRACE, whatever the guests do."""
+        drain_timeout + the largest shutdown_timeout + 2 x STOP_GRACE, whatever the guests do. Nothing
+        starts after it (a start raises RuntimeError): what started then, this stop would miss."""
+        self._closing = True
         async with anyio.create_task_group() as group:
             for actor in reversed(list(self.actors.values())):
                 group.start_soon(actor.stop, drain_timeout, name=f"stop {actor.name}")

@@ -184,7 +184,7 @@ class Daemon:
 
     async def _reloads(self, requests: MemoryObjectReceiveStream[None]) -> None:
         """Apply SIGHUP reload requests one after the other."""
-        async for _ in requests:
+        async for _ in requests:  # after a stop signal, reload() refuses; one under way ends with this task
             await self.reload()
 
     def _on_stop_signal(self, sig: int) -> None:
@@ -303,9 +303,10 @@ class Daemon:
         validated, every added or changed component is compiled and checked against its memory budget.
         RELOADING=1 is always followed by READY=1, and the lock is released, whatever happens."""
         if self._stopping:  # what it would start, the shutdown would not stop
-            log.warning("reload_refused", reason="the daemon is stopping")
-            return ["reload refused: the daemon is stopping"]
+            return self._refuse_reload()
         async with self._reload_lock:
+            if self._stopping:  # a SIGTERM sent with the SIGHUP (the kernel delivers the lower-numbered SIGHUP first)
+                return self._refuse_reload()
             monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
             outcome = "reload failed"
@@ -318,6 +319,10 @@ class Daemon:
                 return [f"reload failed, previous configuration restored: {_describe(exc)}"]
             finally:
                 self.notifier.notify("READY=1", f"STATUS={outcome}; {self._summary()}")
+
+    def _refuse_reload(self) -> list[str]:
+        log.warning("reload_refused", reason="the daemon is stopping")
+        return ["reload refused: the daemon is stopping"]
 
     async def _reload(self) -> list[str]:
         try:
