@@ -18,6 +18,7 @@ from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, Messag
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
+from wasmhost.system.stores import HostStores
 
 WINDOW = 512  # requests kept in flight by the load generator
 BUSY_ITERATIONS = b"1000000"  # guest work per message (about 1 ms) for the CPU-bound scaling case
@@ -55,7 +56,7 @@ async def _pipelined_rate(sup: Supervisor, targets: list[ComponentId], payload: 
 async def _start(sup: Supervisor, fixture: str, name: str, **limits: int) -> ComponentId:
     cid = ComponentId("bench", name, "0")
     spec = ActorSpec(cid, limits=ResourceLimits(**limits), mailbox_capacity=4096)
-    await sup.start(spec, sup.runtime.load(cid, FIXTURES / f"{fixture}.wasm"))
+    await sup.start(spec, sup.stores.runtime.load(cid, FIXTURES / f"{fixture}.wasm"))
     return cid
 
 
@@ -79,25 +80,27 @@ async def _latency_under_load(sup: Supervisor) -> tuple[float, float]:
 
 async def _measure(runtime: Runtime, seconds: float) -> list[Row]:
     workers = WorkerPool()
-    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers)
+    router = MessageRouter(asyncio.get_running_loop())
+    sup = Supervisor(HostStores(runtime, router), router, workers)
     rows: list[Row] = []
-    try:
-        echo = await _start(sup, "echo", "echo")
-        for size, label in ((64, "64 B"), (4096, "4 KiB")):
-            payload = os.urandom(size)
-            direct = await asyncio.to_thread(_direct_rate, runtime, "echo", payload, seconds)
-            full = await _pipelined_rate(sup, [echo], payload, seconds)
-            rows.append(Row("actors", f"1 actor {label}", direct, full, "msg/s", 0.5))
-        busy = [await _start(sup, "busy", f"busy-{i}") for i in range(2)]
-        one = await _pipelined_rate(sup, busy[:1], BUSY_ITERATIONS, seconds)
-        two = await _pipelined_rate(sup, busy, BUSY_ITERATIONS, seconds)
-        rows.append(Row("actors", "2 busy actors", one, two, "msg/s", 1.7))
-        p50, p99 = await _latency_under_load(sup)
-        rows.append(Row("actors", "idle p50", 5.0, p50, "ms", 5.0, at_most=True))
-        rows.append(Row("actors", "idle p99", 5.0, p99, "ms", 5.0, at_most=True))
-    finally:
-        await sup.stop_all(1.0)
-        workers.close()
+    async with sup:
+        try:
+            echo = await _start(sup, "echo", "echo")
+            for size, label in ((64, "64 B"), (4096, "4 KiB")):
+                payload = os.urandom(size)
+                direct = await asyncio.to_thread(_direct_rate, runtime, "echo", payload, seconds)
+                full = await _pipelined_rate(sup, [echo], payload, seconds)
+                rows.append(Row("actors", f"1 actor {label}", direct, full, "msg/s", 0.5))
+            busy = [await _start(sup, "busy", f"busy-{i}") for i in range(2)]
+            one = await _pipelined_rate(sup, busy[:1], BUSY_ITERATIONS, seconds)
+            two = await _pipelined_rate(sup, busy, BUSY_ITERATIONS, seconds)
+            rows.append(Row("actors", "2 busy actors", one, two, "msg/s", 1.7))
+            p50, p99 = await _latency_under_load(sup)
+            rows.append(Row("actors", "idle p50", 5.0, p50, "ms", 5.0, at_most=True))
+            rows.append(Row("actors", "idle p99", 5.0, p99, "ms", 5.0, at_most=True))
+        finally:
+            await sup.stop_all(1.0)
+            workers.close()
     return rows
 
 

@@ -19,6 +19,7 @@ from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import Capabilities, CapabilityChecker
 from wasmhost.storage.sqlite_store import SqliteStorage
+from wasmhost.system.stores import HostStores
 
 TOTAL = 1_000_000
 WARM_UP = 100_000
@@ -36,41 +37,43 @@ async def _measure(runtime: Runtime, state: Path) -> tuple[int, int]:
     workers = WorkerPool()
     permissions = CapabilityChecker()
     storage = SqliteStorage(state / "storage.sqlite3")
-    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop(), permissions), workers, storage, permissions)
+    router = MessageRouter(asyncio.get_running_loop(), permissions)
+    sup = Supervisor(HostStores(runtime, router, storage, permissions), router, workers)
     targets = []
-    try:
-        for fixture in ("echo", "counter", "storage"):
-            cid = ComponentId("mem", fixture, "0")
-            permissions.grant(cid, Capabilities(storage=True))
-            await sup.start(ActorSpec(cid, mailbox_capacity=4096), runtime.load(cid, FIXTURES / f"{fixture}.wasm"))
-            targets.append(cid)
-        await sup.router.host_request(targets[2], b"set key " + b"v" * 64, 5.0)
-        payloads = {targets[0]: b"x" * 256, targets[1]: b"", targets[2]: b"get key"}
-        sent = 0
-        rss_after_warm_up = 0
+    async with sup:
+        try:
+            for fixture in ("echo", "counter", "storage"):
+                cid = ComponentId("mem", fixture, "0")
+                permissions.grant(cid, Capabilities(storage=True))
+                await sup.start(ActorSpec(cid, mailbox_capacity=4096), runtime.load(cid, FIXTURES / f"{fixture}.wasm"))
+                targets.append(cid)
+            await sup.router.host_request(targets[2], b"set key " + b"v" * 64, 5.0)
+            payloads = {targets[0]: b"x" * 256, targets[1]: b"", targets[2]: b"get key"}
+            sent = 0
+            rss_after_warm_up = 0
 
-        async def client(n: int) -> None:
-            nonlocal sent
-            target = targets[n % 3]
-            payload = payloads[target]
-            while sent < TOTAL:
-                sent += 1
-                await sup.router.host_request(target, payload, 30.0, wait=True)
+            async def client(n: int) -> None:
+                nonlocal sent
+                target = targets[n % 3]
+                payload = payloads[target]
+                while sent < TOTAL:
+                    sent += 1
+                    await sup.router.host_request(target, payload, 30.0, wait=True)
 
-        async def watch() -> None:
-            nonlocal rss_after_warm_up
-            while sent < WARM_UP:
-                await asyncio.sleep(0.05)
+            async def watch() -> None:
+                nonlocal rss_after_warm_up
+                while sent < WARM_UP:
+                    await asyncio.sleep(0.05)
+                gc.collect()
+                rss_after_warm_up = _rss_kib()
+
+            await asyncio.gather(watch(), *(client(n) for n in range(WINDOW)))
             gc.collect()
-            rss_after_warm_up = _rss_kib()
-
-        await asyncio.gather(watch(), *(client(n) for n in range(WINDOW)))
-        gc.collect()
-        return rss_after_warm_up, _rss_kib()
-    finally:
-        await sup.stop_all(1.0)
-        workers.close()
-        storage.close()
+            return rss_after_warm_up, _rss_kib()
+        finally:
+            await sup.stop_all(1.0)
+            workers.close()
+            storage.close()
 
 
 def run(seconds: float = 1.0) -> list[Row]:

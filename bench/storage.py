@@ -22,6 +22,7 @@ from wasmhost.core.errors import StorageError
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.storage.sqlite_store import SqliteStorage
+from wasmhost.system.stores import HostStores
 
 TARGET_P99_MS = 50.0
 NEIGHBOUR = ComponentId("bench", "notes", "0")
@@ -31,43 +32,45 @@ async def _neighbour_p99(runtime: Runtime, state: Path, flooders: int, seconds: 
     """(p50, p99) in ms of the neighbour's sets with `flooders` flooding, and the flood's writes/s."""
     storage = SqliteStorage(state / f"storage-{flooders}.sqlite3", default_quota_bytes=1 << 40)
     workers = WorkerPool(flooders + 4)  # a thread per flooder and spare: sharing threads is the CPU bench's part
-    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers, storage)
+    router = MessageRouter(asyncio.get_running_loop())
+    sup = Supervisor(HostStores(runtime, router, storage), router, workers)
     stop = asyncio.Event()
-    try:
-        await sup.start(ActorSpec(NEIGHBOUR, restart=RestartPolicy.TEMPORARY, storage=True),
-                        runtime.load(NEIGHBOUR, FIXTURES / "storage.wasm"))
-        floods = [ComponentId("bench", "flood", str(i)) for i in range(flooders)]
-        for cid in floods:
-            await sup.start(ActorSpec(cid, restart=RestartPolicy.TEMPORARY, storage=True),
-                            runtime.load(cid, FIXTURES / "storageflood.wasm"))
+    async with sup:
+        try:
+            await sup.start(ActorSpec(NEIGHBOUR, restart=RestartPolicy.TEMPORARY, storage=True),
+                            runtime.load(NEIGHBOUR, FIXTURES / "storage.wasm"))
+            floods = [ComponentId("bench", "flood", str(i)) for i in range(flooders)]
+            for cid in floods:
+                await sup.start(ActorSpec(cid, restart=RestartPolicy.TEMPORARY, storage=True),
+                                runtime.load(cid, FIXTURES / "storageflood.wasm"))
 
-        async def flood(cid: ComponentId) -> int:
-            done = 0
-            while not stop.is_set():  # back to back: always inside its write loop
-                reply = await sup.router.host_request(cid, b"500", 60.0)
-                done += int(reply or b"0")
-            return done
+            async def flood(cid: ComponentId) -> int:
+                done = 0
+                while not stop.is_set():  # back to back: always inside its write loop
+                    reply = await sup.router.host_request(cid, b"500", 60.0)
+                    done += int(reply or b"0")
+                return done
 
-        flood_began = time.perf_counter()
-        tasks = [asyncio.ensure_future(flood(cid)) for cid in floods]
-        await asyncio.sleep(0.2 if flooders else 0)
-        samples = []
-        end = time.perf_counter() + seconds
-        i = 0
-        while time.perf_counter() < end or len(samples) < 100:
-            began = time.perf_counter()
-            await sup.router.host_request(NEIGHBOUR, f"set n{i} value-{i}".encode(), 30.0)
-            samples.append((time.perf_counter() - began) * 1000)
-            i += 1
-        stop.set()
-        flood_rate = sum(await asyncio.gather(*tasks)) / (time.perf_counter() - flood_began)
-        samples.sort()
-        return samples[len(samples) // 2], samples[max(0, int(len(samples) * 0.99) - 1)], flood_rate
-    finally:
-        stop.set()
-        await sup.stop_all(5.0)
-        workers.close()
-        storage.close()
+            flood_began = time.perf_counter()
+            tasks = [asyncio.ensure_future(flood(cid)) for cid in floods]
+            await asyncio.sleep(0.2 if flooders else 0)
+            samples = []
+            end = time.perf_counter() + seconds
+            i = 0
+            while time.perf_counter() < end or len(samples) < 100:
+                began = time.perf_counter()
+                await sup.router.host_request(NEIGHBOUR, f"set n{i} value-{i}".encode(), 30.0)
+                samples.append((time.perf_counter() - began) * 1000)
+                i += 1
+            stop.set()
+            flood_rate = sum(await asyncio.gather(*tasks)) / (time.perf_counter() - flood_began)
+            samples.sort()
+            return samples[len(samples) // 2], samples[max(0, int(len(samples) * 0.99) - 1)], flood_rate
+        finally:
+            stop.set()
+            await sup.stop_all(5.0)
+            workers.close()
+            storage.close()
 
 
 def _disk_per_charged(state: Path, keys: int) -> float:

@@ -99,16 +99,19 @@ async def plain_supervisor(runtime: Runtime, threads: int = 8, host_max_message_
     from wasmhost.actors.supervisor import Supervisor
     from wasmhost.actors.workers import WorkerPool
     from wasmhost.messaging.router import MessageRouter
+    from wasmhost.system.stores import HostStores
 
     workers = WorkerPool(threads)
     loop = asyncio.get_running_loop()
     router = (MessageRouter(loop) if host_max_message_bytes is None
               else MessageRouter(loop, host_max_message_bytes=host_max_message_bytes))
-    sup = Supervisor(runtime, router, workers)
     try:
-        yield sup
+        async with Supervisor(HostStores(runtime, router), router, workers) as sup:
+            try:
+                yield sup
+            finally:
+                await sup.stop_all(drain_timeout=1.0)
     finally:
-        await sup.stop_all(drain_timeout=1.0)
         workers.close()
 
 
@@ -120,14 +123,18 @@ async def guarded_supervisor(runtime: Runtime, storage_path: Path, quota_bytes: 
     from wasmhost.messaging.router import MessageRouter
     from wasmhost.security.capabilities import CapabilityChecker
     from wasmhost.storage.sqlite_store import SqliteStorage
+    from wasmhost.system.stores import HostStores
 
     workers = WorkerPool(4)
     permissions = CapabilityChecker()
     storage = SqliteStorage(storage_path, default_quota_bytes=quota_bytes)
-    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop(), permissions), workers, storage, permissions)
+    router = MessageRouter(asyncio.get_running_loop(), permissions)
     try:
-        yield sup
+        async with Supervisor(HostStores(runtime, router, storage, permissions), router, workers) as sup:
+            try:
+                yield sup
+            finally:
+                await sup.stop_all(drain_timeout=1.0)
     finally:
-        await sup.stop_all(drain_timeout=1.0)
         workers.close()
         storage.close()

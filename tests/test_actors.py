@@ -40,7 +40,7 @@ async def supervisor(runtime: Runtime) -> AsyncIterator[Supervisor]:
 async def launch(sup: Supervisor, fixture: str, component_id: str, **settings: object) -> ComponentActor:
     cid = ComponentId.parse(component_id)
     spec = replace(ActorSpec(cid, backoff=FAST_BACKOFF), **settings)  # type: ignore[arg-type]
-    return await sup.start(spec, sup.runtime.load(cid, fixture_path(fixture)))
+    return await sup.start(spec, sup.stores.runtime.load(cid, fixture_path(fixture)))
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -285,9 +285,9 @@ async def guarded(runtime: Runtime, tmp_path: Path) -> AsyncIterator[Supervisor]
 
 
 async def test_storage_is_isolated_between_components_and_quota_applies(guarded: Supervisor) -> None:
-    assert guarded.permissions is not None
+    assert guarded.stores.permissions is not None
     for name in ("one", "two"):
-        guarded.permissions.grant(ComponentId.parse(f"test-org/storage/{name}"), Capabilities(storage=True))
+        guarded.stores.permissions.grant(ComponentId.parse(f"test-org/storage/{name}"), Capabilities(storage=True))
         await launch(guarded, "storage", f"test-org/storage/{name}")
     assert await ask(guarded, "test-org/storage/one", b"set secret 42") == b"ok"
     assert await ask(guarded, "test-org/storage/two", b"get secret") is None
@@ -306,7 +306,7 @@ async def test_storage_without_the_capability_is_denied_and_audited(guarded: Sup
 
 
 async def test_a_request_without_the_capability_is_denied_and_audited(guarded: Supervisor) -> None:
-    assert guarded.permissions is not None
+    assert guarded.stores.permissions is not None
     await launch(guarded, "echo", "test-org/echo/0.1.0")
     await launch(guarded, "callback", "test-org/callback/0")
     failed = "request failed: delivery-failed"
@@ -316,7 +316,7 @@ async def test_a_request_without_the_capability_is_denied_and_audited(guarded: S
     assert denials == [{"event": "capability_denied", "component": "test-org/callback/0", "action": "request",
                         "target": "test-org/echo/0.1.0", "denied": True, "log_level": "warning"}]
     grant = Capabilities.from_config(request=["test-org/*"])
-    guarded.permissions.grant(ComponentId.parse("test-org/callback/0"), grant)
+    guarded.stores.permissions.grant(ComponentId.parse("test-org/callback/0"), grant)
     assert await ask(guarded, "test-org/callback/0", b"test-org|echo|0.1.0|ping")
 
 

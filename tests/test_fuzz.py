@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -159,30 +160,32 @@ async def _serve_and_attack(path: Path, frames: list[bytes]) -> list[bytes]:
     server = ControlServer(path, 0o600, handler, frame_timeout=0.05, idle_timeout=1.0)
     await server.start()
     answers = []
-    try:
-        for raw in frames:
-            reader, writer = await asyncio.open_unix_connection(str(path))
-            writer.write(raw)
-            await writer.drain()
-            answers.append(await asyncio.wait_for(reader.read(1 << 16), 5))
-            writer.close()
-        slow_reader, slow_writer = await asyncio.open_unix_connection(str(path))  # slow loris: half a frame
-        slow_writer.write(struct.pack(">I", 100) + b"\x81")
-        await slow_writer.drain()
+    async with anyio.create_task_group() as group:
+        await group.start(server.serve)
+        try:
+            for raw in frames:
+                reader, writer = await asyncio.open_unix_connection(str(path))
+                writer.write(raw)
+                await writer.drain()
+                answers.append(await asyncio.wait_for(reader.read(1 << 16), 5))
+                writer.close()
+            slow_reader, slow_writer = await asyncio.open_unix_connection(str(path))  # slow loris: half a frame
+            slow_writer.write(struct.pack(">I", 100) + b"\x81")
+            await slow_writer.drain()
 
-        async def good() -> bytes:
-            reader, writer = await asyncio.open_unix_connection(str(path))
-            writer.write(protocol.frame(protocol.Status()))
-            await writer.drain()
-            data = await asyncio.wait_for(reader.read(1 << 16), 5)
-            writer.close()
-            return data
+            async def good() -> bytes:
+                reader, writer = await asyncio.open_unix_connection(str(path))
+                writer.write(protocol.frame(protocol.Status()))
+                await writer.drain()
+                data = await asyncio.wait_for(reader.read(1 << 16), 5)
+                writer.close()
+                return data
 
-        answers += await asyncio.gather(*(good() for _ in range(100)))
-        answers.append(await asyncio.wait_for(slow_reader.read(1 << 16), 5))
-        slow_writer.close()
-    finally:
-        await server.close()
+            answers += await asyncio.gather(*(good() for _ in range(100)))
+            answers.append(await asyncio.wait_for(slow_reader.read(1 << 16), 5))
+            slow_writer.close()
+        finally:
+            await server.close()
     return answers
 
 

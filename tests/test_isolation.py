@@ -33,9 +33,9 @@ async def host(runtime: Runtime, tmp_path: Path) -> AsyncIterator[Supervisor]:
     os.environ["WASMHOST_TEST_SECRET"] = "hunter2"
     try:
         async with guarded_supervisor(runtime, tmp_path / "storage.sqlite3", 16384) as sup:
-            assert isinstance(sup, Supervisor) and sup.permissions is not None
+            assert isinstance(sup, Supervisor) and sup.stores.permissions is not None
             grant = Capabilities.from_config(send=["evil/*"], request=["evil/*"], storage=True)
-            sup.permissions.grant(PROBER, grant)
+            sup.stores.permissions.grant(PROBER, grant)
             await sup.start(ActorSpec(VICTIM), runtime.load(VICTIM, fixture_path("echo")))
             await sup.start(ActorSpec(PROBER, mailbox_capacity=64), runtime.load(PROBER, fixture_path("prober")))
             yield sup

@@ -60,12 +60,12 @@ async def test_echo_answers_while_more_busy_guests_than_threads_run(
     busy guests beyond the thread count never keep a neighbour waiting for a deadline."""
     sup = small_pool
     echo = ComponentId.parse("test-org/echo/0")
-    await sup.start(ActorSpec(echo), sup.runtime.load(echo, fixture_path("echo")))
+    await sup.start(ActorSpec(echo), sup.stores.runtime.load(echo, fixture_path("echo")))
     spinners = []
     for i in range(SPINNERS):
         cid = ComponentId("test-org", "spinner", str(i))
         spec = ActorSpec(cid, limits=ResourceLimits(max_execution_time_ms=3000), restart=RestartPolicy.TEMPORARY)
-        spinners.append(await sup.start(spec, sup.runtime.load(cid, fixture_path(fixture))))
+        spinners.append(await sup.start(spec, sup.stores.runtime.load(cid, fixture_path(fixture))))
 
     async def spin(cid: ComponentId) -> str:
         try:
@@ -155,12 +155,12 @@ async def test_echo_answers_while_more_guests_than_threads_sleep_in_a_host_call(
     count do not stall a neighbour; the lent threads end once the sleepers wake."""
     sup = small_pool
     echo = ComponentId.parse("test-org/echo/0")
-    await sup.start(ActorSpec(echo), sup.runtime.load(echo, fixture_path("echo")))
+    await sup.start(ActorSpec(echo), sup.stores.runtime.load(echo, fixture_path("echo")))
     sleepers = []
     for i in range(SPINNERS):
         cid = ComponentId("test-org", "sleeper", str(i))
         spec = ActorSpec(cid, limits=ResourceLimits(max_execution_time_ms=20_000))
-        sleepers.append(await sup.start(spec, sup.runtime.load(cid, fixture_path("services"))))
+        sleepers.append(await sup.start(spec, sup.stores.runtime.load(cid, fixture_path("services"))))
     naps = [asyncio.ensure_future(ask(sup, str(actor.component_id), b"sleep 4000", 30.0)) for actor in sleepers]
     await until(lambda: all(actor.manager.in_call for actor in sleepers))
     for i in range(5):

@@ -34,6 +34,7 @@ from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.system import protocol
 from wasmhost.system.client import request
+from wasmhost.system.stores import HostStores
 
 pytestmark = pytest.mark.anyio
 
@@ -54,7 +55,7 @@ async def supervisor(runtime: Runtime) -> AsyncIterator[Supervisor]:
 async def launch(sup: Supervisor, fixture: str, name: str, **settings: object) -> ComponentActor:
     cid = ComponentId.parse(name)
     spec = replace(ActorSpec(cid, backoff=Backoff(0.01, 0.05)), **settings)  # type: ignore[arg-type]
-    return await sup.start(spec, sup.runtime.load(cid, fixture_path(fixture)))
+    return await sup.start(spec, sup.stores.runtime.load(cid, fixture_path(fixture)))
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -166,7 +167,7 @@ async def test_stop_during_a_restart_backoff_returns_at_once_and_answers_the_que
 async def test_stop_during_an_endless_initialize_interrupts_it(supervisor: Supervisor) -> None:
     cid = ComponentId.parse("t/initloop/0")
     starting = asyncio.ensure_future(
-        supervisor.start(ActorSpec(cid, limits=LONG), supervisor.runtime.load(cid, fixture_path("initloop"))))
+        supervisor.start(ActorSpec(cid, limits=LONG), supervisor.stores.runtime.load(cid, fixture_path("initloop"))))
     await until(lambda: cid in supervisor.actors and supervisor.actors[cid].manager.in_call)
     actor = supervisor.actors[cid]
     with anyio.fail_after(BOUND):
@@ -193,25 +194,27 @@ class HungStorage(MemoryStorage):
 async def test_a_guest_held_in_a_storage_write_does_not_hold_up_the_stop(runtime: Runtime) -> None:
     storage = HungStorage()
     workers = WorkerPool(4)
-    sup = Supervisor(runtime, MessageRouter(asyncio.get_running_loop()), workers, storage)
-    try:
-        writer = await launch(sup, "storage", "t/writer/0", storage=True, shutdown_timeout=0.2)
-        write = ask(sup, writer, b"set k v")
-        await until(storage.entered.is_set)
-        queued = [ask(sup, writer, b"get k") for _ in range(QUEUED)]
-        await until(lambda: len(writer.mailbox) == QUEUED)
-        with structlog.testing.capture_logs() as logs, anyio.fail_after(BOUND / 2):
-            await sup.stop(writer.component_id, drain_timeout=0.1)  # returns at its bound, the write still hung
-        assert [e["event"] for e in logs if e["event"] == "component_stop_overran"] == ["component_stop_overran"]
-        assert await outcomes(queued) == [Outcome.TARGET_STOPPED] * QUEUED
-        assert not write.done()
-        storage.release.set()  # the write ends: its message is answered then (the guest finished it)
-        assert await outcomes([write]) == [b"ok"]
-        await until(lambda: writer.state is ActorState.STOPPED)
-    finally:
-        storage.release.set()
-        await sup.stop_all(1.0)
-        workers.close()
+    router = MessageRouter(asyncio.get_running_loop())
+    sup = Supervisor(HostStores(runtime, router, storage), router, workers)
+    async with sup:
+        try:
+            writer = await launch(sup, "storage", "t/writer/0", storage=True, shutdown_timeout=0.2)
+            write = ask(sup, writer, b"set k v")
+            await until(storage.entered.is_set)
+            queued = [ask(sup, writer, b"get k") for _ in range(QUEUED)]
+            await until(lambda: len(writer.mailbox) == QUEUED)
+            with structlog.testing.capture_logs() as logs, anyio.fail_after(BOUND / 2):
+                await sup.stop(writer.component_id, drain_timeout=0.1)  # returns at its bound, the write still hung
+            assert [e["event"] for e in logs if e["event"] == "component_stop_overran"] == ["component_stop_overran"]
+            assert await outcomes(queued) == [Outcome.TARGET_STOPPED] * QUEUED
+            assert not write.done()
+            storage.release.set()  # the write ends: its message is answered then (the guest finished it)
+            assert await outcomes([write]) == [b"ok"]
+            await until(lambda: writer.state is ActorState.STOPPED)
+        finally:
+            storage.release.set()
+            await sup.stop_all(1.0)
+            workers.close()
 
 
 async def test_concurrent_stops_of_every_kind_of_guest_all_complete(supervisor: Supervisor) -> None:

@@ -347,12 +347,12 @@ async def guarded(runtime: Runtime, tmp_path: Path) -> AsyncIterator[Supervisor]
 
 @pytest.mark.anyio
 async def test_a_storage_flooding_guest_does_not_starve_its_neighbours_writes(guarded: Supervisor) -> None:
-    assert guarded.permissions is not None and guarded.storage is not None
+    assert guarded.stores.permissions is not None and guarded.stores.storage is not None
     flood, notes = "test-org/storageflood/0", "test-org/storage/0"
     for cid, fixture in ((flood, "storageflood"), (notes, "storage")):
-        guarded.permissions.grant(ComponentId.parse(cid), Capabilities(storage=True))
+        guarded.stores.permissions.grant(ComponentId.parse(cid), Capabilities(storage=True))
         await launch(guarded, fixture, cid)
-    store, flooder = guarded.storage, ComponentId.parse(flood)
+    store, flooder = guarded.stores.storage, ComponentId.parse(flood)
     stop = asyncio.Event()
 
     async def keep_flooding() -> int:

@@ -105,16 +105,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from wasmhost.runtime.guest_log import flush_suppressed
     from wasmhost.system.daemon import run_daemon
+    from wasmhost.system.detached import busy
     from wasmhost.system.logging import configure_logging, shutdown_logging
 
     source = config_path(args)
     level, fmt, log_file = _log_settings(source)
     configure_logging(args.log_level or level, args.log_format or fmt, log_file)
+    code = 1
     try:
-        return uvloop.run(run_daemon(source))
+        code = uvloop.run(run_daemon(source))
+        return code
     finally:
         flush_suppressed()  # the last `suppressed=N` counts of guests that flooded their logs
         shutdown_logging()  # bounded: a destination nobody reads does not hold the exit
+        if busy():  # a compile the stop abandoned: do not finalize the interpreter under it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
 def _log_settings(source: Path) -> tuple[str, str, str | None]:
@@ -191,7 +198,8 @@ def _first_line(text: str, width: int) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show every component: state, health, restarts, mailbox depth, counters, last error."""
+    """Show every component: state (and phase while starting), health, restarts, mailbox depth, counters,
+    last error."""
     from wasmhost.system import protocol
 
     response = _ask(args, protocol.Status())
@@ -202,6 +210,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(response.data, indent=2))
         return EXIT_OK
     columns = ["id", "state", "health", "restarts", "mailbox", "handled", "failed", "last_error"]
+    for row in rows:
+        if row.get("phase"):  # what a starting component is doing: starting/compiling
+            row["state"] = f"{row['state']}/{row['phase']}"
     table = [[str(row.get(c) if row.get(c) is not None else "-") for c in columns] for row in rows]
     for r in table:  # one line per row: a wasm backtrace is many lines (the whole text: --json)
         r[-1] = _first_line(r[-1], LAST_ERROR_WIDTH)

@@ -9,6 +9,14 @@ let go), the message it was handling is answered `failed` ("interrupted"), and t
 STOP_GRACE: `shutdown` if the instance is still alive, closing the Store, and answering anything
 left, whatever happened before. So a stop takes at most drain + shutdown time plus STOP_GRACE, and
 every message that was queued ends with an answer.
+
+Starting: the actor exists (and its mailbox takes messages) from the moment it is added; its task
+first compiles the component (phase `compiling`, unless the code is compiled already) and gets its
+StoreManager, then instantiates and initializes it (`instantiating`, `initializing`). `start()` runs
+the task in the supervisor's task group and returns once that first attempt has ended.
+
+Restarting on request (`restart`, or `suspend` + `resume` when a group member failed) terminates the
+instance (the guest's `shutdown`, bounded) and boots a fresh one; the mailbox and counters stay.
 """
 
 from __future__ import annotations
@@ -16,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import anyio
 import structlog
+from anyio.abc import TaskGroup, TaskStatus
 
 from wasmhost.actors.conversion_budget import CONVERSIONS, LARGE_PAYLOAD
 from wasmhost.actors.restart import RestartHistory
@@ -57,6 +66,10 @@ T = TypeVar("T")
 
 class FailureHandler(Protocol):
     """The supervisor, as an actor sees it."""
+
+    @property
+    def group(self) -> TaskGroup:
+        """The task group the actor task runs in."""
 
     def on_failure(self, actor: ComponentActor, error: Exception) -> float | None:
         """Seconds to wait before restarting `actor`, or None to give up."""
@@ -113,7 +126,7 @@ class ComponentActor:
     def __init__(
         self,
         spec: ActorSpec,
-        manager: StoreManager,
+        prepare: Callable[[], Awaitable[StoreManager]],
         router: MessageRouter,
         workers: WorkerPool,
         supervisor: FailureHandler,
@@ -127,7 +140,9 @@ class ComponentActor:
         # like a large incoming payload, since wasmtime converts what it produces the same way.
         self.output_hint = 0
         self._call_output = 0
-        self.manager = manager
+        self._prepare = prepare  # compiles (if need be) and builds the StoreManager
+        self._manager: StoreManager | None = None
+        self.phase: str | None = None  # what a starting actor does: compiling, instantiating, initializing
         self.router = router
         self.workers = workers
         self.supervisor = supervisor
@@ -137,14 +152,20 @@ class ComponentActor:
         self.metadata: ComponentMetadata | None = None
         self.health = HealthStatus.UNKNOWN
         self.history = RestartHistory(spec.intensity)
-        self._task: asyncio.Task[None] | None = None
+        self._running = False  # the actor task is alive (from `start` until it has answered everything)
         self._stopping = False
         self._drain_deadline = math.inf  # anyio.current_time() at which the drain scope is cancelled
         self._drain: anyio.CancelScope | None = None  # the actor task's working life (see the module docstring)
-        self._backoff: anyio.CancelScope | None = None  # a wait before restarting: a stop ends it at once
-        self._restart_requested = False
-        self._started = asyncio.Event()
-        self._ended = asyncio.Event()  # the task has let go of the Store and answered everything
+        self._idle: anyio.CancelScope | None = None  # a wait with no instance (compile, backoff, suspended):
+        # a stop ends it at once, there is nothing to drain into
+        self._task_status: TaskStatus[None] | None = None  # until the first attempt has ended
+        self._ended = anyio.Event()  # the task has let go of the Store and answered everything
+        self._attempted = anyio.Event()  # set (and replaced) whenever a boot attempt ends, and when the task ends
+        self._suspend_wanted = False
+        self._suspended = anyio.Event()
+        self._resume: anyio.Event | None = None  # set by `resume`; None while not suspended
+        self._gate: anyio.Event | None = None  # after a failure, the restart waits for it (group restarts)
+        self._restarting = anyio.Lock()  # one requested restart at a time, each counted
         self._next_health = 0.0
         self.in_hand = 0  # envelopes taken from the mailbox whose answers have not gone out yet
         self._handover: Handover | None = None  # asked for, not yet taken up by the actor task
@@ -153,29 +174,37 @@ class ComponentActor:
 
     # --- control (event loop) ---
 
+    @property
+    def manager(self) -> StoreManager:
+        """The component's StoreManager (it exists once the component has compiled)."""
+        if self._manager is None:
+            raise RuntimeError(f"{self.name} has not compiled yet")
+        return self._manager
+
     async def start(self) -> None:
-        """Start the actor and wait until its component's first attempt has ended: running, restarting
-        after a failure (a component whose `initialize` never ends does not hold up READY=1 or a
-        reload for all its restarts), or failed."""
-        if self._task is not None and not self._task.done():
+        """Run the actor task in the supervisor's task group and wait until its component's first
+        attempt has ended: running, restarting after a failure (a component whose `initialize` never
+        ends does not hold up READY=1 or a reload for all its restarts), or failed."""
+        if self._running:
             return
+        self._running = True
         self._stopping = False
         self._drain_deadline = math.inf
-        self._restart_requested = False
-        self._started.clear()
-        self._ended.clear()
+        self._ended = anyio.Event()
         self.mailbox.reopen()
         self.state = ActorState.STARTING
-        self._task = asyncio.get_running_loop().create_task(self._main(), name=f"actor {self.name}")
-        await self._started.wait()
+        try:
+            await self.supervisor.group.start(self._main, name=f"actor {self.name}")
+        except BaseException:
+            self._running = False  # never ran (the supervisor is closing), or cancelled before it began
+            raise
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         """Refuse new messages, handle queued ones for up to `drain_timeout` seconds, then interrupt
         the guest call in progress, call `shutdown` (at most shutdown_timeout) and answer whatever is
         left with an error. Returns within drain_timeout + shutdown_timeout + 2 x STOP_GRACE, whatever
         the guest does; concurrent stops share the earliest drain deadline."""
-        task = self._task
-        if task is None or task.done():
+        if not self._running:
             self._reject_remaining("stopped")
             self.state = ActorState.STOPPED if self.state is not ActorState.FAILED else self.state
             return
@@ -185,8 +214,8 @@ class ComponentActor:
         self._drain_deadline = min(self._drain_deadline, anyio.current_time() + max(0.0, drain_timeout))
         if self._drain is not None:
             self._drain.deadline = self._drain_deadline
-        if self._backoff is not None:
-            self._backoff.cancel()  # no instance to drain into while it waits to restart
+        if self._idle is not None:
+            self._idle.cancel()  # no instance to drain into while it compiles or waits to restart
         self.mailbox.seal()
         self.mailbox.wake()
         bound = max(0.0, self._drain_deadline - anyio.current_time()) + self.spec.shutdown_timeout + 2 * STOP_GRACE
@@ -196,10 +225,50 @@ class ComponentActor:
             log.error("component_stop_overran", component=self.name, seconds=round(bound, 3))
             self._reject_remaining("stopped")
 
-    def request_restart(self) -> None:
-        """Restart with a fresh Store at the next opportunity (a sibling failed)."""
-        self._restart_requested = True
+    async def restart(self) -> None:
+        """Terminate the running instance and boot a fresh one (a stopped or failed actor is started);
+        returns once the new attempt has ended. Every call restarts once and counts once, also when
+        calls come back to back. Bounded by the batch in progress, shutdown_timeout and the
+        initialize deadline."""
+        async with self._restarting:
+            if not self._running:
+                await self.start()
+                self.stats.restarts += 1
+                return
+            if self.state is not ActorState.RUNNING:  # starting or restarting already: answer after that attempt
+                await self._attempted.wait()
+            elif await self.suspend():
+                await self.resume()
+
+    async def suspend(self) -> bool:
+        """Terminate the running instance (after the batch in hand; the guest's `shutdown`, bounded) and
+        keep the task and mailbox waiting for `resume`. Returns whether it did (it was running)."""
+        if not self._running or self.state is not ActorState.RUNNING or self._stopping:
+            return False
+        self._suspend_wanted = True
+        self._suspended = anyio.Event()
         self.mailbox.wake()
+        await self._suspended.wait()  # set by the task, or when it ends
+        return self._resume is not None
+
+    async def resume(self) -> None:
+        """Boot a suspended actor again; returns once that attempt has ended (no-op unless suspended)."""
+        resume = self._resume
+        if resume is None:
+            return
+        attempt = self._attempted
+        resume.set()
+        await attempt.wait()
+
+    def hold_restart(self) -> anyio.Event:
+        """Make the restart after the current failure wait (after its backoff) until the returned event is set."""
+        gate = anyio.Event()
+        self._gate = gate
+        return gate
+
+    def next_attempt(self) -> anyio.Event:
+        """Set when the next boot attempt has ended (or the task has)."""
+        return self._attempted
 
     async def hand_over(self, spec: ActorSpec, manager: StoreManager,
                         fallback: Callable[[], tuple[ActorSpec, StoreManager]] | None = None) -> Handover:
@@ -217,8 +286,8 @@ class ComponentActor:
             previous.finish(RuntimeError("replaced by a newer version"))
         handover = Handover(spec, manager, fallback, asyncio.get_running_loop().create_future())
         self._handover = handover
-        if self._backoff is not None:
-            self._backoff.cancel()  # waiting to restart the old version: boot the new one now
+        if self._idle is not None:
+            self._idle.cancel()  # waiting to restart (or suspended): boot the new version now
         self.mailbox.wake()
         await handover.done
         return handover
@@ -237,8 +306,8 @@ class ComponentActor:
 
     @property
     def running(self) -> bool:
-        """Whether the actor task is alive (running, restarting or stopping)."""
-        return self._task is not None and not self._task.done()
+        """Whether the actor task is alive (starting, running, restarting or stopping)."""
+        return self._running
 
     @property
     def accepts_handover(self) -> bool:
@@ -247,15 +316,51 @@ class ComponentActor:
 
     # --- the actor task ---
 
-    async def _main(self) -> None:
+    async def _main(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._task_status = task_status
         try:
             with anyio.CancelScope(deadline=self._drain_deadline) as self._drain:
-                await self._live()
+                if await self._compile():
+                    await self._live()
             if self._drain.cancelled_caught:
                 log.warning("component_drain_timeout", component=self.name, queued=len(self.mailbox))
+        except Exception as exc:  # a bug here must not take the supervisor's task group (every actor) down
+            log.exception("component_task_failed", component=self.name)
+            self.state = ActorState.FAILED
+            self._record_error(exc)
         finally:
             self._drain = None
             await self._finish()
+            self._running = False
+
+    def _attempt_ended(self) -> None:
+        """A boot attempt has ended: whoever waits for it (the start, a restart) hears it now."""
+        if self._task_status is not None:
+            self._task_status.started()
+            self._task_status = None
+        self._attempted.set()
+        self._attempted = anyio.Event()
+
+    async def _compile(self) -> bool:
+        """Get the StoreManager, compiling the component first if need be; False if that failed (the
+        actor is failed then) or a stop came first. Messages wait in the mailbox meanwhile."""
+        if self._manager is not None:
+            return True
+        self.phase = "compiling"
+        error: Exception | None = None
+        with anyio.CancelScope() as self._idle:
+            if not self._stopping:
+                try:
+                    self._manager = await self._prepare()
+                except Exception as exc:  # LoadError, or whatever else stops it: this component fails, not others
+                    error = exc
+        self._idle = None
+        if error is not None:
+            self.state = ActorState.FAILED
+            self.mailbox.seal()
+            self._record_error(error)
+            log.error("component_failed", component=self.name, error=str(error))
+        return self._manager is not None and not self._stopping
 
     async def _live(self) -> None:
         """Boot, serve, restart by the supervisor's word; returns when stopped, failed or exited."""
@@ -265,14 +370,14 @@ class ComponentActor:
             error = await self._boot()
             if self._booting is not None:
                 error = await self._handover_booted(error)
+            self._attempt_ended()
             if error is None:
-                self._started.set()
                 error = await self._serve()
                 if error is None and self._handover is not None and not self._stopping:
                     continue  # the new version is taken up at the top
-                if error is None and self._restart_requested:
-                    self._restart_requested = False
-                    self.stats.restarts += 1
+                if error is None and self._suspend_wanted and not self._stopping:
+                    if not await self._suspend():
+                        return
                     continue
             if error is None or self._stopping:
                 return
@@ -290,16 +395,17 @@ class ComponentActor:
                 self.mailbox.seal()
                 log.error("component_failed", component=self.name, error=str(error),
                           restarts=self.stats.restarts)
-                self._started.set()
                 return
             self.state = ActorState.RESTARTING
             self.stats.restarts += 1
-            self._started.set()  # the first attempt has ended: whoever waits for the start hears it now
             log.warning("component_restarting", component=self.name, error=str(error), delay_s=round(delay, 3))
-            with anyio.CancelScope() as self._backoff:
+            with anyio.CancelScope() as self._idle:
                 if not self._stopping:
                     await anyio.sleep(delay)
-            self._backoff = None
+                gate, self._gate = self._gate, None
+                if gate is not None and not self._stopping:
+                    await gate.wait()  # its group's siblings are terminated first (Supervisor._restart_group)
+            self._idle = None
             if self._stopping:
                 return
 
@@ -316,7 +422,7 @@ class ComponentActor:
 
     def _install(self, spec: ActorSpec, manager: StoreManager) -> None:
         """Make `spec` and `manager` the version this actor runs (its Store is not yet instantiated)."""
-        self.spec, self.manager = spec, manager
+        self.spec, self._manager = spec, manager
         self.max_message_bytes = spec.max_message_bytes
         self.mailbox.capacity = spec.mailbox_capacity  # what is queued beyond it stays queued
         self.history = RestartHistory(spec.intensity)
@@ -367,6 +473,26 @@ class ComponentActor:
                         f"shutdown_timeout_s ({self.spec.shutdown_timeout:g} s)")
         await self.workers.run(self.manager.close, self.manager.lock)
 
+    async def _suspend(self) -> bool:
+        """Terminate the instance and wait for `resume`; False if a stop came instead."""
+        self._suspend_wanted = False
+        self.state = ActorState.RESTARTING
+        self.phase = "terminating"
+        with anyio.move_on_after(self.spec.shutdown_timeout + STOP_GRACE):
+            await self._shutdown()
+        log.info("component_terminated", component=self.name, reason="restart")
+        self._resume = anyio.Event()
+        self._suspended.set()
+        with anyio.CancelScope() as self._idle:
+            if not self._stopping:
+                await self._resume.wait()
+        self._idle = None
+        self._resume = None
+        if self._stopping:
+            return False
+        self.stats.restarts += 1
+        return True
+
     async def _guest(self, steps: Generator[float, None, T]) -> T:
         """Run one guest call on the worker pool. Cancelled (the drain or shutdown time ran out), it
         interrupts the guest (host-call waits end at once) and returns only once no thread touches
@@ -379,12 +505,15 @@ class ComponentActor:
         """Instantiate and initialize in a fresh Store; read the metadata once."""
         self.state = ActorState.STARTING if self.stats.restarts == 0 else ActorState.RESTARTING
         config = ComponentConfig(self.spec.env_vars, self.spec.config_data, self.spec.limits)
+        manager = self.manager
+        self.phase = "instantiating"
 
         def boot() -> Generator[float, None, tuple[ComponentMetadata, HealthStatus]]:
-            self.manager.instantiate()
-            yield from self.manager.initialize_steps(config)
-            metadata = yield from self.manager.metadata_steps()
-            return metadata, (yield from self.manager.health_steps())
+            manager.instantiate()
+            self.phase = "initializing"  # a plain attribute, read on the loop by `status`
+            yield from manager.initialize_steps(config)
+            metadata = yield from manager.metadata_steps()
+            return metadata, (yield from manager.health_steps())
 
         try:
             metadata, self.health = await self._guest(boot())
@@ -393,6 +522,7 @@ class ComponentActor:
         if self.metadata is None:
             self.metadata = metadata
         self.state = ActorState.RUNNING if not self._stopping else ActorState.STOPPING
+        self.phase = None
         self._next_health = time.monotonic() + self.spec.health_interval
         log.info("component_started", component=self.name, name=metadata.name, version=metadata.version)
         return None
@@ -401,8 +531,8 @@ class ComponentActor:
         """Handle batches until stopped (and drained), restarted or a guest failure (returned).
         Cancelled by the drain scope, a batch in hand is answered or put back first."""
         while True:
-            if self._restart_requested or self._handover is not None:
-                return None
+            if self._suspend_wanted or self._handover is not None:
+                return None  # to be terminated (a restart) or handed over: the batch in hand is done
             if self._stopping and not len(self.mailbox):
                 return None  # drained
             timeout = None if self._stopping else max(0.0, self._next_health - time.monotonic())
@@ -549,10 +679,11 @@ class ComponentActor:
                 if late.cancelled_caught:
                     log.warning("component_shutdown_failed", component=self.name, error="interrupted: it outlasted "
                                 f"shutdown_timeout_s ({self.spec.shutdown_timeout:g} s)")
-                with anyio.move_on_after(STOP_GRACE) as late:
-                    await self.workers.run(self.manager.close, self.manager.lock)
-                if late.cancelled_caught:  # a thread still holds the Store (a storage write): it is closed later
-                    log.warning("component_close_late", component=self.name)
+                if self._manager is not None:
+                    with anyio.move_on_after(STOP_GRACE) as late:
+                        await self.workers.run(self._manager.close, self._manager.lock)
+                    if late.cancelled_caught:  # a thread still holds the Store (a storage write): closed later
+                        log.warning("component_close_late", component=self.name)
         except Exception as exc:  # the worker pool is closed, say: nothing may keep the answers from going out
             log.error("component_finish_failed", component=self.name, error=f"{type(exc).__name__}: {exc}")
         finally:
@@ -564,13 +695,16 @@ class ComponentActor:
             self.router.forget_requester(self.component_id)
             if self.state is not ActorState.FAILED:
                 self.state = ActorState.STOPPED
-            self._started.set()
+            self.phase = None
+            self._suspend_wanted = False
+            self._suspended.set()
+            self._attempt_ended()
             self._ended.set()
             log.info("component_stopped", component=self.name, state=self.state.value)
 
     async def _shutdown(self) -> None:
         """The guest's `shutdown`, if its instance is still alive (not after a trap or an interrupted call)."""
-        if self.manager.state is not InstanceState.INITIALIZED:
+        if self._manager is None or self._manager.state is not InstanceState.INITIALIZED:
             return
         timeout_ms = max(1, int(self.spec.shutdown_timeout * 1000))
         try:

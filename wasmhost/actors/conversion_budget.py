@@ -98,7 +98,9 @@ class ConversionBudget:
     def _trim_when_idle(self, loop: asyncio.AbstractEventLoop) -> None:
         self._idle_timer = None
         if self.in_use == 0:
-            loop.run_in_executor(None, self._trim)  # off the loop: a trim walks every arena
+            # off the loop: a trim walks every arena. A timer callback has no task group to start a task in;
+            # the default executor is joined by the loop on exit, and a trim takes milliseconds
+            loop.run_in_executor(None, self._trim)
 
     def _trim(self) -> None:
         release_free_memory()

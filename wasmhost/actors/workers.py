@@ -327,6 +327,7 @@ class WorkerPool:
             except BaseException as exc:
                 error = exc
         job.heap_deadline = math.inf  # ended: its deadline entry, if any, is stale
+        # The pool's own threads, not anyio's: anyio has no thread-to-loop wakeup that does not block the thread
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
             job.loop.call_soon_threadsafe(_resolve, job, value, error)
 

@@ -33,7 +33,7 @@ class Mailbox:
     def _signal(self) -> None:
         if _on_loop(self.loop):
             self._ready.set()
-        else:
+        else:  # a guest's send on a worker thread: anyio's from_thread would block that thread until the loop runs it
             self.loop.call_soon_threadsafe(self._wake)
 
     def offer(self, envelope: Envelope) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
@@ -14,6 +13,8 @@ from pathlib import Path
 import anyio
 import msgspec
 import structlog
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from wasmhost.system.protocol import (
     LENGTH,
@@ -74,13 +75,16 @@ def bind_control_socket(path: Path, mode: int, gid: int | None = None) -> socket
     os.chmod(path, mode)
     if gid is not None:
         os.chown(path, -1, gid)
-    sock.listen(BACKLOG)
+    sock.listen(BACKLOG)  # a burst of CLI calls waits in the backlog, accepted one by one
     sock.setblocking(False)
     return sock
 
 
 class ControlServer:
-    """Serves control requests; a bad frame gets an error answer and its connection is closed."""
+    """Serves control requests; a bad frame gets an error answer and its connection is closed.
+
+    `start` binds (errors show at once); `serve` then runs in its owner's task group and owns a task
+    group of its own in which every connection is served; `close` ends both."""
 
     def __init__(self, path: Path, mode: int, handler: Handler, gid: int | None = None,
                  frame_timeout: float = FRAME_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
@@ -92,37 +96,62 @@ class ControlServer:
         self.frame_timeout = frame_timeout
         self.idle_timeout = idle_timeout
         self.handler = handler
-        self._server: asyncio.Server | None = None
+        self._listener: SocketListener | None = None
         self._inode: int | None = None
+        self._accepting = anyio.CancelScope()  # cancelled by `close`
+        self._served = anyio.Event()  # `serve` has ended (or never ran)
+        self._serving = False
         self._answering = 0  # requests read and not yet answered
-        self._answered = asyncio.Event()  # set whenever _answering drops to 0
+        self._answered = anyio.Event()  # set whenever _answering drops to 0
 
     async def start(self) -> None:
-        """Bind and start accepting connections."""
+        """Bind the socket (SocketInUse, OSError); connections are accepted once `serve` runs."""
         sock = bind_control_socket(self.path, self.mode, self.gid)
         self._inode = os.stat(self.path).st_ino
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=2**16,
-                                                   backlog=BACKLOG)  # it listens again, with its own default
+        self._listener = await SocketListener.from_socket(sock)
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Accept and serve connections until `close`; then give requests being answered (a `call`
+        answered as the daemon stops) up to ANSWER_TIMEOUT to go out, and end every connection."""
+        listener = self._listener
+        if listener is None:
+            raise RuntimeError("ControlServer.serve before start")
+        self._serving = True
+        try:
+            async with anyio.create_task_group() as connections:
+                task_status.started()
+                with self._accepting:
+                    while True:
+                        stream = await listener.accept()
+                        connections.start_soon(self._serve, stream)
+                with anyio.move_on_after(ANSWER_TIMEOUT):
+                    while self._answering:
+                        self._answered = anyio.Event()
+                        await self._answered.wait()
+                connections.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+            self._served.set()
 
     async def close(self) -> None:
-        """Stop accepting and remove the socket file (if it is still ours)."""
-        if self._server is not None:
-            self._server.close()
-            with anyio.move_on_after(ANSWER_TIMEOUT):  # answers already decided (stop answers every message) go out
-                while self._answering:
-                    self._answered.clear()
-                    await self._answered.wait()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        """Stop accepting, wait (bounded by ANSWER_TIMEOUT) for `serve` to end, and remove the socket
+        file (if it is still ours)."""
+        self._accepting.cancel()
+        if self._serving:
+            with anyio.move_on_after(ANSWER_TIMEOUT + 1.0):
+                await self._served.wait()
+        elif self._listener is not None:
+            await self._listener.aclose()
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
 
-    def _refusal(self, writer: asyncio.StreamWriter) -> str | None:
+    def _refusal(self, stream: SocketStream) -> str | None:
         """Why this peer may not control the daemon (SO_PEERCRED), or None."""
         if self.allowed_uids is None:
             return None
-        sock = writer.get_extra_info("socket")
+        sock = stream.extra(SocketAttribute.raw_socket)
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, _gid = struct.unpack("3i", creds)
         if uid in self.allowed_uids:
@@ -130,98 +159,106 @@ class ControlServer:
         log.warning("control_peer_refused", uid=uid, pid=pid)
         return f"permission denied: uid {uid} is not allowed to control this daemon (host.control_users)"
 
-    async def _handle_unless_gone(self, request: Request, reader: asyncio.StreamReader
+    async def _answer_request(self, request: Request) -> Response:
+        try:
+            return await self.handler(request)
+        except Exception as exc:  # a bug answering one request must not take the daemon down
+            log.exception("control_request_failed", request=type(request).__name__)
+            return Response(False, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def _answer_unless_gone(self, request: Request, reader: BufferedByteReceiveStream
                                   ) -> tuple[Response | None, bytes]:
         """Answer a call or send, cancelling it if its client hangs up first (its message is then
         withdrawn from the mailbox unless the component already took it): (None, b"") then. Also
         returns the first byte of a next request the client sent meanwhile (pipelined)."""
-        handling = asyncio.ensure_future(self.handler(request))
-        watching = asyncio.ensure_future(reader.read(1))
-        try:
-            await asyncio.wait((handling, watching), return_when=asyncio.FIRST_COMPLETED)
-            if not handling.done() and (watching.exception() is not None or not watching.result()):
-                handling.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await handling
-                log.info("control_client_gone", request=type(request).__name__, id=getattr(request, "id", None))
-                return None, b""
-            return await handling, (await watching if watching.done() else b"")
-        finally:
-            for task in (handling, watching):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                        await task
+        early = b""
+        gone = False
+        response: Response | None = None
+        async with anyio.create_task_group() as watching:
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            async def watch() -> None:
+                nonlocal early, gone
+                try:
+                    early = await reader.receive(1)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+                    gone = True
+                    watching.cancel_scope.cancel()
+
+            watching.start_soon(watch)
+            response = await self._answer_request(request)
+            watching.cancel_scope.cancel()  # answered: stop watching (an unread byte stays buffered)
+        if gone and response is None:
+            log.info("control_client_gone", request=type(request).__name__, id=getattr(request, "id", None))
+            return None, b""
+        return response, early
+
+    async def _serve(self, stream: SocketStream) -> None:
+        reader = BufferedByteReceiveStream(stream)
         try:
-            refusal = self._refusal(writer)
+            refusal = self._refusal(stream)
             if refusal is not None:
-                await _answer(writer, Response(False, refusal))
+                await _answer(stream, Response(False, refusal))
                 return
             early = b""  # a byte of the next request, read while watching for a hang-up
             while True:
-                try:
-                    header = await _read_exactly_or_eof(reader, LENGTH.size, self.idle_timeout, self.frame_timeout,
-                                                        early)
-                except TimeoutError:
-                    return
+                header = await _read_header(reader, self.idle_timeout, self.frame_timeout, early)
                 if header is None:
                     return
                 try:
                     length = frame_length(header)
-                    body = await asyncio.wait_for(reader.readexactly(length), self.frame_timeout)
+                    with anyio.fail_after(self.frame_timeout):
+                        body = await reader.receive_exactly(length)
                     request = request_decoder.decode(body)
                 except FrameError as exc:
-                    await _answer(writer, Response(False, f"bad frame: {exc}"))
+                    await _answer(stream, Response(False, f"bad frame: {exc}"))
                     return
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    await _answer(writer, Response(False, f"malformed request: {exc}"))
+                    await _answer(stream, Response(False, f"malformed request: {exc}"))
                     return
                 except TimeoutError:
-                    await _answer(writer, Response(False, f"incomplete frame after {self.frame_timeout:g} s"))
+                    await _answer(stream, Response(False, f"incomplete frame after {self.frame_timeout:g} s"))
                     return
                 self._answering += 1
                 try:
-                    try:
-                        if isinstance(request, Call | Send):
-                            response, early = await self._handle_unless_gone(request, reader)
-                        else:  # a reload or stop is carried out even if its client does not wait for it
-                            response, early = await self.handler(request), b""
-                    except Exception as exc:  # a bug answering one request must not take the daemon down
-                        log.exception("control_request_failed", request=type(request).__name__)
-                        response, early = Response(False, f"internal error: {type(exc).__name__}: {exc}"), b""
+                    if isinstance(request, Call | Send):
+                        response, early = await self._answer_unless_gone(request, reader)
+                    else:  # a reload or stop is carried out even if its client does not wait for it
+                        response, early = await self._answer_request(request), b""
                     if response is None:
                         return
-                    await _answer(writer, response)
+                    await _answer(stream, response)
                 finally:
                     self._answering -= 1
                     if not self._answering:
                         self._answered.set()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                ConnectionError, TimeoutError):
             return
+        except Exception:  # one connection's bug must not end the server (or the daemon's task group)
+            log.exception("control_connection_failed")
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
 
 
-async def _read_exactly_or_eof(reader: asyncio.StreamReader, size: int, idle: float, frame: float,
-                               first: bytes = b"") -> bytes | None:
-    """`size` bytes (starting with `first` if already read), or None on a clean end of stream before
-    the first byte."""
-    if not first:
-        first = await asyncio.wait_for(reader.read(1), idle)
-    if not first:
-        return None
-    rest = await asyncio.wait_for(reader.readexactly(size - 1), frame)
-    return first + rest
+async def _read_header(reader: BufferedByteReceiveStream, idle: float, frame: float,
+                       first: bytes = b"") -> bytes | None:
+    """The frame header (starting with `first` if already read), or None on a clean end of stream (or an
+    idle timeout) before its first byte."""
+    with anyio.move_on_after(idle):
+        if not first:
+            try:
+                first = await reader.receive(1)
+            except anyio.EndOfStream:
+                return None
+        with anyio.fail_after(frame):
+            return first + await reader.receive_exactly(LENGTH.size - 1)
+    return None
 
 
-async def _answer(writer: asyncio.StreamWriter, response: Response) -> None:
+async def _answer(stream: SocketStream, response: Response) -> None:
     try:
         data = frame(response, MAX_RESPONSE_FRAME)
     except FrameError as exc:
         data = frame(Response(False, str(exc)), MAX_RESPONSE_FRAME)
-    writer.write(data)
-    await writer.drain()
+    await stream.send(data)

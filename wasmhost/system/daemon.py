@@ -1,13 +1,22 @@
 """The daemon: deploys the configured components, reloads the config, answers the control socket,
-speaks sd_notify, and stops gracefully on SIGTERM / SIGINT."""
+speaks sd_notify, and stops gracefully on SIGTERM / SIGINT.
+
+`run` is one task group: the control server, signal handling, reload requests (SIGHUP), the watchdog
+and start-up run in it, inside the supervisor (which owns every actor task); the workers, storage, runtime, notifier and
+control socket are released in `finally` blocks whatever ends it. A stop signal cancels a start-up in
+progress (compiles are abandoned, not waited for: see detached.py) and then stops every component
+within drain_timeout_s + shutdown_timeout_s.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +24,7 @@ from typing import Any
 import anyio
 import msgspec
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from wasmhost.actors.actor import Handover
 from wasmhost.actors.state import ActorState
@@ -35,9 +45,11 @@ from wasmhost.storage.sqlite_store import SqliteStorage
 from wasmhost.system import protocol
 from wasmhost.system.config import ComponentPlan, Config, ConfigError, load_config
 from wasmhost.system.control import ControlServer, SocketInUse
+from wasmhost.system.detached import run_detached
 from wasmhost.system.logging import lines_dropped, reopen_log_files
 from wasmhost.system.reload_report import ReloadReport
 from wasmhost.system.sd_notify import Notifier
+from wasmhost.system.stores import HostStores
 
 log = structlog.get_logger("wasmhost.daemon")
 
@@ -94,11 +106,11 @@ def _one_line(text: str, component: ComponentId | None = None) -> str:
     return text.removeprefix(f"{component}: ") if component is not None else text
 
 
-async def _first_of(timeout: float, *events: asyncio.Event) -> None:
+async def _first_of(timeout: float, *events: asyncio.Event | anyio.Event) -> None:
     """Wait until one of `events` is set, for at most `timeout` seconds."""
     with anyio.move_on_after(timeout):
         async with anyio.create_task_group() as group:
-            async def wait(event: asyncio.Event) -> None:
+            async def wait(event: asyncio.Event | anyio.Event) -> None:
                 await event.wait()
                 group.cancel_scope.cancel()
 
@@ -126,9 +138,10 @@ class Daemon:
         self.workers = WorkerPool(host.worker_threads)
         self.notifier = Notifier()
         self.deployments: dict[ComponentId, Deployment] = {}
-        self._stop = asyncio.Event()
+        self._stop = anyio.Event()
         self._stopping = False
-        self._reload_lock = asyncio.Lock()
+        self._startup = anyio.CancelScope()  # cancelled by a stop signal
+        self._reload_lock = anyio.Lock()
         self._ready = False  # start-up is over: from now on a reload never waits for another one
         self.router: MessageRouter
         self.supervisor: Supervisor
@@ -138,9 +151,15 @@ class Daemon:
 
     async def run(self) -> int:
         """Deploy, serve until a stop signal, stop gracefully; returns the exit code."""
-        loop = asyncio.get_running_loop()
-        self.router = MessageRouter(loop, self.permissions, self.config.host.max_message_bytes)
-        self.supervisor = Supervisor(self.runtime, self.router, self.workers, self.storage, self.permissions)
+        try:
+            return await self._run()
+        finally:
+            self._release()
+
+    async def _run(self) -> int:
+        self.router = MessageRouter(asyncio.get_running_loop(), self.permissions, self.config.host.max_message_bytes)
+        stores = HostStores(self.runtime, self.router, self.storage, self.permissions)
+        self.supervisor = Supervisor(stores, self.router, self.workers)
         self.control = ControlServer(self.config.control_socket, self.config.socket_mode, self.handle,
                                      self.config.socket_gid, allowed_uids=self.config.control_uids)
         try:
@@ -148,12 +167,32 @@ class Daemon:
         except (SocketInUse, OSError) as exc:
             log.error("control_socket_unavailable", socket=str(self.config.control_socket), error=str(exc))
             print(f"wasmhost: {exc}", file=sys.stderr)
-            self._release()
             return 1
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
-        loop.add_signal_handler(signal.SIGUSR1, reopen_log_files)  # logrotate's postrotate: a new log_file
+        # SIGHUP asks for a reload; one waiting request is enough, however many signals come meanwhile
+        reloads_in, reloads_out = anyio.create_memory_object_stream[None](1)
+        try:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                          signal.SIGUSR1) as signals, \
+                    reloads_in, reloads_out:
+                async with self.supervisor, anyio.create_task_group() as tasks:
+                    await tasks.start(self.control.serve, name="control")
+                    tasks.start_soon(self._signals, signals, reloads_in, name="signals")
+                    tasks.start_soon(self._reloads, reloads_out, name="reloads")
+                    tasks.start_soon(self._watchdog, name="watchdog")
+                    with self._startup:
+                        await self._start_up()
+                    await self._stop.wait()
+                    await self._shutdown()
+                    await self.control.close()  # after the stop: answers it decided (stopped, failed) go out
+                    tasks.cancel_scope.cancel()  # the signal, reload and watchdog tasks
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.control.close()  # bounded (control.ANSWER_TIMEOUT and a second); at once if closed
+        log.info("stopped")
+        return 0
+
+    async def _start_up(self) -> None:
+        """Deploy the configured components; READY=1 once every first attempt has ended."""
         for warning in self.config.warnings:
             log.warning("config_warning", detail=warning)
         began = time.monotonic()
@@ -163,11 +202,22 @@ class Daemon:
         self.notifier.notify("READY=1", f"STATUS={self._summary()}")
         log.info("daemon_ready", seconds=round(time.monotonic() - began, 3), summary=self._summary(),
                  socket=str(self.config.control_socket))
-        watchdog = loop.create_task(self._watchdog())
-        await self._stop.wait()
-        watchdog.cancel()
-        await self._shutdown()
-        return 0
+
+    async def _signals(self, signals: AsyncIterator[signal.Signals], reloads: MemoryObjectSendStream[None]) -> None:
+        """Turn signals into a stop, a reload request or a log file reopen."""
+        async for sig in signals:
+            if sig == signal.SIGHUP:
+                with contextlib.suppress(anyio.WouldBlock):
+                    reloads.send_nowait(None)  # one is waiting already: it reads the newest config anyway
+            elif sig == signal.SIGUSR1:
+                reopen_log_files()  # logrotate's postrotate: a new log_file
+            else:
+                self._on_stop_signal(sig)
+
+    async def _reloads(self, requests: MemoryObjectReceiveStream[None]) -> None:
+        """Apply SIGHUP reload requests one after the other."""
+        async for _ in requests:  # after a stop signal, reload() refuses; one under way ends with this task
+            await self.reload()
 
     def _on_stop_signal(self, sig: int) -> None:
         if self._stopping:
@@ -175,6 +225,7 @@ class Daemon:
             os._exit(0)  # committed writes are durable and SQLite's WAL keeps the file consistent
         self._stopping = True
         log.info("stopping", signal=signal.Signals(sig).name)
+        self._startup.cancel()  # components still starting are stopped; compiles are not waited for
         self._stop.set()
 
     async def _shutdown(self) -> None:
@@ -182,25 +233,28 @@ class Daemon:
         for actor in self.supervisor.actors.values():
             actor.mailbox.seal()  # stop accepting new messages everywhere before draining
         await self.supervisor.stop_all(self.config.host.drain_timeout_s)
-        await self.control.close()
-        self._release()
-        log.info("stopped")
 
     def _release(self) -> None:
-        self.workers.close()
-        self.storage.close()
-        self.runtime.close()
-        self.notifier.close()
+        """Close what the daemon holds, each whatever happened to the others."""
+        try:
+            self.workers.close()
+        finally:
+            try:
+                self.storage.close()
+            finally:
+                try:
+                    self.runtime.close()
+                finally:
+                    self.notifier.close()
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval()
         if interval is None:
             return
-        loop = asyncio.get_running_loop()
         while True:
-            expected = loop.time() + interval
-            await asyncio.sleep(interval)
-            if loop.time() - expected < interval:  # the loop answered in time: it is healthy
+            expected = anyio.current_time() + interval
+            await anyio.sleep(interval)
+            if anyio.current_time() - expected < interval:  # the loop answered in time: it is healthy
                 self.notifier.notify("WATCHDOG=1")
 
     def _summary(self) -> str:
@@ -212,25 +266,31 @@ class Daemon:
     # --- deployment ---
 
     async def _load(self, plan: ComponentPlan) -> LoadedComponent:
-        return await asyncio.to_thread(load_plan, self.runtime, plan)
+        return await run_detached(lambda: load_plan(self.runtime, plan), f"compile {plan.spec.component_id}")
 
     async def _start(self, plan: ComponentPlan, loaded: LoadedComponent | None = None) -> None:
-        """Start one component, loading it first unless the reload already has (`loaded`)."""
+        """Start one component, compiling it first unless the reload already has (`loaded`). It is listed
+        (`starting`, phase `compiling`) and its mailbox takes messages from now on."""
         cid = plan.spec.component_id
         deployment = Deployment(plan)
         self.deployments[cid] = deployment
-        if loaded is None:
+
+        def compiled(component: LoadedComponent) -> LoadedComponent:
+            deployment.digest = component.digest
+            deployment.loaded = component
+            return component
+
+        async def compile_it() -> LoadedComponent:
             try:
-                loaded = await self._load(plan)
+                return compiled(await self._load(plan))
             except LoadError as exc:
                 deployment.load_error = str(exc)
                 self.router.load_failed(cid, str(exc))  # messages to it say so, not target-not-found
                 log.error("component_load_failed", component=str(cid), error=str(exc))
-                return
-        deployment.digest = loaded.digest
-        deployment.loaded = loaded
+                raise
+
         self._grant(plan)
-        await self.supervisor.start(plan.spec, loaded)
+        await self.supervisor.start(plan.spec, compile_it if loaded is None else compiled(loaded))
 
     def _grant(self, plan: ComponentPlan) -> None:
         self.permissions.grant(plan.spec.component_id, plan.grants)  # parsed and checked with the config
@@ -280,8 +340,7 @@ class Daemon:
         healthy for its rollout check window. A reload asked for while another one runs is refused at
         once. RELOADING=1 is always followed by READY=1, and the lock is released, whatever happens."""
         if self._stopping:  # what it would start, the shutdown would not stop
-            log.warning("reload_refused", reason="the daemon is stopping")
-            return ReloadReport("refused", problems=["reload refused: the daemon is stopping"])
+            return self._refuse_reload()
         if self._ready and self._reload_lock.locked():  # another one may take a whole check window: never wait
             log.warning("reload_refused", reason="a reload is in progress")
             self._notify_reloading()  # systemd's reload waits for this pair whatever the daemon decides
@@ -289,6 +348,8 @@ class Daemon:
             return ReloadReport("refused", problems=["reload refused, nothing changed: a reload is in progress; "
                                                      "try again once it has ended"])
         async with self._reload_lock:
+            if self._stopping:  # a SIGTERM sent with the SIGHUP (the kernel delivers the lower-numbered SIGHUP first)
+                return self._refuse_reload()
             self._notify_reloading()
             outcome = "reload failed"
             try:
@@ -302,6 +363,10 @@ class Daemon:
                     f"reload failed, previous configuration restored: {_describe(exc)}"])
             finally:
                 self.notifier.notify("READY=1", f"STATUS={outcome}; {self._summary()}")
+
+    def _refuse_reload(self) -> ReloadReport:
+        log.warning("reload_refused", reason="the daemon is stopping")
+        return ReloadReport("refused", problems=["reload refused: the daemon is stopping"])
 
     def _notify_reloading(self) -> None:
         monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -504,14 +569,15 @@ class Daemon:
         for cid, deployment in self.deployments.items():
             actor = self.supervisor.actors.get(cid)
             if actor is None:
-                rows.append({"id": str(cid), "state": "failed", "health": None, "restarts": 0,
+                rows.append({"id": str(cid), "state": "failed", "phase": None, "health": None, "restarts": 0,
                              "mailbox": 0, "queued": 0, "in_hand": 0, "handled": 0, "failed": 0,
                              "last_error": deployment.load_error, "rollout": deployment.rollout})
                 continue
             stats = actor.stats
             # health is the last answer of a live instance: none to show while it is not running
             health = actor.health.value if actor.state is ActorState.RUNNING else None
-            rows.append({"id": str(cid), "state": actor.state.value, "health": health, "restarts": stats.restarts,
+            rows.append({"id": str(cid), "state": actor.state.value, "phase": actor.phase, "health": health,
+                         "restarts": stats.restarts,
                          "mailbox": len(actor.mailbox) + actor.in_hand, "queued": len(actor.mailbox),
                          "in_hand": actor.in_hand, "handled": stats.handled,
                          "failed": stats.failed, "last_error": stats.last_error, "rollout": deployment.rollout})
@@ -555,10 +621,7 @@ class Daemon:
         elif isinstance(request, protocol.Start):
             await actor.start()
         elif isinstance(request, protocol.Restart):
-            if actor.state is ActorState.RUNNING:
-                actor.request_restart()
-            else:
-                await actor.start()
+            await actor.restart()  # answered once the new instance runs or has failed
         return protocol.Response(True, data=actor.state.value)
 
 
