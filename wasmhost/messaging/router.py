@@ -109,14 +109,20 @@ class MessageRouter:
         else:
             self._load_failures[component] = " ".join(line.strip() for line in reason.splitlines() if line.strip())
 
+    def _not_accepting(self, component: ComponentId) -> str:
+        """Why `component`'s closed mailbox refuses a message: its load failure when that is the reason."""
+        reason = self._load_failures.get(component)
+        if reason is not None:
+            return f"{component} failed to load: {reason}"
+        return f"{component} is not accepting messages"
+
     # --- the MessagingPort protocol (called from guest threads) ---
 
     def _resolve(self, sender: ComponentId, action: str, target: ComponentId, size: int) -> Recipient:
         recipient = self._recipients.get(target)
         if recipient is None:
-            reason = self._load_failures.get(target)
-            if reason is not None:
-                raise MessagingError("delivery-failed", f"{target} failed to load: {reason}")
+            if target in self._load_failures:
+                raise MessagingError("delivery-failed", self._not_accepting(target))
             raise MessagingError("target-not-found", target)
         if self.permissions is not None and sender != HOST_ID:
             self.permissions.check_message(sender, action, target)
@@ -130,12 +136,11 @@ class MessageRouter:
             if recipient is not None:
                 recipient.produced(len(payload))
 
-    @staticmethod
-    def _offer(recipient: Recipient, envelope: Envelope) -> None:
+    def _offer(self, recipient: Recipient, envelope: Envelope) -> None:
         if recipient.mailbox.offer(envelope):
             return
         if recipient.mailbox.closed:
-            raise MessagingError("delivery-failed", f"{recipient.component_id} is not accepting messages")
+            raise MessagingError("delivery-failed", self._not_accepting(recipient.component_id))
         raise MessagingError("queue-full")
 
     def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
@@ -223,7 +228,7 @@ class MessageRouter:
             raise RequestFailed(Outcome.TIMEOUT, f"the mailbox of {recipient.component_id} stayed full "
                                 f"({recipient.mailbox.capacity} messages) for {timeout:g} s: {consequence}") from None
         if not queued:
-            raise MessagingError("delivery-failed", f"{recipient.component_id} is not accepting messages")
+            raise MessagingError("delivery-failed", self._not_accepting(recipient.component_id))
 
     async def host_request(
         self, target: ComponentId, payload: bytes, timeout: float, wait: bool = False

@@ -276,6 +276,7 @@ class Daemon:
         self.deployments[cid] = deployment
 
         def compiled(component: LoadedComponent) -> LoadedComponent:
+            self.router.load_failed(cid, None)  # loads now (a `start` after fixing the file)
             deployment.digest = component.digest
             deployment.loaded = component
             return component
