@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_daemon import ROOT, Daemon, component, config_text, wasmhost
+from tests.test_daemon import ROOT, Daemon, component, config_text, kill_leftovers, launch, wasmhost
 from wasmhost.cli import build_parser
 from wasmhost.system import protocol
 from wasmhost.system.client import DaemonUnavailable, request
@@ -30,21 +30,10 @@ def daemon(tmp_path: Path) -> Iterator[Start]:
     started: list[Daemon] = []
 
     def start(components: str, host: dict[str, str] | None = None) -> Daemon:
-        config = tmp_path / "wasmhost.toml"
-        text = config_text(tmp_path / "state", components)
-        for old, new in (host or {}).items():
-            text = text.replace(old, new)
-        config.write_text(text)
-        d = Daemon(tmp_path, config)
-        started.append(d)
-        d.expect("READY=1")
-        return d
+        return launch(tmp_path, components, started, edit=host)
 
     yield start
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+    kill_leftovers(started)
 
 
 def cli_bytes(d: Daemon, *args: str, stdout: int | None = None) -> subprocess.CompletedProcess[bytes]:

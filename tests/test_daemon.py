@@ -93,23 +93,38 @@ class Daemon:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
 
 
+def launch(tmp_path: Path, components: str, started: list[Daemon], components_dir: Path = FIXTURES,
+           python_args: tuple[str, ...] = ("-m", "wasmhost.cli"), edit: dict[str, str] | None = None) -> Daemon:
+    """Write tmp_path/wasmhost.toml for `components` (with `edit`'s replacements), start a daemon on it,
+    keep it in `started` and wait for READY=1."""
+    text = config_text(tmp_path / "state", components, components_dir)
+    for old, new in (edit or {}).items():
+        text = text.replace(old, new)
+    config = tmp_path / "wasmhost.toml"
+    config.write_text(text)
+    d = Daemon(tmp_path, config, python_args=python_args)
+    started.append(d)
+    d.expect("READY=1")
+    return d
+
+
+def kill_leftovers(started: list[Daemon]) -> None:
+    """Kill the daemons a failed test left running."""
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[object]:
     started: list[Daemon] = []
 
     def start(components: str, components_dir: Path = FIXTURES) -> Daemon:
-        config = tmp_path / "wasmhost.toml"
-        config.write_text(config_text(tmp_path / "state", components, components_dir))
-        d = Daemon(tmp_path, config)
-        started.append(d)
-        d.expect("READY=1")
-        return d
+        return launch(tmp_path, components, started, components_dir)
 
     yield start
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+    kill_leftovers(started)
 
 
 BASIC = component("t/echo/0", "echo") + component("t/counter/0", "counter") + component(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
-from tests.test_daemon import Daemon, component, config_text, wasmhost
+from tests.test_daemon import Daemon, component, config_text, kill_leftovers, launch, wasmhost
 
 PATTERN_ERROR = ("components[1].capabilities.send[0]: target pattern 'demo/echo': expected '*', 'namespace/*', "
                  "'namespace/name/*' or 'namespace/name/instance'")
@@ -46,20 +46,12 @@ def components(tmp_path: Path) -> Path:
 def started(tmp_path: Path, components: Path) -> Iterator[list[Daemon]]:
     daemons: list[Daemon] = []
     yield daemons
-    for d in daemons:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+    kill_leftovers(daemons)
 
 
 def start(tmp_path: Path, components: Path, started: list[Daemon], text: str,
           python_args: tuple[str, ...] = ("-m", "wasmhost.cli")) -> Daemon:
-    config = tmp_path / "wasmhost.toml"
-    config.write_text(config_text(tmp_path / "state", text, components))
-    d = Daemon(tmp_path, config, python_args=python_args)
-    started.append(d)
-    d.expect("READY=1")
-    return d
+    return launch(tmp_path, text, started, components, python_args)
 
 
 def rewrite(d: Daemon, tmp_path: Path, components: Path, text: str) -> None:

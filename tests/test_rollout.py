@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
-from tests.test_daemon import ROOT, Daemon, component, config_text
+from tests.test_daemon import ROOT, Daemon, component, config_text, kill_leftovers, launch
 from wasmhost.system import protocol
 from wasmhost.system.client import request
 
@@ -48,20 +48,12 @@ def components(tmp_path: Path) -> Path:
 def started() -> Iterator[list[Daemon]]:
     daemons: list[Daemon] = []
     yield daemons
-    for d in daemons:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+    kill_leftovers(daemons)
 
 
 def start(tmp_path: Path, components: Path, started: list[Daemon], extra: str,
           python_args: tuple[str, ...] = ("-m", "wasmhost.cli")) -> Daemon:
-    config = tmp_path / "wasmhost.toml"
-    config.write_text(config_text(tmp_path / "state", component("t/svc/0", "svc", extra), components))
-    d = Daemon(tmp_path, config, python_args=python_args)
-    started.append(d)
-    d.expect("READY=1")
-    return d
+    return launch(tmp_path, component("t/svc/0", "svc", extra), started, components, python_args)
 
 
 def new_version(d: Daemon, tmp_path: Path, components: Path, fixture: str, extra: str) -> None:
