@@ -14,8 +14,10 @@ from tests.support import plain_supervisor
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.core import ComponentId
+from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.core.ids import HOST_ID
 from wasmhost.messaging.deadlines import COMPACT_AFTER, RequestDeadlines
+from wasmhost.messaging.envelope import Envelope
 from wasmhost.runtime.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -29,7 +31,9 @@ async def supervisor(runtime: Runtime) -> AsyncIterator[Supervisor]:
 
 async def launch(sup: Supervisor, fixture: str, name: str) -> ComponentActor:
     cid = ComponentId("test-org", name, "0")
-    return await sup.start(ActorSpec(cid), sup.stores.runtime.load(cid, fixture_path(fixture)))
+    # no health checks meanwhile: they would wake an actor that a lost wake-up left waiting
+    spec = ActorSpec(cid, health_interval=3600.0)
+    return await sup.start(spec, sup.stores.runtime.load(cid, fixture_path(fixture)))
 
 
 def address(actor: ComponentActor) -> str:
@@ -121,3 +125,26 @@ async def test_answered_requests_do_not_pile_up_in_the_deadline_heap() -> None:
         await due.wait()
     assert expired == ["kept"]
     deadlines.close()
+
+
+async def test_a_send_is_delivered_while_its_sender_waits_in_a_host_call(supervisor: Supervisor) -> None:
+    # A's batch: relay to B, then sleep 5 s in a host call. B gets the message during the sleep, not
+    # only once A's batch ends (its wake-up is not held back until then).
+    a = await launch(supervisor, "pinger", "a")
+    b = await launch(supervisor, "pinger", "b")
+    echo = await launch(supervisor, "echo", "echo")
+    reply: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+    # both queued before A's task runs again, so that it takes them as one batch
+    for payload, future in ((f">1;{address(b)};{address(echo)}".encode(), None), (b"z5000", reply)):
+        assert a.mailbox.offer(Envelope(message(payload), reply_future=future))
+    with anyio.fail_after(30):  # watched without messaging B: a message would wake it
+        while not b.stats.handled:
+            await asyncio.sleep(0.005)
+    assert not reply.done()
+    assert await query(supervisor, b, b"?relayed") == b"1"
+    with anyio.fail_after(30):
+        assert await reply is None
+
+
+def message(payload: bytes) -> ComponentMessage:
+    return ComponentMessage(HOST_ID, payload, MessageMetadata(timestamp=Timestamp.now()))

@@ -2,9 +2,9 @@
 
 Waking an idle actor from a worker thread costs a loop wake-up (`call_soon_threadsafe`). While an
 actor handles a batch, its guest's sends and requests only note which mailboxes to wake
-(`deferring_wakes`): they are woken together with one loop call at the next slice boundary or
-when the batch ends, so a batch that sends 64 messages costs one wake-up, not 64, and the
-receiver finds them all queued at once.
+(`deferring_wakes`): they are woken together with one loop call at the next slice boundary, when
+the guest is about to wait in a host call (`flush_wakes`), or when the batch ends. So a batch that
+sends 64 messages costs one wake-up, not 64, and the receiver finds them all queued at once.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from wasmhost.messaging.envelope import Envelope
 
 T = TypeVar("T")
 
-_deferred = threading.local()  # .wakes: the mailboxes to wake after this thread's current step, or None
+_deferred = threading.local()  # .wakes: the mailboxes to wake after this thread's current step, or None;
+# .loop: the loop that wakes them
 
 
 class Mailbox:
@@ -155,14 +156,14 @@ def deferring_wakes(steps: Generator[float, None, T], loop: asyncio.AbstractEven
     far are woken with one loop call. What the last step collects is left in `wakes` for the
     caller to wake on the loop (with `wake_all`), also when the steps fail or are closed."""
     while True:
-        previous = getattr(_deferred, "wakes", None)
-        _deferred.wakes = wakes
+        previous = getattr(_deferred, "wakes", None), getattr(_deferred, "loop", None)
+        _deferred.wakes, _deferred.loop = wakes, loop
         try:
             deadline = next(steps)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
         finally:
-            _deferred.wakes = previous
+            _deferred.wakes, _deferred.loop = previous
         if wakes:
             loop.call_soon_threadsafe(wake_all, wakes[:])
             wakes.clear()
@@ -171,6 +172,15 @@ def deferring_wakes(steps: Generator[float, None, T], loop: asyncio.AbstractEven
         except GeneratorExit:
             steps.close()  # abandons the call in progress, on this thread, as `yield from` would
             raise
+
+
+def flush_wakes() -> None:
+    """Wake now what the calling thread's guest call has sent so far (it is about to wait in a host
+    call: its sends must not wait for that); a no-op outside `deferring_wakes`."""
+    wakes: list[Mailbox] | None = getattr(_deferred, "wakes", None)
+    if wakes:
+        _deferred.loop.call_soon_threadsafe(wake_all, wakes[:])
+        wakes.clear()
 
 
 def wake_all(mailboxes: list[Mailbox]) -> None:
