@@ -85,9 +85,11 @@ class RequestDeadlines:
                 if self._live.get(correlation_id) == deadline:
                     del self._live[correlation_id]
                     due.append(correlation_id)
-        for correlation_id in due:
-            self._expire(correlation_id)
-        self._arm()
+        try:
+            for correlation_id in due:
+                self._expire(correlation_id)
+        finally:
+            self._arm()  # whatever an expiry raised, the later deadlines still get their timer
 
     def close(self) -> None:
         """Forget every deadline and disarm the timer (event loop only)."""

@@ -10,6 +10,7 @@ sends 64 messages costs one wake-up, not 64, and the receiver finds them all que
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Generator
@@ -165,8 +166,7 @@ def deferring_wakes(steps: Generator[float, None, T], loop: asyncio.AbstractEven
         finally:
             _deferred.wakes, _deferred.loop = previous
         if wakes:
-            loop.call_soon_threadsafe(wake_all, wakes[:])
-            wakes.clear()
+            _wake_later(loop, wakes)
         try:
             yield deadline
         except GeneratorExit:
@@ -179,8 +179,14 @@ def flush_wakes() -> None:
     call: its sends must not wait for that); a no-op outside `deferring_wakes`."""
     wakes: list[Mailbox] | None = getattr(_deferred, "wakes", None)
     if wakes:
-        _deferred.loop.call_soon_threadsafe(wake_all, wakes[:])
-        wakes.clear()
+        _wake_later(_deferred.loop, wakes)
+
+
+def _wake_later(loop: asyncio.AbstractEventLoop, wakes: list[Mailbox]) -> None:
+    """Hand `wakes` to the loop in one call (from a worker thread) and empty it."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for these messages any more
+        loop.call_soon_threadsafe(wake_all, wakes[:])
+    wakes.clear()
 
 
 def wake_all(mailboxes: list[Mailbox]) -> None:
