@@ -9,14 +9,28 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from bench import actors, calls, density, fairness, logs, memory, payload, reload, restart, startup, stop, storage
+from bench import (
+    actors,
+    calls,
+    density,
+    fairness,
+    logs,
+    memory,
+    messaging,
+    payload,
+    reload,
+    restart,
+    startup,
+    stop,
+    storage,
+)
 from bench.harness import RESULTS, report, save
 from bench.runner import Benchmark, run_all
 
 BENCHMARKS: dict[str, Benchmark] = {
     "calls": calls.run, "actors": actors.run, "startup": startup.run, "restart": restart.run,
     "density": density.run, "fairness": fairness.run, "memory": memory.run, "logs": logs.run,
-    "storage": storage.run,
+    "storage": storage.run, "messaging": messaging.run,
     "payload": payload.run, "stop": stop.run, "reload": reload.run,
 }
 

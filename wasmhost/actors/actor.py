@@ -41,7 +41,7 @@ from wasmhost.core.errors import ComponentError, GuestExit, GuestFailure, Instan
 from wasmhost.core.message_size import WASMTIME_LIST_U8_CEILING
 from wasmhost.core.metadata import ComponentConfig, ComponentMetadata, HealthStatus
 from wasmhost.messaging.envelope import Delivery, Envelope
-from wasmhost.messaging.mailbox import Mailbox
+from wasmhost.messaging.mailbox import Mailbox, deferring_wakes, wake_all
 from wasmhost.messaging.outcome import Outcome
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.malloc import release_free_memory
@@ -578,9 +578,11 @@ class ComponentActor:
         short, puts the rest back (to be answered as stopped), and lets the cancellation go on."""
         progress = Progress()
         self.in_hand = len(batch)  # answered by the caller right after this returns, without awaiting
+        wakes: list[Mailbox] = []  # mailboxes the guest's sends filled: woken together, not one by one
         try:
-            rest, failure = await self._guest(self._process(batch, progress))
+            rest, failure = await self._guest(deferring_wakes(self._process(batch, progress), self.mailbox.loop, wakes))
         except BaseException:
+            wake_all(wakes)
             self.in_hand = 0
             done = progress.done  # no thread touches it any more (see _guest)
             if progress.started > len(done):
@@ -592,6 +594,7 @@ class ComponentActor:
             self._deliver(done)
             self.mailbox.requeue_front(batch[len(done):])
             raise
+        wake_all(wakes)
         self.in_hand = 0
         return progress.done, rest, failure
 

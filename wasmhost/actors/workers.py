@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import anyio
 
 from wasmhost.core import blocking
+from wasmhost.messaging.mailbox import flush_wakes
 
 T = TypeVar("T")
 
@@ -155,6 +156,7 @@ class WorkerPool:
 
     def enter_blocking(self) -> None:
         """The calling worker is about to wait in a host call: lend a thread if work is queued."""
+        flush_wakes()  # what the guest sent before the wait is delivered now, not after it
         with self._cond:
             self._blocked += 1
             self._lend_if_short()

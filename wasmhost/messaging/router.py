@@ -35,6 +35,7 @@ from wasmhost.core.errors import MessagingError
 from wasmhost.core.ids import HOST_ID, ComponentId
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, check_message_size, too_large
 from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.messaging.deadlines import RequestDeadlines
 from wasmhost.messaging.envelope import Delivery, Envelope
 from wasmhost.messaging.mailbox import Mailbox
 from wasmhost.messaging.outcome import OUTCOME_CONTENT_TYPE, Outcome, RequestFailed, encode_outcome
@@ -71,7 +72,6 @@ class PendingRequest:
 
     requester: ComponentId
     target: ComponentId
-    timer: asyncio.TimerHandle | None = None
 
 
 class MessageRouter:
@@ -85,6 +85,7 @@ class MessageRouter:
         self._recipients: dict[ComponentId, Recipient] = {}
         self._load_failures: dict[ComponentId, str] = {}  # configured, but their binary could not be loaded
         self._pending: dict[str, PendingRequest] = {}
+        self._deadlines = RequestDeadlines(loop, self._expire)  # one loop timer for every pending request
         self._lock = threading.Lock()
         self._prefix = secrets.token_hex(4)
         self._counter = itertools.count(1)
@@ -163,6 +164,8 @@ class MessageRouter:
         pending = PendingRequest(sender, target)
         with self._lock:
             self._pending[correlation_id] = pending
+        # armed before it is queued: an answer that comes at once finds the deadline to discard
+        self._deadlines.add(correlation_id, min(timeout_ms, MAX_REQUEST_TIMEOUT_MS) / 1000)
         envelope = Envelope(
             _message(sender, payload, correlation_id), requester=sender, correlation_id=correlation_id
         )
@@ -171,9 +174,8 @@ class MessageRouter:
         except MessagingError:
             with self._lock:
                 self._pending.pop(correlation_id, None)
+            self._deadlines.discard(correlation_id)
             raise
-        seconds = min(timeout_ms, MAX_REQUEST_TIMEOUT_MS) / 1000
-        self.loop.call_soon_threadsafe(self._arm_timeout, correlation_id, seconds)
         return correlation_id
 
     def cancel_request(self, sender: ComponentId, request_id: str) -> None:
@@ -183,8 +185,7 @@ class MessageRouter:
             if pending is None or pending.requester != sender:
                 raise MessagingError("invalid-message", f"no pending request {request_id!r} from {sender}")
             del self._pending[request_id]
-        if pending.timer is not None:
-            self.loop.call_soon_threadsafe(pending.timer.cancel)
+        self._deadlines.discard(request_id)
 
     def broadcast(self, sender: ComponentId, targets: list[ComponentId], payload: bytes) -> None:
         """Deliver to every target (see the module docstring for partial failures)."""
@@ -266,12 +267,6 @@ class MessageRouter:
 
     # --- outcomes (event loop, after an actor handled a batch) ---
 
-    def _arm_timeout(self, correlation_id: str, seconds: float) -> None:
-        with self._lock:
-            pending = self._pending.get(correlation_id)
-            if pending is not None:
-                pending.timer = self.loop.call_later(seconds, self._expire, correlation_id)
-
     def _expire(self, correlation_id: str) -> None:
         with self._lock:
             pending = self._pending.pop(correlation_id, None)
@@ -309,8 +304,7 @@ class MessageRouter:
             log.info("late_response_dropped", component=str(responder), correlation_id=envelope.correlation_id,
                      requester=str(envelope.requester))
             return
-        if pending.timer is not None:
-            pending.timer.cancel()
+        self._deadlines.discard(envelope.correlation_id)
         if outcome is None:
             self._callback(envelope.requester, responder, envelope.correlation_id, reply or b"", None)
         else:
@@ -343,9 +337,8 @@ class MessageRouter:
         with self._lock:
             gone = [cid for cid, p in self._pending.items() if p.requester == component]
             for cid in gone:
-                pending = self._pending.pop(cid)
-                if pending.timer is not None:
-                    pending.timer.cancel()
+                del self._pending[cid]
+                self._deadlines.discard(cid)
 
 
 def _expire_host_request(future: asyncio.Future[bytes | None], target: ComponentId, timeout: float) -> None:
