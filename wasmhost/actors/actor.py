@@ -93,6 +93,8 @@ class Progress:
 
     done: list[Handled] = field(default_factory=list)
     started: int = 0  # envelopes whose call began: one more than `done` while a call is in progress
+    first_storage: int | None = None  # index of the first envelope that touched storage
+    committed: bool = False  # the batch's storage writes are committed (or it had none)
 
 
 @dataclass(slots=True)
@@ -583,6 +585,13 @@ class ComponentActor:
         except BaseException:
             self.in_hand = 0
             done = progress.done  # no thread touches it any more (see _guest)
+            if not progress.committed:  # cut short before its commit: held writes are dropped, and
+                self.manager.host.drop_writes()  # what may have written or read them is not acknowledged
+                for item in done[progress.first_storage if progress.first_storage is not None else len(done):]:
+                    if item.outcome is not Outcome.FAILED:
+                        item.reply, item.outcome = None, Outcome.FAILED
+                        item.detail = (f"{self.name}: interrupted before its storage writes were committed: the "
+                                       "component was stopped and its drain time ran out")
             if progress.started > len(done):
                 envelope = batch[len(done)]
                 log.warning("component_call_interrupted", component=self.name, delivery=envelope.delivery.value)
@@ -597,6 +606,25 @@ class ComponentActor:
 
     def _process(self, batch: list[Envelope], progress: Progress) -> Generator[float, None, tuple[list[Envelope],
                                                                                               Exception | None]]:
+        """Handle envelopes with their storage writes held (`_handle_each`), then commit the writes of
+        those that ended ok in one unit and wait for it: nothing is answered before its writes are
+        durable. When the commit fails, every message from the first that touched storage on (they
+        may have read what was not committed) fails with its error."""
+        host = self.manager.host
+        host.hold_writes()
+        rest, failure = yield from self._handle_each(batch, progress)  # abandoned or raising: see _handle_batch
+        error = host.commit_writes()
+        if error is not None and progress.first_storage is not None:
+            log.error("component_writes_not_committed", component=self.name, error=str(error))
+            for item in progress.done[progress.first_storage:]:
+                if item.outcome is not Outcome.FAILED:
+                    item.reply, item.outcome = None, Outcome.FAILED
+                    item.detail = f"{self.name}: its storage writes were not committed: {error}"
+        progress.committed = True
+        return rest, failure
+
+    def _handle_each(self, batch: list[Envelope], progress: Progress) -> Generator[float, None, tuple[
+            list[Envelope], Exception | None]]:
         """Handle envelopes in order, one time slice per step on worker threads, recording each in
         `progress`; stop at the first failure of the Store, or before the next envelope once the
         call is interrupted. Returns the envelopes not handled and the failure, if any."""
@@ -627,6 +655,7 @@ class ComponentActor:
             except (GuestFailure, InstanceStateError) as exc:
                 # The message that trapped is answered with an error and never retried: one line (what
                 # happened), the backtrace for the log, the status JSON and `wasmhost call --verbose`.
+                # Its writes are dropped by the commit that follows (it never ended ok).
                 summary = exc.summary if isinstance(exc, GuestFailure) else str(exc)
                 done.append(Handled(envelope, None, Outcome.FAILED, summary, str(exc)))
                 if isinstance(exc, GuestFailure) and hit_size_guard(exc):  # wasmtime's own size guard fired
@@ -635,6 +664,9 @@ class ComponentActor:
                 return batch[index + 1 :], exc
             except Exception as exc:  # a bad value: this message fails, the Store is fine
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {type(exc).__name__}: {exc}"))
+            host.end_message(done[-1].outcome is not Outcome.FAILED)  # its writes: all kept or all dropped
+            if progress.first_storage is None and host.held is not None:
+                progress.first_storage = index
             produced = max(self._call_output, len(done[-1].reply or b""))
             self.output_hint = max(produced, self.output_hint // 2)  # halves with every quiet call
             if max(len(envelope.message.payload), produced) >= TRIM_AFTER:

@@ -16,6 +16,7 @@ from wasmhost.core.ids import ComponentId
 from wasmhost.core.private_files import private_dir, private_file, tighten_if_present
 from wasmhost.core.protocols import StorageUsage
 from wasmhost.storage.accounting import PAGE_SIZE, entry_cost
+from wasmhost.storage.held import MessageWrites
 from wasmhost.storage.writer import StorageWriter, WriteOp, WriteUnit
 
 log = structlog.get_logger("wasmhost.storage")
@@ -190,10 +191,31 @@ class SqliteStorage:
         check_key(key)
         self._writer.submit(WriteUnit(str(owner), [WriteOp(key, None)]))
 
+    def hold(self, owner: ComponentId) -> MessageWrites:
+        """Held writes for `owner`, for the messages of one batch (see storage.held)."""
+        return MessageWrites(self, owner)
+
+    def submit(self, unit: WriteUnit) -> None:
+        """Write `unit` (all of it or nothing); returns once committed."""
+        self._writer.submit(unit)
+
+    @staticmethod
+    def check_key(key: str) -> None:
+        """Raise invalid-key unless `key` is a valid key."""
+        check_key(key)
+
+    def value_size(self, owner: str, key: str) -> int | None:
+        """Length of the committed value under `key`, or None when absent."""
+        with self._transaction() as db:
+            row = db.execute("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (owner, key)).fetchone()
+        return int(row[0]) if row else None
+
     def _apply(self, db: sqlite3.Connection, unit: WriteUnit) -> None:
-        """Apply `unit` in the writer's open transaction, with the owner's up-to-date usage."""
+        """Apply `unit` in the writer's open transaction, with the owner's up-to-date usage. The quota
+        is checked once for the whole unit: a unit that grows usage beyond it writes nothing."""
         name = unit.owner
         used, count = self._usage(db, name)
+        before = used
         for op in unit.ops:
             old = db.execute("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (name, op.key)).fetchone()
             freed = entry_cost(name, op.key, int(old[0])) if old else 0
@@ -204,10 +226,10 @@ class SqliteStorage:
                 used, count = used - freed, count - 1
                 continue
             cost = entry_cost(name, op.key, len(op.value))
-            if cost > freed and used - freed + cost > self.quota(name):  # shrinking is always allowed
-                raise StorageError("quota-exceeded")
             db.execute("INSERT OR REPLACE INTO kv (owner, key, value) VALUES (?, ?, ?)", (name, op.key, op.value))
             used, count = used - freed + cost, count + (0 if old else 1)
+        if used > before and used > self.quota(name):  # shrinking is always allowed
+            raise StorageError("quota-exceeded")  # the writer rolls the unit back
         self._set_usage(db, name, used, count)
 
     def exists(self, owner: ComponentId, key: str) -> bool:
