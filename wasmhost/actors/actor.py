@@ -585,13 +585,8 @@ class ComponentActor:
         except BaseException:
             self.in_hand = 0
             done = progress.done  # no thread touches it any more (see _guest)
-            if not progress.committed:  # cut short before its commit: held writes are dropped, and
-                self.manager.host.drop_writes()  # what may have written or read them is not acknowledged
-                for item in done[progress.first_storage if progress.first_storage is not None else len(done):]:
-                    if item.outcome is not Outcome.FAILED:
-                        item.reply, item.outcome = None, Outcome.FAILED
-                        item.detail = (f"{self.name}: interrupted before its storage writes were committed: the "
-                                       "component was stopped and its drain time ran out")
+            if not progress.committed:  # cut short: the messages that ended ok are answered once their
+                await self._commit_cut_short(done, progress)  # writes are committed, the one cut short drops its
             if progress.started > len(done):
                 envelope = batch[len(done)]
                 log.warning("component_call_interrupted", component=self.name, delivery=envelope.delivery.value)
@@ -603,6 +598,23 @@ class ComponentActor:
             raise
         self.in_hand = 0
         return progress.done, rest, failure
+
+    async def _commit_cut_short(self, done: list[Handled], progress: Progress) -> None:
+        """Commit the writes of a batch that was interrupted (they are with the writer already), within
+        STOP_GRACE; when that fails or takes longer, the messages from the first that touched storage
+        on are answered failed (their writes may land later, but are never acknowledged)."""
+        host = self.manager.host
+        error: Exception | None = TimeoutError(f"not confirmed within {STOP_GRACE:g} s of the stop")
+        with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_GRACE):
+            error = await anyio.to_thread.run_sync(host.commit_writes, abandon_on_cancel=True)
+        host.drop_writes()  # abandoned or not, the next call writes at once
+        if error is not None and progress.first_storage is not None:
+            log.error("component_writes_not_committed", component=self.name, error=str(error))
+            for item in done[progress.first_storage:]:
+                if item.outcome is not Outcome.FAILED:
+                    item.reply, item.outcome = None, Outcome.FAILED
+                    item.detail = (f"{self.name}: the component was stopped before its storage writes were "
+                                   f"committed: {error}")
 
     def _process(self, batch: list[Envelope], progress: Progress) -> Generator[float, None, tuple[list[Envelope],
                                                                                               Exception | None]]:

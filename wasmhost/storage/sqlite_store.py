@@ -174,12 +174,22 @@ class SqliteStorage:
 
     # --- the StoragePort protocol ---
 
+    def _row(self, sql: str, params: tuple[str, ...]) -> tuple[object, ...] | None:
+        """The first row of one read statement, in its own (implicit) read transaction: one call
+        into SQLite, the fast path for the single reads guests make; errors become io-error."""
+        try:
+            db: sqlite3.Connection | None = getattr(self._local, "db", None)
+            row: tuple[object, ...] | None = (db or self._connection()).execute(sql, params).fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            self._io_error(exc)
+            raise StorageError("io-error", str(exc)) from None
+        return row
+
     def get(self, owner: ComponentId, key: str) -> bytes | None:
         """The value under `key`, or None."""
         check_key(key)
-        with self._transaction() as db:
-            row = db.execute("SELECT value FROM kv WHERE owner = ? AND key = ?", (str(owner), key)).fetchone()
-        return bytes(row[0]) if row else None
+        row = self._row("SELECT value FROM kv WHERE owner = ? AND key = ?", (str(owner), key))
+        return row[0] if row else None  # type: ignore[return-value]  # a BLOB: bytes already
 
     def set(self, owner: ComponentId, key: str, value: bytes) -> None:
         """Store `value` under `key`; returns once committed. quota-exceeded writes nothing."""
@@ -195,9 +205,13 @@ class SqliteStorage:
         """Held writes for `owner`, for the messages of one batch (see storage.held)."""
         return MessageWrites(self, owner)
 
-    def submit(self, unit: WriteUnit) -> None:
-        """Write `unit` (all of it or nothing); returns once committed."""
-        self._writer.submit(unit)
+    def enqueue(self, unit: WriteUnit) -> None:
+        """Hand `unit` (written all or nothing) to the writer; `wait` for it later."""
+        self._writer.enqueue(unit)
+
+    def wait(self, unit: WriteUnit) -> None:
+        """Return once the enqueued `unit` is committed; raises its StorageError otherwise."""
+        self._writer.wait(unit)
 
     @staticmethod
     def check_key(key: str) -> None:
@@ -206,9 +220,8 @@ class SqliteStorage:
 
     def value_size(self, owner: str, key: str) -> int | None:
         """Length of the committed value under `key`, or None when absent."""
-        with self._transaction() as db:
-            row = db.execute("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (owner, key)).fetchone()
-        return int(row[0]) if row else None
+        row = self._row("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (owner, key))
+        return int(row[0]) if row else None  # type: ignore[call-overload]
 
     def _apply(self, db: sqlite3.Connection, unit: WriteUnit) -> None:
         """Apply `unit` in the writer's open transaction, with the owner's up-to-date usage. The quota
@@ -235,9 +248,7 @@ class SqliteStorage:
     def exists(self, owner: ComponentId, key: str) -> bool:
         """Whether `key` is present."""
         check_key(key)
-        with self._transaction() as db:
-            row = db.execute("SELECT 1 FROM kv WHERE owner = ? AND key = ?", (str(owner), key)).fetchone()
-        return row is not None
+        return self._row("SELECT 1 FROM kv WHERE owner = ? AND key = ?", (str(owner), key)) is not None
 
     def list_keys(self, owner: ComponentId, prefix: str | None) -> list[str]:
         """Keys of `owner` in order; `prefix` matches literally (no wildcards)."""

@@ -31,6 +31,9 @@ MAX_BATCH_UNITS = 256
 """Units in one transaction at most."""
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 """Value bytes in one transaction at most (beyond the first unit), so one fsync stays short."""
+MAX_BATCH_OPS = 2048
+"""Writes in one transaction at most (beyond the first unit), so a neighbour's commit never waits
+behind a long one (a unit is a message's writes: it may hold many)."""
 
 
 @dataclass
@@ -43,10 +46,8 @@ class WriteOp:
 
 @dataclass(eq=False)
 class WriteUnit:
-    """Writes of one owner acknowledged together: committed all, or none with one error.
-
-    Today every unit holds one operation; it is the place where a message's writes can be grouped.
-    """
+    """Writes of one owner acknowledged together: committed all, or none with one error (a
+    message's writes, or one write made outside any message)."""
 
     owner: str
     ops: list[WriteOp]
@@ -87,6 +88,11 @@ class StorageWriter:
 
     def submit(self, unit: WriteUnit) -> None:
         """Queue `unit` and wait until it is committed; raises its StorageError otherwise."""
+        self.enqueue(unit)
+        self.wait(unit)
+
+    def enqueue(self, unit: WriteUnit) -> None:
+        """Queue `unit` without waiting; `wait` for it later (every enqueued unit must be waited for)."""
         with self._cond:
             if self._closing or not self._thread.is_alive():
                 raise StorageError("io-error", "storage writer is not running")
@@ -96,6 +102,10 @@ class StorageWriter:
                 self._ring.append(unit.owner)
             queue.append(unit)
             self._cond.notify_all()
+
+    def wait(self, unit: WriteUnit) -> None:
+        """Wait until the enqueued `unit` is committed (bounded by timeout_s from now); raises its
+        StorageError otherwise."""
         if not unit.done.wait(self.timeout_s):
             with self._cond:
                 if not unit.done.is_set():
@@ -159,22 +169,27 @@ class StorageWriter:
                 self._db.close()
 
     def _take(self) -> list[WriteUnit]:
-        """Up to PER_OWNER units from each owner in ring order, within the batch bounds."""
+        """Up to PER_OWNER units from each owner in ring order, round after round, within the batch
+        bounds: one owner alone gets its whole backlog into one transaction (one fsync), several
+        take turns in it."""
         batch: list[WriteUnit] = []
-        size = 0
-        for _ in range(len(self._ring)):
-            if len(batch) >= MAX_BATCH_UNITS or (batch and size >= MAX_BATCH_BYTES):
-                break
+        size = ops = 0
+
+        def full() -> bool:
+            return len(batch) >= MAX_BATCH_UNITS or (bool(batch) and (size >= MAX_BATCH_BYTES or ops >= MAX_BATCH_OPS))
+
+        while self._ring and not full():
             owner = self._ring.popleft()
             queue = self._queues[owner]
             for _ in range(PER_OWNER):
-                if not queue or len(batch) >= MAX_BATCH_UNITS or (batch and size >= MAX_BATCH_BYTES):
+                if not queue or full():
                     break
                 unit = queue.popleft()
                 unit.taken = True
                 self.units_taken += 1
                 batch.append(unit)
                 size += unit.nbytes
+                ops += len(unit.ops)
             if queue:
                 self._ring.append(owner)  # served: to the back of the ring
             else:
