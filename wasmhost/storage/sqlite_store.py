@@ -22,6 +22,8 @@ from wasmhost.storage.writer import StorageWriter, WriteOp, WriteUnit
 log = structlog.get_logger("wasmhost.storage")
 
 MAX_KEY_BYTES = 1024
+_CHUNK = 500
+"""Keys per `IN (...)` lookup when applying a unit (well below SQLite's limit on parameters)."""
 ACCOUNTING_VERSION = 2
 """PRAGMA user_version of a file whose usage rows follow accounting.entry_cost (1 and 0: key + value)."""
 
@@ -225,24 +227,36 @@ class SqliteStorage:
 
     def _apply(self, db: sqlite3.Connection, unit: WriteUnit) -> None:
         """Apply `unit` in the writer's open transaction, with the owner's up-to-date usage. The quota
-        is checked once for the whole unit: a unit that grows usage beyond it writes nothing."""
+        is checked once for the whole unit: a unit that grows usage beyond it writes nothing. The old
+        sizes are read and the rows written a statement per chunk, not per write (a message's unit
+        may hold many writes)."""
         name = unit.owner
+        final = {op.key: op.value for op in unit.ops}  # the last write of a key wins
+        keys = list(final)
+        old: dict[str, int] = {}
+        for at in range(0, len(keys), _CHUNK):
+            chunk = keys[at:at + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            old.update(db.execute(f"SELECT key, length(value) FROM kv WHERE owner = ? AND key IN ({marks})",
+                                  (name, *chunk)).fetchall())
         used, count = self._usage(db, name)
         before = used
-        for op in unit.ops:
-            old = db.execute("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (name, op.key)).fetchone()
-            freed = entry_cost(name, op.key, int(old[0])) if old else 0
-            if op.value is None:
-                if old is None:
-                    continue
-                db.execute("DELETE FROM kv WHERE owner = ? AND key = ?", (name, op.key))
-                used, count = used - freed, count - 1
+        puts: list[tuple[str, str, bytes]] = []
+        deletes: list[tuple[str, str]] = []
+        for key, value in final.items():
+            prior = old.get(key)
+            freed = entry_cost(name, key, prior) if prior is not None else 0
+            if value is None:
+                if prior is not None:
+                    deletes.append((name, key))
+                    used, count = used - freed, count - 1
                 continue
-            cost = entry_cost(name, op.key, len(op.value))
-            db.execute("INSERT OR REPLACE INTO kv (owner, key, value) VALUES (?, ?, ?)", (name, op.key, op.value))
-            used, count = used - freed + cost, count + (0 if old else 1)
+            puts.append((name, key, value))
+            used, count = used - freed + entry_cost(name, key, len(value)), count + (prior is None)
         if used > before and used > self.quota(name):  # shrinking is always allowed
-            raise StorageError("quota-exceeded")  # the writer rolls the unit back
+            raise StorageError("quota-exceeded")  # nothing written yet
+        db.executemany("DELETE FROM kv WHERE owner = ? AND key = ?", deletes)
+        db.executemany("INSERT OR REPLACE INTO kv (owner, key, value) VALUES (?, ?, ?)", puts)
         self._set_usage(db, name, used, count)
 
     def exists(self, owner: ComponentId, key: str) -> bool:
