@@ -6,6 +6,7 @@ components (tests/fixtures/wat/txguest.wat), real SQLite."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,3 +193,22 @@ def test_quota_counts_the_held_writes(tmp_path: Path) -> None:
         assert storage.usage(OWNER).used_bytes <= quota
     finally:
         storage.close()
+
+
+async def test_a_failed_commit_fails_every_message_of_the_batch_that_touched_storage(host: Host) -> None:
+    # The database refuses one key (an SQLite trigger, as a failing disk would refuse the transaction).
+    with sqlite3.connect(host.storage.path) as db:
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON kv WHEN NEW.key = 'poison' "
+                   "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    actor = await host.start("t/tx/0", ResourceLimits(max_execution_time_ms=500))
+    busy = host.ask(actor, b"l x")  # keeps the actor busy until its deadline: the next three queue up
+    with anyio.fail_after(BOUND):
+        while not actor.manager.in_call:
+            await anyio.sleep(0.005)
+    batch = [host.ask(actor, p) for p in (b"o a", b"o poison", b"o c")]
+    with anyio.fail_after(BOUND):
+        answers = await asyncio.gather(busy, *batch, return_exceptions=True)
+    assert [a.outcome if isinstance(a, RequestFailed) else a for a in answers] == [Outcome.FAILED] * 4
+    assert host.stored(actor) == {}  # one transaction: none of the three is written
+    assert await host.answer(actor, b"o d") == b"v1"  # the next batch commits again
+    assert host.stored(actor) == {"d": b"v1", "last": b"d"}
