@@ -585,8 +585,8 @@ class ComponentActor:
         except BaseException:
             self.in_hand = 0
             done = progress.done  # no thread touches it any more (see _guest)
-            if not progress.committed:  # cut short: the messages that ended ok are answered once their
-                await self._commit_cut_short(done, progress)  # writes are committed, the one cut short drops its
+            if not progress.committed:  # cut short: the messages that ended ok are answered once their writes
+                await self._commit_cut_short(done, progress)  # are committed; the one cut short wrote nothing
             if progress.started > len(done):
                 envelope = batch[len(done)]
                 log.warning("component_call_interrupted", component=self.name, delivery=envelope.delivery.value)
@@ -600,38 +600,37 @@ class ComponentActor:
         return progress.done, rest, failure
 
     async def _commit_cut_short(self, done: list[Handled], progress: Progress) -> None:
-        """Commit the writes of a batch that was interrupted (they are with the writer already), within
-        STOP_GRACE; when that fails or takes longer, the messages from the first that touched storage
-        on are answered failed (their writes may land later, but are never acknowledged)."""
+        """Commit the writes of the messages of an interrupted batch that ended ok, within STOP_GRACE;
+        when that fails or takes longer, they are answered failed (from the first that touched
+        storage on; their writes may land later, but are never acknowledged)."""
         host = self.manager.host
         error: Exception | None = TimeoutError(f"not confirmed within {STOP_GRACE:g} s of the stop")
         with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_GRACE):
             error = await anyio.to_thread.run_sync(host.commit_writes, abandon_on_cancel=True)
         host.drop_writes()  # abandoned or not, the next call writes at once
-        if error is not None and progress.first_storage is not None:
-            log.error("component_writes_not_committed", component=self.name, error=str(error))
-            for item in done[progress.first_storage:]:
-                if item.outcome is not Outcome.FAILED:
-                    item.reply, item.outcome = None, Outcome.FAILED
-                    item.detail = (f"{self.name}: the component was stopped before its storage writes were "
-                                   f"committed: {error}")
+        self._unacknowledged(done, progress, error)
+
+    def _unacknowledged(self, done: list[Handled], progress: Progress, error: Exception | None) -> None:
+        """After a failed commit (`error`), fail every message from the first that touched storage on:
+        their writes are not durable, and the later ones may have read them."""
+        if error is None or progress.first_storage is None:
+            return
+        log.error("component_writes_not_committed", component=self.name, error=str(error))
+        for item in done[progress.first_storage:]:
+            if item.outcome is not Outcome.FAILED:
+                item.reply, item.outcome = None, Outcome.FAILED
+                item.detail = f"{self.name}: its storage writes were not committed: {error}"
 
     def _process(self, batch: list[Envelope], progress: Progress) -> Generator[float, None, tuple[list[Envelope],
                                                                                               Exception | None]]:
         """Handle envelopes with their storage writes held (`_handle_each`), then commit the writes of
-        those that ended ok in one unit and wait for it: nothing is answered before its writes are
-        durable. When the commit fails, every message from the first that touched storage on (they
-        may have read what was not committed) fails with its error."""
+        those that ended ok (a unit each, all in one go) and wait for that: nothing is answered before
+        its writes are durable. When the commit fails, every message from the first that touched
+        storage on fails with its error."""
         host = self.manager.host
         host.hold_writes()
         rest, failure = yield from self._handle_each(batch, progress)  # abandoned or raising: see _handle_batch
-        error = host.commit_writes()
-        if error is not None and progress.first_storage is not None:
-            log.error("component_writes_not_committed", component=self.name, error=str(error))
-            for item in progress.done[progress.first_storage:]:
-                if item.outcome is not Outcome.FAILED:
-                    item.reply, item.outcome = None, Outcome.FAILED
-                    item.detail = f"{self.name}: its storage writes were not committed: {error}"
+        self._unacknowledged(progress.done, progress, host.commit_writes())
         progress.committed = True
         return rest, failure
 
