@@ -1,6 +1,7 @@
 """Storage fairness: a well-behaved component's `set` latency (full path: mailbox, worker thread,
-storage import, commit) while storageflood components write new keys as fast as they can; and how
-much disk the quota's accounting lets many small keys really take."""
+storage import, commit) while storageflood components write new keys as fast as they can; how
+much disk the quota's accounting lets many small keys really take; and guest `set` (acknowledged:
+the reply comes after the commit) and `get` throughput against host -> echo in the same run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
@@ -26,6 +28,56 @@ from wasmhost.system.stores import HostStores
 
 TARGET_P99_MS = 50.0
 NEIGHBOUR = ComponentId("bench", "notes", "0")
+WINDOW = 512
+"""Requests kept in flight by the throughput load generator (as in bench/actors.py)."""
+WRITERS = 4
+"""Storage components the throughput rows spread their requests over (group commit across actors)."""
+TARGET_SET = 0.65
+"""Acknowledged guest sets/s against host -> echo: issue 12's 28,000/s next to its 43,000 echo/s."""
+TARGET_GET = 0.5
+
+
+async def _throughput(runtime: Runtime, state: Path, seconds: float) -> tuple[float, float, float]:
+    """(host -> echo, guest set, guest get) requests/s, each answered, with WINDOW in flight; sets
+    write 16-byte values under 10,000 keys and are acknowledged only once committed."""
+    storage = SqliteStorage(state / "throughput.sqlite3", default_quota_bytes=1 << 40)
+    workers = WorkerPool()
+    router = MessageRouter(asyncio.get_running_loop())
+    sup = Supervisor(HostStores(runtime, router, storage), router, workers)
+    async with sup:
+        try:
+            echo = ComponentId("bench", "echo", "0")
+            await sup.start(ActorSpec(echo, restart=RestartPolicy.TEMPORARY, mailbox_capacity=4096),
+                            runtime.load(echo, FIXTURES / "echo.wasm"))
+            notes = [ComponentId("bench", "writer", str(i)) for i in range(WRITERS)]
+            for cid in notes:
+                await sup.start(ActorSpec(cid, restart=RestartPolicy.TEMPORARY, storage=True, mailbox_capacity=4096),
+                                runtime.load(cid, FIXTURES / "storage.wasm"))
+            sent = 0
+
+            async def rate(targets: list[ComponentId], payload: Callable[[int], bytes]) -> float:
+                done = 0
+                stop = time.perf_counter() + seconds
+
+                async def client(target: ComponentId) -> None:
+                    nonlocal done, sent
+                    while time.perf_counter() < stop:
+                        sent += 1
+                        await sup.router.host_request(target, payload(sent), 30.0, wait=True)
+                        done += 1
+
+                began = time.perf_counter()
+                await asyncio.gather(*(client(t) for t in targets for _ in range(WINDOW // len(targets))))
+                return done / (time.perf_counter() - began)
+
+            echoed = await rate([echo], lambda i: b"0123456789abcdef")
+            sets = await rate(notes, lambda i: b"set k%d 0123456789abcdef" % (i % 10_000))
+            gets = await rate(notes, lambda i: b"get k%d" % (i % 10_000))
+            return echoed, sets, gets
+        finally:
+            await sup.stop_all(5.0)
+            workers.close()
+            storage.close()
 
 
 async def _neighbour_p99(runtime: Runtime, state: Path, flooders: int, seconds: float) -> tuple[float, float, float]:
@@ -95,7 +147,8 @@ def _disk_per_charged(state: Path, keys: int) -> float:
 
 
 def run(seconds: float = 1.0) -> list[Row]:
-    """Neighbour set p99 alone and next to 1 and 4 flooders; disk per charged byte of small keys."""
+    """Neighbour set p99 alone and next to 1 and 4 flooders; disk per charged byte of small keys; guest
+    set and get throughput against host -> echo."""
     runtime = Runtime()
     rows = []
     try:
@@ -110,6 +163,9 @@ def run(seconds: float = 1.0) -> list[Row]:
                 rows.append(Row("storage", f"flood w/s {flooders}", 0.0, flood_rate, "w/s", None))
             rows.append(Row("storage", "disk/charged", 1.0, _disk_per_charged(state, 20_000), "ratio", 1.0,
                             at_most=True))
+            echoed, sets, gets = uvloop.run(_throughput(runtime, state, 2 * seconds))
+            rows.append(Row("storage", "guest set/s", echoed, sets, "ops/s", TARGET_SET))
+            rows.append(Row("storage", "guest get/s", echoed, gets, "ops/s", TARGET_GET))
     finally:
         runtime.close()
     return rows

@@ -37,6 +37,9 @@ class MemoryStorage:
             raise StorageError("invalid-key", f"bad key {key!r}")
         return self.data.setdefault(owner, {})
 
+    def hold(self, owner: ComponentId) -> MemoryHeld:
+        return MemoryHeld(self, owner)
+
     def get(self, owner: ComponentId, key: str) -> bytes | None:
         return self._space(owner, key).get(key)
 
@@ -60,6 +63,62 @@ class MemoryStorage:
         space = self._space(owner)
         used = sum(len(k) + len(v) for k, v in space.items())
         return StorageUsage(used, self.quota_bytes, len(space))
+
+
+@dataclass
+class MemoryHeld:
+    """Held writes over MemoryStorage: an overlay per message, written op by op at commit (quota
+    checked then, not while held: the real accounting is SqliteStorage's)."""
+
+    storage: MemoryStorage
+    owner: ComponentId
+    kept: dict[str, bytes | None] = field(default_factory=dict)
+    current: dict[str, bytes | None] = field(default_factory=dict)
+
+    def _held(self, key: str) -> tuple[bool, bytes | None]:
+        for layer in (self.current, self.kept):
+            if key in layer:
+                return True, layer[key]
+        return False, None
+
+    def get(self, key: str) -> bytes | None:
+        found, value = self._held(key)
+        return value if found else self.storage.get(self.owner, key)
+
+    def set(self, key: str, value: bytes) -> None:
+        self.storage._space(self.owner, key)
+        self.current[key] = value
+
+    def delete(self, key: str) -> None:
+        self.storage._space(self.owner, key)
+        self.current[key] = None
+
+    def exists(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def list_keys(self, prefix: str | None) -> list[str]:
+        keys = set(self.storage.list_keys(self.owner, prefix))
+        for key, value in {**self.kept, **self.current}.items():
+            if prefix is None or key.startswith(prefix):
+                (keys.add if value is not None else keys.discard)(key)
+        return sorted(keys)
+
+    def usage(self) -> StorageUsage:
+        return self.storage.usage(self.owner)
+
+    def end_message(self, ok: bool) -> None:
+        if ok:
+            self.kept.update(self.current)
+        self.current = {}
+
+    def commit(self) -> None:
+        self.current = {}
+        kept, self.kept = self.kept, {}
+        for key, value in kept.items():
+            if value is None:
+                self.storage.delete(self.owner, key)
+            else:
+                self.storage.set(self.owner, key, value)
 
 
 @dataclass

@@ -62,6 +62,45 @@ def test_kill_9_during_a_write_storm_loses_no_acknowledged_write(tmp_path: Path)
     assert lost == [], f"{len(lost)} of {len(acknowledged)} acknowledged writes lost"
 
 
+def test_kill_9_during_a_storm_of_multi_write_messages_loses_no_acknowledged_message(tmp_path: Path) -> None:
+    """Each message writes two keys (txguest: KEY = "v1", then "last" = KEY) and then succeeds or
+    fails; acknowledged = its reply came. After kill -9 every acknowledged message's writes are there,
+    no failed message's are, and no message is half written."""
+    d = start(tmp_path, component("t/tx/0", "txguest", "capabilities = { storage = true }"))
+    acknowledged: list[int] = []
+    stop = threading.Event()
+
+    def storm(worker: int) -> None:
+        i = worker
+        while not stop.is_set():
+            fails = i % 3 == 0  # every third message writes, then returns an error
+            try:
+                response = call(d, "t/tx/0", f"{'e' if fails else 'o'} k{i}".encode())
+            except OSError:
+                return
+            if not fails and response.ok and response.data == b"v1":
+                acknowledged.append(i)
+            i += 4
+
+    threads = [threading.Thread(target=storm, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    while len(acknowledged) < 200:
+        threading.Event().wait(0.01)
+    os.kill(d.proc.pid, signal.SIGKILL)
+    stop.set()
+    for t in threads:
+        t.join()
+    d.proc.wait()
+    with sqlite3.connect(tmp_path / "state" / "storage.sqlite3") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = dict(db.execute("SELECT key, value FROM kv WHERE owner = 't/tx/0'").fetchall())
+    lost = [i for i in acknowledged if stored.get(f"k{i}") != b"v1"]
+    assert lost == [], f"{len(lost)} of {len(acknowledged)} acknowledged messages lost"
+    assert not [key for key in stored if key != "last" and int(key[1:]) % 3 == 0], "a failed message wrote"
+    assert stored["last"].decode() in stored, "the last message that committed is missing its other write"
+
+
 def test_a_trap_storm_hits_the_intensity_limit_while_others_serve(tmp_path: Path) -> None:
     trappers = [f"t/trap/{i}" for i in range(5)]
     config = "".join(component(t, "trapper", "max_restarts = 3\nbackoff_base_ms = 1\nbackoff_max_ms = 2")

@@ -93,6 +93,8 @@ class Progress:
 
     done: list[Handled] = field(default_factory=list)
     started: int = 0  # envelopes whose call began: one more than `done` while a call is in progress
+    first_storage: int | None = None  # index of the first envelope that touched storage
+    committed: bool = False  # the batch's storage writes are committed (or it had none)
 
 
 @dataclass(slots=True)
@@ -585,6 +587,8 @@ class ComponentActor:
             wake_all(wakes)
             self.in_hand = 0
             done = progress.done  # no thread touches it any more (see _guest)
+            if not progress.committed:  # cut short: the messages that ended ok are answered once their writes
+                await self._commit_cut_short(done, progress)  # are committed; the one cut short wrote nothing
             if progress.started > len(done):
                 envelope = batch[len(done)]
                 log.warning("component_call_interrupted", component=self.name, delivery=envelope.delivery.value)
@@ -598,8 +602,43 @@ class ComponentActor:
         self.in_hand = 0
         return progress.done, rest, failure
 
+    async def _commit_cut_short(self, done: list[Handled], progress: Progress) -> None:
+        """Commit the writes of the messages of an interrupted batch that ended ok, within STOP_GRACE;
+        when that fails or takes longer, they are answered failed (from the first that touched
+        storage on; their writes may land later, but are never acknowledged)."""
+        host = self.manager.host
+        error: Exception | None = TimeoutError(f"not confirmed within {STOP_GRACE:g} s of the stop")
+        with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_GRACE):
+            error = await anyio.to_thread.run_sync(host.commit_writes, abandon_on_cancel=True)
+        host.drop_writes()  # abandoned or not, the next call writes at once
+        self._unacknowledged(done, progress, error)
+
+    def _unacknowledged(self, done: list[Handled], progress: Progress, error: Exception | None) -> None:
+        """After a failed commit (`error`), fail every message from the first that touched storage on:
+        their writes are not durable, and the later ones may have read them."""
+        if error is None or progress.first_storage is None:
+            return
+        log.error("component_writes_not_committed", component=self.name, error=str(error))
+        for item in done[progress.first_storage:]:
+            if item.outcome is not Outcome.FAILED:
+                item.reply, item.outcome = None, Outcome.FAILED
+                item.detail = f"{self.name}: its storage writes were not committed: {error}"
+
     def _process(self, batch: list[Envelope], progress: Progress) -> Generator[float, None, tuple[list[Envelope],
                                                                                               Exception | None]]:
+        """Handle envelopes with their storage writes held (`_handle_each`), then commit the writes of
+        those that ended ok (a unit each, all in one go) and wait for that: nothing is answered before
+        its writes are durable. When the commit fails, every message from the first that touched
+        storage on fails with its error."""
+        host = self.manager.host
+        host.hold_writes()
+        rest, failure = yield from self._handle_each(batch, progress)  # abandoned or raising: see _handle_batch
+        self._unacknowledged(progress.done, progress, host.commit_writes())
+        progress.committed = True
+        return rest, failure
+
+    def _handle_each(self, batch: list[Envelope], progress: Progress) -> Generator[float, None, tuple[
+            list[Envelope], Exception | None]]:
         """Handle envelopes in order, one time slice per step on worker threads, recording each in
         `progress`; stop at the first failure of the Store, or before the next envelope once the
         call is interrupted. Returns the envelopes not handled and the failure, if any."""
@@ -630,6 +669,7 @@ class ComponentActor:
             except (GuestFailure, InstanceStateError) as exc:
                 # The message that trapped is answered with an error and never retried: one line (what
                 # happened), the backtrace for the log, the status JSON and `wasmhost call --verbose`.
+                # Its writes are dropped by the commit that follows (it never ended ok).
                 summary = exc.summary if isinstance(exc, GuestFailure) else str(exc)
                 done.append(Handled(envelope, None, Outcome.FAILED, summary, str(exc)))
                 if isinstance(exc, GuestFailure) and hit_size_guard(exc):  # wasmtime's own size guard fired
@@ -638,6 +678,9 @@ class ComponentActor:
                 return batch[index + 1 :], exc
             except Exception as exc:  # a bad value: this message fails, the Store is fine
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {type(exc).__name__}: {exc}"))
+            host.end_message(done[-1].outcome is not Outcome.FAILED)  # its writes: all kept or all dropped
+            if progress.first_storage is None and host.held is not None:
+                progress.first_storage = index
             produced = max(self._call_output, len(done[-1].reply or b""))
             self.output_hint = max(produced, self.output_hint // 2)  # halves with every quiet call
             if max(len(envelope.message.payload), produced) >= TRIM_AFTER:

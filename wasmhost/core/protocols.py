@@ -39,8 +39,41 @@ class MessagingPort(Protocol):
         """Deliver `payload` to every target."""
 
 
+class HeldWrites(Protocol):
+    """One component's storage while it handles a batch of messages: writes are held by the host,
+    reads see them (read-your-writes), and each message's writes are kept or dropped as a whole
+    when it ends; `commit` makes the kept ones durable together. Raises StorageError."""
+
+    def get(self, key: str) -> bytes | None:
+        """The value under `key` as the held writes leave it, or None."""
+
+    def set(self, key: str, value: bytes) -> None:
+        """Hold a write of `value` under `key`; quota-exceeded counts the held writes too."""
+
+    def delete(self, key: str) -> None:
+        """Hold the removal of `key`."""
+
+    def exists(self, key: str) -> bool:
+        """Whether `key` is present, held writes included."""
+
+    def list_keys(self, prefix: str | None) -> list[str]:
+        """Keys in order, held writes included."""
+
+    def usage(self) -> StorageUsage:
+        """Usage as if the held writes were committed."""
+
+    def end_message(self, ok: bool) -> None:
+        """The current message ended: keep its writes (`ok`) or drop them all."""
+
+    def commit(self) -> None:
+        """Write every kept write durably in one unit; returns once committed (raises io-error otherwise)."""
+
+
 class StoragePort(Protocol):
     """`storage` as the runtime needs it, scoped by owner; raises StorageError."""
+
+    def hold(self, owner: ComponentId) -> HeldWrites:
+        """Held writes for `owner`, for the messages of one batch (see HeldWrites)."""
 
     def get(self, owner: ComponentId, key: str) -> bytes | None:
         """The value under `key`, or None."""

@@ -25,7 +25,7 @@ from wasmhost.core.blocking import blocking
 from wasmhost.core.errors import ComponentError, HostError, MessagingError, StorageError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.messages import Timestamp
-from wasmhost.core.protocols import DirectoryPort, MessagingPort, StoragePort
+from wasmhost.core.protocols import DirectoryPort, HeldWrites, MessagingPort, StoragePort
 from wasmhost.core.rate_limit import RateLimit
 from wasmhost.runtime import capi, contract
 from wasmhost.runtime.capi import VAL_SIZE
@@ -59,6 +59,40 @@ class HostContext:
     """Set by the Store's owner while its guest yields at epoch ticks: gives the guest a whole epoch
     slice again (called after a wait in a host call, which used no CPU)."""
     _wake: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False, compare=False)
+    holding: bool = field(default=False, init=False, compare=False)
+    """Messages are being handled: storage writes are held (see hold_writes), not written at once."""
+    held: HeldWrites | None = field(default=None, init=False, repr=False, compare=False)
+    """The held writes of the batch, made at its first storage call."""
+
+    def hold_writes(self) -> None:
+        """From now on until commit_writes, storage calls go through held writes: each message's
+        writes are kept or dropped at end_message and made durable together by commit_writes."""
+        self.holding = True
+
+    def end_message(self, ok: bool) -> None:
+        """The message being handled ended: keep its writes (`ok`) or drop them."""
+        if self.held is not None:
+            self.held.end_message(ok)
+
+    def commit_writes(self) -> StorageError | None:
+        """Commit the kept writes of the batch and wait for that; the error if they were not
+        committed. Storage calls write at once again afterwards."""
+        held, self.held, self.holding = self.held, None, False
+        if held is None:
+            return None
+        try:
+            with blocking():  # waiting for the fsync: another thread may run meanwhile
+                held.commit()
+        except StorageError as exc:
+            return exc
+        except Exception as exc:  # a host bug: nothing is acknowledged as written
+            host_log.exception("storage_commit_failed", component=str(self.component_id))
+            return StorageError("io-error", f"host error: {type(exc).__name__}: {exc}")
+        return None
+
+    def drop_writes(self) -> None:
+        """Forget every held write (the batch was cut short); storage calls write at once again."""
+        self.held, self.holding = None, False
 
     def interrupt(self) -> None:
         """End the current call's waits now (from any thread): a guest in sleep-millis returns at once,
@@ -213,20 +247,39 @@ def _storage(ctx: HostContext) -> StoragePort:
     return ctx.storage
 
 
+def _held(ctx: HostContext) -> HeldWrites | None:
+    """The batch's held writes while messages are handled (made at the first storage call), else None."""
+    if not ctx.holding:
+        return None
+    if ctx.held is None:
+        ctx.held = _storage(ctx).hold(ctx.component_id)
+    return ctx.held
+
+
 def storage_get(ctx: HostContext, key: str) -> Ok[bytes | None]:
     """storage.get"""
-    return Ok(_storage(ctx).get(ctx.component_id, key))
+    held = _held(ctx)
+    return Ok(held.get(key) if held is not None else _storage(ctx).get(ctx.component_id, key))
 
 
 def storage_set(ctx: HostContext, key: str, value: bytes) -> Ok[None]:
-    """storage.set"""
+    """storage.set: held until the message ends ok and the batch commits; outside messages
+    (initialize, shutdown) written at once."""
+    held = _held(ctx)
+    if held is not None:
+        held.set(key, value)
+        return Ok(None)
     with _waiting(ctx):  # for the group commit
         _storage(ctx).set(ctx.component_id, key, value)
     return Ok(None)
 
 
 def storage_delete(ctx: HostContext, key: str) -> Ok[None]:
-    """storage.delete"""
+    """storage.delete, held like storage.set."""
+    held = _held(ctx)
+    if held is not None:
+        held.delete(key)
+        return Ok(None)
     with _waiting(ctx):
         _storage(ctx).delete(ctx.component_id, key)
     return Ok(None)
@@ -234,17 +287,20 @@ def storage_delete(ctx: HostContext, key: str) -> Ok[None]:
 
 def storage_exists(ctx: HostContext, key: str) -> Ok[bool]:
     """storage.exists"""
-    return Ok(_storage(ctx).exists(ctx.component_id, key))
+    held = _held(ctx)
+    return Ok(held.exists(key) if held is not None else _storage(ctx).exists(ctx.component_id, key))
 
 
 def storage_list_keys(ctx: HostContext, prefix: str | None) -> Ok[list[str]]:
     """storage.list-keys"""
-    return Ok(_storage(ctx).list_keys(ctx.component_id, prefix))
+    held = _held(ctx)
+    return Ok(held.list_keys(prefix) if held is not None else _storage(ctx).list_keys(ctx.component_id, prefix))
 
 
 def storage_usage(ctx: HostContext) -> Ok[dict[str, int]]:
     """storage.usage"""
-    usage = _storage(ctx).usage(ctx.component_id)
+    held = _held(ctx)
+    usage = held.usage() if held is not None else _storage(ctx).usage(ctx.component_id)
     return Ok({"used-bytes": usage.used_bytes, "quota-bytes": usage.quota_bytes, "key-count": usage.key_count})
 
 

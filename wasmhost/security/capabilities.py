@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from wasmhost.core.errors import MessagingError, StorageError
 from wasmhost.core.ids import HOST_ID, ComponentId, InvalidComponentId
-from wasmhost.core.protocols import StoragePort, StorageUsage
+from wasmhost.core.protocols import HeldWrites, StoragePort, StorageUsage
 from wasmhost.security.audit import AuditLog
 
 ACTIONS = ("send", "request", "broadcast")
@@ -152,6 +152,12 @@ class StorageGate:
     def __init__(self, storage: StoragePort, checker: CapabilityChecker) -> None:
         self.storage = storage
         self.checker = checker
+
+    def hold(self, owner: ComponentId) -> HeldWrites:
+        """Held writes for a batch of `owner`'s messages, if allowed (checked when the batch first
+        touches storage: the grant does not change while one batch is handled)."""
+        self.checker.check_storage(owner)
+        return self.storage.hold(owner)
 
     def get(self, owner: ComponentId, key: str) -> bytes | None:
         """storage.get, if allowed."""

@@ -16,11 +16,14 @@ from wasmhost.core.ids import ComponentId
 from wasmhost.core.private_files import private_dir, private_file, tighten_if_present
 from wasmhost.core.protocols import StorageUsage
 from wasmhost.storage.accounting import PAGE_SIZE, entry_cost
+from wasmhost.storage.held import MessageWrites
 from wasmhost.storage.writer import StorageWriter, WriteOp, WriteUnit
 
 log = structlog.get_logger("wasmhost.storage")
 
 MAX_KEY_BYTES = 1024
+_CHUNK = 500
+"""Keys per `IN (...)` lookup when applying a unit (well below SQLite's limit on parameters)."""
 ACCOUNTING_VERSION = 2
 """PRAGMA user_version of a file whose usage rows follow accounting.entry_cost (1 and 0: key + value)."""
 
@@ -173,12 +176,22 @@ class SqliteStorage:
 
     # --- the StoragePort protocol ---
 
+    def _row(self, sql: str, params: tuple[str, ...]) -> tuple[object, ...] | None:
+        """The first row of one read statement, in its own (implicit) read transaction: one call
+        into SQLite, the fast path for the single reads guests make; errors become io-error."""
+        try:
+            db: sqlite3.Connection | None = getattr(self._local, "db", None)
+            row: tuple[object, ...] | None = (db or self._connection()).execute(sql, params).fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            self._io_error(exc)
+            raise StorageError("io-error", str(exc)) from None
+        return row
+
     def get(self, owner: ComponentId, key: str) -> bytes | None:
         """The value under `key`, or None."""
         check_key(key)
-        with self._transaction() as db:
-            row = db.execute("SELECT value FROM kv WHERE owner = ? AND key = ?", (str(owner), key)).fetchone()
-        return bytes(row[0]) if row else None
+        row = self._row("SELECT value FROM kv WHERE owner = ? AND key = ?", (str(owner), key))
+        return row[0] if row else None  # type: ignore[return-value]  # a BLOB: bytes already
 
     def set(self, owner: ComponentId, key: str, value: bytes) -> None:
         """Store `value` under `key`; returns once committed. quota-exceeded writes nothing."""
@@ -190,32 +203,66 @@ class SqliteStorage:
         check_key(key)
         self._writer.submit(WriteUnit(str(owner), [WriteOp(key, None)]))
 
+    def hold(self, owner: ComponentId) -> MessageWrites:
+        """Held writes for `owner`, for the messages of one batch (see storage.held)."""
+        return MessageWrites(self, owner)
+
+    def enqueue(self, unit: WriteUnit) -> None:
+        """Hand `unit` (written all or nothing) to the writer; `wait` for it later."""
+        self._writer.enqueue(unit)
+
+    def wait(self, unit: WriteUnit) -> None:
+        """Return once the enqueued `unit` is committed; raises its StorageError otherwise."""
+        self._writer.wait(unit)
+
+    @staticmethod
+    def check_key(key: str) -> None:
+        """Raise invalid-key unless `key` is a valid key."""
+        check_key(key)
+
+    def value_size(self, owner: str, key: str) -> int | None:
+        """Length of the committed value under `key`, or None when absent."""
+        row = self._row("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (owner, key))
+        return int(row[0]) if row else None  # type: ignore[call-overload]
+
     def _apply(self, db: sqlite3.Connection, unit: WriteUnit) -> None:
-        """Apply `unit` in the writer's open transaction, with the owner's up-to-date usage."""
+        """Apply `unit` in the writer's open transaction, with the owner's up-to-date usage. The quota
+        is checked once for the whole unit: a unit that grows usage beyond it writes nothing. The old
+        sizes are read and the rows written a statement per chunk, not per write (a message's unit
+        may hold many writes)."""
         name = unit.owner
+        final = {op.key: op.value for op in unit.ops}  # the last write of a key wins
+        keys = list(final)
+        old: dict[str, int] = {}
+        for at in range(0, len(keys), _CHUNK):
+            chunk = keys[at:at + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            old.update(db.execute(f"SELECT key, length(value) FROM kv WHERE owner = ? AND key IN ({marks})",
+                                  (name, *chunk)).fetchall())
         used, count = self._usage(db, name)
-        for op in unit.ops:
-            old = db.execute("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (name, op.key)).fetchone()
-            freed = entry_cost(name, op.key, int(old[0])) if old else 0
-            if op.value is None:
-                if old is None:
-                    continue
-                db.execute("DELETE FROM kv WHERE owner = ? AND key = ?", (name, op.key))
-                used, count = used - freed, count - 1
+        before = used
+        puts: list[tuple[str, str, bytes]] = []
+        deletes: list[tuple[str, str]] = []
+        for key, value in final.items():
+            prior = old.get(key)
+            freed = entry_cost(name, key, prior) if prior is not None else 0
+            if value is None:
+                if prior is not None:
+                    deletes.append((name, key))
+                    used, count = used - freed, count - 1
                 continue
-            cost = entry_cost(name, op.key, len(op.value))
-            if cost > freed and used - freed + cost > self.quota(name):  # shrinking is always allowed
-                raise StorageError("quota-exceeded")
-            db.execute("INSERT OR REPLACE INTO kv (owner, key, value) VALUES (?, ?, ?)", (name, op.key, op.value))
-            used, count = used - freed + cost, count + (0 if old else 1)
+            puts.append((name, key, value))
+            used, count = used - freed + entry_cost(name, key, len(value)), count + (prior is None)
+        if used > before and used > self.quota(name):  # shrinking is always allowed
+            raise StorageError("quota-exceeded")  # nothing written yet
+        db.executemany("DELETE FROM kv WHERE owner = ? AND key = ?", deletes)
+        db.executemany("INSERT OR REPLACE INTO kv (owner, key, value) VALUES (?, ?, ?)", puts)
         self._set_usage(db, name, used, count)
 
     def exists(self, owner: ComponentId, key: str) -> bool:
         """Whether `key` is present."""
         check_key(key)
-        with self._transaction() as db:
-            row = db.execute("SELECT 1 FROM kv WHERE owner = ? AND key = ?", (str(owner), key)).fetchone()
-        return row is not None
+        return self._row("SELECT 1 FROM kv WHERE owner = ? AND key = ?", (str(owner), key)) is not None
 
     def list_keys(self, owner: ComponentId, prefix: str | None) -> list[str]:
         """Keys of `owner` in order; `prefix` matches literally (no wildcards)."""

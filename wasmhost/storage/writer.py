@@ -31,6 +31,11 @@ MAX_BATCH_UNITS = 256
 """Units in one transaction at most."""
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 """Value bytes in one transaction at most (beyond the first unit), so one fsync stays short."""
+MAX_BATCH_OPS = 256
+"""Writes in one transaction at most (beyond the first unit), so a neighbour's commit never waits
+behind a long one (a unit is a message's writes: it may hold many)."""
+SMALL_UNIT_OPS = 16
+"""Units of at most this many writes are small: they take turns with large ones (see _take)."""
 
 
 @dataclass
@@ -43,10 +48,8 @@ class WriteOp:
 
 @dataclass(eq=False)
 class WriteUnit:
-    """Writes of one owner acknowledged together: committed all, or none with one error.
-
-    Today every unit holds one operation; it is the place where a message's writes can be grouped.
-    """
+    """Writes of one owner acknowledged together: committed all, or none with one error (a
+    message's writes, or one write made outside any message)."""
 
     owner: str
     ops: list[WriteOp]
@@ -77,6 +80,7 @@ class StorageWriter:
         self._queues: dict[str, deque[WriteUnit]] = {}
         self._ring: deque[str] = deque()  # owners with queued units, next to serve first
         self._closing = False
+        self._small_turn = True
         self._db: sqlite3.Connection | None = None
         self.batches = 0
         self.units_taken = 0
@@ -87,6 +91,11 @@ class StorageWriter:
 
     def submit(self, unit: WriteUnit) -> None:
         """Queue `unit` and wait until it is committed; raises its StorageError otherwise."""
+        self.enqueue(unit)
+        self.wait(unit)
+
+    def enqueue(self, unit: WriteUnit) -> None:
+        """Queue `unit` without waiting; `wait` for it later (every enqueued unit must be waited for)."""
         with self._cond:
             if self._closing or not self._thread.is_alive():
                 raise StorageError("io-error", "storage writer is not running")
@@ -96,6 +105,10 @@ class StorageWriter:
                 self._ring.append(unit.owner)
             queue.append(unit)
             self._cond.notify_all()
+
+    def wait(self, unit: WriteUnit) -> None:
+        """Wait until the enqueued `unit` is committed (bounded by timeout_s from now); raises its
+        StorageError otherwise."""
         if not unit.done.wait(self.timeout_s):
             with self._cond:
                 if not unit.done.is_set():
@@ -159,26 +172,50 @@ class StorageWriter:
                 self._db.close()
 
     def _take(self) -> list[WriteUnit]:
-        """Up to PER_OWNER units from each owner in ring order, within the batch bounds."""
+        """The next transaction's units. Small units (a message that wrote a few keys) and large
+        ones (a message that wrote many) take turns: every other transaction holds only small units
+        when any are queued, so a component writing a key or two never waits behind more than one
+        transaction of another's large units, and large units are never starved."""
+        if self._small_turn:
+            self._small_turn = False
+            batch = self._take_round_robin(small_only=True)
+            if batch:
+                return batch
+        self._small_turn = True
+        return self._take_round_robin(small_only=False)
+
+    def _take_round_robin(self, small_only: bool) -> list[WriteUnit]:
+        """Up to PER_OWNER units from each owner in ring order, round after round, within the batch
+        bounds: one owner alone gets its whole backlog into one transaction (one fsync), several
+        take turns in it. With `small_only`, an owner whose next unit is large is passed over."""
         batch: list[WriteUnit] = []
-        size = 0
-        for _ in range(len(self._ring)):
-            if len(batch) >= MAX_BATCH_UNITS or (batch and size >= MAX_BATCH_BYTES):
-                break
-            owner = self._ring.popleft()
-            queue = self._queues[owner]
-            for _ in range(PER_OWNER):
-                if not queue or len(batch) >= MAX_BATCH_UNITS or (batch and size >= MAX_BATCH_BYTES):
+        size = ops = 0
+
+        def full() -> bool:
+            return len(batch) >= MAX_BATCH_UNITS or (bool(batch) and (size >= MAX_BATCH_BYTES or ops >= MAX_BATCH_OPS))
+
+        progress = True
+        while progress and not full():
+            progress = False
+            for _ in range(len(self._ring)):
+                owner = self._ring.popleft()
+                queue = self._queues[owner]
+                for _ in range(PER_OWNER):
+                    if not queue or full() or (small_only and len(queue[0].ops) > SMALL_UNIT_OPS):
+                        break
+                    unit = queue.popleft()
+                    unit.taken = True
+                    self.units_taken += 1
+                    batch.append(unit)
+                    size += unit.nbytes
+                    ops += len(unit.ops)
+                    progress = True
+                if queue:
+                    self._ring.append(owner)  # served (or passed over): to the back of the ring
+                else:
+                    del self._queues[owner]
+                if full():
                     break
-                unit = queue.popleft()
-                unit.taken = True
-                self.units_taken += 1
-                batch.append(unit)
-                size += unit.nbytes
-            if queue:
-                self._ring.append(owner)  # served: to the back of the ring
-            else:
-                del self._queues[owner]
         return batch
 
     def _commit(self, batch: list[WriteUnit]) -> None:
