@@ -567,22 +567,26 @@ class Daemon:
     # --- status ---
 
     def status_rows(self) -> list[dict[str, Any]]:
-        """One row per configured component, for `wasmhost status`."""
+        """One row per configured component, for `wasmhost status` (built on the loop in one go: at 10,000
+        components every microsecond per row is 10 ms of every other request's wait)."""
         rows = []
+        actors = self.supervisor.actors
+        running = ActorState.RUNNING
         for cid, deployment in self.deployments.items():
-            actor = self.supervisor.actors.get(cid)
+            actor = actors.get(cid)
             if actor is None:
                 rows.append({"id": str(cid), "state": "failed", "phase": None, "health": None, "restarts": 0,
                              "mailbox": 0, "queued": 0, "in_hand": 0, "handled": 0, "failed": 0,
                              "last_error": deployment.load_error, "rollout": deployment.rollout})
                 continue
             stats = actor.stats
+            state = actor.state
+            queued = len(actor.mailbox)
+            in_hand = actor.in_hand
             # health is the last answer of a live instance: none to show while it is not running
-            health = actor.health.value if actor.state is ActorState.RUNNING else None
-            rows.append({"id": str(cid), "state": actor.state.value, "phase": actor.phase, "health": health,
-                         "restarts": stats.restarts,
-                         "mailbox": len(actor.mailbox) + actor.in_hand, "queued": len(actor.mailbox),
-                         "in_hand": actor.in_hand, "handled": stats.handled,
+            rows.append({"id": actor.name, "state": state.value, "phase": actor.phase,
+                         "health": actor.health.value if state is running else None, "restarts": stats.restarts,
+                         "mailbox": queued + in_hand, "queued": queued, "in_hand": in_hand, "handled": stats.handled,
                          "failed": stats.failed, "last_error": stats.last_error, "rollout": deployment.rollout})
         return rows
 
