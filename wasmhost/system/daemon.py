@@ -261,7 +261,7 @@ class Daemon:
     def _summary(self) -> str:
         states: dict[str, int] = {}
         for row in self.status_rows():
-            states[row["state"]] = states.get(row["state"], 0) + 1
+            states[row.state] = states.get(row.state, 0) + 1
         return ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no components"
 
     # --- deployment ---
@@ -566,28 +566,27 @@ class Daemon:
 
     # --- status ---
 
-    def status_rows(self) -> list[dict[str, Any]]:
+    def status_rows(self) -> list[protocol.StatusRow]:
         """One row per configured component, for `wasmhost status` (built on the loop in one go: at 10,000
         components every microsecond per row is 10 ms of every other request's wait)."""
         rows = []
         actors = self.supervisor.actors
         running = ActorState.RUNNING
+        row = protocol.StatusRow
         for cid, deployment in self.deployments.items():
             actor = actors.get(cid)
             if actor is None:
-                rows.append({"id": str(cid), "state": "failed", "phase": None, "health": None, "restarts": 0,
-                             "mailbox": 0, "queued": 0, "in_hand": 0, "handled": 0, "failed": 0,
-                             "last_error": deployment.load_error, "rollout": deployment.rollout})
+                rows.append(row(str(cid), "failed", None, None, 0, 0, 0, 0, 0, 0, deployment.load_error,
+                                deployment.rollout))
                 continue
             stats = actor.stats
             state = actor.state
             queued = len(actor.mailbox)
             in_hand = actor.in_hand
             # health is the last answer of a live instance: none to show while it is not running
-            rows.append({"id": actor.name, "state": state.value, "phase": actor.phase,
-                         "health": actor.health.value if state is running else None, "restarts": stats.restarts,
-                         "mailbox": queued + in_hand, "queued": queued, "in_hand": in_hand, "handled": stats.handled,
-                         "failed": stats.failed, "last_error": stats.last_error, "rollout": deployment.rollout})
+            rows.append(row(actor.name, state.value, actor.phase, actor.health.value if state is running else None,
+                            stats.restarts, queued + in_hand, queued, in_hand, stats.handled, stats.failed,
+                            stats.last_error, deployment.rollout))
         return rows
 
     # --- control requests ---
