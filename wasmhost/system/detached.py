@@ -29,6 +29,13 @@ def busy() -> bool:
 
 async def run_detached(fn: Callable[[], T], name: str) -> T:
     """Run `fn` on a new daemon thread and wait for its result; cancelling the wait abandons it."""
+    return await start_detached(fn, name)
+
+
+def start_detached(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
+    """Start `fn` on a new daemon thread; the returned future (of the running loop) gets its result.
+    Cancelling the future abandons the work (its result is dropped); several waiters can share it
+    through `asyncio.shield`."""
     global _running
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
@@ -55,7 +62,7 @@ async def run_detached(fn: Callable[[], T], name: str) -> T:
         with _lock:
             _running -= 1
         raise
-    return await future
+    return future
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -70,6 +70,25 @@ class Restart(msgspec.Struct, tag="restart", forbid_unknown_fields=True):
 Request = Status | Send | Call | Reload | Stop | Start | Restart
 
 
+class StatusRow(msgspec.Struct, gc=False):
+    """One component in a `status` answer; sent as a map with these keys (the client reads it as a dict).
+    A struct, not a dict, because 10,000 of them are built on the event loop per `status` (2-3x faster
+    to build and encode); `gc=False`: it holds only strings and numbers, never a cycle."""
+
+    id: str
+    state: str
+    phase: str | None
+    health: str | None
+    restarts: int
+    mailbox: int
+    queued: int
+    in_hand: int
+    handled: int
+    failed: int
+    last_error: str | None
+    rollout: str | None
+
+
 class Response(msgspec.Struct, forbid_unknown_fields=True):
     """The answer to one request: `ok` with `data`, or an `error` text."""
 
