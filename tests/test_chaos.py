@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.test_daemon import BASIC, ROOT, Daemon, component, config_text
@@ -29,8 +30,11 @@ def call(d: Daemon, cid: str, payload: bytes, timeout: float = 10.0) -> protocol
     return request(d.socket, protocol.Call(cid, payload, timeout))
 
 
-def test_kill_9_during_a_write_storm_loses_no_acknowledged_write(tmp_path: Path) -> None:
-    d = start(tmp_path, component("t/notes/0", "storage", "capabilities = { storage = true }"))
+def storm_then_kill_9(d: Daemon, tmp_path: Path, cid: str, payload: Callable[[int], bytes],
+                      acknowledges: Callable[[int, protocol.Response], bool]) -> tuple[list[int], dict[str, bytes]]:
+    """Four clients call `cid` with payload(i) for i = 0, 1, 2 ...; once 200 calls were acknowledged
+    (`acknowledges`), kill -9 the daemon. Returns the acknowledged i and what the database then holds
+    for `cid` (after checking its integrity)."""
     acknowledged: list[int] = []
     stop = threading.Event()
 
@@ -38,10 +42,10 @@ def test_kill_9_during_a_write_storm_loses_no_acknowledged_write(tmp_path: Path)
         i = worker
         while not stop.is_set():
             try:
-                response = call(d, "t/notes/0", f"set k{i} v{i}".encode())
+                response = call(d, cid, payload(i))
             except OSError:
                 return
-            if response.ok and response.data == b"ok":
+            if acknowledges(i, response):
                 acknowledged.append(i)
             i += 4
 
@@ -57,7 +61,15 @@ def test_kill_9_during_a_write_storm_loses_no_acknowledged_write(tmp_path: Path)
     d.proc.wait()
     with sqlite3.connect(tmp_path / "state" / "storage.sqlite3") as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        stored = dict(db.execute("SELECT key, value FROM kv WHERE owner = 't/notes/0'").fetchall())
+        stored = dict(db.execute("SELECT key, value FROM kv WHERE owner = ?", (cid,)).fetchall())
+    return acknowledged, stored
+
+
+def test_kill_9_during_a_write_storm_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    d = start(tmp_path, component("t/notes/0", "storage", "capabilities = { storage = true }"))
+    acknowledged, stored = storm_then_kill_9(
+        d, tmp_path, "t/notes/0", lambda i: f"set k{i} v{i}".encode(),
+        lambda i, response: response.ok and response.data == b"ok")
     lost = [i for i in acknowledged if stored.get(f"k{i}") != f"v{i}".encode()]
     assert lost == [], f"{len(lost)} of {len(acknowledged)} acknowledged writes lost"
 
@@ -67,34 +79,13 @@ def test_kill_9_during_a_storm_of_multi_write_messages_loses_no_acknowledged_mes
     fails; acknowledged = its reply came. After kill -9 every acknowledged message's writes are there,
     no failed message's are, and no message is half written."""
     d = start(tmp_path, component("t/tx/0", "txguest", "capabilities = { storage = true }"))
-    acknowledged: list[int] = []
-    stop = threading.Event()
 
-    def storm(worker: int) -> None:
-        i = worker
-        while not stop.is_set():
-            fails = i % 3 == 0  # every third message writes, then returns an error
-            try:
-                response = call(d, "t/tx/0", f"{'e' if fails else 'o'} k{i}".encode())
-            except OSError:
-                return
-            if not fails and response.ok and response.data == b"v1":
-                acknowledged.append(i)
-            i += 4
+    def fails(i: int) -> bool:
+        return i % 3 == 0  # every third message writes, then returns an error
 
-    threads = [threading.Thread(target=storm, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    while len(acknowledged) < 200:
-        threading.Event().wait(0.01)
-    os.kill(d.proc.pid, signal.SIGKILL)
-    stop.set()
-    for t in threads:
-        t.join()
-    d.proc.wait()
-    with sqlite3.connect(tmp_path / "state" / "storage.sqlite3") as db:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        stored = dict(db.execute("SELECT key, value FROM kv WHERE owner = 't/tx/0'").fetchall())
+    acknowledged, stored = storm_then_kill_9(
+        d, tmp_path, "t/tx/0", lambda i: f"{'e' if fails(i) else 'o'} k{i}".encode(),
+        lambda i, response: not fails(i) and response.ok and response.data == b"v1")
     lost = [i for i in acknowledged if stored.get(f"k{i}") != b"v1"]
     assert lost == [], f"{len(lost)} of {len(acknowledged)} acknowledged messages lost"
     assert not [key for key in stored if key != "last" and int(key[1:]) % 3 == 0], "a failed message wrote"
