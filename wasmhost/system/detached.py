@@ -27,11 +27,6 @@ def busy() -> bool:
         return _running > 0
 
 
-async def run_detached(fn: Callable[[], T], name: str) -> T:
-    """Run `fn` on a new daemon thread and wait for its result; cancelling the wait abandons it."""
-    return await start_detached(fn, name)
-
-
 def start_detached(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
     """Start `fn` on a new daemon thread; the returned future (of the running loop) gets its result.
     Cancelling the future abandons the work (its result is dropped); several waiters can share it
