@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import msgspec
 import structlog
 
 from wasmhost.core.errors import StorageError
@@ -24,6 +25,9 @@ log = structlog.get_logger("wasmhost.storage")
 MAX_KEY_BYTES = 1024
 _CHUNK = 500
 """Keys per `IN (...)` lookup when applying a unit (well below SQLite's limit on parameters)."""
+_SIZES = msgspec.json.Decoder(dict[str, int])
+_ROWS = 300
+"""Rows per multi-row INSERT (3 parameters each: well below SQLite's limit)."""
 ACCOUNTING_VERSION = 2
 """PRAGMA user_version of a file whose usage rows follow accounting.entry_cost (1 and 0: key + value)."""
 
@@ -62,6 +66,7 @@ class SqliteStorage:
     def __init__(self, path: Path, default_quota_bytes: int = 16 * 1024 * 1024, write_timeout_s: float = 10.0) -> None:
         self.path = path
         self.default_quota_bytes = default_quota_bytes
+        self.write_timeout_s = write_timeout_s
         self._quotas: dict[str, int] = {}
         # One connection per thread: sqlite3 connections must not be shared between threads, and
         # WAL lets readers on several threads proceed while one writes.
@@ -225,39 +230,65 @@ class SqliteStorage:
         row = self._row("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (owner, key))
         return int(row[0]) if row else None  # type: ignore[call-overload]
 
-    def _apply(self, db: sqlite3.Connection, unit: WriteUnit) -> None:
-        """Apply `unit` in the writer's open transaction, with the owner's up-to-date usage. The quota
-        is checked once for the whole unit: a unit that grows usage beyond it writes nothing. The old
-        sizes are read and the rows written a statement per chunk, not per write (a message's unit
-        may hold many writes)."""
-        name = unit.owner
-        final = {op.key: op.value for op in unit.ops}  # the last write of a key wins
-        keys = list(final)
-        old: dict[str, int] = {}
+    def _apply(self, db: sqlite3.Connection, units: list[WriteUnit]) -> dict[int, StorageError]:
+        """Apply `units` (one owner's, in order) in the writer's open transaction, with the owner's
+        up-to-date usage; returns the units refused (by id). The quota is checked per unit, in order,
+        on the sizes the earlier units leave: a unit that grows usage beyond it writes nothing. The
+        checks are made in Python before anything is written, so the units need no savepoint each,
+        and the old sizes are read and the rows written a statement per chunk, not per write: one
+        transaction may hold hundreds of units."""
+        name = units[0].owner
+        keys = list({op.key: None for unit in units for op in unit.ops})
+        sizes: dict[str, int | None] = dict.fromkeys(keys)
+        # The old sizes as one JSON row per chunk, with the usage in the first: every row fetched
+        # lets go of the GIL, and getting it back behind busy guest threads may take a switch interval.
+        usage: list[int | None] = [None, None]
         for at in range(0, len(keys), _CHUNK):
             chunk = keys[at:at + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            old.update(db.execute(f"SELECT key, length(value) FROM kv WHERE owner = ? AND key IN ({marks})",
-                                  (name, *chunk)).fetchall())
-        used, count = self._usage(db, name)
-        before = used
-        puts: list[tuple[str, str, bytes]] = []
-        deletes: list[tuple[str, str]] = []
-        for key, value in final.items():
-            prior = old.get(key)
-            freed = entry_cost(name, key, prior) if prior is not None else 0
-            if value is None:
+            found, *usage_row = db.execute(
+                f"SELECT (SELECT json_group_object(key, length(value)) FROM kv WHERE owner = ? AND key IN ({marks})), "
+                "(SELECT used_bytes FROM usage WHERE owner = ?), (SELECT key_count FROM usage WHERE owner = ?)",
+                (name, *chunk, name, name)).fetchone()
+            sizes.update(_SIZES.decode(found))
+            if at == 0:
+                usage = usage_row
+        used, count = int(usage[0] or 0), int(usage[1] or 0)
+        quota = self.quota(name)
+        final: dict[str, bytes | None] = {}  # the last write of a key wins
+        refused: dict[int, StorageError] = {}
+        for unit in units:
+            changed = {op.key: op.value for op in unit.ops}
+            before, after, new_count = used, used, count
+            for key, value in changed.items():
+                prior = sizes[key]
                 if prior is not None:
-                    deletes.append((name, key))
-                    used, count = used - freed, count - 1
+                    after -= entry_cost(name, key, prior)
+                    new_count -= 1
+                if value is not None:
+                    after += entry_cost(name, key, len(value))
+                    new_count += 1
+            if after > before and after > quota:  # shrinking is always allowed
+                refused[id(unit)] = StorageError("quota-exceeded")
                 continue
-            puts.append((name, key, value))
-            used, count = used - freed + entry_cost(name, key, len(value)), count + (prior is None)
-        if used > before and used > self.quota(name):  # shrinking is always allowed
-            raise StorageError("quota-exceeded")  # nothing written yet
-        db.executemany("DELETE FROM kv WHERE owner = ? AND key = ?", deletes)
-        db.executemany("INSERT OR REPLACE INTO kv (owner, key, value) VALUES (?, ?, ?)", puts)
-        self._set_usage(db, name, used, count)
+            used, count = after, new_count
+            for key, value in changed.items():
+                sizes[key] = None if value is None else len(value)
+                final[key] = value
+        # One statement per chunk of rows rather than executemany: every step of a statement lets go of
+        # the GIL, and getting it back behind busy guest threads may take a switch interval (5 ms).
+        deletes = [key for key, value in final.items() if value is None]
+        for at in range(0, len(deletes), _CHUNK):
+            chunk = deletes[at:at + _CHUNK]
+            db.execute(f"DELETE FROM kv WHERE owner = ? AND key IN ({','.join('?' * len(chunk))})", (name, *chunk))
+        puts = [(key, value) for key, value in final.items() if value is not None]
+        for at in range(0, len(puts), _ROWS):
+            rows = puts[at:at + _ROWS]
+            db.execute("INSERT OR REPLACE INTO kv (owner, key, value) VALUES " + ",".join(["(?, ?, ?)"] * len(rows)),
+                       [item for key, value in rows for item in (name, key, value)])
+        if final:
+            self._set_usage(db, name, used, count)
+        return refused
 
     def exists(self, owner: ComponentId, key: str) -> bool:
         """Whether `key` is present."""

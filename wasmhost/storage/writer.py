@@ -2,8 +2,9 @@
 
 Callers (worker threads running guests) hand it a `WriteUnit` and block until that unit is
 committed or has failed. The writer takes units round-robin across owners, at most PER_OWNER per
-owner per batch, applies a batch in one transaction (each unit under its own SAVEPOINT, so a unit
-that fails is rolled back alone) and commits once: one fsync for the whole batch. A component
+owner per batch, applies a batch in one transaction (an owner's units together, each checked
+against the quota on its own: a unit refused writes nothing) and commits once: one fsync for the
+whole batch. A component
 flooding storage therefore delays another one's write by about one batch, never by its backlog.
 
 Every wait is bounded: a unit not committed within `timeout_s` (the disk hangs, the thread died)
@@ -56,6 +57,8 @@ class WriteUnit:
     done: threading.Event = field(default_factory=threading.Event)
     error: StorageError | None = None
     taken: bool = False
+    on_done: Callable[[], None] | None = None
+    """Called once `done` is set (from the thread that set it; it must not block)."""
 
     @property
     def nbytes(self) -> int:
@@ -63,8 +66,9 @@ class WriteUnit:
         return sum(len(op.value) for op in self.ops if op.value is not None)
 
 
-Apply = Callable[[sqlite3.Connection, WriteUnit], None]
-"""Applies a unit inside the open transaction; raises StorageError to fail that unit alone."""
+Apply = Callable[[sqlite3.Connection, list[WriteUnit]], dict[int, StorageError]]
+"""Applies one owner's units (in order) inside the open transaction; returns the errors of the units
+it refused (by id): they write nothing, the others are written."""
 
 
 class StorageWriter:
@@ -110,6 +114,7 @@ class StorageWriter:
         """Wait until the enqueued `unit` is committed (bounded by timeout_s from now); raises its
         StorageError otherwise."""
         if not unit.done.wait(self.timeout_s):
+            gave_up = False
             with self._cond:
                 if not unit.done.is_set():
                     if unit.taken:
@@ -122,6 +127,9 @@ class StorageWriter:
                                         "nothing was written")
                     self._on_io_error(TimeoutError(str(unit.error)))
                     unit.done.set()
+                    gave_up = True
+            if gave_up and unit.on_done is not None:
+                unit.on_done()
         if unit.error is not None:
             raise unit.error
 
@@ -225,16 +233,13 @@ class StorageWriter:
             if self._db is None:
                 self._db = self._connect()
             db = self._db
+            by_owner: dict[str, list[WriteUnit]] = {}
+            for unit in batch:
+                by_owner.setdefault(unit.owner, []).append(unit)
             db.execute("BEGIN IMMEDIATE")
             try:
-                for unit in batch:
-                    db.execute("SAVEPOINT unit")
-                    try:
-                        self._apply(db, unit)
-                    except StorageError as exc:
-                        db.execute("ROLLBACK TO unit")
-                        failed[id(unit)] = exc
-                    db.execute("RELEASE unit")
+                for units in by_owner.values():
+                    failed.update(self._apply(db, units))
                 db.execute("COMMIT")
             except BaseException:
                 with suppress(sqlite3.Error):
@@ -267,3 +272,5 @@ class StorageWriter:
                 return  # its caller already gave up and reported io-error
             unit.error = error
             unit.done.set()
+        if unit.on_done is not None:
+            unit.on_done()
