@@ -195,6 +195,34 @@ def test_quota_counts_the_held_writes(tmp_path: Path) -> None:
         storage.close()
 
 
+def test_overwriting_committed_keys_at_a_full_quota_is_allowed_and_counted_exactly(tmp_path: Path) -> None:
+    # Writes do not look up each key's committed size (counted as new keys until needed): at a full
+    # quota, overwrites must still fit, and the usage seen must be exact.
+    quota = 2 * entry_cost(str(OWNER), "a", 400) + 10
+    storage = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=quota)
+    try:
+        storage.set(OWNER, "a", b"x" * 400)
+        storage.set(OWNER, "b", b"x" * 400)
+        held = storage.hold(OWNER)
+        held.set("a", b"y" * 400)
+        held.end_message(True)
+        held.set("b", b"y" * 400)
+        held.end_message(True)
+        assert (held.usage().key_count, held.usage().used_bytes) == (2, storage.usage(OWNER).used_bytes)
+        with pytest.raises(StorageError) as caught:
+            held.set("c", b"x" * 400)
+        assert caught.value.case == "quota-exceeded"
+        held.end_message(False)
+        held.delete("a")
+        held.set("c", b"x" * 400)  # fits once "a" is gone
+        held.end_message(True)
+        held.commit()
+        assert storage.list_keys(OWNER, None) == ["b", "c"] and storage.get(OWNER, "b") == b"y" * 400
+        assert storage.usage(OWNER).key_count == 2
+    finally:
+        storage.close()
+
+
 async def test_a_failed_commit_fails_every_message_of_the_batch_that_touched_storage(host: Host) -> None:
     # The database refuses one key (an SQLite trigger, as a failing disk would refuse the transaction).
     with sqlite3.connect(host.storage.path) as db:

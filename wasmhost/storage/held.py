@@ -113,6 +113,12 @@ class MessageWrites:
         self._committed_cost: dict[str, int] = {}  # of touched keys, as committed (0: absent)
         self._usage: tuple[int, int] | None = None  # (used, count) with the held writes, read lazily
         self._kept_usage: tuple[int, int] | None = None
+        # Keys first written without looking up their committed size (a read per write, letting go of
+        # the GIL each time): the usage above counts them as new keys, an overestimate, until
+        # `_resolve` looks them all up at once (when the quota might be exceeded, at `usage`, and
+        # before the batch is handed to the writer).
+        self._unknown_kept: set[str] = set()
+        self._unknown_current: set[str] = set()
         self._units: list[WriteUnit] = []  # one per message that ended ok with writes
 
     def _held(self, key: str) -> _Held | None:
@@ -132,6 +138,23 @@ class MessageWrites:
             size = self._storage.value_size(self._name, key)
             cost = self._committed_cost[key] = 0 if size is None else entry_cost(self._name, key, size)
         return cost
+
+    def _resolve(self) -> None:
+        """Look up the committed sizes of the keys written without them and make the usage exact."""
+        unknown = self._unknown_kept | self._unknown_current
+        if not unknown:
+            return
+        sizes = self._storage.value_sizes(self._name, list(unknown))
+        for key in unknown:
+            size = sizes.get(key)
+            cost = self._committed_cost[key] = 0 if size is None else entry_cost(self._name, key, size)
+            if not cost:
+                continue  # it was new indeed
+            used, count = self._used()
+            self._usage = (used - cost, count - 1)  # it replaced (or deleted) that entry
+            if key in self._unknown_kept and self._kept_usage is not None:
+                self._kept_usage = (self._kept_usage[0] - cost, self._kept_usage[1] - 1)
+        self._unknown_kept, self._unknown_current = set(), set()
 
     def _used(self) -> tuple[int, int]:
         if self._usage is None:
@@ -166,6 +189,7 @@ class MessageWrites:
 
     def usage(self) -> StorageUsage:
         """Usage as if the held writes were committed."""
+        self._resolve()
         used, count = self._used()
         return StorageUsage(used, self._storage.quota(self._name), count)
 
@@ -175,11 +199,26 @@ class MessageWrites:
         """Hold `value` under `key`; quota-exceeded (holding nothing) when it does not fit with the
         held writes. Shrinking is always allowed."""
         self._storage.check_key(key)
-        old = self._cost(key)
+        held = self._held(key)
+        unknown = False
+        if held is not None:
+            old = held.cost
+        elif (cost := self._committed_cost.get(key)) is not None:
+            old = cost
+        else:  # not looked up: counted as a new key for now (see _unknown_kept)
+            old, unknown = 0, True
         new = entry_cost(self._name, key, len(value))
         used, count = self._used()
-        if new > old and used - old + new > self._storage.quota(self._name):
-            raise StorageError("quota-exceeded")
+        quota = self._storage.quota(self._name)
+        if new > old and used - old + new > quota:
+            if unknown or self._unknown_kept or self._unknown_current:  # maybe only the estimate is over
+                self._resolve()
+                old, unknown = self._cost(key), False
+                used, count = self._used()
+            if new > old and used - old + new > quota:
+                raise StorageError("quota-exceeded")
+        if unknown:
+            self._unknown_current.add(key)
         self._current[key] = _Held(bytes(value), new)
         self._usage = (used - old + new, count + (0 if old else 1))
 
@@ -201,8 +240,10 @@ class MessageWrites:
             self._units.append(WriteUnit(self._name, [WriteOp(key, held.value) for key, held in self._current.items()]))
             self._kept.update(self._current)
             self._kept_usage = self._usage
+            self._unknown_kept |= self._unknown_current
         else:
             self._usage = self._kept_usage
+        self._unknown_current = set()
         self._current = {}
 
     def start_commit(self) -> PendingCommit | None:
@@ -211,6 +252,7 @@ class MessageWrites:
         previous batch's commit (usually confirmed by then): when that failed, this batch's writes
         are dropped too and its error raised."""
         self.end_message(False)  # a message still open did not end ok
+        self._resolve()  # while what is committed is still what these writes replace
         previous, self._pending = self._pending, None
         if previous is not None:
             error = previous.wait()
@@ -232,6 +274,7 @@ class MessageWrites:
         self._units, self._kept, self._flight, self._pending = [], {}, {}, None
         self._committed_cost.clear()
         self._usage = self._kept_usage = None
+        self._unknown_kept, self._unknown_current = set(), set()
 
     def commit(self) -> None:
         """Hand every kept message's unit to the writer and wait until all are committed (and the

@@ -230,6 +230,16 @@ class SqliteStorage:
         row = self._row("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (owner, key))
         return int(row[0]) if row else None  # type: ignore[call-overload]
 
+    def value_sizes(self, owner: str, keys: list[str]) -> dict[str, int]:
+        """Lengths of the committed values under those of `keys` that are present (one row per chunk)."""
+        sizes: dict[str, int] = {}
+        for at in range(0, len(keys), _CHUNK):
+            chunk = keys[at:at + _CHUNK]
+            row = self._row(f"SELECT json_group_object(key, length(value)) FROM kv WHERE owner = ? AND key IN "
+                            f"({','.join('?' * len(chunk))})", (owner, *chunk))
+            sizes.update(_SIZES.decode(row[0]) if row else {})  # type: ignore[arg-type]
+        return sizes
+
     def _apply(self, db: sqlite3.Connection, units: list[WriteUnit]) -> dict[int, StorageError]:
         """Apply `units` (one owner's, in order) in the writer's open transaction, with the owner's
         up-to-date usage; returns the units refused (by id). The quota is checked per unit, in order,
