@@ -50,17 +50,18 @@ class PendingCommit:
         """How long the writer may take to confirm it (beyond that, `wait` ends it in io-error)."""
 
     def _hand_over(self) -> None:
-        """Enqueue every unit; one the writer refuses (and those after it) counts as done and failed."""
-        for at, unit in enumerate(self._units):
+        """Enqueue every unit at once; if the writer refuses them (it is not running), they count as
+        done and failed."""
+        for unit in self._units:
             unit.on_done = self._unit_done
-            try:
-                self._storage.enqueue(unit)
-            except StorageError as exc:  # nothing more is written
-                self._refused = exc
-                self._units = self._units[:at]
-                for _ in range(self._left - at):
-                    self._unit_done()
-                return
+        try:
+            self._storage.enqueue(*self._units)
+        except StorageError as exc:  # nothing is written
+            self._refused = exc
+            self._units = []
+            with self._lock:
+                self._left = 1
+            self._unit_done()
 
     def _unit_done(self) -> None:
         with self._lock:

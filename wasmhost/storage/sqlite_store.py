@@ -212,9 +212,9 @@ class SqliteStorage:
         """Held writes for `owner`, for the messages of one batch (see storage.held)."""
         return MessageWrites(self, owner)
 
-    def enqueue(self, unit: WriteUnit) -> None:
-        """Hand `unit` (written all or nothing) to the writer; `wait` for it later."""
-        self._writer.enqueue(unit)
+    def enqueue(self, *units: WriteUnit) -> None:
+        """Hand `units` (each written all or nothing, in order) to the writer; `wait` for each later."""
+        self._writer.enqueue(*units)
 
     def wait(self, unit: WriteUnit) -> None:
         """Return once the enqueued `unit` is committed; raises its StorageError otherwise."""

@@ -98,16 +98,18 @@ class StorageWriter:
         self.enqueue(unit)
         self.wait(unit)
 
-    def enqueue(self, unit: WriteUnit) -> None:
-        """Queue `unit` without waiting; `wait` for it later (every enqueued unit must be waited for)."""
+    def enqueue(self, *units: WriteUnit) -> None:
+        """Queue `units` (in order, all or none) without waiting; `wait` for each later (every
+        enqueued unit must be waited for)."""
         with self._cond:
             if self._closing or not self._thread.is_alive():
                 raise StorageError("io-error", "storage writer is not running")
-            queue = self._queues.get(unit.owner)
-            if queue is None:
-                queue = self._queues[unit.owner] = deque()
-                self._ring.append(unit.owner)
-            queue.append(unit)
+            for unit in units:
+                queue = self._queues.get(unit.owner)
+                if queue is None:
+                    queue = self._queues[unit.owner] = deque()
+                    self._ring.append(unit.owner)
+                queue.append(unit)
             self._cond.notify_all()
 
     def wait(self, unit: WriteUnit) -> None:
