@@ -589,8 +589,14 @@ class ComponentActor:
                             progress, rest, failure = await self._handle_batch(batch, pending)
                         finally:
                             CONVERSIONS.release(taken)
-                pending = progress  # the previous one is answered: _handle_batch settled it
-                self.in_hand = len(progress.done)
+                # The previous batch is answered (_handle_batch settled it); this one is answered now
+                # unless its commit is still in flight (most batches write nothing: no task, no wait).
+                if progress.commit is None or progress.commit.done():
+                    await self._settle(progress)
+                    pending = None
+                else:
+                    pending = progress
+                self.in_hand = 0 if pending is None else len(progress.done)
                 self.mailbox.requeue_front(rest)
                 del batch, rest  # not kept while idle: they hold the last payloads
                 if failure is not None:
