@@ -26,6 +26,8 @@ MAX_KEY_BYTES = 1024
 _CHUNK = 500
 """Keys per `IN (...)` lookup when applying a unit (well below SQLite's limit on parameters)."""
 _SIZES = msgspec.json.Decoder(dict[str, int])
+_SIZE_ROWS = msgspec.json.Decoder(list[tuple[str, str, int]])
+_TRIPLES = msgspec.json.Decoder(list[tuple[str, int, int]])
 _ROWS = 300
 """Rows per multi-row INSERT (3 parameters each: well below SQLite's limit)."""
 ACCOUNTING_VERSION = 2
@@ -241,64 +243,80 @@ class SqliteStorage:
         return sizes
 
     def _apply(self, db: sqlite3.Connection, units: list[WriteUnit]) -> dict[int, StorageError]:
-        """Apply `units` (one owner's, in order) in the writer's open transaction, with the owner's
-        up-to-date usage; returns the units refused (by id). The quota is checked per unit, in order,
-        on the sizes the earlier units leave: a unit that grows usage beyond it writes nothing. The
-        checks are made in Python before anything is written, so the units need no savepoint each,
-        and the old sizes are read and the rows written a statement per chunk, not per write: one
-        transaction may hold hundreds of units."""
-        name = units[0].owner
-        keys = list({op.key: None for unit in units for op in unit.ops})
-        sizes: dict[str, int | None] = dict.fromkeys(keys)
-        # The old sizes as one JSON row per chunk, with the usage in the first: every row fetched
-        # lets go of the GIL, and getting it back behind busy guest threads may take a switch interval.
-        usage: list[int | None] = [None, None]
-        for at in range(0, len(keys), _CHUNK):
-            chunk = keys[at:at + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            found, *usage_row = db.execute(
-                f"SELECT (SELECT json_group_object(key, length(value)) FROM kv WHERE owner = ? AND key IN ({marks})), "
-                "(SELECT used_bytes FROM usage WHERE owner = ?), (SELECT key_count FROM usage WHERE owner = ?)",
-                (name, *chunk, name, name)).fetchone()
-            sizes.update(_SIZES.decode(found))
-            if at == 0:
-                usage = usage_row
-        used, count = int(usage[0] or 0), int(usage[1] or 0)
-        quota = self.quota(name)
-        final: dict[str, bytes | None] = {}  # the last write of a key wins
-        refused: dict[int, StorageError] = {}
+        """Apply a transaction's `units` in the writer's open transaction, with each owner's
+        up-to-date usage; returns the units refused (by id). The quota is checked per unit, in each
+        owner's order, on the sizes its earlier units leave: a unit that grows usage beyond it writes
+        nothing. The checks are made in Python before anything is written, so the units need no
+        savepoint each, and every owner's old sizes and usage are read, and the rows written, a
+        statement per chunk for the whole transaction, not per owner or per write: every statement
+        step lets go of the GIL, and getting it back behind busy guest threads may take a switch
+        interval (5 ms)."""
+        by_owner: dict[str, list[WriteUnit]] = {}
         for unit in units:
-            changed = {op.key: op.value for op in unit.ops}
-            before, after, new_count = used, used, count
-            for key, value in changed.items():
-                prior = sizes[key]
-                if prior is not None:
-                    after -= entry_cost(name, key, prior)
-                    new_count -= 1
-                if value is not None:
-                    after += entry_cost(name, key, len(value))
-                    new_count += 1
-            if after > before and after > quota:  # shrinking is always allowed
-                refused[id(unit)] = StorageError("quota-exceeded")
+            by_owner.setdefault(unit.owner, []).append(unit)
+        sizes, usage = self._old_sizes(db, units, list(by_owner))
+        refused: dict[int, StorageError] = {}
+        puts: list[tuple[str, str, bytes]] = []
+        usages: list[tuple[str, int, int]] = []
+        for name, owned in by_owner.items():
+            used, count = usage.get(name, (0, 0))
+            quota = self.quota(name)
+            final: dict[str, bytes | None] = {}  # the last write of a key wins
+            for unit in owned:
+                changed = {op.key: op.value for op in unit.ops}
+                before, after, new_count = used, used, count
+                for key, value in changed.items():
+                    prior = sizes.get((name, key))
+                    if prior is not None:
+                        after -= entry_cost(name, key, prior)
+                        new_count -= 1
+                    if value is not None:
+                        after += entry_cost(name, key, len(value))
+                        new_count += 1
+                if after > before and after > quota:  # shrinking is always allowed
+                    refused[id(unit)] = StorageError("quota-exceeded")
+                    continue
+                used, count = after, new_count
+                for key, value in changed.items():
+                    sizes[(name, key)] = None if value is None else len(value)
+                    final[key] = value
+            if not final:
                 continue
-            used, count = after, new_count
-            for key, value in changed.items():
-                sizes[key] = None if value is None else len(value)
-                final[key] = value
-        # One statement per chunk of rows rather than executemany: every step of a statement lets go of
-        # the GIL, and getting it back behind busy guest threads may take a switch interval (5 ms).
-        deletes = [key for key, value in final.items() if value is None]
-        for at in range(0, len(deletes), _CHUNK):
-            chunk = deletes[at:at + _CHUNK]
-            db.execute(f"DELETE FROM kv WHERE owner = ? AND key IN ({','.join('?' * len(chunk))})", (name, *chunk))
-        puts = [(key, value) for key, value in final.items() if value is not None]
-        for at in range(0, len(puts), _ROWS):
-            rows = puts[at:at + _ROWS]
-            db.execute("INSERT OR REPLACE INTO kv (owner, key, value) VALUES " + ",".join(["(?, ?, ?)"] * len(rows)),
-                       [item for key, value in rows for item in (name, key, value)])
-        if final:
-            self._set_usage(db, name, used, count)
+            usages.append((name, used, count))
+            puts.extend((name, key, value) for key, value in final.items() if value is not None)
+            deletes = [key for key, value in final.items() if value is None]
+            for at in range(0, len(deletes), _CHUNK):
+                chunk = deletes[at:at + _CHUNK]
+                db.execute(f"DELETE FROM kv WHERE owner = ? AND key IN ({','.join('?' * len(chunk))})", (name, *chunk))
+        for table, rows in (("kv (owner, key, value)", puts), ("usage (owner, used_bytes, key_count)", usages)):
+            for at in range(0, len(rows), _ROWS):
+                chunk_rows = rows[at:at + _ROWS]
+                db.execute(f"INSERT OR REPLACE INTO {table} VALUES " + ",".join(["(?, ?, ?)"] * len(chunk_rows)),
+                           [item for row in chunk_rows for item in row])
         return refused
+
+    @staticmethod
+    def _old_sizes(db: sqlite3.Connection, units: list[WriteUnit], owners: list[str]) -> tuple[
+            dict[tuple[str, str], int | None], dict[str, tuple[int, int]]]:
+        """The committed value sizes of every (owner, key) the units write, and the owners' usage:
+        one JSON row per chunk (a row per entry would let go of the GIL for each)."""
+        pairs = list({(unit.owner, op.key): None for unit in units for op in unit.ops})
+        sizes: dict[tuple[str, str], int | None] = dict.fromkeys(pairs)
+        usage: dict[str, tuple[int, int]] = {}
+        for at in range(0, len(owners), _CHUNK):
+            chunk = owners[at:at + _CHUNK]
+            found = db.execute("SELECT json_group_array(json_array(owner, used_bytes, key_count)) FROM usage "
+                               f"WHERE owner IN ({','.join('?' * len(chunk))})", chunk).fetchone()[0]
+            usage.update((owner, (used, count)) for owner, used, count in _TRIPLES.decode(found))
+        for at in range(0, len(pairs), _CHUNK):
+            chunk_pairs = pairs[at:at + _CHUNK]
+            found = db.execute(
+                "SELECT json_group_array(json_array(kv.owner, kv.key, length(kv.value))) FROM (VALUES "
+                + ",".join(["(?, ?)"] * len(chunk_pairs))
+                + ") AS w CROSS JOIN kv ON kv.owner = w.column1 AND kv.key = w.column2",  # w outside: key lookups
+                [item for pair in chunk_pairs for item in pair]).fetchone()[0]
+            sizes.update(((owner, key), size) for owner, key, size in _SIZE_ROWS.decode(found))
+        return sizes, usage
 
     def exists(self, owner: ComponentId, key: str) -> bool:
         """Whether `key` is present."""

@@ -70,8 +70,8 @@ class WriteUnit:
 
 
 Apply = Callable[[sqlite3.Connection, list[WriteUnit]], dict[int, StorageError]]
-"""Applies one owner's units (in order) inside the open transaction; returns the errors of the units
-it refused (by id): they write nothing, the others are written."""
+"""Applies a transaction's units (each owner's in order) inside the open transaction; returns the
+errors of the units it refused (by id): they write nothing, the others are written."""
 
 
 class StorageWriter:
@@ -246,13 +246,9 @@ class StorageWriter:
             if self._db is None:
                 self._db = self._connect()
             db = self._db
-            by_owner: dict[str, list[WriteUnit]] = {}
-            for unit in batch:
-                by_owner.setdefault(unit.owner, []).append(unit)
             db.execute("BEGIN IMMEDIATE")
             try:
-                for units in by_owner.values():
-                    failed.update(self._apply(db, units))
+                failed.update(self._apply(db, batch))
                 db.execute("COMMIT")
             except BaseException:
                 with suppress(sqlite3.Error):
