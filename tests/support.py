@@ -111,6 +111,9 @@ class MemoryHeld:
             self.kept.update(self.current)
         self.current = {}
 
+    def start_commit(self) -> None:
+        self.commit()  # at once: nothing is in flight afterwards
+
     def commit(self) -> None:
         self.current = {}
         kept, self.kept = self.kept, {}

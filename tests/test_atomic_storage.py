@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from tests.conftest import fixture_path
-from wasmhost.actors.actor import ComponentActor
+from wasmhost.actors.actor import BATCH_SIZE, ComponentActor
 from wasmhost.actors.restart import Backoff
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
@@ -195,6 +195,34 @@ def test_quota_counts_the_held_writes(tmp_path: Path) -> None:
         storage.close()
 
 
+def test_overwriting_committed_keys_at_a_full_quota_is_allowed_and_counted_exactly(tmp_path: Path) -> None:
+    # Writes do not look up each key's committed size (counted as new keys until needed): at a full
+    # quota, overwrites must still fit, and the usage seen must be exact.
+    quota = 2 * entry_cost(str(OWNER), "a", 400) + 10
+    storage = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=quota)
+    try:
+        storage.set(OWNER, "a", b"x" * 400)
+        storage.set(OWNER, "b", b"x" * 400)
+        held = storage.hold(OWNER)
+        held.set("a", b"y" * 400)
+        held.end_message(True)
+        held.set("b", b"y" * 400)
+        held.end_message(True)
+        assert (held.usage().key_count, held.usage().used_bytes) == (2, storage.usage(OWNER).used_bytes)
+        with pytest.raises(StorageError) as caught:
+            held.set("c", b"x" * 400)
+        assert caught.value.case == "quota-exceeded"
+        held.end_message(False)
+        held.delete("a")
+        held.set("c", b"x" * 400)  # fits once "a" is gone
+        held.end_message(True)
+        held.commit()
+        assert storage.list_keys(OWNER, None) == ["b", "c"] and storage.get(OWNER, "b") == b"y" * 400
+        assert storage.usage(OWNER).key_count == 2
+    finally:
+        storage.close()
+
+
 async def test_a_failed_commit_fails_every_message_of_the_batch_that_touched_storage(host: Host) -> None:
     # The database refuses one key (an SQLite trigger, as a failing disk would refuse the transaction).
     with sqlite3.connect(host.storage.path) as db:
@@ -210,5 +238,124 @@ async def test_a_failed_commit_fails_every_message_of_the_batch_that_touched_sto
         answers = await asyncio.gather(busy, *batch, return_exceptions=True)
     assert [a.outcome if isinstance(a, RequestFailed) else a for a in answers] == [Outcome.FAILED] * 4
     assert host.stored(actor) == {}  # one transaction: none of the three is written
+    assert await host.answer(actor, b"o d") == b"v1"  # the next batch commits again
+    assert host.stored(actor) == {"d": b"v1", "last": b"d"}
+
+
+# --- a batch's commit overlaps the next batch ---------------------------------------------------------
+
+
+def test_the_next_batch_reads_writes_whose_commit_is_in_flight(tmp_path: Path) -> None:
+    storage = SqliteStorage(tmp_path / "s.sqlite3")
+    blocker = sqlite3.connect(storage.path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the writer waits for the lock: the commit stays in flight
+        held = storage.hold(OWNER)
+        held.set("a", b"1")
+        held.end_message(True)
+        commit = held.start_commit()
+        assert commit is not None and not commit.done()
+        assert storage.get(OWNER, "a") is None  # not committed...
+        assert (held.get("a"), held.list_keys(None), held.usage().key_count) == (b"1", ["a"], 1)  # ...but seen
+        held.set("b", b"2")  # the next batch
+        held.end_message(True)
+        blocker.execute("ROLLBACK")
+        second = held.start_commit()  # handed over once the first is confirmed
+        assert commit.done() and commit.wait() is None
+        assert second is not None and second.wait() is None
+        assert storage.list_keys(OWNER, None) == ["a", "b"]
+    finally:
+        blocker.close()
+        storage.close()
+
+
+def test_when_a_commit_in_flight_fails_the_next_batch_fails_with_it(tmp_path: Path) -> None:
+    storage = SqliteStorage(tmp_path / "s.sqlite3")
+    blocker = sqlite3.connect(storage.path, isolation_level=None)
+    try:
+        blocker.execute("CREATE TRIGGER refuse BEFORE INSERT ON kv WHEN NEW.key = 'poison' "
+                        "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        blocker.execute("BEGIN IMMEDIATE")
+        held = storage.hold(OWNER)
+        held.set("poison", b"1")
+        held.end_message(True)
+        commit = held.start_commit()
+        assert commit is not None
+        assert held.get("poison") == b"1"  # the next batch reads it while it is in flight
+        held.set("c", b"2")
+        held.end_message(True)
+        blocker.execute("ROLLBACK")
+        with pytest.raises(StorageError) as caught:
+            held.start_commit()  # the first commit failed: this batch's writes are dropped with it
+        assert caught.value.case == "io-error"
+        assert isinstance(commit.wait(), StorageError)
+        assert storage.list_keys(OWNER, None) == []
+        assert held.get("poison") is None and held.start_commit() is None  # nothing held any more
+    finally:
+        blocker.close()
+        storage.close()
+
+
+FILLERS = [b"g z"] * (BATCH_SIZE - 1)
+"""Queued behind a batch's first message, they fill its batch: what comes next is the next batch."""
+
+
+async def _two_batches(host: Host, first: bytes, second: list[bytes]) -> tuple[
+        ComponentActor, list[asyncio.Future[bytes | None]], list[asyncio.Future[bytes | None]]]:
+    """Queue `first` (+ fillers) and `second` as two batches behind a busy call while the database
+    is locked; return once the second batch's last message ("l x", looping) runs."""
+    actor = await host.start("t/tx/0", ResourceLimits(max_execution_time_ms=1000))
+    busy = host.ask(actor, b"l w")  # ends at its deadline; everything below queues behind it
+    with anyio.fail_after(BOUND):
+        while not actor.manager.in_call:
+            await anyio.sleep(0.005)
+    batch_n = [host.ask(actor, first), *(host.ask(actor, p) for p in FILLERS)]
+    batch_next = [host.ask(actor, p) for p in second]
+    with anyio.fail_after(BOUND):
+        assert await asyncio.gather(busy, return_exceptions=True)  # failed at its deadline
+        while len(actor.mailbox) or not actor.manager.in_call:  # the next batch is taken and loops
+            await anyio.sleep(0.005)
+    return actor, batch_n, batch_next
+
+
+def _answers(futures: list[asyncio.Future[bytes | None]]) -> list[object]:
+    return [f.exception().outcome if isinstance(f.exception(), RequestFailed) else f.result()  # type: ignore[union-attr]
+            for f in futures]
+
+
+async def test_an_actor_handles_its_next_batch_while_the_commit_is_in_flight(host: Host) -> None:
+    blocker = sqlite3.connect(host.storage.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the writer waits for the lock: batch N's commit stays in flight
+    try:
+        actor, batch_n, batch_next = await _two_batches(host, b"o a", [b"g a", b"l x"])
+        # The next batch is being handled (its read of "a" is done) while N is neither committed nor answered.
+        assert not any(f.done() for f in batch_n)
+        assert host.stored(actor) == {}
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    with anyio.fail_after(BOUND):
+        await asyncio.gather(*batch_n, *batch_next, return_exceptions=True)
+    assert _answers(batch_n) == [b"v1"] + [b"(none)"] * len(FILLERS)
+    assert _answers(batch_next) == [b"v1", Outcome.FAILED]  # "g a" read N's write before it was committed
+    assert host.stored(actor) == {"a": b"v1", "last": b"a"}
+
+
+async def test_a_commit_that_fails_in_flight_fails_its_batch_and_the_next_one_that_read_it(host: Host) -> None:
+    blocker = sqlite3.connect(host.storage.path, isolation_level=None)
+    blocker.execute("CREATE TRIGGER refuse BEFORE INSERT ON kv WHEN NEW.key = 'poison' "
+                    "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        actor, batch_n, batch_next = await _two_batches(host, b"o poison", [b"g poison", b"l x"])
+        assert not any(f.done() for f in batch_n)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    with anyio.fail_after(BOUND):
+        await asyncio.gather(*batch_n, *batch_next, return_exceptions=True)
+    assert _answers(batch_n) == [Outcome.FAILED] * BATCH_SIZE  # none acknowledged: every one touched storage
+    assert _answers(batch_next) == [Outcome.FAILED, Outcome.FAILED]  # "g poison" read what was never written
+    assert host.stored(actor) == {}
     assert await host.answer(actor, b"o d") == b"v1"  # the next batch commits again
     assert host.stored(actor) == {"d": b"v1", "last": b"d"}

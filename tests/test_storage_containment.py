@@ -27,7 +27,7 @@ from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import Capabilities
 from wasmhost.storage.accounting import entry_cost
 from wasmhost.storage.sqlite_store import SqliteStorage
-from wasmhost.storage.writer import PER_OWNER
+from wasmhost.storage.writer import MAX_BATCH_UNITS, WriteOp, WriteUnit
 from wasmhost.system.config import parse_config
 from wasmhost.system.daemon import prepare_state_dir
 
@@ -64,28 +64,28 @@ def test_the_writer_serves_owners_round_robin_whatever_one_has_queued(tmp_path: 
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.executescript("""
         CREATE TABLE commit_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL);
-        CREATE TRIGGER log_commits AFTER INSERT ON kv BEGIN INSERT INTO commit_log (owner) VALUES (new.owner); END;
+        CREATE TRIGGER log_rows AFTER INSERT ON kv BEGIN INSERT INTO commit_log (owner) VALUES (new.owner); END;
     """)
     blocker.execute("BEGIN EXCLUSIVE")  # hold the writer while the queues fill up
-    threads = [threading.Thread(target=store.set, args=(FLOOD, "first", b""))]
-    threads[0].start()
+    first = WriteUnit(str(FLOOD), [WriteOp("first", b"")])
+    store.enqueue(first)
     until(lambda: writer.units_taken == 1)  # the writer took it and waits for the lock
-    for i in range(30):
-        threads.append(threading.Thread(target=store.set, args=(FLOOD, f"k{i}", b"")))
-        threads[-1].start()
-    until(lambda: writer.queued() == 30)
-    threads.append(threading.Thread(target=store.set, args=(QUIET, "q", b"v")))
-    threads[-1].start()
-    until(lambda: writer.queued() == 31)
+    backlog = [WriteUnit(str(FLOOD), [WriteOp(f"k{i}", b"")]) for i in range(2 * MAX_BATCH_UNITS)]
+    for unit in backlog:
+        store.enqueue(unit)
+    quiet = WriteUnit(str(QUIET), [WriteOp("q", b"v")])
+    store.enqueue(quiet)
     blocker.execute("ROLLBACK")
-    for t in threads:
-        t.join(10)
+    for unit in [first, *backlog, quiet]:
+        store.wait(unit)
     order = [owner for (owner,) in blocker.execute("SELECT owner FROM commit_log ORDER BY seq")]
     blocker.close()
     store.close()
-    assert len(order) == 32
-    # The batch in progress, then PER_OWNER of the flood's 30 queued writes and the quiet one together.
-    assert order.index(str(QUIET)) <= 1 + PER_OWNER, order
+    assert order.count(str(FLOOD)) == 1 + 2 * MAX_BATCH_UNITS and order.count(str(QUIET)) == 1
+    # The transaction in progress ("first"), then the next one (at most MAX_BATCH_UNITS units, in
+    # whatever order within it): the quiet write goes with the flood's next writes, not after its
+    # backlog of two transactions' worth.
+    assert order[:order.index(str(QUIET))].count(str(FLOOD)) <= MAX_BATCH_UNITS, order
 
 
 def test_one_failing_write_in_a_batch_fails_alone(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ instance (the guest's `shutdown`, bounded) and boots a fresh one; the mailbox an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -37,9 +38,18 @@ from wasmhost.actors.restart import RestartHistory
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState, ActorStats
 from wasmhost.actors.workers import WorkerPool
-from wasmhost.core.errors import ComponentError, GuestExit, GuestFailure, InstanceStateError, LoadError, WasmError
+from wasmhost.core.errors import (
+    ComponentError,
+    GuestExit,
+    GuestFailure,
+    InstanceStateError,
+    LoadError,
+    StorageError,
+    WasmError,
+)
 from wasmhost.core.message_size import WASMTIME_LIST_U8_CEILING
 from wasmhost.core.metadata import ComponentConfig, ComponentMetadata, HealthStatus
+from wasmhost.core.protocols import CommitInFlight
 from wasmhost.messaging.envelope import Delivery, Envelope
 from wasmhost.messaging.mailbox import Mailbox, deferring_wakes, wake_all
 from wasmhost.messaging.outcome import Outcome
@@ -94,7 +104,9 @@ class Progress:
     done: list[Handled] = field(default_factory=list)
     started: int = 0  # envelopes whose call began: one more than `done` while a call is in progress
     first_storage: int | None = None  # index of the first envelope that touched storage
-    committed: bool = False  # the batch's storage writes are committed (or it had none)
+    committed: bool = False  # the batch's storage writes are handed over (`commit`), or there were none
+    commit: CommitInFlight | None = None  # their commit, in flight: the batch is answered once it is confirmed
+    delivered: bool = False  # the batch is answered
 
 
 @dataclass(slots=True)
@@ -531,76 +543,152 @@ class ComponentActor:
 
     async def _serve(self) -> Exception | None:
         """Handle batches until stopped (and drained), restarted or a guest failure (returned).
-        Cancelled by the drain scope, a batch in hand is answered or put back first."""
-        while True:
-            if self._suspend_wanted or self._handover is not None:
-                return None  # to be terminated (a restart) or handed over: the batch in hand is done
-            if self._stopping and not len(self.mailbox):
-                return None  # drained
-            timeout = None if self._stopping else max(0.0, self._next_health - time.monotonic())
-            batch = await self.mailbox.take(BATCH_SIZE, timeout)  # stopping: `stop` wakes it, the scope bounds it
-            if not batch:
-                if not self._stopping and time.monotonic() >= self._next_health:
-                    failure = await self._check_health()
-                    if failure is not None:
-                        return failure
-                continue
-            hint = self.output_hint
-            large = 0 if hint >= LARGE_PAYLOAD else _first_large(batch)
-            if large is None:
-                handled, rest, failure = await self._handle_batch(batch)
-            else:
-                # a large payload goes alone, once the process-wide conversion budget has room for it
-                cut = max(large, 1)
-                self.mailbox.requeue_front(batch[cut:])
-                batch = batch[:cut]
-                if large:
-                    handled, rest, failure = await self._handle_batch(batch)
-                else:
-                    try:
-                        taken = await CONVERSIONS.acquire(max(len(batch[0].message.payload), hint))
-                    except BaseException:  # out of drain time while waiting: answered as stopped
-                        self.mailbox.requeue_front(batch)
-                        raise
-                    try:
-                        handled, rest, failure = await self._handle_batch(batch)
-                    finally:
-                        CONVERSIONS.release(taken)
-            self._deliver(handled)
-            self.mailbox.requeue_front(rest)
-            del batch, handled, rest  # not kept while idle: they hold the last payloads and replies
-            if failure is not None:
-                return failure
-            self.history.settled()
+        Cancelled by the drain scope, a batch in hand is answered or put back first.
 
-    async def _handle_batch(self, batch: list[Envelope]) -> tuple[list[Handled], list[Envelope], Exception | None]:
+        A batch's storage commit overlaps the handling of the next batch: the batch is answered
+        (`_settle`) once its commit is confirmed, while the next one runs; with nothing queued, it
+        is answered before waiting for more. Every return answers it first."""
+        pending: Progress | None = None  # the previous batch, its commit in flight
+        try:
+            while True:
+                if self._suspend_wanted or self._handover is not None:
+                    return None  # to be terminated (a restart) or handed over: the batch in hand is done
+                if self._stopping and not len(self.mailbox):
+                    return None  # drained
+                if pending is not None and not len(self.mailbox):
+                    await self._settle(pending)  # nothing to overlap it with: answer it before waiting
+                    pending = None
+                    self.in_hand = 0
+                    continue
+                timeout = None if self._stopping else max(0.0, self._next_health - time.monotonic())
+                batch = await self.mailbox.take(BATCH_SIZE, timeout)  # stopping: `stop` wakes it, the scope bounds it
+                if not batch:
+                    if not self._stopping and time.monotonic() >= self._next_health:
+                        failure = await self._check_health()
+                        if failure is not None:
+                            return failure
+                    continue
+                hint = self.output_hint
+                large = 0 if hint >= LARGE_PAYLOAD else _first_large(batch)
+                if large is None:
+                    progress, rest, failure = await self._handle_batch(batch, pending)
+                else:
+                    # a large payload goes alone, once the process-wide conversion budget has room for it
+                    cut = max(large, 1)
+                    self.mailbox.requeue_front(batch[cut:])
+                    batch = batch[:cut]
+                    if large:
+                        progress, rest, failure = await self._handle_batch(batch, pending)
+                    else:
+                        try:
+                            taken = await CONVERSIONS.acquire(max(len(batch[0].message.payload), hint))
+                        except BaseException:  # out of drain time while waiting: answered as stopped
+                            self.mailbox.requeue_front(batch)
+                            raise
+                        try:
+                            progress, rest, failure = await self._handle_batch(batch, pending)
+                        finally:
+                            CONVERSIONS.release(taken)
+                # The previous batch is answered (_handle_batch settled it); this one is answered now
+                # unless its commit is still in flight (most batches write nothing: no task, no wait).
+                if progress.commit is None or progress.commit.done():
+                    await self._settle(progress)
+                    pending = None
+                else:
+                    pending = progress
+                self.in_hand = 0 if pending is None else len(progress.done)
+                self.mailbox.requeue_front(rest)
+                del batch, rest  # not kept while idle: they hold the last payloads
+                if failure is not None:
+                    return failure
+                self.history.settled()
+        finally:
+            if pending is not None:
+                await self._settle(pending)
+                self.in_hand = 0
+
+    async def _handle_batch(self, batch: list[Envelope], previous: Progress | None) -> tuple[
+            Progress, list[Envelope], Exception | None]:
+        """Handle `batch` (`_run_batch`) while the `previous` batch's commit completes and it is
+        answered (`_settle`); returns once both are done."""
+        if previous is None:
+            return await self._run_batch(batch, None)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._settle, previous, name=f"settle {self.name}")
+            result = await self._run_batch(batch, previous)
+        return result
+
+    async def _settle(self, progress: Progress) -> None:
+        """Answer the batch in `progress` once its commit is confirmed; if it failed or was not
+        confirmed in time, the messages from the first that touched storage on are answered failed.
+        Shielded: a stop does not cut it short (bounded by the writer's timeout, or STOP_GRACE past
+        the drain deadline)."""
+        commit = progress.commit
+        error: Exception | None = None
+        if commit is not None and not progress.delivered:
+            error = await self._confirmed(commit)
+        if progress.delivered:  # answered meanwhile (a cut-short batch answers its predecessor first)
+            return
+        progress.delivered = True
+        self._unacknowledged(progress.done, progress, error)
+        self._deliver(progress.done)
+
+    async def _confirmed(self, commit: CommitInFlight) -> Exception | None:
+        """Wait on the loop (woken from the writer's thread) until `commit` is done; its error, or a
+        TimeoutError when it was not confirmed in time."""
+        if not commit.done():
+            loop = self.mailbox.loop
+            ready = asyncio.Event()
+
+            def wake() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                    loop.call_soon_threadsafe(ready.set)
+
+            commit.add_done_callback(wake)
+            end = anyio.current_time() + commit.timeout_s + STOP_GRACE
+            with anyio.CancelScope(shield=True):
+                while not commit.done():
+                    left = min(end, self._drain_deadline + STOP_GRACE) - anyio.current_time()
+                    if left <= 0:
+                        return TimeoutError("storage commit not confirmed in time")
+                    with anyio.move_on_after(min(left, STOP_GRACE)):  # a stop may move the deadline
+                        await ready.wait()
+        return commit.wait()  # done: does not block
+
+    async def _run_batch(self, batch: list[Envelope], previous: Progress | None) -> tuple[
+            Progress, list[Envelope], Exception | None]:
         """Run `_process` on the worker pool, time-sliced, holding the Store's lock for each step.
 
-        Interrupted (cancelled), it answers what it handled, fails the message whose call was cut
-        short, puts the rest back (to be answered as stopped), and lets the cancellation go on."""
+        Interrupted (cancelled), it answers `previous` and what it handled, fails the message whose
+        call was cut short, puts the rest back (to be answered as stopped), and lets the cancellation go on."""
         progress = Progress()
-        self.in_hand = len(batch)  # answered by the caller right after this returns, without awaiting
+        self.in_hand = len(batch) + (len(previous.done) if previous is not None and not previous.delivered else 0)
         wakes: list[Mailbox] = []  # mailboxes the guest's sends filled: woken together, not one by one
         try:
             rest, failure = await self._guest(deferring_wakes(self._process(batch, progress), self.mailbox.loop, wakes))
         except BaseException:
             wake_all(wakes)
             self.in_hand = 0
+            if previous is not None:
+                await self._settle(previous)  # answered in order
             done = progress.done  # no thread touches it any more (see _guest)
             if not progress.committed:  # cut short: the messages that ended ok are answered once their writes
                 await self._commit_cut_short(done, progress)  # are committed; the one cut short wrote nothing
+            elif progress.commit is not None:
+                await self._settle(progress)  # its commit was handed over: answered once confirmed
             if progress.started > len(done):
                 envelope = batch[len(done)]
                 log.warning("component_call_interrupted", component=self.name, delivery=envelope.delivery.value)
                 done.append(Handled(envelope, None, Outcome.FAILED,
                                     f"{self.name}: interrupted: the component was stopped and its drain time "
                                     "ran out while it handled this message"))
-            self._deliver(done)
+            if not progress.delivered:
+                progress.delivered = True
+                self._deliver(done)
             self.mailbox.requeue_front(batch[len(done):])
             raise
         wake_all(wakes)
-        self.in_hand = 0
-        return progress.done, rest, failure
+        return progress, rest, failure
 
     async def _commit_cut_short(self, done: list[Handled], progress: Progress) -> None:
         """Commit the writes of the messages of an interrupted batch that ended ok, within STOP_GRACE;
@@ -626,14 +714,19 @@ class ComponentActor:
 
     def _process(self, batch: list[Envelope], progress: Progress) -> Generator[float, None, tuple[list[Envelope],
                                                                                               Exception | None]]:
-        """Handle envelopes with their storage writes held (`_handle_each`), then commit the writes of
-        those that ended ok (a unit each, all in one go) and wait for that: nothing is answered before
-        its writes are durable. When the commit fails, every message from the first that touched
-        storage on fails with its error."""
+        """Handle envelopes with their storage writes held (`_handle_each`), then hand the writes of
+        those that ended ok (a unit each, all in one go) to storage without waiting: the batch is
+        answered once they are durable (`_settle`). When the commit fails, every message from the
+        first that touched storage on fails with its error."""
         host = self.manager.host
         host.hold_writes()
-        rest, failure = yield from self._handle_each(batch, progress)  # abandoned or raising: see _handle_batch
-        self._unacknowledged(progress.done, progress, host.commit_writes())
+        rest, failure = yield from self._handle_each(batch, progress)  # abandoned or raising: see _run_batch
+        commit = host.start_commit()  # without waiting for the fsync: see _serve
+        if commit is None or isinstance(commit, StorageError):
+            # nothing to write, or the previous batch's commit failed (these messages may have read it)
+            self._unacknowledged(progress.done, progress, commit)
+        else:
+            progress.commit = commit
         progress.committed = True
         return rest, failure
 
@@ -679,7 +772,7 @@ class ComponentActor:
             except Exception as exc:  # a bad value: this message fails, the Store is fine
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {type(exc).__name__}: {exc}"))
             host.end_message(done[-1].outcome is not Outcome.FAILED)  # its writes: all kept or all dropped
-            if progress.first_storage is None and host.held is not None:
+            if progress.first_storage is None and host.touched:
                 progress.first_storage = index
             produced = max(self._call_output, len(done[-1].reply or b""))
             self.output_hint = max(produced, self.output_hint // 2)  # halves with every quiet call

@@ -7,10 +7,12 @@ runtime turns into a generic error value for the guest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
 
+from wasmhost.core.errors import StorageError
 from wasmhost.core.ids import ComponentId
 from wasmhost.core.metadata import ComponentInfo
 
@@ -39,6 +41,22 @@ class MessagingPort(Protocol):
         """Deliver `payload` to every target."""
 
 
+class CommitInFlight(Protocol):
+    """A batch's writes handed to storage, their commit not yet confirmed (see HeldWrites.start_commit)."""
+
+    timeout_s: float
+    """How long storage may take to confirm it; `wait` ends it in io-error beyond that."""
+
+    def done(self) -> bool:
+        """Whether the commit is confirmed or has failed."""
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from any thread, or now) once `done`; it must not block."""
+
+    def wait(self) -> StorageError | None:
+        """Wait (bounded by timeout_s) until `done`; the error if the writes were not committed."""
+
+
 class HeldWrites(Protocol):
     """One component's storage while it handles a batch of messages: writes are held by the host,
     reads see them (read-your-writes), and each message's writes are kept or dropped as a whole
@@ -64,6 +82,11 @@ class HeldWrites(Protocol):
 
     def end_message(self, ok: bool) -> None:
         """The current message ended: keep its writes (`ok`) or drop them all."""
+
+    def start_commit(self) -> CommitInFlight | None:
+        """Hand every kept write to storage without waiting (None: nothing to write); the writes stay
+        visible to the next batch until committed. Waits for the previous batch's commit first and
+        raises its error (dropping these writes too) if it failed."""
 
     def commit(self) -> None:
         """Write every kept write durably in one unit; returns once committed (raises io-error otherwise)."""

@@ -454,8 +454,42 @@ class ResultConverter(Converter):
             raise self.mismatch(value)
         if conv is None and value.value is not None:
             raise ConversionError(f"{self.wit}: this case carries no payload, got {value.value!r:.80}")
-        boxed = conv.lower_boxed(value.value) if conv is not None else 0
+        if is_ok and self.ok_is_optional_bytes:
+            boxed = _box_optional_bytes(value.value)  # storage.get's result: fused, no converter hops
+        else:
+            boxed = conv.lower_boxed(value.value) if conv is not None else 0
         _memmove(addr, struct.pack("<B7xB7xQ", capi.RESULT, is_ok, boxed), 24)
+
+
+_LIST_KIND = bytes((capi.LIST,))
+
+
+def _scratch() -> int:
+    """The address of this thread's scratch room for one value (for lowering that does not nest)."""
+    address: int | None = getattr(_staging, "scratch", None)
+    if address is None:
+        room = (ctypes.c_uint8 * VAL_SIZE)()
+        _staging.scratch_room = room  # kept alive with the thread
+        address = _staging.scratch = ctypes.addressof(room)
+    return address
+
+
+def _box_optional_bytes(payload: Any) -> int:
+    """A fresh heap `option<list<u8>>` value holding `payload` (bytes or None), owned by wasmtime:
+    what OptionConverter(BytesConverter).lower_boxed makes, without two temporary buffers and
+    four converter calls (the hot path of storage.get)."""
+    scratch = _scratch()
+    inner = 0
+    if payload is not None:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise ConversionError(f"expected list<u8>, got {type(payload).__name__} {payload!r:.80}")
+        _memmove(scratch, _ZERO_VAL, VAL_SIZE)
+        capi.vallist_new_uninit(scratch + VAL_PAYLOAD, len(payload))
+        _memmove(scratch, _LIST_KIND, 1)
+        fill_u8_vals(read_word(scratch + VAL_PAYLOAD + 8), payload)
+        inner = int(capi.val_new(scratch))  # moves the list out of the scratch room
+    _memmove(scratch, _KIND_WORD.pack(capi.OPTION, inner), 16)
+    return int(capi.val_new(scratch))
 
 
 class FlagsConverter(Converter):

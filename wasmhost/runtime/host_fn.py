@@ -25,7 +25,7 @@ from wasmhost.core.blocking import blocking
 from wasmhost.core.errors import ComponentError, HostError, MessagingError, StorageError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.messages import Timestamp
-from wasmhost.core.protocols import DirectoryPort, HeldWrites, MessagingPort, StoragePort
+from wasmhost.core.protocols import CommitInFlight, DirectoryPort, HeldWrites, MessagingPort, StoragePort
 from wasmhost.core.rate_limit import RateLimit
 from wasmhost.runtime import capi, contract
 from wasmhost.runtime.capi import VAL_SIZE
@@ -62,12 +62,45 @@ class HostContext:
     holding: bool = field(default=False, init=False, compare=False)
     """Messages are being handled: storage writes are held (see hold_writes), not written at once."""
     held: HeldWrites | None = field(default=None, init=False, repr=False, compare=False)
-    """The held writes of the batch, made at its first storage call."""
+    """The held writes of the batch, made at its first storage call; kept after the batch while its
+    commit is in flight (see start_commit)."""
+    in_flight: CommitInFlight | None = field(default=None, init=False, repr=False, compare=False)
+    """The last batch's commit, handed over by start_commit."""
+    touched: bool = field(default=False, init=False, compare=False)
+    """A storage call was made since hold_writes."""
 
     def hold_writes(self) -> None:
         """From now on until commit_writes, storage calls go through held writes: each message's
         writes are kept or dropped at end_message and made durable together by commit_writes."""
         self.holding = True
+        self.touched = False
+        if self.held is not None and (self.in_flight is None or self.in_flight.done()):
+            # the previous commit is over (its writes are committed, or gone): start afresh
+            self.held = self.in_flight = None
+
+    def start_commit(self) -> CommitInFlight | StorageError | None:
+        """Hand the batch's kept writes to storage without waiting for the commit (None: nothing to
+        write); the next batch reads them until then. Waits for the previous batch's commit first
+        (a blocking section: usually it is confirmed already); its error, if it failed, is returned
+        instead and this batch's writes are dropped. Storage calls outside messages write at once
+        again afterwards (once that commit is confirmed)."""
+        held, self.holding = self.held, False
+        if held is None:
+            return None
+        try:
+            with blocking():  # may wait for the previous batch's fsync: another thread may run meanwhile
+                commit = held.start_commit()
+        except StorageError as exc:
+            self.held = self.in_flight = None
+            return exc
+        except Exception as exc:  # a host bug: nothing is acknowledged as written
+            host_log.exception("storage_commit_failed", component=str(self.component_id))
+            self.held = self.in_flight = None
+            return StorageError("io-error", f"host error: {type(exc).__name__}: {exc}")
+        if commit is None:
+            self.held = None
+        self.in_flight = commit
+        return commit
 
     def end_message(self, ok: bool) -> None:
         """The message being handled ended: keep its writes (`ok`) or drop them."""
@@ -75,24 +108,29 @@ class HostContext:
             self.held.end_message(ok)
 
     def commit_writes(self) -> StorageError | None:
-        """Commit the kept writes of the batch and wait for that; the error if they were not
-        committed. Storage calls write at once again afterwards."""
-        held, self.held, self.holding = self.held, None, False
-        if held is None:
-            return None
-        try:
-            with blocking():  # waiting for the fsync: another thread may run meanwhile
-                held.commit()
-        except StorageError as exc:
-            return exc
-        except Exception as exc:  # a host bug: nothing is acknowledged as written
-            host_log.exception("storage_commit_failed", component=str(self.component_id))
-            return StorageError("io-error", f"host error: {type(exc).__name__}: {exc}")
-        return None
+        """Commit the kept writes of the batch (after the previous batch's) and wait for that; the
+        error if they were not committed. Storage calls write at once again afterwards."""
+        commit = self.start_commit()
+        self.held = self.in_flight = None
+        if commit is None or isinstance(commit, StorageError):
+            return commit
+        with blocking():  # waiting for the fsync: another thread may run meanwhile
+            return commit.wait()
+
+    def settle_writes(self) -> None:
+        """Outside messages: wait until a commit still in flight is confirmed (or failed: its writes
+        are gone then), so that a storage call made now sees and follows what is committed."""
+        held, self.held, self.in_flight = self.held, None, None
+        if held is not None:
+            try:
+                with blocking():
+                    held.commit()  # nothing kept since: only waits for the one in flight
+            except StorageError:
+                pass  # that batch's messages hear of it; what comes now goes on from what is committed
 
     def drop_writes(self) -> None:
         """Forget every held write (the batch was cut short); storage calls write at once again."""
-        self.held, self.holding = None, False
+        self.held, self.holding, self.in_flight = None, False, None
 
     def interrupt(self) -> None:
         """End the current call's waits now (from any thread): a guest in sleep-millis returns at once,
@@ -248,12 +286,17 @@ def _storage(ctx: HostContext) -> StoragePort:
 
 
 def _held(ctx: HostContext) -> HeldWrites | None:
-    """The batch's held writes while messages are handled (made at the first storage call), else None."""
+    """The batch's held writes while messages are handled (made at the first storage call), else None
+    (once a commit still in flight is confirmed)."""
+    held = ctx.held
     if not ctx.holding:
+        if held is not None:
+            ctx.settle_writes()
         return None
-    if ctx.held is None:
-        ctx.held = _storage(ctx).hold(ctx.component_id)
-    return ctx.held
+    ctx.touched = True
+    if held is None:
+        held = ctx.held = _storage(ctx).hold(ctx.component_id)
+    return held
 
 
 def storage_get(ctx: HostContext, key: str) -> Ok[bytes | None]:

@@ -335,6 +335,8 @@ class StoreManager:
         host = self.host
         host.correlation_id = message.metadata.correlation_id
         host.deadline = self.limiter.arm(self.context)
+        host.host_busy = 0.0  # the host-call budget is per call: back-to-back messages that each make a
+        # host call or two are not a loop of host calls (measured: they paused every ~40 storage messages)
         try:
             future, done = self._start(function, address, 1, 1)
         finally:

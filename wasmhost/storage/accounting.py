@@ -16,6 +16,8 @@ grew by, for any mix of key and value sizes (tests/test_storage.py checks many s
 
 from __future__ import annotations
 
+import functools
+
 PAGE_SIZE = 4096
 """The database page size (set when the file is created; SQLite's default)."""
 _USABLE = PAGE_SIZE
@@ -37,7 +39,12 @@ def _varint_len(n: int) -> int:
 
 def entry_cost(owner: str, key: str, value_len: int) -> int:
     """Bytes charged for `key` holding a value of `value_len` bytes in `owner`'s namespace."""
-    owner_len, key_len = len(owner.encode("utf-8", "surrogatepass")), len(key.encode("utf-8", "surrogatepass"))
+    return _cost(len(owner.encode("utf-8", "surrogatepass")), len(key.encode("utf-8", "surrogatepass")), value_len)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cost(owner_len: int, key_len: int, value_len: int) -> int:
+    """entry_cost by sizes: the same few sizes recur (it is computed twice per write, on hot paths)."""
     types = (2 * owner_len + 13, 2 * key_len + 13, 2 * value_len + 12)  # text, text, blob serial types
     header = sum(_varint_len(t) for t in types)
     header += _varint_len(header + 1)

@@ -8,12 +8,20 @@ together and waits: it puts them (and other actors' units) into one transaction,
 then are the batch's messages answered. Handing units over one by one as messages end was measured
 slower (2x on 2 cores): the writer thread then competes for the GIL with the guests' thread.
 
-The committed state of the owner cannot change during a batch: only its actor writes under its id,
-and it waits for its commit before it handles its next batch.
+`start_commit` hands the units over without waiting, so that the actor handles its next batch while
+the fsync runs: the handed-over writes stay visible (the in-flight layer, under the next batch's
+kept and current writes) until they are committed, and the next batch's units are handed over only
+once the previous commit is confirmed; if it failed, the next batch's writes are dropped as well
+(its messages may have read what was never written) and its messages fail with the same error.
+
+The committed state of the owner cannot change during a batch other than by its own in-flight
+commit: only its actor writes under its id, one commit at a time, in order.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +33,65 @@ from wasmhost.storage.writer import WriteOp, WriteUnit
 if TYPE_CHECKING:
     from wasmhost.core.ids import ComponentId
     from wasmhost.storage.sqlite_store import SqliteStorage
+
+
+class PendingCommit:
+    """The commit of one batch's units, handed to the writer: wait for it on a thread (`wait`) or be
+    called back from the writer's thread once every unit is done (`add_done_callback`)."""
+
+    def __init__(self, storage: SqliteStorage, units: list[WriteUnit]) -> None:
+        self._storage = storage
+        self._units = units
+        self._left = len(units)
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self._refused: StorageError | None = None  # the writer would not take a unit (not running)
+        self.timeout_s = storage.write_timeout_s
+        """How long the writer may take to confirm it (beyond that, `wait` ends it in io-error)."""
+
+    def _hand_over(self) -> None:
+        """Enqueue every unit at once; if the writer refuses them (it is not running), they count as
+        done and failed."""
+        for unit in self._units:
+            unit.on_done = self._unit_done
+        try:
+            self._storage.enqueue(*self._units)
+        except StorageError as exc:  # nothing is written
+            self._refused = exc
+            self._units = []
+            with self._lock:
+                self._left = 1
+            self._unit_done()
+
+    def _unit_done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            callbacks = self._callbacks if self._left == 0 else []
+        for callback in callbacks:
+            callback()
+
+    def done(self) -> bool:
+        """Whether every unit is committed or has failed."""
+        return self._left <= 0
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from whichever thread finishes the last unit, or now) once `done`."""
+        with self._lock:
+            if self._left > 0:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def wait(self) -> StorageError | None:
+        """Wait until every unit is committed (each bounded by the writer's timeout); the first error
+        otherwise. Cheap once `done`; may be called again, from any thread."""
+        error = self._refused
+        for unit in self._units:
+            try:
+                self._storage.wait(unit)
+            except StorageError as exc:
+                error = error or exc
+        return error
 
 
 @dataclass(slots=True)
@@ -40,16 +107,28 @@ class MessageWrites:
         self._storage = storage
         self._owner = owner
         self._name = str(owner)
+        self._flight: dict[str, _Held] = {}  # the previous batch's kept writes, while its commit is in flight
+        self._pending: PendingCommit | None = None  # that commit
         self._kept: dict[str, _Held] = {}  # earlier messages of the batch that ended ok
         self._current: dict[str, _Held] = {}  # the message being handled
         self._committed_cost: dict[str, int] = {}  # of touched keys, as committed (0: absent)
         self._usage: tuple[int, int] | None = None  # (used, count) with the held writes, read lazily
         self._kept_usage: tuple[int, int] | None = None
+        # Keys first written without looking up their committed size (a read per write, letting go of
+        # the GIL each time): the usage above counts them as new keys, an overestimate, until
+        # `_resolve` looks them all up at once (when the quota might be exceeded, at `usage`, and
+        # before the batch is handed to the writer).
+        self._unknown_kept: set[str] = set()
+        self._unknown_current: set[str] = set()
         self._units: list[WriteUnit] = []  # one per message that ended ok with writes
 
     def _held(self, key: str) -> _Held | None:
         held = self._current.get(key)
-        return held if held is not None else self._kept.get(key)
+        if held is None:
+            held = self._kept.get(key)
+            if held is None and self._flight:
+                held = self._flight.get(key)
+        return held
 
     def _cost(self, key: str) -> int:
         held = self._held(key)
@@ -60,6 +139,23 @@ class MessageWrites:
             size = self._storage.value_size(self._name, key)
             cost = self._committed_cost[key] = 0 if size is None else entry_cost(self._name, key, size)
         return cost
+
+    def _resolve(self) -> None:
+        """Look up the committed sizes of the keys written without them and make the usage exact."""
+        unknown = self._unknown_kept | self._unknown_current
+        if not unknown:
+            return
+        sizes = self._storage.value_sizes(self._name, list(unknown))
+        for key in unknown:
+            size = sizes.get(key)
+            cost = self._committed_cost[key] = 0 if size is None else entry_cost(self._name, key, size)
+            if not cost:
+                continue  # it was new indeed
+            used, count = self._used()
+            self._usage = (used - cost, count - 1)  # it replaced (or deleted) that entry
+            if key in self._unknown_kept and self._kept_usage is not None:
+                self._kept_usage = (self._kept_usage[0] - cost, self._kept_usage[1] - 1)
+        self._unknown_kept, self._unknown_current = set(), set()
 
     def _used(self) -> tuple[int, int]:
         if self._usage is None:
@@ -82,7 +178,7 @@ class MessageWrites:
     def list_keys(self, prefix: str | None) -> list[str]:
         """Keys in order (of their UTF-8 bytes, as SQLite orders them), held writes included."""
         keys = set(self._storage.list_keys(self._owner, prefix))
-        for held_keys in (self._kept, self._current):  # the current message's writes last: they win
+        for held_keys in (self._flight, self._kept, self._current):  # the current message's writes last: they win
             for key, held in held_keys.items():
                 if prefix and not key.startswith(prefix):
                     continue
@@ -94,6 +190,7 @@ class MessageWrites:
 
     def usage(self) -> StorageUsage:
         """Usage as if the held writes were committed."""
+        self._resolve()
         used, count = self._used()
         return StorageUsage(used, self._storage.quota(self._name), count)
 
@@ -103,11 +200,26 @@ class MessageWrites:
         """Hold `value` under `key`; quota-exceeded (holding nothing) when it does not fit with the
         held writes. Shrinking is always allowed."""
         self._storage.check_key(key)
-        old = self._cost(key)
+        held = self._held(key)
+        unknown = False
+        if held is not None:
+            old = held.cost
+        elif (cost := self._committed_cost.get(key)) is not None:
+            old = cost
+        else:  # not looked up: counted as a new key for now (see _unknown_kept)
+            old, unknown = 0, True
         new = entry_cost(self._name, key, len(value))
         used, count = self._used()
-        if new > old and used - old + new > self._storage.quota(self._name):
-            raise StorageError("quota-exceeded")
+        quota = self._storage.quota(self._name)
+        if new > old and used - old + new > quota:
+            if unknown or self._unknown_kept or self._unknown_current:  # maybe only the estimate is over
+                self._resolve()
+                old, unknown = self._cost(key), False
+                used, count = self._used()
+            if new > old and used - old + new > quota:
+                raise StorageError("quota-exceeded")
+        if unknown:
+            self._unknown_current.add(key)
         self._current[key] = _Held(bytes(value), new)
         self._usage = (used - old + new, count + (0 if old else 1))
 
@@ -129,31 +241,47 @@ class MessageWrites:
             self._units.append(WriteUnit(self._name, [WriteOp(key, held.value) for key, held in self._current.items()]))
             self._kept.update(self._current)
             self._kept_usage = self._usage
+            self._unknown_kept |= self._unknown_current
         else:
             self._usage = self._kept_usage
+        self._unknown_current = set()
         self._current = {}
 
-    def commit(self) -> None:
-        """Hand every kept message's unit to the writer and wait until all are committed; raises the
-        first error otherwise."""
+    def start_commit(self) -> PendingCommit | None:
+        """Hand every kept message's unit to the writer without waiting for the commit (None: there
+        was none); their writes stay visible to the next batch until then. First waits for the
+        previous batch's commit (usually confirmed by then): when that failed, this batch's writes
+        are dropped too and its error raised."""
         self.end_message(False)  # a message still open did not end ok
+        self._resolve()  # while what is committed is still what these writes replace
+        previous, self._pending = self._pending, None
+        if previous is not None:
+            error = previous.wait()
+            self._flight = {}
+            if error is not None:
+                self._forget()
+                raise error
         units, self._units = self._units, []
-        self._kept = {}
+        if not units:
+            self._forget()
+            return None
+        self._flight, self._kept = self._kept, {}
+        pending = self._pending = PendingCommit(self._storage, units)
+        pending._hand_over()
+        return pending
+
+    def _forget(self) -> None:
+        """Drop every held write and what was read of the committed state."""
+        self._units, self._kept, self._flight, self._pending = [], {}, {}, None
         self._committed_cost.clear()
         self._usage = self._kept_usage = None
-        error: StorageError | None = None
-        enqueued = []
-        for unit in units:
-            try:
-                self._storage.enqueue(unit)
-            except StorageError as exc:  # the writer is not running: nothing more is written
-                error = exc
-                break
-            enqueued.append(unit)
-        for unit in enqueued:
-            try:
-                self._storage.wait(unit)
-            except StorageError as exc:
-                error = error or exc
+        self._unknown_kept, self._unknown_current = set(), set()
+
+    def commit(self) -> None:
+        """Hand every kept message's unit to the writer and wait until all are committed (and the
+        previous batch's, if still in flight); raises the first error otherwise."""
+        pending = self.start_commit()
+        error = pending.wait() if pending is not None else None
+        self._forget()
         if error is not None:
             raise error

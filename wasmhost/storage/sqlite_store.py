@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import msgspec
 import structlog
 
 from wasmhost.core.errors import StorageError
@@ -24,6 +25,11 @@ log = structlog.get_logger("wasmhost.storage")
 MAX_KEY_BYTES = 1024
 _CHUNK = 500
 """Keys per `IN (...)` lookup when applying a unit (well below SQLite's limit on parameters)."""
+_SIZES = msgspec.json.Decoder(dict[str, int])
+_SIZE_ROWS = msgspec.json.Decoder(list[tuple[str, str, int]])
+_TRIPLES = msgspec.json.Decoder(list[tuple[str, int, int]])
+_ROWS = 300
+"""Rows per multi-row INSERT (3 parameters each: well below SQLite's limit)."""
 ACCOUNTING_VERSION = 2
 """PRAGMA user_version of a file whose usage rows follow accounting.entry_cost (1 and 0: key + value)."""
 
@@ -62,6 +68,7 @@ class SqliteStorage:
     def __init__(self, path: Path, default_quota_bytes: int = 16 * 1024 * 1024, write_timeout_s: float = 10.0) -> None:
         self.path = path
         self.default_quota_bytes = default_quota_bytes
+        self.write_timeout_s = write_timeout_s
         self._quotas: dict[str, int] = {}
         # One connection per thread: sqlite3 connections must not be shared between threads, and
         # WAL lets readers on several threads proceed while one writes.
@@ -207,9 +214,9 @@ class SqliteStorage:
         """Held writes for `owner`, for the messages of one batch (see storage.held)."""
         return MessageWrites(self, owner)
 
-    def enqueue(self, unit: WriteUnit) -> None:
-        """Hand `unit` (written all or nothing) to the writer; `wait` for it later."""
-        self._writer.enqueue(unit)
+    def enqueue(self, *units: WriteUnit) -> None:
+        """Hand `units` (each written all or nothing, in order) to the writer; `wait` for each later."""
+        self._writer.enqueue(*units)
 
     def wait(self, unit: WriteUnit) -> None:
         """Return once the enqueued `unit` is committed; raises its StorageError otherwise."""
@@ -225,39 +232,91 @@ class SqliteStorage:
         row = self._row("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (owner, key))
         return int(row[0]) if row else None  # type: ignore[call-overload]
 
-    def _apply(self, db: sqlite3.Connection, unit: WriteUnit) -> None:
-        """Apply `unit` in the writer's open transaction, with the owner's up-to-date usage. The quota
-        is checked once for the whole unit: a unit that grows usage beyond it writes nothing. The old
-        sizes are read and the rows written a statement per chunk, not per write (a message's unit
-        may hold many writes)."""
-        name = unit.owner
-        final = {op.key: op.value for op in unit.ops}  # the last write of a key wins
-        keys = list(final)
-        old: dict[str, int] = {}
+    def value_sizes(self, owner: str, keys: list[str]) -> dict[str, int]:
+        """Lengths of the committed values under those of `keys` that are present (one row per chunk)."""
+        sizes: dict[str, int] = {}
         for at in range(0, len(keys), _CHUNK):
             chunk = keys[at:at + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            old.update(db.execute(f"SELECT key, length(value) FROM kv WHERE owner = ? AND key IN ({marks})",
-                                  (name, *chunk)).fetchall())
-        used, count = self._usage(db, name)
-        before = used
+            row = self._row(f"SELECT json_group_object(key, length(value)) FROM kv WHERE owner = ? AND key IN "
+                            f"({','.join('?' * len(chunk))})", (owner, *chunk))
+            sizes.update(_SIZES.decode(row[0]) if row else {})  # type: ignore[arg-type]
+        return sizes
+
+    def _apply(self, db: sqlite3.Connection, units: list[WriteUnit]) -> dict[int, StorageError]:
+        """Apply a transaction's `units` in the writer's open transaction, with each owner's
+        up-to-date usage; returns the units refused (by id). The quota is checked per unit, in each
+        owner's order, on the sizes its earlier units leave: a unit that grows usage beyond it writes
+        nothing. The checks are made in Python before anything is written, so the units need no
+        savepoint each, and every owner's old sizes and usage are read, and the rows written, a
+        statement per chunk for the whole transaction, not per owner or per write: every statement
+        step lets go of the GIL, and getting it back behind busy guest threads may take a switch
+        interval (5 ms)."""
+        by_owner: dict[str, list[WriteUnit]] = {}
+        for unit in units:
+            by_owner.setdefault(unit.owner, []).append(unit)
+        sizes, usage = self._old_sizes(db, units, list(by_owner))
+        refused: dict[int, StorageError] = {}
         puts: list[tuple[str, str, bytes]] = []
-        deletes: list[tuple[str, str]] = []
-        for key, value in final.items():
-            prior = old.get(key)
-            freed = entry_cost(name, key, prior) if prior is not None else 0
-            if value is None:
-                if prior is not None:
-                    deletes.append((name, key))
-                    used, count = used - freed, count - 1
+        usages: list[tuple[str, int, int]] = []
+        for name, owned in by_owner.items():
+            used, count = usage.get(name, (0, 0))
+            quota = self.quota(name)
+            final: dict[str, bytes | None] = {}  # the last write of a key wins
+            for unit in owned:
+                changed = {op.key: op.value for op in unit.ops}
+                before, after, new_count = used, used, count
+                for key, value in changed.items():
+                    prior = sizes.get((name, key))
+                    if prior is not None:
+                        after -= entry_cost(name, key, prior)
+                        new_count -= 1
+                    if value is not None:
+                        after += entry_cost(name, key, len(value))
+                        new_count += 1
+                if after > before and after > quota:  # shrinking is always allowed
+                    refused[id(unit)] = StorageError("quota-exceeded")
+                    continue
+                used, count = after, new_count
+                for key, value in changed.items():
+                    sizes[(name, key)] = None if value is None else len(value)
+                    final[key] = value
+            if not final:
                 continue
-            puts.append((name, key, value))
-            used, count = used - freed + entry_cost(name, key, len(value)), count + (prior is None)
-        if used > before and used > self.quota(name):  # shrinking is always allowed
-            raise StorageError("quota-exceeded")  # nothing written yet
-        db.executemany("DELETE FROM kv WHERE owner = ? AND key = ?", deletes)
-        db.executemany("INSERT OR REPLACE INTO kv (owner, key, value) VALUES (?, ?, ?)", puts)
-        self._set_usage(db, name, used, count)
+            usages.append((name, used, count))
+            puts.extend((name, key, value) for key, value in final.items() if value is not None)
+            deletes = [key for key, value in final.items() if value is None]
+            for at in range(0, len(deletes), _CHUNK):
+                chunk = deletes[at:at + _CHUNK]
+                db.execute(f"DELETE FROM kv WHERE owner = ? AND key IN ({','.join('?' * len(chunk))})", (name, *chunk))
+        for table, rows in (("kv (owner, key, value)", puts), ("usage (owner, used_bytes, key_count)", usages)):
+            for at in range(0, len(rows), _ROWS):
+                chunk_rows = rows[at:at + _ROWS]
+                db.execute(f"INSERT OR REPLACE INTO {table} VALUES " + ",".join(["(?, ?, ?)"] * len(chunk_rows)),
+                           [item for row in chunk_rows for item in row])
+        return refused
+
+    @staticmethod
+    def _old_sizes(db: sqlite3.Connection, units: list[WriteUnit], owners: list[str]) -> tuple[
+            dict[tuple[str, str], int | None], dict[str, tuple[int, int]]]:
+        """The committed value sizes of every (owner, key) the units write, and the owners' usage:
+        one JSON row per chunk (a row per entry would let go of the GIL for each)."""
+        pairs = list({(unit.owner, op.key): None for unit in units for op in unit.ops})
+        sizes: dict[tuple[str, str], int | None] = dict.fromkeys(pairs)
+        usage: dict[str, tuple[int, int]] = {}
+        for at in range(0, len(owners), _CHUNK):
+            chunk = owners[at:at + _CHUNK]
+            found = db.execute("SELECT json_group_array(json_array(owner, used_bytes, key_count)) FROM usage "
+                               f"WHERE owner IN ({','.join('?' * len(chunk))})", chunk).fetchone()[0]
+            usage.update((owner, (used, count)) for owner, used, count in _TRIPLES.decode(found))
+        for at in range(0, len(pairs), _CHUNK):
+            chunk_pairs = pairs[at:at + _CHUNK]
+            found = db.execute(
+                "SELECT json_group_array(json_array(kv.owner, kv.key, length(kv.value))) FROM (VALUES "
+                + ",".join(["(?, ?)"] * len(chunk_pairs))
+                + ") AS w CROSS JOIN kv ON kv.owner = w.column1 AND kv.key = w.column2",  # w outside: key lookups
+                [item for pair in chunk_pairs for item in pair]).fetchone()[0]
+            sizes.update(((owner, key), size) for owner, key, size in _SIZE_ROWS.decode(found))
+        return sizes, usage
 
     def exists(self, owner: ComponentId, key: str) -> bool:
         """Whether `key` is present."""

@@ -2,8 +2,9 @@
 
 Callers (worker threads running guests) hand it a `WriteUnit` and block until that unit is
 committed or has failed. The writer takes units round-robin across owners, at most PER_OWNER per
-owner per batch, applies a batch in one transaction (each unit under its own SAVEPOINT, so a unit
-that fails is rolled back alone) and commits once: one fsync for the whole batch. A component
+owner per batch, applies a batch in one transaction (an owner's units together, each checked
+against the quota on its own: a unit refused writes nothing) and commits once: one fsync for the
+whole batch. A component
 flooding storage therefore delays another one's write by about one batch, never by its backlog.
 
 Every wait is bounded: a unit not committed within `timeout_s` (the disk hangs, the thread died)
@@ -53,9 +54,14 @@ class WriteUnit:
 
     owner: str
     ops: list[WriteOp]
-    done: threading.Event = field(default_factory=threading.Event)
     error: StorageError | None = None
     taken: bool = False
+    finished: bool = False
+    """Committed, or failed with `error` (set under the writer's lock)."""
+    on_done: Callable[[], None] | None = None
+    """Called once `finished` (from the thread that finished it; it must not block)."""
+    event: threading.Event | None = field(default=None, repr=False)
+    """Made by the first waiter that has to block (most units are waited for through on_done)."""
 
     @property
     def nbytes(self) -> int:
@@ -63,8 +69,9 @@ class WriteUnit:
         return sum(len(op.value) for op in self.ops if op.value is not None)
 
 
-Apply = Callable[[sqlite3.Connection, WriteUnit], None]
-"""Applies a unit inside the open transaction; raises StorageError to fail that unit alone."""
+Apply = Callable[[sqlite3.Connection, list[WriteUnit]], dict[int, StorageError]]
+"""Applies a transaction's units (each owner's in order) inside the open transaction; returns the
+errors of the units it refused (by id): they write nothing, the others are written."""
 
 
 class StorageWriter:
@@ -94,36 +101,51 @@ class StorageWriter:
         self.enqueue(unit)
         self.wait(unit)
 
-    def enqueue(self, unit: WriteUnit) -> None:
-        """Queue `unit` without waiting; `wait` for it later (every enqueued unit must be waited for)."""
+    def enqueue(self, *units: WriteUnit) -> None:
+        """Queue `units` (in order, all or none) without waiting; `wait` for each later (every
+        enqueued unit must be waited for)."""
         with self._cond:
             if self._closing or not self._thread.is_alive():
                 raise StorageError("io-error", "storage writer is not running")
-            queue = self._queues.get(unit.owner)
-            if queue is None:
-                queue = self._queues[unit.owner] = deque()
-                self._ring.append(unit.owner)
-            queue.append(unit)
+            for unit in units:
+                queue = self._queues.get(unit.owner)
+                if queue is None:
+                    queue = self._queues[unit.owner] = deque()
+                    self._ring.append(unit.owner)
+                queue.append(unit)
             self._cond.notify_all()
 
     def wait(self, unit: WriteUnit) -> None:
         """Wait until the enqueued `unit` is committed (bounded by timeout_s from now); raises its
         StorageError otherwise."""
-        if not unit.done.wait(self.timeout_s):
+        if not unit.finished:
             with self._cond:
-                if not unit.done.is_set():
-                    if unit.taken:
-                        unit.error = StorageError(
-                            "io-error", f"storage write not confirmed within {self.timeout_s:g} s (it may land later)")
-                    else:
-                        self._withdraw(unit)
-                        unit.error = StorageError(
-                            "io-error", f"storage writer did not take the write within {self.timeout_s:g} s; "
-                                        "nothing was written")
-                    self._on_io_error(TimeoutError(str(unit.error)))
-                    unit.done.set()
+                if not unit.finished and unit.event is None:
+                    unit.event = threading.Event()  # set by _finish, under the same lock
+            event = unit.event
+            if event is not None and not event.wait(self.timeout_s):
+                self._give_up(unit)
         if unit.error is not None:
             raise unit.error
+
+    def _give_up(self, unit: WriteUnit) -> None:
+        """End the wait for `unit` in io-error: withdrawn if the writer has not taken it yet."""
+        gave_up = False
+        with self._cond:
+            if not unit.finished:
+                if unit.taken:
+                    unit.error = StorageError(
+                        "io-error", f"storage write not confirmed within {self.timeout_s:g} s (it may land later)")
+                else:
+                    self._withdraw(unit)
+                    unit.error = StorageError(
+                        "io-error", f"storage writer did not take the write within {self.timeout_s:g} s; "
+                                    "nothing was written")
+                self._on_io_error(TimeoutError(str(unit.error)))
+                self._mark(unit)
+                gave_up = True
+        if gave_up and unit.on_done is not None:
+            unit.on_done()
 
     def queued(self) -> int:
         """Units waiting for the writer to take them."""
@@ -166,8 +188,7 @@ class StorageWriter:
                 left = [unit for queue in self._queues.values() for unit in queue]
                 self._queues.clear()
                 self._ring.clear()
-            for unit in left:
-                self._finish(unit, StorageError("io-error", "storage writer stopped"))
+            self._finish_all(left, {}, StorageError("io-error", "storage writer stopped"))
             if self._db is not None:
                 self._db.close()
 
@@ -227,14 +248,7 @@ class StorageWriter:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                for unit in batch:
-                    db.execute("SAVEPOINT unit")
-                    try:
-                        self._apply(db, unit)
-                    except StorageError as exc:
-                        db.execute("ROLLBACK TO unit")
-                        failed[id(unit)] = exc
-                    db.execute("RELEASE unit")
+                failed.update(self._apply(db, batch))
                 db.execute("COMMIT")
             except BaseException:
                 with suppress(sqlite3.Error):
@@ -247,23 +261,35 @@ class StorageWriter:
                 with suppress(sqlite3.Error):
                     self._db.close()
                 self._db = None
-            error = StorageError("io-error", str(exc))
-            for unit in batch:
-                self._finish(unit, failed.get(id(unit), error))
+            self._finish_all(batch, failed, StorageError("io-error", str(exc)))
             return
         except Exception as exc:  # a bug must fail this batch, not stop the writer
             log.exception("storage_batch_failed")
             self._on_io_error(exc)
-            for unit in batch:
-                self._finish(unit, StorageError("io-error", f"{type(exc).__name__}: {exc}"))
+            self._finish_all(batch, {}, StorageError("io-error", f"{type(exc).__name__}: {exc}"))
             return
         self.batches += 1
-        for unit in batch:
-            self._finish(unit, failed.get(id(unit)))
+        self._finish_all(batch, failed)
 
-    def _finish(self, unit: WriteUnit, error: StorageError | None) -> None:
+    def _finish_all(self, units: list[WriteUnit], errors: dict[int, StorageError],
+                    default: StorageError | None = None) -> None:
+        """Finish `units` (with their error in `errors`, else `default`) under one lock, then call
+        their on_done callbacks."""
+        finished = []
         with self._cond:
-            if unit.done.is_set():
-                return  # its caller already gave up and reported io-error
-            unit.error = error
-            unit.done.set()
+            for unit in units:
+                if unit.finished:
+                    continue  # its caller already gave up and reported io-error
+                unit.error = errors.get(id(unit), default)
+                self._mark(unit)
+                finished.append(unit)
+        for unit in finished:
+            if unit.on_done is not None:
+                unit.on_done()
+
+    @staticmethod
+    def _mark(unit: WriteUnit) -> None:
+        """Mark `unit` finished and wake its waiter, if any (under the lock)."""
+        unit.finished = True
+        if unit.event is not None:
+            unit.event.set()
