@@ -33,6 +33,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
+from wasmhost.actors.changes import StatusChanges
 from wasmhost.actors.conversion_budget import CONVERSIONS, LARGE_PAYLOAD
 from wasmhost.actors.restart import RestartHistory
 from wasmhost.actors.spec import ActorSpec
@@ -145,7 +146,12 @@ class ComponentActor:
         workers: WorkerPool,
         supervisor: FailureHandler,
         loop: asyncio.AbstractEventLoop,
+        changes: StatusChanges[ComponentActor] | None = None,
     ) -> None:
+        # `status` rows are rebuilt only for actors noted in `changes` (see actors/changes.py): every
+        # field a row shows notes the actor when it changes (properties below, explicit `_changed`).
+        self._changes: StatusChanges[ComponentActor] = changes if changes is not None else StatusChanges()
+        self._noted = False
         self.spec = spec
         self.component_id = spec.component_id
         self.name = str(spec.component_id)
@@ -156,15 +162,16 @@ class ComponentActor:
         self._call_output = 0
         self._prepare = prepare  # compiles (if need be) and builds the StoreManager
         self._manager: StoreManager | None = None
-        self.phase: str | None = None  # what a starting actor does: compiling, instantiating, initializing
+        self._phase: str | None = None
         self.router = router
         self.workers = workers
         self.supervisor = supervisor
         self.mailbox = Mailbox(spec.mailbox_capacity, loop)
-        self.state = ActorState.STOPPED
+        self.mailbox.on_filled = self._changed  # its length is read for every noted actor until it is empty
+        self._state = ActorState.STOPPED
         self.stats = ActorStats()
         self.metadata: ComponentMetadata | None = None
-        self.health = HealthStatus.UNKNOWN
+        self._health = HealthStatus.UNKNOWN
         self.history = RestartHistory(spec.intensity)
         self._running = False  # the actor task is alive (from `start` until it has answered everything)
         self._stopping = False
@@ -181,10 +188,64 @@ class ComponentActor:
         self._gate: anyio.Event | None = None  # after a failure, the restart waits for it (group restarts)
         self._restarting = anyio.Lock()  # one requested restart at a time, each counted
         self._next_health = 0.0
-        self.in_hand = 0  # envelopes taken from the mailbox whose answers have not gone out yet
+        self._in_hand = 0
         self._handover: Handover | None = None  # asked for, not yet taken up by the actor task
         self._booting: Handover | None = None  # taken up: its first boot is under way
         self._probation: Handover | None = None  # booted: a failure falls back instead of restarting
+        self._changed()  # a new actor: its row is built at the next `status`
+
+    # --- what `status` shows: a change notes the actor (see actors/changes.py) ---
+
+    def _changed(self) -> None:
+        """A field `status` shows has changed: note this actor, once until the reader takes it (any thread;
+        two threads noting it at once note it twice, which costs a second rebuild of its row, nothing else)."""
+        if not self._noted:
+            self._noted = True
+            self._changes.note(self)
+
+    def status_taken(self) -> None:
+        """The status reader took this actor's note and is about to read its fields."""
+        self._noted = False
+
+    @property
+    def state(self) -> ActorState:
+        """Where the actor is in its life."""
+        return self._state
+
+    @state.setter
+    def state(self, value: ActorState) -> None:
+        self._state = value
+        self._changed()
+
+    @property
+    def phase(self) -> str | None:
+        """What a starting actor does: compiling, instantiating, initializing (set on a worker thread too)."""
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str | None) -> None:
+        self._phase = value
+        self._changed()
+
+    @property
+    def health(self) -> HealthStatus:
+        """The last health the instance reported."""
+        return self._health
+
+    @health.setter
+    def health(self, value: HealthStatus) -> None:
+        self._health = value
+        self._changed()
+
+    @property
+    def in_hand(self) -> int:
+        """Envelopes taken from the mailbox whose answers have not gone out yet."""
+        return self._in_hand
+
+    @in_hand.setter
+    def in_hand(self, value: int) -> None:
+        self._in_hand = value
+        self._changed()
 
     # --- control (event loop) ---
 
@@ -248,6 +309,7 @@ class ComponentActor:
             if not self._running:
                 await self.start()
                 self.stats.restarts += 1
+                self._changed()
                 return
             if self.state is not ActorState.RUNNING:  # starting or restarting already: answer after that attempt
                 await self._attempted.wait()
@@ -412,6 +474,7 @@ class ComponentActor:
                 return
             self.state = ActorState.RESTARTING
             self.stats.restarts += 1
+            self._changed()
             log.warning("component_restarting", component=self.name, error=str(error), delay_s=round(delay, 3))
             with anyio.CancelScope() as self._idle:
                 if not self._stopping:
@@ -505,6 +568,7 @@ class ComponentActor:
         if self._stopping:
             return False
         self.stats.restarts += 1
+        self._changed()
         return True
 
     async def _guest(self, steps: Generator[float, None, T]) -> T:
@@ -787,6 +851,7 @@ class ComponentActor:
     def _deliver(self, handled: list[Handled]) -> None:
         router = self.router
         stats = self.stats
+        self._changed()  # handled, failed, last_error
         for item in handled:
             if item.outcome is Outcome.FAILED:
                 stats.failed += 1
@@ -860,6 +925,7 @@ class ComponentActor:
 
     def _record_error(self, error: Exception) -> None:
         self.stats.last_error = str(error)
+        self._changed()
 
 
 def _first_large(batch: list[Envelope]) -> int | None:

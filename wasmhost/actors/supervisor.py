@@ -15,6 +15,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from wasmhost.actors.actor import ComponentActor, Handover
+from wasmhost.actors.changes import StatusChanges
 from wasmhost.actors.restart import RestartPolicy, Strategy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
@@ -44,6 +45,8 @@ class Supervisor:
         self.router = router
         self.workers = workers
         self.actors: dict[ComponentId, ComponentActor] = {}  # in start order
+        self.changes: StatusChanges[ComponentActor] = StatusChanges()
+        """Actors whose `status` row may have changed (see actors/changes.py); the daemon takes them."""
         self._group: TaskGroup | None = None
         self._closing = False
 
@@ -84,7 +87,8 @@ class Supervisor:
             loaded = source if isinstance(source, LoadedComponent) else await source()
             return self.stores(spec, loaded, self)
 
-        actor = ComponentActor(spec, prepare, self.router, self.workers, self, asyncio.get_running_loop())
+        actor = ComponentActor(spec, prepare, self.router, self.workers, self, asyncio.get_running_loop(),
+                               self.changes)
         self.actors[spec.component_id] = actor
         self.router.attach(actor)
         return actor

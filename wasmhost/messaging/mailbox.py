@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TypeVar
 
 from wasmhost.messaging.envelope import Envelope
@@ -38,6 +38,9 @@ class Mailbox:
         self._space = asyncio.Event()
         self._space.set()
         self.closed = False
+        self.on_filled: Callable[[], None] | None = None
+        """Called (on the thread that filled it) when the mailbox goes from empty to not empty: its
+        actor's `status` row shows the queue (see actors/changes.py)."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -70,6 +73,8 @@ class Mailbox:
             was_empty = not self._items
             self._items.append(envelope)
         if was_empty:
+            if self.on_filled is not None:
+                self.on_filled()
             self._signal()
         return True
 
@@ -100,6 +105,8 @@ class Mailbox:
         with self._lock:
             self._items.extendleft(reversed(envelopes))
         if envelopes:
+            if self.on_filled is not None:
+                self.on_filled()
             self._ready.set()
 
     async def take(self, limit: int, timeout: float | None = None) -> list[Envelope]:

@@ -20,7 +20,7 @@ from wasmhost.core.errors import (
 )
 from wasmhost.core.ids import ComponentId
 from wasmhost.core.limits import MAX_COMPONENT_INSTANCES, MAX_INSTANCES, MAX_MEMORIES, MAX_TABLES
-from wasmhost.runtime import contract, linking
+from wasmhost.runtime import capi, contract, linking
 from wasmhost.runtime.cache import CompilationCache
 from wasmhost.runtime.codec import Converter, converter_for
 from wasmhost.runtime.footprint import Footprint, UnreadableBinary, footprint
@@ -45,6 +45,8 @@ class ExportSpec:
     index: wc.ExportIndex
     params: list[Converter]
     result: Converter | None
+    index_address: int = 0
+    """The address of `index` (kept alive by it), for the C API's instance_get_func."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def _export_specs(compiled: wc.Component, signatures: dict[str, Signature]) -> d
     for name, sig in signatures.items():
         index = compiled.get_export_index(name, lifecycle_index)
         assert index is not None
-        specs[name] = ExportSpec(name, index, sig.params, sig.result)
+        specs[name] = ExportSpec(name, index, sig.params, sig.result, capi.addr_of(index.ptr()))
     return specs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 import threading
 import time
 from collections.abc import Generator
@@ -93,6 +94,19 @@ def classify_error(component: str, function: str, error: int) -> GuestFailure:
     return TRAP_CAUSES.get(trap_cause(message), GuestTrap)(component, function, message)
 
 
+FUNC_SIZE = ctypes.sizeof(capi.FUNC)
+
+
+@functools.cache
+def _func_slot_type(count: int) -> type[ctypes.Array[Any]]:
+    return capi.FUNC * count  # type: ignore[no-any-return]
+
+
+def _func_slots(count: int) -> ctypes.Array[Any]:
+    """Room for `count` wasmtime_component_func_t (the array type is made once per count)."""
+    return _func_slot_type(count)()
+
+
 def _config_value(config: ComponentConfig) -> dict[str, Any]:
     limits = config.resource_limits
     return {
@@ -141,8 +155,13 @@ class StoreManager:
         self.state = InstanceState.EMPTY
         self.store: wasmtime.Store | None = None
         self.context = 0
-        self._funcs: dict[str, wc.Func] = {}
-        self._func_addresses: dict[str, int] = {}
+        # One slot per lifecycle export, filled by each instantiation (through the C API: see capi.FUNC).
+        specs = list(loaded.exports.values())
+        self._func_slots = _func_slots(len(specs))
+        base = ctypes.addressof(self._func_slots)
+        self._export_slots = [(spec.index_address, base + i * FUNC_SIZE) for i, spec in enumerate(specs)]
+        self._slot_addresses = {spec.name: base + i * FUNC_SIZE for i, spec in enumerate(specs)}
+        self._func_addresses: dict[str, int] = {}  # the slots while an instance exists
         self._result = (ctypes.c_uint8 * VAL_SIZE)()
         self._result_address = ctypes.addressof(self._result)
         self._error = (ctypes.c_void_p * 1)()  # the error_ret slot of async calls
@@ -175,21 +194,19 @@ class StoreManager:
         except wasmtime.WasmtimeError as exc:
             unregister_context(context)
             raise InstantiationError(self.name, f"instantiation failed: {str(exc).strip()}") from None
-        funcs = {}
-        for name, spec in self.loaded.exports.items():
-            func = instance.get_func(store, spec.index)
-            if func is None:
+        instance_address = ctypes.addressof(instance._instance)
+        for (index, slot), name in zip(self._export_slots, self.loaded.exports, strict=True):
+            if not capi.instance_get_func(instance_address, context, index, slot):
                 unregister_context(context)
                 raise InstantiationError(self.name, f"export {name} vanished after instantiation")
-            funcs[name] = func
         # Only now: once guests yield on fuel, every call on the Store must be async (instantiation too).
         error = capi.context_fuel_async_yield_interval(context, FIRST_SLICE_FUEL)
         if error:
             unregister_context(context)
             raise InstantiationError(self.name, f"cannot set the fuel yield interval: {capi.take_error(error)}")
         self.host.fresh_slice = self.limiter.start_epoch_yields(context)
-        self.store, self.context, self._funcs = store, context, funcs
-        self._func_addresses = {name: ctypes.addressof(f._func) for name, f in funcs.items()}
+        self.store, self.context = store, context
+        self._func_addresses = self._slot_addresses
         self.state = InstanceState.INSTANTIATED
 
     def close(self) -> None:
@@ -198,7 +215,7 @@ class StoreManager:
         self.host.fresh_slice = None
         if self.context:
             unregister_context(self.context)
-        self.store, self.context, self._funcs, self._func_addresses = None, 0, {}, {}
+        self.store, self.context, self._func_addresses = None, 0, {}
         self.state = InstanceState.EMPTY
 
     @property
