@@ -183,6 +183,11 @@ class ComponentActor:
             raise RuntimeError(f"{self.name} has not compiled yet")
         return self._manager
 
+    @property
+    def manager_or_none(self) -> StoreManager | None:
+        """The component's StoreManager, or None before it has compiled (for metrics, from any thread)."""
+        return self._manager
+
     async def start(self) -> None:
         """Run the actor task in the supervisor's task group and wait until its component's first
         attempt has ended: running, restarting after a failure (a component whose `initialize` never

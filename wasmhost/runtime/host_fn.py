@@ -63,6 +63,9 @@ class HostContext:
     """Messages are being handled: storage writes are held (see hold_writes), not written at once."""
     held: HeldWrites | None = field(default=None, init=False, repr=False, compare=False)
     """The held writes of the batch, made at its first storage call."""
+    calls: list[int] = field(default_factory=lambda: [0] * len(HOST_FUNCTIONS), init=False, repr=False,
+                             compare=False)
+    """How often the guest called each host function (indexed like HOST_FUNCTIONS): read by metrics."""
 
     def hold_writes(self) -> None:
         """From now on until commit_writes, storage calls go through held writes: each message's
@@ -420,6 +423,7 @@ def _trampoline(env: int | None, context: int | None, ty: int | None, args: int 
     ctx = _contexts.get(context or 0)
     if ctx is None:
         return int(capi.error_new(f"wasmhost: no host context for {fn.name}".encode()))
+    ctx.calls[env or 0] += 1  # one writer: the thread running this Store
     value = _call(fn, ctx, args or 0, ty or 0)
     if fn.result is not None and results:
         clear_val(results)
