@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 import wasmhost
 from wasmhost.actors.latency import PER_DECADE, SMALLEST
+from wasmhost.runtime import contract
 from wasmhost.runtime.host_fn import HOST_FUNCTIONS
 from wasmhost.system.listen import ListenAddress
 from wasmhost.system.logging import lines_dropped
@@ -49,7 +50,8 @@ EXPORTED_BOUNDS: tuple[tuple[str, int], ...] = tuple(
 of the recorder bucket it closes). The recorder keeps ten per decade; seven keep the series count low."""
 assert SMALLEST == 1e-6, "EXPORTED_BOUNDS counts decades from 1 us"
 
-STORAGE_OPERATIONS = {index: fn.name for index, fn in enumerate(HOST_FUNCTIONS) if fn.interface.endswith("storage")}
+STORAGE_OPERATIONS = {index: fn.name for index, fn in enumerate(HOST_FUNCTIONS)
+                      if fn.interface == contract.qualified("storage")}
 """Host-function slots that are storage operations, and the operation's name."""
 LOG_CALL = next(index for index, fn in enumerate(HOST_FUNCTIONS) if fn.name == "log")
 
