@@ -104,7 +104,7 @@ def test_metrics_are_off_by_default_and_a_bad_address_says_what_was_expected(tmp
             parse_config(f'[host]\nmetrics = "{bad}"\n', source)
         assert 'host.metrics: expected "off" or "ADDRESS:PORT"' in str(caught.value), bad
         assert repr(bad) in str(caught.value)
-    with pytest.raises(ConfigError, match="host.metrics_by"):
+    with pytest.raises(ConfigError, match=r"host\.metrics_by"):
         parse_config('[host]\nmetrics_by = "instance"\n', source)
 
 
