@@ -26,11 +26,11 @@ from wasmhost.system import protocol
 from wasmhost.system.client import request
 
 COUNT = 10_000
-SCRAPES = 10
+SCRAPES = 20
 SCRAPE_TARGET_S = 1.0
 PATH_COMPONENTS = 1_000
 """Components in the daemons of the on/off comparison (the scrape every second reads them all)."""
-ROUNDS = 3
+ROUNDS = 7
 
 
 def _rss_kib(pid: int) -> int:
@@ -93,20 +93,25 @@ def _scrape_rows(tmp: Path) -> list[Row]:
         _touch_all(control, COUNT)
         before = _rss_kib(proc.pid)
         times = []
+        rss = []
         size = 0
         for _ in range(SCRAPES):
             began = time.perf_counter()
             size = len(_scrape(port))
             times.append(time.perf_counter() - began)
-        after = _rss_kib(proc.pid)
+            rss.append(_rss_kib(proc.pid))
     print(f"metrics: {SCRAPES} scrapes at {COUNT:,}: {[round(t, 3) for t in times]} s, {size / 1e6:.1f} MB each; "
-          f"RSS {before / 1024:.0f} -> {after / 1024:.0f} MiB", file=sys.stderr)
+          f"RSS {before / 1024:.0f} MiB before, then {[round(r / 1024) for r in rss]} MiB; load {os.getloadavg()}",
+          file=sys.stderr)
     recorder = LatencyRecorder()
     per_component = (sys.getsizeof(recorder) + sys.getsizeof(recorder.counts) + 17 * 8 + 56) / 1024
     return [
+        Row("metrics", f"scrape p50 ({COUNT // 1000}k)", SCRAPE_TARGET_S * 1000, statistics.median(times) * 1000, "ms",
+            SCRAPE_TARGET_S * 1000, at_most=True),
         Row("metrics", f"scrape max ({COUNT // 1000}k)", SCRAPE_TARGET_S * 1000, max(times) * 1000, "ms",
             SCRAPE_TARGET_S * 1000, at_most=True),
-        Row("metrics", "scrape RSS grow", 0.0, (after - before) / 1024, "MiB", None),
+        Row("metrics", "RSS after 1st", 0.0, (rss[0] - before) / 1024, "MiB", None),
+        Row("metrics", f"RSS after {SCRAPES}th", 0.0, (rss[-1] - before) / 1024, "MiB", None),
         Row("metrics", "counters/comp", 0.0, per_component, "KiB", None),
     ]
 
@@ -134,26 +139,27 @@ def _send_rate(control: Path, seconds: float) -> float:
 
 
 def _path_rows(tmp: Path, seconds: float) -> list[Row]:
-    """Sends per second with the endpoint off, and on while scraped every second, in alternating rounds."""
+    """Sends per second to a daemon with the endpoint off and to one with it on and scraped every second,
+    both running, measured in alternating windows (so that the load of the machine hits both alike)."""
     off: list[float] = []
     on: list[float] = []
-    for index in range(ROUNDS):
-        with _daemon(tmp / f"off-{index}", PATH_COMPONENTS, metrics=False) as (_, control, _port):
-            off.append(_send_rate(control, seconds))
-        with _daemon(tmp / f"on-{index}", PATH_COMPONENTS, metrics=True) as (_, control, port):
-            stop = threading.Event()
+    with _daemon(tmp / "off", PATH_COMPONENTS, metrics=False) as (_, off_control, _port), \
+            _daemon(tmp / "on", PATH_COMPONENTS, metrics=True) as (_, on_control, port):
+        stop = threading.Event()
 
-            def scraper(port: int = port, stop: threading.Event = stop) -> None:
-                while not stop.wait(1.0):
-                    _scrape(port)
+        def scraper() -> None:
+            while not stop.wait(1.0):
+                _scrape(port)
 
-            thread = threading.Thread(target=scraper, daemon=True)
-            thread.start()
-            try:
-                on.append(_send_rate(control, seconds))
-            finally:
-                stop.set()
-                thread.join()
+        thread = threading.Thread(target=scraper, daemon=True)
+        thread.start()
+        try:
+            for _ in range(ROUNDS):
+                off.append(_send_rate(off_control, seconds))
+                on.append(_send_rate(on_control, seconds))
+        finally:
+            stop.set()
+            thread.join()
     print(f"metrics: sends/s off {[round(r) for r in off]}, on {[round(r) for r in on]}; load {os.getloadavg()}",
           file=sys.stderr)
     return [Row("metrics", "path on/off", statistics.median(off), statistics.median(on), "msg/s", 0.9)]
