@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -272,6 +273,38 @@ def test_metrics_by_namespace_sum_per_namespace(tmp_path: Path, started: list[Da
     assert samples[("wasmhost_component_state", frozenset({("namespace", "a"), ("state", "running")}))] == 2
     assert samples[("wasmhost_component_handling_seconds_count", frozenset({("namespace", "a")}))] == 3
     assert not any(("component", "a/echo/0") in labels for _, labels in samples)
+    assert d.stop() == 0
+
+
+def test_scrapes_while_reloads_add_and_remove_components_all_succeed(tmp_path: Path, started: list[Daemon]) -> None:
+    """The collector reads the loop's dicts from the HTTP thread: components coming and going meanwhile
+    never fail a scrape (each sees one consistent copy)."""
+    many = "".join(component(f"t/echo/{i}", "echo") for i in range(40))
+    d = launch(tmp_path, many, started, edit=METRICS_ON)
+    port = metrics_port(d)
+    base = d.config.read_text()
+    results: list[str] = []
+    done = threading.Event()
+
+    def scrape_until_done() -> None:
+        while not done.is_set():
+            try:
+                text = scrape_text(port)
+                list(text_string_to_metric_families(text))
+                results.append("ok")
+            except Exception as exc:  # reported below, with what failed
+                results.append(f"{type(exc).__name__}: {exc}")
+
+    scraper = threading.Thread(target=scrape_until_done)
+    scraper.start()
+    try:
+        for round_ in range(4):
+            d.config.write_text(base.split("[[components]]")[0] if round_ % 2 == 0 else base)
+            assert request(d.socket, protocol.Reload()).ok
+    finally:
+        done.set()
+        scraper.join(timeout=60)
+    assert results and set(results) == {"ok"}, [r for r in results if r != "ok"][:3]
     assert d.stop() == 0
 
 
