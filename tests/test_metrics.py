@@ -234,10 +234,12 @@ def test_pending_requests_mailbox_busy_workers_rejections_and_state_move(tmp_pat
 
 
 def test_reloads_compile_cache_uptime_and_build_info_move(tmp_path: Path, started: list[Daemon]) -> None:
-    d = launch(tmp_path, component("t/echo/0", "echo"), started, edit=METRICS_ON)
+    d = launch(tmp_path, component("t/echo/0", "echo") + component("t/bad/0", "bad-import"), started,
+               edit=METRICS_ON)
     m = Scraper(d)
     first = m.samples()
-    assert first[("wasmhost_compile_cache_lookups_total", frozenset({("result", "miss")}))] == 1
+    assert first[("wasmhost_component_state", frozenset({("component", "t/bad/0"), ("state", "failed")}))] == 1
+    assert first[("wasmhost_compile_cache_lookups_total", frozenset({("result", "miss")}))] == 2  # both compiled
     hits = first[("wasmhost_compile_cache_lookups_total", frozenset({("result", "hit")}))]
     build = [labels for name, labels in first if name == "wasmhost_build_info"]
     assert len(build) == 1 and dict(build[0])["version"] and dict(build[0])["wasmtime"].startswith("50.")
