@@ -256,6 +256,11 @@ class ComponentActor:
             raise RuntimeError(f"{self.name} has not compiled yet")
         return self._manager
 
+    @property
+    def manager_or_none(self) -> StoreManager | None:
+        """The component's StoreManager, or None before it has compiled (for metrics, from any thread)."""
+        return self._manager
+
     async def start(self) -> None:
         """Run the actor task in the supervisor's task group and wait until its component's first
         attempt has ended: running, restarting after a failure (a component whose `initialize` never
@@ -802,6 +807,7 @@ class ComponentActor:
         manager = self.manager
         host = manager.host
         done = progress.done
+        latency = self.stats.latency
         slice_end = time.monotonic() + SLICE_S
         for index, envelope in enumerate(batch):
             if host.interrupted:
@@ -813,6 +819,7 @@ class ComponentActor:
                 slice_end = time.monotonic() + SLICE_S
             progress.started = index + 1
             self._call_output = 0
+            began = time.perf_counter()
             try:
                 if envelope.delivery is Delivery.MESSAGE:
                     reply = yield from manager.handle_message_steps(envelope.message)
@@ -832,9 +839,11 @@ class ComponentActor:
                 if isinstance(exc, GuestFailure) and hit_size_guard(exc):  # wasmtime's own size guard fired
                     self.output_hint = WASMTIME_LIST_U8_CEILING  # mid-conversion: as large as it gets
                     release_free_memory()
+                latency.observe(time.perf_counter() - began)
                 return batch[index + 1 :], exc
             except Exception as exc:  # a bad value: this message fails, the Store is fine
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {type(exc).__name__}: {exc}"))
+            latency.observe(time.perf_counter() - began)
             host.end_message(done[-1].outcome is not Outcome.FAILED)  # its writes: all kept or all dropped
             if progress.first_storage is None and host.touched:
                 progress.first_storage = index

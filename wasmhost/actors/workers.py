@@ -142,6 +142,12 @@ class WorkerPool:
         deadline thread is not counted)."""
         return self._live
 
+    @property
+    def busy(self) -> int:
+        """Worker threads running a guest or waiting in one of its host calls (read without the lock:
+        a gauge, from any thread)."""
+        return max(0, self._live - self._idle)
+
     def _spawn(self) -> None:
         """Start one more worker thread (called with self._cond held)."""
         self._live += 1

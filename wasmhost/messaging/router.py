@@ -26,6 +26,7 @@ import itertools
 import math
 import secrets
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -331,6 +332,12 @@ class MessageRouter:
         if recipient is None or not recipient.mailbox.force(Envelope(message, Delivery.CALLBACK)):
             log.warning("callback_undeliverable", component=str(requester), correlation_id=correlation_id,
                         responder=str(responder))
+
+    def pending_by_requester(self) -> dict[ComponentId, int]:
+        """Requests waiting for their reply, per requesting component (a snapshot, from any thread)."""
+        with self._lock:
+            requesters = [pending.requester for pending in self._pending.values()]
+        return dict(Counter(requesters))
 
     def forget_requester(self, component: ComponentId) -> None:
         """Drop pending requests of a component that stopped (their callbacks have nowhere to go)."""

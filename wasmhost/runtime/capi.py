@@ -112,6 +112,7 @@ instance_get_func = _proto(
 FUNC = _ffi.wasmtime_component_func_t
 """wasmtime_component_func_t: a Store's handle to one exported function."""
 context_set_fuel = _proto("wasmtime_context_set_fuel", c_void_p, c_void_p, ctypes.c_uint64)
+context_get_fuel = _proto("wasmtime_context_get_fuel", c_void_p, c_void_p, c_void_p)
 context_set_epoch_deadline = _proto("wasmtime_context_set_epoch_deadline", None, c_void_p, ctypes.c_uint64)
 context_fuel_async_yield_interval = _proto(
     "wasmtime_context_fuel_async_yield_interval", c_void_p, c_void_p, ctypes.c_uint64

@@ -68,6 +68,9 @@ class HostContext:
     """The last batch's commit, handed over by start_commit."""
     touched: bool = field(default=False, init=False, compare=False)
     """A storage call was made since hold_writes."""
+    calls: list[int] = field(default_factory=lambda: [0] * len(HOST_FUNCTIONS), init=False, repr=False,
+                             compare=False)
+    """How often the guest called each host function (indexed like HOST_FUNCTIONS): read by metrics."""
 
     def hold_writes(self) -> None:
         """From now on until commit_writes, storage calls go through held writes: each message's
@@ -463,6 +466,7 @@ def _trampoline(env: int | None, context: int | None, ty: int | None, args: int 
     ctx = _contexts.get(context or 0)
     if ctx is None:
         return int(capi.error_new(f"wasmhost: no host context for {fn.name}".encode()))
+    ctx.calls[env or 0] += 1  # one writer: the thread running this Store
     value = _call(fn, ctx, args or 0, ty or 0)
     if fn.result is not None and results:
         clear_val(results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import time
@@ -102,6 +103,11 @@ class Limiter:
         self.deadline_s = limits.max_execution_time_ms / 1000
         self.fuel_unset = True
         self.epoch_yields = False  # set once the Store's calls are async (start_epoch_yields)
+        self.fuel_used = 0
+        """Fuel the calls on this component's Stores burnt, counted as each call ends (for metrics)."""
+        self._fuel_level = 0  # fuel in the Store when it was last set or counted
+        self._fuel_out = ctypes.c_uint64()
+        self._fuel_out_address = ctypes.addressof(self._fuel_out)
 
     def apply(self, store: wasmtime.Store) -> None:
         """Set every limit wasmtime offers on a fresh Store (memory.grow and table.grow beyond them
@@ -126,6 +132,17 @@ class Limiter:
         self.epoch_yields = True
         return functools.partial(capi.context_set_epoch_deadline, context, EPOCH_SLICE_TICKS + 1)
 
+    def count_fuel(self, context: int) -> None:
+        """Add what the call that just ended burnt to `fuel_used` (on the thread that owns the Store:
+        one wasmtime call, about as cheap as arming)."""
+        error = capi.context_get_fuel(context, self._fuel_out_address)
+        if error:  # fuel is always on (see engine.py): not expected
+            capi.take_error(error)
+            return
+        remaining = self._fuel_out.value
+        self.fuel_used += max(0, self._fuel_level - remaining)
+        self._fuel_level = remaining
+
     def arm(self, context: int, deadline_ms: int | None = None) -> float:
         """Refill fuel and arm the epoch deadline for one call on the Store with this context
         address (a shorter `deadline_ms` may replace the limit); return the monotonic deadline.
@@ -137,6 +154,7 @@ class Limiter:
             error = capi.context_set_fuel(context, self.fuel)
             if error:
                 raise RuntimeError(f"cannot set fuel: {capi.take_error(error)}")
+            self._fuel_level = self.fuel
         if self.epoch_yields:
             # The epoch deadline is a yield point now (see EPOCH_SLICE_TICKS); whoever polls the call
             # ends it at the first yield past the returned deadline.

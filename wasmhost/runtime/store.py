@@ -288,6 +288,7 @@ class StoreManager:
                 if done:
                     self._future = 0
                     capi.call_future_delete(future)
+                    self.limiter.count_fuel(self.context)
                     self._yield_interval(FIRST_SLICE_FUEL)
                 else:
                     self._abandon()  # closed before the end (its waiter went away)
@@ -361,6 +362,7 @@ class StoreManager:
         if done:
             self._future = 0
             capi.call_future_delete(future)
+            self.limiter.count_fuel(self.context)
             error = self._error[0]
             if error:
                 self._error[0] = None

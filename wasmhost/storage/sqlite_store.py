@@ -354,6 +354,22 @@ class SqliteStorage:
         db.execute("INSERT OR REPLACE INTO usage (owner, used_bytes, key_count) VALUES (?, ?, ?)",
                    (owner, used, count))
 
+    def all_usage(self) -> list[tuple[str, int, int]]:
+        """(owner, bytes charged, keys) of every owner with something stored, for metrics: on its own
+        short-lived connection, so that any thread (an HTTP server's per-request one) may ask."""
+        if self.closed:
+            return []
+        try:
+            db = self._open()
+            try:
+                rows = db.execute("SELECT owner, used_bytes, key_count FROM usage").fetchall()
+            finally:
+                db.close()
+        except (sqlite3.Error, OSError) as exc:
+            self._io_error(exc)
+            return []
+        return [(str(owner), int(used), int(count)) for owner, used, count in rows]
+
     # --- housekeeping ---
 
     def close(self) -> None:

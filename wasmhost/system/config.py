@@ -24,6 +24,7 @@ from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BY
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
 from wasmhost.runtime.loader import check_header
 from wasmhost.security.capabilities import Capabilities as Grants
+from wasmhost.system.listen import ListenAddress, parse_listen
 
 Positive = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -106,6 +107,8 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     default_log_burst: Positive = DEFAULT_LOG_BURST
     max_message_bytes: Positive = DEFAULT_MAX_MESSAGE_BYTES
     rollout_check_s: CheckSeconds = DEFAULT_ROLLOUT_CHECK_S
+    metrics: str = "off"  # or "ADDRESS:PORT": the Prometheus endpoint (see system/metrics.py)
+    metrics_by: Literal["component", "namespace"] = "component"
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -154,6 +157,8 @@ class Config:
     control_uids: frozenset[int] | None  # None: anyone who can open the socket
     components: list[ComponentPlan]
     warnings: list[str] = field(default_factory=list)
+    metrics: ListenAddress | None = None
+    """Where the Prometheus endpoint listens ([host] metrics), None when off."""
 
     @property
     def cache_dir(self) -> Path:
@@ -478,6 +483,11 @@ def parse_config(text: str, source: Path) -> Config:
             errors.append(f"host.socket_group: no group named \"{host.socket_group}\" on this system")
     if _log_limit("host.default_log_rate", host.default_log_rate, host.default_log_burst, errors) is None:
         host = msgspec.structs.replace(host, default_log_rate=DEFAULT_LOG_RATE)
+    metrics: ListenAddress | None = None
+    try:
+        metrics = parse_listen("host.metrics", host.metrics)
+    except ValueError as exc:
+        errors.append(str(exc))
     problem = _message_bytes_error("host.max_message_bytes", host.max_message_bytes)
     if problem is not None:
         errors.append(problem)
@@ -504,7 +514,7 @@ def parse_config(text: str, source: Path) -> Config:
     if errors:
         raise ConfigError(str(source), errors)
     return Config(source, host, components_dir, state_dir, control_socket, socket_mode, socket_gid, control_uids,
-                  plans, _pattern_warnings(plans))
+                  plans, _pattern_warnings(plans), metrics)
 
 
 def load_config(path: Path) -> Config:

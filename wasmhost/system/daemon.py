@@ -47,6 +47,7 @@ from wasmhost.system.config import ComponentPlan, Config, ConfigError, load_conf
 from wasmhost.system.control import ControlServer, SocketInUse
 from wasmhost.system.heap import DeploymentHeap, collect_all
 from wasmhost.system.logging import lines_dropped, reopen_log_files
+from wasmhost.system.metrics import DaemonCounters, MetricsServer, start_metrics
 from wasmhost.system.reload_report import ReloadReport
 from wasmhost.system.sd_notify import Notifier
 from wasmhost.system.shared_loads import SharedLoads
@@ -126,6 +127,10 @@ def _host_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     return [(key, before[key], after[key]) for key in before if before[key] != after[key]]
 
 
+_REQUEST_NAMES = {cls: cls.__struct_config__.tag for cls in protocol.Request.__args__}  # type: ignore[attr-defined]
+"""The `request` label of control requests: the tag each is sent with."""
+
+
 class Daemon:
     """Runs one configuration until stopped."""
 
@@ -145,6 +150,8 @@ class Daemon:
         self._startup = anyio.CancelScope()  # cancelled by a stop signal
         self._reload_lock = anyio.Lock()
         self._ready = False  # start-up is over: from now on a reload never waits for another one
+        self.counters = DaemonCounters()  # read by the metrics endpoint
+        self.metrics: MetricsServer | None = None
         self.router: MessageRouter
         self.supervisor: Supervisor
         self.status_table: StatusTable
@@ -166,6 +173,12 @@ class Daemon:
         self.status_table = StatusTable(self.deployments, self.supervisor.actors, self.supervisor.changes)
         self.control = ControlServer(self.config.control_socket, self.config.socket_mode, self.handle,
                                      self.config.socket_gid, allowed_uids=self.config.control_uids)
+        try:
+            self.metrics = start_metrics(self)  # closed by _release
+        except OSError as exc:
+            log.error("metrics_unavailable", address=str(self.config.metrics), error=str(exc))
+            print(f"wasmhost: host.metrics: cannot listen on {self.config.metrics}: {exc}", file=sys.stderr)
+            return 1
         try:
             await self.control.start()
         except (SocketInUse, OSError) as exc:
@@ -243,6 +256,8 @@ class Daemon:
     def _release(self) -> None:
         """Close what the daemon holds, each whatever happened to the others."""
         try:
+            if self.metrics is not None:
+                self.metrics.close()  # first: a scrape reads what the others close
             self.workers.close()
         finally:
             try:
@@ -339,6 +354,12 @@ class Daemon:
     # --- reload ---
 
     async def reload(self) -> ReloadReport:
+        """Re-read the config file and apply it whole (`_reload_once`), counting its result for metrics."""
+        report = await self._reload_once()
+        self.counters.reloads[report.outcome] += 1
+        return report
+
+    async def _reload_once(self) -> ReloadReport:
         """Re-read the config file and apply it whole; returns what it did (see ReloadReport).
 
         Everything that can fail is done before a running component is touched: the config is parsed and
@@ -584,6 +605,7 @@ class Daemon:
 
     async def handle(self, request: protocol.Request) -> protocol.Response:
         """Answer one control request."""
+        self.counters.control_requests[_REQUEST_NAMES.get(type(request), "other")] += 1
         try:
             return await self._handle(request)
         except (InvalidComponentId, HostError, RequestFailed, LoadError, KeyError) as exc:

@@ -89,7 +89,8 @@ def status_row(cid: ComponentId, deployment: Listed, actor: ComponentActor | Non
     # health is the last answer of a live instance: none to show while it is not running
     return StatusRow(actor.name, state.value, actor.phase,
                      actor.health.value if state is ActorState.RUNNING else None, stats.restarts, queued + in_hand,
-                     queued, in_hand, stats.handled, stats.failed, stats.last_error, deployment.rollout)
+                     queued, in_hand, stats.handled, stats.failed, stats.last_error, deployment.rollout,
+                     *stats.latency.p50_p99_ms())
 
 
 class StatusTable:
