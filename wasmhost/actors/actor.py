@@ -647,6 +647,7 @@ class ComponentActor:
         manager = self.manager
         host = manager.host
         done = progress.done
+        latency = self.stats.latency
         slice_end = time.monotonic() + SLICE_S
         for index, envelope in enumerate(batch):
             if host.interrupted:
@@ -658,6 +659,7 @@ class ComponentActor:
                 slice_end = time.monotonic() + SLICE_S
             progress.started = index + 1
             self._call_output = 0
+            began = time.perf_counter()
             try:
                 if envelope.delivery is Delivery.MESSAGE:
                     reply = yield from manager.handle_message_steps(envelope.message)
@@ -677,9 +679,11 @@ class ComponentActor:
                 if isinstance(exc, GuestFailure) and hit_size_guard(exc):  # wasmtime's own size guard fired
                     self.output_hint = WASMTIME_LIST_U8_CEILING  # mid-conversion: as large as it gets
                     release_free_memory()
+                latency.observe(time.perf_counter() - began)
                 return batch[index + 1 :], exc
             except Exception as exc:  # a bad value: this message fails, the Store is fine
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {type(exc).__name__}: {exc}"))
+            latency.observe(time.perf_counter() - began)
             host.end_message(done[-1].outcome is not Outcome.FAILED)  # its writes: all kept or all dropped
             if progress.first_storage is None and host.held is not None:
                 progress.first_storage = index

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from wasmhost.actors.latency import LatencyRecorder
 
 
 class ActorState(enum.Enum):
@@ -26,3 +28,4 @@ class ActorStats:
     restarts: int = 0
     rejected: int = 0  # envelopes answered with an error because the actor stopped or failed
     last_error: str | None = None
+    latency: LatencyRecorder = field(default_factory=LatencyRecorder)  # handling time per message

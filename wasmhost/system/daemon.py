@@ -586,7 +586,7 @@ class Daemon:
             # health is the last answer of a live instance: none to show while it is not running
             rows.append(row(actor.name, state.value, actor.phase, actor.health.value if state is running else None,
                             stats.restarts, queued + in_hand, queued, in_hand, stats.handled, stats.failed,
-                            stats.last_error, deployment.rollout))
+                            stats.last_error, deployment.rollout, *stats.latency.p50_p99_ms()))
         return rows
 
     # --- control requests ---

@@ -93,6 +93,10 @@ class StatusRow(msgspec.Struct, gc=False):
     failed: int
     last_error: str | None
     rollout: str | None
+    latency_p50_ms: float | None = None
+    """Median handling time of a message since the component was deployed (None before the first)."""
+    latency_p99_ms: float | None = None
+    """99th percentile of the same."""
 
 
 class Response(msgspec.Struct, forbid_unknown_fields=True):
