@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -228,6 +229,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     if response.data.get("storage_io_errors"):
         data = response.data
         print(f"storage: {data['storage_io_errors']} I/O error(s), last: {data['storage_last_error']}")
+    return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """A refreshing table of the components sorted by messages/s or any column; `--once` prints one frame."""
+    from wasmhost import top
+    from wasmhost.system import protocol
+    from wasmhost.system.client import request
+
+    if not 0.05 <= args.interval <= 3600:
+        raise CliError(f"--interval {args.interval:g}: expected seconds from 0.05 to 3600")
+    path = socket_path(args)
+
+    def fetch() -> list[dict[str, Any]]:
+        response = request(path, protocol.Status(), timeout=DEFAULT_TIMEOUT)
+        if not response.ok:
+            raise CliError(str(response.error))
+        return list(response.data["components"])
+
+    if args.once:
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 10_000
+        print("\n".join(top.once(fetch, args.sort, args.reverse, args.interval, width)))
+        return EXIT_OK
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise CliError("top: stdin and stdout must be a terminal (for one frame in a script: --once)")
+    top.live(fetch, args.sort, args.reverse, args.interval)
     return EXIT_OK
 
 
@@ -469,6 +496,8 @@ def _message_line(message: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from wasmhost.top import SORT_KEYS
+
     parser = argparse.ArgumentParser(prog="wasmhost", description="Host WebAssembly components as actors.")
     parser.add_argument("--version", action="version", version=f"wasmhost {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -492,6 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
         "config_file", nargs="?", metavar="CONFIG", help="configuration file (same as --config)")
     add("status", cmd_status, "show the state of every component", control=True).add_argument(
         "--json", action="store_true", help="machine-readable output")
+    top = add("top", cmd_top, "a refreshing table of the components, sorted by messages/s or any column",
+              control=True)
+    top.add_argument("--once", action="store_true",
+                     help="print one frame of every component and exit (its rates over one --interval)")
+    top.add_argument("--sort", default="rate", metavar="COL",
+                     choices=SORT_KEYS,
+                     help="column to sort by: id, state, health, rate (messages/s), mailbox, p50, p99, restarts, "
+                          "failed, memory or error (default: %(default)s)")
+    top.add_argument("--reverse", action="store_true", help="turn the column's order around")
+    top.add_argument("--interval", type=float, default=1.0, metavar="S",
+                     help="seconds between two refreshes (default: %(default)g)")
     payload_help = "the bytes to send; @FILE sends a file's contents, @- stdin, @@TEXT the literal @TEXT"
     send = add("send", cmd_send, "send PAYLOAD (or @FILE) to component ID", control=True)
     send.add_argument("id")
