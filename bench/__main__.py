@@ -14,6 +14,7 @@ from bench import (
     calls,
     density,
     fairness,
+    forensics,
     logs,
     memory,
     messaging,
@@ -33,6 +34,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "density": density.run, "fairness": fairness.run, "memory": memory.run, "logs": logs.run,
     "storage": storage.run, "messaging": messaging.run,
     "payload": payload.run, "stop": stop.run, "reload": reload.run, "metrics": metrics.run,
+    "forensics": forensics.run,
 }
 
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -231,6 +232,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """A refreshing table of the components sorted by messages/s or any column; `--once` prints one frame."""
+    from wasmhost import top
+    from wasmhost.system import protocol
+    from wasmhost.system.client import request
+
+    if not 0.05 <= args.interval <= 3600:
+        raise CliError(f"--interval {args.interval:g}: expected seconds from 0.05 to 3600")
+    path = socket_path(args)
+
+    def fetch() -> list[dict[str, Any]]:
+        response = request(path, protocol.Status(), timeout=DEFAULT_TIMEOUT)
+        if not response.ok:
+            raise CliError(str(response.error))
+        return list(response.data["components"])
+
+    if args.once:
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 10_000
+        print("\n".join(top.once(fetch, args.sort, args.reverse, args.interval, width)))
+        return EXIT_OK
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise CliError("top: stdin and stdout must be a terminal (for one frame in a script: --once)")
+    top.live(fetch, args.sort, args.reverse, args.interval)
+    return EXIT_OK
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     """Send PAYLOAD to a component."""
     from wasmhost.system import protocol
@@ -353,6 +380,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Describe TARGET: a component file (loaded, instantiated, its metadata and imports printed), or the
     id of a component of the running daemon (its state and last error; non-zero when it has failed)."""
     if Path(args.target).exists() or args.target.endswith(".wasm"):
+        if args.json:
+            raise CliError("inspect --json: only for the id of a running component, not for a file")
         return _inspect_file(args, Path(args.target))
     from wasmhost.core.ids import ComponentId, InvalidComponentId
 
@@ -400,7 +429,8 @@ def _inspect_file(args: argparse.Namespace, path: Path) -> int:
 
 
 def _inspect_running(args: argparse.Namespace, target: str) -> int:
-    """Print one component's row of the daemon's status in full; a failed component exits non-zero."""
+    """Print one component's row of the daemon's status in full, then its last failures with the metadata
+    of the messages around each (`--json`: both as one object); a failed component exits non-zero."""
     from wasmhost.system import protocol
 
     response = _ask(args, protocol.Status())
@@ -412,18 +442,62 @@ def _inspect_running(args: argparse.Namespace, target: str) -> int:
         print(f"wasmhost: the daemon runs no component {target} (it runs: {', '.join(sorted(rows)) or 'none'})",
               file=sys.stderr)
         return EXIT_FAILED
-    for field in ("id", "state", "health", "restarts", "mailbox", "handled", "failed"):
-        print(f"{field:<11} {row.get(field)}")
-    print(f"last error  {row.get('last_error') or '-'}")
+    forensics = _ask(args, protocol.Forensics(target))
+    report = forensics.data if forensics is not None else None
+    if args.json:
+        print(json.dumps({"status": row, "forensics": report}, indent=2))
+    else:
+        for field in ("id", "state", "health", "restarts", "mailbox", "handled", "failed"):
+            print(f"{field:<11} {row.get(field)}")
+        print(f"last error  {row.get('last_error') or '-'}")
+        if report is not None:
+            print("\n".join(_forensics_lines(report)))
     if row.get("state") == "failed":
         print(f"wasmhost: {target} has failed and stays down after {row.get('restarts')} restart(s); "
               "fix it, then `wasmhost start` or `wasmhost reload`", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_OK if report is not None else EXIT_FAILED
+
+
+def _forensics_lines(report: dict[str, Any]) -> list[str]:
+    """The `inspect ID` text of a forensics report: each kept failure (newest first) with its whole
+    text and the messages it was handling, then the messages handled last."""
+    failures = report["failures"]
+    lines = [f"failures    {report['total']}" + (f" (the last {len(failures)} kept, newest first)" if failures else "")]
+    for failure in failures:
+        where = f" in {failure['call']}" if failure.get("call") else ""
+        lines += ["", f"failure #{failure['number']}  {failure['at']}  {failure['kind']}{where}  "
+                      f"(instance {failure['instance']})", f"  {failure['summary']}"]
+        rest = failure["detail"].removeprefix(failure["summary"]).strip("\n")
+        if rest.strip():
+            lines.append("  backtrace:")
+            lines += [f"    {line}".rstrip() for line in rest.splitlines()]
+        if failure.get("message"):
+            lines.append(f"  message   {_message_line(failure['message'])}")
+        for index, message in enumerate(reversed(failure["before"])):
+            lines.append(f"  {'before' if index == 0 else '':<9} {_message_line(message)}")
+    if report["recent"]:
+        lines += ["", "recent messages (oldest first):"]
+        lines += [f"  {_message_line(message)}" for message in report["recent"]]
+    return lines
+
+
+def _message_line(message: dict[str, Any]) -> str:
+    """One handled message's metadata on a line (a payload prefix, when kept, escaped)."""
+    from wasmhost.actors.forensics import escaped
+
+    line = (f"{message['delivery']} from {message['sender']}, {message['size']} bytes, "
+            f"correlation {message.get('correlation_id') or '-'}, content-type {message.get('content_type') or '-'}, "
+            f"sent {message['sent_at']}, {message['outcome']}")
+    if message.get("payload_prefix_hex") is not None:
+        line += f", payload starts \"{escaped(message['payload_prefix_hex'])}\""
+    return line
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from wasmhost.top import SORT_KEYS
+
     parser = argparse.ArgumentParser(prog="wasmhost", description="Host WebAssembly components as actors.")
     parser.add_argument("--version", action="version", version=f"wasmhost {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -447,6 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
         "config_file", nargs="?", metavar="CONFIG", help="configuration file (same as --config)")
     add("status", cmd_status, "show the state of every component", control=True).add_argument(
         "--json", action="store_true", help="machine-readable output")
+    top = add("top", cmd_top, "a refreshing table of the components, sorted by messages/s or any column",
+              control=True)
+    top.add_argument("--once", action="store_true",
+                     help="print one frame of every component and exit (its rates over one --interval)")
+    top.add_argument("--sort", default="rate", metavar="COL",
+                     choices=SORT_KEYS,
+                     help="column to sort by: id, state, health, rate (messages/s), mailbox, p50, p99, restarts, "
+                          "failed, memory or error (default: %(default)s)")
+    top.add_argument("--reverse", action="store_true", help="turn the column's order around")
+    top.add_argument("--interval", type=float, default=1.0, metavar="S",
+                     help="seconds between two refreshes (default: %(default)g)")
     payload_help = "the bytes to send; @FILE sends a file's contents, @- stdin, @@TEXT the literal @TEXT"
     send = add("send", cmd_send, "send PAYLOAD (or @FILE) to component ID", control=True)
     send.add_argument("id")
@@ -485,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("target", metavar="PATH|ID",
                          help="a component file (.wasm), or the id of a component of the running daemon")
     inspect.add_argument("--id", default="local/inspect/0", help="component id to load a file under")
+    inspect.add_argument("--json", action="store_true",
+                         help="a running component's status row and forensics (failures, recent messages) as JSON")
     inspect.add_argument("--outbound-http", action="store_true",
                          help="link wasi:http, as `outbound_http = true` does (the component may make HTTP requests)")
     return parser

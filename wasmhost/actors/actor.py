@@ -35,6 +35,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from wasmhost.actors.changes import StatusChanges
 from wasmhost.actors.conversion_budget import CONVERSIONS, LARGE_PAYLOAD
+from wasmhost.actors.forensics import Recorder
 from wasmhost.actors.restart import RestartHistory
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState, ActorStats
@@ -170,6 +171,7 @@ class ComponentActor:
         self.mailbox.on_filled = self._changed  # its length is read for every noted actor until it is empty
         self._state = ActorState.STOPPED
         self.stats = ActorStats()
+        self.forensics = Recorder(spec.forensics_payload_bytes)  # kept across instances, like the stats
         self.metadata: ComponentMetadata | None = None
         self._health = HealthStatus.UNKNOWN
         self.history = RestartHistory(spec.intensity)
@@ -858,6 +860,7 @@ class ComponentActor:
         self._call_output = max(self._call_output, size)
 
     def _deliver(self, handled: list[Handled]) -> None:
+        self.forensics.seen(handled)  # before a failure is recorded: the failing message is the last one
         router = self.router
         stats = self.stats
         self._changed()  # handled, failed, last_error
@@ -923,6 +926,7 @@ class ComponentActor:
         try:
             await self._guest(self.manager.shutdown_steps(timeout_ms))
         except (ComponentError, GuestFailure, InstanceStateError) as exc:
+            self.forensics.failed(exc, "shutdown", self.stats.restarts)
             log.warning("component_shutdown_failed", component=self.name, error=str(exc))
 
     def _reject_remaining(self, why: str) -> None:
@@ -933,8 +937,10 @@ class ComponentActor:
                                      f"{self.name} {why} before handling the message")
 
     def _record_error(self, error: Exception) -> None:
+        """A failure of the component: its last error, and a record for `wasmhost inspect ID`."""
         self.stats.last_error = str(error)
         self._changed()
+        self.forensics.failed(error, self.phase, self.stats.restarts)
 
 
 def _first_large(batch: list[Envelope]) -> int | None:

@@ -37,3 +37,4 @@ class ActorSpec:
     wasi: bool = False
     log_limit: RateLimit = field(default_factory=RateLimit)  # guest log lines per second and burst
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest payload this component is handed
+    forensics_payload_bytes: int = 0  # payload prefix kept with the metadata of recent messages (forensics.py)

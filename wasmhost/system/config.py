@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 
+from wasmhost.actors.forensics import MAX_PAYLOAD_PREFIX
 from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy, Strategy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.core.errors import LoadError
@@ -109,6 +110,7 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rollout_check_s: CheckSeconds = DEFAULT_ROLLOUT_CHECK_S
     metrics: str = "off"  # or "ADDRESS:PORT": the Prometheus endpoint (see system/metrics.py)
     metrics_by: Literal["component", "namespace"] = "component"
+    forensics_payload_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_PAYLOAD_PREFIX)] = 0
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -381,6 +383,7 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         wasi=section.wasi,
         log_limit=log_limit,
         max_message_bytes=section.max_message_bytes or host.max_message_bytes,
+        forensics_payload_bytes=host.forensics_payload_bytes,
     )
     quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
     check = host.rollout_check_s if section.rollout_check_s is None else section.rollout_check_s

@@ -635,6 +635,8 @@ class Daemon:
         actor = self.supervisor.actors.get(cid)
         if actor is None:
             return protocol.Response(False, f"no running component {cid}")
+        if isinstance(request, protocol.Forensics):
+            return protocol.Response(True, data=actor.forensics.report(actor.name))
         if isinstance(request, protocol.Stop):
             await actor.stop(self.config.host.drain_timeout_s)
         elif isinstance(request, protocol.Start):

@@ -67,7 +67,13 @@ class Restart(msgspec.Struct, tag="restart", forbid_unknown_fields=True):
     id: str
 
 
-Request = Status | Send | Call | Reload | Stop | Start | Restart
+class Forensics(msgspec.Struct, tag="forensics", forbid_unknown_fields=True):
+    """Ask for one component's last failures and recently handled messages (actors/forensics.py)."""
+
+    id: str
+
+
+Request = Status | Send | Call | Reload | Stop | Start | Restart | Forensics
 
 
 class StatusRow(msgspec.Struct, gc=False):
