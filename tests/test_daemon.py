@@ -57,11 +57,17 @@ class Daemon:
     def expect(self, field: str) -> list[str]:
         """Read notifications until one contains `field`; return everything read."""
         seen = []
+        deadline = time.monotonic() + 60
         while True:
+            # woken by the notification itself; the short timeout only notices a daemon that exited early
+            self.notify.settimeout(0.5)
             try:
                 message = self.notify.recv(4096).decode()
             except TimeoutError:
-                raise AssertionError(f"no {field} from the daemon; log:\n{self.log.read_text()}") from None
+                if self.proc.poll() is None and time.monotonic() < deadline:
+                    continue
+                raise AssertionError(f"no {field} from the daemon (exit code {self.proc.poll()}); log:\n"
+                                     f"{self.log.read_text()}") from None
             seen.append(message)
             self.messages.append(message)
             if field in message.split("\n"):
