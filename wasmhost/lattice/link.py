@@ -71,6 +71,7 @@ class Link:
         self.started_at = time.time()
         self.nc: Client | None = None
         self.cause = "not connected yet"  # why the link is down, for delivery-failed details
+        self._unreachable_logged = ""
         self.max_payload = 1024 * 1024
         self._outbox: deque[tuple[str, bytes, dict[str, str], str]] = deque()
         self._outbox_lock = threading.Lock()
@@ -103,10 +104,12 @@ class Link:
                 await self._close()
 
     async def _connect(self) -> None:
+        """Connect; nats-py retries every URL until one answers (each failure reaches `_on_error`, which logs
+        lattice_unreachable once per cause). Only a mistake it does not retry (a bad credentials file) ends
+        an attempt: then this tries again after a pause."""
         import nats  # only a daemon with [lattice] pays for importing nats-py
 
         wait = CONNECT_RETRY_S[0]
-        logged = None
         while True:
             try:
                 self.nc = await nats.connect(
@@ -118,10 +121,7 @@ class Link:
                     reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
                 break
             except Exception as exc:  # nats-py raises its own errors and OSErrors alike
-                self.cause = f"cannot connect to {', '.join(self.settings.urls)}: {_describe(exc)}"
-                if self.cause != logged:  # once per cause, not every attempt
-                    log.warning("lattice_unreachable", urls=list(self.settings.urls), cause=self.cause)
-                    logged = self.cause
+                await self._on_error(exc)
                 await anyio.sleep(wait)
                 wait = min(wait * 2, CONNECT_RETRY_S[1])
         self.max_payload = self.nc.max_payload
@@ -146,7 +146,13 @@ class Link:
         return url.geturl() if url is not None else ""
 
     async def _on_error(self, exc: Exception) -> None:
-        self.cause = _describe(exc)
+        cause = _describe(exc)
+        if self.nc is None:  # not connected yet
+            cause = f"cannot connect to {', '.join(self.settings.urls)}: {cause}"
+            if cause != self._unreachable_logged:  # once per cause, not on every attempt
+                log.warning("lattice_unreachable", urls=list(self.settings.urls), cause=cause)
+                self._unreachable_logged = cause
+        self.cause = cause
 
     async def _on_disconnected(self) -> None:
         cause = self.cause or "connection lost"
