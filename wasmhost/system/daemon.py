@@ -421,6 +421,9 @@ class Daemon:
                 *(f"  {e}" for e in exc.errors)])
         problems = [f"host.{key}: changed from {old!r} to {value!r}; [host] settings are read only at start: "
                     "restart wasmhost to apply them" for key, old, value in _host_changes(self.config, new)]
+        if (self.config.lattice, self.config.remote_grants) != (new.lattice, new.remote_grants):
+            problems.append("lattice: changed; [lattice] settings are read only at start: restart wasmhost to "
+                            "apply them")
         added, removed, changed, unchanged = await self._diff(new)
         wanted = {p.spec.component_id: p for p in new.components}
         loaded: dict[ComponentId, LoadedComponent] = {}
