@@ -224,6 +224,8 @@ def test_a_host_killed_mid_request_ends_it_and_replicas_take_new_ones(tmp_path: 
     report = json.loads(b.call("t/caller/0", "?last-payload"))
     assert report == {"outcome": "target-stopped",
                       "detail": "host host-a left the lattice (no heartbeat) with the request"}
+    gone = b.cli("call", "t/slow/0", "self")  # only a ran it: NATS has no responders, or the directory forgot it
+    assert gone.returncode == 1 and "target-not-found: t/slow/0" in gone.stderr
     for n in range(5):  # the echo's other replica answers every new request
         assert ask(b, "t/echo/0", f"after {n}")["payload"] == f"after {n}"
     assert c.stop() == 0 and b.stop() == 0

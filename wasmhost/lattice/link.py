@@ -278,7 +278,11 @@ class Link:
         token = msg.subject.rsplit(".", 1)[-1]
         headers = msg.headers or {}
         if headers.get("Status") == "503":  # NATS: nobody subscribes the target's subject (any more)
-            headers = {wire.OUTCOME: wire.REJECTED, wire.ERROR: "target-not-found",
+            try:
+                target = str(self.subjects.component(headers.get("Nats-Subject", "")))
+            except InvalidComponentId:
+                target = ""
+            headers = {wire.OUTCOME: wire.REJECTED, wire.ERROR: "target-not-found", wire.TARGET: target,
                        wire.DETAIL: "no host runs it (any more)"}
         waiter = self._host_waits.get(token)
         if waiter is not None:  # the host's own call: a send ends with its first answer, a request with its last
