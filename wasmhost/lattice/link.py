@@ -304,10 +304,9 @@ class Link:
         if outcome == wire.REPLY:
             self.router.complete_remote(token, msg.data)
         elif outcome == wire.REJECTED:
-            target = self.router.pending_target(token)
             error = headers.get(wire.ERROR, "delivery-failed")
-            self.router.complete_remote(token, None, Outcome.FAILED,
-                                        f"{target} rejected the request: {error}" + (f": {detail}" if detail else ""))
+            self.router.complete_remote(token, None, Outcome.FAILED, f"{self.router.pending_target(token)} rejected "
+                                        "the request: " + error + (f": {detail}" if detail else ""))
         else:
             try:
                 kind = Outcome(outcome)
