@@ -72,6 +72,7 @@ class Link:
         self.nc: Client | None = None
         self.cause = "not connected yet"  # why the link is down, for delivery-failed details
         self._unreachable_logged = ""
+        self._leaving = False
         self.max_payload = 1024 * 1024
         self._outbox: deque[tuple[str, bytes, dict[str, str], str]] = deque()
         self._outbox_lock = threading.Lock()
@@ -178,6 +179,15 @@ class Link:
         with contextlib.suppress(Exception):
             await nc.close()
 
+    async def leave(self) -> None:
+        """Stop taking messages for local components (the daemon is stopping): other replicas take them."""
+        self._leaving = True
+        for sub in list(self._subs.values()):
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        log.info("lattice_leaving", host=self.host)
+
     @property
     def connected(self) -> bool:
         """Whether the NATS connection is up right now."""
@@ -205,7 +215,7 @@ class Link:
             self._inventory = inventory
             self._inventory_version += 1
         nc = self.nc
-        if nc is None:
+        if nc is None or self._leaving:
             return
         wanted = set()
         for entry in inventory:
@@ -231,6 +241,7 @@ class Link:
                 self.publish(self.subjects.heartbeat(self.host), encode(beat), {})
             for host in self.directory.expire():
                 self._host_left(host)
+            self._forget_settled()
             with anyio.move_on_after(interval):
                 await self._changed.wait()  # a component came or went: tell the lattice now
 
@@ -240,7 +251,10 @@ class Link:
         except Exception:  # another host's bug must not stop ours
             log.warning("lattice_bad_heartbeat", subject=msg.subject)
             return
-        if self.directory.heard(beat) and beat.host not in self._fetching and self._tasks is not None:
+        fetch, restarted = self.directory.heard(beat)
+        if restarted:
+            self._end_placed(beat.host, f"host {beat.host} restarted with the request")
+        if fetch and beat.host not in self._fetching and self._tasks is not None:
             known = beat.host in self.directory.hosts and self.directory.hosts[beat.host].inventory_version >= 0
             if not known:
                 log.info("lattice_host_joined", host=beat.host)
@@ -263,14 +277,19 @@ class Link:
             self.publish(msg.reply, wire.inventory_codec[0].encode(inventory), {})
 
     def _host_left(self, host: str) -> None:
-        """End the requests `host` had queued: it will not answer them."""
         log.warning("lattice_host_left", host=host)
+        self._end_placed(host, f"host {host} left the lattice (no heartbeat) with the request")
+
+    def _end_placed(self, host: str, detail: str) -> None:
+        """End the requests `host` had queued with target-stopped: it will not answer them."""
         for cid in [c for c, h in self._placed.items() if h == host]:
             del self._placed[cid]
-            self.router.complete_remote(cid, None, Outcome.TARGET_STOPPED,
-                                        f"host {host} left the lattice (no heartbeat) with the request")
+            self.router.complete_remote(cid, None, Outcome.TARGET_STOPPED, detail)
+
+    def _forget_settled(self) -> None:
+        """Drop the placements of requests no longer pending (timed out or cancelled: no answer will come)."""
         for cid in [c for c in self._placed if self.router.pending_target(c) is None]:
-            del self._placed[cid]  # answered or expired meanwhile
+            del self._placed[cid]
 
     # --- answers to this host's requests and sends ---
 

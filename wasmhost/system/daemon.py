@@ -270,6 +270,9 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.notifier.notify("STOPPING=1")
+        if self.link is not None:  # replicas on other hosts take what arrives from now on
+            with anyio.move_on_after(2.0):
+                await self.link.leave()
         for actor in self.supervisor.actors.values():
             actor.mailbox.seal()  # stop accepting new messages everywhere before draining
         await self.supervisor.stop_all(self.config.host.drain_timeout_s)
