@@ -254,3 +254,22 @@ def test_replicas_on_two_hosts_share_the_load(tmp_path: Path, nats_server: NatsS
     assert hosts.count("host-a") > 0 and hosts.count("host-b") > 0
     assert handled(a, "t/hash/0") + handled(b, "t/hash/0") >= 60
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_payloads_too_large_for_the_target_or_for_nats_fail_fast_naming_both_sizes(tmp_path: Path,
+                                                                                    daemons: list[Daemon]) -> None:
+    server = NatsServer(tmp_path / "nats", max_payload=1024 * 1024).start()  # nats-server's default
+    try:
+        a = lattice_daemon(tmp_path / "a", ECHO + component("t/small/0", "echo", "max_message_bytes = 1000"),
+                           [server.url], "host-a", daemons, extra=BLASTER_GRANT)
+        b = lattice_daemon(tmp_path / "b", BLASTER, [server.url], "host-b", daemons)
+        until("b sees a's components", lambda: b.cli("call", "t/small/0", "x").returncode == 0)
+        assert b.call("t/blaster/0", "r2000|t|small|0") == ("err 2 payload of 2000 bytes exceeds the limit of 1000 "
+                                                             "bytes (max_message_bytes of t/small/0)")
+        assert b.call("t/blaster/0", "r1048576|t|echo|0") == (
+            "err 2 payload of 1048576 bytes does not fit the NATS server's max_payload of 1048576 bytes (with 1024 "
+            "bytes for headers)")
+        assert b.call("t/blaster/0", "r4096|t|echo|0") == "ok"
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        server.kill()
