@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
@@ -187,6 +188,20 @@ class Link:
                 await sub.unsubscribe()
         self._subs.clear()
         log.info("lattice_leaving", host=self.host)
+
+    def snapshot(self) -> dict[str, object]:
+        """The lattice as this host sees it (for `wasmhost status --lattice`): this host, the link, and every
+        other host with the components it runs, as plain data (event loop)."""
+        now = time.monotonic()
+        return {
+            "host": self.host, "lattice": self.settings.name, "connected": self.connected, "url": self._url(),
+            "cause": self.cause, "inventory_version": self._inventory_version,
+            "components": [msgspec.to_builtins(e) for e in self._inventory],
+            "hosts": [{"host": r.host, "seen_s_ago": round(now - r.last_seen, 3),
+                       "heartbeat_s": r.heartbeat.heartbeat_s, "inventory_version": r.inventory_version,
+                       "components": [msgspec.to_builtins(e) for e in r.components.values()]}
+                      for r in sorted(self.directory.hosts.values(), key=lambda r: r.host)],
+        }
 
     @property
     def connected(self) -> bool:
