@@ -157,6 +157,9 @@ def test_sends_broadcasts_and_large_payloads_cross_hosts(tmp_path: Path, nats_se
     assert b.call("t/blaster/0", "s5|t|echo|0") == "ok"
     rejected = wait_for_log(b, "lattice_send_rejected")
     assert rejected["target"] == "t/echo/0" and "capability denied" in str(rejected["detail"])
+    assert b.call("t/blaster/0", "b5|t|echo|0") == "ok"  # the receiving host checks broadcast as broadcast
+    until("the broadcast is refused", lambda: any("may not broadcast to t/echo/0" in str(e.get("detail"))
+                                                  for e in b.events() if e["event"] == "lattice_send_rejected"))
     # 1 MiB across hosts: the host's own call and a guest's request
     big = tmp_path / "big.bin"
     big.write_bytes(b"0123456789abcdef" * 65536)

@@ -373,9 +373,10 @@ class Link:
             headers[wire.TIMEOUT_MS] = str(timeout_ms)
         return headers
 
-    def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
-        """RemotePort: publish a send (its rejection comes back to be logged)."""
-        self.publish(self.subjects.message(target), payload, self._headers(wire.KIND_SEND, sender),
+    def send(self, sender: ComponentId, target: ComponentId, payload: bytes, action: str = "send") -> None:
+        """RemotePort: publish a send or one target of a broadcast (its rejection comes back to be logged)."""
+        kind = wire.KIND_BROADCAST if action == "broadcast" else wire.KIND_SEND
+        self.publish(self.subjects.message(target), payload, self._headers(kind, sender),
                       self.subjects.reply(self.host, SEND_TOKEN))
 
     def request(self, sender: ComponentId, target: ComponentId, payload: bytes, correlation_id: str,
