@@ -48,6 +48,8 @@ HEADER_ROOM = 1024
 CONNECT_RETRY_S = (0.2, 5.0)
 """First and longest wait between two attempts at the first connection."""
 INVENTORY_TIMEOUT_S = 2.0
+CHANGE_BATCH_S = 0.1
+"""Local changes within this many seconds of the first are told to the lattice together."""
 SEND_TOKEN = "send"
 """The answer subject token of sends (their answers only matter when they are rejections)."""
 
@@ -258,7 +260,9 @@ class Link:
                 self._host_left(host)
             self._forget_settled()
             with anyio.move_on_after(interval):
-                await self._changed.wait()  # a component came or went: tell the lattice now
+                await self._changed.wait()  # a component came or went: tell the lattice soon
+                # ... but not once per component: a start-up of thousands comes in bursts, taken together
+                await anyio.sleep(min(CHANGE_BATCH_S, interval))
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
