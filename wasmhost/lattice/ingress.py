@@ -121,11 +121,12 @@ class Ingress:
 
     def _answer(self, reply: str, payload: bytes, outcome: str, target: ComponentId, detail: str = "",
                 error: str | None = None) -> None:
-        headers = {wire.OUTCOME: outcome, wire.HOST: self.link.host, wire.TARGET: str(target)}
+        headers = {wire.OUTCOME: outcome, wire.HOST: self.link.host}
         if detail:
             headers[wire.DETAIL] = wire.one_line(detail)
-        if error is not None:
+        if error is not None:  # a rejection: the sender's host logs it, naming the target
             headers[wire.ERROR] = error
+            headers[wire.TARGET] = str(target)
         self.link.publish(reply, payload, headers)
 
 

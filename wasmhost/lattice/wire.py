@@ -12,7 +12,7 @@ Headers of a message: Wasmhost-Kind (send|request|broadcast), Wasmhost-Sender, W
 external clients), Wasmhost-Correlation-Id, Wasmhost-Timeout-Ms, Wasmhost-Ack, Content-Type. Headers of an answer:
 Wasmhost-Outcome (reply|no-reply|failed|timeout|target-stopped|queued|rejected), Wasmhost-Detail (one line),
 Wasmhost-Error (the messaging-error case, for `rejected`), Wasmhost-Host (the host that answered),
-Wasmhost-Target (the component it was for).
+Wasmhost-Target (the component it was for, on `rejected`).
 """
 
 from __future__ import annotations
