@@ -157,6 +157,9 @@ class Link:
             if cause != self._unreachable_logged:  # once per cause, not on every attempt
                 log.warning("lattice_unreachable", urls=list(self.settings.urls), cause=cause)
                 self._unreachable_logged = cause
+        elif self.connected:  # e.g. a slow consumer: nats-py dropped messages (their requests will time out)
+            log.warning("lattice_error", url=self._url(), cause=cause)
+            return
         self.cause = cause
 
     async def _on_disconnected(self) -> None:
