@@ -157,9 +157,8 @@ class Link:
             if cause != self._unreachable_logged:  # once per cause, not on every attempt
                 log.warning("lattice_unreachable", urls=list(self.settings.urls), cause=cause)
                 self._unreachable_logged = cause
-        elif self.connected:  # e.g. a slow consumer: nats-py dropped messages (their requests will time out)
-            log.warning("lattice_error", url=self._url(), cause=cause)
-            return
+        elif self.connected:  # a slow consumer (nats-py dropped messages: their requests time out), or the
+            log.warning("lattice_error", url=self._url(), cause=cause)  # first sign of a disconnection
         self.cause = cause
 
     async def _on_disconnected(self) -> None:
