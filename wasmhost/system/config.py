@@ -23,6 +23,7 @@ from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_CEILING, WASMTIME_LIST_U8_CEILING
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
+from wasmhost.lattice.settings import LatticeSection, LatticeSettings, lattice_settings
 from wasmhost.runtime.loader import check_header
 from wasmhost.security.capabilities import Capabilities as Grants
 from wasmhost.system.listen import ListenAddress, parse_listen
@@ -84,6 +85,7 @@ class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_burst: Positive | None = None
     max_message_bytes: Positive | None = None
     rollout_check_s: CheckSeconds | None = None
+    accept_external: bool = False  # lattice: plain NATS clients may message it
 
 
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -118,6 +120,7 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     host: HostSection = msgspec.field(default_factory=HostSection)
     components: list[ComponentSection] = msgspec.field(default_factory=list)
+    lattice: LatticeSection | None = None
 
 
 class ConfigError(Exception):
@@ -143,6 +146,8 @@ class ComponentPlan:
     """Whether the component may import wasi:http: outbound HTTP(S) to any host, all or nothing."""
     rollout_check_s: float = DEFAULT_ROLLOUT_CHECK_S
     """Seconds a new version of it must stay up and healthy after a reload, or the previous one comes back."""
+    accept_external: bool = False
+    """Whether plain NATS clients (no wasmhost host behind them) may message it through the lattice."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,10 @@ class Config:
     warnings: list[str] = field(default_factory=list)
     metrics: ListenAddress | None = None
     """Where the Prometheus endpoint listens ([host] metrics), None when off."""
+    lattice: LatticeSettings | None = None
+    """The `[lattice]` section; None: a single host, no NATS."""
+    remote_grants: tuple[tuple[ComponentId, Grants], ...] = ()
+    """What components of other hosts may do to this host's components (`[[lattice.grants]]`)."""
 
     @property
     def cache_dir(self) -> Path:
@@ -387,7 +396,8 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
     )
     quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
     check = host.rollout_check_s if section.rollout_check_s is None else section.rollout_check_s
-    return ComponentPlan(spec, wasm, section.capabilities, quota, grants, section.outbound_http, check)
+    return ComponentPlan(spec, wasm, section.capabilities, quota, grants, section.outbound_http, check,
+                         section.accept_external)
 
 
 def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes | None:
@@ -439,8 +449,8 @@ def parse_config(text: str, source: Path) -> Config:
         raise ConfigError(str(source), [f"not valid TOML: {exc}"]) from None
     errors: list[str] = []
     for key in raw:
-        if key not in ("host", "components"):
-            errors.append(f"{key}: unknown key (expected host or components)")
+        if key not in ("host", "components", "lattice"):
+            errors.append(f"{key}: unknown key (expected host, components or lattice)")
     # A bad [host] value takes its default; the good ones (components_dir above all) still apply, so that
     # the errors reported about components are the true ones.
     host = _check(raw.get("host", {}), HostSection, "host", errors, keep_valid=True) or HostSection()
@@ -514,10 +524,34 @@ def parse_config(text: str, source: Path) -> Config:
         plan = _plan(index, section, host, base, components_dir, defaults, errors, binaries)
         if plan is not None:
             plans.append(plan)
+    lattice, remote_grants = _lattice(raw, base, errors)
     if errors:
         raise ConfigError(str(source), errors)
     return Config(source, host, components_dir, state_dir, control_socket, socket_mode, socket_gid, control_uids,
-                  plans, _pattern_warnings(plans), metrics)
+                  plans, _pattern_warnings(plans), metrics, lattice, remote_grants)
+
+
+def _lattice(raw: dict[str, Any], base: Path, errors: list[str]
+             ) -> tuple[LatticeSettings | None, tuple[tuple[ComponentId, Grants], ...]]:
+    """The `[lattice]` settings (None when absent) and its remote grants, parsed as capabilities."""
+    if "lattice" not in raw:
+        return None, ()
+    section = _check(raw["lattice"], LatticeSection, "lattice", errors, keep_valid=True)
+    if section is None:
+        return None, ()
+    settings = lattice_settings(section, base, errors)
+    grants = []
+    for index, grant in enumerate(section.grants):
+        where = f"lattice.grants[{index}]"
+        try:
+            cid = ComponentId.parse(grant.id)
+        except InvalidComponentId as exc:
+            errors.append(f"{where}.id: {exc}")
+            continue
+        parsed, bad = Grants.parse(grant.send, grant.request, grant.broadcast, False, None)
+        errors.extend(f"{where}.{error}" for error in bad)
+        grants.append((cid, parsed))
+    return settings, tuple(grants)
 
 
 def load_config(path: Path) -> Config:

@@ -34,6 +34,7 @@ from wasmhost.core.errors import HostError, LoadError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.metadata import HealthStatus
 from wasmhost.core.private_files import private_dir
+from wasmhost.lattice.wire import InventoryEntry
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.engine import EngineSettings
@@ -156,6 +157,7 @@ class Daemon:
         self.supervisor: Supervisor
         self.status_table: StatusTable
         self.control: ControlServer
+        self.link: Any = None  # wasmhost.lattice.link.Link with [lattice]
 
     # --- running ---
 
@@ -171,6 +173,7 @@ class Daemon:
         stores = HostStores(self.runtime, self.router, self.storage, self.permissions)
         self.supervisor = Supervisor(stores, self.router, self.workers)
         self.status_table = StatusTable(self.deployments, self.supervisor.actors, self.supervisor.changes)
+        link = self._lattice(stores)
         self.control = ControlServer(self.config.control_socket, self.config.socket_mode, self.handle,
                                      self.config.socket_gid, allowed_uids=self.config.control_uids)
         try:
@@ -196,6 +199,8 @@ class Daemon:
                     tasks.start_soon(self._signals, signals, reloads_in, name="signals")
                     tasks.start_soon(self._reloads, reloads_out, name="reloads")
                     tasks.start_soon(self._watchdog, name="watchdog")
+                    if link is not None:  # connects in the background: READY does not wait for NATS
+                        tasks.start_soon(link.run, name="lattice")
                     with self._startup:
                         await self._start_up()
                     await self._stop.wait()
@@ -207,6 +212,40 @@ class Daemon:
                 await self.control.close()  # bounded (control.ANSWER_TIMEOUT and a second); at once if closed
         log.info("stopped")
         return 0
+
+    def _lattice(self, stores: HostStores) -> Any:
+        """The lattice link when the config has [lattice] (nats-py is imported only then), wired into the
+        router (remote targets), the guests' directory and the capability checks (remote senders)."""
+        settings = self.config.lattice
+        if settings is None:
+            return None
+        from wasmhost.lattice.directory import LatticeDirectory
+        from wasmhost.lattice.link import Link
+
+        link = Link(settings, self.router, self._inventory, self._accepts_external)
+        self.router.remote = link
+        stores.directory = LatticeDirectory(self.supervisor, link.directory)
+        for cid, grants in self.config.remote_grants:
+            if cid not in self.deployments:  # a component running here keeps its own grants
+                self.permissions.grant(cid, grants)
+        self.link = link
+        return link
+
+    def _inventory(self) -> list[InventoryEntry]:
+        """What this host runs, for the lattice's directory."""
+        entries = []
+        for cid, actor in self.supervisor.actors.items():
+            deployment = self.deployments.get(cid)
+            meta = actor.metadata
+            entries.append(InventoryEntry(actor.name, actor.state.value, actor.health.value,
+                                          deployment is not None and deployment.plan.accept_external,
+                                          meta.name if meta else "", meta.version if meta else "",
+                                          actor.max_message_bytes))
+        return entries
+
+    def _accepts_external(self, cid: ComponentId) -> bool:
+        deployment = self.deployments.get(cid)
+        return deployment is not None and deployment.plan.accept_external
 
     async def _start_up(self) -> None:
         """Deploy the configured components; READY=1 once every first attempt has ended."""
@@ -249,6 +288,9 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.notifier.notify("STOPPING=1")
+        if self.link is not None:  # replicas on other hosts take what arrives from now on
+            with anyio.move_on_after(2.0):
+                await self.link.leave()
         for actor in self.supervisor.actors.values():
             actor.mailbox.seal()  # stop accepting new messages everywhere before draining
         await self.supervisor.stop_all(self.config.host.drain_timeout_s)
@@ -411,6 +453,9 @@ class Daemon:
                 *(f"  {e}" for e in exc.errors)])
         problems = [f"host.{key}: changed from {old!r} to {value!r}; [host] settings are read only at start: "
                     "restart wasmhost to apply them" for key, old, value in _host_changes(self.config, new)]
+        if (self.config.lattice, self.config.remote_grants) != (new.lattice, new.remote_grants):
+            problems.append("lattice: changed; [lattice] settings are read only at start: restart wasmhost to "
+                            "apply them")
         added, removed, changed, unchanged = await self._diff(new)
         wanted = {p.spec.component_id: p for p in new.components}
         loaded: dict[ComponentId, LoadedComponent] = {}
@@ -616,7 +661,8 @@ class Daemon:
             return protocol.Response(True, data={"components": self.status_table.rows(),
                                                  "storage_io_errors": self.storage.io_errors,
                                                  "storage_last_error": self.storage.last_io_error,
-                                                 "log_lines_dropped": lines_dropped()})
+                                                 "log_lines_dropped": lines_dropped(),
+                                                 "lattice": self.link.snapshot() if self.link is not None else None})
         if isinstance(request, protocol.Reload):
             report = await self.reload()
             nothing_changed = report.outcome in ("rejected", "refused", "failed")

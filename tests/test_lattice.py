@@ -1,0 +1,282 @@
+"""The lattice end to end: real daemons (subprocesses) on a real nats-server, loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import nats
+import nats.errors
+
+from tests import lattice_support
+from tests.lattice_support import NatsServer, lattice_daemon, wait_for_log
+from tests.test_daemon import Daemon, component
+
+nats_server = lattice_support.nats_server  # the fixtures this module uses
+daemons = lattice_support.daemons
+
+ECHO = component("t/echo/0", "echo")
+
+
+def until(what: str, check: object, timeout: float = 30.0) -> object:
+    """Call `check` until it returns something true (bounded); that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()  # type: ignore[operator]
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)  # the daemons are subprocesses: polling their answers is all there is
+
+
+def test_a_host_calls_a_component_on_another_host(tmp_path: Path, nats_server: NatsServer,
+                                                  daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", ECHO, [nats_server.url], "host-a", daemons)
+    b = lattice_daemon(tmp_path / "b", component("t/other/0", "counter"), [nats_server.url], "host-b", daemons)
+    wait_for_log(b, "lattice_connected")
+    until("b sees the echo", lambda: b.cli("call", "t/echo/0", "across").stdout.rstrip("\n") == "across")
+    assert a.stop() == 0 and b.stop() == 0
+
+
+REMOTE_GRANT = '[[lattice.grants]]\nid = "t/caller/0"\nrequest = ["t/*"]\nsend = ["t/*"]\nbroadcast = ["t/*"]\n'
+SERVED = (ECHO + component("t/quiet/0", "pinger") + component("t/trap/0", "trapper")
+          + component("t/slow/0", "services"))
+CALLER = component("t/caller/0", "callback", 'capabilities = { request = ["t/*"] }')
+
+
+def ask(d: Daemon, target: str, data: str) -> dict[str, str]:
+    """Have the callback guest on `d` request `data` from `target`; wait for the callback and read it."""
+    before = int(d.call("t/caller/0", "?callbacks") or 0)
+    d.call("t/caller/0", f"{target.replace('/', '|')}|{data}")
+    until(f"a callback from {target}", lambda: int(d.call("t/caller/0", "?callbacks") or 0) > before, 20)
+    return {what: d.call("t/caller/0", f"?last-{what}") for what in ("payload", "content-type", "sender")}
+
+
+def test_guest_requests_across_hosts_end_with_every_outcome(tmp_path: Path, nats_server: NatsServer,
+                                                             daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", SERVED, [nats_server.url], "host-a", daemons, extra=REMOTE_GRANT)
+    b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
+    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    reply = ask(b, "t/echo/0", "over the lattice")
+    assert reply == {"payload": "over the lattice", "content-type": "", "sender": "t/echo/0"}
+    outcome = "application/vnd.wasmhost.outcome+json"
+    quiet = ask(b, "t/quiet/0", "z1")
+    assert (quiet["content-type"], json.loads(quiet["payload"])["outcome"]) == (outcome, "no-reply")
+    trapped = ask(b, "t/trap/0", "boom")
+    assert json.loads(trapped["payload"])["outcome"] == "failed" and "unreachable" in trapped["payload"]
+    slow = ask(b, "t/slow/0", "sleep 5600")  # the callback guest's requests wait 5 s
+    assert json.loads(slow["payload"]) == {"outcome": "timeout", "detail": "no reply from t/slow/0 in time"}
+    missing = b.cli("call", "t/caller/0", "t|ghost|0|x")
+    assert "request failed: target-not-found" in missing.stderr
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_remote_senders_need_a_grant_on_the_receiving_host(tmp_path: Path, nats_server: NatsServer,
+                                                          daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", ECHO, [nats_server.url], "host-a", daemons)  # no [[lattice.grants]]
+    b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
+    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    denied = ask(b, "t/echo/0", "let me in")
+    report = json.loads(denied["payload"])
+    assert report["outcome"] == "failed"
+    assert "capability denied: t/caller/0 may not request to t/echo/0" in report["detail"]
+    assert "rejected" in report["detail"]
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def nats_call(url: str, subject: str, payload: bytes, headers: dict[str, str] | None = None,
+              timeout: float = 10.0) -> tuple[bytes, dict[str, str]]:
+    """A plain nats-py client's request (no wasmhost code on its side): the answer's payload and headers."""
+    async def go() -> tuple[bytes, dict[str, str]]:
+        nc = await nats.connect(url)
+        try:
+            answer = await nc.request(subject, payload, timeout=timeout, headers=headers)
+            return answer.data, dict(answer.headers or {})
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def test_plain_nats_clients_reach_only_components_that_accept_external(tmp_path: Path, nats_server: NatsServer,
+                                                                       daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true")
+                       + component("t/counter/0", "counter"), [nats_server.url], "host-a", daemons)
+    wait_for_log(a, "lattice_connected")
+    data, headers = until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.msg.t.echo.0",
+                                                               b"hello"))
+    assert data == b"hello" and headers["Wasmhost-Outcome"] == "reply" and headers["Wasmhost-Host"] == "host-a"
+    data, headers = nats_call(nats_server.url, "wasmhost.default.msg.t.counter.0", b"x")
+    assert headers["Wasmhost-Outcome"] == "rejected" and headers["Wasmhost-Error"] == "delivery-failed"
+    assert "t/counter/0 does not accept messages from external clients" in headers["Wasmhost-Detail"]
+    data, headers = nats_call(nats_server.url, "wasmhost.default.msg.t.echo.0", b"fire",
+                              {"Wasmhost-Kind": "send", "Wasmhost-Sender": "t/counter/0"})
+    assert headers["Wasmhost-Outcome"] == "queued"  # a send, acknowledged once in the mailbox
+    assert a.call("t/counter/0", "") == "1"  # the refused message never reached it
+    assert a.stop() == 0
+
+
+def row(d: Daemon, cid: str) -> dict[str, object]:
+    """The status row of component `cid` of daemon `d`."""
+    rows = json.loads(d.cli("status", "--json").stdout)["components"]
+    return dict(next(r for r in rows if r["id"] == cid))
+
+
+def handled(d: Daemon, cid: str) -> int:
+    """How many messages component `cid` of daemon `d` has handled."""
+    return int(row(d, cid)["handled"])  # type: ignore[call-overload]
+
+
+def _try_call(url: str, subject: str, payload: bytes) -> tuple[bytes, dict[str, str]] | None:
+    try:
+        return nats_call(url, subject, payload, timeout=2)
+    except nats.errors.NoRespondersError:
+        return None  # not subscribed yet
+
+
+BLASTER = component("t/blaster/0", "blaster", 'capabilities = { send = ["t/*"], request = ["t/*"], '
+                    'broadcast = ["t/*"] }')
+BLASTER_GRANT = '[[lattice.grants]]\nid = "t/blaster/0"\nsend = ["t/counter/*"]\nbroadcast = ["t/counter/*"]\n' \
+    'request = ["t/*"]\n'
+
+
+def test_sends_broadcasts_and_large_payloads_cross_hosts(tmp_path: Path, nats_server: NatsServer,
+                                                         daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", ECHO + component("t/counter/0", "counter"), [nats_server.url], "host-a",
+                       daemons, extra=BLASTER_GRANT)
+    b = lattice_daemon(tmp_path / "b", BLASTER + component("t/counter/1", "counter"), [nats_server.url], "host-b",
+                       daemons)
+    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    assert b.call("t/blaster/0", "s5|t|counter|0") == "ok"
+    assert b.call("t/blaster/0", "b5|t|counter|0") == "ok"
+    until("both arrived", lambda: a.call("t/counter/0", "") == "3")
+    # a remote send the target's host refuses (no grant to send to the echo) is logged on the sender's host
+    assert b.call("t/blaster/0", "s5|t|echo|0") == "ok"
+    rejected = wait_for_log(b, "lattice_send_rejected")
+    assert rejected["target"] == "t/echo/0" and "capability denied" in str(rejected["detail"])
+    assert b.call("t/blaster/0", "b5|t|echo|0") == "ok"  # the receiving host checks broadcast as broadcast
+    until("the broadcast is refused", lambda: any("may not broadcast to t/echo/0" in str(e.get("detail"))
+                                                  for e in b.events() if e["event"] == "lattice_send_rejected"))
+    # 1 MiB across hosts: the host's own call and a guest's request
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"0123456789abcdef" * 65536)
+    result = b.cli("call", "t/echo/0", f"@{big}")
+    assert result.returncode == 0 and result.stdout.rstrip("\n").encode() == big.read_bytes(), result.stderr
+    assert b.call("t/blaster/0", "r1048576|t|echo|0") == "ok"
+    until("the echo handled the 1 MiB request", lambda: handled(a, "t/echo/0") >= 3)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_list_components_and_metadata_see_other_hosts(tmp_path: Path, nats_server: NatsServer,
+                                                     daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", ECHO, [nats_server.url], "host-a", daemons)
+    b = lattice_daemon(tmp_path / "b", component("t/services/0", "services"), [nats_server.url], "host-b", daemons)
+    listed = until("b lists a's echo", lambda: "t/echo/0" in b.call("t/services/0", "list").split("\n")
+                   and b.call("t/services/0", "list"))
+    assert set(str(listed).split("\n")) == {"t/services/0", "t/echo/0"}
+    assert b.call("t/services/0", "meta t|echo|0").endswith("healthy")
+    seen = json.loads(b.cli("status", "--json").stdout)["lattice"]
+    assert seen["host"] == "host-b" and seen["connected"] and seen["url"] == nats_server.url
+    assert [h["host"] for h in seen["hosts"]] == ["host-a"]
+    assert [(c["id"], c["state"]) for c in seen["hosts"][0]["components"]] == [("t/echo/0", "running")]
+    assert a.stop() == 0
+    until("a's echo leaves b's directory", lambda: b.call("t/services/0", "list") == "t/services/0", 15)
+    assert b.stop() == 0
+
+
+def test_nats_down_at_start_then_up(tmp_path: Path, daemons: list[Daemon]) -> None:
+    server = NatsServer(tmp_path / "nats")  # not started yet
+    try:
+        b = lattice_daemon(tmp_path / "b", CALLER + ECHO.replace("t/echo/0", "t/local/0"), [server.url], "host-b",
+                           daemons)  # READY without NATS
+        assert wait_for_log(b, "lattice_unreachable")["urls"] == [server.url]
+        assert b.call("t/local/0", "still local") == "still local"
+        failed = b.cli("call", "t/caller/0", "t|echo|0|x")
+        assert "request failed: delivery-failed" in failed.stderr
+        remote = b.cli("call", "t/echo/0", "x")
+        assert remote.returncode == 1 and "the lattice is unreachable" in remote.stderr
+        assert "Connect call failed" in remote.stderr or "cannot connect" in remote.stderr
+        server.start()
+        assert wait_for_log(b, "lattice_connected")["url"] == server.url
+        a = lattice_daemon(tmp_path / "a", ECHO, [server.url], "host-a", daemons, extra=REMOTE_GRANT)
+        until("b reaches a's echo", lambda: b.cli("call", "t/echo/0", "now").stdout.rstrip("\n") == "now")
+        assert ask(b, "t/echo/0", "via the guest")["payload"] == "via the guest"
+        server.kill()  # NATS goes away while both run: logged, remote fails fast, local is untouched
+        wait_for_log(b, "lattice_disconnected")
+        assert "delivery-failed" in b.cli("call", "t/caller/0", "t|echo|0|x").stderr
+        assert b.call("t/local/0", "fine") == "fine"
+        server.start()
+        wait_for_log(b, "lattice_reconnected")
+        until("b reaches a's echo again", lambda: b.cli("call", "t/echo/0", "back").stdout.rstrip("\n") == "back")
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        server.kill()
+
+
+def test_a_host_killed_mid_request_ends_it_and_replicas_take_new_ones(tmp_path: Path, nats_server: NatsServer,
+                                                                       daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", SERVED, [nats_server.url], "host-a", daemons, extra=REMOTE_GRANT)
+    c = lattice_daemon(tmp_path / "c", ECHO, [nats_server.url], "host-c", daemons, extra=REMOTE_GRANT)
+    b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
+    until("b sees a", lambda: b.cli("call", "t/slow/0", "self").stdout.rstrip("\n") == "t/slow/0")
+    before = int(b.call("t/caller/0", "?callbacks") or 0)
+    b.call("t/caller/0", "t|slow|0|sleep 4000")
+    until("a's guest handles the request", lambda: row(a, "t/slow/0")["in_hand"] == 1, 10)
+    a.proc.kill()
+    a.proc.wait()
+    until("the pending request ends", lambda: int(b.call("t/caller/0", "?callbacks") or 0) > before, 10)
+    report = json.loads(b.call("t/caller/0", "?last-payload"))
+    assert report == {"outcome": "target-stopped",
+                      "detail": "host host-a left the lattice (no heartbeat) with the request"}
+    gone = b.cli("call", "t/slow/0", "self")  # only a ran it: NATS has no responders, or the directory forgot it
+    assert gone.returncode == 1 and "target-not-found: t/slow/0" in gone.stderr
+    for n in range(5):  # the echo's other replica answers every new request
+        assert ask(b, "t/echo/0", f"after {n}")["payload"] == f"after {n}"
+    assert c.stop() == 0 and b.stop() == 0
+
+
+def test_replicas_on_two_hosts_share_the_load(tmp_path: Path, nats_server: NatsServer,
+                                              daemons: list[Daemon]) -> None:
+    hasher = component("t/hash/0", "hasher", "accept_external = true")
+    a = lattice_daemon(tmp_path / "a", hasher, [nats_server.url], "host-a", daemons)
+    b = lattice_daemon(tmp_path / "b", hasher, [nats_server.url], "host-b", daemons)
+    wait_for_log(a, "lattice_connected")
+    wait_for_log(b, "lattice_connected")
+
+    async def many() -> list[str]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            answers = await asyncio.gather(*(nc.request("wasmhost.default.msg.t.hash.0", b"20000", timeout=20)
+                                             for _ in range(60)))
+            return [m.headers["Wasmhost-Host"] for m in answers if m.headers]
+        finally:
+            await nc.close()
+
+    until("both replicas subscribed", lambda: _try_call(nats_server.url, "wasmhost.default.msg.t.hash.0", b"1"))
+    hosts = asyncio.run(many())
+    assert len(hosts) == 60
+    assert hosts.count("host-a") > 0 and hosts.count("host-b") > 0
+    assert handled(a, "t/hash/0") + handled(b, "t/hash/0") >= 60
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_payloads_too_large_for_the_target_or_for_nats_fail_fast_naming_both_sizes(tmp_path: Path,
+                                                                                    daemons: list[Daemon]) -> None:
+    server = NatsServer(tmp_path / "nats", max_payload=1024 * 1024).start()  # nats-server's default
+    try:
+        a = lattice_daemon(tmp_path / "a", ECHO + component("t/small/0", "echo", "max_message_bytes = 1000"),
+                           [server.url], "host-a", daemons, extra=BLASTER_GRANT)
+        b = lattice_daemon(tmp_path / "b", BLASTER, [server.url], "host-b", daemons)
+        until("b sees a's components", lambda: b.cli("call", "t/small/0", "x").returncode == 0)
+        assert b.call("t/blaster/0", "r2000|t|small|0") == ("err 2 payload of 2000 bytes exceeds the limit of 1000 "
+                                                             "bytes (max_message_bytes of t/small/0)")
+        assert b.call("t/blaster/0", "r1048576|t|echo|0") == (
+            "err 2 payload of 1048576 bytes does not fit the NATS server's max_payload of 1048576 bytes (with 1024 "
+            "bytes for headers)")
+        assert b.call("t/blaster/0", "r4096|t|echo|0") == "ok"
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        server.kill()
