@@ -202,6 +202,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     last error."""
     from wasmhost.system import protocol
 
+    if args.lattice:
+        return _status_lattice(args)
     response = _ask(args, protocol.Status())
     if response is None:
         return EXIT_FAILED
@@ -229,6 +231,37 @@ def cmd_status(args: argparse.Namespace) -> int:
         data = response.data
         print(f"storage: {data['storage_io_errors']} I/O error(s), last: {data['storage_last_error']}")
     return EXIT_OK
+
+
+def _status_lattice(args: argparse.Namespace) -> int:
+    """`status --lattice`: every host of the lattice and where each component runs, from the local
+    daemon's directory (built from heartbeats and inventories, so a few seconds old at most)."""
+    from wasmhost.system import protocol
+
+    response = _ask(args, protocol.LatticeStatus())
+    if response is None:
+        return EXIT_FAILED
+    view = response.data
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return EXIT_OK
+    link = "connected to NATS" if view["connected"] else "NOT connected to NATS: remote hosts as last seen"
+    print(f"lattice {view['lattice']}: {len(view['hosts'])} host(s), seen from {view['host']} ({link})")
+    print(_table(["host", "last seen", "components"],
+                 [[h["host"], "local" if h["local"] else f"{h['last_seen_s']:.1f} s ago", str(h["components"])]
+                  for h in view["hosts"]]))
+    print()
+    print(_table(["id", "host", "state", "health", "external"],
+                 [[c["id"], c["host"], c["state"], c["health"] or "-", "yes" if c["accepts_external"] else "no"]
+                  for c in view["components"]]))
+    return EXIT_OK
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns under upper-case headers, two spaces apart."""
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    lines = [[c.upper() for c in columns], *rows]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -445,8 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="overrides host.log_format; auto is console on a terminal, JSON lines otherwise")
     add("check", cmd_check, "validate the configuration and compile every component").add_argument(
         "config_file", nargs="?", metavar="CONFIG", help="configuration file (same as --config)")
-    add("status", cmd_status, "show the state of every component", control=True).add_argument(
-        "--json", action="store_true", help="machine-readable output")
+    status = add("status", cmd_status, "show the state of every component", control=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--lattice", action="store_true",
+                        help="every host of the lattice and where each component runs (the daemon's [lattice])")
     payload_help = "the bytes to send; @FILE sends a file's contents, @- stdin, @@TEXT the literal @TEXT"
     send = add("send", cmd_send, "send PAYLOAD (or @FILE) to component ID", control=True)
     send.add_argument("id")

@@ -67,7 +67,12 @@ class Restart(msgspec.Struct, tag="restart", forbid_unknown_fields=True):
     id: str
 
 
-Request = Status | Send | Call | Reload | Stop | Start | Restart
+class LatticeStatus(msgspec.Struct, tag="lattice-status", forbid_unknown_fields=True):
+    """Ask for the lattice as this daemon's directory sees it: every host and where each component runs
+    (answered with a LatticeView; an error when the daemon has no [lattice])."""
+
+
+Request = Status | Send | Call | Reload | Stop | Start | Restart | LatticeStatus
 
 
 class StatusRow(msgspec.Struct, gc=False):
@@ -87,6 +92,41 @@ class StatusRow(msgspec.Struct, gc=False):
     failed: int
     last_error: str | None
     rollout: str | None
+
+
+class LatticeHostRow(msgspec.Struct):
+    """One host in a `lattice-status` answer."""
+
+    host: str
+    local: bool
+    """Whether this is the answering daemon itself."""
+    last_seen_s: float | None
+    """Seconds since its last heartbeat arrived (None for the local host)."""
+    components: int
+    """Components it runs (its inventory's size)."""
+
+
+class LatticeComponentRow(msgspec.Struct):
+    """One component on one host in a `lattice-status` answer (a component with replicas has a row per host)."""
+
+    id: str
+    host: str
+    state: str
+    health: str | None
+    accepts_external: bool
+
+
+class LatticeView(msgspec.Struct):
+    """The answer's data to `lattice-status` (sent as maps; the client reads dicts)."""
+
+    lattice: str
+    """The lattice name (subject prefix wasmhost.NAME)."""
+    host: str
+    """The answering daemon's host id."""
+    connected: bool
+    """Whether the daemon is connected to NATS right now."""
+    hosts: list[LatticeHostRow]
+    components: list[LatticeComponentRow]
 
 
 class Response(msgspec.Struct, forbid_unknown_fields=True):
