@@ -89,7 +89,7 @@ def host_config(template: Path, out: Path, state_dir: Path, components_dir: Path
     directory, so relative paths would no longer point where the template meant)."""
     text = template.read_text()
     for key, value in (("state_dir", str(state_dir)), ("components_dir", str(components_dir)),
-                       ("servers", [url])):
+                       ("urls", [url])):
         text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {_toml(value)}", text)
         if count != 1:
             raise SystemExit(f"{template}: expected exactly one `{key} = ...` line, found {count}")

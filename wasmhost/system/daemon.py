@@ -589,6 +589,10 @@ class Daemon:
                             stats.last_error, deployment.rollout))
         return rows
 
+    def lattice_status(self) -> protocol.Response:
+        """The answer to `status --lattice`: the lattice directory's view of every host and component."""
+        return protocol.Response(False, "this daemon is not part of a lattice: its configuration has no [lattice]")
+
     # --- control requests ---
 
     async def handle(self, request: protocol.Request) -> protocol.Response:
@@ -609,6 +613,8 @@ class Daemon:
             nothing_changed = report.outcome in ("rejected", "refused", "failed")
             return protocol.Response(not nothing_changed, "\n".join(report.problems) if nothing_changed else None,
                                      data=msgspec.to_builtins(report))
+        if isinstance(request, protocol.LatticeStatus):
+            return self.lattice_status()
         cid = ComponentId.parse(request.id)
         if isinstance(request, protocol.Send):
             await self.router.host_send(cid, request.payload, wait=request.wait, timeout=request.timeout)
