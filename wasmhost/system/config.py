@@ -22,6 +22,7 @@ from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_CEILING, WASMTIME_LIST_U8_CEILING
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
+from wasmhost.lattice.settings import LatticeSection, LatticeSettings, lattice_settings
 from wasmhost.runtime.loader import check_header
 from wasmhost.security.capabilities import Capabilities as Grants
 
@@ -82,6 +83,7 @@ class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_burst: Positive | None = None
     max_message_bytes: Positive | None = None
     rollout_check_s: CheckSeconds | None = None
+    accept_external: bool = False  # lattice: plain NATS clients may message it
 
 
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -113,6 +115,7 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     host: HostSection = msgspec.field(default_factory=HostSection)
     components: list[ComponentSection] = msgspec.field(default_factory=list)
+    lattice: LatticeSection | None = None
 
 
 class ConfigError(Exception):
@@ -138,6 +141,8 @@ class ComponentPlan:
     """Whether the component may import wasi:http: outbound HTTP(S) to any host, all or nothing."""
     rollout_check_s: float = DEFAULT_ROLLOUT_CHECK_S
     """Seconds a new version of it must stay up and healthy after a reload, or the previous one comes back."""
+    accept_external: bool = False
+    """Whether plain NATS clients (no wasmhost host behind them) may message it through the lattice."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,10 @@ class Config:
     control_uids: frozenset[int] | None  # None: anyone who can open the socket
     components: list[ComponentPlan]
     warnings: list[str] = field(default_factory=list)
+    lattice: LatticeSettings | None = None
+    """The `[lattice]` section; None: a single host, no NATS."""
+    remote_grants: tuple[tuple[ComponentId, Grants], ...] = ()
+    """What components of other hosts may do to this host's components (`[[lattice.grants]]`)."""
 
     @property
     def cache_dir(self) -> Path:
@@ -379,7 +388,8 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
     )
     quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
     check = host.rollout_check_s if section.rollout_check_s is None else section.rollout_check_s
-    return ComponentPlan(spec, wasm, section.capabilities, quota, grants, section.outbound_http, check)
+    return ComponentPlan(spec, wasm, section.capabilities, quota, grants, section.outbound_http, check,
+                         section.accept_external)
 
 
 def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes | None:
@@ -431,8 +441,8 @@ def parse_config(text: str, source: Path) -> Config:
         raise ConfigError(str(source), [f"not valid TOML: {exc}"]) from None
     errors: list[str] = []
     for key in raw:
-        if key not in ("host", "components"):
-            errors.append(f"{key}: unknown key (expected host or components)")
+        if key not in ("host", "components", "lattice"):
+            errors.append(f"{key}: unknown key (expected host, components or lattice)")
     # A bad [host] value takes its default; the good ones (components_dir above all) still apply, so that
     # the errors reported about components are the true ones.
     host = _check(raw.get("host", {}), HostSection, "host", errors, keep_valid=True) or HostSection()
@@ -501,10 +511,28 @@ def parse_config(text: str, source: Path) -> Config:
         plan = _plan(index, section, host, base, components_dir, defaults, errors, binaries)
         if plan is not None:
             plans.append(plan)
+    lattice, remote_grants = _lattice(raw, base, errors)
     if errors:
         raise ConfigError(str(source), errors)
     return Config(source, host, components_dir, state_dir, control_socket, socket_mode, socket_gid, control_uids,
-                  plans, _pattern_warnings(plans))
+                  plans, _pattern_warnings(plans), lattice, remote_grants)
+
+
+def _lattice(raw: dict[str, Any], base: Path, errors: list[str]
+             ) -> tuple[LatticeSettings | None, tuple[tuple[ComponentId, Grants], ...]]:
+    """The `[lattice]` settings (None when absent) and its remote grants, parsed as capabilities."""
+    if "lattice" not in raw:
+        return None, ()
+    section = _check(raw["lattice"], LatticeSection, "lattice", errors, keep_valid=True)
+    if section is None:
+        return None, ()
+    settings = lattice_settings(section, base, errors)
+    grants = []
+    for index, (cid, grant) in enumerate(settings.grants if settings is not None else ()):
+        parsed, bad = Grants.parse(grant.send, grant.request, grant.broadcast, False, None)
+        errors.extend(f"lattice.grants[{index}].{error}" for error in bad)
+        grants.append((cid, parsed))
+    return settings, tuple(grants)
 
 
 def load_config(path: Path) -> Config:

@@ -1,0 +1,111 @@
+"""The `[lattice]` config section: its schema and the checks of its meaning (files exist, URLs are NATS URLs).
+
+Absent, the daemon is a single host and nats-py is never imported.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+from wasmhost.core.ids import ComponentId, InvalidComponentId
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+DEFAULT_HEARTBEAT_S = 2.0
+URL_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+
+
+class TlsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`[lattice.tls]`: the CA that signs the servers, and this host's client certificate and key (optional)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+class RemoteGrant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`[[lattice.grants]]`: what a component of another host may do to this host's components."""
+
+    id: str
+    send: list[str] = msgspec.field(default_factory=list)
+    request: list[str] = msgspec.field(default_factory=list)
+    broadcast: list[str] = msgspec.field(default_factory=list)
+
+
+class LatticeSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The `[lattice]` table."""
+
+    urls: list[str] = msgspec.field(default_factory=lambda: [DEFAULT_URL])
+    name: str = "default"
+    host_id: str | None = None
+    credentials: str | None = None
+    tls: TlsSection = msgspec.field(default_factory=TlsSection)
+    heartbeat_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] = DEFAULT_HEARTBEAT_S
+    grants: list[RemoteGrant] = msgspec.field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LatticeSettings:
+    """A validated `[lattice]` with its files resolved."""
+
+    urls: tuple[str, ...]
+    name: str
+    host_id: str
+    heartbeat_s: float
+    credentials: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    grants: tuple[tuple[ComponentId, RemoteGrant], ...] = ()
+    """Grants for remote senders, their patterns unchecked: the system layer parses them (security)."""
+
+
+def _file(where: str, name: str | None, base: Path, errors: list[str]) -> Path | None:
+    if name is None:
+        return None
+    path = Path(name) if Path(name).is_absolute() else base / name
+    if not path.is_file():
+        errors.append(f"{where}: no file at {path}")
+        return None
+    return path
+
+
+def lattice_settings(section: LatticeSection, base: Path, errors: list[str]) -> LatticeSettings | None:
+    """The settings of a shape-checked `[lattice]` table, or None with its errors added (relative paths are
+    relative to the config file's directory `base`)."""
+    before = len(errors)
+    if not section.urls:
+        errors.append("lattice.urls: expected at least one NATS URL, got an empty array")
+    for index, url in enumerate(section.urls):
+        if not url.startswith(URL_SCHEMES) or len(url) <= len(url.split("://")[0]) + 3:
+            errors.append(f"lattice.urls[{index}]: expected a URL like \"nats://HOST:4222\" "
+                          f"(scheme one of {', '.join(s[:-3] for s in URL_SCHEMES)}), got \"{url}\"")
+    if not section.name.strip():
+        errors.append("lattice.name: expected a non-empty lattice name")
+    host_id = section.host_id if section.host_id is not None else socket.gethostname()
+    if not host_id.strip():
+        errors.append("lattice.host_id: expected a non-empty host id")
+    credentials = _file("lattice.credentials", section.credentials, base, errors)
+    tls = section.tls
+    ca = _file("lattice.tls.ca", tls.ca, base, errors)
+    cert = _file("lattice.tls.cert", tls.cert, base, errors)
+    key = _file("lattice.tls.key", tls.key, base, errors)
+    if (tls.cert is None) != (tls.key is None):
+        errors.append("lattice.tls: give both cert and key (a client certificate needs its key), or neither")
+    grants = []
+    for index, grant in enumerate(section.grants):
+        where = f"lattice.grants[{index}]"
+        try:
+            cid = ComponentId.parse(grant.id)
+        except InvalidComponentId as exc:
+            errors.append(f"{where}.id: {exc}")
+            continue
+        grants.append((cid, grant))
+    if len(errors) > before:
+        return None
+    return LatticeSettings(tuple(section.urls), section.name, host_id, section.heartbeat_s, credentials, ca, cert,
+                           key, tuple(grants))
