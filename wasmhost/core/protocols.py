@@ -102,3 +102,30 @@ class DirectoryPort(Protocol):
 
     def component_info(self, component: ComponentId) -> ComponentInfo:
         """Information about one component; raises ComponentError when unknown."""
+
+
+class RemotePort(Protocol):
+    """The other hosts of a lattice, as the router reaches them for targets it has no local recipient for.
+
+    `check` and the sends are called from guest threads and must never block on the network: they answer
+    at once (not connected, unknown lattice-wide, too large: MessagingError) and hand the publish to the loop.
+    """
+
+    def check(self, target: ComponentId, size: int) -> None:
+        """Raise MessagingError unless a message of `size` bytes can go to `target` on another host now."""
+
+    def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
+        """Publish a send to `target` (checked already); a rejection by the target's host is logged."""
+
+    def request(self, sender: ComponentId, target: ComponentId, payload: bytes, correlation_id: str,
+                timeout_ms: int) -> None:
+        """Publish a request whose answer comes back to the router's pending request `correlation_id`."""
+
+    async def host_request(self, target: ComponentId, payload: bytes, timeout: float) -> bytes | None:
+        """A request from the host itself to a remote `target`; raises RequestFailed / MessagingError."""
+
+    async def host_send(self, target: ComponentId, payload: bytes, timeout: float) -> None:
+        """A send from the host itself, returning once the target's host queued it (or raising why not)."""
+
+    def local_changed(self) -> None:
+        """The set of local components changed (their subscriptions and the inventory follow)."""

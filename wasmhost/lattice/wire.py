@@ -11,7 +11,8 @@ percent-encoded so that it holds no '.', '*', '>', whitespace or '%' (`%2E`, `%2
 Headers of a message: Wasmhost-Kind (send|request), Wasmhost-Sender, Wasmhost-Sender-Host (absent for
 external clients), Wasmhost-Correlation-Id, Wasmhost-Timeout-Ms, Content-Type. Headers of an answer:
 Wasmhost-Outcome (reply|no-reply|failed|timeout|target-stopped|queued|rejected), Wasmhost-Detail (one line),
-Wasmhost-Error (the messaging-error case, for `rejected`), Wasmhost-Host (the host that answered).
+Wasmhost-Error (the messaging-error case, for `rejected`), Wasmhost-Host (the host that answered),
+Wasmhost-Target (the component it was for).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ OUTCOME = "Wasmhost-Outcome"
 DETAIL = "Wasmhost-Detail"
 ERROR = "Wasmhost-Error"
 HOST = "Wasmhost-Host"
+TARGET = "Wasmhost-Target"
 
 KIND_SEND = "send"
 KIND_REQUEST = "request"

@@ -13,6 +13,11 @@ delivery-failed, too large -> invalid-message, and then nothing is sent); then e
 message, and targets whose mailbox is full or stopping are named in one delivery-failed error after
 the others got it.
 
+Remote targets (a lattice, see README "Lattice"): a target with no local recipient goes to `remote` when
+there is one; a local recipient is always preferred. The sender's capabilities are checked here as for a
+local target, and `remote.check` answers at once; a remote request is pending here like a local one (same
+deadline heap, cancel and callback), its answer arriving through `complete_remote`.
+
 The host's requests and sends that wait for mailbox room (`wasmhost call` / `send`) are bounded by
 their timeout as a whole: waiting for room, then for the reply. A request that times out or whose
 caller goes away (cancelled) is withdrawn from the mailbox if the actor has not taken it yet; if it
@@ -35,6 +40,7 @@ from wasmhost.core.errors import MessagingError
 from wasmhost.core.ids import HOST_ID, ComponentId
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, check_message_size, too_large
 from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.core.protocols import RemotePort
 from wasmhost.messaging.deadlines import RequestDeadlines
 from wasmhost.messaging.envelope import Delivery, Envelope
 from wasmhost.messaging.mailbox import Mailbox
@@ -90,6 +96,7 @@ class MessageRouter:
         self._prefix = secrets.token_hex(4)
         self._counter = itertools.count(1)
         self.late_responses = 0
+        self.remote: RemotePort | None = None  # the lattice, when the daemon is part of one
 
     # --- directory of recipients ---
 
@@ -97,10 +104,22 @@ class MessageRouter:
         """Make `recipient` reachable under its component id."""
         self._recipients[recipient.component_id] = recipient
         self._load_failures.pop(recipient.component_id, None)
+        if self.remote is not None:
+            self.remote.local_changed()
 
     def detach(self, component: ComponentId) -> None:
         """Make `component` unreachable."""
         self._recipients.pop(component, None)
+        if self.remote is not None:
+            self.remote.local_changed()
+
+    def local_components(self) -> list[ComponentId]:
+        """The components reachable on this host."""
+        return list(self._recipients)
+
+    def local_recipient(self, component: ComponentId) -> Recipient | None:
+        """The local recipient of `component`, or None."""
+        return self._recipients.get(component)
 
     def load_failed(self, component: ComponentId, reason: str | None) -> None:
         """Record that the configured `component` could not be loaded and why (None: forget it, it
@@ -120,15 +139,47 @@ class MessageRouter:
     # --- the MessagingPort protocol (called from guest threads) ---
 
     def _resolve(self, sender: ComponentId, action: str, target: ComponentId, size: int) -> Recipient:
+        """The local recipient for a message from `sender` (capabilities and size checked)."""
+        recipient = self._route(sender, action, target, size, remote=False)
+        assert recipient is not None  # only remote routes have none
+        return recipient
+
+    def _route(self, sender: ComponentId, action: str, target: ComponentId, size: int,
+               remote: bool = True) -> Recipient | None:
+        """The local recipient for a message from `sender`, or None when it goes to `self.remote` (checked
+        there); capabilities and size are checked either way."""
+        recipient = self._recipients.get(target)
+        if recipient is None:
+            if target in self._load_failures:
+                raise MessagingError("delivery-failed", self._not_accepting(target))
+            if not remote or self.remote is None:
+                raise MessagingError("target-not-found", target)
+        if self.permissions is not None and sender != HOST_ID:
+            self.permissions.check_message(sender, action, target)
+        if recipient is None:
+            self.remote.check(target, size)  # type: ignore[union-attr]  # not None: see above
+            return None
+        check_message_size(size, recipient.max_message_bytes, target)
+        return recipient
+
+    def accept_remote(self, sender: ComponentId, action: str, target: ComponentId, size: int,
+                      check_sender: bool = True) -> Recipient:
+        """The local recipient of a message that came from the lattice (never forwarded on: a target with
+        no local recipient is target-not-found); the sender's capabilities are checked on this host as if it
+        were local, unless `check_sender` is False (external clients, checked by the lattice itself)."""
         recipient = self._recipients.get(target)
         if recipient is None:
             if target in self._load_failures:
                 raise MessagingError("delivery-failed", self._not_accepting(target))
             raise MessagingError("target-not-found", target)
-        if self.permissions is not None and sender != HOST_ID:
+        if check_sender and self.permissions is not None:
             self.permissions.check_message(sender, action, target)
         check_message_size(size, recipient.max_message_bytes, target)
         return recipient
+
+    def deliver(self, recipient: Recipient, envelope: Envelope) -> None:
+        """Queue `envelope` for `recipient` now (queue-full / delivery-failed when it cannot be)."""
+        self._offer(recipient, envelope)
 
     def _produced(self, sender: ComponentId, payload: bytes) -> None:
         """Tell the sending actor how large a payload its guest produced (large ones budget its calls)."""
@@ -147,7 +198,10 @@ class MessageRouter:
     def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
         """Enqueue a message for `target` with reply-to = sender."""
         self._produced(sender, payload)
-        recipient = self._resolve(sender, "send", target, len(payload))
+        recipient = self._route(sender, "send", target, len(payload))
+        if recipient is None:
+            self.remote.send(sender, target, payload)  # type: ignore[union-attr]  # _route: remote is set
+            return
         self._offer(recipient, Envelope(_message(sender, payload)))
 
     def new_correlation_id(self) -> str:
@@ -159,18 +213,20 @@ class MessageRouter:
         self._produced(sender, payload)
         if timeout_ms <= 0:
             raise MessagingError("invalid-message", "timeout-ms must be at least 1")
-        recipient = self._resolve(sender, "request", target, len(payload))
+        recipient = self._route(sender, "request", target, len(payload))
         correlation_id = self.new_correlation_id()
         pending = PendingRequest(sender, target)
         with self._lock:
             self._pending[correlation_id] = pending
         # armed before it is queued: an answer that comes at once finds the deadline to discard
-        self._deadlines.add(correlation_id, min(timeout_ms, MAX_REQUEST_TIMEOUT_MS) / 1000)
-        envelope = Envelope(
-            _message(sender, payload, correlation_id), requester=sender, correlation_id=correlation_id
-        )
+        timeout_ms = min(timeout_ms, MAX_REQUEST_TIMEOUT_MS)
+        self._deadlines.add(correlation_id, timeout_ms / 1000)
         try:
-            self._offer(recipient, envelope)
+            if recipient is None:
+                self.remote.request(sender, target, payload, correlation_id, timeout_ms)  # type: ignore[union-attr]
+            else:
+                self._offer(recipient, Envelope(_message(sender, payload, correlation_id), requester=sender,
+                                                correlation_id=correlation_id))
         except MessagingError:
             with self._lock:
                 self._pending.pop(correlation_id, None)
@@ -192,13 +248,17 @@ class MessageRouter:
         self._produced(sender, payload)
         if not targets:
             raise MessagingError("invalid-message", "broadcast needs at least one target")
-        recipients = [self._resolve(sender, "broadcast", target, len(payload)) for target in dict.fromkeys(targets)]
+        unique = list(dict.fromkeys(targets))
+        recipients = [self._route(sender, "broadcast", target, len(payload)) for target in unique]
         missed = []
-        for recipient in recipients:
+        for target, recipient in zip(unique, recipients, strict=True):
             try:
-                self._offer(recipient, Envelope(_message(sender, payload)))
+                if recipient is None:
+                    self.remote.send(sender, target, payload)  # type: ignore[union-attr]  # _route: remote is set
+                else:
+                    self._offer(recipient, Envelope(_message(sender, payload)))
             except MessagingError as exc:
-                missed.append(f"{recipient.component_id} ({exc.case})")
+                missed.append(f"{target} ({exc.case})")
         if missed:
             reached = len(recipients) - len(missed)
             raise MessagingError(
@@ -212,7 +272,10 @@ class MessageRouter:
                         timeout: float = math.inf) -> None:
         """Send from the host; with `wait`, wait up to `timeout` seconds for mailbox room instead of
         failing with queue-full (then RequestFailed `timeout`, and nothing was queued)."""
-        recipient = self._resolve(HOST_ID, "send", target, len(payload))
+        recipient = self._route(HOST_ID, "send", target, len(payload))
+        if recipient is None:
+            await self.remote.host_send(target, payload, timeout if wait else 5.0)  # type: ignore[union-attr]
+            return
         envelope = Envelope(_message(HOST_ID, payload))
         if wait:
             await self._put(recipient, envelope, self.loop.time() + timeout, timeout, "the message was not sent")
@@ -240,7 +303,9 @@ class MessageRouter:
         Raises RequestFailed for a failed, stopped or timed-out request, MessagingError when it
         cannot be delivered. Timed out or cancelled, the request is withdrawn if not yet taken.
         """
-        recipient = self._resolve(HOST_ID, "request", target, len(payload))
+        recipient = self._route(HOST_ID, "request", target, len(payload))
+        if recipient is None:
+            return await self.remote.host_request(target, payload, timeout)  # type: ignore[union-attr]
         future: asyncio.Future[bytes | None] = self.loop.create_future()
         envelope = Envelope(_message(HOST_ID, payload), reply_future=future)
         deadline = self.loop.time() + timeout
@@ -310,6 +375,34 @@ class MessageRouter:
         else:
             self._callback(envelope.requester, responder, envelope.correlation_id,
                            encode_outcome(outcome, detail), OUTCOME_CONTENT_TYPE)
+
+    def complete_remote(self, correlation_id: str, reply: bytes | None, outcome: Outcome | None = None,
+                        detail: str = "") -> bool:
+        """Route the answer to a remote request (event loop): `reply`, or `outcome` when given. False when
+        the request is no longer pending (answered, timed out or cancelled already: dropped)."""
+        with self._lock:
+            pending = self._pending.pop(correlation_id, None)
+        if pending is None:
+            self.late_responses += 1
+            return False
+        self._deadlines.discard(correlation_id)
+        if outcome is None and reply is not None:
+            recipient = self._recipients.get(pending.requester)
+            limit = recipient.max_message_bytes if recipient is not None else self.host_max_message_bytes
+            if len(reply) > limit:
+                outcome, detail = Outcome.FAILED, f"reply from {pending.target}: " + too_large(
+                    len(reply), limit, pending.requester)
+        if outcome is None:
+            self._callback(pending.requester, pending.target, correlation_id, reply or b"", None)
+        else:
+            self._callback(pending.requester, pending.target, correlation_id, encode_outcome(outcome, detail),
+                           OUTCOME_CONTENT_TYPE)
+        return True
+
+    def pending_target(self, correlation_id: str) -> ComponentId | None:
+        """The target of a pending request, or None when it is not pending."""
+        pending = self._pending.get(correlation_id)
+        return pending.target if pending is not None else None
 
     def _reply_limit(self, envelope: Envelope) -> int:
         """The largest reply the requester of `envelope` takes."""

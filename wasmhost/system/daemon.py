@@ -34,6 +34,7 @@ from wasmhost.core.errors import HostError, LoadError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.metadata import HealthStatus
 from wasmhost.core.private_files import private_dir
+from wasmhost.lattice.wire import InventoryEntry
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.engine import EngineSettings
@@ -147,6 +148,7 @@ class Daemon:
         self.router: MessageRouter
         self.supervisor: Supervisor
         self.control: ControlServer
+        self.link: Any = None  # wasmhost.lattice.link.Link with [lattice]
 
     # --- running ---
 
@@ -161,6 +163,7 @@ class Daemon:
         self.router = MessageRouter(asyncio.get_running_loop(), self.permissions, self.config.host.max_message_bytes)
         stores = HostStores(self.runtime, self.router, self.storage, self.permissions)
         self.supervisor = Supervisor(stores, self.router, self.workers)
+        link = self._lattice(stores)
         self.control = ControlServer(self.config.control_socket, self.config.socket_mode, self.handle,
                                      self.config.socket_gid, allowed_uids=self.config.control_uids)
         try:
@@ -180,6 +183,8 @@ class Daemon:
                     tasks.start_soon(self._signals, signals, reloads_in, name="signals")
                     tasks.start_soon(self._reloads, reloads_out, name="reloads")
                     tasks.start_soon(self._watchdog, name="watchdog")
+                    if link is not None:  # connects in the background: READY does not wait for NATS
+                        tasks.start_soon(link.run, name="lattice")
                     with self._startup:
                         await self._start_up()
                     await self._stop.wait()
@@ -191,6 +196,40 @@ class Daemon:
                 await self.control.close()  # bounded (control.ANSWER_TIMEOUT and a second); at once if closed
         log.info("stopped")
         return 0
+
+    def _lattice(self, stores: HostStores) -> Any:
+        """The lattice link when the config has [lattice] (nats-py is imported only then), wired into the
+        router (remote targets), the guests' directory and the capability checks (remote senders)."""
+        settings = self.config.lattice
+        if settings is None:
+            return None
+        from wasmhost.lattice.directory import LatticeDirectory
+        from wasmhost.lattice.link import Link
+
+        link = Link(settings, self.router, self._inventory, self._accepts_external)
+        self.router.remote = link
+        stores.directory = LatticeDirectory(self.supervisor, link.directory)
+        for cid, grants in self.config.remote_grants:
+            if cid not in self.deployments:  # a component running here keeps its own grants
+                self.permissions.grant(cid, grants)
+        self.link = link
+        return link
+
+    def _inventory(self) -> list[InventoryEntry]:
+        """What this host runs, for the lattice's directory."""
+        entries = []
+        for cid, actor in self.supervisor.actors.items():
+            deployment = self.deployments.get(cid)
+            meta = actor.metadata
+            entries.append(InventoryEntry(actor.name, actor.state.value, actor.health.value,
+                                          deployment is not None and deployment.plan.accept_external,
+                                          meta.name if meta else "", meta.version if meta else "",
+                                          actor.max_message_bytes))
+        return entries
+
+    def _accepts_external(self, cid: ComponentId) -> bool:
+        deployment = self.deployments.get(cid)
+        return deployment is not None and deployment.plan.accept_external
 
     async def _start_up(self) -> None:
         """Deploy the configured components; READY=1 once every first attempt has ended."""

@@ -23,6 +23,8 @@ class HostStores:
     messaging: MessagingPort
     storage: StoragePort | None = None
     permissions: CapabilityChecker | None = None
+    directory: DirectoryPort | None = None
+    """What guests' component queries see instead of the supervisor's directory (the lattice's)."""
 
     def __call__(self, spec: ActorSpec, loaded: LoadedComponent, directory: DirectoryPort) -> StoreManager:
         """A StoreManager for `loaded` run as `spec` (see actors.stores.StoreFactory)."""
@@ -31,6 +33,7 @@ class HostStores:
             storage = StorageGate(storage, self.permissions)  # denials are audited
         elif not spec.storage:
             storage = None
-        host = HostContext(spec.component_id, messaging=self.messaging, storage=storage, directory=directory,
+        host = HostContext(spec.component_id, messaging=self.messaging, storage=storage,
+                           directory=self.directory or directory,
                            log_limit=spec.log_limit)
         return self.runtime.store(loaded, spec.component_id, spec.limits, host, spec.wasi)

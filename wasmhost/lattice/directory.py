@@ -1,0 +1,123 @@
+"""Who runs what in the lattice, from heartbeats and inventories; and the guest-facing directory.
+
+Changed on the event loop only; read from guest threads too (single dict reads, safe under the GIL: a
+reader sees the directory before or after a change, never half of it, because a host's components are
+replaced by one assignment).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from wasmhost.core.errors import ComponentError
+from wasmhost.core.ids import ComponentId, InvalidComponentId
+from wasmhost.core.metadata import ComponentInfo
+from wasmhost.core.protocols import DirectoryPort
+from wasmhost.lattice.wire import Heartbeat, Inventory, InventoryEntry
+
+MISSED_HEARTBEATS = 3
+"""A host not heard from for this many of its heartbeat intervals has left the lattice."""
+
+
+@dataclass
+class HostRecord:
+    """One other host as last heard of."""
+
+    host: str
+    heartbeat: Heartbeat
+    last_seen: float
+    components: dict[ComponentId, InventoryEntry] = field(default_factory=dict)
+    inventory_version: int = -1  # the version `components` is of; -1: not fetched yet
+
+
+class Directory:
+    """The other hosts of the lattice and the components each runs."""
+
+    def __init__(self, own_host: str) -> None:
+        self.own_host = own_host
+        self.hosts: dict[str, HostRecord] = {}
+        self._index: dict[ComponentId, tuple[str, ...]] = {}  # component -> hosts running it
+
+    def heard(self, beat: Heartbeat, now: float | None = None) -> bool:
+        """Record a heartbeat; True when the host's inventory must be fetched (new host or new version)."""
+        if beat.host == self.own_host:
+            return False
+        now = time.monotonic() if now is None else now
+        record = self.hosts.get(beat.host)
+        if record is None or record.heartbeat.started_at != beat.started_at:  # new, or restarted
+            record = self.hosts[beat.host] = HostRecord(beat.host, beat, now)
+        record.heartbeat, record.last_seen = beat, now
+        return record.inventory_version != beat.inventory_version
+
+    def update(self, inventory: Inventory) -> None:
+        """Replace what a (known) host runs with its fetched `inventory`."""
+        record = self.hosts.get(inventory.host)
+        if record is None:
+            return
+        components = {}
+        for entry in inventory.components:
+            try:
+                components[ComponentId.parse(entry.id)] = entry
+            except InvalidComponentId:
+                continue  # another host's bug: its other components stay reachable
+        record.components, record.inventory_version = components, inventory.version
+        self._reindex()
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Remove the hosts silent for MISSED_HEARTBEATS of their intervals; returns their ids."""
+        now = time.monotonic() if now is None else now
+        gone = [h for h, r in self.hosts.items() if now - r.last_seen > MISSED_HEARTBEATS * r.heartbeat.heartbeat_s]
+        for host in gone:
+            del self.hosts[host]
+        if gone:
+            self._reindex()
+        return gone
+
+    def _reindex(self) -> None:
+        index: dict[ComponentId, list[str]] = {}
+        for host, record in sorted(self.hosts.items()):
+            for cid in record.components:
+                index.setdefault(cid, []).append(host)
+        self._index = {cid: tuple(hosts) for cid, hosts in index.items()}
+
+    def hosts_of(self, component: ComponentId) -> tuple[str, ...]:
+        """The other hosts running `component` (empty when none)."""
+        return self._index.get(component, ())
+
+    def entry(self, component: ComponentId) -> InventoryEntry | None:
+        """What one host running `component` says of it, or None."""
+        hosts = self._index.get(component)
+        if not hosts:
+            return None
+        record = self.hosts.get(hosts[0])
+        return record.components.get(component) if record is not None else None
+
+    def components(self) -> list[ComponentId]:
+        """Every component some other host runs."""
+        return list(self._index)
+
+
+class LatticeDirectory:
+    """`list-components` / `get-component-metadata` across the lattice: local components as the local
+    directory says, then those only other hosts run (DirectoryPort)."""
+
+    def __init__(self, local: DirectoryPort, directory: Directory) -> None:
+        self.local = local
+        self.directory = directory
+
+    def list_components(self) -> list[ComponentId]:
+        """Local ids first, then remote-only ones."""
+        ids = self.local.list_components()
+        seen = set(ids)
+        return ids + [cid for cid in self.directory.components() if cid not in seen]
+
+    def component_info(self, component: ComponentId) -> ComponentInfo:
+        """The local component's information, else a remote host's inventory entry."""
+        try:
+            return self.local.component_info(component)
+        except ComponentError:
+            entry = self.directory.entry(component)
+            if entry is None:
+                raise
+            return ComponentInfo(component, entry.name, entry.version, entry.health)

@@ -1,0 +1,152 @@
+"""Messages arriving from the lattice for a local component: checked, queued, answered.
+
+From another host (Wasmhost-Sender-Host set): the sender's capabilities are checked on this host as if it
+were local (its own grants when it also runs here, else `[[lattice.grants]]`). From an external client (no
+host header): only components with `accept_external = true` take them, and the sender is always
+`external/...` whatever it claims. Every message with a reply subject gets an answer: a request its
+outcome (after a `queued` acknowledgement when it came from a host, so that host knows where it waits), a
+send `queued` or `rejected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from wasmhost.core.errors import MessagingError
+from wasmhost.core.ids import HOST_ID, ComponentId, InvalidComponentId
+from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.lattice import wire
+from wasmhost.messaging.envelope import Envelope
+from wasmhost.messaging.outcome import Outcome, RequestFailed
+from wasmhost.messaging.router import MAX_REQUEST_TIMEOUT_MS, Recipient
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from wasmhost.lattice.link import Link
+
+log = structlog.get_logger("wasmhost.lattice")
+
+DEFAULT_EXTERNAL_TIMEOUT_MS = 30_000
+"""How long a request without Wasmhost-Timeout-Ms (a plain `nats req`) may wait for its reply."""
+
+
+class Ingress:
+    """Delivers one host's share of the lattice's messages to its router."""
+
+    def __init__(self, link: Link, accepts_external: Callable[[ComponentId], bool]) -> None:
+        self.link = link
+        self.accepts_external = accepts_external
+
+    async def on_message(self, msg: Msg) -> None:
+        """A NATS message on a local component's subject (one subscription task per component)."""
+        try:
+            self._handle(msg)
+        except Exception:  # a bug here must not end the subscription's task
+            log.exception("lattice_ingress_failed", subject=msg.subject)
+
+    def _handle(self, msg: Msg) -> None:
+        link = self.link
+        headers = msg.headers or {}
+        try:
+            target = link.subjects.component(msg.subject)
+        except InvalidComponentId:
+            return
+        kind = headers.get(wire.KIND) or (wire.KIND_REQUEST if msg.reply else wire.KIND_SEND)
+        sender_host = headers.get(wire.SENDER_HOST)
+        try:
+            if kind not in (wire.KIND_SEND, wire.KIND_REQUEST):
+                raise MessagingError("invalid-message", f"{wire.KIND} must be send or request, got {kind!r}")
+            sender = _sender(headers.get(wire.SENDER), sender_host is not None)
+            if sender_host is None and not self.accepts_external(target):
+                raise MessagingError("delivery-failed", f"{target} does not accept messages from external clients "
+                                     "(its config does not set accept_external = true)")
+            recipient = link.router.accept_remote(sender, kind, target, len(msg.data),
+                                                  check_sender=sender_host is not None and sender != HOST_ID)
+            metadata = MessageMetadata(timestamp=Timestamp.now(), correlation_id=headers.get(wire.CORRELATION),
+                                       reply_to=sender, content_type=headers.get(wire.CONTENT_TYPE))
+            message = ComponentMessage(sender, msg.data, metadata)
+            if kind == wire.KIND_SEND or not msg.reply:
+                link.router.deliver(recipient, Envelope(message))
+                if msg.reply:
+                    self._answer(msg.reply, b"", wire.QUEUED, target)
+                return
+            self._request(msg.reply, message, recipient, target, headers, sender_host is not None)
+        except MessagingError as exc:
+            if sender_host is not None or msg.reply:
+                log.info("lattice_message_rejected", target=str(target), sender=headers.get(wire.SENDER, ""),
+                         sender_host=sender_host or "", error=exc.case, detail=_detail(exc))
+            if msg.reply:
+                self._answer(msg.reply, b"", wire.REJECTED, target, _detail(exc), exc.case)
+
+    def _request(self, reply: str, message: ComponentMessage, recipient: Recipient, target: ComponentId,
+                 headers: dict[str, str], from_host: bool) -> None:
+        loop = self.link.loop
+        future: asyncio.Future[bytes | None] = loop.create_future()
+        envelope = Envelope(message, reply_future=future)
+        try:
+            timeout_ms = min(int(headers.get(wire.TIMEOUT_MS, DEFAULT_EXTERNAL_TIMEOUT_MS)), MAX_REQUEST_TIMEOUT_MS)
+        except ValueError:
+            raise MessagingError("invalid-message", f"{wire.TIMEOUT_MS} must be a number of milliseconds, got "
+                                 f"{headers.get(wire.TIMEOUT_MS)!r}") from None
+        if timeout_ms <= 0:
+            raise MessagingError("invalid-message", f"{wire.TIMEOUT_MS} must be at least 1")
+        self.link.router.deliver(recipient, envelope)
+        if from_host:  # the requesting host learns where it waits (see Link._host_left)
+            self._answer(reply, b"", wire.QUEUED, target)
+        timer = loop.call_at(loop.time() + timeout_ms / 1000, _expire, future, target, timeout_ms)
+
+        def answered(done: asyncio.Future[bytes | None]) -> None:
+            timer.cancel()
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is None:
+                result = done.result()
+                self._answer(reply, result or b"", wire.REPLY if result is not None else Outcome.NO_REPLY.value,
+                             target)
+            elif isinstance(error, RequestFailed):
+                if error.outcome is Outcome.TIMEOUT:
+                    recipient.mailbox.withdraw(envelope)  # not taken yet: nobody waits for it any more
+                self._answer(reply, b"", error.outcome.value, target, error.detail)
+            else:
+                self._answer(reply, b"", Outcome.FAILED.value, target, str(error))
+
+        future.add_done_callback(answered)
+
+    def _answer(self, reply: str, payload: bytes, outcome: str, target: ComponentId, detail: str = "",
+                error: str | None = None) -> None:
+        headers = {wire.OUTCOME: outcome, wire.HOST: self.link.host, wire.TARGET: str(target)}
+        if detail:
+            headers[wire.DETAIL] = wire.one_line(detail)
+        if error is not None:
+            headers[wire.ERROR] = error
+        self.link.publish(reply, payload, headers)
+
+
+def _sender(text: str | None, from_host: bool) -> ComponentId:
+    """The sender a message claims: a component id from a host; always `external/...` from a client."""
+    if text is None:
+        if from_host:
+            raise MessagingError("invalid-message", f"{wire.SENDER} is missing")
+        return wire.DEFAULT_EXTERNAL_SENDER
+    try:
+        sender = ComponentId.parse(text)
+    except InvalidComponentId as exc:
+        raise MessagingError("invalid-message", f"{wire.SENDER}: {exc}") from None
+    if not from_host and sender.namespace != wire.EXTERNAL_NAMESPACE:
+        return ComponentId(wire.EXTERNAL_NAMESPACE, sender.name, sender.instance)
+    return sender
+
+
+def _detail(exc: MessagingError) -> str:
+    return str(exc.payload) if exc.payload is not None else exc.case
+
+
+def _expire(future: asyncio.Future[bytes | None], target: ComponentId, timeout_ms: int) -> None:
+    if not future.done():
+        future.set_exception(RequestFailed(Outcome.TIMEOUT, f"no reply from {target} within {timeout_ms} ms"))

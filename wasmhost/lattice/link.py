@@ -1,0 +1,454 @@
+"""The link: this host's one NATS connection, owned by a task of the daemon's task group.
+
+It connects in the background (the daemon is READY without NATS), retries until it can, then leaves
+reconnection to nats-py; publishes heartbeats, serves and fetches inventories, subscribes each local
+component's subject (queue group = the subject: one replica takes each message), delivers what arrives
+to the local router (ingress.py) and publishes what the router hands it (the RemotePort protocol).
+
+Guest threads never touch the network: a send or request is checked at once against what the link knows
+(connected, target known lattice-wide, size) and put on the outbox, which the loop publishes in order; a
+burst of publishes from one guest batch costs one loop wake-up (the first fills an empty outbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from wasmhost.core.errors import MessagingError
+from wasmhost.core.ids import HOST_ID, ComponentId, InvalidComponentId
+from wasmhost.core.message_size import check_message_size
+from wasmhost.lattice import wire
+from wasmhost.lattice.directory import Directory
+from wasmhost.lattice.ingress import Ingress
+from wasmhost.lattice.settings import LatticeSettings
+from wasmhost.messaging.outcome import Outcome, RequestFailed
+from wasmhost.messaging.router import MessageRouter
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+log = structlog.get_logger("wasmhost.lattice")
+
+HEADER_ROOM = 1024
+"""Bytes kept free of a NATS message's max_payload for the headers."""
+CONNECT_RETRY_S = (0.2, 5.0)
+"""First and longest wait between two attempts at the first connection."""
+INVENTORY_TIMEOUT_S = 2.0
+SEND_TOKEN = "send"
+"""The answer subject token of sends (their answers only matter when they are rejections)."""
+
+Inventories = Callable[[], list[wire.InventoryEntry]]
+"""What this host runs, for its inventory (called on the loop)."""
+LIVE_STATES = ("starting", "running", "restarting")
+
+
+class Link:
+    """One host's membership of a lattice; implements RemotePort for the router."""
+
+    def __init__(self, settings: LatticeSettings, router: MessageRouter, inventory: Inventories,
+                 accepts_external: Callable[[ComponentId], bool]) -> None:
+        self.settings = settings
+        self.router = router
+        self.loop = router.loop
+        self.inventory_source = inventory
+        self.host = settings.host_id
+        self.subjects = wire.Subjects(settings.name)
+        self.directory = Directory(self.host)
+        self.ingress = Ingress(self, accepts_external)
+        self.started_at = time.time()
+        self.nc: Client | None = None
+        self.cause = "not connected yet"  # why the link is down, for delivery-failed details
+        self.max_payload = 1024 * 1024
+        self._outbox: deque[tuple[str, bytes, dict[str, str], str]] = deque()
+        self._outbox_lock = threading.Lock()
+        self._outbox_ready = asyncio.Event()
+        self._changed = asyncio.Event()  # local components changed: resubscribe, new inventory
+        self._subs: dict[ComponentId, Subscription] = {}
+        self._inventory: list[wire.InventoryEntry] = []
+        self._inventory_version = 0
+        self._placed: dict[str, str] = {}  # correlation id -> host that queued the request
+        self._host_waits: dict[str, asyncio.Future[tuple[bytes, dict[str, str]]]] = {}
+        self._fetching: set[str] = set()
+        self._seq = 0
+        self._tasks: anyio.abc.TaskGroup | None = None
+
+    # --- running (the daemon's task group) ---
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect (retrying in the background), then serve until cancelled; closes the connection at the end."""
+        task_status.started()
+        try:
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                tasks.start_soon(self._publisher, name="lattice outbox")
+                await self._connect()
+                await self._subscribe_host()
+                tasks.start_soon(self._heartbeats, name="lattice heartbeats")
+                await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                await self._close()
+
+    async def _connect(self) -> None:
+        import nats  # only a daemon with [lattice] pays for importing nats-py
+
+        wait = CONNECT_RETRY_S[0]
+        logged = None
+        while True:
+            try:
+                self.nc = await nats.connect(
+                    servers=list(self.settings.urls), name=f"wasmhost {self.host}", allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                    ping_interval=max(1, int(self.settings.heartbeat_s * 2)), max_outstanding_pings=2,
+                    pending_size=64 * 1024 * 1024, user_credentials=self._credentials(), tls=self._tls(),
+                    error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
+                break
+            except Exception as exc:  # nats-py raises its own errors and OSErrors alike
+                self.cause = f"cannot connect to {', '.join(self.settings.urls)}: {_describe(exc)}"
+                if self.cause != logged:  # once per cause, not every attempt
+                    log.warning("lattice_unreachable", urls=list(self.settings.urls), cause=self.cause)
+                    logged = self.cause
+                await anyio.sleep(wait)
+                wait = min(wait * 2, CONNECT_RETRY_S[1])
+        self.max_payload = self.nc.max_payload
+        self.cause = ""
+        log.info("lattice_connected", url=self._url(), host=self.host, lattice=self.settings.name,
+                 max_payload=self.max_payload)
+
+    def _credentials(self) -> str | None:
+        return str(self.settings.credentials) if self.settings.credentials is not None else None
+
+    def _tls(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if s.tls_ca is None and s.tls_cert is None:
+            return None
+        context = ssl.create_default_context(cafile=str(s.tls_ca) if s.tls_ca else None)
+        if s.tls_cert is not None and s.tls_key is not None:
+            context.load_cert_chain(str(s.tls_cert), str(s.tls_key))
+        return context
+
+    def _url(self) -> str:
+        url = self.nc.connected_url if self.nc is not None else None
+        return url.geturl() if url is not None else ""
+
+    async def _on_error(self, exc: Exception) -> None:
+        self.cause = _describe(exc)
+
+    async def _on_disconnected(self) -> None:
+        cause = self.cause or "connection lost"
+        self.cause = f"disconnected from NATS ({cause})"
+        log.warning("lattice_disconnected", url=self._url(), cause=cause)
+
+    async def _on_reconnected(self) -> None:
+        self.cause = ""
+        if self.nc is not None:
+            self.max_payload = self.nc.max_payload
+        log.info("lattice_reconnected", url=self._url())
+
+    async def _on_closed(self) -> None:
+        self.cause = "the NATS connection is closed"
+
+    async def _close(self) -> None:
+        nc = self.nc
+        if nc is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._publish_outbox(nc)
+            await nc.flush(timeout=1)
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the NATS connection is up right now."""
+        return self.nc is not None and self.nc.is_connected
+
+    # --- subscriptions, heartbeats, inventories ---
+
+    async def _subscribe_host(self) -> None:
+        nc = self.nc
+        assert nc is not None
+        await nc.subscribe(self.subjects.heartbeats, cb=self._on_heartbeat)
+        await nc.subscribe(self.subjects.inventory(self.host), cb=self._on_inventory_request)
+        await nc.subscribe(self.subjects.replies(self.host), cb=self._on_answer)
+        await self._reconcile()
+
+    def local_changed(self) -> None:
+        """RemotePort: the local components changed (event loop; attach/detach run there)."""
+        self._changed.set()
+
+    async def _reconcile(self) -> None:
+        """Subscribe the live local components, unsubscribe the others, refresh the inventory."""
+        self._changed.clear()
+        inventory = self.inventory_source()
+        if inventory != self._inventory:
+            self._inventory = inventory
+            self._inventory_version += 1
+        nc = self.nc
+        if nc is None:
+            return
+        wanted = set()
+        for entry in inventory:
+            if entry.state in LIVE_STATES:
+                with contextlib.suppress(InvalidComponentId):
+                    wanted.add(ComponentId.parse(entry.id))
+        for cid in [c for c in self._subs if c not in wanted]:
+            with contextlib.suppress(Exception):
+                await self._subs.pop(cid).unsubscribe()
+        for cid in wanted - self._subs.keys():
+            subject = self.subjects.message(cid)
+            self._subs[cid] = await nc.subscribe(subject, queue=subject, cb=self.ingress.on_message,
+                                                 pending_bytes_limit=256 * 1024 * 1024)
+
+    async def _heartbeats(self) -> None:
+        encode = wire.heartbeat_codec[0].encode
+        interval = self.settings.heartbeat_s
+        while True:
+            await self._reconcile()
+            self._seq += 1
+            beat = wire.Heartbeat(self.host, self._seq, self.started_at, interval, self._inventory_version)
+            if self.connected:
+                self.publish(self.subjects.heartbeat(self.host), encode(beat), {})
+            for host in self.directory.expire():
+                self._host_left(host)
+            with anyio.move_on_after(interval):
+                await self._changed.wait()  # a component came or went: tell the lattice now
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            beat = wire.heartbeat_codec[1].decode(msg.data)
+        except Exception:  # another host's bug must not stop ours
+            log.warning("lattice_bad_heartbeat", subject=msg.subject)
+            return
+        if self.directory.heard(beat) and beat.host not in self._fetching and self._tasks is not None:
+            known = beat.host in self.directory.hosts and self.directory.hosts[beat.host].inventory_version >= 0
+            if not known:
+                log.info("lattice_host_joined", host=beat.host)
+            self._fetching.add(beat.host)
+            self._tasks.start_soon(self._fetch_inventory, beat.host, name=f"inventory of {beat.host}")
+
+    async def _fetch_inventory(self, host: str) -> None:
+        try:
+            assert self.nc is not None
+            answer = await self.nc.request(self.subjects.inventory(host), b"", timeout=INVENTORY_TIMEOUT_S)
+            self.directory.update(wire.inventory_codec[1].decode(answer.data))
+        except Exception as exc:  # the next heartbeat tries again
+            log.info("lattice_inventory_unavailable", host=host, cause=_describe(exc))
+        finally:
+            self._fetching.discard(host)
+
+    async def _on_inventory_request(self, msg: Msg) -> None:
+        if msg.reply:
+            inventory = wire.Inventory(self.host, self._inventory_version, self._inventory)
+            self.publish(msg.reply, wire.inventory_codec[0].encode(inventory), {})
+
+    def _host_left(self, host: str) -> None:
+        """End the requests `host` had queued: it will not answer them."""
+        log.warning("lattice_host_left", host=host)
+        for cid in [c for c, h in self._placed.items() if h == host]:
+            del self._placed[cid]
+            self.router.complete_remote(cid, None, Outcome.TARGET_STOPPED,
+                                        f"host {host} left the lattice (no heartbeat) with the request")
+        for cid in [c for c in self._placed if self.router.pending_target(c) is None]:
+            del self._placed[cid]  # answered or expired meanwhile
+
+    # --- answers to this host's requests and sends ---
+
+    async def _on_answer(self, msg: Msg) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        headers = msg.headers or {}
+        if headers.get("Status") == "503":  # NATS: nobody subscribes the target's subject (any more)
+            headers = {wire.OUTCOME: wire.REJECTED, wire.ERROR: "target-not-found",
+                       wire.DETAIL: "no host runs it (any more)"}
+        waiter = self._host_waits.get(token)
+        if waiter is not None:  # the host's own call: a send ends with its first answer, a request with its last
+            if not waiter.done() and (token.startswith("s") or headers.get(wire.OUTCOME) != wire.QUEUED):
+                waiter.set_result((msg.data, headers))
+            return
+        outcome = headers.get(wire.OUTCOME, wire.REPLY)
+        detail = headers.get(wire.DETAIL, "")
+        if token == SEND_TOKEN:
+            if outcome == wire.REJECTED:
+                log.warning("lattice_send_rejected", target=headers.get(wire.TARGET, ""),
+                            host=headers.get(wire.HOST, ""), error=headers.get(wire.ERROR, ""), detail=detail)
+            return
+        if outcome == wire.QUEUED:
+            if self.router.pending_target(token) is not None:
+                self._placed[token] = headers.get(wire.HOST, "")
+            return
+        self._placed.pop(token, None)
+        if outcome == wire.REPLY:
+            self.router.complete_remote(token, msg.data)
+        elif outcome == wire.REJECTED:
+            target = self.router.pending_target(token)
+            error = headers.get(wire.ERROR, "delivery-failed")
+            self.router.complete_remote(token, None, Outcome.FAILED,
+                                        f"{target} rejected the request: {error}" + (f": {detail}" if detail else ""))
+        else:
+            try:
+                kind = Outcome(outcome)
+            except ValueError:
+                kind, detail = Outcome.FAILED, f"unknown outcome {outcome!r} from host {headers.get(wire.HOST)}"
+            self.router.complete_remote(token, None, kind, detail)
+
+    # --- RemotePort (guest threads and the loop) ---
+
+    def check(self, target: ComponentId, size: int) -> None:
+        """Raise MessagingError unless `target` runs on another host and `size` bytes can reach it now."""
+        if not self.connected:
+            raise MessagingError("delivery-failed", f"{target} is not on this host and the lattice is unreachable: "
+                                 f"{self.cause or 'not connected'}")
+        entry = self.directory.entry(target)
+        if entry is None:
+            raise MessagingError("target-not-found", target)
+        if entry.max_message_bytes:
+            check_message_size(size, entry.max_message_bytes, target)
+        if size + HEADER_ROOM > self.max_payload:
+            raise MessagingError("invalid-message", f"payload of {size} bytes does not fit the NATS server's "
+                                 f"max_payload of {self.max_payload} bytes (with {HEADER_ROOM} bytes for headers)")
+
+    def _headers(self, kind: str, sender: ComponentId, correlation_id: str | None = None,
+                 timeout_ms: int | None = None) -> dict[str, str]:
+        headers = {wire.KIND: kind, wire.SENDER: str(sender), wire.SENDER_HOST: self.host}
+        if correlation_id is not None:
+            headers[wire.CORRELATION] = correlation_id
+        if timeout_ms is not None:
+            headers[wire.TIMEOUT_MS] = str(timeout_ms)
+        return headers
+
+    def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
+        """RemotePort: publish a send (its rejection comes back to be logged)."""
+        self.publish(self.subjects.message(target), payload, self._headers(wire.KIND_SEND, sender),
+                      self.subjects.reply(self.host, SEND_TOKEN))
+
+    def request(self, sender: ComponentId, target: ComponentId, payload: bytes, correlation_id: str,
+                timeout_ms: int) -> None:
+        """RemotePort: publish a request; its answer goes to the router's pending `correlation_id`."""
+        self.publish(self.subjects.message(target), payload,
+                      self._headers(wire.KIND_REQUEST, sender, correlation_id, timeout_ms),
+                      self.subjects.reply(self.host, correlation_id))
+
+    async def _host_call(self, kind: str, target: ComponentId, payload: bytes, timeout: float
+                         ) -> tuple[bytes, dict[str, str]]:
+        token = ("s" if kind == wire.KIND_SEND else "h") + self.router.new_correlation_id()
+        future: asyncio.Future[tuple[bytes, dict[str, str]]] = self.loop.create_future()
+        self._host_waits[token] = future
+        timeout_ms = max(1, int(timeout * 1000))
+        try:
+            self.publish(self.subjects.message(target), payload, self._headers(kind, HOST_ID, token, timeout_ms),
+                          self.subjects.reply(self.host, token))
+            with anyio.fail_after(timeout):
+                return await future
+        except TimeoutError:
+            raise RequestFailed(Outcome.TIMEOUT, f"no answer from {target} (on another host) within "
+                                f"{timeout:g} s") from None
+        finally:
+            self._host_waits.pop(token, None)
+
+    async def host_request(self, target: ComponentId, payload: bytes, timeout: float) -> bytes | None:
+        """RemotePort: the host's own request to a component on another host."""
+        data, headers = await self._host_call(wire.KIND_REQUEST, target, payload, timeout)
+        return _host_result(target, data, headers)
+
+    async def host_send(self, target: ComponentId, payload: bytes, timeout: float) -> None:
+        """RemotePort: the host's own send, returning once the target's host queued it."""
+        _data, headers = await self._host_call(wire.KIND_SEND, target, payload, timeout)
+        _host_result(target, b"", headers)
+
+    # --- the outbox ---
+
+    def publish(self, subject: str, payload: bytes, headers: dict[str, str], reply: str = "") -> None:
+        """Queue a publish from any thread, in order; the loop is woken only when the outbox was empty."""
+        with self._outbox_lock:
+            was_empty = not self._outbox
+            self._outbox.append((subject, payload, headers, reply))
+        if was_empty:
+            if _on_loop(self.loop):
+                self._outbox_ready.set()
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
+                    self.loop.call_soon_threadsafe(self._outbox_ready.set)
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            if self.nc is not None:
+                await self._publish_outbox(self.nc)
+            else:
+                self._fail_outbox("not connected to NATS")
+
+    async def _publish_outbox(self, nc: Client) -> None:
+        while True:
+            with self._outbox_lock:
+                if not self._outbox:
+                    return
+                subject, payload, headers, reply = self._outbox.popleft()
+            try:
+                await nc.publish(subject, payload, reply=reply, headers=headers or None)
+            except Exception as exc:  # disconnected between the check and now, or too large after all
+                self._failed(subject, headers, reply, _describe(exc))
+
+    def _fail_outbox(self, cause: str) -> None:
+        with self._outbox_lock:
+            items, self._outbox = list(self._outbox), deque()
+        for subject, _payload, headers, reply in items:
+            self._failed(subject, headers, reply, cause)
+
+    def _failed(self, subject: str, headers: dict[str, str], reply: str, cause: str) -> None:
+        """A publish that could not be made: its request ends `failed`, a send is logged."""
+        token = reply.rsplit(".", 1)[-1] if reply else ""
+        waiter = self._host_waits.get(token)
+        if waiter is not None and not waiter.done():
+            waiter.set_result((b"", {wire.OUTCOME: wire.REJECTED, wire.ERROR: "delivery-failed",
+                                     wire.DETAIL: f"not published: {cause}"}))
+        elif headers.get(wire.KIND) == wire.KIND_REQUEST and token:
+            self.router.complete_remote(token, None, Outcome.FAILED, f"the request was not published: {cause}")
+        else:
+            log.warning("lattice_publish_failed", subject=subject, cause=cause)
+
+
+def _host_result(target: ComponentId, data: bytes, headers: dict[str, str]) -> bytes | None:
+    outcome = headers.get(wire.OUTCOME, wire.REPLY)
+    detail = headers.get(wire.DETAIL, "")
+    if outcome in (wire.REPLY, wire.QUEUED):
+        return data
+    if outcome == wire.REJECTED:
+        error = headers.get(wire.ERROR, "delivery-failed")
+        if error == "target-not-found":
+            raise MessagingError("target-not-found", target)
+        if error == "queue-full":
+            raise MessagingError("queue-full")
+        raise MessagingError(error if error in MessagingError.CASES else "delivery-failed", detail or error)
+    if outcome == Outcome.NO_REPLY.value:
+        return None
+    try:
+        raise RequestFailed(Outcome(outcome), detail)
+    except ValueError:
+        raise RequestFailed(Outcome.FAILED, f"unknown outcome {outcome!r}: {detail}") from None
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
