@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lattice_support import NatsServer, lattice_daemon, nats_cluster
+from tests.lattice_support import NatsServer, lattice_daemon, nats_cluster, wait_for_log
 from tests.test_daemon import Daemon, component, kill_leftovers
 from wasmhost.system import protocol
 from wasmhost.system.client import request
@@ -124,4 +124,7 @@ def test_a_killed_nats_node_costs_outcomes_not_requests(tmp_path: Path, cluster:
         else:
             assert isinstance(r.answer, str) and r.answer, r
     assert traffic.results[-1].ok
-    assert b.proc.poll() is None and a.proc.poll() is None
+    assert a.proc.poll() is None and b.proc.poll() is None
+    wait_for_log(a, "lattice_disconnected", timeout=5.0)
+    moved = wait_for_log(a, "lattice_reconnected", timeout=5.0)
+    assert moved["url"] != n0.url and str(moved["url"]).startswith("nats://127.0.0.1:"), moved

@@ -1,7 +1,8 @@
 """The two-host lattice demo (`make lattice`): a local nats-server and two wasmhost daemons, host A and
 host B (host-a.toml, host-b.toml). Host A's demo/client/0 requests demo/server/0, which runs only on
 host B, so the request and its reply cross NATS; then `wasmhost status --lattice` shows both hosts and
-where each component runs. Ctrl-C (or SIGTERM) stops both daemons, then nats-server.
+where each component runs, and `wasmhost call --lattice` calls the server as a plain NATS client.
+Ctrl-C (or SIGTERM) stops both daemons, then nats-server.
 
 The three processes run in sessions of their own, so a Ctrl-C in the terminal reaches only this script,
 which stops them in order: the daemons first (they answer what they hold), NATS last.
@@ -149,7 +150,7 @@ def wasmhost(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "wasmhost.cli", args[0], "--config", str(config), *args[1:]],
                             capture_output=True, text=True, timeout=LATTICE_TIMEOUT + 10, cwd=ROOT)
     for line in (result.stdout + result.stderr).splitlines():
-        say(f"  {line}")
+        say(f"  {line}".rstrip())
     return result
 
 
@@ -235,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         reply = cross_host_request(configs["host-a"])
         say(f"cross-host reply: {reply}")
         wasmhost(configs["host-a"], "status", "--lattice")
+        # The same server from a plain NATS client (the CLI itself here): no daemon in between.
+        if wasmhost(configs["host-a"], "call", "--lattice", "demo/server/0", "hello over NATS").returncode:
+            raise SystemExit("call --lattice demo/server/0 failed")
         say("lattice demo running: Ctrl-C stops both hosts and nats-server")
         while True:
             signal.pause()

@@ -630,7 +630,11 @@ class Daemon:
 
     def lattice_status(self) -> protocol.Response:
         """The answer to `status --lattice`: the lattice directory's view of every host and component."""
-        return protocol.Response(False, "this daemon is not part of a lattice: its configuration has no [lattice]")
+        if self.link is None:
+            return protocol.Response(False, "this daemon is not part of a lattice: its configuration has no [lattice]")
+        from wasmhost.system.lattice_view import lattice_view
+
+        return protocol.Response(True, data=lattice_view(self.link))
 
     # --- control requests ---
 
