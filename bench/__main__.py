@@ -14,6 +14,7 @@ from bench import (
     calls,
     density,
     fairness,
+    lattice,
     logs,
     memory,
     messaging,
@@ -31,7 +32,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "calls": calls.run, "actors": actors.run, "startup": startup.run, "restart": restart.run,
     "density": density.run, "fairness": fairness.run, "memory": memory.run, "logs": logs.run,
     "storage": storage.run, "messaging": messaging.run,
-    "payload": payload.run, "stop": stop.run, "reload": reload.run,
+    "payload": payload.run, "stop": stop.run, "reload": reload.run, "lattice": lattice.run,
 }
 
 
