@@ -61,7 +61,7 @@ def test_lattice_demo_requests_across_hosts_and_stops_everything_on_ctrl_c(tmp_p
         assert re.search(r"^  host-a\s+local\s+1$", table, re.M), table
         assert re.search(r"^  host-b\s+[\d.]+ s ago\s+1$", table, re.M), table
         assert re.search(r"^  demo/client/0\s+host-a\s+running", table, re.M), table
-        assert re.search(r"^  demo/server/0\s+host-b\s+running", table, re.M), table
+        assert re.search(r"^  demo/server/0\s+host-b\s+running\s+healthy\s+yes$", table, re.M), table
         assert "call --lattice demo/server/0 'hello over NATS'\n  hello over NATS\n" in output
         pids = {name: int(pid) for name, pid in re.findall(r"^([\w-]+): pid (\d+),", output, re.M)}
         assert set(pids) == {"nats-server", "host-a", "host-b"}, output

@@ -155,8 +155,8 @@ def wasmhost(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def wait_for_server(config: Path) -> None:
-    """Until host A's lattice directory lists demo/server/0 on host B (heartbeats and inventories take a
-    moment), at most LATTICE_TIMEOUT seconds."""
+    """Until host A's lattice directory lists demo/server/0 running on host B (heartbeats and inventories
+    take a moment), at most LATTICE_TIMEOUT seconds."""
     from wasmhost.system import protocol
     from wasmhost.system.client import request
 
@@ -164,7 +164,7 @@ def wait_for_server(config: Path) -> None:
     deadline = time.monotonic() + LATTICE_TIMEOUT
     while True:
         response = request(socket_path, protocol.LatticeStatus(), timeout=10.0)
-        if response.ok and any(row["id"] == "demo/server/0" and row["host"] == "host-b"
+        if response.ok and any(row["id"] == "demo/server/0" and row["host"] == "host-b" and row["state"] == "running"
                                for row in response.data["components"]):
             return
         if time.monotonic() > deadline:
