@@ -42,6 +42,7 @@ class NatsServer:
     cluster_port: int | None = None
     routes: list[int] = field(default_factory=list)
     name: str = "n0"
+    max_payload: int = MAX_PAYLOAD
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,7 +51,7 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def _config(self) -> Path:
-        lines = [f"max_payload: {MAX_PAYLOAD}", f'server_name: "{self.name}"']
+        lines = [f"max_payload: {self.max_payload}", f'server_name: "{self.name}"']
         if self.cluster_port is not None:
             routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self.routes)
             lines.append(f'cluster {{ name: "wasmhost-test"\n listen: "127.0.0.1:{self.cluster_port}"\n'

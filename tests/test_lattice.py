@@ -119,10 +119,15 @@ def test_plain_nats_clients_reach_only_components_that_accept_external(tmp_path:
     assert a.stop() == 0
 
 
-def handled(d: Daemon, cid: str) -> int:
-    """How many messages component `cid` of daemon `d` has handled (its status row)."""
+def row(d: Daemon, cid: str) -> dict[str, object]:
+    """The status row of component `cid` of daemon `d`."""
     rows = json.loads(d.cli("status", "--json").stdout)["components"]
-    return int(next(r["handled"] for r in rows if r["id"] == cid))
+    return dict(next(r for r in rows if r["id"] == cid))
+
+
+def handled(d: Daemon, cid: str) -> int:
+    """How many messages component `cid` of daemon `d` has handled."""
+    return int(row(d, cid)["handled"])  # type: ignore[call-overload]
 
 
 def _try_call(url: str, subject: str, payload: bytes) -> tuple[bytes, dict[str, str]] | None:
@@ -173,3 +178,98 @@ def test_list_components_and_metadata_see_other_hosts(tmp_path: Path, nats_serve
     assert a.stop() == 0
     until("a's echo leaves b's directory", lambda: b.call("t/services/0", "list") == "t/services/0", 15)
     assert b.stop() == 0
+
+
+def test_nats_down_at_start_then_up(tmp_path: Path, daemons: list[Daemon]) -> None:
+    server = NatsServer(tmp_path / "nats")  # not started yet
+    try:
+        b = lattice_daemon(tmp_path / "b", CALLER + ECHO.replace("t/echo/0", "t/local/0"), [server.url], "host-b",
+                           daemons)  # READY without NATS
+        assert wait_for_log(b, "lattice_unreachable")["urls"] == [server.url]
+        assert b.call("t/local/0", "still local") == "still local"
+        failed = b.cli("call", "t/caller/0", "t|echo|0|x")
+        assert "request failed: delivery-failed" in failed.stderr
+        remote = b.cli("call", "t/echo/0", "x")
+        assert remote.returncode == 1 and "the lattice is unreachable" in remote.stderr
+        assert "Connect call failed" in remote.stderr or "cannot connect" in remote.stderr
+        server.start()
+        assert wait_for_log(b, "lattice_connected")["url"] == server.url
+        a = lattice_daemon(tmp_path / "a", ECHO, [server.url], "host-a", daemons, extra=REMOTE_GRANT)
+        until("b reaches a's echo", lambda: b.cli("call", "t/echo/0", "now").stdout.rstrip("\n") == "now")
+        assert ask(b, "t/echo/0", "via the guest")["payload"] == "via the guest"
+        server.kill()  # NATS goes away while both run: logged, remote fails fast, local is untouched
+        wait_for_log(b, "lattice_disconnected")
+        assert "delivery-failed" in b.cli("call", "t/caller/0", "t|echo|0|x").stderr
+        assert b.call("t/local/0", "fine") == "fine"
+        server.start()
+        wait_for_log(b, "lattice_reconnected")
+        until("b reaches a's echo again", lambda: b.cli("call", "t/echo/0", "back").stdout.rstrip("\n") == "back")
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        server.kill()
+
+
+def test_a_host_killed_mid_request_ends_it_and_replicas_take_new_ones(tmp_path: Path, nats_server: NatsServer,
+                                                                       daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", SERVED, [nats_server.url], "host-a", daemons, extra=REMOTE_GRANT)
+    c = lattice_daemon(tmp_path / "c", ECHO, [nats_server.url], "host-c", daemons, extra=REMOTE_GRANT)
+    b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
+    until("b sees a", lambda: b.cli("call", "t/slow/0", "self").stdout.rstrip("\n") == "t/slow/0")
+    before = int(b.call("t/caller/0", "?callbacks") or 0)
+    b.call("t/caller/0", "t|slow|0|sleep 4000")
+    until("a's guest handles the request", lambda: row(a, "t/slow/0")["in_hand"] == 1, 10)
+    a.proc.kill()
+    a.proc.wait()
+    until("the pending request ends", lambda: int(b.call("t/caller/0", "?callbacks") or 0) > before, 10)
+    report = json.loads(b.call("t/caller/0", "?last-payload"))
+    assert report == {"outcome": "target-stopped",
+                      "detail": "host host-a left the lattice (no heartbeat) with the request"}
+    gone = b.cli("call", "t/slow/0", "self")  # only a ran it: NATS has no responders, or the directory forgot it
+    assert gone.returncode == 1 and "target-not-found: t/slow/0" in gone.stderr
+    for n in range(5):  # the echo's other replica answers every new request
+        assert ask(b, "t/echo/0", f"after {n}")["payload"] == f"after {n}"
+    assert c.stop() == 0 and b.stop() == 0
+
+
+def test_replicas_on_two_hosts_share_the_load(tmp_path: Path, nats_server: NatsServer,
+                                              daemons: list[Daemon]) -> None:
+    hasher = component("t/hash/0", "hasher", "accept_external = true")
+    a = lattice_daemon(tmp_path / "a", hasher, [nats_server.url], "host-a", daemons)
+    b = lattice_daemon(tmp_path / "b", hasher, [nats_server.url], "host-b", daemons)
+    wait_for_log(a, "lattice_connected")
+    wait_for_log(b, "lattice_connected")
+
+    async def many() -> list[str]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            answers = await asyncio.gather(*(nc.request("wasmhost.default.msg.t.hash.0", b"20000", timeout=20)
+                                             for _ in range(60)))
+            return [m.headers["Wasmhost-Host"] for m in answers if m.headers]
+        finally:
+            await nc.close()
+
+    until("both replicas subscribed", lambda: _try_call(nats_server.url, "wasmhost.default.msg.t.hash.0", b"1"))
+    hosts = asyncio.run(many())
+    assert len(hosts) == 60
+    assert hosts.count("host-a") > 0 and hosts.count("host-b") > 0
+    assert handled(a, "t/hash/0") + handled(b, "t/hash/0") >= 60
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_payloads_too_large_for_the_target_or_for_nats_fail_fast_naming_both_sizes(tmp_path: Path,
+                                                                                    daemons: list[Daemon]) -> None:
+    server = NatsServer(tmp_path / "nats", max_payload=1024 * 1024).start()  # nats-server's default
+    try:
+        a = lattice_daemon(tmp_path / "a", ECHO + component("t/small/0", "echo", "max_message_bytes = 1000"),
+                           [server.url], "host-a", daemons, extra=BLASTER_GRANT)
+        b = lattice_daemon(tmp_path / "b", BLASTER, [server.url], "host-b", daemons)
+        until("b sees a's components", lambda: b.cli("call", "t/small/0", "x").returncode == 0)
+        assert b.call("t/blaster/0", "r2000|t|small|0") == ("err 2 payload of 2000 bytes exceeds the limit of 1000 "
+                                                             "bytes (max_message_bytes of t/small/0)")
+        assert b.call("t/blaster/0", "r1048576|t|echo|0") == (
+            "err 2 payload of 1048576 bytes does not fit the NATS server's max_payload of 1048576 bytes (with 1024 "
+            "bytes for headers)")
+        assert b.call("t/blaster/0", "r4096|t|echo|0") == "ok"
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        server.kill()

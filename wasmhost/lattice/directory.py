@@ -39,16 +39,18 @@ class Directory:
         self.hosts: dict[str, HostRecord] = {}
         self._index: dict[ComponentId, tuple[str, ...]] = {}  # component -> hosts running it
 
-    def heard(self, beat: Heartbeat, now: float | None = None) -> bool:
-        """Record a heartbeat; True when the host's inventory must be fetched (new host or new version)."""
+    def heard(self, beat: Heartbeat, now: float | None = None) -> tuple[bool, bool]:
+        """Record a heartbeat; returns (fetch, restarted): whether the host's inventory must be fetched (new
+        host or new version), and whether it is a new run of a host known before (what the old run held is lost)."""
         if beat.host == self.own_host:
-            return False
+            return False, False
         now = time.monotonic() if now is None else now
         record = self.hosts.get(beat.host)
-        if record is None or record.heartbeat.started_at != beat.started_at:  # new, or restarted
+        restarted = record is not None and record.heartbeat.started_at != beat.started_at
+        if record is None or restarted:
             record = self.hosts[beat.host] = HostRecord(beat.host, beat, now)
         record.heartbeat, record.last_seen = beat, now
-        return record.inventory_version != beat.inventory_version
+        return record.inventory_version != beat.inventory_version, restarted
 
     def update(self, inventory: Inventory) -> None:
         """Replace what a (known) host runs with its fetched `inventory`."""

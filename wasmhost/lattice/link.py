@@ -71,6 +71,8 @@ class Link:
         self.started_at = time.time()
         self.nc: Client | None = None
         self.cause = "not connected yet"  # why the link is down, for delivery-failed details
+        self._unreachable_logged = ""
+        self._leaving = False
         self.max_payload = 1024 * 1024
         self._outbox: deque[tuple[str, bytes, dict[str, str], str]] = deque()
         self._outbox_lock = threading.Lock()
@@ -103,10 +105,12 @@ class Link:
                 await self._close()
 
     async def _connect(self) -> None:
+        """Connect; nats-py retries every URL until one answers (each failure reaches `_on_error`, which logs
+        lattice_unreachable once per cause). Only a mistake it does not retry (a bad credentials file) ends
+        an attempt: then this tries again after a pause."""
         import nats  # only a daemon with [lattice] pays for importing nats-py
 
         wait = CONNECT_RETRY_S[0]
-        logged = None
         while True:
             try:
                 self.nc = await nats.connect(
@@ -118,10 +122,7 @@ class Link:
                     reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
                 break
             except Exception as exc:  # nats-py raises its own errors and OSErrors alike
-                self.cause = f"cannot connect to {', '.join(self.settings.urls)}: {_describe(exc)}"
-                if self.cause != logged:  # once per cause, not every attempt
-                    log.warning("lattice_unreachable", urls=list(self.settings.urls), cause=self.cause)
-                    logged = self.cause
+                await self._on_error(exc)
                 await anyio.sleep(wait)
                 wait = min(wait * 2, CONNECT_RETRY_S[1])
         self.max_payload = self.nc.max_payload
@@ -146,7 +147,13 @@ class Link:
         return url.geturl() if url is not None else ""
 
     async def _on_error(self, exc: Exception) -> None:
-        self.cause = _describe(exc)
+        cause = _describe(exc)
+        if self.nc is None:  # not connected yet
+            cause = f"cannot connect to {', '.join(self.settings.urls)}: {cause}"
+            if cause != self._unreachable_logged:  # once per cause, not on every attempt
+                log.warning("lattice_unreachable", urls=list(self.settings.urls), cause=cause)
+                self._unreachable_logged = cause
+        self.cause = cause
 
     async def _on_disconnected(self) -> None:
         cause = self.cause or "connection lost"
@@ -171,6 +178,15 @@ class Link:
             await nc.flush(timeout=1)
         with contextlib.suppress(Exception):
             await nc.close()
+
+    async def leave(self) -> None:
+        """Stop taking messages for local components (the daemon is stopping): other replicas take them."""
+        self._leaving = True
+        for sub in list(self._subs.values()):
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        log.info("lattice_leaving", host=self.host)
 
     @property
     def connected(self) -> bool:
@@ -199,7 +215,7 @@ class Link:
             self._inventory = inventory
             self._inventory_version += 1
         nc = self.nc
-        if nc is None:
+        if nc is None or self._leaving:
             return
         wanted = set()
         for entry in inventory:
@@ -225,6 +241,7 @@ class Link:
                 self.publish(self.subjects.heartbeat(self.host), encode(beat), {})
             for host in self.directory.expire():
                 self._host_left(host)
+            self._forget_settled()
             with anyio.move_on_after(interval):
                 await self._changed.wait()  # a component came or went: tell the lattice now
 
@@ -234,7 +251,10 @@ class Link:
         except Exception:  # another host's bug must not stop ours
             log.warning("lattice_bad_heartbeat", subject=msg.subject)
             return
-        if self.directory.heard(beat) and beat.host not in self._fetching and self._tasks is not None:
+        fetch, restarted = self.directory.heard(beat)
+        if restarted:
+            self._end_placed(beat.host, f"host {beat.host} restarted with the request")
+        if fetch and beat.host not in self._fetching and self._tasks is not None:
             known = beat.host in self.directory.hosts and self.directory.hosts[beat.host].inventory_version >= 0
             if not known:
                 log.info("lattice_host_joined", host=beat.host)
@@ -257,14 +277,19 @@ class Link:
             self.publish(msg.reply, wire.inventory_codec[0].encode(inventory), {})
 
     def _host_left(self, host: str) -> None:
-        """End the requests `host` had queued: it will not answer them."""
         log.warning("lattice_host_left", host=host)
+        self._end_placed(host, f"host {host} left the lattice (no heartbeat) with the request")
+
+    def _end_placed(self, host: str, detail: str) -> None:
+        """End the requests `host` had queued with target-stopped: it will not answer them."""
         for cid in [c for c, h in self._placed.items() if h == host]:
             del self._placed[cid]
-            self.router.complete_remote(cid, None, Outcome.TARGET_STOPPED,
-                                        f"host {host} left the lattice (no heartbeat) with the request")
+            self.router.complete_remote(cid, None, Outcome.TARGET_STOPPED, detail)
+
+    def _forget_settled(self) -> None:
+        """Drop the placements of requests no longer pending (timed out or cancelled: no answer will come)."""
         for cid in [c for c in self._placed if self.router.pending_target(c) is None]:
-            del self._placed[cid]  # answered or expired meanwhile
+            del self._placed[cid]
 
     # --- answers to this host's requests and sends ---
 
@@ -272,7 +297,11 @@ class Link:
         token = msg.subject.rsplit(".", 1)[-1]
         headers = msg.headers or {}
         if headers.get("Status") == "503":  # NATS: nobody subscribes the target's subject (any more)
-            headers = {wire.OUTCOME: wire.REJECTED, wire.ERROR: "target-not-found",
+            try:
+                target = str(self.subjects.component(headers.get("Nats-Subject", "")))
+            except InvalidComponentId:
+                target = ""
+            headers = {wire.OUTCOME: wire.REJECTED, wire.ERROR: "target-not-found", wire.TARGET: target,
                        wire.DETAIL: "no host runs it (any more)"}
         waiter = self._host_waits.get(token)
         if waiter is not None:  # the host's own call: a send ends with its first answer, a request with its last
@@ -294,10 +323,9 @@ class Link:
         if outcome == wire.REPLY:
             self.router.complete_remote(token, msg.data)
         elif outcome == wire.REJECTED:
-            target = self.router.pending_target(token)
             error = headers.get(wire.ERROR, "delivery-failed")
-            self.router.complete_remote(token, None, Outcome.FAILED,
-                                        f"{target} rejected the request: {error}" + (f": {detail}" if detail else ""))
+            self.router.complete_remote(token, None, Outcome.FAILED, f"{self.router.pending_target(token)} rejected "
+                                        "the request: " + error + (f": {detail}" if detail else ""))
         else:
             try:
                 kind = Outcome(outcome)

@@ -12,8 +12,6 @@ from typing import Annotated
 
 import msgspec
 
-from wasmhost.core.ids import ComponentId, InvalidComponentId
-
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_HEARTBEAT_S = 2.0
 URL_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
@@ -60,8 +58,6 @@ class LatticeSettings:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    grants: tuple[tuple[ComponentId, RemoteGrant], ...] = ()
-    """Grants for remote senders, their patterns unchecked: the system layer parses them (security)."""
 
 
 def _file(where: str, name: str | None, base: Path, errors: list[str]) -> Path | None:
@@ -76,7 +72,7 @@ def _file(where: str, name: str | None, base: Path, errors: list[str]) -> Path |
 
 def lattice_settings(section: LatticeSection, base: Path, errors: list[str]) -> LatticeSettings | None:
     """The settings of a shape-checked `[lattice]` table, or None with its errors added (relative paths are
-    relative to the config file's directory `base`)."""
+    relative to the config file's directory `base`). Its grants are the system layer's to parse (security)."""
     before = len(errors)
     if not section.urls:
         errors.append("lattice.urls: expected at least one NATS URL, got an empty array")
@@ -96,16 +92,7 @@ def lattice_settings(section: LatticeSection, base: Path, errors: list[str]) -> 
     key = _file("lattice.tls.key", tls.key, base, errors)
     if (tls.cert is None) != (tls.key is None):
         errors.append("lattice.tls: give both cert and key (a client certificate needs its key), or neither")
-    grants = []
-    for index, grant in enumerate(section.grants):
-        where = f"lattice.grants[{index}]"
-        try:
-            cid = ComponentId.parse(grant.id)
-        except InvalidComponentId as exc:
-            errors.append(f"{where}.id: {exc}")
-            continue
-        grants.append((cid, grant))
     if len(errors) > before:
         return None
     return LatticeSettings(tuple(section.urls), section.name, host_id, section.heartbeat_s, credentials, ca, cert,
-                           key, tuple(grants))
+                           key)

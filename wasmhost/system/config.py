@@ -528,9 +528,15 @@ def _lattice(raw: dict[str, Any], base: Path, errors: list[str]
         return None, ()
     settings = lattice_settings(section, base, errors)
     grants = []
-    for index, (cid, grant) in enumerate(settings.grants if settings is not None else ()):
+    for index, grant in enumerate(section.grants):
+        where = f"lattice.grants[{index}]"
+        try:
+            cid = ComponentId.parse(grant.id)
+        except InvalidComponentId as exc:
+            errors.append(f"{where}.id: {exc}")
+            continue
         parsed, bad = Grants.parse(grant.send, grant.request, grant.broadcast, False, None)
-        errors.extend(f"lattice.grants[{index}].{error}" for error in bad)
+        errors.extend(f"{where}.{error}" for error in bad)
         grants.append((cid, parsed))
     return settings, tuple(grants)
 

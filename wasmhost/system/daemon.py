@@ -270,6 +270,9 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.notifier.notify("STOPPING=1")
+        if self.link is not None:  # replicas on other hosts take what arrives from now on
+            with anyio.move_on_after(2.0):
+                await self.link.leave()
         for actor in self.supervisor.actors.values():
             actor.mailbox.seal()  # stop accepting new messages everywhere before draining
         await self.supervisor.stop_all(self.config.host.drain_timeout_s)
@@ -421,6 +424,9 @@ class Daemon:
                 *(f"  {e}" for e in exc.errors)])
         problems = [f"host.{key}: changed from {old!r} to {value!r}; [host] settings are read only at start: "
                     "restart wasmhost to apply them" for key, old, value in _host_changes(self.config, new)]
+        if (self.config.lattice, self.config.remote_grants) != (new.lattice, new.remote_grants):
+            problems.append("lattice: changed; [lattice] settings are read only at start: restart wasmhost to "
+                            "apply them")
         added, removed, changed, unchanged = await self._diff(new)
         wanted = {p.spec.component_id: p for p in new.components}
         loaded: dict[ComponentId, LoadedComponent] = {}

@@ -1,0 +1,69 @@
+"""`[lattice]` in the config: defaults, every mistake named by its key, no NATS import without it."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wasmhost.core.ids import ComponentId
+from wasmhost.system.config import ConfigError, parse_config
+
+
+def errors_of(text: str, where: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, where / "wasmhost.toml")
+    return caught.value.errors
+
+
+def test_without_lattice_nothing_changes(tmp_path: Path) -> None:
+    assert parse_config("", tmp_path / "wasmhost.toml").lattice is None
+
+
+def test_defaults_and_files(tmp_path: Path) -> None:
+    (tmp_path / "host.creds").write_text("creds")
+    config = parse_config('[lattice]\ncredentials = "host.creds"\n[[lattice.grants]]\nid = "a/b/c"\n'
+                          'request = ["x/*"]\n', tmp_path / "wasmhost.toml")
+    settings = config.lattice
+    assert settings is not None
+    assert settings.urls == ("nats://127.0.0.1:4222",) and settings.name == "default"
+    assert settings.host_id == socket.gethostname() and settings.heartbeat_s == 2.0
+    assert settings.credentials == tmp_path / "host.creds"
+    [(cid, grants)] = config.remote_grants
+    assert cid == ComponentId("a", "b", "c") and [p.text for p in grants.request] == ["x/*"]
+
+
+def test_every_mistake_is_named_by_its_key(tmp_path: Path) -> None:
+    errors = errors_of('[lattice]\nurls = ["http://x", "nats://"]\nheartbeat_s = 0\nhost_id = " "\n'
+                       'credentials = "none.creds"\ntls = { cert = "c.pem" }\nbogus = 1\n'
+                       '[[lattice.grants]]\nid = "a/b"\n[[lattice.grants]]\nid = "a/b/c"\nsend = ["a/*/c"]\n',
+                       tmp_path)
+    assert errors == [
+        "lattice.bogus: unknown key (expected one of urls, name, host_id, credentials, tls, heartbeat_s, grants)",
+        "lattice.heartbeat_s: expected a number >= 0.05, got 0",
+        'lattice.urls[0]: expected a URL like "nats://HOST:4222" (scheme one of nats, tls, ws, wss), got "http://x"',
+        'lattice.urls[1]: expected a URL like "nats://HOST:4222" (scheme one of nats, tls, ws, wss), got "nats://"',
+        "lattice.host_id: expected a non-empty host id",
+        f"lattice.credentials: no file at {tmp_path / 'none.creds'}",
+        f"lattice.tls.cert: no file at {tmp_path / 'c.pem'}",
+        "lattice.tls: give both cert and key (a client certificate needs its key), or neither",
+        "lattice.grants[0].id: component id 'a/b': expected namespace/name/instance (three parts separated by "
+        "'/'), got 2 part(s)",
+        "lattice.grants[1].send[0]: target pattern 'a/*/c': expected '*', 'namespace/*', 'namespace/name/*' or "
+        "'namespace/name/instance'",
+    ]
+
+
+def test_accept_external_is_a_component_key(tmp_path: Path) -> None:
+    assert errors_of('[[components]]\nid = "a/b/c"\naccept_external = "yes"\n', tmp_path)[0] == \
+        'components[0].accept_external: expected true or false, got "yes"'
+
+
+def test_a_daemon_without_lattice_does_not_import_nats() -> None:
+    probe = ("import sys, wasmhost.cli, wasmhost.system.daemon\n"
+             "print(any(m.split('.')[0] == 'nats' for m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
