@@ -145,3 +145,17 @@ def test_call_lattice_to_a_component_that_refuses_external_senders(two_hosts: tu
     assert result.returncode == 1
     assert result.stderr.startswith("wasmhost: t/only-b/0 on host-b: rejected ("), result.stderr
     assert "external" in result.stderr
+
+
+def test_call_lattice_refuses_a_payload_above_the_servers_max_payload(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats", max_payload=65536).start()
+    try:
+        config = write_config(tmp_path, config_text(tmp_path / "state", lattice_section([server.url], "cli") + ECHO))
+        big = tmp_path / "big.bin"
+        big.write_bytes(b"x" * 100_000)
+        result = wasmhost("call", "--lattice", "--config", str(config), "t/echo/0", f"@{big}")
+    finally:
+        server.kill()
+    assert result.returncode == 1
+    assert ("invalid-message: the payload of 100000 bytes does not fit the NATS server's max_payload of "
+            "65536 bytes (with 1024 bytes for headers)") in result.stderr

@@ -63,6 +63,8 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
     import nats
     from nats import errors
 
+    from wasmhost.lattice.link import HEADER_ROOM
+
     subject = wire.Subjects(lattice).message(target)
     seen: list[Exception] = []
 
@@ -77,9 +79,10 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
         cause = seen[-1] if seen else exc
         raise LatticeCallFailed(f"cannot reach NATS at {servers}: {cause or type(cause).__name__}") from None
     try:
-        if len(payload) > nc.max_payload:
-            raise LatticeCallFailed(f"invalid-message: the payload of {len(payload)} bytes is larger than the NATS "
-                                    f"server's max_payload of {nc.max_payload} bytes")
+        if len(payload) + HEADER_ROOM > nc.max_payload:  # the server would drop the connection instead
+            raise LatticeCallFailed(f"invalid-message: the payload of {len(payload)} bytes does not fit the NATS "
+                                    f"server's max_payload of {nc.max_payload} bytes (with {HEADER_ROOM} bytes "
+                                    "for headers)")
         headers = {wire.KIND: wire.KIND_REQUEST, wire.SENDER: external_sender(),
                    wire.TIMEOUT_MS: str(max(1, int(timeout * 1000)))}
         try:
