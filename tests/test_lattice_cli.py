@@ -159,3 +159,16 @@ def test_call_lattice_refuses_a_payload_above_the_servers_max_payload(tmp_path: 
     assert result.returncode == 1
     assert ("invalid-message: the payload of 100000 bytes does not fit the NATS server's max_payload of "
             "65536 bytes (with 1024 bytes for headers)") in result.stderr
+
+
+def test_status_lattice_while_nats_is_unreachable(tmp_path: Path, started: list[Daemon]) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"  # nobody listens there: the daemon runs, the lattice waits
+    d = lattice_daemon(tmp_path / "a", ECHO, [url], "host-a", started)
+    result = d.cli("status", "--lattice")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == ("lattice default: 1 host(s), seen from host-a "
+                        "(NOT connected to NATS: remote hosts as last seen)")
+    assert lines[2].split() == ["host-a", "local", "1"]
+    assert lines[-1].split()[:3] == ["t/echo/0", "host-a", "running"]
+    assert d.call("t/echo/0", "still local") == "still local"
