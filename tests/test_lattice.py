@@ -157,6 +157,9 @@ def test_sends_broadcasts_and_large_payloads_cross_hosts(tmp_path: Path, nats_se
     assert b.call("t/blaster/0", "s5|t|echo|0") == "ok"
     rejected = wait_for_log(b, "lattice_send_rejected")
     assert rejected["target"] == "t/echo/0" and "capability denied" in str(rejected["detail"])
+    assert b.call("t/blaster/0", "b5|t|echo|0") == "ok"  # the receiving host checks broadcast as broadcast
+    until("the broadcast is refused", lambda: any("may not broadcast to t/echo/0" in str(e.get("detail"))
+                                                  for e in b.events() if e["event"] == "lattice_send_rejected"))
     # 1 MiB across hosts: the host's own call and a guest's request
     big = tmp_path / "big.bin"
     big.write_bytes(b"0123456789abcdef" * 65536)
@@ -175,6 +178,10 @@ def test_list_components_and_metadata_see_other_hosts(tmp_path: Path, nats_serve
                    and b.call("t/services/0", "list"))
     assert set(str(listed).split("\n")) == {"t/services/0", "t/echo/0"}
     assert b.call("t/services/0", "meta t|echo|0").endswith("healthy")
+    seen = json.loads(b.cli("status", "--json").stdout)["lattice"]
+    assert seen["host"] == "host-b" and seen["connected"] and seen["url"] == nats_server.url
+    assert [h["host"] for h in seen["hosts"]] == ["host-a"]
+    assert [(c["id"], c["state"]) for c in seen["hosts"][0]["components"]] == [("t/echo/0", "running")]
     assert a.stop() == 0
     until("a's echo leaves b's directory", lambda: b.call("t/services/0", "list") == "t/services/0", 15)
     assert b.stop() == 0

@@ -38,7 +38,7 @@ class RecordingRemote:
         if target != FAR:
             raise MessagingError("target-not-found", target)
 
-    def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
+    def send(self, sender: ComponentId, target: ComponentId, payload: bytes, action: str = "send") -> None:
         self.sent.append((sender, target, payload))
 
     def request(self, sender: ComponentId, target: ComponentId, payload: bytes, correlation_id: str,

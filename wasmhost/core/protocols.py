@@ -114,8 +114,9 @@ class RemotePort(Protocol):
     def check(self, target: ComponentId, size: int) -> None:
         """Raise MessagingError unless a message of `size` bytes can go to `target` on another host now."""
 
-    def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
-        """Publish a send to `target` (checked already); a rejection by the target's host is logged."""
+    def send(self, sender: ComponentId, target: ComponentId, payload: bytes, action: str = "send") -> None:
+        """Publish a send to `target` (checked already; `action` "broadcast" for one target of a broadcast, which
+        the target's host checks against the sender's broadcast capability); a rejection there is logged."""
 
     def request(self, sender: ComponentId, target: ComponentId, payload: bytes, correlation_id: str,
                 timeout_ms: int) -> None:

@@ -59,8 +59,9 @@ class Ingress:
         kind = headers.get(wire.KIND) or (wire.KIND_REQUEST if msg.reply else wire.KIND_SEND)
         sender_host = headers.get(wire.SENDER_HOST)
         try:
-            if kind not in (wire.KIND_SEND, wire.KIND_REQUEST):
-                raise MessagingError("invalid-message", f"{wire.KIND} must be send or request, got {kind!r}")
+            if kind not in (wire.KIND_SEND, wire.KIND_REQUEST, wire.KIND_BROADCAST):
+                raise MessagingError("invalid-message", f"{wire.KIND} must be send, request or broadcast, "
+                                     f"got {kind!r}")
             sender = _sender(headers.get(wire.SENDER), sender_host is not None)
             if sender_host is None and not self.accepts_external(target):
                 raise MessagingError("delivery-failed", f"{target} does not accept messages from external clients "
@@ -70,7 +71,7 @@ class Ingress:
             metadata = MessageMetadata(timestamp=Timestamp.now(), correlation_id=headers.get(wire.CORRELATION),
                                        reply_to=sender, content_type=headers.get(wire.CONTENT_TYPE))
             message = ComponentMessage(sender, msg.data, metadata)
-            if kind == wire.KIND_SEND or not msg.reply:
+            if kind != wire.KIND_REQUEST or not msg.reply:
                 link.router.deliver(recipient, Envelope(message))
                 if msg.reply:
                     self._answer(msg.reply, b"", wire.QUEUED, target)

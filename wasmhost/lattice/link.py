@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
@@ -47,6 +48,8 @@ HEADER_ROOM = 1024
 CONNECT_RETRY_S = (0.2, 5.0)
 """First and longest wait between two attempts at the first connection."""
 INVENTORY_TIMEOUT_S = 2.0
+CHANGE_BATCH_S = 0.1
+"""Local changes within this many seconds of the first are told to the lattice together."""
 SEND_TOKEN = "send"
 """The answer subject token of sends (their answers only matter when they are rejections)."""
 
@@ -188,6 +191,20 @@ class Link:
         self._subs.clear()
         log.info("lattice_leaving", host=self.host)
 
+    def snapshot(self) -> dict[str, object]:
+        """The lattice as this host sees it (for `wasmhost status --lattice`): this host, the link, and every
+        other host with the components it runs, as plain data (event loop)."""
+        now = time.monotonic()
+        return {
+            "host": self.host, "lattice": self.settings.name, "connected": self.connected, "url": self._url(),
+            "cause": self.cause, "inventory_version": self._inventory_version,
+            "components": [msgspec.to_builtins(e) for e in self._inventory],
+            "hosts": [{"host": r.host, "seen_s_ago": round(now - r.last_seen, 3),
+                       "heartbeat_s": r.heartbeat.heartbeat_s, "inventory_version": r.inventory_version,
+                       "components": [msgspec.to_builtins(e) for e in r.components.values()]}
+                      for r in sorted(self.directory.hosts.values(), key=lambda r: r.host)],
+        }
+
     @property
     def connected(self) -> bool:
         """Whether the NATS connection is up right now."""
@@ -243,7 +260,9 @@ class Link:
                 self._host_left(host)
             self._forget_settled()
             with anyio.move_on_after(interval):
-                await self._changed.wait()  # a component came or went: tell the lattice now
+                await self._changed.wait()  # a component came or went: tell the lattice soon
+                # ... but not once per component: a start-up of thousands comes in bursts, taken together
+                await anyio.sleep(min(CHANGE_BATCH_S, interval))
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
@@ -358,9 +377,10 @@ class Link:
             headers[wire.TIMEOUT_MS] = str(timeout_ms)
         return headers
 
-    def send(self, sender: ComponentId, target: ComponentId, payload: bytes) -> None:
-        """RemotePort: publish a send (its rejection comes back to be logged)."""
-        self.publish(self.subjects.message(target), payload, self._headers(wire.KIND_SEND, sender),
+    def send(self, sender: ComponentId, target: ComponentId, payload: bytes, action: str = "send") -> None:
+        """RemotePort: publish a send or one target of a broadcast (its rejection comes back to be logged)."""
+        kind = wire.KIND_BROADCAST if action == "broadcast" else wire.KIND_SEND
+        self.publish(self.subjects.message(target), payload, self._headers(kind, sender),
                       self.subjects.reply(self.host, SEND_TOKEN))
 
     def request(self, sender: ComponentId, target: ComponentId, payload: bytes, correlation_id: str,

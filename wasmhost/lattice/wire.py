@@ -8,7 +8,7 @@ percent-encoded so that it holds no '.', '*', '>', whitespace or '%' (`%2E`, `%2
 - `P.inv.<host>`              request/reply: the host's inventory (Inventory, msgspec JSON)
 - `P.re.<host>.<id>`          answers to the requests a host's components made (one wildcard subscription)
 
-Headers of a message: Wasmhost-Kind (send|request), Wasmhost-Sender, Wasmhost-Sender-Host (absent for
+Headers of a message: Wasmhost-Kind (send|request|broadcast), Wasmhost-Sender, Wasmhost-Sender-Host (absent for
 external clients), Wasmhost-Correlation-Id, Wasmhost-Timeout-Ms, Content-Type. Headers of an answer:
 Wasmhost-Outcome (reply|no-reply|failed|timeout|target-stopped|queued|rejected), Wasmhost-Detail (one line),
 Wasmhost-Error (the messaging-error case, for `rejected`), Wasmhost-Host (the host that answered),
@@ -38,6 +38,8 @@ TARGET = "Wasmhost-Target"
 
 KIND_SEND = "send"
 KIND_REQUEST = "request"
+KIND_BROADCAST = "broadcast"
+"""A send that is one target of a broadcast: checked against the sender's broadcast capability."""
 QUEUED = "queued"
 REJECTED = "rejected"
 REPLY = "reply"

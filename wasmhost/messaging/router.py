@@ -254,7 +254,7 @@ class MessageRouter:
         for target, recipient in zip(unique, recipients, strict=True):
             try:
                 if recipient is None:
-                    self.remote.send(sender, target, payload)  # type: ignore[union-attr]  # _route: remote is set
+                    self.remote.send(sender, target, payload, "broadcast")  # type: ignore[union-attr]  # _route
                 else:
                     self._offer(recipient, Envelope(_message(sender, payload)))
             except MessagingError as exc:
