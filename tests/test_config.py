@@ -74,7 +74,7 @@ config_file = "y"
         "components[0].colour: unknown key (expected one of id, path, limits, env, config_data, config_file, "
         "mailbox_capacity, restart, max_restarts, restart_window_s, backoff_base_ms, backoff_max_ms, group, strategy, "
         "health_interval_s, shutdown_timeout_s, capabilities, wasi, outbound_http, log_rate, log_burst, "
-        "max_message_bytes, rollout_check_s)",
+        "max_message_bytes, rollout_check_s, accept_external)",
         'components[0].limits.max_memory_bytes: expected an integer > 0, got -5',
         'components[0].limits.max_fuel: expected an integer > 0, got "lots"',
         'components[0].restart: expected one of "permanent", "transient", "temporary", got "sometimes"',

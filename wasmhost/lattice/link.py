@@ -76,6 +76,7 @@ class Link:
         self.cause = "not connected yet"  # why the link is down, for delivery-failed details
         self._unreachable_logged = ""
         self._leaving = False
+        self._duplicate_logged = False
         self.max_payload = 1024 * 1024
         self._outbox: deque[tuple[str, bytes, dict[str, str], str]] = deque()
         self._outbox_lock = threading.Lock()
@@ -270,6 +271,11 @@ class Link:
         except Exception:  # another host's bug must not stop ours
             log.warning("lattice_bad_heartbeat", subject=msg.subject)
             return
+        if beat.host == self.host and beat.started_at != self.started_at and not self._duplicate_logged:
+            # answers meant for one of the two reach either: requests would time out at random
+            log.error("lattice_duplicate_host_id", host=self.host, detail="another daemon uses this host_id; give "
+                      "each daemon its own [lattice] host_id")
+            self._duplicate_logged = True
         fetch, restarted = self.directory.heard(beat)
         if restarted:
             self._end_placed(beat.host, f"host {beat.host} restarted with the request")
