@@ -1,7 +1,7 @@
 """A three-node NATS cluster (routes on loopback) under two daemons connected to different nodes: traffic
 flows between them, one NATS node is killed mid-traffic, the daemon on it reconnects to another node, every
-request ends with an outcome, and traffic resumes; then the other daemon's node too. Real nats-servers, real
-daemons, the real control socket."""
+request ends with an outcome (the host's requests an answer, a guest's requests exactly one callback), and
+traffic resumes; then the other daemon's node too. Real nats-servers, real daemons, the real control socket."""
 
 from __future__ import annotations
 
@@ -67,11 +67,12 @@ class Result:
 
 
 class Traffic:
-    """A thread calling `cid` through daemon `d`'s control socket, one request after another, each with
-    CALL_TIMEOUT; every request's ending is recorded (a request with no answer at all fails the test)."""
+    """A thread calling `cid` through daemon `d`'s control socket, one request after another (payload
+    `payload % n` for the n-th), each with CALL_TIMEOUT; every request's ending is recorded (a request with
+    no answer at all fails the test)."""
 
-    def __init__(self, d: Daemon, cid: str) -> None:
-        self.d, self.cid = d, cid
+    def __init__(self, d: Daemon, cid: str, payload: str = "ping %d") -> None:
+        self.d, self.cid, self.payload = d, cid, payload
         self.results: list[Result] = []
         self.lost: list[str] = []  # requests the daemon never answered (must stay empty)
         self._stop = threading.Event()
@@ -89,7 +90,7 @@ class Traffic:
         n = 0
         while not self._stop.is_set():
             n += 1
-            payload, sent = f"ping {n}".encode(), time.monotonic()
+            payload, sent = (self.payload % n).encode(), time.monotonic()
             try:
                 response = request(self.d.socket, protocol.Call(self.cid, payload, CALL_TIMEOUT),
                                    timeout=CALL_TIMEOUT * 3)
@@ -100,19 +101,29 @@ class Traffic:
                                        response.data if response.ok else response.error))
 
     def replies_since(self, moment: float) -> int:
-        """Requests sent after `moment` that got their echo back."""
+        """Requests sent after `moment` that were answered ok."""
         return sum(1 for r in self.results if r.sent_at > moment and r.ok)
+
+
+def callbacks(d: Daemon, client: str) -> int:
+    """How many callbacks (replies and outcomes) the callback fixture `client` on `d` has had."""
+    response = request(d.socket, protocol.Call(client, b"?callbacks", CALL_TIMEOUT), timeout=CALL_TIMEOUT * 3)
+    assert response.ok, response.error
+    return int(response.data)
 
 
 def test_a_killed_nats_node_costs_outcomes_not_requests(tmp_path: Path, cluster: list[NatsServer],
                                                         started: list[Daemon]) -> None:
     n0, n1, n2 = cluster
     # Each daemon is given one node only: the others it learns from the cluster (NATS gossips their URLs).
-    a = lattice_daemon(tmp_path / "a", "", [n0.url], "host-a", started)
-    b = lattice_daemon(tmp_path / "b", component("t/echo/0", "echo"), [n1.url], "host-b", started)
+    # Host A's guest t/client/0 requests host B's echo too (granted on host B), each request one callback.
+    client = component("t/client/0", "callback", 'capabilities = { request = ["t/echo/*"] }')
+    a = lattice_daemon(tmp_path / "a", client, [n0.url], "host-a", started)
+    b = lattice_daemon(tmp_path / "b", component("t/echo/0", "echo"), [n1.url], "host-b", started,
+                       extra='[[lattice.grants]]\nid = "t/client/0"\nrequest = ["t/echo/*"]\n')
     wait_until(lambda: sees(a, "t/echo/0", "host-b"), "host-a sees host-b's echo")
 
-    with Traffic(a, "t/echo/0") as traffic:
+    with Traffic(a, "t/echo/0") as traffic, Traffic(a, "t/client/0", "t|echo|0|guest %d") as guests:
         wait_until(lambda: traffic.replies_since(0) >= 20, "20 replies across hosts before the kill")
         killed_at = time.monotonic()
         n0.kill()  # host-a's node, mid-traffic
@@ -128,6 +139,14 @@ def test_a_killed_nats_node_costs_outcomes_not_requests(tmp_path: Path, cluster:
         else:
             assert isinstance(r.answer, str) and r.answer, r
     assert traffic.results[-1].ok
+    # The guest's requests: each one it made (the call returned its correlation id) ends with a callback,
+    # its reply or an outcome (timeout after 5 s at most); one the link refused at once failed in the guest.
+    assert not guests.lost, guests.lost
+    made = sum(1 for r in guests.results if r.ok)
+    assert made >= 20 and guests.results[-1].ok
+    assert all(isinstance(r.answer, str) and "request failed: " in r.answer for r in guests.results if not r.ok)
+    wait_until(lambda: callbacks(a, "t/client/0") == made, f"a callback for each of the {made} guest requests",
+               timeout=15.0)
     assert a.proc.poll() is None and b.proc.poll() is None
     for d in (a, b):  # each logged losing its node and where it went; both are on the one node left now
         wait_for_log(d, "lattice_disconnected", timeout=5.0)
