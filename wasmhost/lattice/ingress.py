@@ -76,7 +76,7 @@ class Ingress:
                 if msg.reply:
                     self._answer(msg.reply, b"", wire.QUEUED, target)
                 return
-            self._request(msg.reply, message, recipient, target, headers, sender_host is not None)
+            self._request(msg.reply, message, recipient, target, headers, headers.get(wire.ACK) == "1")
         except MessagingError as exc:
             if sender_host is not None or msg.reply:
                 log.info("lattice_message_rejected", target=str(target), sender=headers.get(wire.SENDER, ""),
@@ -85,7 +85,7 @@ class Ingress:
                 self._answer(msg.reply, b"", wire.REJECTED, target, _detail(exc), exc.case)
 
     def _request(self, reply: str, message: ComponentMessage, recipient: Recipient, target: ComponentId,
-                 headers: dict[str, str], from_host: bool) -> None:
+                 headers: dict[str, str], acknowledge: bool) -> None:
         loop = self.link.loop
         future: asyncio.Future[bytes | None] = loop.create_future()
         envelope = Envelope(message, reply_future=future)
@@ -97,7 +97,7 @@ class Ingress:
         if timeout_ms <= 0:
             raise MessagingError("invalid-message", f"{wire.TIMEOUT_MS} must be at least 1")
         self.link.router.deliver(recipient, envelope)
-        if from_host:  # the requesting host learns where it waits (see Link._host_left)
+        if acknowledge:  # the requesting host learns where it waits (see Link._end_placed)
             self._answer(reply, b"", wire.QUEUED, target)
         timer = loop.call_at(loop.time() + timeout_ms / 1000, _expire, future, target, timeout_ms)
 
@@ -121,11 +121,12 @@ class Ingress:
 
     def _answer(self, reply: str, payload: bytes, outcome: str, target: ComponentId, detail: str = "",
                 error: str | None = None) -> None:
-        headers = {wire.OUTCOME: outcome, wire.HOST: self.link.host, wire.TARGET: str(target)}
+        headers = {wire.OUTCOME: outcome, wire.HOST: self.link.host}
         if detail:
             headers[wire.DETAIL] = wire.one_line(detail)
-        if error is not None:
+        if error is not None:  # a rejection: the sender's host logs it, naming the target
             headers[wire.ERROR] = error
+            headers[wire.TARGET] = str(target)
         self.link.publish(reply, payload, headers)
 
 

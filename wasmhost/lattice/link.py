@@ -157,6 +157,8 @@ class Link:
             if cause != self._unreachable_logged:  # once per cause, not on every attempt
                 log.warning("lattice_unreachable", urls=list(self.settings.urls), cause=cause)
                 self._unreachable_logged = cause
+        elif self.connected:  # a slow consumer (nats-py dropped messages: their requests time out), or the
+            log.warning("lattice_error", url=self._url(), cause=cause)  # first sign of a disconnection
         self.cause = cause
 
     async def _on_disconnected(self) -> None:
@@ -307,14 +309,15 @@ class Link:
 
     def _end_placed(self, host: str, detail: str) -> None:
         """End the requests `host` had queued with target-stopped: it will not answer them."""
-        for cid in [c for c, h in self._placed.items() if h == host]:
-            del self._placed[cid]
+        # list(): one copy under the GIL, as guest threads add placements meanwhile
+        for cid in [c for c, h in list(self._placed.items()) if h == host]:
+            self._placed.pop(cid, None)
             self.router.complete_remote(cid, None, Outcome.TARGET_STOPPED, detail)
 
     def _forget_settled(self) -> None:
         """Drop the placements of requests no longer pending (timed out or cancelled: no answer will come)."""
-        for cid in [c for c in self._placed if self.router.pending_target(c) is None]:
-            del self._placed[cid]
+        for cid in [c for c in list(self._placed) if self.router.pending_target(c) is None]:
+            self._placed.pop(cid, None)
 
     # --- answers to this host's requests and sends ---
 
@@ -391,10 +394,16 @@ class Link:
 
     def request(self, sender: ComponentId, target: ComponentId, payload: bytes, correlation_id: str,
                 timeout_ms: int) -> None:
-        """RemotePort: publish a request; its answer goes to the router's pending `correlation_id`."""
-        self.publish(self.subjects.message(target), payload,
-                      self._headers(wire.KIND_REQUEST, sender, correlation_id, timeout_ms),
-                      self.subjects.reply(self.host, correlation_id))
+        """RemotePort: publish a request; its answer goes to the router's pending `correlation_id`. Where it
+        waits is known at once when one host runs the target; with replicas, the host that takes it says so
+        (`queued`, asked for by Wasmhost-Ack): an extra message only then."""
+        headers = self._headers(wire.KIND_REQUEST, sender, correlation_id, timeout_ms)
+        hosts = self.directory.hosts_of(target)
+        if len(hosts) == 1:
+            self._placed[correlation_id] = hosts[0]  # guest thread: one dict store, safe under the GIL
+        else:
+            headers[wire.ACK] = "1"
+        self.publish(self.subjects.message(target), payload, headers, self.subjects.reply(self.host, correlation_id))
 
     async def _host_call(self, kind: str, target: ComponentId, payload: bytes, timeout: float
                          ) -> tuple[bytes, dict[str, str]]:

@@ -9,10 +9,10 @@ percent-encoded so that it holds no '.', '*', '>', whitespace or '%' (`%2E`, `%2
 - `P.re.<host>.<id>`          answers to the requests a host's components made (one wildcard subscription)
 
 Headers of a message: Wasmhost-Kind (send|request|broadcast), Wasmhost-Sender, Wasmhost-Sender-Host (absent for
-external clients), Wasmhost-Correlation-Id, Wasmhost-Timeout-Ms, Content-Type. Headers of an answer:
+external clients), Wasmhost-Correlation-Id, Wasmhost-Timeout-Ms, Wasmhost-Ack, Content-Type. Headers of an answer:
 Wasmhost-Outcome (reply|no-reply|failed|timeout|target-stopped|queued|rejected), Wasmhost-Detail (one line),
 Wasmhost-Error (the messaging-error case, for `rejected`), Wasmhost-Host (the host that answered),
-Wasmhost-Target (the component it was for).
+Wasmhost-Target (the component it was for, on `rejected`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ DETAIL = "Wasmhost-Detail"
 ERROR = "Wasmhost-Error"
 HOST = "Wasmhost-Host"
 TARGET = "Wasmhost-Target"
+ACK = "Wasmhost-Ack"
+"""On a request from a host: `1` asks the host that takes it to answer `queued` first (naming itself)."""
 
 KIND_SEND = "send"
 KIND_REQUEST = "request"
