@@ -245,7 +245,8 @@ def _status_lattice(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(view, indent=2))
         return EXIT_OK
-    link = "connected to NATS" if view["connected"] else "NOT connected to NATS: remote hosts as last seen"
+    link = (f"connected to NATS at {view['url']}" if view["connected"]
+            else f"NOT connected to NATS: {view['cause'] or 'no connection'}; other hosts as last seen")
     print(f"lattice {view['lattice']}: {len(view['hosts'])} host(s), seen from {view['host']} ({link})")
     print(_table(["host", "last seen", "components"],
                  [[h["host"], "local" if h["local"] else f"{h['last_seen_s']:.1f} s ago", str(h["components"])]

@@ -640,7 +640,7 @@ class Daemon:
             return protocol.Response(False, "this daemon is not part of a lattice: its configuration has no [lattice]")
         from wasmhost.system.lattice_view import lattice_view
 
-        return protocol.Response(True, data=lattice_view(self.link))
+        return protocol.Response(True, data=lattice_view(self.link.snapshot(), msgspec.to_builtins(self._inventory())))
 
     # --- control requests ---
 

@@ -1,28 +1,28 @@
 """The answer to `wasmhost status --lattice`: every host of the lattice and where each component runs, as
-this daemon's link knows it (its own inventory, and the directory built from the others' heartbeats and
-inventories, so at most a heartbeat or two old)."""
+this daemon's link sees it (`Link.snapshot()`: the connection, and the directory built from the other
+hosts' heartbeats and inventories, so at most a heartbeat or two old) with this host's own components."""
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from wasmhost.system.protocol import LatticeComponentRow, LatticeHostRow, LatticeView
 
-if TYPE_CHECKING:
-    from wasmhost.lattice.link import Link
+
+def lattice_view(snapshot: dict[str, Any], local: list[dict[str, Any]]) -> LatticeView:
+    """The view of a link's snapshot and of `local`, this host's inventory entries as of now (the snapshot's
+    own list is the one last published, and empty before the first connection): this host first, then the
+    others by id; components by id, then host (a component with replicas has a row per host)."""
+    own = snapshot["host"]
+    hosts = [LatticeHostRow(own, True, None, len(local))]
+    rows = [_row(entry, own) for entry in local]
+    for other in snapshot["hosts"]:
+        hosts.append(LatticeHostRow(other["host"], False, max(0.0, other["seen_s_ago"]), len(other["components"])))
+        rows.extend(_row(entry, other["host"]) for entry in other["components"])
+    rows.sort(key=lambda row: (row.id, row.host))
+    return LatticeView(snapshot["lattice"], own, snapshot["connected"], snapshot["url"], snapshot["cause"],
+                       hosts, rows)
 
 
-def lattice_view(link: Link, now: float | None = None) -> LatticeView:
-    """This host first, then the others by id; components by id, then host (a component with replicas
-    has a row per host)."""
-    now = time.monotonic() if now is None else now
-    own = link.inventory_source()
-    hosts = [LatticeHostRow(link.host, True, None, len(own))]
-    components = [LatticeComponentRow(e.id, link.host, e.state, e.health, e.accepts_external) for e in own]
-    for host, record in sorted(link.directory.hosts.items()):
-        hosts.append(LatticeHostRow(host, False, round(max(0.0, now - record.last_seen), 3), len(record.components)))
-        components.extend(LatticeComponentRow(e.id, host, e.state, e.health, e.accepts_external)
-                          for e in record.components.values())
-    components.sort(key=lambda row: (row.id, row.host))
-    return LatticeView(link.settings.name, link.host, link.connected, hosts, components)
+def _row(entry: dict[str, Any], host: str) -> LatticeComponentRow:
+    return LatticeComponentRow(entry["id"], host, entry["state"], entry["health"], entry["accepts_external"])

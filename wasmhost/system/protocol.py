@@ -125,6 +125,10 @@ class LatticeView(msgspec.Struct):
     """The answering daemon's host id."""
     connected: bool
     """Whether the daemon is connected to NATS right now."""
+    url: str
+    """The NATS server it is connected to ("" when not connected)."""
+    cause: str
+    """Why it is not connected ("" when it is)."""
     hosts: list[LatticeHostRow]
     components: list[LatticeComponentRow]
 
