@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FIXTURES := tests/fixtures/build
 
-.PHONY: run test lint bench fuzz fixtures examples check clean
+.PHONY: run test lint bench fuzz fixtures examples check clean lattice
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench: fixtures examples  # startup runs the example greeter from config/build
 
 run: examples
 	$(BIN)/wasmhost run
+
+lattice: examples  # nats-server and two daemons (config/lattice/); Ctrl-C stops all three
+	$(BIN)/python config/lattice/demo.py
 
 check: examples
 	$(BIN)/wasmhost check

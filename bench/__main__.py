@@ -15,6 +15,7 @@ from bench import (
     density,
     fairness,
     forensics,
+    lattice,
     logs,
     memory,
     messaging,
@@ -34,7 +35,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "density": density.run, "fairness": fairness.run, "memory": memory.run, "logs": logs.run,
     "storage": storage.run, "messaging": messaging.run,
     "payload": payload.run, "stop": stop.run, "reload": reload.run, "metrics": metrics.run,
-    "forensics": forensics.run,
+    "forensics": forensics.run, "lattice": lattice.run,
 }
 
 

@@ -203,6 +203,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     last error."""
     from wasmhost.system import protocol
 
+    if args.lattice:
+        return _status_lattice(args)
     response = _ask(args, protocol.Status())
     if response is None:
         return EXIT_FAILED
@@ -258,6 +260,38 @@ def cmd_top(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status_lattice(args: argparse.Namespace) -> int:
+    """`status --lattice`: every host of the lattice and where each component runs, from the local
+    daemon's directory (built from heartbeats and inventories, so a few seconds old at most)."""
+    from wasmhost.system import protocol
+
+    response = _ask(args, protocol.LatticeStatus())
+    if response is None:
+        return EXIT_FAILED
+    view = response.data
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return EXIT_OK
+    link = (f"connected to NATS at {view['url']}" if view["connected"]
+            else f"NOT connected to NATS: {view['cause'] or 'no connection'}; other hosts as last seen")
+    print(f"lattice {view['lattice']}: {len(view['hosts'])} host(s), seen from {view['host']} ({link})")
+    print(_table(["host", "last seen", "components"],
+                 [[h["host"], "local" if h["local"] else f"{h['last_seen_s']:.1f} s ago", str(h["components"])]
+                  for h in view["hosts"]]))
+    print()
+    print(_table(["id", "host", "state", "health", "external"],
+                 [[c["id"], c["host"], c["state"], c["health"] or "-", "yes" if c["accepts_external"] else "no"]
+                  for c in view["components"]]))
+    return EXIT_OK
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns under upper-case headers, two spaces apart."""
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    lines = [[c.upper() for c in columns], *rows]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     """Send PAYLOAD to a component."""
     from wasmhost.system import protocol
@@ -274,9 +308,8 @@ def _check_timeout(seconds: float) -> None:
 
 def cmd_call(args: argparse.Namespace) -> int:
     """Request-response with a component: writes the reply bytes exactly to stdout or --output FILE (on a
-    terminal a newline is added when the reply does not end with one, so the prompt starts on a line of its own)."""
-    from wasmhost.system import protocol
-
+    terminal a newline is added when the reply does not end with one, so the prompt starts on a line of its own).
+    With --lattice the request goes straight over NATS to whichever host runs the component."""
     _check_timeout(args.timeout)
     payload = _payload(args.payload)
     if args.output is not None:
@@ -286,27 +319,65 @@ def cmd_call(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CliError(f"cannot write the reply to {args.output}: {_os_reason(exc)} "
                            "(expected --output FILE in a writable directory)") from None
-        response = None
+        ok = False
         try:
             with out:
-                response = _ask(args, protocol.Call(args.id, payload, args.timeout, verbose=args.verbose))
-                if response is not None:  # replaced by the reply only once there is one
+                ok, reply = _reply(args, payload)
+                if ok:  # replaced by the reply only once there is one
                     out.truncate(0)
-                    out.write(response.data or b"")
+                    out.write(reply or b"")
         finally:
-            if response is None and not existed:  # a failed call leaves no empty reply file behind
+            if not ok and not existed:  # a failed call leaves no empty reply file behind
                 with contextlib.suppress(OSError):
                     os.unlink(args.output)
-        return EXIT_OK if response is not None else EXIT_FAILED
-    response = _ask(args, protocol.Call(args.id, payload, args.timeout, verbose=args.verbose))
-    if response is None:
+        return EXIT_OK if ok else EXIT_FAILED
+    ok, reply = _reply(args, payload)
+    if not ok:
         return EXIT_FAILED
-    if response.data is not None:
-        sys.stdout.buffer.write(response.data)
-        if sys.stdout.isatty() and not response.data.endswith(b"\n"):
+    if reply is not None:
+        sys.stdout.buffer.write(reply)
+        if sys.stdout.isatty() and not reply.endswith(b"\n"):
             sys.stdout.buffer.write(b"\n")
         sys.stdout.buffer.flush()
     return EXIT_OK
+
+
+def _reply(args: argparse.Namespace, payload: bytes) -> tuple[bool, bytes | None]:
+    """Call the component (through the daemon, or over NATS with --lattice): (True, reply bytes or None
+    when it returned none), or (False, None) once the failure is printed."""
+    if args.lattice:
+        return _lattice_reply(args, payload)
+    from wasmhost.system import protocol
+
+    response = _ask(args, protocol.Call(args.id, payload, args.timeout, verbose=args.verbose))
+    return (False, None) if response is None else (True, response.data)
+
+
+def _lattice_reply(args: argparse.Namespace, payload: bytes) -> tuple[bool, bytes | None]:
+    """`call --lattice`: a plain NATS request in the documented wire format, with the configuration's
+    [lattice] servers and credentials; no daemon needed, and the target must accept external senders."""
+    import asyncio
+
+    from wasmhost.core.ids import ComponentId
+    from wasmhost.system.config import ConfigError, load_config
+    from wasmhost.system.lattice_call import LatticeCallFailed, call, connect_options
+
+    target = ComponentId.parse(args.id)
+    source = config_path(args)
+    try:
+        settings = load_config(source).lattice
+    except ConfigError as exc:
+        raise CliError(f"call --lattice reads the NATS servers from the configuration, which is not valid:\n{exc}"
+                       ) from None
+    if settings is None:
+        raise CliError(f"call --lattice: {source} has no [lattice] section (expected one naming the NATS urls; "
+                       "give --config FILE of a host of the lattice)")
+    try:
+        answer = asyncio.run(call(connect_options(settings), settings.name, target, payload, args.timeout))
+    except LatticeCallFailed as exc:
+        print(f"wasmhost: {exc}", file=sys.stderr)
+        return False, None
+    return True, (answer.payload if answer.outcome == "reply" else None)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -519,8 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="overrides host.log_format; auto is console on a terminal, JSON lines otherwise")
     add("check", cmd_check, "validate the configuration and compile every component").add_argument(
         "config_file", nargs="?", metavar="CONFIG", help="configuration file (same as --config)")
-    add("status", cmd_status, "show the state of every component", control=True).add_argument(
-        "--json", action="store_true", help="machine-readable output")
+    status = add("status", cmd_status, "show the state of every component", control=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--lattice", action="store_true",
+                        help="every host of the lattice and where each component runs (the daemon's [lattice])")
     top = add("top", cmd_top, "a refreshing table of the components, sorted by messages/s or any column",
               control=True)
     top.add_argument("--once", action="store_true",
@@ -547,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("-o", "--output", metavar="FILE", help="write the reply bytes to FILE instead of stdout")
     call.add_argument("-v", "--verbose", action="store_true",
                       help="on failure, also print the whole error (a trapped guest's wasm backtrace)")
+    call.add_argument("--lattice", action="store_true",
+                      help="call over NATS (the configuration's [lattice]) whichever host runs ID; no daemon "
+                           "needed, and ID must have accept_external = true")
     reload = add("reload", cmd_reload, "re-read the configuration, apply the difference and report what changed",
                  control=True)
     reload.add_argument("--json", action="store_true", help="machine-readable report")

@@ -646,6 +646,14 @@ class Daemon:
         actors = self.supervisor.actors
         return [status_row(cid, deployment, actors.get(cid)) for cid, deployment in self.deployments.items()]
 
+    def lattice_status(self) -> protocol.Response:
+        """The answer to `status --lattice`: the lattice directory's view of every host and component."""
+        if self.link is None:
+            return protocol.Response(False, "this daemon is not part of a lattice: its configuration has no [lattice]")
+        from wasmhost.system.lattice_view import lattice_view
+
+        return protocol.Response(True, data=lattice_view(self.link.snapshot(), msgspec.to_builtins(self._inventory())))
+
     # --- control requests ---
 
     async def handle(self, request: protocol.Request) -> protocol.Response:
@@ -668,6 +676,8 @@ class Daemon:
             nothing_changed = report.outcome in ("rejected", "refused", "failed")
             return protocol.Response(not nothing_changed, "\n".join(report.problems) if nothing_changed else None,
                                      data=msgspec.to_builtins(report))
+        if isinstance(request, protocol.LatticeStatus):
+            return self.lattice_status()
         cid = ComponentId.parse(request.id)
         if isinstance(request, protocol.Send):
             await self.router.host_send(cid, request.payload, wait=request.wait, timeout=request.timeout)

@@ -73,7 +73,12 @@ class Forensics(msgspec.Struct, tag="forensics", forbid_unknown_fields=True):
     id: str
 
 
-Request = Status | Send | Call | Reload | Stop | Start | Restart | Forensics
+class LatticeStatus(msgspec.Struct, tag="lattice-status", forbid_unknown_fields=True):
+    """Ask for the lattice as this daemon's directory sees it: every host and where each component runs
+    (answered with a LatticeView; an error when the daemon has no [lattice])."""
+
+
+Request = Status | Send | Call | Reload | Stop | Start | Restart | Forensics | LatticeStatus
 
 
 class StatusRow(msgspec.Struct, gc=False):
@@ -97,6 +102,45 @@ class StatusRow(msgspec.Struct, gc=False):
     """Median handling time of a message since the component was deployed (None before the first)."""
     latency_p99_ms: float | None = None
     """99th percentile of the same."""
+
+
+class LatticeHostRow(msgspec.Struct):
+    """One host in a `lattice-status` answer."""
+
+    host: str
+    local: bool
+    """Whether this is the answering daemon itself."""
+    last_seen_s: float | None
+    """Seconds since its last heartbeat arrived (None for the local host)."""
+    components: int
+    """Components it runs (its inventory's size)."""
+
+
+class LatticeComponentRow(msgspec.Struct):
+    """One component on one host in a `lattice-status` answer (a component with replicas has a row per host)."""
+
+    id: str
+    host: str
+    state: str
+    health: str | None
+    accepts_external: bool
+
+
+class LatticeView(msgspec.Struct):
+    """The answer's data to `lattice-status` (sent as maps; the client reads dicts)."""
+
+    lattice: str
+    """The lattice name (subject prefix wasmhost.NAME)."""
+    host: str
+    """The answering daemon's host id."""
+    connected: bool
+    """Whether the daemon is connected to NATS right now."""
+    url: str
+    """The NATS server it is connected to ("" when not connected)."""
+    cause: str
+    """Why it is not connected ("" when it is)."""
+    hosts: list[LatticeHostRow]
+    components: list[LatticeComponentRow]
 
 
 class Response(msgspec.Struct, forbid_unknown_fields=True):

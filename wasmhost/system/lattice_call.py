@@ -1,0 +1,104 @@
+"""`wasmhost call --lattice`: one request to a component on whichever host runs it, straight over NATS.
+
+The CLI is then a plain NATS client (the documented ingress wire format, the same path `nats req` takes):
+it needs no local daemon, only the [lattice] URLs and credentials, and the receiving host treats it as
+an external sender (`external/cli/<machine>`), so the target must say `accept_external = true`.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from wasmhost.core.ids import ComponentId, InvalidComponentId
+from wasmhost.lattice import wire
+from wasmhost.lattice.settings import LatticeSettings
+
+CONNECT_TIMEOUT = 5.0
+"""Seconds to reach a NATS server before the call fails (the CLI does not wait for NATS to come back)."""
+
+
+class LatticeCallFailed(Exception):
+    """The request did not get a reply: NATS unreachable, nobody runs the target, or an outcome other than
+    `reply`/`no-reply` (the message names it)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What came back: the outcome header, its detail, the host that answered and the reply bytes."""
+
+    outcome: str
+    detail: str
+    host: str
+    payload: bytes
+
+
+def external_sender() -> str:
+    """The sender id the CLI's requests carry: `external/cli/<this machine's name>`."""
+    try:
+        return str(ComponentId(wire.EXTERNAL_NAMESPACE, "cli", socket.gethostname()))
+    except InvalidComponentId:  # an empty or odd host name: the sender is still an external client
+        return str(ComponentId(wire.EXTERNAL_NAMESPACE, "cli", "unknown"))
+
+
+def connect_options(settings: LatticeSettings) -> dict[str, Any]:
+    """nats.connect keyword arguments for `settings`: its servers, credentials file and TLS files."""
+    options: dict[str, Any] = {"servers": list(settings.urls), "name": f"wasmhost-cli@{settings.host_id}"}
+    if settings.credentials is not None:
+        options["user_credentials"] = str(settings.credentials)
+    if settings.tls_ca is not None or settings.tls_cert is not None:
+        context = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None)
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+        options["tls"] = context
+    return options
+
+
+async def call(connect: dict[str, Any], lattice: str, target: ComponentId, payload: bytes, timeout: float
+               ) -> Answer:
+    """Request `target` with `payload` through NATS (`connect`: nats.connect keyword arguments) and return
+    the answer; raises LatticeCallFailed when there is none or it is not a reply."""
+    import nats
+    from nats import errors
+
+    from wasmhost.lattice.link import HEADER_ROOM
+
+    subject = wire.Subjects(lattice).message(target)
+    seen: list[Exception] = []
+
+    async def quietly(exc: Exception) -> None:  # nats-py prints each error with a traceback by default
+        seen.append(exc)
+
+    try:  # each server tried twice at most (nats-py reads max_reconnect_attempts=0 as "forever")
+        nc = await nats.connect(**connect, connect_timeout=CONNECT_TIMEOUT, allow_reconnect=False,
+                                max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=quietly)
+    except (OSError, errors.Error, TimeoutError) as exc:
+        servers = ", ".join(connect.get("servers", [])) or "the default server"
+        cause = seen[-1] if seen else exc
+        raise LatticeCallFailed(f"cannot reach NATS at {servers}: {cause or type(cause).__name__}") from None
+    try:
+        if len(payload) + HEADER_ROOM > nc.max_payload:  # the server would drop the connection instead
+            raise LatticeCallFailed(f"invalid-message: the payload of {len(payload)} bytes does not fit the NATS "
+                                    f"server's max_payload of {nc.max_payload} bytes (with {HEADER_ROOM} bytes "
+                                    "for headers)")
+        headers = {wire.KIND: wire.KIND_REQUEST, wire.SENDER: external_sender(),
+                   wire.TIMEOUT_MS: str(max(1, int(timeout * 1000)))}
+        try:
+            msg = await nc.request(subject, payload, timeout=timeout, headers=headers)
+        except errors.NoRespondersError:
+            raise LatticeCallFailed(f"no host of lattice {lattice!r} runs {target} "
+                                    f"(nothing subscribes to {subject})") from None
+        except errors.TimeoutError:
+            raise LatticeCallFailed(f"timeout: no answer from {target} within {timeout:g} s") from None
+    finally:
+        await nc.close()
+    found = msg.headers or {}
+    answer = Answer(found.get(wire.OUTCOME, ""), found.get(wire.DETAIL, ""), found.get(wire.HOST, ""), msg.data)
+    if answer.outcome in (wire.REPLY, "no-reply"):
+        return answer
+    error = found.get(wire.ERROR)
+    kind = f"{answer.outcome} ({error})" if error else answer.outcome or "an answer without Wasmhost-Outcome"
+    where = f" on {answer.host}" if answer.host else ""
+    raise LatticeCallFailed(f"{target}{where}: {kind}: {answer.detail or '(no detail)'}")
