@@ -8,9 +8,7 @@ import os
 import statistics
 import time
 
-import uvloop
-
-from bench.harness import FIXTURES, Row, rate
+from bench.harness import FIXTURES, Row, on_uvloop, rate
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
@@ -106,9 +104,5 @@ async def _measure(runtime: Runtime, seconds: float) -> list[Row]:
 
 def run(seconds: float = 1.0) -> list[Row]:
     """Run the actor benchmarks on a uvloop event loop, as the daemon does."""
-    runtime = Runtime()
-    try:
-        return uvloop.run(_measure(runtime, seconds))
-    finally:
-        runtime.close()
+    return on_uvloop(_measure, seconds)
 

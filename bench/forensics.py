@@ -14,10 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import uvloop
-
 from bench.actors import _pipelined_rate
-from bench.harness import FIXTURES, Row, rate
+from bench.harness import FIXTURES, Row, on_uvloop, rate
 from wasmhost.actors.actor import Handled
 from wasmhost.actors.forensics import Recorder
 from wasmhost.actors.spec import ActorSpec
@@ -97,8 +95,4 @@ async def _measure(runtime: Runtime, seconds: float) -> list[Row]:
 
 def run(seconds: float = 1.0) -> list[Row]:
     """Run the forensics overhead rows on a uvloop event loop, as the daemon does."""
-    runtime = Runtime()
-    try:
-        return uvloop.run(_measure(runtime, seconds))
-    finally:
-        runtime.close()
+    return on_uvloop(_measure, seconds)

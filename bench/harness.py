@@ -11,9 +11,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import uvloop
+
+from wasmhost.runtime.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("WASMHOST_FIXTURES", ROOT / "tests" / "fixtures" / "build"))
@@ -136,3 +140,12 @@ def save(rows: list[Row], failed: dict[str, str] | None = None, results: Path = 
             "failed": failed or {}}
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def on_uvloop(measure: Callable[[Runtime, float], Coroutine[object, object, list[Row]]], seconds: float) -> list[Row]:
+    """Run `measure` with a fresh Runtime on a uvloop event loop, as the daemon does; close the Runtime after."""
+    runtime = Runtime()
+    try:
+        return uvloop.run(measure(runtime, seconds))
+    finally:
+        runtime.close()

@@ -15,9 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import uvloop
-
-from bench.harness import FIXTURES, Row
+from bench.harness import FIXTURES, Row, on_uvloop
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
@@ -122,8 +120,4 @@ async def _measure(runtime: Runtime, seconds: float) -> list[Row]:
 
 def run(seconds: float = 1.0) -> list[Row]:
     """Run the guest-to-guest messaging benchmarks on a uvloop event loop, as the daemon does."""
-    runtime = Runtime()
-    try:
-        return uvloop.run(_measure(runtime, seconds))
-    finally:
-        runtime.close()
+    return on_uvloop(_measure, seconds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -12,6 +13,9 @@ from wasmhost.core import ComponentConfig, ComponentId, ResourceLimits
 from wasmhost.runtime.host_fn import HostContext
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.runtime.store import StoreManager
+
+if TYPE_CHECKING:
+    from tests.test_daemon import Daemon
 
 Starter = Callable[..., StoreManager]
 FIXTURES = Path(os.environ.get("WASMHOST_FIXTURES", Path(__file__).parent / "fixtures" / "build"))
@@ -66,3 +70,13 @@ def start(runtime: Runtime) -> Iterator[Starter]:
     yield _start
     for manager in stores:
         manager.close()
+
+
+@pytest.fixture
+def started() -> Iterator[list[Daemon]]:
+    """Daemon subprocesses a test starts (tests/test_daemon.py); those still running at its end are killed."""
+    from tests.test_daemon import kill_leftovers  # not at the top: test_daemon imports this module's helpers
+
+    daemons: list[Daemon] = []
+    yield daemons
+    kill_leftovers(daemons)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
-from tests.test_daemon import Daemon, config_text, kill_leftovers
+from tests.test_daemon import Daemon, config_text
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 MAX_PAYLOAD = 8 * 1024 * 1024
@@ -111,15 +111,6 @@ def nats_cluster(workdir: Path, size: int = 3) -> list[NatsServer]:
     return servers
 
 
-@pytest.fixture
-def nats_three(tmp_path: Path) -> Iterator[list[NatsServer]]:
-    """A three-node NATS cluster on loopback, killed at teardown."""
-    servers = nats_cluster(tmp_path / "nats")
-    yield servers
-    for server in servers:
-        server.kill()
-
-
 def lattice_section(urls: list[str], host_id: str, heartbeat_s: float = 0.5, extra: str = "") -> str:
     """A `[lattice]` table for a test daemon (short heartbeats so that the directory settles quickly)."""
     quoted = ", ".join(f'"{u}"' for u in urls)
@@ -141,11 +132,9 @@ def lattice_daemon(workdir: Path, components: str, urls: list[str], host_id: str
 
 
 @pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """The list lattice_daemon keeps its daemons in; those left running are killed at teardown."""
-    started: list[Daemon] = []
-    yield started
-    kill_leftovers(started)
+def daemons(started: list[Daemon]) -> list[Daemon]:
+    """The list lattice_daemon keeps its daemons in (conftest's `started`: killed at teardown)."""
+    return started
 
 
 def wait_for_log(d: Daemon, event: str, timeout: float = 30.0, **fields: object) -> dict[str, object]:

@@ -5,23 +5,15 @@ each failure was and the metadata of the messages around it, across restarts."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.test_daemon import Daemon, component, kill_leftovers, launch
+from tests.test_daemon import Daemon, component, launch
 from tests.test_stop import wait_for_status
 from wasmhost.core.ids import HOST_ID
 
 QUICK = "max_restarts = 50\nbackoff_base_ms = 1\nbackoff_max_ms = 2\n"
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    kill_leftovers(daemons)
 
 
 def inspect_json(d: Daemon, cid: str) -> dict[str, object]:

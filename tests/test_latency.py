@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.test_daemon import Daemon, component, kill_leftovers, launch
+from tests.test_daemon import Daemon, component, launch
 from wasmhost.actors.latency import BOUNDS, BUCKETS, LatencyRecorder, bucket_of, quantile_of
 from wasmhost.system import protocol
 from wasmhost.system.client import request
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    kill_leftovers(daemons)
 
 
 def test_a_value_lands_in_the_bucket_whose_bounds_hold_it() -> None:

@@ -12,17 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.lattice_support import NatsServer, free_port, lattice_daemon, lattice_section
-from tests.test_daemon import Daemon, component, config_text, kill_leftovers, launch, wasmhost
+from tests.test_daemon import Daemon, component, config_text, launch, wasmhost
 
 ECHO = component("t/echo/0", "echo")
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    """Daemons a test starts; those still running at its end are killed."""
-    daemons: list[Daemon] = []
-    yield daemons
-    kill_leftovers(daemons)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.lattice_support import NatsServer, lattice_daemon, nats_cluster, wait_for_log
-from tests.test_daemon import Daemon, component, kill_leftovers
+from tests.test_daemon import Daemon, component
 from wasmhost.system import protocol
 from wasmhost.system.client import request
 
@@ -31,14 +31,6 @@ def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
     yield servers
     for server in servers:
         server.kill()
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    """Daemons a test starts; those still running at its end are killed."""
-    daemons: list[Daemon] = []
-    yield daemons
-    kill_leftovers(daemons)
 
 
 def wait_until(condition: object, what: str, timeout: float = SETTLE_TIMEOUT) -> None:

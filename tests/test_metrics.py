@@ -9,14 +9,14 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import FIXTURES
-from tests.test_daemon import ROOT, Daemon, component, kill_leftovers, launch
+from tests.test_daemon import ROOT, Daemon, component, launch
 from wasmhost.core import ComponentConfig, ResourceLimits
 from wasmhost.core.ids import ComponentId
 from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
@@ -28,13 +28,6 @@ from wasmhost.system.config import ConfigError, parse_config
 METRICS_ON = {'log_format = "json"': 'log_format = "json"\nmetrics = "127.0.0.1:0"'}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    kill_leftovers(daemons)
 
 
 def metrics_port(d: Daemon) -> int:

@@ -10,13 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import FIXTURES
-from tests.test_daemon import ROOT, Daemon, component, config_text, kill_leftovers, launch
+from tests.test_daemon import ROOT, Daemon, component, config_text, launch
 from wasmhost.system import protocol
 from wasmhost.system.client import request
 
@@ -42,13 +41,6 @@ def components(tmp_path: Path) -> Path:
     folder.mkdir()
     shutil.copy(FIXTURES / "busy.wasm", folder / "svc.wasm")
     return folder
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    kill_leftovers(daemons)
 
 
 def start(tmp_path: Path, components: Path, started: list[Daemon], extra: str,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
-from tests.test_daemon import Daemon, component, kill_leftovers
+from tests.test_daemon import Daemon, component
 from tests.test_reload import reload_reported, rewrite, rows, start
 from wasmhost.system.heap import FREEZE_EVERY, DeploymentHeap, collect_all
 
@@ -27,13 +27,6 @@ def components(tmp_path: Path) -> Path:
     folder.mkdir()
     shutil.copy(FIXTURES / "echo.wasm", folder / "shared.wasm")
     return folder
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    kill_leftovers(daemons)
 
 
 def many(count: int) -> str:

@@ -6,7 +6,7 @@ socket for what a user sees. No mocks."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import anyio
 import msgspec
 import pytest
 
-from tests.test_daemon import Daemon, component, config_text, kill_leftovers, launch
+from tests.test_daemon import Daemon, component, config_text, launch
 from wasmhost.system import protocol
 from wasmhost.system.client import request
 from wasmhost.system.config import load_config
@@ -162,13 +162,6 @@ async def test_a_queue_shows_in_the_kept_rows_as_it_fills_and_drains(running: In
     row = next(r for r in table(d) if r["id"] == "t/busy/0")
     assert (row["queued"], row["in_hand"], row["handled"]) == (0, 0, 5), row
     await assert_exact(d)
-
-
-@pytest.fixture
-def started() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    kill_leftovers(daemons)
 
 
 def test_status_through_the_socket_shows_each_change_at_once(tmp_path: Path, started: list[Daemon]) -> None:
