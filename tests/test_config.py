@@ -110,6 +110,12 @@ def test_capabilities_naming_unknown_components_are_warnings(tmp_path: Path) -> 
         "components[0].capabilities.send[1]: 'b/*' matches no component in this configuration",
         "components[0].capabilities.request[0]: 'a/echo/1' matches no component in this configuration",
     ]
+    in_lattice = parse(tmp_path, '[lattice]\n[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\n'
+                                 'capabilities = { request = ["b/*"] }\n')
+    assert in_lattice.warnings == [  # type: ignore[attr-defined]
+        "components[0].capabilities.request[0]: 'b/*' matches no component in this configuration (fine if another "
+        "host of the lattice runs it)",
+    ]
 
 
 def test_socket_settings_are_checked(tmp_path: Path) -> None:

@@ -428,16 +428,18 @@ def _grants(where: str, caps: Capabilities, host: HostSection, errors: list[str]
     return None if bad else grants
 
 
-def _pattern_warnings(plans: list[ComponentPlan]) -> list[str]:
-    """Capabilities that name components this config does not deploy (warnings, not errors)."""
+def _pattern_warnings(plans: list[ComponentPlan], in_lattice: bool) -> list[str]:
+    """Capabilities that name components this config does not deploy (warnings, not errors); a host of a
+    lattice may mean components other hosts run, so the warning says so rather than calling it a mistake."""
     ids = [p.spec.component_id for p in plans]
+    where = " (fine if another host of the lattice runs it)" if in_lattice else ""
     warnings = []
     for index, plan in enumerate(plans):
         for action in ("send", "request", "broadcast"):
             for i, pattern in enumerate(plan.grants.patterns(action)):
                 if not pattern.could_match_any(ids):
                     warnings.append(f"components[{index}].capabilities.{action}[{i}]: {pattern.text!r} matches no "
-                                    "component in this configuration")
+                                    f"component in this configuration{where}")
     return warnings
 
 
@@ -528,7 +530,7 @@ def parse_config(text: str, source: Path) -> Config:
     if errors:
         raise ConfigError(str(source), errors)
     return Config(source, host, components_dir, state_dir, control_socket, socket_mode, socket_gid, control_uids,
-                  plans, _pattern_warnings(plans), metrics, lattice, remote_grants)
+                  plans, _pattern_warnings(plans, lattice is not None), metrics, lattice, remote_grants)
 
 
 def _lattice(raw: dict[str, Any], base: Path, errors: list[str]
