@@ -19,6 +19,7 @@ from wasmhost.system import protocol
 from wasmhost.system.client import request
 from wasmhost.system.config import load_config
 from wasmhost.system.daemon import Daemon as InProcessDaemon
+from wasmhost.system.status_table import status_row
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +40,9 @@ def table(daemon: InProcessDaemon) -> list[dict[str, Any]]:
 
 def fresh(daemon: InProcessDaemon) -> list[dict[str, Any]]:
     """Every row read afresh from the actors."""
-    return [msgspec.to_builtins(row) for row in daemon.status_rows()]
+    actors = daemon.supervisor.actors
+    return [msgspec.to_builtins(status_row(cid, deployment, actors.get(cid)))
+            for cid, deployment in daemon.deployments.items()]
 
 
 async def assert_exact(daemon: InProcessDaemon) -> None:

@@ -205,6 +205,11 @@ class ComponentActor:
             self._noted = True
             self._changes.note(self)
 
+    def _count_restart(self) -> None:
+        """One more restart, shown by `status`."""
+        self.stats.restarts += 1
+        self._changed()
+
     def status_taken(self) -> None:
         """The status reader took this actor's note and is about to read its fields."""
         self._noted = False
@@ -315,8 +320,7 @@ class ComponentActor:
         async with self._restarting:
             if not self._running:
                 await self.start()
-                self.stats.restarts += 1
-                self._changed()
+                self._count_restart()
                 return
             if self.state is not ActorState.RUNNING:  # starting or restarting already: answer after that attempt
                 await self._attempted.wait()
@@ -480,8 +484,7 @@ class ComponentActor:
                           restarts=self.stats.restarts)
                 return
             self.state = ActorState.RESTARTING
-            self.stats.restarts += 1
-            self._changed()
+            self._count_restart()
             log.warning("component_restarting", component=self.name, error=str(error), delay_s=round(delay, 3))
             with anyio.CancelScope() as self._idle:
                 if not self._stopping:
@@ -574,8 +577,7 @@ class ComponentActor:
         self._resume = None
         if self._stopping:
             return False
-        self.stats.restarts += 1
-        self._changed()
+        self._count_restart()
         return True
 
     async def _guest(self, steps: Generator[float, None, T]) -> T:

@@ -52,7 +52,7 @@ from wasmhost.system.metrics import DaemonCounters, MetricsServer, start_metrics
 from wasmhost.system.reload_report import ReloadReport
 from wasmhost.system.sd_notify import Notifier
 from wasmhost.system.shared_loads import SharedLoads
-from wasmhost.system.status_table import Deployments, StatusTable, status_row
+from wasmhost.system.status_table import Deployments, StatusTable
 from wasmhost.system.stores import HostStores
 
 log = structlog.get_logger("wasmhost.daemon")
@@ -639,12 +639,6 @@ class Daemon:
             return None
 
     # --- status ---
-
-    def status_rows(self) -> list[protocol.StatusRow]:
-        """One row per configured component, read afresh from every actor (what `status_table`, from which
-        `wasmhost status` answers, must always equal: tests/test_status_table.py compares them)."""
-        actors = self.supervisor.actors
-        return [status_row(cid, deployment, actors.get(cid)) for cid, deployment in self.deployments.items()]
 
     def lattice_status(self) -> protocol.Response:
         """The answer to `status --lattice`: the lattice directory's view of every host and component."""
