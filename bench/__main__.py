@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bench import (
+    accounting,
     actors,
     calls,
     density,
@@ -35,7 +36,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "density": density.run, "fairness": fairness.run, "memory": memory.run, "logs": logs.run,
     "storage": storage.run, "messaging": messaging.run,
     "payload": payload.run, "stop": stop.run, "reload": reload.run, "metrics": metrics.run,
-    "forensics": forensics.run, "lattice": lattice.run,
+    "forensics": forensics.run, "lattice": lattice.run, "accounting": accounting.run,
 }
 
 

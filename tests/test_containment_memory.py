@@ -4,13 +4,14 @@ within max_memory_bytes, and a well-behaved neighbour keeps answering."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import wasmtime
 from wasmtime import component as wc
 
-from tests.conftest import Starter, fixture_path
+from tests.conftest import FIXTURES, Starter, fixture_path
 from tests.test_daemon import Daemon, component, config_text, wasmhost
 from tests.test_runtime_calls import message
 from wasmhost.core import ComponentConfig, ComponentId
@@ -23,6 +24,7 @@ from wasmhost.core.limits import (
     TABLE_ELEMENT_BYTES,
     ResourceLimits,
 )
+from wasmhost.runtime.engine import EngineSettings
 from wasmhost.runtime.footprint import PAGE_BYTES, Footprint, footprint
 from wasmhost.runtime.limiter import Limiter, StoreBudget
 from wasmhost.runtime.loader import FOOTPRINT_NOTE
@@ -35,6 +37,14 @@ CAP = 16 * 1024 * 1024
 OVERHEAD = 4 * 1024 * 1024
 """RSS a hostile Store may add beyond its max_memory_bytes in these tests (README: wasmtime's own
 structures take tens of KiB; the rest is slack for the allocator and the test process itself)."""
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["wasmtime-memories", "accounted-memories"])
+def runtime(request: pytest.FixtureRequest) -> Iterator[Runtime]:
+    """Every test here runs on wasmtime's own memories and on ours (`[host] memory_accounting`)."""
+    rt = Runtime(EngineSettings(memory_accounting=request.param), cache_dir=FIXTURES / "cache")
+    yield rt
+    rt.close()
 
 
 def rss(pid: int | str = "self") -> int:
@@ -221,12 +231,14 @@ def test_python_guests_fit_the_default_budget_with_room_to_spare() -> None:
         assert budget.table_elements >= 2 * found.largest_table_min
 
 
-def test_hostile_growth_in_a_daemon_stays_within_the_budgets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accounting", ["false", "true"])
+def test_hostile_growth_in_a_daemon_stays_within_the_budgets(tmp_path: Path, accounting: str) -> None:
     limits = f"limits = {{ max_memory_bytes = {CAP} }}"
     config = tmp_path / "wasmhost.toml"
-    config.write_text(config_text(tmp_path / "state", component("t/echo/0", "echo")
-                                  + component("t/tables/0", "tablehog", limits)
-                                  + component("t/memories/0", "memhogs", limits)))
+    text = config_text(tmp_path / "state", component("t/echo/0", "echo")
+                       + component("t/tables/0", "tablehog", limits)
+                       + component("t/memories/0", "memhogs", limits))
+    config.write_text(text.replace("[host]\n", f"[host]\nmemory_accounting = {accounting}\n", 1))
     d = Daemon(tmp_path, config)
     try:
         d.expect("READY=1")

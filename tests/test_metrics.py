@@ -26,6 +26,8 @@ from wasmhost.system.client import request
 from wasmhost.system.config import ConfigError, parse_config
 
 METRICS_ON = {'log_format = "json"': 'log_format = "json"\nmetrics = "127.0.0.1:0"'}
+ACCOUNTING_ON = {'log_format = "json"': 'log_format = "json"\nmetrics = "127.0.0.1:0"\nmemory_accounting = true'}
+"""Metrics on, and the per-component memory figures that need [host] memory_accounting."""
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -318,7 +320,7 @@ def readme_metrics() -> dict[str, str]:
 
 
 def test_the_readme_table_lists_exactly_what_the_daemon_exports(tmp_path: Path, started: list[Daemon]) -> None:
-    d = launch(tmp_path, component("t/echo/0", "echo"), started, edit=METRICS_ON)
+    d = launch(tmp_path, component("t/echo/0", "echo"), started, edit=ACCOUNTING_ON)
     assert call(d, "t/echo/0", b"x").ok  # the histogram has a series once a message was handled
     exported = {name: kind for name, kind in families(metrics_port(d)).items() if name.startswith("wasmhost_")}
     assert readme_metrics() == exported
@@ -348,7 +350,7 @@ def dashboard_metric_names() -> set[str]:
 
 
 def test_every_dashboard_query_names_an_exported_metric(tmp_path: Path, started: list[Daemon]) -> None:
-    d = launch(tmp_path, component("t/echo/0", "echo"), started, edit=METRICS_ON)
+    d = launch(tmp_path, component("t/echo/0", "echo"), started, edit=ACCOUNTING_ON)
     assert call(d, "t/echo/0", b"x").ok
     exported = set(families(metrics_port(d)))
     missing = dashboard_metric_names() - exported

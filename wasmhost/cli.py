@@ -138,7 +138,6 @@ def _log_settings(source: Path) -> tuple[str, str, str | None]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the configuration and compile every component, without starting anything."""
-    from wasmhost.runtime.engine import EngineSettings
     from wasmhost.runtime.runtime import Runtime
     from wasmhost.system.config import ConfigError, load_config
     from wasmhost.system.daemon import load_plan, prepare_state_dir
@@ -152,8 +151,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     prepare_state_dir(config)  # the cache is created inside it: owner-only, as the daemon makes it
-    runtime = Runtime(EngineSettings(epoch_tick_ms=config.host.epoch_tick_ms), config.cache_dir,
-                      config.components_dir)
+    runtime = Runtime(config.engine_settings, config.cache_dir, config.components_dir)
     failures = []
     try:
         for plan in config.components:

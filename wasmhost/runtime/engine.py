@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import wasmtime
 
+from wasmhost.runtime.linear_memory import LinearMemories
 from wasmhost.runtime.malloc import keep_large_allocations_in_heap
 
 DEFAULT_EPOCH_TICK_MS = 10
@@ -20,10 +21,14 @@ class EngineSettings:
 
     epoch_tick_ms: int = DEFAULT_EPOCH_TICK_MS
     optimize: bool = True
+    memory_accounting: bool = False
+    """Make every linear memory ourselves to know each component's memory size (LinearMemories)."""
 
     def fingerprint(self) -> str:
         """The settings that change compiled code, as text for cache keys."""
-        return f"fuel=1;epoch=1;component-model=1;gc=0;exceptions=0;opt={int(self.optimize)}"
+        # Memory accounting turns copy-on-write memory images off, which compiled code records.
+        cow = ";cow=0" if self.memory_accounting else ""
+        return f"fuel=1;epoch=1;component-model=1;gc=0;exceptions=0;opt={int(self.optimize)}{cow}"
 
 
 class EpochTicker:
@@ -79,6 +84,10 @@ class RuntimeEngine:
         config.wasm_gc = False
         config.wasm_exceptions = False
         config.cranelift_opt_level = "speed" if self.settings.optimize else "none"
+        self.memories = LinearMemories() if self.settings.memory_accounting else None
+        """Every linear memory of the engine, charged to the component that made it (if accounting)."""
+        if self.memories is not None:
+            self.memories.install(config)
         self.engine = wasmtime.Engine(config)
         self.ticker = EpochTicker(self.engine, self.settings.epoch_tick_ms)
         self.ticker.start()

@@ -47,7 +47,7 @@ class Runtime:
         linker = self.linkers.for_imports(loaded.imports)  # the loader refused wasi:http unless granted
         return StoreManager(
             loaded, component_id, limits or ResourceLimits(), linker, self.engine.engine, self.engine.tick_ms, host,
-            wasi_stdio,
+            wasi_stdio, self.engine.memories,
         )
 
     def close(self) -> None:

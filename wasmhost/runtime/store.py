@@ -8,6 +8,7 @@ import functools
 import threading
 import time
 from collections.abc import Generator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 import wasmtime
@@ -33,6 +34,7 @@ from wasmhost.runtime.capi import VAL_SIZE
 from wasmhost.runtime.codec import Err, ResultConverter
 from wasmhost.runtime.host_fn import HostContext, register_context, unregister_context
 from wasmhost.runtime.limiter import FIRST_SLICE_FUEL, SLICE_FUEL, Limiter
+from wasmhost.runtime.linear_memory import LinearMemories, MemoryAccount
 from wasmhost.runtime.loader import LoadedComponent
 from wasmhost.runtime.message_arg import message_argument
 
@@ -143,6 +145,7 @@ class StoreManager:
         tick_ms: int,
         host: HostContext | None = None,
         wasi_stdio: bool = False,
+        memories: LinearMemories | None = None,
     ) -> None:
         self.loaded = loaded
         self.component_id = component_id
@@ -152,6 +155,10 @@ class StoreManager:
         self.engine = engine
         self.host = host or HostContext(component_id)
         self.wasi_stdio = wasi_stdio
+        self._memories = memories
+        self.memory = MemoryAccount() if memories is not None else None
+        """The linear-memory bytes of this component's instances, now and at their highest (None
+        unless the engine accounts memory: `[host] memory_accounting`)."""
         self.state = InstanceState.EMPTY
         self.store: wasmtime.Store | None = None
         self.context = 0
@@ -190,7 +197,8 @@ class StoreManager:
         register_context(context, self.host)
         try:
             self.host.deadline = self.limiter.arm(context)
-            instance = self.linker.instantiate(store, self.loaded.component)
+            with self._charged():
+                instance = self.linker.instantiate(store, self.loaded.component)
         except wasmtime.WasmtimeError as exc:
             unregister_context(context)
             raise InstantiationError(self.name, f"instantiation failed: {str(exc).strip()}") from None
@@ -208,6 +216,12 @@ class StoreManager:
         self.store, self.context = store, context
         self._func_addresses = self._slot_addresses
         self.state = InstanceState.INSTANTIATED
+
+    def _charged(self) -> AbstractContextManager[None]:
+        """Charge the memories made meanwhile to this component (when the engine accounts memory)."""
+        if self._memories is None or self.memory is None:
+            return nullcontext()
+        return self._memories.charged_to(self.memory)
 
     def close(self) -> None:
         """Drop the Store and everything in it (a call in progress first)."""

@@ -24,6 +24,7 @@ from wasmhost.core.limits import ResourceLimits
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_CEILING, WASMTIME_LIST_U8_CEILING
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
 from wasmhost.lattice.settings import LatticeSection, LatticeSettings, lattice_settings
+from wasmhost.runtime.engine import EngineSettings
 from wasmhost.runtime.loader import check_header
 from wasmhost.security.capabilities import Capabilities as Grants
 from wasmhost.system.listen import ListenAddress, parse_listen
@@ -113,6 +114,7 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     metrics: str = "off"  # or "ADDRESS:PORT": the Prometheus endpoint (see system/metrics.py)
     metrics_by: Literal["component", "namespace"] = "component"
     forensics_payload_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_PAYLOAD_PREFIX)] = 0
+    memory_accounting: bool = False  # per-component linear-memory figures, at the cost of copy-on-write images
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -170,6 +172,11 @@ class Config:
     """The `[lattice]` section; None: a single host, no NATS."""
     remote_grants: tuple[tuple[ComponentId, Grants], ...] = ()
     """What components of other hosts may do to this host's components (`[[lattice.grants]]`)."""
+
+    @property
+    def engine_settings(self) -> EngineSettings:
+        """The engine `run` and `check` build (the same, so `check` fills the cache `run` reads)."""
+        return EngineSettings(epoch_tick_ms=self.host.epoch_tick_ms, memory_accounting=self.host.memory_accounting)
 
     @property
     def cache_dir(self) -> Path:

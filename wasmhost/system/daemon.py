@@ -37,7 +37,6 @@ from wasmhost.core.private_files import private_dir
 from wasmhost.lattice.wire import InventoryEntry
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
-from wasmhost.runtime.engine import EngineSettings
 from wasmhost.runtime.limiter import StoreBudget
 from wasmhost.runtime.loader import LoadedComponent
 from wasmhost.runtime.runtime import Runtime
@@ -139,8 +138,7 @@ class Daemon:
         self.config = config
         host = config.host
         prepare_state_dir(config)
-        self.runtime = Runtime(EngineSettings(epoch_tick_ms=host.epoch_tick_ms), config.cache_dir,
-                               config.components_dir)
+        self.runtime = Runtime(config.engine_settings, config.cache_dir, config.components_dir)
         self.storage = SqliteStorage(config.storage_path, default_quota_bytes=host.default_storage_quota_bytes)
         self.permissions = CapabilityChecker()
         self.workers = WorkerPool(host.worker_threads)

@@ -102,12 +102,15 @@ class _Group:
         "failed",
         "fuel",
         "handled",
+        "has_memory",
         "has_storage",
         "latency",
         "latency_sum",
         "log_lines",
         "log_suppressed",
         "mailbox",
+        "memory",
+        "memory_high_water",
         "memory_limit",
         "pending",
         "rejected",
@@ -121,12 +124,13 @@ class _Group:
     def __init__(self) -> None:
         self.handled = self.failed = self.rejected = self.restarts = self.mailbox = self.fuel = 0
         self.memory_limit = self.pending = self.denials = self.log_lines = self.log_suppressed = 0
-        self.storage_bytes = self.storage_keys = 0
+        self.storage_bytes = self.storage_keys = self.memory = self.memory_high_water = 0
         self.latency_sum = 0.0
         self.latency: list[int] | None = None  # bucket counts, as LatencyRecorder.buckets()
         self.states: dict[str, int] = {}
         self.storage_ops: dict[str, int] | None = None
         self.has_storage = False  # storage figures are written only for components granted storage
+        self.has_memory = False  # memory figures only with [host] memory_accounting, for running instances
 
 
 def _label_value(text: str) -> str:
@@ -141,6 +145,10 @@ SIMPLE: tuple[tuple[str, str, str, str], ...] = (
      "again when a reload runs a new version)", "fuel"),
     ("wasmhost_component_memory_limit_bytes", "gauge", "max_memory_bytes: the most linear memory and tables "
      "its Store may hold", "memory_limit"),
+    ("wasmhost_component_memory_bytes", "gauge", "Bytes its linear memories hold now ([host] "
+     "memory_accounting)", "memory"),
+    ("wasmhost_component_memory_high_water_bytes", "gauge", "The most its linear memories held at once since "
+     "this version started ([host] memory_accounting; summed over a namespace's components)", "memory_high_water"),
     ("wasmhost_component_storage_bytes", "gauge", "Storage bytes charged against its quota (components "
      "granted storage)", "storage_bytes"),
     ("wasmhost_component_storage_keys", "gauge", "Keys in its storage (components granted storage)",
@@ -222,9 +230,11 @@ class ComponentFamilies:
         yield "".join([f"# HELP {name} Storage calls by the guest\n# TYPE {name} counter\n",
                        *[f'{name}{{{lab},operation="{op}"}} {count}\n'
                          for lab, g in items if g.storage_ops for op, count in g.storage_ops.items()]])
-        stored = [(lab, g) for lab, g in items if g.has_storage]
+        partial = {"storage_bytes": [(lab, g) for lab, g in items if g.has_storage],
+                   "memory": [(lab, g) for lab, g in items if g.has_memory]}
+        partial["storage_keys"], partial["memory_high_water"] = partial["storage_bytes"], partial["memory"]
         for name, kind, help_text, attribute in SIMPLE:
-            rows = stored if attribute in ("storage_bytes", "storage_keys") else items
+            rows = partial.get(attribute, items)
             yield "".join([f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n",
                            *[f"{name}{{{lab}}} {getattr(g, attribute)}\n" for lab, g in rows]])
 
@@ -308,6 +318,11 @@ def _add_actor(group: _Group, actor: ComponentActor) -> None:
     if manager is None:
         return
     group.fuel += manager.limiter.fuel_used
+    if manager.memory is not None:
+        memory, high_water = manager.memory.figures()
+        group.memory += memory
+        group.memory_high_water += high_water
+        group.has_memory = True
     host = manager.host
     calls = host.calls
     group.log_lines += calls[LOG_CALL]

@@ -102,6 +102,10 @@ class StatusRow(msgspec.Struct, gc=False):
     """Median handling time of a message since the component was deployed (None before the first)."""
     latency_p99_ms: float | None = None
     """99th percentile of the same."""
+    memory_bytes: int | None = None
+    """Its linear memories' size now, as of its last guest call (None unless `[host] memory_accounting`)."""
+    memory_high_water_bytes: int | None = None
+    """The most they have held at once since this version started (None likewise)."""
 
 
 class LatticeHostRow(msgspec.Struct):

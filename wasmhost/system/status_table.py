@@ -6,7 +6,9 @@ is inside the answer) and rebuilds only the rows of actors noted in the supervis
 changes (actors/changes.py) and of actors whose mailbox is not empty (its length changes without a
 note while it has messages); the whole table is rebuilt when the set of deployments changed. So a
 `status` costs a copy of the list plus the rows that changed, and is still exact: every field a row
-shows notes its actor when it changes.
+shows notes its actor when it changes. The memory figures are the exception: they change inside guest
+calls, on worker threads, and are read when the row is rebuilt, which every message batch and state
+change causes; so they are as of the component's last message (a health check may have grown it since).
 """
 
 from __future__ import annotations
@@ -86,11 +88,13 @@ def status_row(cid: ComponentId, deployment: Listed, actor: ComponentActor | Non
     state = actor.state
     queued = len(actor.mailbox)
     in_hand = actor.in_hand
+    manager = actor.manager_or_none
+    memory = None if manager is None else manager.memory
     # health is the last answer of a live instance: none to show while it is not running
     return StatusRow(actor.name, state.value, actor.phase,
                      actor.health.value if state is ActorState.RUNNING else None, stats.restarts, queued + in_hand,
                      queued, in_hand, stats.handled, stats.failed, stats.last_error, deployment.rollout,
-                     *stats.latency.p50_p99_ms())
+                     *stats.latency.p50_p99_ms(), *(memory.figures() if memory else (None, None)))
 
 
 class StatusTable:
