@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,7 +19,7 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
-from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp, blocking
 from wasmhost.core.errors import GuestTimeout
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import RequestFailed
@@ -169,3 +171,51 @@ async def test_echo_answers_while_more_guests_than_threads_sleep_in_a_host_call(
     assert THREADS < sup.workers.threads <= THREADS + SPINNERS
     assert await asyncio.gather(*naps) == [b"slept"] * SPINNERS
     await until(lambda: sup.workers.threads == THREADS)  # lent threads end once idle
+
+
+async def test_at_most_concurrency_threads_run_at_once_and_waits_in_host_calls_do_not_count() -> None:
+    """Our scheduling logic, with plain functions standing in for guest steps (threads and waits real)."""
+    workers = WorkerPool(4, concurrency=2)
+    lock = threading.Lock()
+    running: list[str] = []
+    peak = 0
+    release = threading.Event()
+
+    def job(name: str) -> str:
+        nonlocal peak
+        with lock:
+            running.append(name)
+            peak = max(peak, len(running))
+        assert release.wait(10), "never released"
+        with lock:
+            running.remove(name)
+        return name
+
+    try:
+        jobs = [asyncio.ensure_future(workers.run(functools.partial(job, str(i)))) for i in range(4)]
+        await until(lambda: len(running) == 2)
+        assert workers.threads == 4  # two threads idle, yet the other two jobs wait for a place
+        release.set()
+        assert sorted(await asyncio.gather(*jobs)) == ["0", "1", "2", "3"]
+        assert peak == 2
+
+        # A thread waiting in a host call (a blocking section) leaves its place to another job.
+        waiting, done = threading.Event(), threading.Event()
+
+        def sleeper() -> None:
+            with blocking.blocking():
+                waiting.set()
+                assert done.wait(10), "never woken"
+
+        one = WorkerPool(2, concurrency=1)
+        try:
+            asleep = asyncio.ensure_future(one.run(sleeper))
+            await until(waiting.is_set)
+            assert await asyncio.wait_for(one.run(lambda: "ran beside the sleeper"), 10) == "ran beside the sleeper"
+            done.set()
+            await asleep
+        finally:
+            one.close()
+    finally:
+        release.set()
+        workers.close()
