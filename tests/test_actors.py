@@ -133,16 +133,17 @@ async def test_request_timeout_then_late_response_is_dropped(supervisor: Supervi
 
 
 async def test_cancelled_request_produces_no_callback(supervisor: Supervisor) -> None:
-    busy = await launch(supervisor, "busy", "test-org/busy/0")
+    await launch(supervisor, "busy", "test-org/busy/0")
     await launch(supervisor, "callback", "test-org/callback/0")
-    requester = ComponentId.parse("test-org/callback/0")
-    correlation = supervisor.router.request(requester, busy.component_id, b"20000000", 5000)
-    supervisor.router.cancel_request(requester, correlation)
-    await until(lambda: busy.stats.handled == 1, timeout=30)
-    await asyncio.sleep(0.05)
-    assert await ask(supervisor, "test-org/callback/0", b"?callbacks") == b"0"
+    caller = "test-org/callback/0"
+    correlation = await ask(supervisor, caller, b"test-org|busy|0|20000000")  # the guest's own request
+    assert correlation
+    assert await ask(supervisor, caller, b"!" + correlation) == b"cancelled"  # and its own cancel-request
+    await until(lambda: supervisor.router.late_responses == 1, timeout=30)  # busy answered: dropped, unheard
+    assert await ask(supervisor, caller, b"?callbacks") == b"0"
+    assert await ask(supervisor, caller, b"!" + correlation) == b"cancel failed: invalid-message"
     with pytest.raises(MessagingError, match="invalid-message"):
-        supervisor.router.cancel_request(requester, correlation)
+        supervisor.router.cancel_request(ComponentId.parse(caller), correlation.decode())
 
 
 async def test_request_to_a_stopped_target_gives_a_target_stopped_outcome(supervisor: Supervisor) -> None:

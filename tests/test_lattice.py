@@ -280,3 +280,19 @@ def test_payloads_too_large_for_the_target_or_for_nats_fail_fast_naming_both_siz
         assert a.stop() == 0 and b.stop() == 0
     finally:
         server.kill()
+
+
+def test_a_guest_cancels_its_request_to_another_host(tmp_path: Path, nats_server: NatsServer,
+                                                     daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", SERVED, [nats_server.url], "host-a", daemons, extra=REMOTE_GRANT)
+    b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
+    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    correlation = b.call("t/caller/0", "t|slow|0|sleep 500")  # answered by host a after 0.5 s
+    assert b.call("t/caller/0", f"!{correlation}") == "cancelled"
+    assert b.call("t/caller/0", f"!{correlation}") == "cancel failed: invalid-message"  # nothing pending now
+    dropped = wait_for_log(b, "late_response_dropped", correlation_id=correlation)  # a's answer came, unheard
+    assert dropped["remote"] is True
+    assert b.call("t/caller/0", "?callbacks") == "0"
+    assert ask(b, "t/echo/0", "after the cancel")["payload"] == "after the cancel"  # the next one is heard
+    assert b.call("t/caller/0", "?callbacks") == "1"
+    assert a.stop() == 0 and b.stop() == 0

@@ -385,6 +385,7 @@ class MessageRouter:
             pending = self._pending.pop(correlation_id, None)
         if pending is None:
             self.late_responses += 1
+            log.info("late_response_dropped", correlation_id=correlation_id, remote=True)
             return False
         self._deadlines.discard(correlation_id)
         if outcome is None and reply is not None:
