@@ -84,8 +84,10 @@ def run(seconds: float = 1.0) -> list[Row]:
     off, on = results[False], results[True]
     return [
         Row("accounting", "echo msg/s", off["echo msg/s"], on["echo msg/s"], "msg/s", 0.9),
-        Row("accounting", "echo boots/s", off["echo boots/s"], on["echo boots/s"], "boots/s", 0.8),
-        Row("accounting", "echo by grower", off["echo by grower"], on["echo by grower"], "msg/s", 0.8),
+        # The prices README "Observability" states, not targets: a Python call per memory made, freed
+        # or grown (the grower restarts back to back, more often than a supervisor lets a guest).
+        Row("accounting", "echo boots/s", off["echo boots/s"], on["echo boots/s"], "boots/s", None),
+        Row("accounting", "echo by grower", off["echo by grower"], on["echo by grower"], "msg/s", None),
         Row("accounting", "python boots/s", off["python boots/s"], on["python boots/s"], "boots/s", None),
         Row("accounting", "python MiB/inst", off["python MiB/inst"], on["python MiB/inst"], "MiB", None),
     ]
