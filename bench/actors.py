@@ -8,15 +8,12 @@ import os
 import statistics
 import time
 
-from bench.harness import FIXTURES, Row, on_uvloop, rate
+from bench.harness import FIXTURES, Row, bench_supervisor, on_uvloop, rate
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.limits import ResourceLimits
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
-from wasmhost.system.stores import HostStores
 
 WINDOW = 512  # requests kept in flight by the load generator
 BUSY_ITERATIONS = b"1000000"  # guest work per message (about 1 ms) for the CPU-bound scaling case
@@ -77,28 +74,21 @@ async def _latency_under_load(sup: Supervisor) -> tuple[float, float]:
 
 
 async def _measure(runtime: Runtime, seconds: float) -> list[Row]:
-    workers = WorkerPool()
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(HostStores(runtime, router), router, workers)
     rows: list[Row] = []
-    async with sup:
-        try:
-            echo = await _start(sup, "echo", "echo")
-            for size, label in ((64, "64 B"), (4096, "4 KiB")):
-                payload = os.urandom(size)
-                direct = await asyncio.to_thread(_direct_rate, runtime, "echo", payload, seconds)
-                full = await _pipelined_rate(sup, [echo], payload, seconds)
-                rows.append(Row("actors", f"1 actor {label}", direct, full, "msg/s", 0.5))
-            busy = [await _start(sup, "busy", f"busy-{i}") for i in range(2)]
-            one = await _pipelined_rate(sup, busy[:1], BUSY_ITERATIONS, seconds)
-            two = await _pipelined_rate(sup, busy, BUSY_ITERATIONS, seconds)
-            rows.append(Row("actors", "2 busy actors", one, two, "msg/s", 1.7))
-            p50, p99 = await _latency_under_load(sup)
-            rows.append(Row("actors", "idle p50", 5.0, p50, "ms", 5.0, at_most=True))
-            rows.append(Row("actors", "idle p99", 5.0, p99, "ms", 5.0, at_most=True))
-        finally:
-            await sup.stop_all(1.0)
-            workers.close()
+    async with bench_supervisor(runtime) as sup:
+        echo = await _start(sup, "echo", "echo")
+        for size, label in ((64, "64 B"), (4096, "4 KiB")):
+            payload = os.urandom(size)
+            direct = await asyncio.to_thread(_direct_rate, runtime, "echo", payload, seconds)
+            full = await _pipelined_rate(sup, [echo], payload, seconds)
+            rows.append(Row("actors", f"1 actor {label}", direct, full, "msg/s", 0.5))
+        busy = [await _start(sup, "busy", f"busy-{i}") for i in range(2)]
+        one = await _pipelined_rate(sup, busy[:1], BUSY_ITERATIONS, seconds)
+        two = await _pipelined_rate(sup, busy, BUSY_ITERATIONS, seconds)
+        rows.append(Row("actors", "2 busy actors", one, two, "msg/s", 1.7))
+        p50, p99 = await _latency_under_load(sup)
+        rows.append(Row("actors", "idle p50", 5.0, p50, "ms", 5.0, at_most=True))
+        rows.append(Row("actors", "idle p99", 5.0, p99, "ms", 5.0, at_most=True))
     return rows
 
 

@@ -15,17 +15,14 @@ from dataclasses import dataclass
 
 import uvloop
 
-from bench.harness import FIXTURES, Row
+from bench.harness import FIXTURES, Row, bench_supervisor
 from wasmhost.actors.restart import RestartPolicy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import RequestFailed
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
-from wasmhost.system.stores import HostStores
 
 RUNAWAY_DEADLINE_MS = 2000
 SPINNER_DEADLINE_MS = 1500
@@ -40,43 +37,36 @@ async def _start(sup: Supervisor, fixture: str, cid: ComponentId, limits: Resour
 
 
 async def _measure(runtime: Runtime) -> tuple[float, float, float, float]:
-    workers = WorkerPool()
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(HostStores(runtime, router), router, workers)
-    async with sup:
-        try:
-            echoes = [ComponentId("fair", "echo", str(i)) for i in range(10)]
-            for cid in echoes:
-                await _start(sup, "echo", cid, ResourceLimits())
-            runaway, busy = ComponentId("fair", "runaway", "0"), ComponentId("fair", "busy", "0")
-            await _start(sup, "spinner", runaway, ResourceLimits(max_execution_time_ms=RUNAWAY_DEADLINE_MS))
-            await _start(sup, "busy", busy, ResourceLimits(max_execution_time_ms=60_000))
+    async with bench_supervisor(runtime) as sup:
+        echoes = [ComponentId("fair", "echo", str(i)) for i in range(10)]
+        for cid in echoes:
+            await _start(sup, "echo", cid, ResourceLimits())
+        runaway, busy = ComponentId("fair", "runaway", "0"), ComponentId("fair", "busy", "0")
+        await _start(sup, "spinner", runaway, ResourceLimits(max_execution_time_ms=RUNAWAY_DEADLINE_MS))
+        await _start(sup, "busy", busy, ResourceLimits(max_execution_time_ms=60_000))
 
-            async def stopped_after() -> float:
-                began = time.perf_counter()
-                with contextlib.suppress(RequestFailed):
-                    await sup.router.host_request(runaway, b"spin", 30.0)
-                return time.perf_counter() - began
+        async def stopped_after() -> float:
+            began = time.perf_counter()
+            with contextlib.suppress(RequestFailed):
+                await sup.router.host_request(runaway, b"spin", 30.0)
+            return time.perf_counter() - began
 
-            runaway_task = asyncio.ensure_future(stopped_after())
-            busy_task = asyncio.ensure_future(sup.router.host_request(busy, BUSY_ITERATIONS, 60.0))
-            await asyncio.sleep(0.05)
-            samples = []
-            end = time.perf_counter() + RUNAWAY_DEADLINE_MS / 1000 - 0.2
-            while time.perf_counter() < end:
-                began = time.perf_counter()
-                await sup.router.host_request(random.choice(echoes), b"ping", 5.0)
-                samples.append((time.perf_counter() - began) * 1000)
-                await asyncio.sleep(0.001)
-            assert not busy_task.done(), "the busy guest should still be computing"
-            overshoot = (await runaway_task) * 1000 - RUNAWAY_DEADLINE_MS
-            busy_started = time.perf_counter()
-            await busy_task
-            samples.sort()
-            return samples[len(samples) // 2], samples[int(len(samples) * 0.99) - 1], overshoot, busy_started
-        finally:
-            await sup.stop_all(1.0)
-            workers.close()
+        runaway_task = asyncio.ensure_future(stopped_after())
+        busy_task = asyncio.ensure_future(sup.router.host_request(busy, BUSY_ITERATIONS, 60.0))
+        await asyncio.sleep(0.05)
+        samples = []
+        end = time.perf_counter() + RUNAWAY_DEADLINE_MS / 1000 - 0.2
+        while time.perf_counter() < end:
+            began = time.perf_counter()
+            await sup.router.host_request(random.choice(echoes), b"ping", 5.0)
+            samples.append((time.perf_counter() - began) * 1000)
+            await asyncio.sleep(0.001)
+        assert not busy_task.done(), "the busy guest should still be computing"
+        overshoot = (await runaway_task) * 1000 - RUNAWAY_DEADLINE_MS
+        busy_started = time.perf_counter()
+        await busy_task
+        samples.sort()
+        return samples[len(samples) // 2], samples[int(len(samples) * 0.99) - 1], overshoot, busy_started
 
 
 def _rss_bytes() -> int:
@@ -98,52 +88,45 @@ class Spinning:
 
 async def _spinners(runtime: Runtime, count: int) -> Spinning:
     """`count` spinners loop until their deadline while an idle echo answers requests."""
-    workers = WorkerPool()
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(HostStores(runtime, router), router, workers)
-    async with sup:
-        try:
-            echo = ComponentId("spin", "echo", "0")
-            await _start(sup, "echo", echo, ResourceLimits())
-            ids = [ComponentId("spin", "spinner", str(i)) for i in range(count)]
-            limits = ResourceLimits(max_execution_time_ms=SPINNER_DEADLINE_MS)
-            for cid in ids:
-                await _start(sup, "spinner", cid, limits)
-            managers = [sup.actors[cid].manager for cid in ids]
-            idle_rss = _rss_bytes()
-            ended: dict[int, float] = {}
+    async with bench_supervisor(runtime) as sup:
+        echo = ComponentId("spin", "echo", "0")
+        await _start(sup, "echo", echo, ResourceLimits())
+        ids = [ComponentId("spin", "spinner", str(i)) for i in range(count)]
+        limits = ResourceLimits(max_execution_time_ms=SPINNER_DEADLINE_MS)
+        for cid in ids:
+            await _start(sup, "spinner", cid, limits)
+        managers = [sup.actors[cid].manager for cid in ids]
+        idle_rss = _rss_bytes()
+        ended: dict[int, float] = {}
 
-            async def spin(index: int) -> None:
-                with contextlib.suppress(RequestFailed):
-                    await sup.router.host_request(ids[index], b"spin", 30.0)
-                ended[index] = time.monotonic()
+        async def spin(index: int) -> None:
+            with contextlib.suppress(RequestFailed):
+                await sup.router.host_request(ids[index], b"spin", 30.0)
+            ended[index] = time.monotonic()
 
-            tasks = [asyncio.ensure_future(spin(i)) for i in range(count)]
-            # Wait until every spinner is inside its call (suspended between slices or running one).
-            while not all(m.in_call for m in managers):
-                if any(task.done() for task in tasks):
-                    raise RuntimeError(f"a spinner ended before all {count} had started: the machine is too slow")
-                await asyncio.sleep(0.005)
-            deadlines = [m.host.deadline for m in managers]
-            suspended_rss = _rss_bytes()
-            samples = []
-            end = min(deadlines) - 0.05
-            while time.monotonic() < end:
-                began = time.perf_counter()
-                await sup.router.host_request(echo, b"ping", 5.0)
-                samples.append((time.perf_counter() - began) * 1000)
-                await asyncio.sleep(0.002)
-            assert not any(task.done() for task in tasks), "every spinner should still be running"
-            threads = threading.active_count()
-            await asyncio.gather(*tasks)
-            samples.sort()
-            late = max(m.failed_at - deadline for m, deadline in zip(managers, deadlines, strict=True)) * 1000
-            reply_late = max(ended[i] - deadlines[i] for i in range(count)) * 1000
-            p99 = samples[max(0, int(len(samples) * 0.99) - 1)] if samples else float("nan")
-            return Spinning(count, p99, late, reply_late, threads, (suspended_rss - idle_rss) / count)
-        finally:
-            await sup.stop_all(1.0)
-            workers.close()
+        tasks = [asyncio.ensure_future(spin(i)) for i in range(count)]
+        # Wait until every spinner is inside its call (suspended between slices or running one).
+        while not all(m.in_call for m in managers):
+            if any(task.done() for task in tasks):
+                raise RuntimeError(f"a spinner ended before all {count} had started: the machine is too slow")
+            await asyncio.sleep(0.005)
+        deadlines = [m.host.deadline for m in managers]
+        suspended_rss = _rss_bytes()
+        samples = []
+        end = min(deadlines) - 0.05
+        while time.monotonic() < end:
+            began = time.perf_counter()
+            await sup.router.host_request(echo, b"ping", 5.0)
+            samples.append((time.perf_counter() - began) * 1000)
+            await asyncio.sleep(0.002)
+        assert not any(task.done() for task in tasks), "every spinner should still be running"
+        threads = threading.active_count()
+        await asyncio.gather(*tasks)
+        samples.sort()
+        late = max(m.failed_at - deadline for m, deadline in zip(managers, deadlines, strict=True)) * 1000
+        reply_late = max(ended[i] - deadlines[i] for i in range(count)) * 1000
+        p99 = samples[max(0, int(len(samples) * 0.99) - 1)] if samples else float("nan")
+        return Spinning(count, p99, late, reply_late, threads, (suspended_rss - idle_rss) / count)
 
 
 def run(seconds: float = 1.0) -> list[Row]:

@@ -15,17 +15,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from bench.actors import _pipelined_rate
-from bench.harness import FIXTURES, Row, on_uvloop, rate
+from bench.harness import FIXTURES, Row, bench_supervisor, on_uvloop, rate
 from wasmhost.actors.actor import Handled
 from wasmhost.actors.forensics import Recorder
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.messaging.envelope import Envelope
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
-from wasmhost.system.stores import HostStores
 
 REPEATS = 10
 """Alternating on/off turns per case (each a third of the measurement time); the medians are compared."""
@@ -60,36 +57,29 @@ async def _sequential_rate(sup: Supervisor, target: ComponentId, payload: bytes,
 
 
 async def _measure(runtime: Runtime, seconds: float) -> list[Row]:
-    workers = WorkerPool()
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(HostStores(runtime, router), router, workers)
     rows: list[Row] = []
-    async with sup:
-        try:
-            turn = seconds / 3
-            plain, keeping = ComponentId("bench", "echo", "0"), ComponentId("bench", "echo-prefix", "0")
-            for cid, prefix in ((plain, 0), (keeping, 64)):
-                spec = ActorSpec(cid, mailbox_capacity=4096, forensics_payload_bytes=prefix)
-                await sup.start(spec, runtime.load(cid, FIXTURES / "echo.wasm"))
-            cases = (
-                ("64 B, 512 in flight", lambda: _pipelined_rate(sup, [plain], b"x" * 64, turn)),
-                ("64 B, one at a time", lambda: _sequential_rate(sup, plain, b"x" * 64, turn)),
-                ("64 B, one at a time, 64 B prefix kept", lambda: _sequential_rate(sup, keeping, b"x" * 64, turn)),
-            )
-            for label, measure in cases:
-                on, off = [], []
-                for _ in range(REPEATS):  # short alternating turns: load changes hit both sides alike
-                    with _recorder_off():
-                        off.append(await measure())
-                    on.append(await measure())
-                rows.append(Row("forensics", f"recorder on, {label}", statistics.median(off),
-                                statistics.median(on), "msg/s", 0.95))
-            per_batch = _recorder_work(seconds) * 1e6
-            rows.append(Row("forensics", "recorder work per one-message batch (us)", 2.0, per_batch, "us", 2.0,
-                            at_most=True))
-        finally:
-            await sup.stop_all(1.0)
-            workers.close()
+    async with bench_supervisor(runtime) as sup:
+        turn = seconds / 3
+        plain, keeping = ComponentId("bench", "echo", "0"), ComponentId("bench", "echo-prefix", "0")
+        for cid, prefix in ((plain, 0), (keeping, 64)):
+            spec = ActorSpec(cid, mailbox_capacity=4096, forensics_payload_bytes=prefix)
+            await sup.start(spec, runtime.load(cid, FIXTURES / "echo.wasm"))
+        cases = (
+            ("64 B, 512 in flight", lambda: _pipelined_rate(sup, [plain], b"x" * 64, turn)),
+            ("64 B, one at a time", lambda: _sequential_rate(sup, plain, b"x" * 64, turn)),
+            ("64 B, one at a time, 64 B prefix kept", lambda: _sequential_rate(sup, keeping, b"x" * 64, turn)),
+        )
+        for label, measure in cases:
+            on, off = [], []
+            for _ in range(REPEATS):  # short alternating turns: load changes hit both sides alike
+                with _recorder_off():
+                    off.append(await measure())
+                on.append(await measure())
+            rows.append(Row("forensics", f"recorder on, {label}", statistics.median(off),
+                            statistics.median(on), "msg/s", 0.95))
+        per_batch = _recorder_work(seconds) * 1e6
+        rows.append(Row("forensics", "recorder work per one-message batch (us)", 2.0, per_batch, "us", 2.0,
+                        at_most=True))
     return rows
 
 

@@ -1,7 +1,9 @@
-"""Shared benchmark helpers: timing loops, the fixture location and the report table."""
+"""Shared benchmark helpers: timing loops, the fixture location, a supervisor to run actors in and the
+report table."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -11,13 +13,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import uvloop
 
+from wasmhost.actors.supervisor import Supervisor
+from wasmhost.actors.workers import WorkerPool
+from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
+from wasmhost.security.capabilities import CapabilityChecker
+from wasmhost.storage.sqlite_store import SqliteStorage
+from wasmhost.system.stores import HostStores
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("WASMHOST_FIXTURES", ROOT / "tests" / "fixtures" / "build"))
@@ -57,6 +65,30 @@ def running_daemon(components: str, host: str = "", stdout: int = subprocess.DEV
                 proc.kill()
                 proc.wait()
             notify.close()
+
+
+@contextlib.asynccontextmanager
+async def bench_supervisor(runtime: Runtime, *, threads: int | None = None, storage: SqliteStorage | None = None,
+                           permissions: CapabilityChecker | None = None, drain_s: float = 1.0
+                           ) -> AsyncIterator[Supervisor]:
+    """A running Supervisor on a worker pool of its own (`threads`, None for the default size), with
+    `storage` and capability checks by `permissions` when given. On the way out, stops every actor
+    (draining up to `drain_s`), then closes the pool, then `storage`, each even if the one before raised."""
+    workers = WorkerPool(threads)
+    loop = asyncio.get_running_loop()
+    router = MessageRouter(loop) if permissions is None else MessageRouter(loop, permissions)
+    async with Supervisor(HostStores(runtime, router, storage, permissions), router, workers) as sup:
+        try:
+            yield sup
+        finally:
+            try:
+                await sup.stop_all(drain_s)
+            finally:
+                try:
+                    workers.close()
+                finally:
+                    if storage is not None:
+                        storage.close()
 
 
 def rate(call: Callable[[], object], seconds: float, min_calls: int = 3) -> float:

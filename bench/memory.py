@@ -10,16 +10,12 @@ from pathlib import Path
 
 import uvloop
 
-from bench.harness import FIXTURES, Row
+from bench.harness import FIXTURES, Row, bench_supervisor
 from wasmhost.actors.spec import ActorSpec
-from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import Capabilities, CapabilityChecker
 from wasmhost.storage.sqlite_store import SqliteStorage
-from wasmhost.system.stores import HostStores
 
 TOTAL = 1_000_000
 WARM_UP = 100_000
@@ -34,46 +30,38 @@ def _rss_kib() -> int:
 
 
 async def _measure(runtime: Runtime, state: Path) -> tuple[int, int]:
-    workers = WorkerPool()
     permissions = CapabilityChecker()
     storage = SqliteStorage(state / "storage.sqlite3")
-    router = MessageRouter(asyncio.get_running_loop(), permissions)
-    sup = Supervisor(HostStores(runtime, router, storage, permissions), router, workers)
     targets = []
-    async with sup:
-        try:
-            for fixture in ("echo", "counter", "storage"):
-                cid = ComponentId("mem", fixture, "0")
-                permissions.grant(cid, Capabilities(storage=True))
-                await sup.start(ActorSpec(cid, mailbox_capacity=4096), runtime.load(cid, FIXTURES / f"{fixture}.wasm"))
-                targets.append(cid)
-            await sup.router.host_request(targets[2], b"set key " + b"v" * 64, 5.0)
-            payloads = {targets[0]: b"x" * 256, targets[1]: b"", targets[2]: b"get key"}
-            sent = 0
-            rss_after_warm_up = 0
+    async with bench_supervisor(runtime, storage=storage, permissions=permissions) as sup:
+        for fixture in ("echo", "counter", "storage"):
+            cid = ComponentId("mem", fixture, "0")
+            permissions.grant(cid, Capabilities(storage=True))
+            await sup.start(ActorSpec(cid, mailbox_capacity=4096), runtime.load(cid, FIXTURES / f"{fixture}.wasm"))
+            targets.append(cid)
+        await sup.router.host_request(targets[2], b"set key " + b"v" * 64, 5.0)
+        payloads = {targets[0]: b"x" * 256, targets[1]: b"", targets[2]: b"get key"}
+        sent = 0
+        rss_after_warm_up = 0
 
-            async def client(n: int) -> None:
-                nonlocal sent
-                target = targets[n % 3]
-                payload = payloads[target]
-                while sent < TOTAL:
-                    sent += 1
-                    await sup.router.host_request(target, payload, 30.0, wait=True)
+        async def client(n: int) -> None:
+            nonlocal sent
+            target = targets[n % 3]
+            payload = payloads[target]
+            while sent < TOTAL:
+                sent += 1
+                await sup.router.host_request(target, payload, 30.0, wait=True)
 
-            async def watch() -> None:
-                nonlocal rss_after_warm_up
-                while sent < WARM_UP:
-                    await asyncio.sleep(0.05)
-                gc.collect()
-                rss_after_warm_up = _rss_kib()
-
-            await asyncio.gather(watch(), *(client(n) for n in range(WINDOW)))
+        async def watch() -> None:
+            nonlocal rss_after_warm_up
+            while sent < WARM_UP:
+                await asyncio.sleep(0.05)
             gc.collect()
-            return rss_after_warm_up, _rss_kib()
-        finally:
-            await sup.stop_all(1.0)
-            workers.close()
-            storage.close()
+            rss_after_warm_up = _rss_kib()
+
+        await asyncio.gather(watch(), *(client(n) for n in range(WINDOW)))
+        gc.collect()
+        return rss_after_warm_up, _rss_kib()
 
 
 def run(seconds: float = 1.0) -> list[Row]:

@@ -15,15 +15,12 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from bench.harness import FIXTURES, Row, on_uvloop
+from bench.harness import FIXTURES, Row, bench_supervisor, on_uvloop
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
-from wasmhost.system.stores import HostStores
 
 IN_FLIGHT = 64
 """Request chains, and relay tokens, kept going at once (the host baseline keeps its mailbox full)."""
@@ -98,19 +95,12 @@ async def _send_chain_rate(sup: Supervisor, seconds: float) -> float:
 
 
 async def _measure(runtime: Runtime, seconds: float) -> list[Row]:
-    workers = WorkerPool()
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(HostStores(runtime, router), router, workers)
-    async with sup:
-        try:
-            echo = await _start(sup, "echo", "echo")
-            baseline = await _host_send_rate(sup, echo, seconds)
-            await sup.stop(echo.component_id, 1.0)
-            round_trips = await _round_trip_rate(sup, seconds)
-            hops = await _send_chain_rate(sup, seconds)
-        finally:
-            await sup.stop_all(1.0)
-            workers.close()
+    async with bench_supervisor(runtime) as sup:
+        echo = await _start(sup, "echo", "echo")
+        baseline = await _host_send_rate(sup, echo, seconds)
+        await sup.stop(echo.component_id, 1.0)
+        round_trips = await _round_trip_rate(sup, seconds)
+        hops = await _send_chain_rate(sup, seconds)
     return [
         Row("messaging", "host send->echo", baseline, baseline, "msg/s", None),
         Row("messaging", "guest req->reply", baseline, round_trips, "trips/s", 0.35),

@@ -17,17 +17,14 @@ from pathlib import Path
 
 import uvloop
 
-from bench.harness import FIXTURES, Row
+from bench.harness import FIXTURES, Row, bench_supervisor
 from wasmhost.actors.conversion_budget import CONVERSIONS
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.malloc import release_free_memory
 from wasmhost.runtime.runtime import Runtime
-from wasmhost.system.stores import HostStores
 
 ECHOES = 8
 MESSAGES = 64
@@ -67,60 +64,46 @@ async def _burst(sup: Supervisor, targets: list[ComponentId], payloads: list[byt
 
 
 async def _measure(runtime: Runtime) -> tuple[int, int, int]:
-    workers = WorkerPool()
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(HostStores(runtime, router), router, workers)
-    async with sup:
-        try:
-            targets = []
-            for i in range(ECHOES):
-                cid = ComponentId("payload", "echo", str(i))
-                spec = ActorSpec(cid, mailbox_capacity=MESSAGES, max_message_bytes=SIZE)
-                await sup.start(spec, runtime.load(cid, FIXTURES / "echo.wasm"))
-                targets.append(cid)
-            await _burst(sup, targets, [os.urandom(SIZE)])  # warm up: first-call allocations
-            single, _ = await _burst(sup, targets[:1], [os.urandom(SIZE)])
-            peak, retained = await _burst(sup, targets, [os.urandom(SIZE) for _ in range(MESSAGES)])
-            return single, peak, retained
-        finally:
-            await sup.stop_all(1.0)
-            workers.close()
+    async with bench_supervisor(runtime) as sup:
+        targets = []
+        for i in range(ECHOES):
+            cid = ComponentId("payload", "echo", str(i))
+            spec = ActorSpec(cid, mailbox_capacity=MESSAGES, max_message_bytes=SIZE)
+            await sup.start(spec, runtime.load(cid, FIXTURES / "echo.wasm"))
+            targets.append(cid)
+        await _burst(sup, targets, [os.urandom(SIZE)])  # warm up: first-call allocations
+        single, _ = await _burst(sup, targets[:1], [os.urandom(SIZE)])
+        peak, retained = await _burst(sup, targets, [os.urandom(SIZE) for _ in range(MESSAGES)])
+        return single, peak, retained
 
 
 async def _senders(runtime: Runtime) -> tuple[int, int]:
     """(peak, kept) RSS growth while SENDERS guests each send SENDS payloads of SENT bytes to one echo."""
-    workers = WorkerPool()
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(HostStores(runtime, router), router, workers)
-    async with sup:
-        try:
-            sink = ComponentId("payload", "sink", "0")
-            await sup.start(ActorSpec(sink, max_message_bytes=SENT + 1024), runtime.load(sink, FIXTURES / "echo.wasm"))
-            senders = []
-            for i in range(SENDERS):
-                cid = ComponentId("payload", "blaster", str(i))
-                await sup.start(ActorSpec(cid), runtime.load(cid, FIXTURES / "blaster.wasm"))
-                senders.append(cid)
-            command = f"s{SENT}|payload|sink|0".encode()
-            gc.collect()
-            release_free_memory()
-            base = _status("VmRSS:")
-            _reset_peak()
+    async with bench_supervisor(runtime) as sup:
+        sink = ComponentId("payload", "sink", "0")
+        await sup.start(ActorSpec(sink, max_message_bytes=SENT + 1024), runtime.load(sink, FIXTURES / "echo.wasm"))
+        senders = []
+        for i in range(SENDERS):
+            cid = ComponentId("payload", "blaster", str(i))
+            await sup.start(ActorSpec(cid), runtime.load(cid, FIXTURES / "blaster.wasm"))
+            senders.append(cid)
+        command = f"s{SENT}|payload|sink|0".encode()
+        gc.collect()
+        release_free_memory()
+        base = _status("VmRSS:")
+        _reset_peak()
 
-            async def sender(cid: ComponentId) -> None:
-                for _ in range(SENDS):
-                    assert await sup.router.host_request(cid, command, 600.0) == b"ok"
+        async def sender(cid: ComponentId) -> None:
+            for _ in range(SENDS):
+                assert await sup.router.host_request(cid, command, 600.0) == b"ok"
 
-            await asyncio.gather(*(sender(cid) for cid in senders))
-            sink_actor = sup.actors[sink]
-            while len(sink_actor.mailbox) or sink_actor.stats.handled < SENDERS * SENDS:
-                await asyncio.sleep(0.05)
-            peak = _status("VmHWM:") - base
-            await _idle_trim()
-            return peak, _status("VmRSS:") - base
-        finally:
-            await sup.stop_all(1.0)
-            workers.close()
+        await asyncio.gather(*(sender(cid) for cid in senders))
+        sink_actor = sup.actors[sink]
+        while len(sink_actor.mailbox) or sink_actor.stats.handled < SENDERS * SENDS:
+            await asyncio.sleep(0.05)
+        peak = _status("VmHWM:") - base
+        await _idle_trim()
+        return peak, _status("VmRSS:") - base
 
 
 async def _idle_trim() -> None:

@@ -9,42 +9,31 @@ import time
 
 import uvloop
 
-from bench.harness import FIXTURES, Row
+from bench.harness import FIXTURES, Row, bench_supervisor
 from wasmhost.actors.restart import Backoff, Intensity
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
-from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
 from wasmhost.messaging.outcome import RequestFailed
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
-from wasmhost.system.stores import HostStores
 
 ROUNDS = 200
 
 
 async def _measure(runtime: Runtime) -> list[float]:
-    workers = WorkerPool()
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(HostStores(runtime, router), router, workers)
     cid = ComponentId("bench", "trapper", "0")
     # No deliberate backoff: this measures the restart itself, not the policy's wait.
     spec = ActorSpec(cid, backoff=Backoff(base=0.0, maximum=0.0), intensity=Intensity(ROUNDS + 10, 3600))
     samples = []
-    async with sup:
-        try:
-            actor = await sup.start(spec, runtime.load(cid, FIXTURES / "trapper.wasm"))
-            for _ in range(ROUNDS):
-                began = time.perf_counter()
-                with contextlib.suppress(RequestFailed):
-                    await sup.router.host_request(cid, b"boom", 5.0)
-                while actor.state is not ActorState.RUNNING or actor.manager.state.value != "initialized":
-                    await asyncio.sleep(0)
-                samples.append(time.perf_counter() - began)
-        finally:
-            await sup.stop_all(1.0)
-            workers.close()
+    async with bench_supervisor(runtime) as sup:
+        actor = await sup.start(spec, runtime.load(cid, FIXTURES / "trapper.wasm"))
+        for _ in range(ROUNDS):
+            began = time.perf_counter()
+            with contextlib.suppress(RequestFailed):
+                await sup.router.host_request(cid, b"boom", 5.0)
+            while actor.state is not ActorState.RUNNING or actor.manager.state.value != "initialized":
+                await asyncio.sleep(0)
+            samples.append(time.perf_counter() - began)
     return samples
 
 

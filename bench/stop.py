@@ -11,17 +11,13 @@ import time
 
 import uvloop
 
-from bench.harness import FIXTURES, Row, running_daemon
+from bench.harness import FIXTURES, Row, bench_supervisor, running_daemon
 from wasmhost.actors.spec import ActorSpec
-from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
 from wasmhost.core.limits import ResourceLimits
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.system import protocol
 from wasmhost.system.client import request
-from wasmhost.system.stores import HostStores
 
 DRAIN_S = 0.5
 SHUTDOWN_S = 1.0
@@ -32,29 +28,22 @@ LONG = ResourceLimits(max_execution_time_ms=600_000)
 
 async def _stop_times(runtime: Runtime, payload: bytes) -> list[float]:
     """Seconds each `stop` took, the component `payload`-busy (spin / sleep) for up to ten minutes."""
-    workers = WorkerPool()
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(HostStores(runtime, router), router, workers)
     samples = []
-    async with sup:
-        try:
-            for round_ in range(ROUNDS):
-                cid = ComponentId("bench", "stoptrap", str(round_))
-                spec = ActorSpec(cid, limits=LONG, shutdown_timeout=SHUTDOWN_S)
-                actor = await sup.start(spec, runtime.load(cid, FIXTURES / "stoptrap.wasm"))
-                calls = [asyncio.ensure_future(router.host_request(cid, payload, 600.0))]
-                while len(actor.mailbox) or not actor.manager.in_call:
-                    await asyncio.sleep(0.001)
-                calls += [asyncio.ensure_future(router.host_request(cid, b"m", 600.0)) for _ in range(QUEUED)]
-                await asyncio.sleep(0)
-                began = time.perf_counter()
-                await sup.stop(cid, DRAIN_S)
-                samples.append(time.perf_counter() - began)
-                results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
-                assert len(results) == QUEUED + 1, "every request is answered"
-        finally:
-            await sup.stop_all(DRAIN_S)
-            workers.close()
+    async with bench_supervisor(runtime, drain_s=DRAIN_S) as sup:
+        for round_ in range(ROUNDS):
+            cid = ComponentId("bench", "stoptrap", str(round_))
+            spec = ActorSpec(cid, limits=LONG, shutdown_timeout=SHUTDOWN_S)
+            actor = await sup.start(spec, runtime.load(cid, FIXTURES / "stoptrap.wasm"))
+            calls = [asyncio.ensure_future(sup.router.host_request(cid, payload, 600.0))]
+            while len(actor.mailbox) or not actor.manager.in_call:
+                await asyncio.sleep(0.001)
+            calls += [asyncio.ensure_future(sup.router.host_request(cid, b"m", 600.0)) for _ in range(QUEUED)]
+            await asyncio.sleep(0)
+            began = time.perf_counter()
+            await sup.stop(cid, DRAIN_S)
+            samples.append(time.perf_counter() - began)
+            results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+            assert len(results) == QUEUED + 1, "every request is answered"
     return samples
 
 

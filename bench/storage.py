@@ -14,17 +14,13 @@ from pathlib import Path
 
 import uvloop
 
-from bench.harness import FIXTURES, Row
+from bench.harness import FIXTURES, Row, bench_supervisor
 from wasmhost.actors.restart import RestartPolicy
 from wasmhost.actors.spec import ActorSpec
-from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
 from wasmhost.core.errors import StorageError
-from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.storage.sqlite_store import SqliteStorage
-from wasmhost.system.stores import HostStores
 
 TARGET_P99_MS = 50.0
 NEIGHBOUR = ComponentId("bench", "notes", "0")
@@ -41,53 +37,43 @@ async def _throughput(runtime: Runtime, state: Path, seconds: float) -> tuple[fl
     """(host -> echo, guest set, guest get) requests/s, each answered, with WINDOW in flight; sets
     write 16-byte values under 10,000 keys and are acknowledged only once committed."""
     storage = SqliteStorage(state / "throughput.sqlite3", default_quota_bytes=1 << 40)
-    workers = WorkerPool()
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(HostStores(runtime, router, storage), router, workers)
-    async with sup:
-        try:
-            echo = ComponentId("bench", "echo", "0")
-            await sup.start(ActorSpec(echo, restart=RestartPolicy.TEMPORARY, mailbox_capacity=4096),
-                            runtime.load(echo, FIXTURES / "echo.wasm"))
-            notes = [ComponentId("bench", "writer", str(i)) for i in range(WRITERS)]
-            for cid in notes:
-                await sup.start(ActorSpec(cid, restart=RestartPolicy.TEMPORARY, storage=True, mailbox_capacity=4096),
-                                runtime.load(cid, FIXTURES / "storage.wasm"))
-            sent = 0
+    async with bench_supervisor(runtime, storage=storage, drain_s=5.0) as sup:
+        echo = ComponentId("bench", "echo", "0")
+        await sup.start(ActorSpec(echo, restart=RestartPolicy.TEMPORARY, mailbox_capacity=4096),
+                        runtime.load(echo, FIXTURES / "echo.wasm"))
+        notes = [ComponentId("bench", "writer", str(i)) for i in range(WRITERS)]
+        for cid in notes:
+            await sup.start(ActorSpec(cid, restart=RestartPolicy.TEMPORARY, storage=True, mailbox_capacity=4096),
+                            runtime.load(cid, FIXTURES / "storage.wasm"))
+        sent = 0
 
-            async def rate(targets: list[ComponentId], payload: Callable[[int], bytes]) -> float:
-                done = 0
-                stop = time.perf_counter() + seconds
+        async def rate(targets: list[ComponentId], payload: Callable[[int], bytes]) -> float:
+            done = 0
+            stop = time.perf_counter() + seconds
 
-                async def client(target: ComponentId) -> None:
-                    nonlocal done, sent
-                    while time.perf_counter() < stop:
-                        sent += 1
-                        await sup.router.host_request(target, payload(sent), 30.0, wait=True)
-                        done += 1
+            async def client(target: ComponentId) -> None:
+                nonlocal done, sent
+                while time.perf_counter() < stop:
+                    sent += 1
+                    await sup.router.host_request(target, payload(sent), 30.0, wait=True)
+                    done += 1
 
-                began = time.perf_counter()
-                await asyncio.gather(*(client(t) for t in targets for _ in range(WINDOW // len(targets))))
-                return done / (time.perf_counter() - began)
+            began = time.perf_counter()
+            await asyncio.gather(*(client(t) for t in targets for _ in range(WINDOW // len(targets))))
+            return done / (time.perf_counter() - began)
 
-            echoed = await rate([echo], lambda i: b"0123456789abcdef")
-            sets = await rate(notes, lambda i: b"set k%d 0123456789abcdef" % (i % 10_000))
-            gets = await rate(notes, lambda i: b"get k%d" % (i % 10_000))
-            return echoed, sets, gets
-        finally:
-            await sup.stop_all(5.0)
-            workers.close()
-            storage.close()
+        echoed = await rate([echo], lambda i: b"0123456789abcdef")
+        sets = await rate(notes, lambda i: b"set k%d 0123456789abcdef" % (i % 10_000))
+        gets = await rate(notes, lambda i: b"get k%d" % (i % 10_000))
+        return echoed, sets, gets
 
 
 async def _neighbour_p99(runtime: Runtime, state: Path, flooders: int, seconds: float) -> tuple[float, float, float]:
     """(p50, p99) in ms of the neighbour's sets with `flooders` flooding, and the flood's writes/s."""
     storage = SqliteStorage(state / f"storage-{flooders}.sqlite3", default_quota_bytes=1 << 40)
-    workers = WorkerPool(flooders + 4)  # a thread per flooder and spare: sharing threads is the CPU bench's part
-    router = MessageRouter(asyncio.get_running_loop())
-    sup = Supervisor(HostStores(runtime, router, storage), router, workers)
     stop = asyncio.Event()
-    async with sup:
+    # threads: one per flooder and spare (sharing threads is the CPU bench's part)
+    async with bench_supervisor(runtime, threads=flooders + 4, storage=storage, drain_s=5.0) as sup:
         try:
             await sup.start(ActorSpec(NEIGHBOUR, restart=RestartPolicy.TEMPORARY, storage=True),
                             runtime.load(NEIGHBOUR, FIXTURES / "storage.wasm"))
@@ -119,10 +105,7 @@ async def _neighbour_p99(runtime: Runtime, state: Path, flooders: int, seconds: 
             samples.sort()
             return samples[len(samples) // 2], samples[max(0, int(len(samples) * 0.99) - 1)], flood_rate
         finally:
-            stop.set()
-            await sup.stop_all(5.0)
-            workers.close()
-            storage.close()
+            stop.set()  # the floods end before the actors are stopped
 
 
 def _disk_per_charged(state: Path, keys: int) -> float:
