@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -176,28 +177,24 @@ async def test_echo_answers_while_more_guests_than_threads_sleep_in_a_host_call(
 async def test_at_most_concurrency_threads_run_at_once_and_waits_in_host_calls_do_not_count() -> None:
     """Our scheduling logic, with plain functions standing in for guest steps (threads and waits real)."""
     workers = WorkerPool(4, concurrency=2)
-    lock = threading.Lock()
-    running: list[str] = []
-    peak = 0
-    release = threading.Event()
+    started: dict[str, float] = {}
+    ended: dict[str, float] = {}
+    third_started = threading.Event()
 
     def job(name: str) -> str:
-        nonlocal peak
-        with lock:
-            running.append(name)
-            peak = max(peak, len(running))
-        assert release.wait(10), "never released"
-        with lock:
-            running.remove(name)
+        started[name] = time.monotonic()
+        if name == "c":
+            third_started.set()
+        else:  # a bounded wait that ends at once if c runs beside a and b (it must not: 2 places)
+            third_started.wait(0.5)
+        ended[name] = time.monotonic()
         return name
 
     try:
-        jobs = [asyncio.ensure_future(workers.run(functools.partial(job, str(i)))) for i in range(4)]
-        await until(lambda: len(running) == 2)
-        assert workers.threads == 4  # two threads idle, yet the other two jobs wait for a place
-        release.set()
-        assert sorted(await asyncio.gather(*jobs)) == ["0", "1", "2", "3"]
-        assert peak == 2
+        jobs = [asyncio.ensure_future(workers.run(functools.partial(job, name))) for name in "abc"]
+        assert sorted(await asyncio.gather(*jobs)) == ["a", "b", "c"]
+        assert started["b"] < ended["a"] and started["a"] < ended["b"]  # a and b side by side
+        assert started["c"] >= min(ended["a"], ended["b"])  # c waited for a place, though threads were idle
 
         # A thread waiting in a host call (a blocking section) leaves its place to another job.
         waiting, done = threading.Event(), threading.Event()
@@ -217,5 +214,4 @@ async def test_at_most_concurrency_threads_run_at_once_and_waits_in_host_calls_d
         finally:
             one.close()
     finally:
-        release.set()
         workers.close()

@@ -94,7 +94,7 @@ def status_row(cid: ComponentId, deployment: Listed, actor: ComponentActor | Non
     return StatusRow(actor.name, state.value, actor.phase,
                      actor.health.value if state is ActorState.RUNNING else None, stats.restarts, queued + in_hand,
                      queued, in_hand, stats.handled, stats.failed, stats.last_error, deployment.rollout,
-                     *stats.latency.p50_p99_ms(), *(memory.figures() if memory else (None, None)))
+                     *stats.latency.p50_p99_ms(), *(memory.figures() if memory is not None else (None, None)))
 
 
 class StatusTable:
