@@ -172,6 +172,10 @@ def test_the_daemon_reports_memory_in_metrics_status_and_top(tmp_path: Path, sta
     assert m.value("wasmhost_component_memory_bytes", component="t/echo/0") == echo_bytes
     rows = {r["id"]: r for r in request(d.socket, protocol.Status()).data["components"]}
     assert rows["t/hog/0"]["memory_bytes"] == rows["t/hog/0"]["memory_high_water_bytes"] == pages * PAGE_BYTES
+    table = d.cli("status").stdout.splitlines()
+    assert table[0].split()[-3:] == ["MEMORY", "LAST", "ERROR"]
+    assert [line.split()[-3:] for line in table[1:3]] == [  # MEMORY, then LAST ERROR: none
+        [f"{echo_bytes / 2**10:.1f}", "KiB", "-"], [f"{pages * PAGE_BYTES / 2**20:.1f}", "MiB", "-"]]
     frame = d.cli("top", "--once", "--interval", "0.1", "--sort", "memory").stdout.splitlines()
     assert "MEMORY*" in frame[1]
     assert frame[2].startswith("t/hog/0") and f"{pages * PAGE_BYTES / 2**20:.1f} MiB" in frame[2]
@@ -188,4 +192,5 @@ def test_without_accounting_no_memory_figure_is_made_up(tmp_path: Path, started:
     row = request(d.socket, protocol.Status()).data["components"][0]
     assert row["memory_bytes"] is None and row["memory_high_water_bytes"] is None
     assert "MEMORY" not in d.cli("top", "--once", "--interval", "0.1").stdout
+    assert "MEMORY" not in d.cli("status").stdout
     assert d.stop() == 0

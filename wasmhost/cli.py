@@ -211,6 +211,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(response.data, indent=2))
         return EXIT_OK
     columns = ["id", "state", "health", "restarts", "mailbox", "handled", "failed", "last_error"]
+    if any(row.get("memory_bytes") is not None for row in rows):  # [host] memory_accounting is on
+        from wasmhost.top import format_bytes
+
+        columns.insert(-1, "memory")
+        for row in rows:
+            row["memory"] = None if row.get("memory_bytes") is None else format_bytes(row["memory_bytes"])
     for row in rows:
         if row.get("phase"):  # what a starting component is doing: starting/compiling
             row["state"] = f"{row['state']}/{row['phase']}"

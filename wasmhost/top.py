@@ -75,14 +75,15 @@ def _cell(row: Row, key: str) -> str:
     if key in ("p50", "p99"):
         return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
     if key == "memory":
-        return _bytes(int(value))
+        return format_bytes(int(value))
     if key == "error":
         lines = str(value).strip().splitlines() or [""]
         return lines[0] + (" ..." if len(lines) > 1 else "")
     return str(value)
 
 
-def _bytes(size: int) -> str:
+def format_bytes(size: int) -> str:
+    """A byte count as people read it: 512 B, 3.0 MiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
