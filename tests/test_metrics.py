@@ -259,7 +259,8 @@ def test_metrics_by_namespace_sum_per_namespace(tmp_path: Path, started: list[Da
     components = (component("a/echo/0", "echo") + component("a/echo/1", "echo") + component("b/echo/0", "echo")
                   + component("b/bad/0", "bad-import"))  # fails its link check at start: shown failed
     d = launch(tmp_path, components, started,
-               edit={'log_format = "json"': 'log_format = "json"\nmetrics = "127.0.0.1:0"\nmetrics_by = "namespace"'})
+               edit={'log_format = "json"': 'log_format = "json"\nmetrics = "127.0.0.1:0"\nmetrics_by = "namespace"\n'
+                                            'memory_accounting = true'})
     m = Scraper(d)
     for cid in ("a/echo/0", "a/echo/1", "a/echo/1", "b/echo/0"):
         assert call(d, cid, b"x").ok
@@ -271,6 +272,9 @@ def test_metrics_by_namespace_sum_per_namespace(tmp_path: Path, started: list[Da
     assert samples[("wasmhost_component_state", frozenset({("namespace", "b"), ("state", "failed")}))] == 1
     assert samples[("wasmhost_component_memory_limit_bytes", frozenset({("namespace", "b")}))] == 2 * 64 * 1024 * 1024
     assert samples[("wasmhost_component_handling_seconds_count", frozenset({("namespace", "a")}))] == 3
+    for name in ("wasmhost_component_memory_bytes", "wasmhost_component_memory_high_water_bytes"):
+        one_echo = samples[(name, frozenset({("namespace", "b")}))]  # b/bad/0 never had an instance
+        assert one_echo > 0 and samples[(name, frozenset({("namespace", "a")}))] == 2 * one_echo
     assert not any(("component", "a/echo/0") in labels for _, labels in samples)
     assert d.stop() == 0
 
