@@ -47,6 +47,14 @@ SERVED = (ECHO + component("t/quiet/0", "pinger") + component("t/trap/0", "trapp
 CALLER = component("t/caller/0", "callback", 'capabilities = { request = ["t/*"] }')
 
 
+def served_and_caller(tmp_path: Path, nats_server: NatsServer, daemons: list[Daemon]) -> tuple[Daemon, Daemon]:
+    """Host A serving SERVED to remote senders granted, host B running the callback guest; once B sees A."""
+    a = lattice_daemon(tmp_path / "a", SERVED, [nats_server.url], "host-a", daemons, extra=REMOTE_GRANT)
+    b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
+    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    return a, b
+
+
 def ask(d: Daemon, target: str, data: str) -> dict[str, str]:
     """Have the callback guest on `d` request `data` from `target`; wait for the callback and read it."""
     before = int(d.call("t/caller/0", "?callbacks") or 0)
@@ -57,9 +65,7 @@ def ask(d: Daemon, target: str, data: str) -> dict[str, str]:
 
 def test_guest_requests_across_hosts_end_with_every_outcome(tmp_path: Path, nats_server: NatsServer,
                                                              daemons: list[Daemon]) -> None:
-    a = lattice_daemon(tmp_path / "a", SERVED, [nats_server.url], "host-a", daemons, extra=REMOTE_GRANT)
-    b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
-    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    a, b = served_and_caller(tmp_path, nats_server, daemons)
     reply = ask(b, "t/echo/0", "over the lattice")
     assert reply == {"payload": "over the lattice", "content-type": "", "sender": "t/echo/0"}
     outcome = "application/vnd.wasmhost.outcome+json"
@@ -284,9 +290,7 @@ def test_payloads_too_large_for_the_target_or_for_nats_fail_fast_naming_both_siz
 
 def test_a_guest_cancels_its_request_to_another_host(tmp_path: Path, nats_server: NatsServer,
                                                      daemons: list[Daemon]) -> None:
-    a = lattice_daemon(tmp_path / "a", SERVED, [nats_server.url], "host-a", daemons, extra=REMOTE_GRANT)
-    b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
-    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    a, b = served_and_caller(tmp_path, nats_server, daemons)
     correlation = b.call("t/caller/0", "t|slow|0|sleep 500")  # answered by host a after 0.5 s
     assert b.call("t/caller/0", f"!{correlation}") == "cancelled"
     assert b.call("t/caller/0", f"!{correlation}") == "cancel failed: invalid-message"  # nothing pending now
