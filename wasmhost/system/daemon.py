@@ -661,8 +661,7 @@ class Daemon:
             return protocol.Response(True, data={"components": self.status_table.rows(),
                                                  "storage_io_errors": self.storage.io_errors,
                                                  "storage_last_error": self.storage.last_io_error,
-                                                 "log_lines_dropped": lines_dropped(),
-                                                 "lattice": self.link.snapshot() if self.link is not None else None})
+                                                 "log_lines_dropped": lines_dropped()})
         if isinstance(request, protocol.Reload):
             report = await self.reload()
             nothing_changed = report.outcome in ("rejected", "refused", "failed")
