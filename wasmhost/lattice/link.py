@@ -196,14 +196,13 @@ class Link:
 
     def snapshot(self) -> dict[str, object]:
         """The lattice as this host sees it (for `wasmhost status --lattice`): this host, the link, and every
-        other host with the components it runs, as plain data (event loop)."""
+        other host with the components it runs, as plain data (event loop). This host's own components are
+        not in it: the caller reads them live (the inventory here is the one last published)."""
         now = time.monotonic()
         return {
             "host": self.host, "lattice": self.settings.name, "connected": self.connected, "url": self._url(),
-            "cause": self.cause, "inventory_version": self._inventory_version,
-            "components": [msgspec.to_builtins(e) for e in self._inventory],
+            "cause": self.cause,
             "hosts": [{"host": r.host, "seen_s_ago": round(now - r.last_seen, 3),
-                       "heartbeat_s": r.heartbeat.heartbeat_s, "inventory_version": r.inventory_version,
                        "components": [msgspec.to_builtins(e) for e in r.components.values()]}
                       for r in sorted(self.directory.hosts.values(), key=lambda r: r.host)],
         }

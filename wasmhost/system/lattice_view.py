@@ -10,8 +10,8 @@ from wasmhost.system.protocol import LatticeComponentRow, LatticeHostRow, Lattic
 
 
 def lattice_view(snapshot: dict[str, Any], local: list[dict[str, Any]]) -> LatticeView:
-    """The view of a link's snapshot and of `local`, this host's inventory entries as of now (the snapshot's
-    own list is the one last published, and empty before the first connection): this host first, then the
+    """The view of a link's snapshot and of `local`, this host's inventory entries as of now (what the link
+    last published may be older, and is empty before the first connection): this host first, then the
     others by id; components by id, then host (a component with replicas has a row per host)."""
     own = snapshot["host"]
     hosts = [LatticeHostRow(own, True, None, len(local))]
