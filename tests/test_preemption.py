@@ -174,27 +174,84 @@ async def test_echo_answers_while_more_guests_than_threads_sleep_in_a_host_call(
     await until(lambda: sup.workers.threads == THREADS)  # lent threads end once idle
 
 
-async def test_at_most_concurrency_threads_run_at_once_and_waits_in_host_calls_do_not_count() -> None:
+class ComputingHook:
+    """Records what a guest call's steps tell their scheduler (stands in for WorkerPool's hook)."""
+
+    def __init__(self) -> None:
+        self.computing_slices = 0
+
+    def enter_blocking(self) -> None:
+        """Not recorded."""
+
+    def leave_blocking(self) -> None:
+        """Not recorded."""
+
+    def computing(self) -> None:
+        """Count a slice that was spent in guest code."""
+        self.computing_slices += 1
+
+
+@pytest.mark.parametrize(
+    ("fixture", "work", "computes"),
+    [("hasher", b"3000000", True), ("logflood", b"1000000000", False), ("echo", b"hi", False)],
+    ids=["wasm-loop", "host-call-loop", "short-call"],
+)
+def test_only_slices_spent_in_guest_code_count_as_computing(
+    start: Starter, fixture: str, work: bytes, computes: bool
+) -> None:
+    """A loop of wasm says it computes (other threads may then run beside it); a guest looping
+    over host functions, which yields at epoch ticks after little guest code, and a short call do not."""
+    guest = start(fixture, f"test-org/{fixture}/0", ResourceLimits(max_execution_time_ms=400))
+    hook = ComputingHook()
+    blocking.install(hook)
+    slices = 0
+    try:
+        steps = guest.handle_message_steps(message(work))
+        with contextlib.suppress(StopIteration, GuestTimeout):
+            while True:
+                next(steps)
+                slices += 1
+    finally:
+        blocking.install(None)
+    if computes:
+        assert slices > 5 and hook.computing_slices > slices // 2  # those ended by an epoch tick may not
+    else:
+        assert hook.computing_slices == 0
+        assert slices > 5 or fixture == "echo", "the host-call loop should have been cut at epoch ticks"
+
+
+async def test_one_thread_runs_guest_code_unless_a_guest_computes_and_waits_in_host_calls_do_not_count() -> None:
     """Our scheduling logic, with plain functions standing in for guest steps (threads and waits real)."""
     workers = WorkerPool(4, concurrency=2)
     started: dict[str, float] = {}
     ended: dict[str, float] = {}
-    third_started = threading.Event()
+    go = {name: threading.Event() for name in "abcde"}
+    said_computing = threading.Event()
 
-    def job(name: str) -> str:
+    def job(name: str, waits_for: str | None = None, computes: bool = False, bound: float = 0.5) -> str:
         started[name] = time.monotonic()
-        if name == "c":
-            third_started.set()
-        else:  # a bounded wait that ends at once if c runs beside a and b (it must not: 2 places)
-            third_started.wait(0.5)
+        go[name].set()
+        if computes:
+            blocking.computing()
+            said_computing.set()
+        if waits_for is not None:  # a bounded wait that ends at once if `waits_for` starts beside it
+            go[waits_for].wait(bound)
         ended[name] = time.monotonic()
         return name
 
+    def run(*args: object, **kwargs: object) -> asyncio.Future[str]:
+        return asyncio.ensure_future(workers.run(functools.partial(job, *args, **kwargs)))  # type: ignore[arg-type]
+
     try:
-        jobs = [asyncio.ensure_future(workers.run(functools.partial(job, name))) for name in "abc"]
-        assert sorted(await asyncio.gather(*jobs)) == ["a", "b", "c"]
-        assert started["b"] < ended["a"] and started["a"] < ended["b"]  # a and b side by side
-        assert started["c"] >= min(ended["a"], ended["b"])  # c waited for a place, though threads were idle
+        # Neither computes: b waits for a place though threads are idle, so a waits out its bound.
+        assert await asyncio.gather(run("a", waits_for="b"), run("b")) == ["a", "b"]
+        assert started["b"] >= ended["a"]
+        # c computes: d joins it (c's wait for d ends at once), and e waits (2 places: one per core).
+        c = run("c", waits_for="d", computes=True, bound=10)
+        await until(said_computing.is_set)
+        assert await asyncio.gather(c, run("d", waits_for="e"), run("e")) == ["c", "d", "e"]
+        assert started["d"] < ended["c"] and ended["c"] - started["c"] < 5
+        assert started["e"] >= min(ended["c"], ended["d"])
 
         # A thread waiting in a host call (a blocking section) leaves its place to another job.
         waiting, done = threading.Event(), threading.Event()

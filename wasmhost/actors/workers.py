@@ -16,14 +16,19 @@ A thread whose guest waits inside a host call (sleep-millis, a storage commit: s
 is lent a replacement while work is queued, so waiting guests do not take the threads busy guests
 need; at most MAX_LENT_THREADS threads are lent at once, and surplus threads end once idle.
 
-At most `concurrency` threads (one per core) run guest code at once, and an idle thread is woken
-latest-idle first. Guest code runs without the GIL, but every step also runs Python (the call's
-conversion, the host functions, handing the result to the loop), and threads beyond the cores only
-pass the GIL back and forth between those parts; waking the thread that went idle last keeps a run
-of short calls on one thread. Measured on 2 cores, 4 echo actors sharing 512 requests in flight:
-9,000-11,000 msg/s with 4 threads running at once, woken first-idle first; 13,600-13,900 with 2 at
-once, woken latest first (and 15,000-19,000 with 1, but that would leave a core idle under guests
-that compute).
+One thread runs guest code at a time, unless a guest computes: then up to `concurrency` (one per
+core). Guest code runs without the GIL, but every step also runs Python (the call's conversion, the
+host functions, handing the result to the loop). Steps of short calls are mostly Python, and two
+threads running them only pass the GIL back and forth: measured on 2 cores, a ring of 3 guests
+relaying with `send` made 7,000 hops/s with two threads and 13,500 with one, and request round trips
+4,200/s and 7,000/s. A step whose guest call used up a whole slice of fuel (it said so through
+`blocking.computing`, see StoreManager) ran guest code most of the time, and only then may other
+threads join in, so guests that compute still get every core. Calls that compute for less than one
+first slice (about 0.1 ms) each stay on one thread.
+
+An idle thread is woken latest-idle first: that keeps a run of short calls on one thread (4 echo
+actors sharing 512 requests in flight: 9,000-11,000 msg/s woken first-idle first, 13,600-13,900
+latest first).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class _Job:
 
     __slots__ = (
         "cancelled",
+        "computing",
         "deadline",
         "ended",
         "fn",
@@ -99,6 +105,7 @@ class _Job:
         self.ticket = 0  # queue entries carrying an older ticket are stale
         self.queued = False
         self.cancelled = False
+        self.computing = False  # a step of it used up a whole slice of guest code (see the module docstring)
         self.ended = False  # set on the loop once no thread will touch the job again
         self.released: asyncio.Future[None] | None = None  # made by a cancelled waiter that waits for `ended`
 
@@ -127,7 +134,8 @@ class WorkerPool:
         self.size = size or default_worker_count()
         self.max_threads = self.size + max_lent
         self.concurrency = concurrency or os.cpu_count() or 1
-        """Threads that run guest code at once, at most (those waiting in host calls do not count)."""
+        """Threads that run guest code at once, at most, while guests compute (those waiting in host
+        calls do not count); otherwise one (see the module docstring)."""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # the pool's lock; idle workers wait on their own
         self._sleepers: list[threading.Condition] = []  # idle workers' conditions, the latest idle last
@@ -142,6 +150,8 @@ class WorkerPool:
         self._blocked = 0  # of which waiting in a blocking section
         self._idle = 0  # of which waiting for work
         self._stepping = 0  # of which running a job (not waiting in a blocking section)
+        self._computing = 0  # of which running a job that computes (job.computing)
+        self._current = threading.local()  # .job: the job the calling worker thread runs
         self._names = itertools.count()
         with self._cond:
             for _ in range(self.size):
@@ -160,6 +170,10 @@ class WorkerPool:
         """Worker threads running a guest or waiting in one of its host calls (read without the lock:
         a gauge, from any thread)."""
         return max(0, self._live - self._idle)
+
+    def _admits(self) -> bool:
+        """Whether one more thread may start running guest code (self._cond held)."""
+        return self._stepping == 0 or (self._stepping < self.concurrency and self._computing > 0)
 
     def _wake_one(self) -> None:
         """Wake the worker that went idle last (self._cond held; see the module docstring)."""
@@ -184,6 +198,7 @@ class WorkerPool:
         with self._cond:
             self._blocked += 1
             self._stepping -= 1
+            self._computing -= self._current_computes()
             if self._waiting:
                 self._wake_one()
             self._lend_if_short()
@@ -193,8 +208,26 @@ class WorkerPool:
         with self._cond:
             self._blocked -= 1
             self._stepping += 1
+            self._computing += self._current_computes()
             if self._idle and self._live - self._blocked > self.size:
                 self._wake_one()  # an idle thread is surplus now: let it end
+
+    def computing(self) -> None:
+        """The calling worker's step ran a whole slice of guest code: its job computes, and other
+        threads may run guest code beside it from now on (see the module docstring)."""
+        job: _Job | None = getattr(self._current, "job", None)
+        if job is None or job.computing:
+            return
+        with self._cond:
+            job.computing = True
+            self._computing += 1
+            if self._waiting and self._admits():
+                self._wake_one()
+
+    def _current_computes(self) -> int:
+        """1 when the calling worker's job computes, else 0."""
+        job: _Job | None = getattr(self._current, "job", None)
+        return int(job is not None and job.computing)
 
     async def run(self, fn: Callable[[], T], lock: threading.Lock | None = None) -> T:
         """Run `fn` on a worker thread (in one go, holding `lock`) and wait for it."""
@@ -254,15 +287,15 @@ class WorkerPool:
             heapq.heappush(heap, (job.deadline, next(self._order), job))
             if self._deadlines[0][2] is job:
                 self._reaper_cond.notify()  # a new earliest deadline
-        if self._stepping < self.concurrency:
+        if self._admits():
             self._wake_one()
         self._lend_if_short()
 
     def _pick(self) -> _Job | None:
         """The next job to step: cancelled ones, then any past its deadline (neither runs guest code
-        again), then, if fewer than `concurrency` threads run guest code, by level."""
+        again), then, if one more thread may run guest code (`_admits`), by level."""
         job = self._first(self._urgent) or self._expired()
-        if job is not None or self._stepping >= self.concurrency:
+        if job is not None or not self._admits():
             return job
         for level in self._levels:
             job = self._first(level)
@@ -311,11 +344,15 @@ class WorkerPool:
                     self._idle -= 1
                     job = self._pick()
                 self._stepping += 1
+                self._computing += job.computing
+            self._current.job = job
             try:
                 self._step(job)
             finally:
+                self._current.job = None
                 with self._cond:
                     self._stepping -= 1
+                    self._computing -= job.computing
 
     def _reap(self) -> None:
         """The deadline thread: ends queued calls the moment their deadline passes (their next step

@@ -1,9 +1,14 @@
-"""Blocking sections: code about to wait on something other than the CPU (a guest's sleep, a storage
+"""What a thread running guest code tells its scheduler about how it spends its time.
+
+Blocking sections: code about to wait on something other than the CPU (a guest's sleep, a storage
 commit) says so, and the scheduler running it on a fixed set of threads lends another thread for
 the wait, so that guests waiting in host calls do not take the threads the others need.
 
-The scheduler installs a hook on each of its threads; elsewhere (tests, tools) a blocking section
-costs nothing.
+Computing: a guest call that used up a whole slice of fuel runs guest code (without the GIL) rather
+than Python, so a second core helps it; the scheduler lets more threads run guest code at once only
+then (see actors/workers.py).
+
+The scheduler installs a hook on each of its threads; elsewhere (tests, tools) both cost nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ class BlockingHook(Protocol):
 
     def leave_blocking(self) -> None:
         """The calling thread is running again."""
+
+    def computing(self) -> None:
+        """The calling thread's current step ran a whole slice of guest code."""
 
 
 _local = threading.local()
@@ -44,3 +52,10 @@ def blocking() -> Iterator[None]:
         yield
     finally:
         hook.leave_blocking()
+
+
+def computing() -> None:
+    """Tell the calling thread's scheduler that the step it runs spent a whole slice in guest code."""
+    hook: BlockingHook | None = getattr(_local, "hook", None)
+    if hook is not None:
+        hook.computing()

@@ -31,6 +31,10 @@ FIRST_SLICE_FUEL = SLICE_FUEL // 10
 """The first slice of every call is shorter: a burst of new long calls (hundreds of guests handed
 work at once) then costs little before a short call that arrives behind them gets its turn."""
 
+COMPUTING_FUEL_PER_S = 250_000_000
+"""Guest code burns 1,000 - 10,000 fuel a microsecond (see SLICE_FUEL); a slice that burnt fuel at a
+quarter of the slowest of those rates or faster spent most of its time in guest code, not in Python."""
+
 
 @dataclass(frozen=True)
 class StoreBudget:
@@ -106,6 +110,7 @@ class Limiter:
         self.fuel_used = 0
         """Fuel the calls on this component's Stores burnt, counted as each call ends (for metrics)."""
         self._fuel_level = 0  # fuel in the Store when it was last set or counted
+        self._slice_level = 0  # fuel in the Store when the current slice began
         self._fuel_out = ctypes.c_uint64()
         self._fuel_out_address = ctypes.addressof(self._fuel_out)
 
@@ -143,6 +148,18 @@ class Limiter:
         self.fuel_used += max(0, self._fuel_level - remaining)
         self._fuel_level = remaining
 
+    def slice_computed(self, context: int, seconds: float) -> bool:
+        """Whether the slice of the call in progress that just yielded, after `seconds`, was spent
+        mostly in guest code: it burnt a whole first slice of fuel at COMPUTING_FUEL_PER_S or faster
+        (not a guest looping over host functions, which burns fuel slowly and yields at epoch ticks)."""
+        error = capi.context_get_fuel(context, self._fuel_out_address)
+        if error:  # fuel is always on (see engine.py): not expected
+            capi.take_error(error)
+            return False
+        remaining = self._fuel_out.value
+        burnt, self._slice_level = self._slice_level - remaining, remaining
+        return burnt >= max(FIRST_SLICE_FUEL, seconds * COMPUTING_FUEL_PER_S)
+
     def arm(self, context: int, deadline_ms: int | None = None) -> float:
         """Refill fuel and arm the epoch deadline for one call on the Store with this context
         address (a shorter `deadline_ms` may replace the limit); return the monotonic deadline.
@@ -155,6 +172,7 @@ class Limiter:
             if error:
                 raise RuntimeError(f"cannot set fuel: {capi.take_error(error)}")
             self._fuel_level = self.fuel
+        self._slice_level = self._fuel_level
         if self.epoch_yields:
             # The epoch deadline is a yield point now (see EPOCH_SLICE_TICKS); whoever polls the call
             # ends it at the first yield past the returned deadline.

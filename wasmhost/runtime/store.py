@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import wasmtime
 from wasmtime import component as wc
 
+from wasmhost.core import blocking
 from wasmhost.core.errors import (
     ComponentError,
     FuelExhausted,
@@ -174,6 +175,7 @@ class StoreManager:
         self._error = (ctypes.c_void_p * 1)()  # the error_ret slot of async calls
         self._error_address = ctypes.addressof(self._error)
         self._future = 0  # the call future in progress, if any
+        self._slice_began = 0.0  # perf_counter when the current slice of that call was polled
         self.failed_at = 0.0
         """time.monotonic() when the last call that failed (trap, timeout, ...) ended."""
         self.lock = threading.Lock()
@@ -274,6 +276,7 @@ class StoreManager:
             self._error[0] = None
             raise self._fail(function, error) if error else InstanceStateError(f"{self.name}: cannot call {function}")
         self._future = future
+        self._slice_began = time.perf_counter()
         try:
             return future, capi.call_future_poll(future)
         except BaseException:
@@ -289,6 +292,8 @@ class StoreManager:
             self._yield_interval(SLICE_FUEL)
         try:
             while not done:
+                if self.limiter.slice_computed(self.context, time.perf_counter() - self._slice_began):
+                    blocking.computing()  # its scheduler may let other threads run guest code beside it
                 yield deadline
                 if self._future != future:
                     raise InstanceStateError(f"{self.name}: {function} was abandoned (the Store was closed)")
@@ -296,6 +301,7 @@ class StoreManager:
                     # Waited past the deadline for a slice: end it here rather than poll it again.
                     self._abandon()
                     raise GuestTimeout(self.name, function, "wasm trap: interrupt (deadline passed between slices)")
+                self._slice_began = time.perf_counter()
                 done = capi.call_future_poll(future)
         finally:
             if self._future == future:
