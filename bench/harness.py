@@ -21,6 +21,7 @@ import uvloop
 
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
+from wasmhost.core import affinity
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import CapabilityChecker
@@ -74,21 +75,25 @@ async def bench_supervisor(runtime: Runtime, *, threads: int | None = None, stor
     """A running Supervisor on a worker pool of its own (`threads`, None for the default size), with
     `storage` and capability checks by `permissions` when given. On the way out, stops every actor
     (draining up to `drain_s`), then closes the pool, then `storage`, each even if the one before raised."""
+    affinity.stay_home()  # the event loop's thread, as in the daemon (see core/affinity.py)
     workers = WorkerPool(threads)
     loop = asyncio.get_running_loop()
     router = MessageRouter(loop) if permissions is None else MessageRouter(loop, permissions)
-    async with Supervisor(HostStores(runtime, router, storage, permissions), router, workers) as sup:
-        try:
-            yield sup
-        finally:
+    try:
+        async with Supervisor(HostStores(runtime, router, storage, permissions), router, workers) as sup:
             try:
-                await sup.stop_all(drain_s)
+                yield sup
             finally:
                 try:
-                    workers.close()
+                    await sup.stop_all(drain_s)
                 finally:
-                    if storage is not None:
-                        storage.close()
+                    try:
+                        workers.close()
+                    finally:
+                        if storage is not None:
+                            storage.close()
+    finally:
+        affinity.roam()  # daemons the next benchmark starts inherit this thread's cores
 
 
 def rate(call: Callable[[], object], seconds: float, min_calls: int = 3) -> float:

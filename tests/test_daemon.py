@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
+from wasmhost.core import affinity
 from wasmhost.system import protocol
 from wasmhost.system.client import request
 
@@ -153,6 +154,17 @@ def test_ready_then_status_send_and_call(daemon: object) -> None:
     assert rows["t/counter/0"]["handled"] == 2
     missing = d.cli("call", "t/ghost/0", "x")
     assert missing.returncode == 1 and "target-not-found: t/ghost/0" in missing.stderr
+    assert d.stop() == 0
+
+
+def test_the_event_loop_stays_on_the_home_core(daemon: object) -> None:
+    """Its thread shares one core with the workers running short guest calls (see core/affinity.py)."""
+    d = daemon(component("t/echo/0", "echo"))  # type: ignore[operator]
+    status = Path(f"/proc/{d.proc.pid}/task/{d.proc.pid}/status").read_text()
+    allowed = next(line.split(":")[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+    if len(affinity.ALL_CORES) > 1:  # with one core there is nothing to choose
+        assert allowed.isdigit() and int(allowed) in affinity.ALL_CORES, allowed  # one of those it may use
+    assert d.call("t/echo/0", "still answers") == "still answers"
     assert d.stop() == 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
-from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp, blocking
+from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp, affinity, blocking
 from wasmhost.core.errors import GuestTimeout
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import RequestFailed
@@ -218,6 +219,24 @@ def test_only_slices_spent_in_guest_code_count_as_computing(
     else:
         assert hook.computing_slices == 0
         assert slices > 5 or fixture == "echo", "the host-call loop should have been cut at epoch ticks"
+
+
+async def test_workers_stay_on_the_home_core_unless_their_guest_computes() -> None:
+    """Our placement logic, with plain functions standing in for guest steps (threads and cores real)."""
+    workers = WorkerPool(1, concurrency=2)
+    home = set(affinity.home() or affinity.ALL_CORES)  # one core: nothing to choose, every thread stays put
+
+    def cores(computes: bool) -> set[int]:
+        if computes:
+            blocking.computing()
+        return os.sched_getaffinity(0)
+
+    try:
+        assert await workers.run(functools.partial(cores, False)) == home
+        assert await workers.run(functools.partial(cores, True)) == set(affinity.ALL_CORES)
+        assert await workers.run(functools.partial(cores, False)) == home  # the same thread, back home
+    finally:
+        workers.close()
 
 
 async def test_one_thread_runs_guest_code_unless_a_guest_computes_and_waits_in_host_calls_do_not_count() -> None:

@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from wasmhost.core import blocking
+from wasmhost.core import affinity, blocking
 from wasmhost.messaging.mailbox import flush_wakes
 
 T = TypeVar("T")
@@ -223,6 +223,17 @@ class WorkerPool:
             self._computing += 1
             if self._waiting and self._admits():
                 self._wake_one()
+        self._place(True)
+
+    def _place(self, computing: bool) -> None:
+        """Keep the calling worker on the home core, or let it roam while its guest computes (see
+        core/affinity.py)."""
+        if self._current.roaming != computing:
+            self._current.roaming = computing
+            if computing:
+                affinity.roam()
+            else:
+                affinity.stay_home()
 
     def _current_computes(self) -> int:
         """1 when the calling worker's job computes, else 0."""
@@ -331,6 +342,8 @@ class WorkerPool:
     def _work(self) -> None:
         blocking.install(self)
         mine = threading.Condition(self._lock)
+        self._current.roaming = True
+        self._place(False)
         while True:
             with self._cond:
                 job = self._pick()
@@ -346,6 +359,7 @@ class WorkerPool:
                 self._stepping += 1
                 self._computing += job.computing
             self._current.job = job
+            self._place(job.computing)
             try:
                 self._step(job)
             finally:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import wasmtime
 
+from wasmhost.core import affinity
 from wasmhost.runtime.linear_memory import LinearMemories
 from wasmhost.runtime.malloc import keep_large_allocations_in_heap
 
@@ -46,6 +47,7 @@ class EpochTicker:
         self._thread.start()
 
     def _run(self) -> None:
+        affinity.roam()  # it ticks without the GIL's help; it need not wait for the home core
         # Ticks are scheduled at absolute times and missed ones are caught up, so the epoch keeps
         # pace with the wall clock even when this thread wakes late (busy cores, GIL hand-offs).
         next_at = time.monotonic() + self.tick_s

@@ -148,17 +148,19 @@ class Limiter:
         self.fuel_used += max(0, self._fuel_level - remaining)
         self._fuel_level = remaining
 
-    def slice_computed(self, context: int, seconds: float) -> bool:
-        """Whether the slice of the call in progress that just yielded, after `seconds`, was spent
-        mostly in guest code: it burnt a whole first slice of fuel at COMPUTING_FUEL_PER_S or faster
-        (not a guest looping over host functions, which burns fuel slowly and yields at epoch ticks)."""
+    def slice_computed(self, context: int, interval: int, seconds: float) -> bool:
+        """Whether the slice of the call in progress that just yielded after `seconds` was spent in
+        guest code: it used up its fuel (`interval`, the yield interval in force) rather than reaching
+        an epoch tick, and at COMPUTING_FUEL_PER_S or faster (a guest looping over host functions burns
+        fuel slowly and yields at epoch ticks). Measured per slice: after a slice that an epoch tick
+        ended, wasmtime reports the next one as having burnt the previous interval's unused fuel too."""
         error = capi.context_get_fuel(context, self._fuel_out_address)
         if error:  # fuel is always on (see engine.py): not expected
             capi.take_error(error)
             return False
         remaining = self._fuel_out.value
         burnt, self._slice_level = self._slice_level - remaining, remaining
-        return burnt >= max(FIRST_SLICE_FUEL, seconds * COMPUTING_FUEL_PER_S)
+        return burnt >= max(interval, seconds * COMPUTING_FUEL_PER_S)
 
     def arm(self, context: int, deadline_ms: int | None = None) -> float:
         """Refill fuel and arm the epoch deadline for one call on the Store with this context

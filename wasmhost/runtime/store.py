@@ -175,7 +175,7 @@ class StoreManager:
         self._error = (ctypes.c_void_p * 1)()  # the error_ret slot of async calls
         self._error_address = ctypes.addressof(self._error)
         self._future = 0  # the call future in progress, if any
-        self._slice_began = 0.0  # perf_counter when the current slice of that call was polled
+        self._polled = 0.0  # seconds the last poll of that call took
         self.failed_at = 0.0
         """time.monotonic() when the last call that failed (trap, timeout, ...) ended."""
         self.lock = threading.Lock()
@@ -276,9 +276,11 @@ class StoreManager:
             self._error[0] = None
             raise self._fail(function, error) if error else InstanceStateError(f"{self.name}: cannot call {function}")
         self._future = future
-        self._slice_began = time.perf_counter()
+        began = time.perf_counter()
         try:
-            return future, capi.call_future_poll(future)
+            done = capi.call_future_poll(future)
+            self._polled = time.perf_counter() - began
+            return future, done
         except BaseException:
             self._abandon()
             raise
@@ -286,14 +288,16 @@ class StoreManager:
     def _wait(self, function: str, future: int, done: bool) -> Generator[float, None, None]:
         """Poll `future` one slice per step until it finishes or its deadline passes."""
         deadline = self.host.deadline
+        interval = FIRST_SLICE_FUEL  # of the slice that just ended
         if not done:
             # Past the short first slice: full slices until the end of the call (the yield interval
             # is the Store's and takes effect from the next poll).
             self._yield_interval(SLICE_FUEL)
         try:
             while not done:
-                if self.limiter.slice_computed(self.context, time.perf_counter() - self._slice_began):
+                if self.limiter.slice_computed(self.context, interval, self._polled):
                     blocking.computing()  # its scheduler may let other threads run guest code beside it
+                interval = SLICE_FUEL
                 yield deadline
                 if self._future != future:
                     raise InstanceStateError(f"{self.name}: {function} was abandoned (the Store was closed)")
@@ -301,8 +305,9 @@ class StoreManager:
                     # Waited past the deadline for a slice: end it here rather than poll it again.
                     self._abandon()
                     raise GuestTimeout(self.name, function, "wasm trap: interrupt (deadline passed between slices)")
-                self._slice_began = time.perf_counter()
+                began = time.perf_counter()
                 done = capi.call_future_poll(future)
+                self._polled = time.perf_counter() - began
         finally:
             if self._future == future:
                 if done:

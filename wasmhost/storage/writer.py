@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from wasmhost.core import affinity
 from wasmhost.core.errors import StorageError
 
 log = structlog.get_logger("wasmhost.storage")
@@ -170,6 +171,7 @@ class StorageWriter:
     # --- the writer thread ---
 
     def _run(self) -> None:
+        affinity.roam()  # SQLite works outside the GIL: any core
         try:
             while True:
                 with self._cond:

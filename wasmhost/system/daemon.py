@@ -30,6 +30,7 @@ from wasmhost.actors.actor import Handover
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
+from wasmhost.core import affinity
 from wasmhost.core.errors import HostError, LoadError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.metadata import HealthStatus
@@ -695,6 +696,7 @@ class Daemon:
 
 async def run_daemon(config_path: Path) -> int:
     """Load the config and run the daemon; config errors at start exit with 1."""
+    affinity.stay_home()  # the event loop's thread, and the threads it starts (see core/affinity.py)
     try:
         config = await asyncio.to_thread(load_config, config_path)
     except ConfigError as exc:

@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from wasmhost.core import affinity
+
 T = TypeVar("T")
 
 _lock = threading.Lock()
@@ -40,6 +42,7 @@ def start_detached(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
         result: Any = None
         error: BaseException | None = None
         try:
+            affinity.roam()  # compiles run outside the GIL: any core
             result = fn()
         except BaseException as exc:  # handed to the waiter, whatever it is
             error = exc
