@@ -4,6 +4,7 @@ per-sender order when a batch's sends wake their targets together, and request d
 from __future__ import annotations
 
 import asyncio
+import ctypes
 from collections.abc import AsyncIterator
 
 import anyio
@@ -18,6 +19,11 @@ from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timest
 from wasmhost.core.ids import HOST_ID
 from wasmhost.messaging.deadlines import COMPACT_AFTER, RequestDeadlines
 from wasmhost.messaging.envelope import Envelope
+from wasmhost.messaging.outcome import RequestFailed
+from wasmhost.runtime import capi
+from wasmhost.runtime.capi import VAL_SIZE
+from wasmhost.runtime.codec import RecordConverter, StringConverter
+from wasmhost.runtime.id_converter import CACHED_IDS, FIELDS, ComponentIdConverter, with_component_ids
 from wasmhost.runtime.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -148,3 +154,37 @@ async def test_a_send_is_delivered_while_its_sender_waits_in_a_host_call(supervi
 
 def message(payload: bytes) -> ComponentMessage:
     return ComponentMessage(HOST_ID, payload, MessageMetadata(timestamp=Timestamp.now()))
+
+
+async def test_a_send_to_an_invalid_id_fails_every_time_and_valid_ids_still_arrive(supervisor: Supervisor) -> None:
+    """Target ids go through a cache (runtime/id_converter.py): an invalid one is never cached."""
+    a = await launch(supervisor, "pinger", "a")
+    b = await launch(supervisor, "pinger", "b")
+    for _ in range(3):
+        with pytest.raises(RequestFailed, match="send failed: case 2"):  # invalid-message
+            await query(supervisor, a, b">1;bad/ns|x|0")
+    for _ in range(3):
+        await supervisor.router.host_send(a.component_id, f">1;{address(b)}".encode())
+    await settle(supervisor, b, b"?relayed", b"3")
+    assert await query(supervisor, a, b"?failures") == b"3"
+
+
+def test_the_id_cache_stays_bounded_however_many_ids_a_guest_names() -> None:
+    """Our cache logic, on real component values written by the codec."""
+    record = RecordConverter([(field, StringConverter()) for field in FIELDS])
+    converter = with_component_ids(record)
+    assert isinstance(converter, ComponentIdConverter)
+    buffer = (ctypes.c_uint8 * VAL_SIZE)()
+    address = ctypes.addressof(buffer)
+    for i in range(CACHED_IDS + 10):
+        record.lower({"namespace": "ns", "name": f"c{i}", "instance": "0"}, address)
+        try:
+            assert converter.lift(address) == ComponentId("ns", f"c{i}", "0")
+        finally:
+            capi.val_delete(address)
+        assert len(converter._ids) <= CACHED_IDS
+    record.lower({"namespace": "ns", "name": "a..b", "instance": "0"}, address)
+    try:
+        assert converter.lift(address) == {"namespace": "ns", "name": "a..b", "instance": "0"}  # left to the caller
+    finally:
+        capi.val_delete(address)

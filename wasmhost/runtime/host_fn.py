@@ -31,6 +31,7 @@ from wasmhost.runtime import capi, contract
 from wasmhost.runtime.capi import VAL_SIZE
 from wasmhost.runtime.codec import Converter, Err, Ok, clear_val, converter_for
 from wasmhost.runtime.guest_log import LogGate, guest_line
+from wasmhost.runtime.id_converter import with_component_ids
 
 guest_log = structlog.get_logger("wasmhost.guest")
 host_log = structlog.get_logger("wasmhost.host_fn")
@@ -154,8 +155,11 @@ def id_value(component: ComponentId) -> dict[str, str]:
     return {"namespace": component.namespace, "name": component.name, "instance": component.instance}
 
 
-def id_from_value(value: dict[str, str]) -> ComponentId:
-    """A `component-id` record from a guest as a ComponentId (raises InvalidComponentId)."""
+def id_from_value(value: ComponentId | dict[str, str]) -> ComponentId:
+    """A `component-id` record from a guest as a ComponentId (raises InvalidComponentId); lifted by
+    ComponentIdConverter, it is one already unless it was invalid."""
+    if isinstance(value, ComponentId):
+        return value
     return ComponentId(value["namespace"], value["name"], value["instance"])
 
 
@@ -174,7 +178,7 @@ def _messaging(ctx: HostContext) -> MessagingPort:
     return ctx.messaging
 
 
-def _target(value: dict[str, str]) -> ComponentId:
+def _target(value: ComponentId | dict[str, str]) -> ComponentId:
     try:
         return id_from_value(value)
     except InvalidComponentId as exc:
@@ -378,7 +382,7 @@ class HostFunction:
             fty = wc.FuncType._from_ptr(pointer, owner=self)
             result = fty.result
             self.result = converter_for(result) if result is not None else None
-            self.params = [converter_for(ty) for _, ty in fty.params]
+            self.params = [with_component_ids(converter_for(ty)) for _, ty in fty.params]
         return self.params
 
 
