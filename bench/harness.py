@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import structlog
 import uvloop
 
 from wasmhost.actors.supervisor import Supervisor
@@ -26,6 +27,7 @@ from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import CapabilityChecker
 from wasmhost.storage.sqlite_store import SqliteStorage
+from wasmhost.system.logging import configure_logging, shutdown_logging
 from wasmhost.system.stores import HostStores
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +68,24 @@ def running_daemon(components: str, host: str = "", stdout: int = subprocess.DEV
                 proc.kill()
                 proc.wait()
             notify.close()
+
+
+@contextlib.contextmanager
+def daemon_logging() -> Iterator[None]:
+    """Logging configured as in the daemon (JSON lines, written off the calling thread), with its
+    stdout on /dev/null; structlog's defaults again afterwards."""
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    configure_logging("info", "json")
+    try:
+        yield
+    finally:
+        shutdown_logging()
+        structlog.reset_defaults()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextlib.asynccontextmanager

@@ -4,7 +4,6 @@ the lines dropped, and how long SIGTERM takes to exit."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import tempfile
@@ -12,9 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-import structlog
-
-from bench.harness import FIXTURES, Row, running_daemon
+from bench.harness import FIXTURES, Row, daemon_logging, running_daemon
 from wasmhost.core import ComponentConfig, ComponentId
 from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.rate_limit import RateLimit
@@ -23,7 +20,6 @@ from wasmhost.runtime.host_fn import HostContext
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.system import protocol
 from wasmhost.system.client import request
-from wasmhost.system.logging import configure_logging, shutdown_logging
 
 FLOOD = 20_000  # lines per flood call
 
@@ -32,33 +28,22 @@ def _line_us(seconds: float, limit: RateLimit) -> float:
     """Microseconds per guest `log` call under `limit` (wasm -> host -> back), logging configured as in the
     daemon (JSON) with its stdout on /dev/null."""
     cid = ComponentId("bench", "logflood", "0")
-    saved = os.dup(1)
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    configure_logging("info", "json")
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            runtime = Runtime(cache_dir=Path(tmp))
-            manager = runtime.store(runtime.load(cid, FIXTURES / "logflood.wasm"), cid,
-                                    host=HostContext(cid, log_limit=limit))
-            manager.instantiate()
-            manager.initialize(ComponentConfig())
-            message = ComponentMessage(cid, str(FLOOD).encode(), MessageMetadata(timestamp=Timestamp.now()))
-            manager.handle_message(message)  # warms up (and spends a small burst)
-            lines, began = 0, time.perf_counter()
-            while time.perf_counter() - began < seconds:
-                manager.handle_message(message)
-                lines += FLOOD
-            elapsed = time.perf_counter() - began
-            flush_suppressed()
-            manager.close()
-            runtime.close()
-    finally:
-        shutdown_logging()
-        structlog.reset_defaults()
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(null)
+    with daemon_logging(), tempfile.TemporaryDirectory() as tmp:
+        runtime = Runtime(cache_dir=Path(tmp))
+        manager = runtime.store(runtime.load(cid, FIXTURES / "logflood.wasm"), cid,
+                                host=HostContext(cid, log_limit=limit))
+        manager.instantiate()
+        manager.initialize(ComponentConfig())
+        message = ComponentMessage(cid, str(FLOOD).encode(), MessageMetadata(timestamp=Timestamp.now()))
+        manager.handle_message(message)  # warms up (and spends a small burst)
+        lines, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            manager.handle_message(message)
+            lines += FLOOD
+        elapsed = time.perf_counter() - began
+        flush_suppressed()
+        manager.close()
+        runtime.close()
     return elapsed / lines * 1e6
 
 

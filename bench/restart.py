@@ -9,7 +9,7 @@ import time
 
 import uvloop
 
-from bench.harness import FIXTURES, Row, bench_supervisor
+from bench.harness import FIXTURES, Row, bench_supervisor, daemon_logging
 from wasmhost.actors.restart import Backoff, Intensity
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
@@ -57,7 +57,8 @@ def run(seconds: float = 1.0) -> list[Row]:
     """p50 of the trap-to-running time through the actor system, and of the bare re-instantiation."""
     runtime = Runtime()
     try:
-        through_actor = uvloop.run(_measure(runtime))
+        with daemon_logging():  # each restart logs two lines, as the daemon writes them
+            through_actor = uvloop.run(_measure(runtime))
         direct = _direct(runtime)
     finally:
         runtime.close()
