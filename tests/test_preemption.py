@@ -239,6 +239,27 @@ async def test_workers_stay_on_the_home_core_unless_their_guest_computes() -> No
         workers.close()
 
 
+async def test_a_system_that_refuses_placement_leaves_threads_where_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our fallback logic: the refusal is simulated (a stand-in for sched_setaffinity), the pool is real."""
+    calls: list[frozenset[int]] = []
+
+    def refuse(pid: int, cores: frozenset[int]) -> None:
+        calls.append(cores)
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(affinity, "_home", frozenset({0}))
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    affinity.stay_home()
+    assert affinity.home() == frozenset() and len(calls) == 1  # given up after the first refusal
+    workers = WorkerPool(1)
+    try:
+        assert await workers.run(lambda: "ran") == "ran"
+        affinity.roam()
+    finally:
+        workers.close()
+    assert len(calls) == 1
+
+
 async def test_one_thread_runs_guest_code_unless_a_guest_computes_and_waits_in_host_calls_do_not_count() -> None:
     """Our scheduling logic, with plain functions standing in for guest steps (threads and waits real)."""
     workers = WorkerPool(4, concurrency=2)

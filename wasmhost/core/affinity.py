@@ -9,13 +9,16 @@ computes (it runs mostly without the GIL) roams over every core the process may 
 threads that work outside the GIL (the storage writer, compiles, the epoch ticker). Threads inherit
 their creator's cores, so those roam from their start.
 
-Linux only (`os.sched_setaffinity` on one thread); elsewhere, or with one core, both calls do nothing.
+Linux only (`os.sched_setaffinity` on one thread); elsewhere, with one core, or where the system
+refuses, both calls do nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+
+import structlog
 
 ALL_CORES: frozenset[int] = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
 """The cores the process may use, as it started."""
@@ -42,12 +45,23 @@ def _current_core() -> int:
 
 def stay_home() -> None:
     """Keep the calling thread on the home core (threads it starts from now on inherit that)."""
-    cores = home()
-    if cores:
-        os.sched_setaffinity(0, cores)
+    _place(home())
 
 
 def roam() -> None:
     """Let the calling thread run on every core the process may use."""
     if home():
-        os.sched_setaffinity(0, ALL_CORES)
+        _place(ALL_CORES)
+
+
+def _place(cores: frozenset[int]) -> None:
+    """Pin the calling thread to `cores`; if the system refuses (a core taken away since the start,
+    a sandbox without the call), placing is given up for good and threads stay where they are."""
+    global _home
+    if not cores:
+        return
+    try:
+        os.sched_setaffinity(0, cores)
+    except OSError as exc:
+        _home = frozenset()
+        structlog.get_logger("wasmhost.affinity").warning("core_placement_unavailable", error=str(exc))
