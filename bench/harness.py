@@ -95,7 +95,7 @@ async def bench_supervisor(runtime: Runtime, *, threads: int | None = None, stor
     """A running Supervisor on a worker pool of its own (`threads`, None for the default size), with
     `storage` and capability checks by `permissions` when given. On the way out, stops every actor
     (draining up to `drain_s`), then closes the pool, then `storage`, each even if the one before raised."""
-    affinity.stay_home()  # the event loop's thread, as in the daemon (see core/affinity.py)
+    affinity.anchor()  # the event loop's thread, as in the daemon (see core/affinity.py)
     workers = WorkerPool(threads)
     loop = asyncio.get_running_loop()
     router = MessageRouter(loop) if permissions is None else MessageRouter(loop, permissions)

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import Starter, fixture_path
 from tests.support import plain_supervisor
 from tests.test_actors import ask, until
+from wasmhost.actors import workers as workers_module
 from wasmhost.actors.restart import RestartPolicy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
@@ -221,22 +222,28 @@ def test_only_slices_spent_in_guest_code_count_as_computing(
         assert slices > 5 or fixture == "echo", "the host-call loop should have been cut at epoch ticks"
 
 
-async def test_workers_stay_on_the_home_core_unless_their_guest_computes() -> None:
+async def test_workers_and_the_event_loop_stay_home_unless_a_guest_computes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Our placement logic, with plain functions standing in for guest steps (threads and cores real)."""
+    monkeypatch.setattr(workers_module, "CALM_S", 0.0)  # home again at the first job after a computing one
+    loop_thread = threading.get_native_id()
+    affinity.anchor()
     workers = WorkerPool(1, concurrency=2)
     home = set(affinity.home() or affinity.ALL_CORES)  # one core: nothing to choose, every thread stays put
+    everywhere = set(affinity.ALL_CORES)
 
-    def cores(computes: bool) -> set[int]:
+    def cores(computes: bool) -> tuple[set[int], set[int]]:
         if computes:
             blocking.computing()
-        return os.sched_getaffinity(0)
+        return os.sched_getaffinity(0), os.sched_getaffinity(loop_thread)
 
     try:
-        assert await workers.run(functools.partial(cores, False)) == home
-        assert await workers.run(functools.partial(cores, True)) == set(affinity.ALL_CORES)
-        assert await workers.run(functools.partial(cores, False)) == home  # the same thread, back home
+        assert await workers.run(functools.partial(cores, False)) == (home, home)
+        assert await workers.run(functools.partial(cores, True)) == (everywhere, everywhere)
+        assert await workers.run(functools.partial(cores, False)) == (home, home)  # the same threads, back home
     finally:
         workers.close()
+        affinity.roam()
+    assert os.sched_getaffinity(0) == everywhere
 
 
 async def test_a_system_that_refuses_placement_leaves_threads_where_they_are(monkeypatch: pytest.MonkeyPatch) -> None:

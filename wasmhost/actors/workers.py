@@ -53,6 +53,8 @@ from wasmhost.messaging.mailbox import flush_wakes
 T = TypeVar("T")
 
 LEVELS = 8
+CALM_S = 0.1
+"""Seconds without a computing guest after which the event loop and the workers go home again."""
 MAX_LENT_THREADS = 256
 """Threads lent at most to stand in for threads whose guests wait in host calls (beyond it, waiting
 guests hold their threads). Each costs a thread stack: measured RSS in the README."""
@@ -151,6 +153,8 @@ class WorkerPool:
         self._idle = 0  # of which waiting for work
         self._stepping = 0  # of which running a job (not waiting in a blocking section)
         self._computing = 0  # of which running a job that computes (job.computing)
+        self._spread = False  # the event loop and every worker may use every core (see core/affinity.py)
+        self._calm_since = 0.0  # time.monotonic() when _computing last fell to 0
         self._current = threading.local()  # .job: the job the calling worker thread runs
         self._names = itertools.count()
         with self._cond:
@@ -198,7 +202,7 @@ class WorkerPool:
         with self._cond:
             self._blocked += 1
             self._stepping -= 1
-            self._computing -= self._current_computes()
+            self._count_computing(-self._current_computes())
             if self._waiting:
                 self._wake_one()
             self._lend_if_short()
@@ -208,7 +212,7 @@ class WorkerPool:
         with self._cond:
             self._blocked -= 1
             self._stepping += 1
-            self._computing += self._current_computes()
+            self._count_computing(self._current_computes())
             if self._idle and self._live - self._blocked > self.size:
                 self._wake_one()  # an idle thread is surplus now: let it end
 
@@ -220,10 +224,28 @@ class WorkerPool:
             return
         with self._cond:
             job.computing = True
-            self._computing += 1
+            self._count_computing(1)
             if self._waiting and self._admits():
                 self._wake_one()
         self._place(True)
+
+    def _count_computing(self, change: int) -> None:
+        """Add `change` to the threads running computing jobs (self._cond held): the first spreads the
+        event loop over every core (see core/affinity.py)."""
+        if not change:
+            return
+        self._computing += change
+        if self._computing == 0:
+            self._calm_since = time.monotonic()
+        elif not self._spread:
+            self._spread = True
+            affinity.spread(True)
+
+    def _gather_if_calm(self) -> None:
+        """Bring the event loop home once no guest has computed for CALM_S (self._cond held)."""
+        if self._spread and not self._computing and time.monotonic() - self._calm_since >= CALM_S:
+            self._spread = False
+            affinity.spread(False)
 
     def _place(self, computing: bool) -> None:
         """Keep the calling worker on the home core, or let it roam while its guest computes (see
@@ -357,20 +379,23 @@ class WorkerPool:
                     self._idle -= 1
                     job = self._pick()
                 self._stepping += 1
-                self._computing += job.computing
+                self._count_computing(job.computing)
+                self._gather_if_calm()
+                spread = self._spread
             self._current.job = job
-            self._place(job.computing)
+            self._place(job.computing or spread)
             try:
                 self._step(job)
             finally:
                 self._current.job = None
                 with self._cond:
                     self._stepping -= 1
-                    self._computing -= job.computing
+                    self._count_computing(-job.computing)
 
     def _reap(self) -> None:
         """The deadline thread: ends queued calls the moment their deadline passes (their next step
         only finds the deadline gone and abandons the call: no guest code runs here)."""
+        affinity.roam()  # deadlines must not wait for the home core's turn
         while True:
             with self._cond:
                 job = self._expired()

@@ -696,7 +696,7 @@ class Daemon:
 
 async def run_daemon(config_path: Path) -> int:
     """Load the config and run the daemon; config errors at start exit with 1."""
-    affinity.stay_home()  # the event loop's thread, and the threads it starts (see core/affinity.py)
+    affinity.anchor()  # the event loop's thread, and the threads it starts (see core/affinity.py)
     try:
         config = await asyncio.to_thread(load_config, config_path)
     except ConfigError as exc:
