@@ -175,7 +175,7 @@ class StoreManager:
         self._error = (ctypes.c_void_p * 1)()  # the error_ret slot of async calls
         self._error_address = ctypes.addressof(self._error)
         self._future = 0  # the call future in progress, if any
-        self._polled = 0.0  # seconds the last poll of that call took
+        self._poll_began = 0.0  # perf_counter when the last poll of that call began
         self.failed_at = 0.0
         """time.monotonic() when the last call that failed (trap, timeout, ...) ended."""
         self.lock = threading.Lock()
@@ -276,11 +276,9 @@ class StoreManager:
             self._error[0] = None
             raise self._fail(function, error) if error else InstanceStateError(f"{self.name}: cannot call {function}")
         self._future = future
-        began = time.perf_counter()
+        self._poll_began = time.perf_counter()
         try:
-            done = capi.call_future_poll(future)
-            self._polled = time.perf_counter() - began
-            return future, done
+            return future, capi.call_future_poll(future)
         except BaseException:
             self._abandon()
             raise
@@ -295,7 +293,8 @@ class StoreManager:
             self._yield_interval(SLICE_FUEL)
         try:
             while not done:
-                if self.limiter.slice_computed(self.context, interval, self._polled):
+                # (the slice's time: its poll returned a moment ago, on this thread)
+                if self.limiter.slice_computed(self.context, interval, time.perf_counter() - self._poll_began):
                     blocking.computing()  # its scheduler may let other threads run guest code beside it
                 interval = SLICE_FUEL
                 yield deadline
@@ -305,9 +304,8 @@ class StoreManager:
                     # Waited past the deadline for a slice: end it here rather than poll it again.
                     self._abandon()
                     raise GuestTimeout(self.name, function, "wasm trap: interrupt (deadline passed between slices)")
-                began = time.perf_counter()
+                self._poll_began = time.perf_counter()
                 done = capi.call_future_poll(future)
-                self._polled = time.perf_counter() - began
         finally:
             if self._future == future:
                 if done:
