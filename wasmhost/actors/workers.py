@@ -29,6 +29,10 @@ first slice (about 0.1 ms) each stay on one thread.
 An idle thread is woken latest-idle first: that keeps a run of short calls on one thread (4 echo
 actors sharing 512 requests in flight: 9,000-11,000 msg/s woken first-idle first, 13,600-13,900
 latest first).
+
+Where the threads run (core/affinity.py): a worker running short calls stays on the home core with
+the event loop, one running a computing job roams over every core; while any job computes, the event
+loop and every worker spread over every core, and they go home again once none has for CALM_S.
 """
 
 from __future__ import annotations
