@@ -35,6 +35,11 @@ class ComponentIdConverter(Converter):
         self.wit = record.wit
         self._ids: dict[tuple[bytes, bytes, bytes], ComponentId] = {}
 
+    @property
+    def cached(self) -> int:
+        """Distinct ids held now (at most CACHED_IDS)."""
+        return len(self._ids)
+
     def lift(self, addr: int) -> ComponentId | dict[str, Any]:
         entries = read_word(addr + VAL_PAYLOAD + 8)
         s0, d0, s1, d1, s2, d2 = _ENTRIES.unpack(_string_at(entries, _ENTRIES.size))
