@@ -28,6 +28,7 @@ from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.runtime.store import InstanceState, run_to_end
+from wasmhost.system.log_writer import LogSink
 
 pytestmark = pytest.mark.anyio
 
@@ -244,6 +245,28 @@ async def test_workers_and_the_event_loop_stay_home_unless_a_guest_computes(monk
         workers.close()
         affinity.roam()
     assert os.sched_getaffinity(0) == everywhere
+
+
+async def test_a_log_writer_goes_where_the_event_loop_goes() -> None:
+    """Our placement logic: each logged line wakes the writer, so it stays on the home core with the
+    event loop, spreads out with it while a guest computes, and is forgotten when it ends."""
+    home = set(affinity.home() or affinity.ALL_CORES)
+    everywhere = set(affinity.ALL_CORES)
+    sink = LogSink("test", os.open(os.devnull, os.O_WRONLY))
+    writer = sink._thread.native_id
+    assert writer is not None
+    try:
+        sink.put(b"a line\n")
+        await until(lambda: writer in affinity._anchored)
+        assert os.sched_getaffinity(writer) == home
+        affinity.spread(True)
+        assert os.sched_getaffinity(writer) == everywhere
+        affinity.spread(False)
+        assert os.sched_getaffinity(writer) == home
+    finally:
+        assert sink.close(time.monotonic() + 5)
+        os.close(sink.fd)
+    assert writer not in affinity._anchored
 
 
 async def test_a_system_that_refuses_placement_leaves_threads_where_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
