@@ -128,7 +128,7 @@ async def bench_supervisor(runtime: Runtime, *, threads: int | None = None, stor
                         if storage is not None:
                             storage.close()
     finally:
-        affinity.roam()  # daemons the next benchmark starts inherit this thread's cores
+        affinity.leave_home()  # daemons the next benchmark starts inherit this thread's cores and may take its home
 
 
 def rate(call: Callable[[], object], seconds: float, min_calls: int = 3) -> float:

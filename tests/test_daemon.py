@@ -157,15 +157,42 @@ def test_ready_then_status_send_and_call(daemon: object) -> None:
     assert d.stop() == 0
 
 
+def loop_cores(d: Daemon) -> str:
+    """The cores the daemon's event loop thread (its main thread) may run on, as Linux lists them."""
+    status = Path(f"/proc/{d.proc.pid}/task/{d.proc.pid}/status").read_text()
+    return next(line.split(":")[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+
+
 def test_the_event_loop_stays_on_the_home_core(daemon: object) -> None:
     """Its thread shares one core with the workers running short guest calls (see core/affinity.py)."""
     d = daemon(component("t/echo/0", "echo"))  # type: ignore[operator]
-    status = Path(f"/proc/{d.proc.pid}/task/{d.proc.pid}/status").read_text()
-    allowed = next(line.split(":")[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+    allowed = loop_cores(d)
     if len(affinity.ALL_CORES) > 1:  # with one core there is nothing to choose
         assert allowed.isdigit() and int(allowed) in affinity.ALL_CORES, allowed  # one of those it may use
     assert d.call("t/echo/0", "still answers") == "still answers"
     assert d.stop() == 0
+
+
+@pytest.mark.skipif(len(affinity.ALL_CORES) < 2, reason="one core: there is no other to take")
+def test_daemons_side_by_side_take_different_home_cores(tmp_path: Path) -> None:
+    """Each daemon holds its home core while it lives, so a second one started beside it takes another."""
+    affinity.leave_home()  # this test process hosts no actors now: the two daemons choose among every core
+    started: list[Daemon] = []
+    for name in ("first", "second", "third"):
+        (tmp_path / name).mkdir()
+    try:
+        first = launch(tmp_path / "first", component("t/echo/0", "echo"), started)
+        second = launch(tmp_path / "second", component("t/echo/0", "echo"), started)
+        first_core, second_core = loop_cores(first), loop_cores(second)
+        assert first_core.isdigit() and second_core.isdigit() and first_core != second_core, (first_core, second_core)
+        assert first.call("t/echo/0", "first") == "first" and second.call("t/echo/0", "second") == "second"
+        first.proc.send_signal(signal.SIGKILL)  # however it ends, its core is free again
+        first.proc.wait()
+        third = launch(tmp_path / "third", component("t/echo/0", "echo"), started)
+        assert loop_cores(third) == first_core
+        assert second.stop() == 0 and third.stop() == 0
+    finally:
+        kill_leftovers(started)
 
 
 def test_reload_applies_only_the_difference(daemon: object, tmp_path: Path) -> None:

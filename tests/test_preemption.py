@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
 
 import pytest
+import structlog.testing
 
 from tests.conftest import Starter, fixture_path
 from tests.support import plain_supervisor
@@ -243,7 +246,7 @@ async def test_workers_and_the_event_loop_stay_home_unless_a_guest_computes(monk
         assert await workers.run(functools.partial(cores, False)) == (home, home)  # the same threads, back home
     finally:
         workers.close()
-        affinity.roam()
+        affinity.leave_home()
     assert os.sched_getaffinity(0) == everywhere
 
 
@@ -266,6 +269,7 @@ async def test_a_log_writer_goes_where_the_event_loop_goes() -> None:
     finally:
         assert sink.close(time.monotonic() + 5)
         os.close(sink.fd)
+        affinity.leave_home()
     assert writer not in affinity._anchored
 
 
@@ -288,6 +292,74 @@ async def test_a_system_that_refuses_placement_leaves_threads_where_they_are(mon
     finally:
         workers.close()
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(len(affinity.ALL_CORES) < 2, reason="one core: there is no home to choose")
+def test_when_every_core_is_held_the_least_held_one_is_taken() -> None:
+    """Every core held once (here by stand-ins bound by the test, real abstract socket names): the
+    next process to choose holds a core as its second holder."""
+    affinity.leave_home()
+    stand_ins = []
+    for core in sorted(affinity.ALL_CORES):
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError):  # already held (by a daemon on this machine): held all the same
+            holder.bind(f"\0wasmhost/home-core/{core}/0")
+        stand_ins.append(holder)
+    try:
+        (core,) = affinity.home()
+        assert affinity._claimed is not None
+        assert affinity._claimed.getsockname() == f"\0wasmhost/home-core/{core}/1".encode()
+    finally:
+        affinity.leave_home()
+        for holder in stand_ins:
+            holder.close()
+    assert affinity._claimed is None
+
+
+def _home_claims_held_here() -> int:
+    """How many home-core names sockets of this process hold (Linux: /proc/net/unix and our fds)."""
+    ours = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")}
+    return sum(1 for line in open("/proc/net/unix").read().splitlines()[1:]
+               if "@wasmhost/home-core/" in line and f"socket:[{line.split()[6]}]" in ours)
+
+
+def test_threads_asking_at_once_get_one_home_and_hold_one_claim() -> None:
+    affinity.leave_home()
+    start = threading.Barrier(8)
+    chosen: list[frozenset[int]] = []
+
+    def ask() -> None:
+        start.wait(5)
+        chosen.append(affinity.home())
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    try:
+        assert len(chosen) == 8 and len(set(chosen)) == 1, chosen
+        assert _home_claims_held_here() == (1 if len(affinity.ALL_CORES) > 1 else 0)
+    finally:
+        affinity.leave_home()
+    assert _home_claims_held_here() == 0
+
+
+def test_without_abstract_socket_names_a_process_chooses_its_home_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our fallback logic: the missing names are simulated (a stand-in for the claim)."""
+    def unavailable(core: int, rank: int) -> bool:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(affinity, "_home", None)
+    monkeypatch.setattr(affinity, "_claim", unavailable)
+    with structlog.testing.capture_logs() as logs:
+        chosen = affinity.home()
+    if len(affinity.ALL_CORES) > 1:
+        assert len(chosen) == 1 and chosen <= affinity.ALL_CORES
+        assert [entry["event"] for entry in logs] == ["home_core_claim_unavailable"]
+    else:
+        assert chosen == frozenset() and not logs
 
 
 async def test_one_thread_runs_guest_code_unless_a_guest_computes_and_waits_in_host_calls_do_not_count() -> None:
