@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import structlog.testing
@@ -320,11 +321,13 @@ def _home_claims_held_here() -> int:
     """How many home-core names sockets of this process hold (Linux: /proc/net/unix and our fds)."""
     ours = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
             if os.path.exists(f"/proc/self/fd/{fd}")}
-    return sum(1 for line in open("/proc/net/unix").read().splitlines()[1:]
+    return sum(1 for line in Path("/proc/net/unix").read_text().splitlines()[1:]
                if "@wasmhost/home-core/" in line and f"socket:[{line.split()[6]}]" in ours)
 
 
 def test_threads_asking_at_once_get_one_home_and_hold_one_claim() -> None:
+    """The first threads of a daemon (workers, the log writer, the event loop) may ask at the same
+    moment: they must agree on one core, and the process must hold one name, given up on leaving."""
     affinity.leave_home()
     start = threading.Barrier(8)
     chosen: list[frozenset[int]] = []
