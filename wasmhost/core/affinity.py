@@ -8,8 +8,8 @@ and the worker threads running short calls stay on one core, the home core; a wo
 computes (it runs mostly without the GIL) roams over every core the process may use, as do the
 threads that work outside the GIL (the storage writer, compiles, the epoch ticker). Threads inherit
 their creator's cores, so those roam from their start. The log writers go where the event loop goes:
-every line the loop logs wakes one, which then wants the GIL (a restart, two lines: 1.08 ms instead of
-1.39 ms with the writer on the home core).
+every line the loop logs wakes one, which then wants the GIL (a restart, two lines: median 1.09 ms
+with the writer on the home core, 1.39 ms with it roaming).
 
 While a guest computes, its thread may take the home core too, and the event loop would wait there
 for its turn (measured: the p99 of echoes answered next to two hogs went from 3.7 - 3.9 ms to 5.6 -

@@ -91,7 +91,7 @@ class LogSink:
     def _run(self) -> None:
         # Each line wakes this thread, which then needs the GIL: on another core than the event loop,
         # that wake-up and hand-over cost the loop more than the line (measured: a restart, two lines,
-        # 1.08 ms instead of 1.39 ms). So it goes where the event loop goes (core/affinity.py).
+        # median 1.09 ms instead of 1.39 ms). So it goes where the event loop goes (core/affinity.py).
         affinity.anchor()
         try:
             self._serve()
