@@ -349,6 +349,52 @@ def test_threads_asking_at_once_get_one_home_and_hold_one_claim() -> None:
     assert _home_claims_held_here() == 0
 
 
+@pytest.mark.skipif(len(affinity.ALL_CORES) < 2, reason="one core: there is no home to choose")
+def test_a_process_squatting_every_name_cannot_keep_a_daemon_from_choosing_a_home() -> None:
+    """A hostile local process holding every home-core name up to the bound (MAX_CLAIMS_PER_CORE per
+    core, here the test's own stand-ins): the choice stays bounded and falls back to the caller's core."""
+    affinity.leave_home()
+    squatters = []
+    for core in sorted(affinity.ALL_CORES):
+        for rank in range(affinity.MAX_CLAIMS_PER_CORE):
+            squatter = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            with contextlib.suppress(OSError):  # already held (by a daemon on this machine): held all the same
+                squatter.bind(f"\0wasmhost/home-core/{core}/{rank}")
+            squatters.append(squatter)
+    try:
+        (core,) = affinity.home()
+        assert core in affinity.ALL_CORES and affinity._claimed is None
+    finally:
+        affinity.leave_home()
+        for squatter in squatters:
+            squatter.close()
+
+
+@pytest.mark.skipif(len(affinity.ALL_CORES) < 2, reason="one core: there is no home to choose")
+def test_a_refused_placement_gives_the_claimed_core_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our fallback logic (the refusal is a stand-in for sched_setaffinity): a process that cannot keep
+    to its home core no longer holds it, so other daemons may take it."""
+    def refuse(pid: int, cores: frozenset[int]) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    affinity.leave_home()
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    try:
+        affinity.stay_home()  # chooses and claims a home, then is refused
+        assert affinity.home() == frozenset() and _home_claims_held_here() == 0
+    finally:
+        affinity.leave_home()
+
+
+def test_leaving_a_home_never_chosen_claims_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our logic (the claim is a stand-in that records): leaving chooses no home on its way out."""
+    claims: list[tuple[int, int]] = []
+    affinity.leave_home()
+    monkeypatch.setattr(affinity, "_claim", lambda core, rank: bool(claims.append((core, rank))) or True)
+    affinity.leave_home()
+    assert claims == [] and affinity._home is None
+
+
 def test_without_abstract_socket_names_a_process_chooses_its_home_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Our fallback logic: the missing names are simulated (a stand-in for the claim)."""
     def unavailable(core: int, rank: int) -> bool:

@@ -94,14 +94,23 @@ def _claim(core: int, rank: int) -> bool:
 
 def leave_home() -> None:
     """This process hosts no event loop any more (a benchmark or test that ran actors in-process is
-    done): the calling thread roams, and the home core is given up for other processes to take."""
-    global _home, _claimed
-    roam()
+    done): the calling thread roams, and the home core is given up for other processes to take. With
+    no home chosen yet, none is chosen (nor claimed) just to be left."""
+    global _home
+    _anchored.discard(threading.get_native_id())
+    if _home:
+        _place(ALL_CORES)
     with _choosing:
-        if _claimed is not None:
-            _claimed.close()
-            _claimed = None
+        _release_claim()
         _home = None
+
+
+def _release_claim() -> None:
+    """Give the claimed home core up (with `_choosing` held)."""
+    global _claimed
+    if _claimed is not None:
+        _claimed.close()
+        _claimed = None
 
 
 def _current_core() -> int:
@@ -155,5 +164,7 @@ def _place(cores: frozenset[int], thread: int = 0) -> None:
     except ProcessLookupError:
         _anchored.discard(thread)
     except OSError as exc:
-        _home = frozenset()
+        with _choosing:
+            _home = frozenset()
+            _release_claim()  # a core it will not keep to is no home: other daemons may take it
         structlog.get_logger("wasmhost.affinity").warning("core_placement_unavailable", error=str(exc))
