@@ -6,6 +6,7 @@ import contextlib
 import statistics
 import time
 
+import anyio
 import uvloop
 
 from bench.harness import FIXTURES, Row, bench_supervisor, daemon_logging
@@ -17,6 +18,8 @@ from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.runtime.runtime import Runtime
 
 ROUNDS = 200
+RESTART_TIMEOUT_S = 5.0
+"""A restart not back in service by then fails the benchmark instead of hanging it."""
 
 
 async def _measure(runtime: Runtime) -> list[float]:
@@ -31,7 +34,8 @@ async def _measure(runtime: Runtime) -> list[float]:
             began = time.perf_counter()
             with contextlib.suppress(RequestFailed):
                 await sup.router.host_request(cid, b"boom", 5.0)
-            await restarted.wait()  # not polled: a polling loop would take the GIL from the booting worker
+            with anyio.fail_after(RESTART_TIMEOUT_S):
+                await restarted.wait()  # not polled: a polling loop would take the GIL from the booting worker
             if actor.state is not ActorState.RUNNING or actor.manager.state.value != "initialized":
                 raise RuntimeError(f"{cid} is {actor.state.value} after its restart, not running")
             samples.append(time.perf_counter() - began)
