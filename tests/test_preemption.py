@@ -295,17 +295,25 @@ async def test_a_system_that_refuses_placement_leaves_threads_where_they_are(mon
     assert len(calls) == 1
 
 
+def _hold_home_names(ranks: int) -> list[socket.socket]:
+    """Stand-ins for other processes: sockets bound to the first `ranks` home-core names of every core
+    (a name a daemon on this machine holds already is held all the same)."""
+    holders = []
+    for core in sorted(affinity.ALL_CORES):
+        for rank in range(ranks):
+            holder = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            with contextlib.suppress(OSError):
+                holder.bind(f"\0wasmhost/home-core/{core}/{rank}")
+            holders.append(holder)
+    return holders
+
+
 @pytest.mark.skipif(len(affinity.ALL_CORES) < 2, reason="one core: there is no home to choose")
 def test_when_every_core_is_held_the_least_held_one_is_taken() -> None:
     """Every core held once (here by stand-ins bound by the test, real abstract socket names): the
     next process to choose holds a core as its second holder."""
     affinity.leave_home()
-    stand_ins = []
-    for core in sorted(affinity.ALL_CORES):
-        holder = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        with contextlib.suppress(OSError):  # already held (by a daemon on this machine): held all the same
-            holder.bind(f"\0wasmhost/home-core/{core}/0")
-        stand_ins.append(holder)
+    stand_ins = _hold_home_names(ranks=1)
     try:
         (core,) = affinity.home()
         assert affinity._claimed is not None
@@ -354,13 +362,7 @@ def test_a_process_squatting_every_name_cannot_keep_a_daemon_from_choosing_a_hom
     """A hostile local process holding every home-core name up to the bound (MAX_CLAIMS_PER_CORE per
     core, here the test's own stand-ins): the choice stays bounded and falls back to the caller's core."""
     affinity.leave_home()
-    squatters = []
-    for core in sorted(affinity.ALL_CORES):
-        for rank in range(affinity.MAX_CLAIMS_PER_CORE):
-            squatter = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            with contextlib.suppress(OSError):  # already held (by a daemon on this machine): held all the same
-                squatter.bind(f"\0wasmhost/home-core/{core}/{rank}")
-            squatters.append(squatter)
+    squatters = _hold_home_names(ranks=affinity.MAX_CLAIMS_PER_CORE)
     try:
         (core,) = affinity.home()
         assert core in affinity.ALL_CORES and affinity._claimed is None
