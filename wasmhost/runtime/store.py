@@ -330,9 +330,9 @@ class StoreManager:
         future, self._future = self._future, 0
         if future:
             # Suspended between slices, the guest is not running: from here on it never runs again
-            # (deleting the future, which may wait for the GIL on its way back, only frees it).
+            # (deleting the future only frees it, without letting go of the GIL: see capi).
             self.failed_at = time.monotonic()
-            capi.call_future_delete(future)
+            capi.call_future_abandon(future)
             self.state = InstanceState.DEAD
             error = self._error[0]
             if error:
