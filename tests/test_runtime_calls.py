@@ -4,13 +4,14 @@ traps, limits, host functions and logs."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 
 import pytest
 import structlog
 
-from tests.conftest import Starter
+from tests.conftest import Starter, fixture_path
 from tests.support import MemoryStorage, RecordingMessaging
 from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.errors import (
@@ -51,6 +52,26 @@ def test_echo_metadata_and_health(start: Starter) -> None:
     assert meta.supported_operations
     assert echo.health() is HealthStatus.HEALTHY
     echo.shutdown()
+
+
+def test_a_stores_whole_life_leaves_nothing_for_the_cyclic_collector(start: Starter, runtime: Runtime) -> None:
+    """A Store is freed as soon as it is closed: the daemon freezes its heap (system/heap.py), so a
+    cycle among what a restart dropped would stay until the next reload."""
+    start("echo", "test-org/echo/kept")  # one Store alive throughout, as in a daemon
+    cid = ComponentId("test-org", "echo", "closed")
+    loaded = runtime.load(cid, fixture_path("echo"))
+    gc.collect()
+    gc.disable()
+    try:
+        echo = runtime.store(loaded, cid, None, HostContext(cid))
+        echo.instantiate()
+        echo.initialize(ComponentConfig())
+        assert echo.handle_message(message(b"x")) == b"x"
+        echo.close()
+        del echo
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_counter_state_is_per_instance_and_reset_by_initialize(start: Starter) -> None:

@@ -100,8 +100,9 @@ def check_layout() -> None:
 
 
 def addr_of(ptr: Any) -> int:
-    """The integer address of a ctypes pointer (0 for NULL)."""
-    return ctypes.cast(ptr, c_void_p).value or 0
+    """The integer address of a ctypes pointer (0 for NULL), read in place: `ctypes.cast` would tie
+    the pointer into a reference cycle (a Store's context pointer, left for the collector)."""
+    return c_void_p.from_buffer(ptr).value or 0
 
 
 # (instance*, context*, export_index*, func_out*) -> found: fills a wasmtime_component_func_t we own, without
