@@ -15,7 +15,8 @@ import pytest
 from tests.conftest import FIXTURES
 from tests.test_daemon import Daemon, component
 from tests.test_reload import reload_reported, rewrite, rows, start
-from wasmhost.system.heap import FREEZE_EVERY, DeploymentHeap, collect_all
+from wasmhost.system import heap
+from wasmhost.system.heap import FREEZE_EVERY, DeploymentHeap, collect_all, frozen_after_slow_collections
 
 MANY = 24
 
@@ -94,3 +95,36 @@ def test_a_deployment_collects_young_cycles_before_freezing(thawed: None) -> Non
     young = weakref.ref(_Cycle())  # garbage already, unreachable but for its own cycle
     DeploymentHeap().freeze()
     assert young() is None  # collected, not frozen for good
+
+
+def test_while_the_daemon_runs_a_slow_full_collection_freezes_what_survived_it(
+        thawed: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our own rule, not the clock: every full collection counts as slow here."""
+    monkeypatch.setattr(heap, "SLOW_COLLECTION_S", -1.0)
+    with frozen_after_slow_collections():
+        kept = _Cycle()
+        garbage = weakref.ref(_Cycle())
+        before = gc.get_freeze_count()
+        gc.collect()
+        assert garbage() is None  # collected first: garbage is never frozen
+        assert gc.get_freeze_count() > before
+        survivor = weakref.ref(kept)
+        del kept
+        gc.collect()
+        assert survivor() is not None  # frozen: later full collections no longer scan it
+    gc.unfreeze()
+    after = _Cycle()
+    gc.collect()
+    assert gc.get_freeze_count() == 0  # outside the block, a full collection freezes nothing
+    left = weakref.ref(after)
+    del after
+    gc.collect()
+    assert left() is None and survivor() is None
+
+
+def test_a_fast_full_collection_freezes_nothing(thawed: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our own rule, not the clock: no full collection counts as slow here."""
+    monkeypatch.setattr(heap, "SLOW_COLLECTION_S", float("inf"))
+    with frozen_after_slow_collections():
+        gc.collect()
+    assert gc.get_freeze_count() == 0

@@ -46,7 +46,7 @@ from wasmhost.storage.sqlite_store import SqliteStorage
 from wasmhost.system import protocol
 from wasmhost.system.config import ComponentPlan, Config, ConfigError, load_config
 from wasmhost.system.control import ControlServer, SocketInUse
-from wasmhost.system.heap import DeploymentHeap, collect_all
+from wasmhost.system.heap import DeploymentHeap, collect_all, frozen_after_slow_collections
 from wasmhost.system.logging import lines_dropped, reopen_log_files
 from wasmhost.system.metrics import DaemonCounters, MetricsServer, start_metrics
 from wasmhost.system.reload_report import ReloadReport
@@ -163,7 +163,8 @@ class Daemon:
     async def run(self) -> int:
         """Deploy, serve until a stop signal, stop gracefully; returns the exit code."""
         try:
-            return await self._run()
+            with frozen_after_slow_collections():  # what restarts build is frozen too (see heap.py)
+                return await self._run()
         finally:
             self._release()
 

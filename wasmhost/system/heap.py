@@ -12,11 +12,20 @@ after collecting the young generations, so that short-lived cycles are not kept.
 Frozen objects are still freed by reference counting; only cycles among them wait. A reload that
 removed or replaced components thaws everything and collects it once (`collect_all`: one pause of the
 size above), so that the cycles of what it removed do not stay, and then freezes again as it applies.
+
+Between deployments, restarts build new Stores that nobody froze (about 36 long-lived objects each:
+72,000 after 2,000 restarts, measured), and every later full collection scanned them again: 49 ms
+each after 2,000 restarts. So while the daemon runs, a full collection that took longer than
+SLOW_COLLECTION_S freezes what survived it (`frozen_after_slow_collections`): one pause, then none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import time
+from collections.abc import Iterator
+from typing import Any
 
 FREEZE_EVERY = 256
 """Components started between two freezes: the young objects scanned per freeze stay few."""
@@ -46,3 +55,29 @@ def collect_all() -> None:
     components)."""
     gc.unfreeze()
     gc.collect()
+
+
+SLOW_COLLECTION_S = 0.01
+"""A full collection longer than this (one epoch tick) freezes what survived it."""
+
+
+@contextlib.contextmanager
+def frozen_after_slow_collections() -> Iterator[None]:
+    """While inside: after each full collection slower than SLOW_COLLECTION_S, freeze what survived it,
+    so that the next ones do not scan it again (see the module docstring)."""
+    began = 0.0
+
+    def after(phase: str, info: dict[str, Any]) -> None:
+        nonlocal began
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            began = time.perf_counter()
+        elif time.perf_counter() - began > SLOW_COLLECTION_S:
+            gc.freeze()  # the collection is over: what is left is reachable, nothing garbage is frozen
+
+    gc.callbacks.append(after)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(after)
