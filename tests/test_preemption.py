@@ -397,6 +397,16 @@ def test_leaving_a_home_never_chosen_claims_nothing(monkeypatch: pytest.MonkeyPa
     assert claims == [] and affinity._home is None
 
 
+def test_roaming_without_a_home_claims_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our logic (the claim is a stand-in that records): a thread that roams (a log writer ending after
+    its process left home) chooses no home on its way."""
+    claims: list[tuple[int, int]] = []
+    affinity.leave_home()
+    monkeypatch.setattr(affinity, "_claim", lambda core, rank: bool(claims.append((core, rank))) or True)
+    affinity.roam()
+    assert claims == [] and affinity._home is None
+
+
 def test_without_abstract_socket_names_a_process_chooses_its_home_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Our fallback logic: the missing names are simulated (a stand-in for the claim)."""
     def unavailable(core: int, rank: int) -> bool:

@@ -97,9 +97,7 @@ def leave_home() -> None:
     done): the calling thread roams, and the home core is given up for other processes to take. With
     no home chosen yet, none is chosen (nor claimed) just to be left."""
     global _home
-    _anchored.discard(threading.get_native_id())
-    if _home:
-        _place(ALL_CORES)
+    roam()
     with _choosing:
         _release_claim()
         _home = None
@@ -146,9 +144,11 @@ def stay_home() -> None:
 
 
 def roam() -> None:
-    """Let the calling thread run on every core the process may use (and no longer be anchored)."""
+    """Let the calling thread run on every core the process may use (and no longer be anchored). With
+    no home chosen (yet, or since `leave_home`), none is chosen (nor claimed) just to roam: a log
+    writer ending after its process left home must not claim a core again."""
     _anchored.discard(threading.get_native_id())
-    if home():
+    if _home:
         _place(ALL_CORES)
 
 
