@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -388,22 +388,15 @@ def test_a_refused_placement_gives_the_claimed_core_up(monkeypatch: pytest.Monke
         affinity.leave_home()
 
 
-def test_leaving_a_home_never_chosen_claims_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our logic (the claim is a stand-in that records): leaving chooses no home on its way out."""
+@pytest.mark.parametrize("move", [affinity.leave_home, affinity.roam], ids=["leave home", "roam"])
+def test_leaving_or_roaming_without_a_home_claims_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                         move: Callable[[], None]) -> None:
+    """Our logic (the claim is a stand-in that records): leaving home, or roaming (a log writer ending
+    after its process left home), chooses no home on its way."""
     claims: list[tuple[int, int]] = []
     affinity.leave_home()
     monkeypatch.setattr(affinity, "_claim", lambda core, rank: bool(claims.append((core, rank))) or True)
-    affinity.leave_home()
-    assert claims == [] and affinity._home is None
-
-
-def test_roaming_without_a_home_claims_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our logic (the claim is a stand-in that records): a thread that roams (a log writer ending after
-    its process left home) chooses no home on its way."""
-    claims: list[tuple[int, int]] = []
-    affinity.leave_home()
-    monkeypatch.setattr(affinity, "_claim", lambda core, rank: bool(claims.append((core, rank))) or True)
-    affinity.roam()
+    move()
     assert claims == [] and affinity._home is None
 
 
