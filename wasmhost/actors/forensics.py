@@ -4,8 +4,9 @@ Per handled message it keeps a tuple of references to what the message already c
 delivery, sender, metadata struct, size and outcome; no copy, no clock read) in a fixed ring of
 RECENT_KEPT entries, and only for the last RECENT_KEPT messages of a batch: a batch costs one call.
 Payload bytes are kept only when `[host] forensics_payload_bytes` asks for a prefix. A failure
-(rare) turns the ring into plain records, so the ring never holds a payload longer than it needs.
-The recorder lives on the actor, not on an instance: it outlives restarts and handovers.
+copies the ring's entries (the same references) and is turned into plain records only when asked
+for: a restart does not wait for timestamps to be formatted. The recorder lives on the actor, not on
+an instance: it outlives restarts and handovers.
 """
 
 from __future__ import annotations
@@ -97,6 +98,26 @@ class ForensicsReport(msgspec.Struct):
     payload_bytes: int = 0
 
 
+class _Failure(msgspec.Struct):
+    """A failure as recorded, formatted into a FailureRecord when reported."""
+
+    number: int
+    at: float  # time.time()
+    kind: str
+    call: str | None
+    instance: int
+    summary: str
+    detail: str
+    message: Seen | None
+    before: list[Seen]
+
+    def record(self) -> FailureRecord:
+        """The failure as `inspect` shows it."""
+        message = _message_record(self.message) if self.message is not None else None
+        return FailureRecord(self.number, _iso(self.at), self.kind, self.call, self.instance, self.summary,
+                             self.detail, message, [_message_record(seen) for seen in self.before])
+
+
 class Recorder:
     """The failures and recently handled messages of one component (event loop only)."""
 
@@ -107,7 +128,7 @@ class Recorder:
         self.total = 0
         self._ring: list[Seen | None] | None = None  # made at the first message: idle components pay nothing
         self._next = 0
-        self._failures: deque[FailureRecord] | None = None
+        self._failures: deque[_Failure] | None = None
 
     def seen(self, handled: Sequence[Handled]) -> None:
         """Remember the metadata of the last messages of a batch just answered."""
@@ -125,32 +146,33 @@ class Recorder:
             at = at + 1 if at < RECENT_KEPT - 1 else 0
         self._next = at
 
-    def recent(self) -> list[MessageRecord]:
-        """The messages handled last, oldest first."""
+    def _recent_seen(self) -> list[Seen]:
+        """The ring's entries, oldest first."""
         ring = self._ring
         if ring is None:
             return []
-        ordered = ring[self._next:] + ring[:self._next]
-        return [_message_record(seen) for seen in ordered if seen is not None]
+        return [seen for seen in ring[self._next:] + ring[:self._next] if seen is not None]
 
-    def failed(self, error: BaseException, call: str | None, instance: int) -> FailureRecord:
+    def recent(self) -> list[MessageRecord]:
+        """The messages handled last, oldest first."""
+        return [_message_record(seen) for seen in self._recent_seen()]
+
+    def failed(self, error: BaseException, call: str | None, instance: int) -> None:
         """Record a failure; when `call` is handle-message or handle-callback, the last message seen
         is the one it failed on."""
         self.total += 1
         kind, summary, detail = describe(error)
         if isinstance(error, GuestFailure):
             call = error.function
-        recent = self.recent()
+        recent = self._recent_seen()
         message = recent.pop() if call in MESSAGE_CALLS and recent else None
-        record = FailureRecord(self.total, _iso(time.time()), kind, call, instance, summary, detail, message, recent)
         if self._failures is None:
             self._failures = deque(maxlen=FAILURES_KEPT)
-        self._failures.append(record)
-        return record
+        self._failures.append(_Failure(self.total, time.time(), kind, call, instance, summary, detail, message, recent))
 
     def report(self, component: str) -> ForensicsReport:
         """Everything kept, for the control socket."""
-        failures = list(reversed(self._failures)) if self._failures else []
+        failures = [failure.record() for failure in reversed(self._failures)] if self._failures else []
         return ForensicsReport(component, self.total, failures, self.recent(), payload_bytes=self.payload_bytes)
 
 
