@@ -589,25 +589,26 @@ class ComponentActor:
         return await self.workers.run_steps(steps, self.manager.lock, host.interrupt)
 
     async def _boot(self) -> Exception | None:
-        """Instantiate and initialize in a fresh Store; read the metadata once."""
+        """Instantiate and initialize in a fresh Store; read the metadata once per version (a restart
+        keeps what the first boot read: one guest call less on the way back into service)."""
         self.state = ActorState.STARTING if self.stats.restarts == 0 else ActorState.RESTARTING
         config = ComponentConfig(self.spec.env_vars, self.spec.config_data, self.spec.limits)
         manager = self.manager
+        known = self.metadata
         self.phase = "instantiating"
 
         def boot() -> Generator[float, None, tuple[ComponentMetadata, HealthStatus]]:
             manager.instantiate()
             self.phase = "initializing"  # a plain attribute, read on the loop by `status`
             yield from manager.initialize_steps(config)
-            metadata = yield from manager.metadata_steps()
+            metadata = known if known is not None else (yield from manager.metadata_steps())
             return metadata, (yield from manager.health_steps())
 
         try:
             metadata, self.health = await self._guest(boot())
         except (LoadError, ComponentError, GuestFailure, InstanceStateError) as exc:
             return exc
-        if self.metadata is None:
-            self.metadata = metadata
+        self.metadata = metadata
         self.state = ActorState.RUNNING if not self._stopping else ActorState.STOPPING
         self.phase = None
         self._next_health = time.monotonic() + self.spec.health_interval
