@@ -100,6 +100,27 @@ def check(payload: str) -> Iterator[None]:
         raise AssertionError(f"payload {payload!r}: {exc}") from exc
 
 
+def test_a_trapped_store_gives_its_memory_back_before_the_restart(accounting: Runtime) -> None:
+    peeker = running(accounting, "peeker")
+    assert peeker.memory is not None
+    assert peeker.handle_message(message(b"grow")) == b"2"
+    with pytest.raises(GuestTrap, match="out of bounds memory access"):
+        peeker.handle_message(message(b"end"))
+    assert peeker.memory.figures() == (2 * PAGE_BYTES, 2 * PAGE_BYTES)  # set aside, not yet freed
+    peeker.free_poisoned()  # what the worker does once the failure is on its way to the event loop
+    assert (peeker.memory.bytes, peeker.memory.memories) == (0, 0)
+    peeker.free_poisoned()  # nothing left: a no-op
+
+    with pytest.raises(GuestTrap):  # trapped again, and restarted before anything freed it
+        peeker.instantiate()
+        peeker.initialize(ComponentConfig())
+        peeker.handle_message(message(b"end"))
+    peeker.instantiate()  # frees the poisoned Store first: never two of its memories at once
+    assert (peeker.memory.bytes, peeker.memory.memories) == (PAGE_BYTES, 1)
+    peeker.close()
+    assert (peeker.memory.bytes, peeker.memory.memories) == (0, 0)
+
+
 @pytest.mark.parametrize("engine", ["accounting", "plain"])
 def test_a_guest_cannot_reach_past_its_memory(engine: str, request: pytest.FixtureRequest) -> None:
     runtime: Runtime = request.getfixturevalue(engine)

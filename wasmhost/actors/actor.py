@@ -586,7 +586,8 @@ class ComponentActor:
         the Store any more; the cancellation then propagates."""
         host = self.manager.host
         host.interrupted = False  # a new call: an earlier interruption (already over) does not apply
-        return await self.workers.run_steps(steps, self.manager.lock, host.interrupt)
+        manager = self.manager
+        return await self.workers.run_steps(steps, manager.lock, host.interrupt, manager.free_poisoned)
 
     async def _boot(self) -> Exception | None:
         """Instantiate and initialize in a fresh Store; read the metadata once per version (a restart

@@ -76,6 +76,7 @@ class _Job:
     """One guest call (or plain function) on its way through the pool."""
 
     __slots__ = (
+        "afterwards",
         "cancelled",
         "computing",
         "deadline",
@@ -99,8 +100,10 @@ class _Job:
         lock: threading.Lock | None,
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
+        afterwards: Callable[[], None] | None = None,
     ) -> None:
         self.steps = steps
+        self.afterwards = afterwards  # run on the thread once the result is handed to the waiter
         self.fn = fn
         self.lock = lock
         self.loop = loop
@@ -271,20 +274,23 @@ class WorkerPool:
         return await self._submit(None, fn, lock)  # type: ignore[no-any-return]
 
     async def run_steps(self, steps: Generator[float, None, T], lock: threading.Lock | None = None,
-                        interrupt: Callable[[], None] | None = None) -> T:
+                        interrupt: Callable[[], None] | None = None,
+                        afterwards: Callable[[], None] | None = None) -> T:
         """Run `steps` one step at a time (each holding `lock`, the Store's) on worker threads and
         return its result; each step yields the monotonic deadline of the call in progress. If the
         waiter is cancelled, it calls `interrupt` (which must end any wait of a host call the guest
         may be in, from any thread), the generator is closed (its call abandoned) on the next free
-        thread, and only then is the cancellation raised."""
-        return await self._submit(steps, None, lock, interrupt)  # type: ignore[no-any-return]
+        thread, and only then is the cancellation raised. `afterwards` runs on the worker thread once
+        the result (or error) is on its way to the waiter, without `lock`: cleanup that need not delay
+        the answer."""
+        return await self._submit(steps, None, lock, interrupt, afterwards)  # type: ignore[no-any-return]
 
     async def _submit(
         self, steps: Generator[float, None, Any] | None, fn: Callable[[], Any] | None, lock: threading.Lock | None,
-        interrupt: Callable[[], None] | None = None,
+        interrupt: Callable[[], None] | None = None, afterwards: Callable[[], None] | None = None,
     ) -> Any:
         loop = asyncio.get_running_loop()
-        job = _Job(steps, fn, lock, loop, loop.create_future())
+        job = _Job(steps, fn, lock, loop, loop.create_future(), afterwards)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the worker pool is closed")
@@ -449,6 +455,8 @@ class WorkerPool:
         # The pool's own threads, not anyio's: anyio has no thread-to-loop wakeup that does not block the thread
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
             job.loop.call_soon_threadsafe(_resolve, job, value, error)
+        if job.afterwards is not None:
+            job.afterwards()
 
     def close(self) -> None:
         """Stop accepting work; queued calls are abandoned, then the threads end."""

@@ -163,6 +163,8 @@ class StoreManager:
         self.state = InstanceState.EMPTY
         self.store: wasmtime.Store | None = None
         self.context = 0
+        self._poisoned: wasmtime.Store | None = None  # a Store a failed call left, until free_poisoned
+        self._freeing = threading.Lock()
         # One slot per lifecycle export, filled by each instantiation (through the C API: see capi.FUNC).
         specs = list(loaded.exports.values())
         self._func_slots = _func_slots(len(specs))
@@ -228,11 +230,16 @@ class StoreManager:
     def close(self) -> None:
         """Drop the Store and everything in it (a call in progress first)."""
         self._abandon()
+        self._release()
+        self._free_poisoned()
+        self.state = InstanceState.EMPTY
+
+    def _release(self) -> None:
+        """Free the Store (no call may be in progress)."""
         self.host.fresh_slice = None
         if self.context:
             unregister_context(self.context)
         self.store, self.context, self._func_addresses = None, 0, {}
-        self.state = InstanceState.EMPTY
 
     @property
     def in_call(self) -> bool:
@@ -257,9 +264,28 @@ class StoreManager:
     # the steps to the end on the calling thread.
 
     def _fail(self, function: str, error: int) -> GuestFailure:
+        """The call failed and the Store is poisoned (its call future is already gone): it is set
+        aside for `free_poisoned`, and no call can reach it any more."""
+        failure = classify_error(self.name, function, error)
+        self._poisoned = self.store  # freed by free_poisoned, or at the latest by the next instantiate
+        self._release()
         self.state = InstanceState.DEAD
         self.failed_at = time.monotonic()
-        return classify_error(self.name, function, error)
+        return failure
+
+    def free_poisoned(self) -> None:
+        """Free the Store a failed call poisoned, if it is still held. Any thread, without the Store's
+        lock: the worker that ran the call does it once the failure is on its way to the event loop,
+        so that the answer, the log lines and the restart's start need not wait for it (the Store's
+        memories are unmapped here, 80 - 140 us)."""
+        if self._poisoned is not None:
+            self._free_poisoned()
+
+    def _free_poisoned(self) -> None:
+        # Under the lock, the Store is freed while the attribute already reads None: `close` takes it
+        # whatever it reads, so a new Store never starts while another thread still frees the old one.
+        with self._freeing:
+            self._poisoned = None
 
     def _start(self, function: str, args: int, nargs: int, nresults: int) -> tuple[int, bool]:
         """Create the call future and poll it once (the first poll reads the arguments, so they
