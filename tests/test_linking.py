@@ -112,3 +112,35 @@ def test_inspect_links_wasi_http_only_when_asked() -> None:
     granted = wasmhost("inspect", "--outbound-http", str(fixture_path("httpclient")))
     assert granted.returncode == 0, granted.stderr
     assert "httpclient 0.1.0" in granted.stdout
+
+
+def test_bytes_that_linked_before_skip_the_link_step_unless_the_grant_differs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counts the calls of our own link step (wasmtime is left alone): a new Runtime over the same
+    cache directory, as a restarted daemon, trusts what linked before with the same grant only."""
+    from wasmhost.runtime.linking import Linkers
+
+    steps: list[str] = []
+    real = Linkers.link_problem
+
+    def counted(self: Linkers, component: object, imports: frozenset[str]) -> tuple[str, str] | None:
+        steps.append("link")
+        return real(self, component, imports)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Linkers, "link_problem", counted)
+    for expected in (["link"], []):  # a fresh cache directory, then the same one in a new Runtime
+        runtime = Runtime(cache_dir=tmp_path)
+        try:
+            steps.clear()
+            runtime.load(CID, fixture_path("httpclient"), outbound_http=True)
+            assert steps == expected
+        finally:
+            runtime.close()
+    runtime = Runtime(cache_dir=tmp_path)
+    try:
+        steps.clear()
+        with pytest.raises(UnsatisfiedImportsError) as info:  # linked with the grant: still refused without it
+            runtime.load(CID, fixture_path("httpclient"))
+        assert info.value.imports == HTTP_IMPORTS and steps == ["link"]
+    finally:
+        runtime.close()

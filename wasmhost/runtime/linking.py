@@ -7,12 +7,13 @@ with every such import named and what to do about it, instead of restarting it u
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import wasmtime
 from wasmtime import component as wc
 
-from wasmhost.runtime.host_fn import build_linker
+from wasmhost.runtime.host_fn import HOST_FUNCTIONS, build_linker
 
 WASI_HTTP = "wasi:http/"
 """Imports under this prefix are outbound HTTP: linked only for a component granted `outbound_http`."""
@@ -33,6 +34,12 @@ HOST_REMEDY = ("wasmhost provides WASI 0.2 (wasi:io, clocks, random, filesystem,
 LINK_FAILED = "was not found in the linker"
 """wasmtime's words when an import cannot be satisfied (`component imports instance `X`, but a matching
 implementation was not found in the linker`)."""
+
+
+LINKER_FINGERPRINT = hashlib.sha256(repr(
+    [(fn.interface, fn.name) for fn in HOST_FUNCTIONS] + sorted(WASIP2_PACKAGES)).encode()).hexdigest()[:16]
+"""Changes whenever the linkers define other functions, invalidating remembered link checks (the
+compilation cache's keys already change with wasmtime's version, which brings its WASI)."""
 
 
 def imports_http(imports: frozenset[str]) -> bool:
