@@ -27,7 +27,7 @@ from wasmhost.runtime.capi import ENTRY_SIZE, ENTRY_VAL, NAME_SIZE, VAL_PAYLOAD,
 
 T = TypeVar("T")
 
-_string_at = ctypes.string_at
+_MEMORY = capi.HOST_MEMORY
 _memmove = ctypes.memmove
 _U64 = struct.Struct("<Q")
 _TWO_U64 = struct.Struct("<QQ")
@@ -72,13 +72,13 @@ class ConversionError(ValueError):
 
 def read_word(addr: int) -> int:
     """The 64-bit word at `addr`."""
-    return int(_U64.unpack(_string_at(addr, 8))[0])
+    return int(_U64.unpack_from(_MEMORY, addr)[0])
 
 
 def read_name(addr: int) -> str:
     """The UTF-8 text of the wasm_name_t at `addr`."""
-    size, data = _TWO_U64.unpack(_string_at(addr, 16))
-    return _string_at(data, size).decode() if size else ""
+    size, data = _TWO_U64.unpack_from(_MEMORY, addr)
+    return str(_MEMORY[data:data + size], "utf-8") if size else ""
 
 
 def write_name(addr: int, text: bytes) -> None:
@@ -101,12 +101,17 @@ def strided_bytes(data: int, count: int) -> bytes:
     bytes slicing with a step is ~5x faster than a strided memoryview, so copy out and slice.
     """
     if count <= _CHUNK:
-        return _string_at(data + VAL_PAYLOAD, (count - 1) * VAL_SIZE + 1)[::VAL_SIZE] if count else b""
+        return _copied(data + VAL_PAYLOAD, (count - 1) * VAL_SIZE + 1)[::VAL_SIZE] if count else b""
     parts = []
     for start in range(0, count, _CHUNK):
         n = min(_CHUNK, count - start)
-        parts.append(_string_at(data + start * VAL_SIZE + VAL_PAYLOAD, (n - 1) * VAL_SIZE + 1)[::VAL_SIZE])
+        parts.append(_copied(data + start * VAL_SIZE + VAL_PAYLOAD, (n - 1) * VAL_SIZE + 1)[::VAL_SIZE])
     return b"".join(parts)
+
+
+def _copied(addr: int, size: int) -> bytes:
+    """The `size` bytes at `addr`."""
+    return _MEMORY[addr:addr + size].tobytes()
 
 
 def u8_template(count: int) -> bytearray:
@@ -165,7 +170,7 @@ class BoolConverter(Converter):
     wit = "bool"
 
     def lift(self, addr: int) -> bool:
-        return _string_at(addr + VAL_PAYLOAD, 1) != b"\x00"
+        return _MEMORY[addr + VAL_PAYLOAD] != 0
 
     def lower(self, value: Any, addr: int) -> None:
         if not isinstance(value, bool):
@@ -184,7 +189,7 @@ class IntConverter(Converter):
         self.high = high
 
     def lift(self, addr: int) -> int:
-        return int(self.payload.unpack(_string_at(addr + VAL_PAYLOAD, self.payload.size))[0])
+        return int(self.payload.unpack_from(_MEMORY, addr + VAL_PAYLOAD)[0])
 
     def lower(self, value: Any, addr: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -203,7 +208,7 @@ class FloatConverter(Converter):
         self.payload = struct.Struct("<" + fmt)
 
     def lift(self, addr: int) -> float:
-        return float(self.payload.unpack(_string_at(addr + VAL_PAYLOAD, self.payload.size))[0])
+        return float(self.payload.unpack_from(_MEMORY, addr + VAL_PAYLOAD)[0])
 
     def lower(self, value: Any, addr: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -217,7 +222,7 @@ class CharConverter(Converter):
     wit = "char"
 
     def lift(self, addr: int) -> str:
-        return chr(struct.unpack("<I", _string_at(addr + VAL_PAYLOAD, 4))[0])
+        return chr(struct.unpack_from("<I", _MEMORY, addr + VAL_PAYLOAD)[0])
 
     def lower(self, value: Any, addr: int) -> None:
         if not isinstance(value, str) or len(value) != 1 or 0xD800 <= ord(value) <= 0xDFFF:
@@ -251,7 +256,7 @@ class BytesConverter(Converter):
     wit = "list<u8>"
 
     def lift(self, addr: int) -> bytes:
-        size, data = _TWO_U64.unpack(_string_at(addr + VAL_PAYLOAD, 16))
+        size, data = _TWO_U64.unpack_from(_MEMORY, addr + VAL_PAYLOAD)
         return strided_bytes(data, size)
 
     def lower(self, value: Any, addr: int) -> None:
@@ -271,7 +276,7 @@ class ListConverter(Converter):
         self.wit = f"list<{element.wit}>"
 
     def lift(self, addr: int) -> list[Any]:
-        size, data = _TWO_U64.unpack(_string_at(addr + VAL_PAYLOAD, 16))
+        size, data = _TWO_U64.unpack_from(_MEMORY, addr + VAL_PAYLOAD)
         lift = self.element.lift
         return [lift(data + i * VAL_SIZE) for i in range(size)]
 
@@ -433,13 +438,13 @@ class ResultConverter(Converter):
 
     def lift_parts(self, addr: int) -> tuple[bool, Any]:
         """(is_ok, payload) without building an Ok/Err object, for hot paths."""
-        is_ok, inner = _RESULT_HEAD.unpack(_string_at(addr + VAL_PAYLOAD, 16))
+        is_ok, inner = _RESULT_HEAD.unpack_from(_MEMORY, addr + VAL_PAYLOAD)
         if is_ok and self.ok_is_optional_bytes:
             # handle-message's result<option<list<u8>>, _>: fused to skip two converter hops
             some = read_word(inner + VAL_PAYLOAD) if inner else 0
             if not some:
                 return True, None
-            size, data = _TWO_U64.unpack(_string_at(some + VAL_PAYLOAD, 16))
+            size, data = _TWO_U64.unpack_from(_MEMORY, some + VAL_PAYLOAD)
             return True, strided_bytes(data, size)
         if is_ok:
             return True, (self.ok.lift(inner) if self.ok is not None and inner else None)
@@ -500,7 +505,7 @@ class FlagsConverter(Converter):
         self.wit = "flags {" + ", ".join(names) + "}"
 
     def lift(self, addr: int) -> frozenset[str]:
-        size, data = _TWO_U64.unpack(_string_at(addr + VAL_PAYLOAD, 16))
+        size, data = _TWO_U64.unpack_from(_MEMORY, addr + VAL_PAYLOAD)
         return frozenset(read_name(data + i * NAME_SIZE) for i in range(size))
 
     def lower(self, value: Any, addr: int) -> None:

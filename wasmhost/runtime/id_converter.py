@@ -8,11 +8,11 @@ on every call; this one reads the three strings' bytes at once and looks the id 
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from typing import Any
 
 from wasmhost.core.ids import ComponentId, InvalidComponentId
+from wasmhost.runtime import capi
 from wasmhost.runtime.capi import ENTRY_SIZE, ENTRY_VAL, VAL_PAYLOAD
 from wasmhost.runtime.codec import Converter, ListConverter, RecordConverter, StringConverter, read_word
 
@@ -21,7 +21,7 @@ CACHED_IDS = 4096
 """Distinct ids kept per function parameter; past that the cache starts afresh (a guest cycling
 through many ids costs the generic lift, never unbounded memory)."""
 
-_string_at = ctypes.string_at
+_MEMORY = capi.HOST_MEMORY
 _STRING_OFFSET = ENTRY_VAL + VAL_PAYLOAD  # where an entry's string (size, data) lies
 _ENTRIES = struct.Struct(f"<{_STRING_OFFSET}xQQ" + f"{ENTRY_SIZE - 16}xQQ" * 2)
 
@@ -42,8 +42,8 @@ class ComponentIdConverter(Converter):
 
     def lift(self, addr: int) -> ComponentId | dict[str, Any]:
         entries = read_word(addr + VAL_PAYLOAD + 8)
-        s0, d0, s1, d1, s2, d2 = _ENTRIES.unpack(_string_at(entries, _ENTRIES.size))
-        key = (_string_at(d0, s0) if s0 else b"", _string_at(d1, s1) if s1 else b"", _string_at(d2, s2) if s2 else b"")
+        s0, d0, s1, d1, s2, d2 = _ENTRIES.unpack_from(_MEMORY, entries)
+        key = (_MEMORY[d0:d0 + s0].tobytes(), _MEMORY[d1:d1 + s1].tobytes(), _MEMORY[d2:d2 + s2].tobytes())
         found = self._ids.get(key)
         if found is None:
             value = self.record.lift(addr)
