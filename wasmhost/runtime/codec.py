@@ -101,16 +101,16 @@ def strided_bytes(data: int, count: int) -> bytes:
     bytes slicing with a step is ~5x faster than a strided memoryview, so copy out and slice.
     """
     if count <= _CHUNK:
-        return _copied(data + VAL_PAYLOAD, (count - 1) * VAL_SIZE + 1)[::VAL_SIZE] if count else b""
+        return read_bytes(data + VAL_PAYLOAD, (count - 1) * VAL_SIZE + 1)[::VAL_SIZE] if count else b""
     parts = []
     for start in range(0, count, _CHUNK):
         n = min(_CHUNK, count - start)
-        parts.append(_copied(data + start * VAL_SIZE + VAL_PAYLOAD, (n - 1) * VAL_SIZE + 1)[::VAL_SIZE])
+        parts.append(read_bytes(data + start * VAL_SIZE + VAL_PAYLOAD, (n - 1) * VAL_SIZE + 1)[::VAL_SIZE])
     return b"".join(parts)
 
 
-def _copied(addr: int, size: int) -> bytes:
-    """The `size` bytes at `addr`."""
+def read_bytes(addr: int, size: int) -> bytes:
+    """A copy of the `size` bytes at `addr` (none read when `size` is 0)."""
     return _MEMORY[addr:addr + size].tobytes()
 
 

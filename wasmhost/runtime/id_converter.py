@@ -14,7 +14,7 @@ from typing import Any
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.runtime import capi
 from wasmhost.runtime.capi import ENTRY_SIZE, ENTRY_VAL, VAL_PAYLOAD
-from wasmhost.runtime.codec import Converter, ListConverter, RecordConverter, StringConverter, read_word
+from wasmhost.runtime.codec import Converter, ListConverter, RecordConverter, StringConverter, read_bytes, read_word
 
 FIELDS = ("namespace", "name", "instance")
 CACHED_IDS = 4096
@@ -43,7 +43,7 @@ class ComponentIdConverter(Converter):
     def lift(self, addr: int) -> ComponentId | dict[str, Any]:
         entries = read_word(addr + VAL_PAYLOAD + 8)
         s0, d0, s1, d1, s2, d2 = _ENTRIES.unpack_from(_MEMORY, entries)
-        key = (_MEMORY[d0:d0 + s0].tobytes(), _MEMORY[d1:d1 + s1].tobytes(), _MEMORY[d2:d2 + s2].tobytes())
+        key = (read_bytes(d0, s0), read_bytes(d1, s1), read_bytes(d2, s2))
         found = self._ids.get(key)
         if found is None:
             value = self.record.lift(addr)
