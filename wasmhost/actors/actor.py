@@ -584,9 +584,9 @@ class ComponentActor:
         """Run one guest call on the worker pool. Cancelled (the drain or shutdown time ran out), it
         interrupts the guest (host-call waits end at once) and returns only once no thread touches
         the Store any more; the cancellation then propagates."""
-        host = self.manager.host
-        host.interrupted = False  # a new call: an earlier interruption (already over) does not apply
         manager = self.manager
+        host = manager.host
+        host.interrupted = False  # a new call: an earlier interruption (already over) does not apply
         return await self.workers.run_steps(steps, manager.lock, host.interrupt, manager.free_poisoned)
 
     async def _boot(self) -> Exception | None:
