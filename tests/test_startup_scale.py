@@ -97,6 +97,28 @@ def test_a_deployment_collects_young_cycles_before_freezing(thawed: None) -> Non
     assert young() is None  # collected, not frozen for good
 
 
+def test_during_a_deployment_only_the_youngest_generation_is_collected(thawed: None) -> None:
+    """Our own rule (the collector's thresholds), watched through the collector's callbacks."""
+    before = gc.get_threshold()
+    generations: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            generations.append(info["generation"])
+
+    gc.callbacks.append(seen)
+    try:
+        with DeploymentHeap():
+            with DeploymentHeap():  # a reload's pass beginning before the first one has ended
+                built = [_Cycle() for _ in range(before[0] * before[1] * 3)]  # would reach generation 1 (and 2)
+            assert gc.get_threshold()[1:] != before[1:]  # the outer pass is still under way
+        assert gc.get_threshold() == before
+        assert generations and set(generations) == {0}
+        assert gc.get_freeze_count() >= len(built)  # what the passes built is frozen, not scanned again
+    finally:
+        gc.callbacks.remove(seen)
+
+
 def test_while_the_daemon_runs_a_slow_full_collection_freezes_what_survived_it(
         thawed: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Our own rule, not the clock: every full collection counts as slow here."""

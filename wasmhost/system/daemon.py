@@ -386,12 +386,10 @@ class Daemon:
 
         # A task group: if one start raises, the others are cancelled and awaited before the error goes on,
         # so that a reload restoring the old version never races a start still under way.
-        try:
+        with heap:
             async with anyio.create_task_group() as group:
                 for number in range(START_CONCURRENCY):
                     group.start_soon(lane, name=f"start lane {number}")
-        finally:
-            heap.freeze()
 
     # --- reload ---
 
