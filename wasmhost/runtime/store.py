@@ -37,6 +37,7 @@ from wasmhost.runtime.host_fn import HostContext, register_context, unregister_c
 from wasmhost.runtime.limiter import FIRST_SLICE_FUEL, SLICE_FUEL, Limiter
 from wasmhost.runtime.linear_memory import LinearMemories, MemoryAccount
 from wasmhost.runtime.loader import LoadedComponent
+from wasmhost.runtime.lowered_configs import LOWERED_CONFIGS, config_value
 from wasmhost.runtime.message_arg import message_argument
 
 T = TypeVar("T")
@@ -108,19 +109,6 @@ def _func_slot_type(count: int) -> type[ctypes.Array[Any]]:
 def _func_slots(count: int) -> ctypes.Array[Any]:
     """Room for `count` wasmtime_component_func_t (the array type is made once per count)."""
     return _func_slot_type(count)()
-
-
-def _config_value(config: ComponentConfig) -> dict[str, Any]:
-    limits = config.resource_limits
-    return {
-        "env-vars": [tuple(pair) for pair in config.env_vars],
-        "config-data": config.config_data,
-        "resource-limits": {
-            "max-memory-bytes": limits.max_memory_bytes,
-            "max-execution-time-ms": limits.max_execution_time_ms,
-            "max-fuel": limits.max_fuel,
-        },
-    }
 
 
 def wasi_config(stdio: bool) -> wasmtime.WasiConfig:
@@ -384,13 +372,22 @@ class StoreManager:
             for conv, value in zip(spec.params, args, strict=True):
                 conv.lower(value, base + lowered * VAL_SIZE)
                 lowered += 1
-            self.host.deadline = self.limiter.arm(self.context, deadline_ms)
-            future, done = self._start(function, base, lowered, 1 if spec.result is not None else 0)
+            future, done = self._begin(function, base, lowered, deadline_ms)
         finally:
             for i in range(lowered):
                 capi.val_delete(base + i * VAL_SIZE)
         yield from self._wait(function, future, done)
         return self._take_result(function)
+
+    def _shared_call_steps(self, function: str, args: int, nargs: int) -> Steps[Any]:
+        """Call an export with arguments lowered already and owned by someone else (only read)."""
+        future, done = self._begin(function, args, nargs, None)
+        yield from self._wait(function, future, done)
+        return self._take_result(function)
+
+    def _begin(self, function: str, args: int, nargs: int, deadline_ms: int | None) -> tuple[int, bool]:
+        self.host.deadline = self.limiter.arm(self.context, deadline_ms)
+        return self._start(function, args, nargs, 1 if self.loaded.exports[function].result is not None else 0)
 
     def _message_start(self, function: str, message: ComponentMessage) -> tuple[int, bool]:
         """Start handle-message / handle-callback with this thread's reusable message argument;
@@ -444,7 +441,11 @@ class StoreManager:
     def initialize_steps(self, config: ComponentConfig) -> Steps[None]:
         """Call `initialize`; a guest error raises ComponentError."""
         self._require(InstanceState.INSTANTIATED, InstanceState.INITIALIZED)
-        outcome = yield from self._call_steps("initialize", [_config_value(config)])
+        shared = LOWERED_CONFIGS.address(self.loaded.exports["initialize"].params[0], config)
+        if shared is None:
+            outcome = yield from self._call_steps("initialize", [config_value(config)])
+        else:
+            outcome = yield from self._shared_call_steps("initialize", shared, 1)
         if isinstance(outcome, Err):
             raise ComponentError(*outcome.value)
         self.state = InstanceState.INITIALIZED
