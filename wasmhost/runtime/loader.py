@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +63,9 @@ class LoadedComponent:
     footprint: Footprint
     """What one instantiation creates: core instances, memories, tables (the limiter's budget)."""
 
-    @property
+    @functools.cached_property
     def uses_wasi(self) -> bool:
-        """Whether the component imports any WASI interface."""
+        """Whether the component imports any WASI interface (read at every instantiation: kept)."""
         return any(name.startswith("wasi:") for name in self.imports)
 
 
