@@ -174,6 +174,20 @@ async def test_full_mailbox_answers_queue_full_and_loses_nothing(supervisor: Sup
     await until(lambda: busy.stats.handled == 4, timeout=30)
 
 
+async def test_host_sends_that_wait_for_room_are_all_queued_in_turn(supervisor: Supervisor) -> None:
+    busy = await launch(supervisor, "busy", "test-org/busy/0", mailbox_capacity=1)
+    router = supervisor.router
+    await router.host_send(busy.component_id, b"100000000", wait=True, timeout=10.0)  # room: queued at once
+    await until(lambda: len(busy.mailbox) == 0)  # the long one is being handled
+    await router.host_send(busy.component_id, b"1", wait=True, timeout=10.0)  # the last place
+    waiting = [asyncio.ensure_future(router.host_send(busy.component_id, b"1", wait=True, timeout=30.0))
+               for _ in range(3)]
+    await asyncio.sleep(0)  # each has found the mailbox full and waits for room
+    assert not any(send.done() for send in waiting) and len(busy.mailbox) == 1
+    await asyncio.wait_for(asyncio.gather(*waiting), 30)  # queued one by one as the actor takes them
+    await until(lambda: busy.stats.handled == 5, timeout=30)
+
+
 async def test_trapping_component_restarts_then_fails_while_a_neighbour_serves(supervisor: Supervisor) -> None:
     trapper = await launch(supervisor, "trapper", "test-org/trapper/0",
                            intensity=Intensity(max_restarts=3, window=60))
