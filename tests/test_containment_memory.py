@@ -27,7 +27,7 @@ from wasmhost.core.limits import (
 from wasmhost.runtime.engine import EngineSettings
 from wasmhost.runtime.footprint import PAGE_BYTES, Footprint, footprint
 from wasmhost.runtime.limiter import Limiter, StoreBudget
-from wasmhost.runtime.loader import FOOTPRINT_NOTE
+from wasmhost.runtime.loader import LOAD_NOTE, decode_load_note
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.system import protocol
 from wasmhost.system.client import request
@@ -200,7 +200,7 @@ def test_the_size_a_budget_error_asks_for_is_exactly_enough() -> None:
         StoreBudget.plan(needed - 1, found, "t")
 
 
-def test_counts_are_kept_in_the_compilation_cache_and_a_bad_note_is_recounted(tmp_path: Path) -> None:
+def test_counts_and_imports_are_kept_in_the_compilation_cache_and_a_bad_note_is_recounted(tmp_path: Path) -> None:
     wasm = fixture_path("memhogs").read_bytes()
     first = Runtime(cache_dir=tmp_path)
     try:
@@ -208,17 +208,27 @@ def test_counts_are_kept_in_the_compilation_cache_and_a_bad_note_is_recounted(tm
         key = first.cache.key(wasm)
     finally:
         first.close()
-    assert Footprint.decode((tmp_path / f"{key}.{FOOTPRINT_NOTE}").read_bytes()) == loaded.footprint == footprint(wasm)
-    (tmp_path / f"{key}.{FOOTPRINT_NOTE}").write_bytes(b"garbage")
+    noted = decode_load_note((tmp_path / f"{key}.{LOAD_NOTE}").read_bytes())
+    assert noted is not None
+    assert noted[0] == loaded.footprint == footprint(wasm)
+    assert frozenset(noted[1]) == loaded.imports
+    (tmp_path / f"{key}.{LOAD_NOTE}").write_bytes(b"garbage")
     second = Runtime(cache_dir=tmp_path)
     try:
         assert second.loader.load_bytes(wasm, "memhogs").footprint == footprint(wasm)
         invalid = b"\0asm\x0d\x00\x01\x00" + b"\x07\x01\xff"  # countable (a type section), but invalid
         with pytest.raises(CompileError):
             second.loader.load_bytes(invalid, "invalid")
-        assert not (tmp_path / f"{second.cache.key(invalid)}.{FOOTPRINT_NOTE}").exists()
+        assert not (tmp_path / f"{second.cache.key(invalid)}.{LOAD_NOTE}").exists()
     finally:
         second.close()
+    third = Runtime(cache_dir=tmp_path)  # a cached start takes counts and imports from the recounted note
+    try:
+        again = third.loader.load_bytes(wasm, "memhogs")
+        assert (again.footprint, again.imports) == (loaded.footprint, loaded.imports)
+        assert again.imports  # the contract's type interfaces: the note keeps them
+    finally:
+        third.close()
 
 
 def test_python_guests_fit_the_default_budget_with_room_to_spare() -> None:

@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import wasmtime
 from wasmtime import component as wc
 
@@ -38,16 +39,38 @@ CORE_VERSION = b"\x01\x00\x00\x00"
 COMPONENT_LAYER = b"\x01\x00"
 
 
+class ExportIndexes:
+    """The export indexes (wasmtime_component_export_index_t) looked up in one compiled component,
+    made through the C API and freed once nothing refers to this object any more."""
+
+    def __init__(self, compiled: wc.Component) -> None:
+        self._component = capi.addr_of(compiled.ptr())
+        self._made: list[int] = []
+
+    def find(self, name: str, within: int = 0) -> int:
+        """The address of the index of export `name` (of the instance export at index `within`, if
+        given), or 0 when there is none."""
+        encoded = name.encode()
+        address = capi.component_get_export_index(self._component, within or None, encoded, len(encoded)) or 0
+        if address:
+            self._made.append(address)
+        return address
+
+    def __del__(self) -> None:
+        for address in self._made:
+            capi.component_export_index_delete(address)
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     """A lifecycle export: where to find it and its converters, built once per component."""
 
     name: str
-    index: wc.ExportIndex
     params: list[Converter]
     result: Converter | None
-    index_address: int = 0
-    """The address of `index` (kept alive by it), for the C API's instance_get_func."""
+    index_address: int
+    """The address of its export index, for the C API's instance_get_func (owned by `indexes`)."""
+    indexes: ExportIndexes
 
 
 @dataclass(frozen=True)
@@ -112,10 +135,29 @@ def check_header(wasm: bytes, source: str) -> None:
         raise NotWasmError(source, f"unknown WebAssembly version/layer {wasm[4:8].hex()} (expected a component)")
 
 
-FOOTPRINT_NOTE = "footprint-2"
-"""Name under which a component's counts are kept in the compilation cache (bump it when footprint.py
-counts differently). Reading an 18 MB componentize-py binary takes a few milliseconds, a small one
-about a third of a cached start."""
+LOAD_NOTE = "load-3"
+"""Name under which a component's counts (footprint.py) and import names are kept in the compilation
+cache (bump it when footprint.py counts differently). Counting an 18 MB componentize-py binary takes a
+few milliseconds, a small one about a third of a cached start; walking its import types 15 - 25 us."""
+
+_LOAD_NOTE = msgspec.json.Decoder(tuple[str, list[str]])
+
+
+def encode_load_note(counted: Footprint, imports: list[str]) -> bytes:
+    """What LOAD_NOTE keeps: the counts and the import names."""
+    return msgspec.json.encode((counted.encode().decode(), imports))
+
+
+def decode_load_note(noted: bytes | None) -> tuple[Footprint, list[str]] | None:
+    """The counts and import names `encode_load_note` kept, or None for anything else."""
+    if noted is None:
+        return None
+    try:
+        counts, imports = _LOAD_NOTE.decode(noted)
+    except msgspec.DecodeError:
+        return None
+    found = Footprint.decode(counts.encode())
+    return (found, imports) if found is not None else None
 
 
 def read_footprint(wasm: bytes) -> Footprint | str:
@@ -176,12 +218,13 @@ def _lifecycle_exports(compiled: wc.Component, engine: wasmtime.Engine, source: 
 
 
 def _export_specs(compiled: wc.Component, signatures: dict[str, Signature]) -> dict[str, ExportSpec]:
-    lifecycle_index = compiled.get_export_index(contract.LIFECYCLE)
+    indexes = ExportIndexes(compiled)
+    lifecycle = indexes.find(contract.LIFECYCLE)
     specs = {}
     for name, sig in signatures.items():
-        index = compiled.get_export_index(name, lifecycle_index)
-        assert index is not None
-        specs[name] = ExportSpec(name, index, sig.params, sig.result, capi.addr_of(index.ptr()))
+        address = indexes.find(name, lifecycle)
+        assert address, "the loader checked these exports"
+        specs[name] = ExportSpec(name, sig.params, sig.result, address, indexes)
     return specs
 
 
@@ -244,9 +287,8 @@ class FileComponentLoader:
         key = self.cache.key(wasm)
         # Counted before compiling: wasmtime flattens nested instantiations when it compiles, so a
         # few hundred bytes nesting components ten deep would take gigabytes to compile.
-        noted = self.cache.recall(key, FOOTPRINT_NOTE)
-        recalled = Footprint.decode(noted) if noted is not None else None
-        counted = recalled or read_footprint(wasm)
+        recalled = decode_load_note(self.cache.recall(key, LOAD_NOTE))
+        counted = recalled[0] if recalled is not None else read_footprint(wasm)
         if isinstance(counted, Footprint):
             check_footprint(counted, source)
         try:
@@ -257,12 +299,15 @@ class FileComponentLoader:
             self.cache.forget(wasm)
             raise FootprintError(source, f"cannot count the instances, memories and tables it creates: {counted}")
         if recalled is None:
-            self.cache.note(key, FOOTPRINT_NOTE, counted.encode())  # kept only for bytes that compile
+            imports = list(compiled.type.imports(engine))
+            self.cache.note(key, LOAD_NOTE, encode_load_note(counted, imports))  # kept only for bytes that compile
+        else:
+            imports = recalled[1]
         problems: list[str] = []
         try:
             if len(_VALIDATED) == len(contract.LIFECYCLE_EXPORTS) and self.cache.is_marked(key, CONTRACT_FINGERPRINT):
                 # These very bytes matched this very contract before: skip walking their types again.
-                names = list(compiled.type.imports(engine))
+                names = imports
                 exports = _export_specs(compiled, _VALIDATED)
             else:
                 exports = _lifecycle_exports(compiled, engine, source)
