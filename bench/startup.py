@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.harness import FIXTURES, ROOT, Row
+from bench.harness import FIXTURES, ROOT, Row, daemon_logging
 from wasmhost.core import ComponentConfig, ComponentId
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.runtime.store import StoreManager
@@ -94,10 +94,11 @@ def run(seconds: float = 1.0) -> list[Row]:
         cache = Path(tmp) / "cache"
         binaries = distinct_binaries(COUNT)
         # Best of several runs on both sides: each cold run compiles into an empty cache directory.
-        cold = min(_load_all(Path(tmp) / f"cold-{run}", binaries) for run in range(2))
-        _load_all(cache, binaries)
-        warm = min(_load_all(cache, binaries) for _ in range(3))
-        greeter = _greeter_from_cache(cache)
+        with daemon_logging():  # each start logs its compile (or cache read) as the daemon does
+            cold = min(_load_all(Path(tmp) / f"cold-{run}", binaries) for run in range(2))
+            _load_all(cache, binaries)
+            warm = min(_load_all(cache, binaries) for _ in range(3))
+            greeter = _greeter_from_cache(cache)
         state = Path(tmp) / "state"
         _demo_ready(state)  # fills the daemon's cache
         ready = min(_demo_ready(state) for _ in range(3))
