@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import pytest
@@ -150,6 +151,32 @@ def test_a_sink_on_a_pipe_nobody_reads_drops_and_counts_instead_of_waiting() -> 
     reader.join(30)
     os.close(read_end)
     assert received.count(b"\n") == 5000 - dropped
+
+
+def test_a_burst_of_lines_is_written_at_once_and_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    # About our own logic: the writes are counted by wrapping LogSink._write, the lines are real.
+    read_end, write_end = os.pipe()
+    writes: list[int] = []
+    written = threading.Event()
+    real_write = LogSink._write
+
+    def counting_write(self: LogSink, batch: deque[bytes]) -> None:
+        writes.append(len(batch))
+        real_write(self, batch)
+        if sum(writes) == 5:
+            written.set()
+
+    monkeypatch.setattr(LogSink, "_write", counting_write)
+    sink = LogSink("pipe", write_end)
+    for i in range(5):  # a burst over about a millisecond, each line letting the writer run
+        sink.put(b"line %d\n" % i)
+        time.sleep(0.0002)
+    assert written.wait(10), "the writer did not write the burst"
+    assert len(writes) <= 2, f"a burst of 5 lines took {len(writes)} writes ({writes})"  # one, or two if preempted
+    assert sink.close(time.monotonic() + 10)
+    assert os.read(read_end, 1 << 16) == b"".join(b"line %d\n" % i for i in range(5))
+    os.close(read_end)
+    os.close(write_end)
 
 
 def test_closing_a_sink_stuck_on_a_full_pipe_gives_up_at_its_deadline() -> None:
