@@ -18,7 +18,7 @@ from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.rate_limit import RateLimit, TokenBucket
 from wasmhost.runtime.guest_log import MAX_LINE_CHARS, flush_suppressed
 from wasmhost.runtime.host_fn import HostContext
-from wasmhost.system.log_writer import LogSink
+from wasmhost.system.log_writer import GATHER_S, LogSink
 
 SENDER = ComponentId("test-org", "host", "0")
 NO_REFILL = 1e-6  # lines per second: nothing refills during a test, so the counts are exact
@@ -163,18 +163,31 @@ def test_a_burst_of_lines_is_written_at_once_and_in_order(monkeypatch: pytest.Mo
     def counting_write(self: LogSink, batch: deque[bytes]) -> None:
         writes.append(len(batch))
         real_write(self, batch)
-        if sum(writes) == 5:
+        if sum(writes) % 5 == 0:
             written.set()
 
     monkeypatch.setattr(LogSink, "_write", counting_write)
     sink = LogSink("pipe", write_end)
-    for i in range(5):  # a burst over about a millisecond, each line letting the writer run
-        sink.put(b"line %d\n" % i)
-        time.sleep(0.0002)
-    assert written.wait(10), "the writer did not write the burst"
-    assert len(writes) <= 2, f"a burst of 5 lines took {len(writes)} writes ({writes})"  # one, or two if preempted
+    expected = b""
+    for attempt in range(5):  # a burst the test thread was held up in for a whole gathering is tried again
+        writes.clear()
+        written.clear()
+        first = time.monotonic()
+        for i in range(5):  # a burst over about a millisecond, each line letting the writer run
+            line = b"burst %d line %d\n" % (attempt, i)
+            expected += line
+            sink.put(line)
+            time.sleep(0.0002)
+        span = time.monotonic() - first
+        assert written.wait(10), "the writer did not write the burst"
+        if span < GATHER_S:
+            break
+    else:
+        pytest.fail(f"no burst of 5 lines fitted in {GATHER_S * 1000:g} ms: the machine is too busy to tell")
+    # one write, or two if the writer began a write in the middle of the burst
+    assert len(writes) <= 2, f"a burst of 5 lines over {span * 1000:.1f} ms took {len(writes)} writes ({writes})"
     assert sink.close(time.monotonic() + 10)
-    assert os.read(read_end, 1 << 16) == b"".join(b"line %d\n" % i for i in range(5))
+    assert os.read(read_end, 1 << 16) == expected
     os.close(read_end)
     os.close(write_end)
 
