@@ -59,7 +59,6 @@ class LogSink:
         self._on_caught_up = on_caught_up
         self._lines: deque[bytes] = deque()
         self._bytes = 0
-        self._writing = False
         self._closing = False
         self._waiting = False  # the writer waits for lines (only then does a line wake it)
         self._cond = threading.Condition(threading.Lock())
