@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -156,6 +158,40 @@ def test_fuel_is_refilled_before_every_call(start: Starter) -> None:
     busy = start("busy", "test-org/busy/0", limits=ResourceLimits(max_fuel=5_000_000))
     for _ in range(5):  # each call fits the budget; five in a row would not if fuel were per lifetime
         assert busy.handle_message(message(b"100000")) == b"100000"
+
+
+@contextlib.contextmanager
+def epoch_ticking_nonstop(runtime: Runtime) -> Iterator[None]:
+    """Advance the engine's epoch from another thread as fast as it goes: what a loaded machine does
+    to a guest now and then (a tick lands mid-call), done to nearly every call."""
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            runtime.engine.engine.increment_epoch()
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join(timeout=10)
+
+
+def test_a_call_suspended_at_epoch_ticks_keeps_its_whole_fuel_budget_and_exact_count(
+    runtime: Runtime, start: Starter
+) -> None:
+    budget = 1_600_000  # busy's 100,000 iterations burn about 1.5M fuel
+    busy = start("busy", "test-org/busy/ticked", limits=ResourceLimits(max_fuel=budget))
+    counted = []
+    with epoch_ticking_nonstop(runtime):
+        for _ in range(40):
+            before = busy.limiter.fuel_used
+            assert busy.handle_message(message(b"100000")) == b"100000"  # no FuelExhausted
+            counted.append(busy.limiter.fuel_used - before)
+    assert len(set(counted)) == 1, counted  # the same work counts the same fuel, ticks or not
+    assert counted[0] <= budget
 
 
 def test_memory_hog_cannot_pass_its_cap(start: Starter) -> None:

@@ -148,19 +148,21 @@ class Limiter:
         self.fuel_used += max(0, self._fuel_level - remaining)
         self._fuel_level = remaining
 
-    def slice_computed(self, context: int, interval: int, seconds: float) -> bool:
-        """Whether the slice of the call in progress that just yielded after `seconds` was spent in
-        guest code: it used up its fuel (`interval`, the yield interval in force) rather than reaching
-        an epoch tick, and at COMPUTING_FUEL_PER_S or faster (a guest looping over host functions burns
-        fuel slowly and yields at epoch ticks). Measured per slice: after a slice that an epoch tick
-        ended, wasmtime reports the next one as having burnt the previous interval's unused fuel too."""
+    def end_slice(self, context: int, interval: int, seconds: float) -> tuple[bool, bool]:
+        """(ran_out, computed) for the slice of the call in progress that just yielded after `seconds`.
+        ran_out: it used up its fuel (`interval`, the yield interval in force) rather than reaching an
+        epoch tick. computed: besides, it burnt fuel at COMPUTING_FUEL_PER_S or faster, so it was spent
+        in guest code (a guest looping over host functions burns fuel slowly and yields at epoch
+        ticks). Measured per slice: after a slice that an epoch tick ended, wasmtime reports the next
+        one as having burnt the previous interval's unused fuel too."""
         error = capi.context_get_fuel(context, self._fuel_out_address)
         if error:  # fuel is always on (see engine.py): not expected
             capi.take_error(error)
-            return False
+            return False, False
         remaining = self._fuel_out.value
         burnt, self._slice_level = self._slice_level - remaining, remaining
-        return burnt >= max(interval, seconds * COMPUTING_FUEL_PER_S)
+        ran_out = burnt >= interval
+        return ran_out, ran_out and burnt >= seconds * COMPUTING_FUEL_PER_S
 
     def arm(self, context: int, deadline_ms: int | None = None) -> float:
         """Refill fuel and arm the epoch deadline for one call on the Store with this context
