@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import wasmtime
 from wasmtime import component as wc
+from wasmtime.component._types import ComponentExtern  # what ComponentType.imports maps names to; not re-exported
 
 from wasmhost.core.errors import (
     CompileError,
@@ -228,12 +230,12 @@ def _export_specs(compiled: wc.Component, signatures: dict[str, Signature]) -> d
     return specs
 
 
-def _contract_imports(compiled: wc.Component, engine: wasmtime.Engine) -> tuple[list[str], list[str]]:
-    """The component's imports in order, and what is wrong with those that are not WASI: each airssys host
-    function must exist with the contract's signature, and nothing else may be imported."""
-    imported = {name: item.ty for name, item in compiled.type.imports(engine).items()}
+def _contract_problems(imported: Mapping[str, ComponentExtern], engine: wasmtime.Engine) -> list[str]:
+    """What is wrong with the component's imports (`compiled.type.imports`) that are not WASI: each airssys
+    host function must exist with the contract's signature, and nothing else may be imported."""
     problems = []
-    for name, item in imported.items():
+    for name, extern in imported.items():
+        item = extern.ty
         if name.startswith("wasi:") or name in contract.TYPE_ONLY_IMPORTS:
             continue
         offered = contract.HOST_IMPORTS.get(name)
@@ -248,7 +250,7 @@ def _contract_imports(compiled: wc.Component, engine: wasmtime.Engine) -> tuple[
                 problems.append(f"{name}#{fname} (no such host function)")
             elif (actual := describe(fty)) != offered[fname]:
                 problems.append(f"{name}#{fname} (expected {offered[fname]}, got {actual})")
-    return list(imported), problems
+    return problems
 
 
 class FileComponentLoader:
@@ -298,8 +300,10 @@ class FileComponentLoader:
         if not isinstance(counted, Footprint):
             self.cache.forget(wasm)
             raise FootprintError(source, f"cannot count the instances, memories and tables it creates: {counted}")
+        import_types = None  # walked at most once per load, only when the note or the contract check needs it
         if recalled is None:
-            imports = list(compiled.type.imports(engine))
+            import_types = compiled.type.imports(engine)
+            imports = list(import_types)
             self.cache.note(key, LOAD_NOTE, encode_load_note(counted, imports))  # kept only for bytes that compile
         else:
             imports = recalled[1]
@@ -307,18 +311,19 @@ class FileComponentLoader:
         try:
             if len(_VALIDATED) == len(contract.LIFECYCLE_EXPORTS) and self.cache.is_marked(key, CONTRACT_FINGERPRINT):
                 # These very bytes matched this very contract before: skip walking their types again.
-                names = imports
                 exports = _export_specs(compiled, _VALIDATED)
             else:
                 exports = _lifecycle_exports(compiled, engine, source)
-                names, problems = _contract_imports(compiled, engine)
+                if import_types is None:
+                    import_types = compiled.type.imports(engine)
+                problems = _contract_problems(import_types, engine)
                 if not problems:
                     self.cache.mark(key, CONTRACT_FINGERPRINT)
-            self._check_links(compiled, key, names, problems, outbound_http, source)
+            self._check_links(compiled, key, imports, problems, outbound_http, source)
         except LoadError:
             self.cache.forget(wasm)
             raise
-        return LoadedComponent(source, key, compiled, exports, frozenset(names), len(wasm), counted)
+        return LoadedComponent(source, key, compiled, exports, frozenset(imports), len(wasm), counted)
 
     def _check_links(self, compiled: wc.Component, key: str, names: list[str], problems: list[str],
                      outbound_http: bool, source: str) -> None:
