@@ -192,6 +192,14 @@ def test_a_call_suspended_at_epoch_ticks_keeps_its_whole_fuel_budget_and_exact_c
             counted.append(busy.limiter.fuel_used - before)
     assert len(set(counted)) == 1, counted  # the same work counts the same fuel, ticks or not
     assert counted[0] <= budget
+    # nor do ticks give fuel: the same work with a little less than it needs runs out every time
+    short = start("busy", "test-org/busy/short", limits=ResourceLimits(max_fuel=counted[0] - 1000))
+    with epoch_ticking_nonstop(runtime):
+        for _ in range(10):
+            with pytest.raises(FuelExhausted):
+                short.handle_message(message(b"100000"))
+            short.instantiate()  # the trap poisoned the Store
+            short.initialize(ComponentConfig())
 
 
 def test_memory_hog_cannot_pass_its_cap(start: Starter) -> None:
