@@ -902,7 +902,7 @@ class ComponentActor:
                 if self._manager is not None:
                     with anyio.move_on_after(STOP_GRACE) as late:
                         await self.workers.run(self._manager.close, self._manager.lock)
-                    if late.cancelled_caught:  # a thread still holds the Store (a storage write): closed later
+                    if late.cancelled_caught:  # not closed (a thread held the Store): freed at its next boot or removal
                         log.warning("component_close_late", component=self.name)
         except Exception as exc:  # the worker pool is closed, say: nothing may keep the answers from going out
             log.error("component_finish_failed", component=self.name, error=f"{type(exc).__name__}: {exc}")

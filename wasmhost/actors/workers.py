@@ -16,6 +16,10 @@ A thread whose guest waits inside a host call (sleep-millis, a storage commit: s
 is lent a replacement while work is queued, so waiting guests do not take the threads busy guests
 need; at most MAX_LENT_THREADS threads are lent at once, and surplus threads end once idle.
 
+Chores (`run`: plain functions that run no guest code, such as closing a Store) go before every
+call: they are short, and a thousand components stopped at once free their Stores as their
+`shutdown` calls end instead of after all of them.
+
 One thread runs guest code at a time, unless a guest computes: then up to `concurrency` (one per
 core). Guest code runs without the GIL, but every step also runs Python (the call's conversion, the
 host functions, handing the result to the loop). Steps of short calls are mostly Python, and two
@@ -151,6 +155,7 @@ class WorkerPool:
         self._reaper_cond = threading.Condition(self._lock)  # the deadline thread waits on this one
         self._levels: list[deque[tuple[int, _Job]]] = [deque() for _ in range(LEVELS)]
         self._urgent: deque[tuple[int, _Job]] = deque()  # cancelled jobs: released before anything else
+        self._chores: deque[tuple[int, _Job]] = deque()  # plain functions (`run`): no guest code, next in line
         self._deadlines: list[tuple[float, int, _Job]] = []
         self._order = itertools.count()
         self._waiting = 0  # jobs queued (whatever stale entries the queues still hold)
@@ -270,7 +275,9 @@ class WorkerPool:
         return int(job is not None and job.computing)
 
     async def run(self, fn: Callable[[], T], lock: threading.Lock | None = None) -> T:
-        """Run `fn` on a worker thread (in one go, holding `lock`) and wait for it."""
+        """Run `fn`, a chore that runs no guest code (closing a Store), on a worker thread (in one go,
+        holding `lock`) and wait for it. Chores go before every guest call and need no place among the
+        threads running guest code."""
         return await self._submit(None, fn, lock)  # type: ignore[no-any-return]
 
     async def run_steps(self, steps: Generator[float, None, T], lock: threading.Lock | None = None,
@@ -319,6 +326,13 @@ class WorkerPool:
         queue.append((job.ticket, job))
 
     def _enqueue(self, job: _Job) -> None:
+        if job.steps is None:
+            # A chore (closing a Store) runs no guest code and frees memory: it goes before every call,
+            # so a thousand stops at once do not leave each close waiting behind every `shutdown`.
+            self._put(self._chores, job)
+            self._wake_one()
+            self._lend_if_short()
+            return
         self._put(self._levels[min(LEVELS - 1, job.slices.bit_length())], job)
         if job.deadline != job.heap_deadline and job.deadline != math.inf:
             job.heap_deadline = job.deadline
@@ -336,8 +350,8 @@ class WorkerPool:
 
     def _pick(self) -> _Job | None:
         """The next job to step: cancelled ones, then any past its deadline (neither runs guest code
-        again), then, if one more thread may run guest code (`_admits`), by level."""
-        job = self._first(self._urgent) or self._expired()
+        again), then chores, then, if one more thread may run guest code (`_admits`), by level."""
+        job = self._first(self._urgent) or self._expired() or self._first(self._chores)
         if job is not None or not self._admits():
             return job
         for level in self._levels:
