@@ -28,6 +28,7 @@ from wasmhost.core.errors import (
 )
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.core.metadata import HealthStatus
+from wasmhost.runtime import capi
 from wasmhost.runtime.host_fn import HostContext
 from wasmhost.runtime.runtime import Runtime
 
@@ -200,6 +201,50 @@ def test_a_call_suspended_at_epoch_ticks_keeps_its_whole_fuel_budget_and_exact_c
                 short.handle_message(message(b"100000"))
             short.instantiate()  # the trap poisoned the Store
             short.initialize(ComponentConfig())
+
+
+def test_a_call_an_epoch_tick_cuts_as_it_begins_goes_on_in_the_same_turn(
+    runtime: Runtime, start: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our slicing logic, with the tick placed by hand (between arming the call and its first poll)."""
+    echo = start("echo", "test-org/echo/ticked")
+    arm = echo.limiter.arm
+
+    def arm_then_tick(*args: object) -> float:
+        deadline = arm(*args)  # type: ignore[arg-type]
+        runtime.engine.engine.increment_epoch()  # the guest yields at its first instruction
+        return deadline
+
+    monkeypatch.setattr(echo.limiter, "arm", arm_then_tick)
+    steps = echo.handle_message_steps(message(b"cut short"))
+    with pytest.raises(StopIteration) as ended:
+        next(steps)  # ends in this turn: it does not go back to the queue behind every other call
+    assert ended.value.value == b"cut short"
+
+
+def test_a_guest_cut_by_ticks_nonstop_gives_its_thread_back_at_least_every_second_slice(
+    runtime: Runtime, start: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our slicing logic: polls are counted between the steps that hand the thread back."""
+    busy = start("busy", "test-org/busy/cut")
+    polls = [0]
+    poll = capi.call_future_poll
+
+    def counted(future: int) -> bool:
+        polls[0] += 1
+        return poll(future)
+
+    monkeypatch.setattr(capi, "call_future_poll", counted)
+    per_turn = []
+    with epoch_ticking_nonstop(runtime):
+        steps = busy.handle_message_steps(message(b"100000"))
+        with pytest.raises(StopIteration) as ended:
+            while True:
+                next(steps)
+                per_turn.append(polls[0])
+                polls[0] = 0
+    assert ended.value.value == b"100000"
+    assert len(per_turn) > 10 and max(per_turn) <= 2  # a cut slice goes on once, never more
 
 
 def test_memory_hog_cannot_pass_its_cap(start: Starter) -> None:

@@ -100,6 +100,8 @@ class Limiter:
         self.footprint = footprint
         self.source = source
         self.tick_ms = tick_ms
+        self.short_slice_s = tick_ms / 4000
+        """A slice an epoch tick ends sooner than this (a quarter of a tick) has not had its turn."""
         self.fuel = min(limits.max_fuel, UNLIMITED_FUEL) if limits.max_fuel is not None else UNLIMITED_FUEL
         # One extra tick: the current tick may be nearly over when the deadline is armed, so the
         # guest is interrupted between the limit and the limit plus one tick, never before it.
