@@ -894,11 +894,12 @@ class ComponentActor:
             self.state = ActorState.STOPPING
         try:
             with anyio.CancelScope(shield=True):
-                with anyio.move_on_after(self.spec.shutdown_timeout + STOP_GRACE) as late:
+                with anyio.CancelScope(deadline=self._shutdown_deadline()) as late:
                     await self._shutdown()
                 if late.cancelled_caught:
-                    log.warning("component_shutdown_failed", component=self.name, error="interrupted: it outlasted "
-                                f"shutdown_timeout_s ({self.spec.shutdown_timeout:g} s)")
+                    log.warning("component_shutdown_failed", component=self.name,
+                                error="interrupted or never started: the stop's time ran out (shutdown_timeout_s "
+                                f"{self.spec.shutdown_timeout:g} s past the drain's end)")
                 if self._manager is not None:
                     with anyio.move_on_after(STOP_GRACE) as late:
                         await self.workers.run(self._manager.close, self._manager.lock)
@@ -921,6 +922,16 @@ class ComponentActor:
             self._attempt_ended()
             self._ended.set()
             log.info("component_stopped", component=self.name, state=self.state.value)
+
+    def _shutdown_deadline(self) -> float:
+        """When the final `shutdown` call (its wait for a thread included) is given up: shutdown_timeout +
+        STOP_GRACE past the drain deadline, however early the drain ended, so components stopped together
+        share the time the stop allows (SIGTERM to 3,000 components with a 0.2 s shutdown_timeout timed
+        out 200 - 600 `shutdown` calls still waiting in line). The guest's own run is bounded by
+        shutdown_timeout from its start, as always."""
+        now = anyio.current_time()
+        drained = self._drain_deadline if now < self._drain_deadline < math.inf else now
+        return drained + self.spec.shutdown_timeout + STOP_GRACE
 
     async def _shutdown(self) -> None:
         """The guest's `shutdown`, if its instance is still alive (not after a trap or an interrupted call)."""
