@@ -248,6 +248,12 @@ def _fields(cls: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
 def _check(value: Any, cls: type[msgspec.Struct], path: str, errors: list[str], keep_valid: bool = False) -> Any:
     """Convert `value` to `cls`, collecting one error per bad field (None when any was bad, unless `keep_valid`:
     then the fields that were good are kept and the bad ones take their defaults)."""
+    try:
+        # A table without mistakes converts in one go, in C (a [[components]] entry: 5 us instead of 15 - 23 us
+        # field by field); any mistake is looked for field by field below, to report every one.
+        return msgspec.convert(value, type=cls)
+    except msgspec.ValidationError:
+        pass
     if not isinstance(value, dict):
         errors.append(f"{path}: expected a table, got {_describe(value)}")
         return None
@@ -335,9 +341,10 @@ def _binary_problem(wasm: Path, components_dir: Path) -> str | None:
 
 
 def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, components_dir: Path,
-          defaults: ResourceLimits, errors: list[str], binaries: dict[Path, str | None]) -> ComponentPlan | None:
+          defaults: ResourceLimits, errors: list[str], binaries: dict[str, tuple[Path, str | None]]
+          ) -> ComponentPlan | None:
     """The plan of one [[components]] entry, or None with its errors added; `binaries` remembers, for the
-    config being read, what `_binary_problem` said about each component file."""
+    config being read, each component file as written (its path, and what `_binary_problem` said)."""
     where = f"components[{index}]"
     count = len(errors)
     try:
@@ -349,15 +356,16 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         if "\x00" in section.path:
             errors.append(f"{where}.path: contains a NUL byte")
             return None
-        wasm = Path(section.path) if Path(section.path).is_absolute() else components_dir / section.path
-        place = f"{where}.path"
+        written, place = section.path, f"{where}.path"
     else:
-        wasm = components_dir / cid.namespace / cid.name / f"{cid.instance}.wasm"
-        place = f"{where}.id"
-    if wasm not in binaries:  # components sharing a binary: its path resolved and its header read once
-        binaries[wasm] = _binary_problem(wasm, components_dir)
-    if binaries[wasm] is not None:
-        errors.append(f"{place}: {binaries[wasm]}")
+        written, place = f"{cid.namespace}/{cid.name}/{cid.instance}.wasm", f"{where}.id"
+    known = binaries.get(written)
+    if known is None:  # components sharing a binary: its path made, resolved and its header read once
+        wasm = Path(written) if os.path.isabs(written) else components_dir / written
+        known = binaries[written] = (wasm, _binary_problem(wasm, components_dir))
+    wasm, problem = known
+    if problem is not None:
+        errors.append(f"{place}: {problem}")
     config_data: bytes | None = None
     if section.config_data is not None and section.config_file is not None:
         errors.append(f"{where}: give config_data or config_file, not both")
@@ -520,7 +528,7 @@ def parse_config(text: str, source: Path) -> Config:
         defaults = ResourceLimits()
     plans = []
     seen: dict[str, int] = {}
-    binaries: dict[Path, str | None] = {}
+    binaries: dict[str, tuple[Path, str | None]] = {}
     for index, (raw_section, section) in enumerate(zip(sections, checked, strict=True)):
         cid = raw_section.get("id") if isinstance(raw_section, dict) else None
         if isinstance(cid, str):
