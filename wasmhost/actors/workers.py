@@ -326,14 +326,11 @@ class WorkerPool:
         queue.append((job.ticket, job))
 
     def _enqueue(self, job: _Job) -> None:
-        if job.steps is None:
-            # A chore (closing a Store) runs no guest code and frees memory: it goes before every call,
-            # so a thousand stops at once do not leave each close waiting behind every `shutdown`.
-            self._put(self._chores, job)
-            self._wake_one()
-            self._lend_if_short()
-            return
-        self._put(self._levels[min(LEVELS - 1, job.slices.bit_length())], job)
+        # A chore (closing a Store) runs no guest code and frees memory: it goes before every call and
+        # wakes a thread whether or not one more may run guest code, so a thousand stops at once do not
+        # leave each close waiting behind every `shutdown`. It has no deadline.
+        chore = job.steps is None
+        self._put(self._chores if chore else self._levels[min(LEVELS - 1, job.slices.bit_length())], job)
         if job.deadline != job.heap_deadline and job.deadline != math.inf:
             job.heap_deadline = job.deadline
             heap = self._deadlines
@@ -344,7 +341,7 @@ class WorkerPool:
             heapq.heappush(heap, (job.deadline, next(self._order), job))
             if self._deadlines[0][2] is job:
                 self._reaper_cond.notify()  # a new earliest deadline
-        if self._admits():
+        if chore or self._admits():
             self._wake_one()
         self._lend_if_short()
 

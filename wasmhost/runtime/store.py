@@ -315,11 +315,11 @@ class StoreManager:
                     # makes (measured: 1.8M fuel lost from its budget and added to its count).
                     self._yield_interval(SLICE_FUEL)
                     interval = SLICE_FUEL
-                if interval == FIRST_SLICE_FUEL and not (ran_out or kept_turn or seconds >= self.limiter.short_slice_s):
-                    # An epoch tick cut the call's first slice just after it began: it has not had its
-                    # turn, so it goes on (to its fuel or the next tick) instead of joining the back of the
-                    # queue, where among a thousand queued calls a short call cut so (1 in 400 at 25 us)
-                    # waited its deadline out. Once a step, and never for calls that have computed.
+                if interval == FIRST_SLICE_FUEL and not kept_turn and seconds < self.limiter.short_slice_s:
+                    # Still the first interval, so no slice has run out of fuel: an epoch tick cut the call
+                    # just after it began. It has not had its turn, so it goes on (to its fuel or the next
+                    # tick) instead of joining the back of the queue, where among a thousand queued calls a
+                    # short call cut so (1 in 400 at 25 us) waited its deadline out. Once a step.
                     kept_turn = True
                 else:
                     kept_turn = False
