@@ -235,6 +235,24 @@ async def test_concurrent_stops_of_every_kind_of_guest_all_complete(supervisor: 
     assert {a.state for a in (spinner, sleeper, slow)} == {ActorState.STOPPED}
 
 
+async def test_a_guest_spinning_in_shutdown_gets_its_own_timeout_not_the_stops_window(
+        supervisor: Supervisor) -> None:
+    neighbour = await launch(supervisor, "echo", "t/neighbour/0")
+    slow = await launch(supervisor, "slowstop", "t/slowstop/1", shutdown_timeout=0.2)
+    with structlog.testing.capture_logs() as logs:
+        stopping = asyncio.ensure_future(supervisor.stop(slow.component_id, drain_timeout=20.0))
+        with anyio.fail_after(BOUND):
+            assert await ask(supervisor, neighbour, b"still here") == b"still here"
+        # The stop may wait for `shutdown` up to 20.7 s (drain deadline + timeout + grace); the spinning
+        # guest itself gets 0.2 s from its start, so the stop is over long before that.
+        with anyio.fail_after(5.0):
+            await stopping
+    assert slow.state is ActorState.STOPPED
+    failed = [e["error"] for e in logs if e["event"] == "component_shutdown_failed"]
+    assert len(failed) == 1 and "shutdown timed out" in failed[0]  # its own deadline, not the stop's window
+    assert await ask(supervisor, neighbour, b"after") == b"after"
+
+
 MANY = 1_000
 SHORT_GRACE = 0.1
 """STOP_GRACE shortened for the test below, so that what a line of 1,000 stops costs shows: each
