@@ -157,11 +157,12 @@ def test_guest_log_limits_that_cannot_limit_are_located_errors(tmp_path: Path) -
 
 
 def test_one_bad_host_value_hides_neither_the_others_nor_the_components_dir(tmp_path: Path) -> None:
-    found = errors(tmp_path, 'epoch_tick_ms = "fast"\ndrain_timeout_s = -1\n'
+    found = errors(tmp_path, 'epoch_tick_ms = "fast"\ndrain_timeout_s = -1\nstorage_cache_bytes = -1\n'
                              '[[components]]\nid = "a/none/0"\n')
     assert found == [
         'host.epoch_tick_ms: expected an integer > 0, got "fast"',
         "host.drain_timeout_s: expected a number >= 0, got -1",
+        "host.storage_cache_bytes: expected an integer >= 0, got -1",
         f"components[0].id: no component file at {FIXTURES / 'a' / 'none' / '0.wasm'}",
     ]
 

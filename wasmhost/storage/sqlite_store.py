@@ -18,6 +18,8 @@ from wasmhost.core.private_files import private_dir, private_file, tighten_if_pr
 from wasmhost.core.protocols import StorageUsage
 from wasmhost.storage.accounting import PAGE_SIZE, entry_cost
 from wasmhost.storage.held import MessageWrites
+from wasmhost.storage.read_cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
+from wasmhost.storage.read_cache import ReadCache
 from wasmhost.storage.writer import StorageWriter, WriteOp, WriteUnit
 
 log = structlog.get_logger("wasmhost.storage")
@@ -65,8 +67,11 @@ class SqliteStorage:
     and the directory it creates are owner-only.
     """
 
-    def __init__(self, path: Path, default_quota_bytes: int = 16 * 1024 * 1024, write_timeout_s: float = 10.0) -> None:
+    def __init__(self, path: Path, default_quota_bytes: int = 16 * 1024 * 1024, write_timeout_s: float = 10.0,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.path = path
+        self.cache = ReadCache(cache_bytes)
+        self._committing: list[tuple[str, str, bytes | None]] = []  # the open transaction's writes (writer thread)
         self.default_quota_bytes = default_quota_bytes
         self.write_timeout_s = write_timeout_s
         self._quotas: dict[str, int] = {}
@@ -94,7 +99,8 @@ class SqliteStorage:
                 db.close()
         except (sqlite3.Error, OSError) as exc:
             self._io_error(exc)
-        self._writer = StorageWriter(self._open_writer, self._apply, self._io_error, timeout_s=write_timeout_s)
+        self._writer = StorageWriter(self._open_writer, self._apply, self._io_error, timeout_s=write_timeout_s,
+                                     settled=self._settled)
 
     # --- files and connections ---
 
@@ -195,10 +201,17 @@ class SqliteStorage:
         return row
 
     def get(self, owner: ComponentId, key: str) -> bytes | None:
-        """The value under `key`, or None."""
+        """The value under `key`, or None (from the read cache when it has the key)."""
         check_key(key)
-        row = self._row("SELECT value FROM kv WHERE owner = ? AND key = ?", (str(owner), key))
-        return row[0] if row else None  # type: ignore[return-value]  # a BLOB: bytes already
+        name = str(owner)
+        cached = self.cache.lookup(name, key)
+        if cached is not None:
+            return cached if isinstance(cached, bytes) else None
+        generation = self.cache.generation
+        row = self._row("SELECT value FROM kv WHERE owner = ? AND key = ?", (name, key))
+        value: bytes | None = row[0] if row else None  # type: ignore[assignment]  # a BLOB: bytes already
+        self.cache.offer(name, key, value, generation)
+        return value
 
     def set(self, owner: ComponentId, key: str, value: bytes) -> None:
         """Store `value` under `key`; returns once committed. quota-exceeded writes nothing."""
@@ -229,6 +242,9 @@ class SqliteStorage:
 
     def value_size(self, owner: str, key: str) -> int | None:
         """Length of the committed value under `key`, or None when absent."""
+        cached = self.cache.lookup(owner, key)
+        if cached is not None:
+            return len(cached) if isinstance(cached, bytes) else None
         row = self._row("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (owner, key))
         return int(row[0]) if row else None  # type: ignore[call-overload]
 
@@ -256,6 +272,8 @@ class SqliteStorage:
             by_owner.setdefault(unit.owner, []).append(unit)
         sizes, usage = self._old_sizes(db, units, list(by_owner))
         refused: dict[int, StorageError] = {}
+        committing: list[tuple[str, str, bytes | None]] = []
+        self._committing = committing
         puts: list[tuple[str, str, bytes]] = []
         usages: list[tuple[str, int, int]] = []
         for name, owned in by_owner.items():
@@ -283,6 +301,7 @@ class SqliteStorage:
             if not final:
                 continue
             usages.append((name, used, count))
+            committing.extend((name, key, value) for key, value in final.items())
             puts.extend((name, key, value) for key, value in final.items() if value is not None)
             deletes = [key for key, value in final.items() if value is None]
             for at in range(0, len(deletes), _CHUNK):
@@ -294,6 +313,15 @@ class SqliteStorage:
                 db.execute(f"INSERT OR REPLACE INTO {table} VALUES " + ",".join(["(?, ?, ?)"] * len(chunk_rows)),
                            [item for row in chunk_rows for item in row])
         return refused
+
+    def _settled(self, committed: bool) -> None:
+        """The writer's transaction ended: its writes go to the read cache, or, when the commit
+        failed, the cache is cleared (what reached the disk is unknown)."""
+        writes, self._committing = self._committing, []
+        if committed:
+            self.cache.committed(writes)
+        else:
+            self.cache.clear()
 
     @staticmethod
     def _old_sizes(db: sqlite3.Connection, units: list[WriteUnit], owners: list[str]) -> tuple[
@@ -321,6 +349,9 @@ class SqliteStorage:
     def exists(self, owner: ComponentId, key: str) -> bool:
         """Whether `key` is present."""
         check_key(key)
+        cached = self.cache.lookup(str(owner), key)
+        if cached is not None:
+            return isinstance(cached, bytes)
         return self._row("SELECT 1 FROM kv WHERE owner = ? AND key = ?", (str(owner), key)) is not None
 
     def list_keys(self, owner: ComponentId, prefix: str | None) -> list[str]:

@@ -73,15 +73,20 @@ class WriteUnit:
 Apply = Callable[[sqlite3.Connection, list[WriteUnit]], dict[int, StorageError]]
 """Applies a transaction's units (each owner's in order) inside the open transaction; returns the
 errors of the units it refused (by id): they write nothing, the others are written."""
+Settled = Callable[[bool], None]
+"""Told whether the transaction `Apply` wrote was committed (True) or not (False), before any of
+its units is finished."""
 
 
 class StorageWriter:
     """Owns the write connection and the writer thread."""
 
     def __init__(self, connect: Callable[[], sqlite3.Connection], apply: Apply,
-                 on_io_error: Callable[[Exception], None], timeout_s: float = 10.0) -> None:
+                 on_io_error: Callable[[Exception], None], timeout_s: float = 10.0,
+                 settled: Settled | None = None) -> None:
         self._connect = connect
         self._apply = apply
+        self._settled = settled
         self._on_io_error = on_io_error
         self.timeout_s = timeout_s
         self._cond = threading.Condition()
@@ -263,15 +268,22 @@ class StorageWriter:
                 with suppress(sqlite3.Error):
                     self._db.close()
                 self._db = None
+            self._tell_settled(False)
             self._finish_all(batch, failed, StorageError("io-error", str(exc)))
             return
         except Exception as exc:  # a bug must fail this batch, not stop the writer
             log.exception("storage_batch_failed")
             self._on_io_error(exc)
+            self._tell_settled(False)
             self._finish_all(batch, {}, StorageError("io-error", f"{type(exc).__name__}: {exc}"))
             return
         self.batches += 1
+        self._tell_settled(True)
         self._finish_all(batch, failed)
+
+    def _tell_settled(self, committed: bool) -> None:
+        if self._settled is not None:
+            self._settled(committed)
 
     def _finish_all(self, units: list[WriteUnit], errors: dict[int, StorageError],
                     default: StorageError | None = None) -> None:

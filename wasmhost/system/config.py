@@ -27,6 +27,7 @@ from wasmhost.lattice.settings import LatticeSection, LatticeSettings, lattice_s
 from wasmhost.runtime.engine import EngineSettings
 from wasmhost.runtime.loader import check_header
 from wasmhost.security.capabilities import Capabilities as Grants
+from wasmhost.storage.read_cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from wasmhost.system.listen import ListenAddress, parse_listen
 
 Positive = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
@@ -106,6 +107,7 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     default_mailbox_capacity: Positive = 1024
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)] = 5.0
     default_storage_quota_bytes: Positive = 16 * 1024 * 1024
+    storage_cache_bytes: Annotated[int, msgspec.Meta(ge=0)] = DEFAULT_CACHE_BYTES  # committed values of hot keys
     default_limits: Limits = msgspec.field(default_factory=Limits)
     default_log_rate: PositiveFloat = DEFAULT_LOG_RATE
     default_log_burst: Positive = DEFAULT_LOG_BURST

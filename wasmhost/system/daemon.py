@@ -140,7 +140,8 @@ class Daemon:
         host = config.host
         prepare_state_dir(config)
         self.runtime = Runtime(config.engine_settings, config.cache_dir, config.components_dir)
-        self.storage = SqliteStorage(config.storage_path, default_quota_bytes=host.default_storage_quota_bytes)
+        self.storage = SqliteStorage(config.storage_path, default_quota_bytes=host.default_storage_quota_bytes,
+                                     cache_bytes=host.storage_cache_bytes)
         self.permissions = CapabilityChecker()
         self.workers = WorkerPool(host.worker_threads)
         self.notifier = Notifier()

@@ -1,0 +1,132 @@
+"""The storage read cache: reads answered from it always equal what is committed, whatever the
+interleaving with the writer, and it stays within its bytes however many keys a guest reads."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from wasmhost.core import ComponentId, StorageError
+from wasmhost.storage.accounting import entry_cost
+from wasmhost.storage.read_cache import ABSENT, ENTRY_OVERHEAD, MAX_VALUE_BYTES, ReadCache
+from wasmhost.storage.sqlite_store import SqliteStorage
+
+A = ComponentId.parse("org/a/0")
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> SqliteStorage:
+    store = SqliteStorage(tmp_path / "storage.sqlite3", default_quota_bytes=1 << 20)
+    yield store
+    store.close()
+
+
+def test_a_read_that_began_before_a_commit_never_brings_back_the_old_value() -> None:
+    cache = ReadCache()
+    began = cache.generation  # a worker starts reading "k" from SQLite and finds b"old"...
+    cache.committed([("org/a/0", "k", b"new")])  # ...while the writer commits b"new"
+    cache.offer("org/a/0", "k", b"old", began)
+    assert cache.lookup("org/a/0", "k") == b"new"
+    cache.clear()
+    cache.offer("org/a/0", "k", b"new", began)  # likewise across a failed commit
+    assert cache.lookup("org/a/0", "k") is None
+
+
+def test_the_cache_keeps_within_its_bytes_dropping_the_least_recently_used() -> None:
+    per_entry = ENTRY_OVERHEAD + 2 + 10
+    cache = ReadCache(max_bytes=3 * per_entry)
+    for key in ("k1", "k2", "k3"):
+        cache.committed([("o", key, b"x" * 10)])
+    assert cache.lookup("o", "k1") == b"x" * 10  # k1 is now the most recently used
+    cache.committed([("o", "k4", b"y" * 10)])
+    assert cache.lookup("o", "k2") is None and cache.lookup("o", "k1") is not None
+    assert len(cache) == 3 and cache.nbytes == 3 * per_entry
+    cache.committed([("o", "k1", b"z" * (MAX_VALUE_BYTES + 1))])  # too large to keep: dropped, not stale
+    assert cache.lookup("o", "k1") is None and len(cache) == 2
+
+
+def test_reads_see_every_committed_write_with_the_cache_warm(storage: SqliteStorage) -> None:
+    assert storage.get(A, "k") is None and not storage.exists(A, "k")  # absent, and cached so
+    storage.set(A, "k", b"v1")
+    assert storage.get(A, "k") == b"v1" and storage.exists(A, "k")
+    storage.set(A, "k", b"v2")
+    assert storage.get(A, "k") == b"v2" and storage.value_size(str(A), "k") == 2
+    storage.delete(A, "k")
+    assert storage.get(A, "k") is None and not storage.exists(A, "k")
+    big = b"b" * (MAX_VALUE_BYTES + 1)
+    storage.set(A, "big", big)
+    assert storage.get(A, "big") == big and storage.cache.lookup(str(A), "big") is None
+
+
+def test_a_write_refused_by_the_quota_leaves_the_cached_value(storage: SqliteStorage) -> None:
+    storage.set_quota(str(A), entry_cost(str(A), "k", 10))
+    storage.set(A, "k", b"x" * 10)
+    assert storage.get(A, "k") == b"x" * 10
+    with pytest.raises(StorageError, match="quota-exceeded"):
+        storage.set(A, "k", b"y" * 11)
+    assert storage.get(A, "k") == b"x" * 10
+
+
+def test_a_failed_commit_clears_the_cache_and_reads_go_to_the_disk(storage: SqliteStorage,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    storage.set(A, "k", b"committed")
+    assert storage.get(A, "k") == b"committed" and len(storage.cache) == 1
+
+    def broken(*_: object) -> dict[int, StorageError]:
+        raise RuntimeError("the writer's own bug")  # stands in for a transaction that failed to commit
+
+    monkeypatch.setattr(storage._writer, "_apply", broken)
+    with pytest.raises(StorageError, match="io-error"):
+        storage.set(A, "k", b"lost")
+    assert len(storage.cache) == 0
+    assert storage.get(A, "k") == b"committed"
+
+
+def test_readers_racing_the_writer_never_see_a_value_older_than_the_last_acknowledged(
+        storage: SqliteStorage) -> None:
+    acknowledged = -1
+    stale: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def write() -> None:
+        nonlocal acknowledged
+        try:
+            for i in range(600):
+                storage.set(A, "counter", str(i).encode())
+                acknowledged = i
+        finally:
+            done.set()
+
+    def read() -> None:
+        while not done.is_set():
+            floor = acknowledged
+            value = storage.get(A, "counter")
+            seen = -1 if value is None else int(value)
+            if seen < floor:
+                stale.append((seen, floor))
+
+    threads = [threading.Thread(target=write), *(threading.Thread(target=read) for _ in range(3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert acknowledged == 599 and stale == []
+    assert storage.get(A, "counter") == b"599"
+
+
+def test_a_guest_reading_endless_distinct_keys_keeps_the_cache_within_its_bytes(tmp_path: Path) -> None:
+    store = SqliteStorage(tmp_path / "s.sqlite3", cache_bytes=64 * 1024)
+    neighbour = ComponentId.parse("org/neighbour/0")
+    store.set(neighbour, "hot", b"mine")
+    for i in range(20_000):
+        assert store.get(A, f"probe-{i}") is None
+    assert store.cache.nbytes <= 64 * 1024
+    assert store.get(neighbour, "hot") == b"mine"  # evicted by the flood: read from the disk again
+    store.close()
+
+
+def test_absent_keys_are_cached_as_absent(storage: SqliteStorage) -> None:
+    storage.get(A, "nothing")
+    assert storage.cache.lookup(str(A), "nothing") is ABSENT
