@@ -54,6 +54,8 @@ class ReadCache:
         self._lock = threading.Lock()  # workers read, the writer thread updates
         self.generation = 0
         """Counts commits and clears: a read that began under an older generation is not kept."""
+        self.hits = 0
+        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -67,7 +69,10 @@ class ReadCache:
         """The cached entry of `key`, or None when it is not cached."""
         with self._lock:
             entry = self._entries.get((owner, key))
-            if entry is not None:
+            if entry is None:
+                self.misses += 1
+            else:
+                self.hits += 1
                 self._entries.move_to_end((owner, key))
             return entry
 

@@ -291,6 +291,14 @@ class DaemonCollector(Collector):
         lookups.add_metric(["miss"], cache.misses)
         yield lookups
         yield CounterMetricFamily("wasmhost_storage_io_errors", "Storage I/O errors", value=daemon.storage.io_errors)
+        reads = daemon.storage.cache
+        cached = CounterMetricFamily("wasmhost_storage_read_cache_lookups", "Storage read cache lookups by result",
+                                     labels=["result"])
+        cached.add_metric(["hit"], reads.hits)
+        cached.add_metric(["miss"], reads.misses)
+        yield cached
+        yield GaugeMetricFamily("wasmhost_storage_read_cache_bytes", "Bytes the storage read cache holds (as counted "
+                                "against storage_cache_bytes)", value=reads.nbytes)
         yield GaugeMetricFamily("wasmhost_uptime_seconds", "Seconds since the daemon started",
                                 value=time.monotonic() - counters.started_monotonic)
         yield GaugeMetricFamily("wasmhost_start_time_seconds", "When the daemon started (Unix time)",
