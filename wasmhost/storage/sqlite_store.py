@@ -380,11 +380,6 @@ class SqliteStorage:
         row = db.execute("SELECT used_bytes, key_count FROM usage WHERE owner = ?", (owner,)).fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
-    @staticmethod
-    def _set_usage(db: sqlite3.Connection, owner: str, used: int, count: int) -> None:
-        db.execute("INSERT OR REPLACE INTO usage (owner, used_bytes, key_count) VALUES (?, ?, ?)",
-                   (owner, used, count))
-
     def all_usage(self) -> list[tuple[str, int, int]]:
         """(owner, bytes charged, keys) of every owner with something stored, for metrics: on its own
         short-lived connection, so that any thread (an HTTP server's per-request one) may ask."""
