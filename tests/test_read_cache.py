@@ -3,10 +3,13 @@ interleaving with the writer, and it stays within its bytes however many keys a 
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wasmhost.core import ComponentId, StorageError
 from wasmhost.storage.accounting import entry_cost
@@ -130,3 +133,54 @@ def test_a_guest_reading_endless_distinct_keys_keeps_the_cache_within_its_bytes(
 def test_absent_keys_are_cached_as_absent(storage: SqliteStorage) -> None:
     storage.get(A, "nothing")
     assert storage.cache.lookup(str(A), "nothing") is ABSENT
+
+
+KEYS = st.sampled_from(["a", "b", "c"])
+OPS = st.one_of(st.tuples(st.just("set"), KEYS, st.binary(max_size=8)), st.tuples(st.just("delete"), KEYS, st.none()),
+                st.tuples(st.just("get"), KEYS, st.none()))
+BATCH = st.lists(st.tuples(st.lists(OPS, max_size=4), st.booleans()), min_size=1, max_size=3)  # messages, ok?
+
+
+def _applied(values: dict[str, bytes], writes: dict[str, bytes | None]) -> dict[str, bytes]:
+    """`values` after `writes` (None: deleted)."""
+    after = {**values, **{k: v for k, v in writes.items() if v is not None}}
+    return {k: v for k, v in after.items() if writes.get(k, v) is not None}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(BATCH, max_size=5))
+def test_reads_through_the_cache_match_a_model_of_the_committed_messages(
+        batches: list[list[tuple[list[tuple[str, str, bytes | None]], bool]]]) -> None:
+    """Batches of messages as an actor handles them (each message's writes kept only when it ends
+    ok): every read, inside a message and after each commit, equals a plain dict's answer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqliteStorage(Path(tmp) / "s.sqlite3", default_quota_bytes=1 << 20)
+        committed: dict[str, bytes] = {}
+        try:
+            for batch in batches:
+                held, kept = store.hold(A), dict[str, bytes | None]()
+                for ops, ok in batch:
+                    current = dict[str, bytes | None]()
+                    for op, key, value in ops:
+                        seen = _applied(committed, {**kept, **current})
+                        if op == "set":
+                            held.set(key, value or b"")
+                            current[key] = value or b""
+                        elif op == "delete":
+                            held.delete(key)
+                            current[key] = None
+                        else:
+                            assert held.get(key) == seen.get(key)
+                    held.end_message(ok)
+                    if ok:
+                        kept.update(current)
+                held.commit()
+                committed = _applied(committed, kept)
+                for key in ("a", "b", "c"):
+                    assert store.get(A, key) == committed.get(key)
+                    assert store.exists(A, key) == (key in committed)
+                usage = store.usage(A)
+                assert usage.key_count == len(committed)
+                assert usage.used_bytes == sum(entry_cost(str(A), k, len(v)) for k, v in committed.items())
+        finally:
+            store.close()
