@@ -279,13 +279,53 @@ def test_control_socket_is_private_and_survives_bad_frames(daemon: object) -> No
     assert d.stop() == 0
 
 
-def test_a_live_socket_is_not_stolen(daemon: object, tmp_path: Path) -> None:
+def _run_second(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "wasmhost.cli", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_a_second_daemon_takes_neither_the_live_socket_nor_the_state_dir(daemon: object, tmp_path: Path) -> None:
     d = daemon(BASIC)  # type: ignore[operator]
-    second = subprocess.run([sys.executable, "-m", "wasmhost.cli", "run", "--config", str(d.config)],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert d.call("t/notes/0", "set k first") == "ok"
+    state = tmp_path / "state"
+    taken = f"{state}: another wasmhost daemon (pid {d.proc.pid}) uses this state_dir"
+    same = _run_second(d.config)  # the same configuration
+    assert same.returncode == 1 and taken in same.stderr
+    other_socket = tmp_path / "other-socket.toml"  # its own socket, the same state_dir
+    other_socket.write_text(d.config.read_text().replace(
+        'log_format = "json"', f'log_format = "json"\ncontrol_socket = "{tmp_path / "other.sock"}"'))
+    second = _run_second(other_socket)
+    assert second.returncode == 1 and taken in second.stderr
+    other_state = tmp_path / "other-state.toml"  # its own state_dir, the same socket
+    other_state.write_text(d.config.read_text().replace(
+        f'state_dir = "{state}"', f'state_dir = "{tmp_path / "state-2"}"\ncontrol_socket = "{d.socket}"'))
+    second = _run_second(other_state)
     assert second.returncode == 1 and "another wasmhost is listening" in second.stderr
-    assert d.call("t/echo/0", "mine") == "mine"
+    assert d.call("t/echo/0", "mine") == "mine" and d.call("t/notes/0", "get k") == "first"
     assert d.stop() == 0
+
+
+def test_a_daemon_killed_with_sigkill_leaves_its_state_dir_free_for_the_next(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    started: list[Daemon] = []
+
+    def start(name: str) -> Daemon:
+        (tmp_path / name).mkdir()
+        d = launch(tmp_path / name, BASIC, started, edit={f'"{tmp_path / name / "state"}"': f'"{shared}"'})
+        d.socket = shared / "wasmhost.sock"
+        return d
+
+    try:
+        first = start("first")
+        assert first.call("t/notes/0", "set k kept") == "ok"
+        first.proc.kill()  # no cleanup: its lock file and socket file stay behind
+        first.proc.wait()
+        assert (shared / "daemon.lock").read_text().strip() == str(first.proc.pid)
+        second = start("second")
+        assert second.call("t/notes/0", "get k") == "kept"
+        assert second.stop() == 0
+    finally:
+        kill_leftovers(started)
 
 
 def test_logs_filters_the_log_the_daemon_wrote(daemon: object) -> None:

@@ -52,6 +52,7 @@ from wasmhost.system.metrics import DaemonCounters, MetricsServer, start_metrics
 from wasmhost.system.reload_report import ReloadReport
 from wasmhost.system.sd_notify import Notifier
 from wasmhost.system.shared_loads import SharedLoads
+from wasmhost.system.state_lock import StateDirInUse, StateLock
 from wasmhost.system.status_table import Deployments, StatusTable
 from wasmhost.system.stores import HostStores
 
@@ -139,6 +140,8 @@ class Daemon:
         self.config = config
         host = config.host
         prepare_state_dir(config)
+        self.state_lock = StateLock(config.state_dir)
+        self.state_lock.acquire()  # StateDirInUse: another daemon's storage and read cache
         self.runtime = Runtime(config.engine_settings, config.cache_dir, config.components_dir)
         self.storage = SqliteStorage(config.storage_path, default_quota_bytes=host.default_storage_quota_bytes,
                                      cache_bytes=host.storage_cache_bytes)
@@ -310,6 +313,7 @@ class Daemon:
                     self.runtime.close()
                 finally:
                     self.notifier.close()
+                    self.state_lock.release()  # last: the storage is closed, a next daemon may open it
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval()
@@ -705,6 +709,10 @@ async def run_daemon(config_path: Path) -> int:
         return 1
     try:
         daemon = Daemon(config)
+    except StateDirInUse as exc:
+        log.error("state_dir_in_use", path=str(config.state_dir), error=str(exc))
+        print(f"wasmhost: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         log.error("daemon_start_failed", error=str(exc))
         return 1
