@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
+from tests.test_cli import background, rows, wait_for
 from tests.test_daemon import Daemon, component, config_text, kill_leftovers, launch, wasmhost
 
 PATTERN_ERROR = ("components[1].capabilities.send[0]: target pattern 'demo/echo': expected '*', 'namespace/*', "
@@ -64,10 +65,6 @@ def reload_reported(d: Daemon) -> list[str]:
     seen = d.expect("READY=1")
     assert any("RELOADING=1" in m.split("\n") for m in seen), seen
     return [str(result.returncode), result.stdout + result.stderr]
-
-
-def rows(d: Daemon) -> dict[str, dict[str, object]]:
-    return {r["id"]: r for r in json.loads(d.cli("status", "--json").stdout)["components"]}
 
 
 BASE = component("t/echo/0", "echo") + component("t/counter/0", "counter")
@@ -169,3 +166,30 @@ def test_a_reload_signalled_after_sigterm_starts_nothing(tmp_path: Path, compone
     events = d.events()
     assert [e for e in events if e["event"] == "reload_refused"], events
     assert not [e for e in events if e.get("component") == "t/new/0"], events
+
+
+def test_a_reload_removing_busy_components_drains_them_together(tmp_path: Path, components: Path,
+                                                                 started: list[Daemon]) -> None:
+    shutil.copy(FIXTURES / "services.wasm", components / "services.wasm")
+    sleepers = [f"t/sleeper/{i}" for i in range(4)]
+    echo = component("t/echo/0", "echo")
+    drain = {"drain_timeout_s = 5.0": "drain_timeout_s = 3.0"}
+    d = launch(tmp_path, "".join(component(c, "services") for c in sleepers) + echo, started, components, edit=drain)
+    calls = [background(d, "call", c, "sleep 600000") for c in sleepers]
+    wait_for(lambda: all(row["in_hand"] == 1 for cid, row in rows(d).items() if cid in sleepers), "every sleep")
+    d.config.write_text(config_text(tmp_path / "state", echo, components).replace(*drain.popitem()))
+    reload = background(d, "reload", "--json")
+
+    def all_draining() -> bool:
+        shown = rows(d)
+        return all(shown.get(cid, {}).get("state") == "stopping" for cid in sleepers)
+
+    wait_for(all_draining, "the four removed components to drain at once, not one after another")
+    out, err = reload.communicate(timeout=60)
+    assert reload.returncode == 0, err
+    assert sorted(json.loads(out)["removed"]) == sleepers
+    for call in calls:  # each sleep is interrupted at the drain's end, and answered
+        out, err = call.communicate(timeout=30)
+        assert out.strip() == "slept" or "interrupted" in err
+    assert d.call("t/echo/0", "still here") == "still here"
+    assert d.stop() == 0

@@ -120,6 +120,15 @@ class Supervisor:
         self.router.detach(component)
         del self.actors[component]
 
+    async def remove_all(self, components: list[ComponentId], drain_timeout: float = 5.0) -> None:
+        """Stop `components` and forget them, asked in reverse start order and draining concurrently (as
+        `stop_all`): removing many busy components takes one drain and one shutdown time, not their sum."""
+        wanted = set(components)
+        async with anyio.create_task_group() as group:
+            for actor in reversed(list(self.actors.values())):
+                if actor.component_id in wanted:
+                    group.start_soon(self.remove, actor.component_id, drain_timeout, name=f"remove {actor.name}")
+
     async def stop_all(self, drain_timeout: float = 5.0) -> None:
         """Stop every component, asked in reverse start order and draining concurrently: returns within
         drain_timeout + the largest shutdown_timeout + 2 x STOP_GRACE, whatever the guests do. Nothing

@@ -366,11 +366,13 @@ class Daemon:
         self.permissions.grant(plan.spec.component_id, plan.grants)  # parsed and checked with the config
         self.storage.set_quota(str(plan.spec.component_id), plan.storage_quota_bytes)
 
-    async def _remove(self, cid: ComponentId) -> None:
-        await self.supervisor.remove(cid, self.config.host.drain_timeout_s)
-        self.permissions.revoke(cid)
-        self.deployments.pop(cid, None)
-        self.router.load_failed(cid, None)
+    async def _remove(self, cids: list[ComponentId]) -> None:
+        """Stop and forget `cids`, draining together (see Supervisor.remove_all)."""
+        await self.supervisor.remove_all(cids, self.config.host.drain_timeout_s)
+        for cid in cids:
+            self.permissions.revoke(cid)
+            self.deployments.pop(cid, None)
+            self.router.load_failed(cid, None)
 
     async def _apply(self, plans: list[ComponentPlan],
                      loaded: dict[ComponentId, LoadedComponent] | None = None) -> None:
@@ -479,8 +481,7 @@ class Daemon:
         replaced = [c for c in changed if c not in handed]  # not running: nothing to hand over, started anew
         old_config, old_deployments = self.config, dict(self.deployments)
         try:
-            for cid in removed + replaced:
-                await self._remove(cid)
+            await self._remove(removed + replaced)
             if removed or replaced:
                 collect_all()  # what they built was frozen at their start (see heap.py)
             self.config = new
@@ -607,7 +608,7 @@ class Daemon:
         self.config = config
         for cid in touched:
             try:
-                await self._remove(cid)
+                await self._remove([cid])
                 previous = deployments.get(cid)
                 if previous is None:
                     continue
