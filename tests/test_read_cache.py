@@ -28,12 +28,18 @@ def storage(tmp_path: Path) -> SqliteStorage:
 
 def test_a_read_that_began_before_a_commit_never_brings_back_the_old_value() -> None:
     cache = ReadCache()
-    began = cache.generation  # a worker starts reading "k" from SQLite and finds b"old"...
+    began = cache.token("org/a/0")  # a worker starts reading "k" from SQLite and finds b"old"...
     cache.committed([("org/a/0", "k", b"new")])  # ...while the writer commits b"new"
     cache.offer("org/a/0", "k", b"old", began)
     assert cache.lookup("org/a/0", "k") == b"new"
+    assert not cache.fill("org/a/0", [("k", b"old")], began)  # nor does a whole namespace read meanwhile
+    assert cache.lookup("org/a/0", "k") == b"new" and cache.lookup("org/a/0", "other") is None
+    began = cache.token("org/a/0")
+    cache.committed([("org/b/0", "k", b"b's")])  # another owner's commit changes nothing of a's
+    cache.offer("org/a/0", "k2", b"read", began)
+    assert cache.lookup("org/a/0", "k2") == b"read"
     cache.clear()
-    cache.offer("org/a/0", "k", b"new", began)  # likewise across a failed commit
+    cache.offer("org/a/0", "k", b"new", began)  # a failed commit voids every read begun before it
     assert cache.lookup("org/a/0", "k") is None
 
 
@@ -119,20 +125,66 @@ def test_readers_racing_the_writer_never_see_a_value_older_than_the_last_acknowl
     assert storage.get(A, "counter") == b"599"
 
 
+def _write(store: SqliteStorage, owner: ComponentId, items: dict[str, bytes]) -> None:
+    """Commit `items` for `owner` as one message's writes."""
+    held = store.hold(owner)
+    for key, value in items.items():
+        held.set(key, value)
+    held.end_message(True)
+    held.commit()
+
+
 def test_a_guest_reading_endless_distinct_keys_keeps_the_cache_within_its_bytes(tmp_path: Path) -> None:
-    store = SqliteStorage(tmp_path / "s.sqlite3", cache_bytes=64 * 1024)
+    store = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=1 << 20, cache_bytes=64 * 1024)
     neighbour = ComponentId.parse("org/neighbour/0")
+    _write(store, A, {f"k{i}": b"v" * 64 for i in range(100)})  # too large to be read whole: misses go to SQLite
     store.set(neighbour, "hot", b"mine")
+    assert store.get(neighbour, "hot") == b"mine" and store.cache.lookup(str(neighbour), "hot") == b"mine"
     for i in range(20_000):
         assert store.get(A, f"probe-{i}") is None
     assert store.cache.nbytes <= 64 * 1024
-    assert store.get(neighbour, "hot") == b"mine"  # evicted by the flood: read from the disk again
+    assert store.cache.lookup(str(neighbour), "hot") is None  # evicted by the flood...
+    assert store.get(neighbour, "hot") == b"mine"  # ...so read from the disk again
     store.close()
 
 
-def test_absent_keys_are_cached_as_absent(storage: SqliteStorage) -> None:
-    storage.get(A, "nothing")
-    assert storage.cache.lookup(str(A), "nothing") is ABSENT
+def test_a_small_namespace_is_read_whole_at_its_first_miss_then_absent_keys_cost_no_disk_read(
+        tmp_path: Path) -> None:
+    store = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=1 << 20)
+    _write(store, A, {"a": b"1", "b": b"2"})
+    reopened = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=1 << 20)  # a cold cache
+    store.close()
+    assert reopened.get(A, "absent") is None  # the first miss reads all of A
+    assert reopened.cache.lookup(str(A), "a") == b"1" and reopened.cache.lookup(str(A), "other") is ABSENT
+    misses = reopened.cache.misses
+    assert [reopened.get(A, k) for k in ("a", "b", "c", "d")] == [b"1", b"2", None, None]
+    assert not reopened.exists(A, "c") and reopened.value_size(str(A), "b") == 1
+    assert reopened.cache.misses == misses  # every answer came from the cache
+    _write(reopened, A, {"c": b"3", "a": b"one"})  # later commits keep the namespace whole
+    assert [reopened.get(A, k) for k in ("a", "b", "c")] == [b"one", b"2", b"3"]
+    reopened.delete(A, "b")
+    assert reopened.get(A, "b") is None and reopened.cache.misses == misses
+    reopened.close()
+
+
+def test_a_namespace_holding_a_large_value_or_losing_an_entry_is_no_longer_whole(tmp_path: Path) -> None:
+    store = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=1 << 20)
+    assert store.get(A, "x") is None  # read whole: empty
+    store.set(A, "big", b"b" * (MAX_VALUE_BYTES + 1))  # not kept: the namespace is no longer whole
+    assert store.get(A, "big") == b"b" * (MAX_VALUE_BYTES + 1)
+    assert store.cache.lookup(str(A), "other") is None
+    store.close()
+    small = SqliteStorage(tmp_path / "t.sqlite3", default_quota_bytes=1 << 20, cache_bytes=16 * 1024)
+    _write(small, A, {"k": b"v"})
+    small.cache.clear()
+    assert small.get(A, "k") == b"v"  # read whole at this miss
+    flooder = ComponentId.parse("org/b/0")
+    _write(small, flooder, {f"f{i}": b"v" * 64 for i in range(40)})  # too large to be read whole
+    for i in range(200):  # its misses push A's entries out
+        small.get(flooder, f"p{i}")
+    assert small.cache.lookup(str(A), "k") is None
+    assert small.get(A, "k") == b"v" and small.get(A, "nothing") is None
+    small.close()
 
 
 KEYS = st.sampled_from(["a", "b", "c"])

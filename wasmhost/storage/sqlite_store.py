@@ -19,7 +19,7 @@ from wasmhost.core.protocols import StorageUsage
 from wasmhost.storage.accounting import PAGE_SIZE, entry_cost
 from wasmhost.storage.held import MessageWrites
 from wasmhost.storage.read_cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
-from wasmhost.storage.read_cache import ReadCache
+from wasmhost.storage.read_cache import Cached, ReadCache
 from wasmhost.storage.writer import StorageWriter, WriteOp, WriteUnit
 
 log = structlog.get_logger("wasmhost.storage")
@@ -204,14 +204,28 @@ class SqliteStorage:
         """The value under `key`, or None (from the read cache when it has the key)."""
         check_key(key)
         name = str(owner)
-        cached = self.cache.lookup(name, key)
+        cached = self._cached(name, key)
         if cached is not None:
             return cached if isinstance(cached, bytes) else None
-        generation = self.cache.generation
+        token = self.cache.token(name)
         row = self._row("SELECT value FROM kv WHERE owner = ? AND key = ?", (name, key))
         value: bytes | None = row[0] if row else None  # type: ignore[assignment]  # a BLOB: bytes already
-        self.cache.offer(name, key, value, generation)
+        self.cache.offer(name, key, value, token)
         return value
+
+    def _cached(self, owner: str, key: str) -> Cached | None:
+        """What the read cache knows of `key`, after reading `owner`'s namespace whole at its first
+        miss when it is small (see storage/read_cache.py); None: only SQLite knows."""
+        cached = self.cache.lookup(owner, key)
+        if cached is None and self.cache.claim_whole(owner):
+            token = self.cache.token(owner)
+            usage = self._row("SELECT used_bytes, key_count FROM usage WHERE owner = ?", (owner,)) or (0, 0)
+            if self.cache.fits_whole(int(usage[0]), int(usage[1])):  # type: ignore[call-overload]
+                with self._transaction() as db:
+                    rows = db.execute("SELECT key, value FROM kv WHERE owner = ?", (owner,)).fetchall()
+                if self.cache.fill(owner, rows, token):
+                    cached = self.cache.lookup(owner, key)
+        return cached
 
     def set(self, owner: ComponentId, key: str, value: bytes) -> None:
         """Store `value` under `key`; returns once committed. quota-exceeded writes nothing."""
@@ -242,7 +256,7 @@ class SqliteStorage:
 
     def value_size(self, owner: str, key: str) -> int | None:
         """Length of the committed value under `key`, or None when absent."""
-        cached = self.cache.lookup(owner, key)
+        cached = self._cached(owner, key)
         if cached is not None:
             return len(cached) if isinstance(cached, bytes) else None
         row = self._row("SELECT length(value) FROM kv WHERE owner = ? AND key = ?", (owner, key))
@@ -349,7 +363,7 @@ class SqliteStorage:
     def exists(self, owner: ComponentId, key: str) -> bool:
         """Whether `key` is present."""
         check_key(key)
-        cached = self.cache.lookup(str(owner), key)
+        cached = self._cached(str(owner), key)
         if cached is not None:
             return isinstance(cached, bytes)
         return self._row("SELECT 1 FROM kv WHERE owner = ? AND key = ?", (str(owner), key)) is not None
