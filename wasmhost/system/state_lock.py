@@ -52,14 +52,12 @@ class StateLock:
                 return
             raise StateDirInUse(f"{self.path.parent}: another wasmhost daemon{holder} uses this state_dir; "
                                 "give each daemon its own state_dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
-
-    @property
-    def held(self) -> bool:
-        """Whether this process holds the lock."""
-        return self._fd is not None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:  # a full disk: the lock is held all the same, only the message loses the pid
+            pass
 
     def release(self) -> None:
         """Let go of the lock (closing the file does); the file stays, the next daemon reuses it."""
