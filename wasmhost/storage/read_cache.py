@@ -3,8 +3,9 @@
 
 Measured in a direct loop of guest `get` messages: a SQLite read right after a wasm call costs
 18 - 26 us (7 us in a loop of reads alone; each also makes two `fcntl` calls, the WAL index's read
-lock), a third of the whole message; a hit here costs one lock and one dict lookup. Our own code because no cache library keeps a value coherent with a writer on another
-thread the way this needs (see `offer`).
+lock), a third of the whole message; a hit here costs one lock and one dict lookup. Our own code
+because no cache library keeps a value coherent with a writer on another thread the way this needs
+(see `offer`).
 
 Coherence. Only the storage writer changes the database while the daemon runs (one daemon per
 state_dir: system/state_lock.py), and it tells the cache what it committed (`committed`) before any

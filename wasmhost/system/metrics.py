@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from itertools import accumulate
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import structlog
@@ -284,19 +284,10 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily("wasmhost_worker_threads", "Worker threads alive", value=workers.threads)
         yield CounterMetricFamily("wasmhost_log_lines_dropped", "Daemon log lines dropped because a destination "
                                   "could not keep up", value=lines_dropped())
-        cache = daemon.runtime.cache
-        lookups = CounterMetricFamily("wasmhost_compile_cache_lookups", "Compilation cache lookups by result",
-                                      labels=["result"])
-        lookups.add_metric(["hit"], cache.hits)
-        lookups.add_metric(["miss"], cache.misses)
-        yield lookups
+        yield _lookups("wasmhost_compile_cache_lookups", "Compilation cache lookups by result", daemon.runtime.cache)
         yield CounterMetricFamily("wasmhost_storage_io_errors", "Storage I/O errors", value=daemon.storage.io_errors)
         reads = daemon.storage.cache
-        cached = CounterMetricFamily("wasmhost_storage_read_cache_lookups", "Storage read cache lookups by result",
-                                     labels=["result"])
-        cached.add_metric(["hit"], reads.hits)
-        cached.add_metric(["miss"], reads.misses)
-        yield cached
+        yield _lookups("wasmhost_storage_read_cache_lookups", "Storage read cache lookups by result", reads)
         yield GaugeMetricFamily("wasmhost_storage_read_cache_bytes", "Bytes the storage read cache holds (as counted "
                                 "against storage_cache_bytes)", value=reads.nbytes)
         yield GaugeMetricFamily("wasmhost_uptime_seconds", "Seconds since the daemon started",
@@ -420,3 +411,17 @@ def start_metrics(daemon: Daemon) -> MetricsServer | None:
         return None
     return MetricsServer(daemon, address, daemon.config.host.metrics_by)
 
+
+class _Counted(Protocol):
+    """A cache that counts its lookups."""
+
+    hits: int
+    misses: int
+
+
+def _lookups(name: str, documentation: str, cache: _Counted) -> CounterMetricFamily:
+    """A cache's lookups by result (`hit`, `miss`)."""
+    family = CounterMetricFamily(name, documentation, labels=["result"])
+    family.add_metric(["hit"], cache.hits)
+    family.add_metric(["miss"], cache.misses)
+    return family
