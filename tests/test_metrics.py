@@ -179,14 +179,15 @@ def test_messages_latency_fuel_storage_logs_denials_and_restarts_move(tmp_path: 
     assert m.value("wasmhost_component_storage_keys", **notes) == 1
     assert m.value("wasmhost_component_storage_bytes", **notes) > len("greetinghello")
     assert m.value("wasmhost_component_storage_operations_total", operation="set", **notes) == 1
-    assert m.value("wasmhost_storage_read_cache_bytes") > 0  # the committed set went in
     hits = m.value("wasmhost_storage_read_cache_lookups_total", result="hit")
-    assert call(d, "t/notes/0", b"get greeting").data == b"hello"
-    assert m.value("wasmhost_component_storage_operations_total", operation="get", **notes) == 1
-    assert m.value("wasmhost_storage_read_cache_lookups_total", result="hit") == hits + 1
     misses = m.value("wasmhost_storage_read_cache_lookups_total", result="miss")
-    assert call(d, "t/notes/0", b"get absent").ok
+    assert call(d, "t/notes/0", b"get greeting").data == b"hello"  # a miss: the namespace is read whole
+    assert m.value("wasmhost_component_storage_operations_total", operation="get", **notes) == 1
     assert m.value("wasmhost_storage_read_cache_lookups_total", result="miss") == misses + 1
+    assert m.value("wasmhost_storage_read_cache_lookups_total", result="hit") == hits + 1
+    assert m.value("wasmhost_storage_read_cache_bytes") > 0
+    assert call(d, "t/notes/0", b"get absent").ok  # known absent: a hit
+    assert m.value("wasmhost_storage_read_cache_lookups_total", result="hit") == hits + 2
 
     nostore = {"component": "t/nostore/0"}
     assert m.value("wasmhost_component_capability_denials_total", **nostore) == 0

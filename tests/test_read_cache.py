@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from wasmhost.core import ComponentId, StorageError
 from wasmhost.storage.accounting import entry_cost
-from wasmhost.storage.read_cache import ABSENT, ENTRY_OVERHEAD, MAX_VALUE_BYTES, ReadCache
+from wasmhost.storage.read_cache import ABSENT, DEFAULT_MAX_BYTES, ENTRY_OVERHEAD, MAX_VALUE_BYTES, ReadCache
 from wasmhost.storage.sqlite_store import SqliteStorage
 
 A = ComponentId.parse("org/a/0")
@@ -28,6 +28,7 @@ def storage(tmp_path: Path) -> SqliteStorage:
 
 def test_a_read_that_began_before_a_commit_never_brings_back_the_old_value() -> None:
     cache = ReadCache()
+    cache.offer("org/a/0", "k", b"older", cache.token("org/a/0"))  # held: commits update it
     began = cache.token("org/a/0")  # a worker starts reading "k" from SQLite and finds b"old"...
     cache.committed([("org/a/0", "k", b"new")])  # ...while the writer commits b"new"
     cache.offer("org/a/0", "k", b"old", began)
@@ -43,13 +44,26 @@ def test_a_read_that_began_before_a_commit_never_brings_back_the_old_value() -> 
     assert cache.lookup("org/a/0", "k") is None
 
 
+def test_commits_update_what_the_cache_holds_and_add_keys_only_to_whole_namespaces() -> None:
+    cache = ReadCache()
+    cache.committed([("flood/0", f"new-{i}", b"v") for i in range(1000)])  # a flood of new keys...
+    assert len(cache) == 0  # ...churns nothing
+    assert cache.fill("small/0", [("a", b"1")], cache.token("small/0"))
+    cache.committed([("small/0", "b", b"2"), ("small/0", "a", None)])
+    assert cache.lookup("small/0", "b") == b"2" and cache.lookup("small/0", "a") is ABSENT
+
+
 def test_the_cache_keeps_within_its_bytes_dropping_the_least_recently_used() -> None:
     per_entry = ENTRY_OVERHEAD + 2 + 10
     cache = ReadCache(max_bytes=3 * per_entry)
+
+    def read(key: str, value: bytes) -> None:
+        cache.offer("o", key, value, cache.token("o"))
+
     for key in ("k1", "k2", "k3"):
-        cache.committed([("o", key, b"x" * 10)])
+        read(key, b"x" * 10)
     assert cache.lookup("o", "k1") == b"x" * 10  # k1 is now the most recently used
-    cache.committed([("o", "k4", b"y" * 10)])
+    read("k4", b"y" * 10)
     assert cache.lookup("o", "k2") is None and cache.lookup("o", "k1") is not None
     assert len(cache) == 3 and cache.nbytes == 3 * per_entry
     cache.committed([("o", "k1", b"z" * (MAX_VALUE_BYTES + 1))])  # too large to keep: dropped, not stale
@@ -93,8 +107,14 @@ def test_a_failed_commit_clears_the_cache_and_reads_go_to_the_disk(storage: Sqli
     assert storage.get(A, "k") == b"committed"
 
 
+@pytest.mark.parametrize("cache_bytes", [DEFAULT_MAX_BYTES, 3 * (ENTRY_OVERHEAD + 16)],
+                         ids=["whole namespace", "key by key, evicted nonstop"])
 def test_readers_racing_the_writer_never_see_a_value_older_than_the_last_acknowledged(
-        storage: SqliteStorage) -> None:
+        tmp_path: Path, cache_bytes: int) -> None:
+    """Readers race a writer on one key. With a cache of three entries, a fourth thread reads other
+    keys nonstop, so the key is evicted and read from SQLite again and again: every such read races
+    the commits (without the token check this fails within a few hundred commits)."""
+    storage = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=1 << 20, cache_bytes=cache_bytes)
     acknowledged = -1
     stale: list[tuple[int, int]] = []
     done = threading.Event()
@@ -116,13 +136,24 @@ def test_readers_racing_the_writer_never_see_a_value_older_than_the_last_acknowl
             if seen < floor:
                 stale.append((seen, floor))
 
-    threads = [threading.Thread(target=write), *(threading.Thread(target=read) for _ in range(3))]
+    other = ComponentId.parse("org/evictor/0")
+    storage.set(other, "kept", b"too large a namespace to be read whole")
+
+    def evict() -> None:
+        i = 0
+        while not done.is_set():
+            storage.get(other, f"e{i % 50}")
+            i += 1
+
+    threads = [threading.Thread(target=write), threading.Thread(target=evict),
+               *(threading.Thread(target=read) for _ in range(3))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert acknowledged == 599 and stale == []
     assert storage.get(A, "counter") == b"599"
+    storage.close()
 
 
 def _write(store: SqliteStorage, owner: ComponentId, items: dict[str, bytes]) -> None:
