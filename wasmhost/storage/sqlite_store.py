@@ -329,8 +329,8 @@ class SqliteStorage:
         return refused
 
     def _settled(self, committed: bool) -> None:
-        """The writer's transaction ended: its writes go to the read cache, or, when the commit
-        failed, the cache is cleared (what reached the disk is unknown)."""
+        """The writer's transaction ended: the read cache learns its writes, or, when the commit
+        failed, is cleared (what reached the disk is unknown)."""
         writes, self._committing = self._committing, []
         if committed:
             self.cache.committed(writes)
