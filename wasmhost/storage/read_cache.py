@@ -128,8 +128,8 @@ class ReadCache:
                 return False
             for key, value in rows:
                 self._put(owner, key, value)
-            if any(len(value) > MAX_VALUE_BYTES or (owner, key) not in self._entries for key, value in rows):
-                return False  # not all of it is held: misses still go to SQLite
+            if any((owner, key) not in self._entries for key, _ in rows):
+                return False  # a value too large to keep (or evicted at once): misses still go to SQLite
             self._complete.add(owner)
             return True
 

@@ -20,7 +20,7 @@ from wasmhost.storage.accounting import PAGE_SIZE, entry_cost
 from wasmhost.storage.held import MessageWrites
 from wasmhost.storage.read_cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from wasmhost.storage.read_cache import Cached, ReadCache
-from wasmhost.storage.writer import StorageWriter, WriteOp, WriteUnit
+from wasmhost.storage.writer import StorageWriter, WriteOp, WriteUnit, Written
 
 log = structlog.get_logger("wasmhost.storage")
 
@@ -71,7 +71,6 @@ class SqliteStorage:
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.path = path
         self.cache = ReadCache(cache_bytes)
-        self._committing: list[tuple[str, str, bytes | None]] = []  # the open transaction's writes (writer thread)
         self.default_quota_bytes = default_quota_bytes
         self.write_timeout_s = write_timeout_s
         self._quotas: dict[str, int] = {}
@@ -272,22 +271,21 @@ class SqliteStorage:
             sizes.update(_SIZES.decode(row[0]) if row else {})  # type: ignore[arg-type]
         return sizes
 
-    def _apply(self, db: sqlite3.Connection, units: list[WriteUnit]) -> dict[int, StorageError]:
+    def _apply(self, db: sqlite3.Connection, units: list[WriteUnit]) -> tuple[dict[int, StorageError], Written]:
         """Apply a transaction's `units` in the writer's open transaction, with each owner's
-        up-to-date usage; returns the units refused (by id). The quota is checked per unit, in each
-        owner's order, on the sizes its earlier units leave: a unit that grows usage beyond it writes
-        nothing. The checks are made in Python before anything is written, so the units need no
-        savepoint each, and every owner's old sizes and usage are read, and the rows written, a
-        statement per chunk for the whole transaction, not per owner or per write: every statement
-        step lets go of the GIL, and getting it back behind busy guest threads may take a switch
-        interval (5 ms)."""
+        up-to-date usage; returns the units refused (by id) and what it wrote (for the read cache).
+        The quota is checked per unit, in each owner's order, on the sizes its earlier units leave: a
+        unit that grows usage beyond it writes nothing. The checks are made in Python before anything
+        is written, so the units need no savepoint each, and every owner's old sizes and usage are
+        read, and the rows written, a statement per chunk for the whole transaction, not per owner or
+        per write: every statement step lets go of the GIL, and getting it back behind busy guest
+        threads may take a switch interval (5 ms)."""
         by_owner: dict[str, list[WriteUnit]] = {}
         for unit in units:
             by_owner.setdefault(unit.owner, []).append(unit)
         sizes, usage = self._old_sizes(db, units, list(by_owner))
         refused: dict[int, StorageError] = {}
-        committing: list[tuple[str, str, bytes | None]] = []
-        self._committing = committing
+        written: Written = []
         puts: list[tuple[str, str, bytes]] = []
         usages: list[tuple[str, int, int]] = []
         for name, owned in by_owner.items():
@@ -315,7 +313,7 @@ class SqliteStorage:
             if not final:
                 continue
             usages.append((name, used, count))
-            committing.extend((name, key, value) for key, value in final.items())
+            written.extend((name, key, value) for key, value in final.items())
             puts.extend((name, key, value) for key, value in final.items() if value is not None)
             deletes = [key for key, value in final.items() if value is None]
             for at in range(0, len(deletes), _CHUNK):
@@ -326,16 +324,15 @@ class SqliteStorage:
                 chunk_rows = rows[at:at + _ROWS]
                 db.execute(f"INSERT OR REPLACE INTO {table} VALUES " + ",".join(["(?, ?, ?)"] * len(chunk_rows)),
                            [item for row in chunk_rows for item in row])
-        return refused
+        return refused, written
 
-    def _settled(self, committed: bool) -> None:
-        """The writer's transaction ended: the read cache learns its writes, or, when the commit
-        failed, is cleared (what reached the disk is unknown)."""
-        writes, self._committing = self._committing, []
-        if committed:
-            self.cache.committed(writes)
-        else:
+    def _settled(self, written: Written | None) -> None:
+        """The writer's transaction ended: the read cache learns what it wrote, or, when the commit
+        failed (None), is cleared (what reached the disk is unknown)."""
+        if written is None:
             self.cache.clear()
+        else:
+            self.cache.committed(written)
 
     @staticmethod
     def _old_sizes(db: sqlite3.Connection, units: list[WriteUnit], owners: list[str]) -> tuple[

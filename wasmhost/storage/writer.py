@@ -70,12 +70,14 @@ class WriteUnit:
         return sum(len(op.value) for op in self.ops if op.value is not None)
 
 
-Apply = Callable[[sqlite3.Connection, list[WriteUnit]], dict[int, StorageError]]
+Written = list[tuple[str, str, bytes | None]]
+"""What a transaction writes: (owner, key, value), None for a delete, the last per key."""
+Apply = Callable[[sqlite3.Connection, list[WriteUnit]], tuple[dict[int, StorageError], Written]]
 """Applies a transaction's units (each owner's in order) inside the open transaction; returns the
-errors of the units it refused (by id): they write nothing, the others are written."""
-Settled = Callable[[bool], None]
-"""Told whether the transaction `Apply` wrote was committed (True) or not (False), before any of
-its units is finished."""
+errors of the units it refused (by id): they write nothing, the others are written; and what it wrote."""
+Settled = Callable[[Written | None], None]
+"""Told what a transaction wrote once it is committed (None: it was not), before any of its units is
+finished."""
 
 
 class StorageWriter:
@@ -249,13 +251,15 @@ class StorageWriter:
     def _commit(self, batch: list[WriteUnit]) -> None:
         """Apply `batch` in one transaction and acknowledge each unit after the commit."""
         failed: dict[int, StorageError] = {}
+        written: Written = []
         try:
             if self._db is None:
                 self._db = self._connect()
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                failed.update(self._apply(db, batch))
+                refused, written = self._apply(db, batch)
+                failed.update(refused)
                 db.execute("COMMIT")
             except BaseException:
                 with suppress(sqlite3.Error):
@@ -268,22 +272,22 @@ class StorageWriter:
                 with suppress(sqlite3.Error):
                     self._db.close()
                 self._db = None
-            self._tell_settled(False)
+            self._tell_settled(None)
             self._finish_all(batch, failed, StorageError("io-error", str(exc)))
             return
         except Exception as exc:  # a bug must fail this batch, not stop the writer
             log.exception("storage_batch_failed")
             self._on_io_error(exc)
-            self._tell_settled(False)
+            self._tell_settled(None)
             self._finish_all(batch, {}, StorageError("io-error", f"{type(exc).__name__}: {exc}"))
             return
         self.batches += 1
-        self._tell_settled(True)
+        self._tell_settled(written)
         self._finish_all(batch, failed)
 
-    def _tell_settled(self, committed: bool) -> None:
+    def _tell_settled(self, written: Written | None) -> None:
         if self._settled is not None:
-            self._settled(committed)
+            self._settled(written)
 
     def _finish_all(self, units: list[WriteUnit], errors: dict[int, StorageError],
                     default: StorageError | None = None) -> None:
