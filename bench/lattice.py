@@ -267,19 +267,19 @@ async def _replica_rates(a: Daemon, b: Daemon, url: str, seconds: float) -> tupl
     machine): host A's replica is stopped, measured, started, measured, and again."""
     conn = await Control.open(a.socket)
     ones, twos = [], []
+
+    async def host_a_runs_it(running: bool) -> None:
+        answer = await conn.ask(protocol.Start(str(HASHER)) if running else protocol.Stop(str(HASHER)))
+        if not answer.ok:
+            raise RuntimeError(f"{'start' if running else 'stop'} {HASHER} on host A: {answer.error}")
+        await _until_seen(b.socket, lambda rows: ((str(HASHER), "host-a", "running") in rows) == running,
+                          f"host B sees host A's hasher {'running' if running else 'stopped'}")
+
     try:
         for _ in range(REPLICA_TURNS):
-            stopped = await conn.ask(protocol.Stop(str(HASHER)))
-            if not stopped.ok:
-                raise RuntimeError(f"stop {HASHER} on host A: {stopped.error}")
-            await _until_seen(b.socket, lambda rows: (str(HASHER), "host-a", "running") not in rows,
-                              "host B sees host A's hasher stopped")
+            await host_a_runs_it(False)
             ones.append(await _hash_rate(url, seconds))
-            started = await conn.ask(protocol.Start(str(HASHER)))
-            if not started.ok:
-                raise RuntimeError(f"start {HASHER} on host A: {started.error}")
-            await _until_seen(b.socket, lambda rows: (str(HASHER), "host-a", "running") in rows,
-                              "host B sees host A's hasher running again")
+            await host_a_runs_it(True)
             twos.append(await _hash_rate(url, seconds))
         print(f"lattice: hasher req/s, one replica {[round(r) for r in ones]}, two {[round(r) for r in twos]}")
         return statistics.median(ones), statistics.median(twos)
