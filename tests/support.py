@@ -178,8 +178,10 @@ async def plain_supervisor(runtime: Runtime, threads: int = 8, host_max_message_
 
 
 @asynccontextmanager
-async def guarded_supervisor(runtime: Runtime, storage_path: Path, quota_bytes: int) -> AsyncIterator[object]:
-    """A Supervisor with real SQLite storage and capability checks, as the daemon wires it."""
+async def guarded_supervisor(runtime: Runtime, storage_path: Path, quota_bytes: int,
+                             cache_bytes: int | None = None) -> AsyncIterator[object]:
+    """A Supervisor with real SQLite storage (its read cache `cache_bytes`, else the default) and
+    capability checks, as the daemon wires it."""
     from wasmhost.actors.supervisor import Supervisor
     from wasmhost.actors.workers import WorkerPool
     from wasmhost.messaging.router import MessageRouter
@@ -189,7 +191,8 @@ async def guarded_supervisor(runtime: Runtime, storage_path: Path, quota_bytes: 
 
     workers = WorkerPool(4)
     permissions = CapabilityChecker()
-    storage = SqliteStorage(storage_path, default_quota_bytes=quota_bytes)
+    storage = (SqliteStorage(storage_path, default_quota_bytes=quota_bytes) if cache_bytes is None
+               else SqliteStorage(storage_path, default_quota_bytes=quota_bytes, cache_bytes=cache_bytes))
     router = MessageRouter(asyncio.get_running_loop(), permissions)
     try:
         async with Supervisor(HostStores(runtime, router, storage, permissions), router, workers) as sup:

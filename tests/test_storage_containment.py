@@ -381,3 +381,28 @@ async def test_a_storage_flooding_guest_does_not_starve_its_neighbours_writes(gu
     # room for this thread being descheduled). Before the writer was fair: thousands of writes at times.
     assert all(count % 200 == 0 for count in counts), counts
     assert sum(counts) // 200 <= 3 * len(counts), counts
+
+
+@pytest.mark.anyio
+async def test_a_guest_reading_endless_distinct_keys_keeps_the_read_cache_bounded_and_its_neighbour_right(
+        runtime: Runtime, tmp_path: Path) -> None:
+    cache_bytes = 16 * 1024
+    async with guarded_supervisor(runtime, tmp_path / "storage.sqlite3", 1 << 30, cache_bytes) as sup:
+        assert isinstance(sup, Supervisor) and sup.stores.permissions is not None
+        prober, neighbour = "test-org/storage/1", "test-org/storage/0"
+        for cid in (prober, neighbour):
+            sup.stores.permissions.grant(ComponentId.parse(cid), Capabilities(storage=True))
+            await launch(sup, "storage", cid)
+        for i in range(20):  # too large a namespace to be read whole: its misses go to SQLite, key by key
+            assert await ask(sup, prober, f"set k{i} {'v' * 64}".encode()) == b"ok"
+        assert await ask(sup, neighbour, b"set hot mine") == b"ok"
+        store = sup.stores.storage
+        assert store is not None
+        for i in range(600):  # each a new key: a cache entry that evicts an older one
+            await ask(sup, prober, f"get probe-{i}".encode())
+            if i % 50 == 0:
+                assert await ask(sup, neighbour, b"get hot") == b"mine"
+            assert store.cache.nbytes <= cache_bytes
+        assert await ask(sup, neighbour, b"set hot changed") == b"ok"
+        assert await ask(sup, neighbour, b"get hot") == b"changed"
+        assert await ask(sup, prober, b"get k7") == b"v" * 64
