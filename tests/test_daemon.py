@@ -467,6 +467,23 @@ def test_the_log_file_setting_writes_json_lines(tmp_path: Path) -> None:
     assert "daemon_ready" in events and events[-1] == "stopped"
 
 
+def test_a_relative_log_file_is_beside_the_config_also_when_the_config_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "wasmhost.toml"
+    good = config_text(tmp_path / "state", BASIC).replace("[host]\n", '[host]\nlog_file = "logs/wasmhost.log"\n')
+    (tmp_path / "logs").mkdir()
+    config.write_text(good)
+    d = Daemon(tmp_path, config)
+    d.expect("READY=1")
+    assert d.stop() == 0
+    logged = tmp_path / "logs" / "wasmhost.log"
+    assert [json.loads(line)["event"] for line in logged.read_text().splitlines()][-1] == "stopped"
+    config.write_text(good + component("t/echo/0", "echo"))  # a duplicate id: the daemon refuses to start
+    result = wasmhost("run", "--config", str(config))
+    assert result.returncode == 1 and "duplicate id 't/echo/0'" in result.stderr
+    last = json.loads(logged.read_text().splitlines()[-1])
+    assert last["event"] == "config_invalid" and last["source"] == str(config), last
+
+
 def test_ready_comes_after_the_first_attempt_of_a_component_whose_initialize_never_ends(daemon: object) -> None:
     """READY=1 waits for every component's first attempt, not for all the restarts of one that keeps
     failing (five initialize deadlines plus backoff)."""

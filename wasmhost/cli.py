@@ -105,16 +105,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
     from wasmhost.runtime.guest_log import flush_suppressed
+    from wasmhost.system.config import Config, ConfigError, load_config
     from wasmhost.system.daemon import run_daemon
     from wasmhost.system.detached import busy
     from wasmhost.system.logging import configure_logging, shutdown_logging
 
     source = config_path(args)
-    level, fmt, log_file = _log_settings(source)
+    # Read once, before logging starts: its [host] table says how to log. 10,000 components take 0.2 s
+    # to parse; a second read for the daemon would double that and could see another file.
+    config: Config | ConfigError
+    level: str
+    fmt: str
+    try:
+        config = load_config(source)
+        level, fmt, log_file = config.host.log_level, config.host.log_format, _log_path(source, config.host.log_file)
+    except ConfigError as exc:
+        config = exc  # logged by the daemon, with logging set up from the [host] values that are valid
+        level, fmt, log_file = _log_settings(source)
     configure_logging(args.log_level or level, args.log_format or fmt, log_file)
     code = 1
     try:
-        code = uvloop.run(run_daemon(source))
+        code = uvloop.run(run_daemon(config))
         return code
     finally:
         flush_suppressed()  # the last `suppressed=N` counts of guests that flooded their logs
@@ -126,14 +137,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _log_settings(source: Path) -> tuple[str, str, str | None]:
+    """Logging settings of a configuration that did not validate: its [host] values, as far as TOML reads."""
     try:
         host = tomllib.loads(source.read_text()).get("host", {})
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         host = {}
     log_file = host.get("log_file")
-    if isinstance(log_file, str) and log_file and not os.path.isabs(log_file):
-        log_file = str(source.parent / log_file)
-    return str(host.get("log_level", "info")), str(host.get("log_format", "auto")), log_file or None
+    return (str(host.get("log_level", "info")), str(host.get("log_format", "auto")),
+            _log_path(source, log_file if isinstance(log_file, str) else None))
+
+
+def _log_path(source: Path, log_file: str | None) -> str | None:
+    """`log_file` as the daemon opens it: relative to the configuration's directory; None (or empty): stderr."""
+    if not log_file:
+        return None
+    return log_file if os.path.isabs(log_file) else str(source.parent / log_file)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

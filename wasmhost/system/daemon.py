@@ -699,14 +699,12 @@ class Daemon:
         return protocol.Response(True, data=actor.state.value)
 
 
-async def run_daemon(config_path: Path) -> int:
-    """Load the config and run the daemon; config errors at start exit with 1."""
+async def run_daemon(config: Config | ConfigError) -> int:
+    """Run the daemon on the configuration `run` read (see cli.cmd_run); config errors exit with 1."""
     affinity.anchor()  # the event loop's thread, and the threads it starts (see core/affinity.py)
-    try:
-        config = await asyncio.to_thread(load_config, config_path)
-    except ConfigError as exc:
-        log.error("config_invalid", source=exc.source, errors=exc.errors)
-        print(exc, file=sys.stderr)
+    if isinstance(config, ConfigError):
+        log.error("config_invalid", source=config.source, errors=config.errors)
+        print(config, file=sys.stderr)
         return 1
     try:
         daemon = Daemon(config)
