@@ -182,13 +182,15 @@ class ComponentActor:
         self._idle: anyio.CancelScope | None = None  # a wait with no instance (compile, backoff, suspended):
         # a stop ends it at once, there is nothing to drain into
         self._task_status: TaskStatus[None] | None = None  # until the first attempt has ended
-        self._ended = anyio.Event()  # the task has let go of the Store and answered everything
-        self._attempted = anyio.Event()  # set (and replaced) whenever a boot attempt ends, and when the task ends
+        # asyncio's own events and lock, not anyio's: every actor makes six (10,000 actors at a start), at
+        # 0.2 us each against 1.5 us (measured); all are set and awaited on the event loop only.
+        self._ended = asyncio.Event()  # the task has let go of the Store and answered everything
+        self._attempted = asyncio.Event()  # set (and replaced) whenever a boot attempt ends, and when the task ends
         self._suspend_wanted = False
-        self._suspended = anyio.Event()
-        self._resume: anyio.Event | None = None  # set by `resume`; None while not suspended
-        self._gate: anyio.Event | None = None  # after a failure, the restart waits for it (group restarts)
-        self._restarting = anyio.Lock()  # one requested restart at a time, each counted
+        self._suspended = asyncio.Event()
+        self._resume: asyncio.Event | None = None  # set by `resume`; None while not suspended
+        self._gate: asyncio.Event | None = None  # after a failure, the restart waits for it (group restarts)
+        self._restarting = asyncio.Lock()  # one requested restart at a time, each counted
         self._next_health = 0.0
         self._in_hand = 0
         self._handover: Handover | None = None  # asked for, not yet taken up by the actor task
@@ -277,7 +279,7 @@ class ComponentActor:
         self._running = True
         self._stopping = False
         self._drain_deadline = math.inf
-        self._ended = anyio.Event()
+        self._ended = asyncio.Event()
         self.mailbox.reopen()
         self.state = ActorState.STARTING
         try:
@@ -333,7 +335,7 @@ class ComponentActor:
         if not self._running or self.state is not ActorState.RUNNING or self._stopping:
             return False
         self._suspend_wanted = True
-        self._suspended = anyio.Event()
+        self._suspended = asyncio.Event()
         self.mailbox.wake()
         await self._suspended.wait()  # set by the task, or when it ends
         return self._resume is not None
@@ -347,13 +349,13 @@ class ComponentActor:
         resume.set()
         await attempt.wait()
 
-    def hold_restart(self) -> anyio.Event:
+    def hold_restart(self) -> asyncio.Event:
         """Make the restart after the current failure wait (after its backoff) until the returned event is set."""
-        gate = anyio.Event()
+        gate = asyncio.Event()
         self._gate = gate
         return gate
 
-    def next_attempt(self) -> anyio.Event:
+    def next_attempt(self) -> asyncio.Event:
         """Set when the next boot attempt has ended (or the task has)."""
         return self._attempted
 
@@ -426,7 +428,7 @@ class ComponentActor:
             self._task_status.started()
             self._task_status = None
         self._attempted.set()
-        self._attempted = anyio.Event()
+        self._attempted = asyncio.Event()
 
     async def _compile(self) -> bool:
         """Get the StoreManager, compiling the component first if need be; False if that failed (the
@@ -568,7 +570,7 @@ class ComponentActor:
         with anyio.move_on_after(self.spec.shutdown_timeout + STOP_GRACE):
             await self._shutdown()
         log.info("component_terminated", component=self.name, reason="restart")
-        self._resume = anyio.Event()
+        self._resume = asyncio.Event()
         self._suspended.set()
         with anyio.CancelScope() as self._idle:
             if not self._stopping:

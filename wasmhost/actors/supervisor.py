@@ -174,7 +174,7 @@ class Supervisor:
         return [m for m in members if m is actor or m.state is ActorState.RUNNING]
 
     async def _restart_group(self, failed: ComponentActor, members: list[ComponentActor],
-                             release: anyio.Event) -> None:
+                             release: asyncio.Event) -> None:
         """Terminate the siblings of `failed` in reverse start order, then start every member again in
         start order, each once the one before it has had its attempt. Each step is bounded by the
         member's own bounds (a batch in progress, shutdown_timeout, its initialize deadline)."""
