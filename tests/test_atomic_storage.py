@@ -296,6 +296,35 @@ def test_when_a_commit_in_flight_fails_the_next_batch_fails_with_it(tmp_path: Pa
         storage.close()
 
 
+def test_later_batches_delete_and_count_keys_an_earlier_batch_committed(tmp_path: Path) -> None:
+    """One held object across batches, as an actor keeps it while each commit is in flight: a key the
+    first batch wrote, committed while the second ran, is what the third deletes and rewrites."""
+    storage = SqliteStorage(tmp_path / "s.sqlite3")
+    try:
+        held = storage.hold(OWNER)
+        held.set("k", b"v" * 100)  # batch 1: a new key
+        held.end_message(True)
+        first = held.start_commit()
+        held.set("j", b"j")  # batch 2
+        held.end_message(True)
+        second = held.start_commit()  # batch 1 is committed now; batch 2 takes its place in flight
+        assert first is not None and first.wait() is None and second is not None
+        held.delete("k")  # batch 3
+        held.end_message(True)
+        assert held.get("k") is None and held.usage().key_count == 1
+        third = held.start_commit()
+        assert third is not None and third.wait() is None
+        assert storage.get(OWNER, "k") is None and storage.list_keys(OWNER, None) == ["j"]
+        held.set("k", b"w" * 1000)  # batch 4: back again, counted once
+        held.end_message(True)
+        expected = held.usage()
+        fourth = held.start_commit()
+        assert fourth is not None and fourth.wait() is None
+        assert storage.usage(OWNER) == expected and expected.key_count == 2
+    finally:
+        storage.close()
+
+
 FILLERS = [b"g z"] * (BATCH_SIZE - 1)
 """Queued behind a batch's first message, they fill its batch: what comes next is the next batch."""
 

@@ -257,10 +257,12 @@ class MessageWrites:
         previous, self._pending = self._pending, None
         if previous is not None:
             error = previous.wait()
-            self._flight = {}
+            committed, self._flight = self._flight, {}
             if error is not None:
                 self._forget()
                 raise error
+            for key, held in committed.items():  # what later writes of these keys replace now
+                self._committed_cost[key] = held.cost
         units, self._units = self._units, []
         if not units:
             self._forget()
