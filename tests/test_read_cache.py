@@ -3,8 +3,10 @@ interleaving with the writer, and it stays within its bytes however many keys a 
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,28 @@ def test_a_guest_reading_endless_distinct_keys_keeps_the_cache_within_its_bytes(
     assert store.cache.lookup(str(neighbour), "hot") is None  # evicted by the flood...
     assert store.get(neighbour, "hot") == b"mine"  # ...so read from the disk again
     store.close()
+
+
+def test_the_cache_bound_counts_wide_keys_and_long_component_ids_as_the_memory_they_take(tmp_path: Path) -> None:
+    """A guest's keys with one character outside the BMP take 4 bytes per character in Python, and each
+    read names its component afresh: the cache's real memory stays within its bytes all the same."""
+    limit = 256 * 1024
+    store = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=1 << 24, cache_bytes=limit)
+    owner = ComponentId.parse("n" * 300 + "/" + "m" * 300 + "/0")
+    store.set(owner, "big", b"x" * limit)  # too large to be read whole: every probe is a miss kept as absent
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(3_000):
+            assert store.get(owner, f"{i:06d}" + "a" * 500 + "\U0001F600") is None
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        store.close()
+    assert len(store.cache) > 50 and store.cache.nbytes <= limit
+    assert held <= 1.25 * limit, f"the cache holds {held} bytes for a bound of {limit}"
 
 
 def test_a_small_namespace_is_read_whole_at_its_first_miss_then_absent_keys_cost_no_disk_read(

@@ -17,7 +17,8 @@ Whole namespaces. A component whose storage is small (at most 1 / WHOLE_SHARE of
 whole at its first miss (`fill`); from then on its namespace is *complete*: a key the cache does not
 hold is known to be absent, and no read of it goes to SQLite, until one of its entries is evicted.
 
-Bounds. At most `max_bytes` (each entry counted as its key, its value and ENTRY_OVERHEAD), least
+Bounds. At most `max_bytes` (each entry counted as its key as Python stores it, its value and
+ENTRY_OVERHEAD; an owner's name is kept once, whatever string object each read brings), least
 recently used first out; values above MAX_VALUE_BYTES are never kept. A guest reading many keys
 evicts other components' entries, which then cost one SQLite read again: never more than without
 the cache.
@@ -25,6 +26,7 @@ the cache.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -43,6 +45,7 @@ MAX_VALUE_BYTES = 4096
 """Larger values are read from SQLite every time: copying them dwarfs the read itself."""
 ENTRY_OVERHEAD = 240
 """Python's own bytes per entry (the key tuple, its strings, the value object, the dict slot; measured)."""
+_EMPTY_STRING_BYTES = sys.getsizeof("")
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 WHOLE_SHARE = 8
 """A namespace is read whole when it would take at most max_bytes / WHOLE_SHARE of the cache."""
@@ -158,6 +161,7 @@ class ReadCache:
     def _put(self, owner: str, key: str, entry: Cached) -> None:
         """Store or replace one entry and evict down to max_bytes (under the lock). An entry that
         cannot be kept, or an evicted one, makes its namespace incomplete."""
+        owner = sys.intern(owner)  # each read brings its own copy of the name: keep one
         old = self._entries.pop((owner, key), None)
         if old is not None:
             self._bytes -= self._cost(key, old)
@@ -173,4 +177,6 @@ class ReadCache:
 
     @staticmethod
     def _cost(key: str, entry: Cached) -> int:
-        return ENTRY_OVERHEAD + len(key) + (len(entry) if isinstance(entry, bytes) else 0)
+        # The key as stored: 1, 2 or 4 bytes per character (one emoji makes every character 4 bytes).
+        key_bytes = sys.getsizeof(key) - _EMPTY_STRING_BYTES
+        return ENTRY_OVERHEAD + key_bytes + (len(entry) if isinstance(entry, bytes) else 0)
