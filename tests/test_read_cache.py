@@ -222,6 +222,32 @@ def test_a_small_namespace_is_read_whole_at_its_first_miss_then_absent_keys_cost
     reopened.close()
 
 
+def test_a_namespace_read_whole_is_read_from_one_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit landing between the namespace's size check and the read of its rows does not make the
+    read pull what the check did not count (a namespace grown to its quota, into memory at once)."""
+    store = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=1 << 24)
+    _write(store, A, {"small": b"s"})
+    check = store.cache.fits_whole
+    fill = store.cache.fill
+    read: list[list[tuple[str, bytes]]] = []
+
+    def check_then_grow(used: int, keys: int) -> bool:
+        fits = check(used, keys)
+        store.set(A, "huge", b"h" * (2 << 20))  # committed by the writer thread while the read is open
+        return fits
+
+    def kept(owner: str, rows: list[tuple[str, bytes]], token: tuple[int, int]) -> bool:
+        read.append(rows)
+        return fill(owner, rows, token)
+
+    monkeypatch.setattr(store.cache, "fits_whole", check_then_grow)
+    monkeypatch.setattr(store.cache, "fill", kept)
+    assert store.get(A, "small") == b"s"
+    assert read == [[("small", b"s")]]  # the rows the size check counted, not the 2 MiB committed since
+    assert store.get(A, "huge") == b"h" * (2 << 20)  # and the cache, voided by that commit, reads it from disk
+    store.close()
+
+
 def test_a_namespace_holding_a_large_value_or_losing_an_entry_is_no_longer_whole(tmp_path: Path) -> None:
     store = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=1 << 20)
     assert store.get(A, "x") is None  # read whole: empty

@@ -218,12 +218,14 @@ class SqliteStorage:
         cached = self.cache.lookup(owner, key)
         if cached is None and self.cache.claim_whole(owner):
             token = self.cache.token(owner)
-            usage = self._row("SELECT used_bytes, key_count FROM usage WHERE owner = ?", (owner,)) or (0, 0)
-            if self.cache.fits_whole(int(usage[0]), int(usage[1])):  # type: ignore[call-overload]
-                with self._transaction() as db:
+            rows = None
+            with self._transaction() as db:  # one snapshot: a commit in between cannot grow what is read
+                used, keys = db.execute("SELECT used_bytes, key_count FROM usage WHERE owner = ?",
+                                        (owner,)).fetchone() or (0, 0)
+                if self.cache.fits_whole(used, keys):
                     rows = db.execute("SELECT key, value FROM kv WHERE owner = ?", (owner,)).fetchall()
-                if self.cache.fill(owner, rows, token):
-                    cached = self.cache.lookup(owner, key)
+            if rows is not None and self.cache.fill(owner, rows, token):
+                cached = self.cache.lookup(owner, key)
         return cached
 
     def set(self, owner: ComponentId, key: str, value: bytes) -> None:
