@@ -317,3 +317,45 @@ def test_reads_through_the_cache_match_a_model_of_the_committed_messages(
                 assert usage.used_bytes == sum(entry_cost(str(A), k, len(v)) for k, v in committed.items())
         finally:
             store.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(BATCH, max_size=6))
+def test_pipelined_batches_on_one_held_object_match_a_model_of_the_committed_messages(
+        batches: list[list[tuple[list[tuple[str, str, bytes | None]], bool]]]) -> None:
+    """As an actor runs: one held object across batches, each batch handed to the writer without
+    waiting and the next handled meanwhile. Every read and the usage inside a message, and what is
+    committed in the end, equal a plain dict's answer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqliteStorage(Path(tmp) / "s.sqlite3", default_quota_bytes=1 << 20)
+        committed: dict[str, bytes] = {}  # through the last batch handed over
+        held = store.hold(A)
+        pending = None
+        try:
+            for batch in batches:
+                kept = dict[str, bytes | None]()
+                for ops, ok in batch:
+                    current = dict[str, bytes | None]()
+                    for op, key, value in ops:
+                        if op == "set":
+                            held.set(key, value or b"")
+                            current[key] = value or b""
+                        elif op == "delete":
+                            held.delete(key)
+                            current[key] = None
+                        else:
+                            assert held.get(key) == _applied(committed, {**kept, **current}).get(key)
+                    seen = _applied(committed, {**kept, **current})
+                    assert held.usage().key_count == len(seen)
+                    assert held.usage().used_bytes == sum(entry_cost(str(A), k, len(v)) for k, v in seen.items())
+                    held.end_message(ok)
+                    if ok:
+                        kept.update(current)
+                committed = _applied(committed, kept)
+                pending = held.start_commit() or pending  # waits for the batch before, not for this one
+            if pending is not None:
+                assert pending.wait() is None
+            assert {k: store.get(A, k) for k in ("a", "b", "c") if store.exists(A, k)} == committed
+            assert store.usage(A).key_count == len(committed)
+        finally:
+            store.close()
