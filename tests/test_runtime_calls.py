@@ -235,16 +235,21 @@ def test_a_guest_cut_by_ticks_nonstop_gives_its_thread_back_at_least_every_secon
         return poll(future)
 
     monkeypatch.setattr(capi, "call_future_poll", counted)
-    per_turn = []
+    every_turn: list[int] = []
     with epoch_ticking_nonstop(runtime):
-        steps = busy.handle_message_steps(message(b"100000"))
-        with pytest.raises(StopIteration) as ended:
-            while True:
-                next(steps)
-                per_turn.append(polls[0])
-                polls[0] = 0
-    assert ended.value.value == b"100000"
-    assert len(per_turn) > 10 and max(per_turn) <= 2  # a cut slice goes on once, never more
+        for _ in range(50):  # until the ticks cut a call often enough to judge: a loaded machine may not run the ticker
+            per_turn = []
+            steps = busy.handle_message_steps(message(b"100000"))
+            with pytest.raises(StopIteration) as ended:
+                while True:
+                    next(steps)
+                    per_turn.append(polls[0])
+                    polls[0] = 0
+            assert ended.value.value == b"100000"
+            every_turn += per_turn
+            if len(per_turn) > 10:
+                break
+    assert len(per_turn) > 10 and max(every_turn) <= 2  # a cut slice goes on once, never more
 
 
 def test_memory_hog_cannot_pass_its_cap(start: Starter) -> None:
