@@ -182,3 +182,39 @@ async def test_a_guest_naming_ever_new_targets_keeps_the_id_cache_bounded(superv
     assert isinstance(converter, ComponentIdConverter)
     assert 0 < converter.cached <= CACHED_IDS
     assert await query(supervisor, echo, b"after") == b"after"
+
+
+async def test_a_stopping_requester_still_gets_the_callbacks_of_its_requests(supervisor: Supervisor) -> None:
+    """A stop drains the queue: a reply that arrives meanwhile is handled as a callback, not dropped."""
+    busy = await launch(supervisor, "busy", "busy")
+    pinger = await launch(supervisor, "pinger", "pinger")
+    await supervisor.router.host_send(busy.component_id, b"50000000")  # busy for a while: the request waits
+    await supervisor.router.host_send(pinger.component_id, f"{address(busy)}|1".encode())  # one request, no chain
+    await supervisor.router.host_send(pinger.component_id, b"z1500")  # then it sleeps: the reply waits in its queue
+    with anyio.fail_after(10):
+        while supervisor.router.pending_by_requester().get(pinger.component_id) != 1:
+            await asyncio.sleep(0.002)
+    await supervisor.stop(pinger.component_id, 10.0)  # the mailbox is sealed at once, then drained
+    assert busy.stats.handled == 2  # the long job, then the request: answered while the pinger was stopping
+    assert pinger.stats.handled == 3 and supervisor.router.pending_by_requester() == {}  # the callback too
+
+
+async def test_a_request_whose_deadline_passes_while_it_is_queued_ends_with_one_outcome(
+        supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our router's logic, with the race placed by hand: the request's deadline fires while it is being
+    queued and the target's mailbox turns out full. The guest gets its id and one `timeout` callback,
+    not an error as well."""
+    echo = await launch(supervisor, "echo", "echo")
+    pinger = await launch(supervisor, "pinger", "pinger")
+    router = supervisor.router
+
+    def deadline_then_full(envelope: Envelope) -> bool:
+        assert envelope.correlation_id is not None
+        router._expire(envelope.correlation_id)  # the loop's timer, had it run just now
+        return False
+
+    monkeypatch.setattr(echo.mailbox, "offer", deadline_then_full)
+    correlation_id = router.request(pinger.component_id, echo.component_id, b"7", 5)
+    await settle(supervisor, pinger, b"?callbacks", b"1")
+    assert correlation_id and await query(supervisor, pinger, b"?failures") == b"0"
+    assert router.pending_by_requester() == {}

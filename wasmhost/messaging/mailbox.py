@@ -38,6 +38,8 @@ class Mailbox:
         self._space = asyncio.Event()
         self._space.set()
         self.closed = False
+        """No new envelopes (sealed or closed); callbacks still come in until `close`."""
+        self._ended = False  # closed: not even callbacks
         self.on_filled: Callable[[], None] | None = None
         """Called (on the thread that filled it) when the mailbox goes from empty to not empty: its
         actor's `status` row shows the queue (see actors/changes.py)."""
@@ -63,12 +65,13 @@ class Mailbox:
         return self._append(envelope, bounded=True)
 
     def force(self, envelope: Envelope) -> bool:
-        """Enqueue past the capacity (for callbacks answering this actor's own requests); False when closed."""
+        """Enqueue past the capacity (for callbacks answering this actor's own requests); False once
+        closed. A sealed mailbox, being drained, still takes them: its actor may still handle them."""
         return self._append(envelope, bounded=False)
 
     def _append(self, envelope: Envelope, bounded: bool) -> bool:
         with self._lock:
-            if self.closed or (bounded and len(self._items) >= self.capacity):
+            if (self.closed if bounded else self._ended) or (bounded and len(self._items) >= self.capacity):
                 return False
             was_empty = not self._items
             self._items.append(envelope)
@@ -147,7 +150,7 @@ class Mailbox:
     def close(self) -> list[Envelope]:
         """Refuse new envelopes and hand back everything still queued."""
         with self._lock:
-            self.closed = True
+            self.closed = self._ended = True
             remaining = list(self._items)
             self._items.clear()
         self._ready.set()
@@ -157,7 +160,7 @@ class Mailbox:
     def reopen(self) -> None:
         """Accept envelopes again (after a stopped actor is started anew)."""
         with self._lock:
-            self.closed = False
+            self.closed = self._ended = False
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -230,9 +230,12 @@ class MessageRouter:
                                                 correlation_id=correlation_id))
         except MessagingError:
             with self._lock:
-                self._pending.pop(correlation_id, None)
+                still_pending = self._pending.pop(correlation_id, None) is not None
             self._deadlines.discard(correlation_id)
-            raise
+            if still_pending:
+                raise
+            # Its deadline fired while it was being queued: the `timeout` callback on its way is its one
+            # outcome, so the guest gets the id it names rather than an error as well.
         return correlation_id
 
     def cancel_request(self, sender: ComponentId, request_id: str) -> None:
