@@ -20,13 +20,16 @@ from wasmhost.actors.restart import Backoff
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
-from wasmhost.core import ComponentId
-from wasmhost.core.errors import StorageError
+from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.core.errors import StorageError, WasmError
 from wasmhost.core.limits import ResourceLimits
+from wasmhost.core.metadata import HealthStatus
 from wasmhost.messaging.outcome import Outcome, RequestFailed
 from wasmhost.messaging.router import MessageRouter
+from wasmhost.runtime.host_fn import HostContext
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.storage.accounting import entry_cost
+from wasmhost.storage.held import PendingCommit
 from wasmhost.storage.sqlite_store import SqliteStorage
 from wasmhost.system.stores import HostStores
 
@@ -323,6 +326,36 @@ def test_later_batches_delete_and_count_keys_an_earlier_batch_committed(tmp_path
         assert storage.usage(OWNER) == expected and expected.key_count == 2
     finally:
         storage.close()
+
+
+def test_a_health_check_between_two_messages_of_a_batch_writes_as_a_unit_of_its_own(
+        tmp_path: Path, runtime: Runtime) -> None:
+    """A probe of the rollout check can run between two messages of a batch: its write must neither
+    join the next message's (dropped when that one fails) nor wait for that message to end."""
+    storage = SqliteStorage(tmp_path / "s.sqlite3")
+    cid = ComponentId("t", "healthwriter", "0")
+    host = HostContext(cid, storage=storage)
+    guest = runtime.store(runtime.load(cid, fixture_path("healthwriter")), cid, None, host)
+    try:
+        guest.instantiate()
+        guest.initialize(ComponentConfig())
+        host.hold_writes()  # a batch begins
+        assert guest.handle_message(_message(b"s a")) == b"v1"
+        host.end_message(True)
+        assert guest.health() is HealthStatus.HEALTHY  # the probe, between two messages: writes "h"
+        with pytest.raises(WasmError, match="failed on purpose"):
+            guest.handle_message(_message(b"e b"))  # writes "b", then fails
+        host.end_message(False)
+        commit = host.start_commit()
+        assert isinstance(commit, PendingCommit) and commit.wait() is None
+        assert {key: storage.get(cid, key) for key in ("a", "h", "b")} == {"a": b"v1", "h": b"1", "b": None}
+    finally:
+        guest.close()
+        storage.close()
+
+
+def _message(payload: bytes) -> ComponentMessage:
+    return ComponentMessage(ComponentId("t", "host", "0"), payload, MessageMetadata(timestamp=Timestamp.now()))
 
 
 FILLERS = [b"g z"] * (BATCH_SIZE - 1)

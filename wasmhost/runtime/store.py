@@ -487,9 +487,19 @@ class StoreManager:
         )
 
     def health_steps(self) -> Steps[HealthStatus]:
-        """Call `health`."""
+        """Call `health`. Between two messages of a batch (a probe), what it writes is a unit of its
+        own: kept when it returns, dropped when it fails, committed with the batch either way, never
+        joined to the next message's writes."""
         self._require(InstanceState.INITIALIZED)
-        return HealthStatus((yield from self._call_steps("health", [])))
+        if self._future:  # a message's call is suspended between slices: its writes are not ours to end
+            raise InstanceStateError(f"{self.name}: cannot call health: a call is already in progress")
+        try:
+            status = HealthStatus((yield from self._call_steps("health", [])))
+        except BaseException:
+            self.host.end_message(False)
+            raise
+        self.host.end_message(True)
+        return status
 
     def shutdown_steps(self, deadline_ms: int | None = None) -> Steps[None]:
         """Call `shutdown`, interrupted after `deadline_ms` when given (else the usual limit);
