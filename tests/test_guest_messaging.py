@@ -218,3 +218,18 @@ async def test_a_request_whose_deadline_passes_while_it_is_queued_ends_with_one_
     await settle(supervisor, pinger, b"?callbacks", b"1")
     assert correlation_id and await query(supervisor, pinger, b"?failures") == b"0"
     assert router.pending_by_requester() == {}
+
+
+async def test_a_request_cancelled_once_its_answer_is_on_the_way_gets_no_callback(supervisor: Supervisor) -> None:
+    """The guest's cancel comes after the echo answered but before the guest handled that callback (it
+    was busy with a large message): the cancel succeeds and the callback is never delivered."""
+    echo = await launch(supervisor, "echo", "echo")
+    guest = await launch(supervisor, "callback", "callback")
+    prefix, number = supervisor.router.new_correlation_id().rsplit("-", 1)
+    first = f"{prefix}-{int(number) + 1}"  # the id of the guest's next request
+    send = supervisor.router.host_send
+    await send(guest.component_id, f"{address(echo)}|ping".encode())  # requests from echo, which answers at once
+    await send(guest.component_id, b"test-org|nobody|0|" + b"x" * 900_000)  # a while to convert: the answer queues
+    assert await query(supervisor, guest, f"!{first}".encode()) == b"cancelled"
+    assert await query(supervisor, guest, b"?callbacks") == b"0"
+    assert echo.stats.handled == 1 and supervisor.router.pending_by_requester() == {}

@@ -833,8 +833,10 @@ class ComponentActor:
                     reply = yield from manager.handle_message_steps(envelope.message)
                     outcome = Outcome.NO_REPLY if reply is None else None
                     done.append(Handled(envelope, reply, outcome, ""))
-                else:
+                elif self.router.callback_wanted(envelope.message.metadata.correlation_id):
                     yield from manager.handle_callback_steps(envelope.message)
+                    done.append(Handled(envelope, None, None, ""))
+                else:  # the guest cancelled the request once its answer was on its way: not delivered
                     done.append(Handled(envelope, None, None, ""))
             except WasmError as exc:
                 done.append(Handled(envelope, None, Outcome.FAILED, f"{self.name}: {exc}"))

@@ -92,6 +92,10 @@ class MessageRouter:
         self._recipients: dict[ComponentId, Recipient] = {}
         self._load_failures: dict[ComponentId, str] = {}  # configured, but their binary could not be loaded
         self._pending: dict[str, PendingRequest] = {}
+        # Answered requests whose callback is queued but not yet taken by the requester's actor (by
+        # requester), and those of them the guest cancelled meanwhile: their callbacks are not delivered.
+        self._answered: dict[str, ComponentId] = {}
+        self._cancelled: set[str] = set()
         self._deadlines = RequestDeadlines(loop, self._expire)  # one loop timer for every pending request
         self._lock = threading.Lock()
         self._prefix = secrets.token_hex(4)
@@ -243,9 +247,24 @@ class MessageRouter:
         with self._lock:
             pending = self._pending.get(request_id)
             if pending is None or pending.requester != sender:
+                if self._answered.get(request_id) == sender:  # answered, its callback not handled yet
+                    self._cancelled.add(request_id)
+                    return
                 raise MessagingError("invalid-message", f"no pending request {request_id!r} from {sender}")
             del self._pending[request_id]
         self._deadlines.discard(request_id)
+
+    def callback_wanted(self, correlation_id: str | None) -> bool:
+        """The requester's actor is about to hand this callback to its guest (any thread): False when the
+        guest cancelled the request after its answer was on its way (the callback is then skipped)."""
+        if correlation_id is None:
+            return True
+        with self._lock:
+            self._answered.pop(correlation_id, None)
+            if correlation_id in self._cancelled:
+                self._cancelled.discard(correlation_id)
+                return False
+        return True
 
     def broadcast(self, sender: ComponentId, targets: list[ComponentId], payload: bytes) -> None:
         """Deliver to every target (see the module docstring for partial failures)."""
@@ -427,8 +446,13 @@ class MessageRouter:
                             content_type=content_type),
         )
         # Callbacks answer requests the requester made, so they may pass its capacity: bounded by
-        # its outstanding requests, and never dropped for lack of room.
+        # its outstanding requests, and never dropped for lack of room. Noted as answered first: the
+        # actor may take the callback the moment it is queued.
+        with self._lock:
+            self._answered[correlation_id] = requester
         if recipient is None or not recipient.mailbox.force(Envelope(message, Delivery.CALLBACK)):
+            with self._lock:
+                self._answered.pop(correlation_id, None)
             log.warning("callback_undeliverable", component=str(requester), correlation_id=correlation_id,
                         responder=str(responder))
 
@@ -445,6 +469,10 @@ class MessageRouter:
             for cid in gone:
                 del self._pending[cid]
                 self._deadlines.discard(cid)
+            answered = [cid for cid, requester in self._answered.items() if requester == component]
+            for cid in answered:
+                del self._answered[cid]
+                self._cancelled.discard(cid)
 
 
 def _expire_host_request(future: asyncio.Future[bytes | None], target: ComponentId, timeout: float) -> None:
