@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
+import anyio
 import pytest
 import structlog
 
@@ -387,3 +388,16 @@ async def test_health_is_polled_on_its_interval(supervisor: Supervisor) -> None:
     await until(lambda: moody.health is HealthStatus.DEGRADED)
     info = supervisor.component_info(moody.component_id)
     assert info.health == "degraded"
+
+
+async def test_a_health_probe_while_a_long_message_runs_is_not_a_failure(supervisor: Supervisor) -> None:
+    """The rollout check probes a new version's health: one busy with a long message (a call suspended
+    between its slices) is alive, not failed, and keeps the health it reported."""
+    busy = await launch(supervisor, "busy", "test-org/busy/0", health_interval=3600.0)
+    job = asyncio.ensure_future(supervisor.router.host_request(busy.component_id, b"300000000", 30.0))
+    with anyio.fail_after(10):
+        while not busy.manager.in_call:
+            await asyncio.sleep(0.002)
+    assert await busy.probe_health() is None
+    assert busy.health is HealthStatus.HEALTHY and busy.state is ActorState.RUNNING
+    assert await job == b"300000000"  # and the message went on undisturbed

@@ -17,6 +17,7 @@ from tests.conftest import Starter, fixture_path
 from tests.support import MemoryStorage, RecordingMessaging
 from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.errors import (
+    CallInProgress,
     FuelExhausted,
     GuestExit,
     GuestFailure,
@@ -250,6 +251,20 @@ def test_a_guest_cut_by_ticks_nonstop_gives_its_thread_back_at_least_every_secon
             if len(per_turn) > 10:
                 break
     assert len(per_turn) > 10 and max(every_turn) <= 2  # a cut slice goes on once, never more
+
+
+def test_health_is_refused_while_a_message_call_waits_between_its_slices(start: Starter) -> None:
+    """A probe must not start a second call on the Store, nor end the suspended message's writes."""
+    busy = start("busy", "test-org/busy/probed")
+    steps = busy.handle_message_steps(message(b"300000000"))
+    next(steps)  # one slice of it: suspended, not ended
+    assert busy.in_call
+    with pytest.raises(CallInProgress):
+        next(busy.health_steps())
+    with pytest.raises(StopIteration) as ended:
+        while True:
+            next(steps)
+    assert ended.value.value == b"300000000" and busy.health() is HealthStatus.HEALTHY
 
 
 def test_memory_hog_cannot_pass_its_cap(start: Starter) -> None:

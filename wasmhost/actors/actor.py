@@ -41,6 +41,7 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState, ActorStats
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core.errors import (
+    CallInProgress,
     ComponentError,
     GuestExit,
     GuestFailure,
@@ -389,6 +390,8 @@ class ComponentActor:
         try:
             self.health = await self.workers.run_steps(self.manager.health_steps(), self.manager.lock,
                                                        self.manager.host.interrupt)
+        except CallInProgress:
+            return None  # busy with a message, between two of its slices: alive; its health stays as it was
         except (GuestFailure, InstanceStateError) as exc:
             return exc
         return None

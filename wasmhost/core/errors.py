@@ -224,3 +224,7 @@ class FuelExhausted(GuestFailure):
 
 class InstanceStateError(Exception):
     """A call that the instance's state does not allow (not instantiated, not initialized, dead)."""
+
+
+class CallInProgress(InstanceStateError):
+    """A call while another call on the instance is suspended between its slices (a message being handled)."""

@@ -16,6 +16,7 @@ from wasmtime import component as wc
 
 from wasmhost.core import blocking
 from wasmhost.core.errors import (
+    CallInProgress,
     ComponentError,
     FuelExhausted,
     GuestExit,
@@ -492,7 +493,7 @@ class StoreManager:
         joined to the next message's writes."""
         self._require(InstanceState.INITIALIZED)
         if self._future:  # a message's call is suspended between slices: its writes are not ours to end
-            raise InstanceStateError(f"{self.name}: cannot call health: a call is already in progress")
+            raise CallInProgress(f"{self.name}: cannot call health: a call is already in progress")
         try:
             status = HealthStatus((yield from self._call_steps("health", [])))
         except BaseException:
