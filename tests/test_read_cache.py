@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from wasmhost.core import ComponentId, StorageError
 from wasmhost.storage.accounting import entry_cost
+from wasmhost.storage.held import MessageWrites
 from wasmhost.storage.read_cache import ABSENT, DEFAULT_MAX_BYTES, ENTRY_OVERHEAD, MAX_VALUE_BYTES, ReadCache
 from wasmhost.storage.sqlite_store import SqliteStorage
 
@@ -280,6 +281,23 @@ def _applied(values: dict[str, bytes], writes: dict[str, bytes | None]) -> dict[
     return {k: v for k, v in after.items() if writes.get(k, v) is not None}
 
 
+def _handle(held: MessageWrites, ops: list[tuple[str, str, bytes | None]], before: dict[str, bytes]
+            ) -> dict[str, bytes | None]:
+    """One message's `ops` on `held`, each read checked against `before` (what it may see of earlier
+    messages) with its own writes applied; returns its writes (None: deleted)."""
+    current = dict[str, bytes | None]()
+    for op, key, value in ops:
+        if op == "set":
+            held.set(key, value or b"")
+            current[key] = value or b""
+        elif op == "delete":
+            held.delete(key)
+            current[key] = None
+        else:
+            assert held.get(key) == _applied(before, current).get(key)
+    return current
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(BATCH, max_size=5))
 def test_reads_through_the_cache_match_a_model_of_the_committed_messages(
@@ -293,17 +311,7 @@ def test_reads_through_the_cache_match_a_model_of_the_committed_messages(
             for batch in batches:
                 held, kept = store.hold(A), dict[str, bytes | None]()
                 for ops, ok in batch:
-                    current = dict[str, bytes | None]()
-                    for op, key, value in ops:
-                        seen = _applied(committed, {**kept, **current})
-                        if op == "set":
-                            held.set(key, value or b"")
-                            current[key] = value or b""
-                        elif op == "delete":
-                            held.delete(key)
-                            current[key] = None
-                        else:
-                            assert held.get(key) == seen.get(key)
+                    current = _handle(held, ops, _applied(committed, kept))
                     held.end_message(ok)
                     if ok:
                         kept.update(current)
@@ -335,16 +343,7 @@ def test_pipelined_batches_on_one_held_object_match_a_model_of_the_committed_mes
             for batch in batches:
                 kept = dict[str, bytes | None]()
                 for ops, ok in batch:
-                    current = dict[str, bytes | None]()
-                    for op, key, value in ops:
-                        if op == "set":
-                            held.set(key, value or b"")
-                            current[key] = value or b""
-                        elif op == "delete":
-                            held.delete(key)
-                            current[key] = None
-                        else:
-                            assert held.get(key) == _applied(committed, {**kept, **current}).get(key)
+                    current = _handle(held, ops, _applied(committed, kept))
                     seen = _applied(committed, {**kept, **current})
                     assert held.usage().key_count == len(seen)
                     assert held.usage().used_bytes == sum(entry_cost(str(A), k, len(v)) for k, v in seen.items())
