@@ -401,3 +401,18 @@ async def test_a_health_probe_while_a_long_message_runs_is_not_a_failure(supervi
     assert await busy.probe_health() is None
     assert busy.health is HealthStatus.HEALTHY and busy.state is ActorState.RUNNING
     assert await job == b"300000000"  # and the message went on undisturbed
+
+
+async def test_a_guest_requesting_in_a_loop_is_held_to_its_outstanding_requests(supervisor: Supervisor) -> None:
+    """A hostile guest loops on `request` inside one call: every answer would wait in its own mailbox,
+    past its capacity, until the call ends. It gets queue-full at its max_outstanding_requests; its
+    neighbour keeps answering; once it handles the callbacks it may request again."""
+    echo = await launch(supervisor, "echo", "test-org/echo/0")
+    neighbour = await launch(supervisor, "echo", "test-org/neighbour/0")
+    blaster = await launch(supervisor, "blaster", "test-org/blaster/0", max_outstanding_requests=50)
+    ask = supervisor.router.host_request
+    assert await ask(blaster.component_id, b"q1000000|test-org|echo|0", 30.0) == b"err 3"  # queue-full
+    assert await ask(neighbour.component_id, b"still here", 5.0) == b"still here"
+    await until(lambda: echo.stats.handled == 50 and len(blaster.mailbox) == 0)
+    assert echo.stats.handled == 50  # the 51st request was refused, not queued
+    assert await ask(blaster.component_id, b"q50|test-org|echo|0", 5.0) == b"ok"  # the callbacks were handled

@@ -49,6 +49,15 @@ capabilities = { send = ["a/*"], storage = true, storage_quota_bytes = 4096 }
     assert spec.storage and plan.storage_quota_bytes == 4096
 
 
+def test_outstanding_requests_take_the_host_default_unless_a_component_sets_its_own(tmp_path: Path) -> None:
+    config = parse(tmp_path, 'max_outstanding_requests = 300\n'
+                             '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\n'
+                             '[[components]]\nid = "a/echo/1"\npath = "echo.wasm"\nmax_outstanding_requests = 7\n')
+    assert [plan.spec.max_outstanding_requests for plan in config.components] == [300, 7]  # type: ignore[attr-defined]
+    assert errors(tmp_path, '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\nmax_outstanding_requests = 0\n') == [
+        "components[0].max_outstanding_requests: expected an integer > 0, got 0"]
+
+
 def test_every_mistake_is_reported_with_its_place(tmp_path: Path) -> None:
     found = errors(tmp_path, '''
 bogus = 1
@@ -74,7 +83,7 @@ config_file = "y"
         "components[0].colour: unknown key (expected one of id, path, limits, env, config_data, config_file, "
         "mailbox_capacity, restart, max_restarts, restart_window_s, backoff_base_ms, backoff_max_ms, group, strategy, "
         "health_interval_s, shutdown_timeout_s, capabilities, wasi, outbound_http, log_rate, log_burst, "
-        "max_message_bytes, rollout_check_s, accept_external)",
+        "max_message_bytes, max_outstanding_requests, rollout_check_s, accept_external)",
         'components[0].limits.max_memory_bytes: expected an integer > 0, got -5',
         'components[0].limits.max_fuel: expected an integer > 0, got "lots"',
         'components[0].restart: expected one of "permanent", "transient", "temporary", got "sometimes"',

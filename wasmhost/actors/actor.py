@@ -158,6 +158,7 @@ class ComponentActor:
         self.component_id = spec.component_id
         self.name = str(spec.component_id)
         self.max_message_bytes = spec.max_message_bytes
+        self.max_outstanding_requests = spec.max_outstanding_requests
         # Largest payload this guest recently produced (reply or send): its next calls are budgeted
         # like a large incoming payload, since wasmtime converts what it produces the same way.
         self.output_hint = 0
@@ -516,6 +517,7 @@ class ComponentActor:
         """Make `spec` and `manager` the version this actor runs (its Store is not yet instantiated)."""
         self.spec, self._manager = spec, manager
         self.max_message_bytes = spec.max_message_bytes
+        self.max_outstanding_requests = spec.max_outstanding_requests
         self.mailbox.capacity = spec.mailbox_capacity  # what is queued beyond it stays queued
         self.history = RestartHistory(spec.intensity)
         self.metadata = None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy, Strategy
 from wasmhost.core.ids import ComponentId
-from wasmhost.core.limits import ResourceLimits
+from wasmhost.core.limits import DEFAULT_MAX_OUTSTANDING_REQUESTS, ResourceLimits
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES
 from wasmhost.core.rate_limit import RateLimit
 
@@ -37,4 +37,5 @@ class ActorSpec:
     wasi: bool = False
     log_limit: RateLimit = field(default_factory=RateLimit)  # guest log lines per second and burst
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest payload this component is handed
+    max_outstanding_requests: int = DEFAULT_MAX_OUTSTANDING_REQUESTS  # its requests not yet answered and handled
     forensics_payload_bytes: int = 0  # payload prefix kept with the metadata of recent messages (forensics.py)

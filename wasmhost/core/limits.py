@@ -6,6 +6,9 @@ import msgspec
 
 DEFAULT_MAX_MEMORY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_EXECUTION_TIME_MS = 30_000
+DEFAULT_MAX_OUTSTANDING_REQUESTS = 4096
+"""Requests a component may have outstanding (sent, their callback not yet handled) before `request`
+fails with queue-full: their answers wait in its own mailbox past its capacity (README, "Threat model")."""
 
 # What one component's Store may create, whatever its max_memory_bytes (README, "Threat model").
 # A componentize-py guest creates 14 core instances, 1 memory and 2 tables.

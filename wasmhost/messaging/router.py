@@ -39,6 +39,7 @@ import structlog
 
 from wasmhost.core.errors import MessagingError
 from wasmhost.core.ids import HOST_ID, ComponentId
+from wasmhost.core.limits import DEFAULT_MAX_OUTSTANDING_REQUESTS
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, check_message_size, too_large
 from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.protocols import RemotePort
@@ -61,6 +62,7 @@ class Recipient(Protocol):
     component_id: ComponentId
     mailbox: Mailbox
     max_message_bytes: int
+    max_outstanding_requests: int
 
     def produced(self, size: int) -> None:
         """This component's guest passed a payload of `size` bytes to a messaging import."""
@@ -96,6 +98,7 @@ class MessageRouter:
         # requester), and those of them the guest cancelled meanwhile: their callbacks are not delivered.
         self._answered: dict[str, ComponentId] = {}
         self._cancelled: set[str] = set()
+        self._outstanding: dict[ComponentId, int] = {}  # per requester: pending or answered, not yet handled
         self._deadlines = RequestDeadlines(loop, self._expire)  # one loop timer for every pending request
         self._lock = threading.Lock()
         self._prefix = secrets.token_hex(4)
@@ -221,7 +224,13 @@ class MessageRouter:
         recipient = self._route(sender, "request", target, len(payload))
         correlation_id = self.new_correlation_id()
         pending = PendingRequest(sender, target)
+        requester = self._recipients.get(sender)
+        limit = requester.max_outstanding_requests if requester is not None else DEFAULT_MAX_OUTSTANDING_REQUESTS
         with self._lock:
+            outstanding = self._outstanding.get(sender, 0)
+            if outstanding >= limit:  # their answers would pile up in its own mailbox past its capacity
+                raise MessagingError("queue-full")  # the WIT case carries no text: README, "Threat model"
+            self._outstanding[sender] = outstanding + 1
             self._pending[correlation_id] = pending
         # armed before it is queued: an answer that comes at once finds the deadline to discard
         timeout_ms = min(timeout_ms, MAX_REQUEST_TIMEOUT_MS)
@@ -235,6 +244,8 @@ class MessageRouter:
         except MessagingError:
             with self._lock:
                 still_pending = self._pending.pop(correlation_id, None) is not None
+                if still_pending:
+                    self._ended(sender)
             self._deadlines.discard(correlation_id)
             if still_pending:
                 raise
@@ -252,7 +263,16 @@ class MessageRouter:
                     return
                 raise MessagingError("invalid-message", f"no pending request {request_id!r} from {sender}")
             del self._pending[request_id]
+            self._ended(sender)
         self._deadlines.discard(request_id)
+
+    def _ended(self, requester: ComponentId) -> None:
+        """One of `requester`'s requests is no longer outstanding (under the lock)."""
+        left = self._outstanding.get(requester, 0) - 1
+        if left > 0:
+            self._outstanding[requester] = left
+        else:
+            self._outstanding.pop(requester, None)
 
     def callback_wanted(self, correlation_id: str | None) -> bool:
         """The requester's actor is about to hand this callback to its guest (any thread): False when the
@@ -260,7 +280,9 @@ class MessageRouter:
         if correlation_id is None:
             return True
         with self._lock:
-            self._answered.pop(correlation_id, None)
+            requester = self._answered.pop(correlation_id, None)
+            if requester is not None:
+                self._ended(requester)
             if correlation_id in self._cancelled:
                 self._cancelled.discard(correlation_id)
                 return False
@@ -452,7 +474,8 @@ class MessageRouter:
             self._answered[correlation_id] = requester
         if recipient is None or not recipient.mailbox.force(Envelope(message, Delivery.CALLBACK)):
             with self._lock:
-                self._answered.pop(correlation_id, None)
+                if self._answered.pop(correlation_id, None) is not None:
+                    self._ended(requester)
             log.warning("callback_undeliverable", component=str(requester), correlation_id=correlation_id,
                         responder=str(responder))
 
@@ -473,6 +496,7 @@ class MessageRouter:
             for cid in answered:
                 del self._answered[cid]
                 self._cancelled.discard(cid)
+            self._outstanding.pop(component, None)
 
 
 def _expire_host_request(future: asyncio.Future[bytes | None], target: ComponentId, timeout: float) -> None:

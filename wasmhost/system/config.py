@@ -20,7 +20,7 @@ from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy, Strategy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.core.errors import LoadError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
-from wasmhost.core.limits import ResourceLimits
+from wasmhost.core.limits import DEFAULT_MAX_OUTSTANDING_REQUESTS, ResourceLimits
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_CEILING, WASMTIME_LIST_U8_CEILING
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
 from wasmhost.lattice.settings import LatticeSection, LatticeSettings, lattice_settings
@@ -86,6 +86,7 @@ class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_rate: PositiveFloat | None = None
     log_burst: Positive | None = None
     max_message_bytes: Positive | None = None
+    max_outstanding_requests: Positive | None = None
     rollout_check_s: CheckSeconds | None = None
     accept_external: bool = False  # lattice: plain NATS clients may message it
 
@@ -112,6 +113,7 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     default_log_rate: PositiveFloat = DEFAULT_LOG_RATE
     default_log_burst: Positive = DEFAULT_LOG_BURST
     max_message_bytes: Positive = DEFAULT_MAX_MESSAGE_BYTES
+    max_outstanding_requests: Positive = DEFAULT_MAX_OUTSTANDING_REQUESTS
     rollout_check_s: CheckSeconds = DEFAULT_ROLLOUT_CHECK_S
     metrics: str = "off"  # or "ADDRESS:PORT": the Prometheus endpoint (see system/metrics.py)
     metrics_by: Literal["component", "namespace"] = "component"
@@ -409,6 +411,7 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         wasi=section.wasi,
         log_limit=log_limit,
         max_message_bytes=section.max_message_bytes or host.max_message_bytes,
+        max_outstanding_requests=section.max_outstanding_requests or host.max_outstanding_requests,
         forensics_payload_bytes=host.forensics_payload_bytes,
     )
     quota = section.capabilities.storage_quota_bytes or host.default_storage_quota_bytes
