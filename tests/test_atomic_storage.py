@@ -358,6 +358,28 @@ def _message(payload: bytes) -> ComponentMessage:
     return ComponentMessage(ComponentId("t", "host", "0"), payload, MessageMetadata(timestamp=Timestamp.now()))
 
 
+def test_a_quota_lowered_while_a_batch_is_on_its_way_applies_to_later_writes_not_to_part_of_it(
+        tmp_path: Path) -> None:
+    """The writer used to refuse the one unit the lowered quota no longer fit and commit the rest,
+    while the actor answered the whole batch failed: writes of messages answered failed on disk."""
+    storage = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=1 << 20)
+    try:
+        held = storage.hold(OWNER)
+        held.set("counter", b"1" * 2000)  # message 1: fits the quota when it is made
+        held.end_message(True)
+        held.set("derived", b"len=%d" % len(held.get("counter") or b""))  # message 2 reads message 1's write
+        held.end_message(True)
+        small = entry_cost(str(OWNER), "derived", 10) + 10
+        storage.set_quota(str(OWNER), small)  # a reload lowers the quota meanwhile
+        commit = held.start_commit()
+        assert commit is not None and commit.wait() is None  # the batch commits whole, as it was checked
+        assert set(storage.list_keys(OWNER, None)) == {"counter", "derived"}
+        with pytest.raises(StorageError, match="quota-exceeded"):
+            storage.set(OWNER, "more", b"x")  # the lowered quota applies from now on
+    finally:
+        storage.close()
+
+
 FILLERS = [b"g z"] * (BATCH_SIZE - 1)
 """Queued behind a batch's first message, they fill its batch: what comes next is the next batch."""
 

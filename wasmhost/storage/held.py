@@ -238,7 +238,8 @@ class MessageWrites:
     def end_message(self, ok: bool) -> None:
         """Keep the current message's writes (`ok`, as one unit) or drop them all."""
         if ok and self._current:
-            self._units.append(WriteUnit(self._name, [WriteOp(key, held.value) for key, held in self._current.items()]))
+            self._units.append(WriteUnit(self._name, [WriteOp(key, held.value) for key, held in self._current.items()],
+                                         checked_quota=self._storage.quota(self._name)))
             self._kept.update(self._current)
             self._kept_usage = self._usage
             self._unknown_kept |= self._unknown_current

@@ -305,7 +305,7 @@ class SqliteStorage:
                     if value is not None:
                         after += entry_cost(name, key, len(value))
                         new_count += 1
-                if after > before and after > quota:  # shrinking is always allowed
+                if after > before and after > max(quota, unit.checked_quota):  # shrinking is always allowed
                     refused[id(unit)] = StorageError("quota-exceeded")
                     continue
                 used, count = after, new_count

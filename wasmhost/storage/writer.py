@@ -55,6 +55,10 @@ class WriteUnit:
 
     owner: str
     ops: list[WriteOp]
+    checked_quota: int = 0
+    """The quota a message's held writes were checked against as they were made (0: none). The writer
+    refuses the unit only beyond the larger of it and the quota now: a quota lowered while a batch's
+    commit is on its way applies to writes made after it, so no batch is refused in part."""
     error: StorageError | None = None
     taken: bool = False
     finished: bool = False
