@@ -368,9 +368,9 @@ def test_a_quota_lowered_while_a_batch_is_on_its_way_applies_to_later_writes_not
         held.set("counter", b"1" * 2000)  # message 1: fits the quota when it is made
         held.end_message(True)
         held.set("derived", b"len=%d" % len(held.get("counter") or b""))  # message 2 reads message 1's write
-        held.end_message(True)
         small = entry_cost(str(OWNER), "derived", 10) + 10
-        storage.set_quota(str(OWNER), small)  # a reload lowers the quota meanwhile
+        storage.set_quota(str(OWNER), small)  # a reload lowers the quota meanwhile, before message 2 ends
+        held.end_message(True)
         commit = held.start_commit()
         assert commit is not None and commit.wait() is None  # the batch commits whole, as it was checked
         assert set(storage.list_keys(OWNER, None)) == {"counter", "derived"}

@@ -121,6 +121,7 @@ class MessageWrites:
         self._unknown_kept: set[str] = set()
         self._unknown_current: set[str] = set()
         self._units: list[WriteUnit] = []  # one per message that ended ok with writes
+        self._checked_quota = 0  # the largest quota the current message's sets were checked against
 
     def _held(self, key: str) -> _Held | None:
         held = self._current.get(key)
@@ -211,6 +212,7 @@ class MessageWrites:
         new = entry_cost(self._name, key, len(value))
         used, count = self._used()
         quota = self._storage.quota(self._name)
+        self._checked_quota = max(self._checked_quota, quota)
         if new > old and used - old + new > quota:
             if unknown or self._unknown_kept or self._unknown_current:  # maybe only the estimate is over
                 self._resolve()
@@ -239,7 +241,7 @@ class MessageWrites:
         """Keep the current message's writes (`ok`, as one unit) or drop them all."""
         if ok and self._current:
             self._units.append(WriteUnit(self._name, [WriteOp(key, held.value) for key, held in self._current.items()],
-                                         checked_quota=self._storage.quota(self._name)))
+                                         checked_quota=self._checked_quota))
             self._kept.update(self._current)
             self._kept_usage = self._usage
             self._unknown_kept |= self._unknown_current
@@ -247,6 +249,7 @@ class MessageWrites:
             self._usage = self._kept_usage
         self._unknown_current = set()
         self._current = {}
+        self._checked_quota = 0
 
     def start_commit(self) -> PendingCommit | None:
         """Hand every kept message's unit to the writer without waiting for the commit (None: there
