@@ -20,6 +20,7 @@ import structlog
 from tests.conftest import fixture_path
 from tests.support import guarded_supervisor
 from tests.test_actors import ask, launch
+from tests.test_actors import until as until_async
 from tests.test_daemon import Daemon, component, config_text, wasmhost
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId, StorageError
@@ -406,3 +407,37 @@ async def test_a_guest_reading_endless_distinct_keys_keeps_the_read_cache_bounde
         assert await ask(sup, neighbour, b"set hot changed") == b"ok"
         assert await ask(sup, neighbour, b"get hot") == b"changed"
         assert await ask(sup, prober, b"get k7") == b"v" * 64
+
+
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.anyio
+async def test_threads_lent_while_guests_sleep_leave_no_storage_connection_open(guarded: Supervisor) -> None:
+    # Guests waiting in sleep-millis make the pool lend threads, which end once idle again; a lent
+    # thread that served a storage read (`usage` always reads SQLite) opened a connection of its own.
+    # Before, every one stayed open, about 100 files a second under such a load, until the daemon
+    # ran out of descriptors.
+    assert guarded.stores.permissions is not None
+    sleepers = [f"test-org/services/{i}" for i in range(6)]
+    readers = [f"test-org/storage/{i}" for i in range(6)]
+    for cid in sleepers:
+        await launch(guarded, "services", cid)
+    for cid in readers:
+        guarded.stores.permissions.grant(ComponentId.parse(cid), Capabilities(storage=True))
+        await launch(guarded, "storage", cid)
+    pool = guarded.workers
+
+    async def round_of_naps_and_reads() -> None:
+        await asyncio.gather(*(ask(guarded, cid, b"sleep 5") for cid in sleepers),
+                             *(ask(guarded, cid, b"usage") for cid in readers))
+        await until_async(lambda: pool.threads == pool.size)  # the lent threads have ended
+
+    await round_of_naps_and_reads()
+    before, started = open_files(), pool.started
+    for _ in range(30):
+        await round_of_naps_and_reads()
+    lent = pool.started - started
+    assert lent >= 10, "the naps should have made the pool lend threads"
+    assert open_files() - before < 10, f"{open_files() - before} files left open after {lent} lent threads ended"

@@ -168,7 +168,8 @@ class WorkerPool:
         self._spread = False  # the event loop and every worker may use every core (see core/affinity.py)
         self._calm_since = 0.0  # time.monotonic() when _computing last fell to 0
         self._current = threading.local()  # .job: the job the calling worker thread runs
-        self._names = itertools.count()
+        self.started = 0
+        """Worker threads started so far, lent ones included."""
         with self._cond:
             for _ in range(self.size):
                 self._spawn()
@@ -198,8 +199,9 @@ class WorkerPool:
 
     def _spawn(self) -> None:
         """Start one more worker thread (called with self._cond held)."""
+        name = f"wasmhost-guest-{self.started}"
         self._live += 1
-        name = f"wasmhost-guest-{next(self._names)}"
+        self.started += 1
         threading.Thread(target=self._work, name=name, daemon=True).start()
 
     def _lend_if_short(self) -> None:

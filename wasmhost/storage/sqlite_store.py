@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -56,6 +57,12 @@ def check_key(key: str, what: str = "key") -> None:
         raise StorageError("invalid-key", f"{what} is {size} bytes, the limit is {MAX_KEY_BYTES}")
 
 
+class _ThreadToken:
+    """Lives in one thread's local data, so it is dropped when that thread ends."""
+
+    __slots__ = ("__weakref__",)
+
+
 class SqliteStorage:
     """Implements StoragePort. Synchronous: callers run it on worker threads, never on the event loop.
 
@@ -75,9 +82,10 @@ class SqliteStorage:
         self.write_timeout_s = write_timeout_s
         self._quotas: dict[str, int] = {}
         # One connection per thread: sqlite3 connections must not be shared between threads, and
-        # WAL lets readers on several threads proceed while one writes.
+        # WAL lets readers on several threads proceed while one writes. Each is closed when its
+        # thread ends (see _connection) or at `close`, whichever comes first.
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: set[sqlite3.Connection] = set()
         self._lock = threading.Lock()
         self.io_errors = 0
         self.last_io_error: str | None = None
@@ -130,9 +138,22 @@ class SqliteStorage:
                 raise sqlite3.ProgrammingError("storage is closed")
             db = self._open()
             self._local.db = db
+            # The worker pool lends threads for guests waiting in host calls and ends them when idle:
+            # a thread's data goes when it ends, and with it this token, which closes its connection.
+            token = self._local.token = _ThreadToken()
+            weakref.finalize(token, self._thread_ended, db)
             with self._lock:
-                self._connections.append(db)
+                self._connections.add(db)
         return db
+
+    def _thread_ended(self, db: sqlite3.Connection) -> None:
+        """Close the connection of a thread that ended (unless `close` has taken it already)."""
+        with self._lock:
+            if db not in self._connections:
+                return
+            self._connections.discard(db)
+        with suppress(sqlite3.Error):
+            db.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -416,7 +437,7 @@ class SqliteStorage:
         self._writer.close()
         self.closed = True
         with self._lock:
-            connections, self._connections = self._connections, []
+            connections, self._connections = self._connections, set()
         for db in connections:
             with suppress(sqlite3.Error):
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
