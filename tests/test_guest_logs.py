@@ -111,6 +111,22 @@ def test_a_guest_line_is_cut_to_its_size_cap_and_says_how_much_was_cut(start: St
     assert line["truncated_chars"] == (40000 - kept) + len("after") + len("1")
 
 
+
+def test_endless_empty_or_repeated_keys_are_charged_as_written_and_cut(start: Starter) -> None:
+    # Each repeated key gets one more `guest_` than the last; before, keys were charged as sent (an
+    # empty one nothing), so 2,500 empty keys made an 18.7M-character line, built in seconds of
+    # Python that stalled every other guest.
+    guest = start("logfields", "test-org/logfields/2")
+    pairs = 2500
+    with structlog.testing.capture_logs() as logs:
+        assert guest.handle_message(message(b"\n" * (2 * pairs - 1))) is None
+    [line] = guest_lines(logs, "test-org/logfields/2")
+    kept = {k: v for k, v in line.items() if not k.replace("guest_", "")}  # "", guest_, guest_guest_, ...
+    assert set(kept) == {"guest_" * i for i in range(len(kept))} and not any(kept.values())
+    assert sum(max(1, len(k)) for k in kept) <= MAX_LINE_CHARS - len("fields")
+    assert sum(max(1, len(k)) for k in kept) + 6 * len(kept) > MAX_LINE_CHARS - len("fields")  # the next did not fit
+    assert line["truncated_chars"] == pairs - len(kept)  # one character for each empty key left out
+
 # --- the log writer ---
 
 

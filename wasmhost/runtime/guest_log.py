@@ -41,9 +41,10 @@ def guest_line(message: str, context: Iterable[tuple[str, str]],
     """The guest's message and context pairs as an event and its fields.
 
     A key that is one of ours (RESERVED_KEYS) or already used by an earlier pair gets `guest_` in front, as
-    often as needed, so that every pair is kept. Message, keys and values share MAX_LINE_CHARS in that
-    order; what does not fit is cut (pairs with no room left are left out) and the number of characters
-    cut is the field `truncated_chars`.
+    often as needed, so that every pair is kept. Message, keys (as written, at least one character each)
+    and values share MAX_LINE_CHARS in that order; what does not fit is cut (from the first pair whose key
+    does not fit on, pairs are left out) and the number of characters cut (a key at least one) is the
+    field `truncated_chars`.
     """
     room = MAX_LINE_CHARS
     cut = max(0, len(message) - room)
@@ -51,23 +52,32 @@ def guest_line(message: str, context: Iterable[tuple[str, str]],
     room -= len(message)
     fields: dict[str, str | int] = {}
     for key, value in context:
-        if room <= 0:
-            cut += len(key) + len(value)
-            continue
-        cut += max(0, len(key) - room)
-        key = key[:room]
-        room -= len(key)
-        cut += max(0, len(value) - room)
-        value = value[:max(room, 0)]
-        room -= len(value)
-        while key in RESERVED_KEYS or key in fields:
-            key = PREFIX + key
-        fields[key] = value
+        if room > 0:
+            written = _free_key(key[:room], fields)
+            # Charged as written (prefixes included) and never nothing: else a guest could send endless
+            # pairs with empty or repeated keys, each making the next one's prefixing longer.
+            if max(1, len(written)) <= room:
+                cut += max(0, len(key) - room)
+                room -= max(1, len(written))
+                cut += max(0, len(value) - room)
+                value = value[:room]
+                room -= len(value)
+                fields[written] = value
+                continue
+            room = 0  # the pairs after it are left out too: each costs a constant from here on
+        cut += max(1, len(key)) + len(value)
     if cut:
         fields["truncated_chars"] = cut
     if correlation_id is not None:
         fields["correlation_id"] = correlation_id
     return message, fields
+
+
+def _free_key(key: str, fields: dict[str, str | int]) -> str:
+    """`key`, with `guest_` in front as often as it takes to be neither ours nor already used."""
+    while key in RESERVED_KEYS or key in fields:
+        key = PREFIX + key
+    return key
 
 
 class LogGate:
