@@ -403,6 +403,16 @@ async def test_a_health_probe_while_a_long_message_runs_is_not_a_failure(supervi
     assert await job == b"300000000"  # and the message went on undisturbed
 
 
+async def test_a_guest_naming_a_huge_target_gets_invalid_message_with_a_short_reason(supervisor: Supervisor) -> None:
+    """Ids are kept (cached, logged, in errors): a guest naming 2,000 distinct 256 KiB targets pinned
+    about 1 GB of host memory before parts were bounded."""
+    blaster = await launch(supervisor, "blaster", "test-org/blaster/0")
+    huge = b"x" * (256 * 1024)
+    reply = await supervisor.router.host_request(blaster.component_id, b"s1|" + huge + b"|echo|0", 5.0)
+    assert reply is not None and reply.startswith(b"err 2 ")  # invalid-message
+    assert b"namespace is 262144 characters, at most 255" in reply and len(reply) < 300
+
+
 async def test_a_guest_requesting_in_a_loop_is_held_to_its_outstanding_requests(supervisor: Supervisor) -> None:
     """A hostile guest loops on `request` inside one call: every answer would wait in its own mailbox,
     past its capacity, until the call ends. It gets queue-full at its max_outstanding_requests; its

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wasmhost.core import ComponentId, InvalidComponentId, MessagingError, ResourceLimits, StorageError, WasmError
+from wasmhost.core.ids import MAX_PART_CHARS
 
 
 def test_component_id_round_trips_through_its_string_form() -> None:
@@ -30,6 +31,15 @@ def test_bad_component_ids_say_what_is_wrong(text: str, reason: str) -> None:
         ComponentId.parse(text)
     assert reason in str(info.value)
     assert repr(text) in str(info.value)
+
+
+def test_component_id_parts_are_bounded_and_the_error_stays_short() -> None:
+    assert ComponentId("a", "b" * MAX_PART_CHARS, "c").name == "b" * MAX_PART_CHARS
+    with pytest.raises(InvalidComponentId, match=f"name is {MAX_PART_CHARS + 1} characters, at most {MAX_PART_CHARS}"):
+        ComponentId("a", "b" * (MAX_PART_CHARS + 1), "c")
+    with pytest.raises(InvalidComponentId) as info:
+        ComponentId.parse("x" * 1_000_000 + "/b/c")
+    assert "namespace is 1000000 characters" in str(info.value) and len(str(info.value)) < 300
 
 
 def test_component_id_parts_cannot_smuggle_a_slash() -> None:

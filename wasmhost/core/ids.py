@@ -9,7 +9,19 @@ class InvalidComponentId(ValueError):
     """A string or part that is not a valid component id."""
 
 
+MAX_PART_CHARS = 255
+"""Characters in each part at most: ids are kept, logged and sent around, and guests name them."""
+
+
+def _shown(whole: str) -> str:
+    """`whole` quoted for an error message, shortened when long."""
+    return repr(whole) if len(whole) <= 80 else f"{whole[:80]!r}... ({len(whole)} characters)"
+
+
 def _check_part(label: str, value: str, whole: str) -> None:
+    if len(value) > MAX_PART_CHARS:
+        raise InvalidComponentId(f"component id {_shown(whole)}: {label} is {len(value)} characters, "
+                                 f"at most {MAX_PART_CHARS} are allowed")
     if not value:
         raise InvalidComponentId(f"component id {whole!r}: {label} is empty")
     if "/" in value:
@@ -39,7 +51,7 @@ class ComponentId(msgspec.Struct, frozen=True, order=True):
         parts = text.split("/")
         if len(parts) != 3:
             raise InvalidComponentId(
-                f"component id {text!r}: expected namespace/name/instance (three parts separated by '/'), "
+                f"component id {_shown(text)}: expected namespace/name/instance (three parts separated by '/'), "
                 f"got {len(parts)} part(s)"
             )
         return cls(parts[0], parts[1], parts[2])
