@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wasmhost.core import ComponentId, StorageError
+from wasmhost.core.ids import MAX_PART_CHARS
 from wasmhost.storage.accounting import entry_cost
 from wasmhost.storage.held import MessageWrites
 from wasmhost.storage.read_cache import ABSENT, DEFAULT_MAX_BYTES, ENTRY_OVERHEAD, MAX_VALUE_BYTES, ReadCache
@@ -187,7 +188,7 @@ def test_the_cache_bound_counts_wide_keys_and_long_component_ids_as_the_memory_t
     read names its component afresh: the cache's real memory stays within its bytes all the same."""
     limit = 256 * 1024
     store = SqliteStorage(tmp_path / "s.sqlite3", default_quota_bytes=1 << 24, cache_bytes=limit)
-    owner = ComponentId.parse("n" * 300 + "/" + "m" * 300 + "/0")
+    owner = ComponentId.parse("n" * MAX_PART_CHARS + "/" + "m" * MAX_PART_CHARS + "/0")
     store.set(owner, "big", b"x" * limit)  # too large to be read whole: every probe is a miss kept as absent
     gc.collect()
     tracemalloc.start()

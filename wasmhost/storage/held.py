@@ -111,7 +111,7 @@ class MessageWrites:
         self._pending: PendingCommit | None = None  # that commit
         self._kept: dict[str, _Held] = {}  # earlier messages of the batch that ended ok
         self._current: dict[str, _Held] = {}  # the message being handled
-        self._committed_cost: dict[str, int] = {}  # of touched keys, as committed (0: absent)
+        self._committed_cost: dict[str, int] = {}  # of held or present touched keys, as committed (0: absent)
         self._usage: tuple[int, int] | None = None  # (used, count) with the held writes, read lazily
         self._kept_usage: tuple[int, int] | None = None
         # Keys first written without looking up their committed size (a read per write, letting go of
@@ -138,7 +138,9 @@ class MessageWrites:
         cost = self._committed_cost.get(key)
         if cost is None:
             size = self._storage.value_size(self._name, key)
-            cost = self._committed_cost[key] = 0 if size is None else entry_cost(self._name, key, size)
+            if size is None:
+                return 0  # not remembered: a guest deleting endless absent keys would grow it unbounded
+            cost = self._committed_cost[key] = entry_cost(self._name, key, size)
         return cost
 
     def _resolve(self) -> None:
