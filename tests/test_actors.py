@@ -413,6 +413,21 @@ async def test_a_guest_naming_a_huge_target_gets_invalid_message_with_a_short_re
     assert b"namespace is 262144 characters, at most 255" in reply and len(reply) < 300
 
 
+async def test_oversized_metadata_is_refused_and_never_reaches_the_log_or_a_neighbour(supervisor: Supervisor) -> None:
+    """A name of 8 MiB was logged whole at every start and handed to a neighbour asking for it, which
+    trapped on it with a small memory; the start now fails, naming the field and its bound."""
+    with structlog.testing.capture_logs() as logs:
+        hostile = await launch(supervisor, "bigmeta", "test-org/bigmeta/0",
+                               intensity=Intensity(max_restarts=1, window=60))
+        await until(lambda: hostile.state is ActorState.FAILED)
+    assert "metadata refused: its name is 8388608 characters, at most 256" in (hostile.stats.last_error or "")
+    assert not [line for line in logs if line["event"] == "component_started"]
+    await launch(supervisor, "services", "test-org/services/0", limits=ResourceLimits(max_memory_bytes=4 << 20))
+    answer = await ask(supervisor, "test-org/services/0", b"meta test-org|bigmeta|0")
+    assert answer is not None and len(answer) < 1024  # the neighbour answers (it used to trap)
+    assert await ask(supervisor, "test-org/services/0", b"self") == b"test-org/services/0"
+
+
 async def test_a_guest_requesting_in_a_loop_is_held_to_its_outstanding_requests(supervisor: Supervisor) -> None:
     """A hostile guest loops on `request` inside one call: every answer would wait in its own mailbox,
     past its capacity, until the call ends. It gets queue-full at its max_outstanding_requests; its

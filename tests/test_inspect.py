@@ -28,6 +28,12 @@ def test_inspect_of_a_file_whose_metadata_traps_says_so_and_exits_1() -> None:
     assert shown.stdout == ""
 
 
+def test_inspect_of_a_file_with_oversized_metadata_names_the_field_and_its_bound() -> None:
+    shown = wasmhost("inspect", str(fixture_path("bigmeta")))
+    assert shown.returncode == 1 and shown.stdout == ""
+    assert shown.stderr.endswith("metadata refused: its name is 8388608 characters, at most 256\n")
+
+
 def test_inspect_names_what_it_could_not_make_sense_of() -> None:
     missing = wasmhost("inspect", "no/such/file.wasm")
     assert (missing.returncode, missing.stderr) == (1, "wasmhost: no/such/file.wasm: no such file\n")

@@ -478,14 +478,18 @@ class StoreManager:
             raise WasmError(*value)
 
     def metadata_steps(self) -> Steps[ComponentMetadata]:
-        """Call `metadata`."""
+        """Call `metadata`; ComponentError when the host refuses what it returns (see ComponentMetadata.problem)."""
         self._require(InstanceState.INSTANTIATED, InstanceState.INITIALIZED)
         value = yield from self._call_steps("metadata", [])
-        return ComponentMetadata(
+        metadata = ComponentMetadata(
             name=value["name"], version=value["version"], description=value["description"],
             author=value["author"], license=value["license"],
             supported_operations=tuple(value["supported-operations"]), stateful=value["stateful"],
         )
+        problem = metadata.problem()
+        if problem is not None:
+            raise ComponentError("invalid-state", f"{self.name}: metadata refused: {problem}")
+        return metadata
 
     def health_steps(self) -> Steps[HealthStatus]:
         """Call `health`. Between two messages of a batch (a probe), what it writes is a unit of its
