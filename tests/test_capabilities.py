@@ -9,7 +9,7 @@ import structlog
 
 from wasmhost.core import ComponentId, MessagingError, StorageError
 from wasmhost.core.ids import HOST_ID
-from wasmhost.security.audit import AuditLog
+from wasmhost.security.audit import LINES_PER_INTERVAL, REMEMBERED, AuditLog
 from wasmhost.security.capabilities import Capabilities, CapabilityChecker, TargetPattern
 
 ID = ComponentId.parse
@@ -89,6 +89,31 @@ def test_denials_are_audited_once_per_interval_and_all_counted() -> None:
          "denied": True, "suppressed": 4, "log_level": "warning"},
     ]
     assert audit.denials(sender) == 6 and audit.snapshot() == {"app/client/0": 6}
+
+
+def test_a_component_denied_endless_distinct_targets_writes_a_few_lines_per_interval() -> None:
+    # Before, each distinct target was logged (in full) and remembered forever: a guest in a lattice,
+    # where unknown targets reach the capability check, wrote the host's log at the rate it called.
+    now = [100.0]
+    audit = AuditLog(interval=10.0, clock=lambda: now[0])
+    checker = CapabilityChecker(audit)
+    hostile, other = ID("app/hostile/0"), ID("app/other/0")
+    with structlog.testing.capture_logs() as logs:
+        for i in range(10_000):
+            with pytest.raises(MessagingError):
+                checker.check_message(hostile, "send", ID(f"app/t{i}/0"))
+        with pytest.raises(MessagingError):
+            checker.check_message(other, "send", ID("app/t0/0"))  # its own budget
+        now[0] += 11
+        with pytest.raises(MessagingError):
+            checker.check_message(hostile, "send", ID("app/t0/0"))
+    lines = [e for e in logs if e["event"] == "capability_denied"]
+    hostile_lines = [e for e in lines if e["component"] == "app/hostile/0"]
+    assert len(hostile_lines) == LINES_PER_INTERVAL + 1
+    assert hostile_lines[-1]["suppressed"] == 10_000 - LINES_PER_INTERVAL  # nothing goes uncounted
+    assert [e["component"] for e in lines].count("app/other/0") == 1
+    assert audit.denials(hostile) == 10_001
+    assert len(audit._last) <= REMEMBERED  # old triples are let go (memory stays bounded)
 
 
 def test_denial_counters_are_exact_across_threads() -> None:

@@ -18,6 +18,7 @@ from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core.errors import MessagingError
 from wasmhost.core.ids import ComponentId
 from wasmhost.runtime.runtime import Runtime
+from wasmhost.security.capabilities import CapabilityChecker
 
 pytestmark = pytest.mark.anyio
 
@@ -102,3 +103,15 @@ async def test_remote_targets_fail_fast_when_the_lattice_says_so(supervisor: Sup
         await ask(supervisor, actor, b"t|nowhere|0|one")
     assert remote.requests == []
     assert supervisor.router.pending_target("anything") is None
+
+
+async def test_only_denials_of_targets_that_exist_somewhere_are_audited(supervisor: Supervisor) -> None:
+    supervisor.router.remote = RecordingRemote()
+    checker = supervisor.router.permissions = CapabilityChecker()  # the caller is granted nothing
+    actor = await caller(supervisor)
+    with pytest.raises(Exception, match="request failed: target-not-found"):
+        await ask(supervisor, actor, b"t|nowhere|0|one")
+    assert checker.audit.denials() == 0  # an unknown id is not worth a line in the audit log
+    with pytest.raises(Exception, match="request failed: delivery-failed"):
+        await ask(supervisor, actor, b"t|far|0|one")
+    assert checker.audit.denials(actor.component_id) == 1

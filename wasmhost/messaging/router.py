@@ -162,10 +162,11 @@ class MessageRouter:
                 raise MessagingError("delivery-failed", self._not_accepting(target))
             if not remote or self.remote is None:
                 raise MessagingError("target-not-found", target)
+            # Whether it exists first, as for local targets: only denials of real targets are audited.
+            self.remote.check(target, size)
         if self.permissions is not None and sender != HOST_ID:
             self.permissions.check_message(sender, action, target)
         if recipient is None:
-            self.remote.check(target, size)  # type: ignore[union-attr]  # not None: see above
             return None
         check_message_size(size, recipient.max_message_bytes, target)
         return recipient

@@ -1,4 +1,5 @@
-"""The audit log of capability denials: every denial counted, repeated ones rate-limited in the log."""
+"""The audit log of capability denials: every denial counted; repeated ones, and a component's denials
+beyond a few lines per interval, rate-limited in the log."""
 
 from __future__ import annotations
 
@@ -12,32 +13,56 @@ from wasmhost.core.ids import ComponentId
 
 log = structlog.get_logger("wasmhost.audit")
 
+LINES_PER_INTERVAL = 20
+"""`capability_denied` lines one component may cause per interval: a guest trying endless distinct
+targets must not write the host's log at the rate it calls."""
+REMEMBERED = 4096
+"""(component, action, target) triples remembered before those older than the interval are dropped."""
+
 
 class AuditLog:
-    """Logs a denial once per (component, action, target) and interval; counts all of them."""
+    """Logs a denial once per (component, action, target) and interval, at most LINES_PER_INTERVAL per
+    component and interval; counts all of them. A logged line says with `suppressed=N` how many denials
+    of its component went unlogged since that component's previous line."""
 
     def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
         self.clock = clock
         self._lock = threading.Lock()
-        self._last: dict[tuple[str, str, str], float] = {}
-        self._suppressed: dict[tuple[str, str, str], int] = {}
+        self._last: dict[tuple[str, str, str], float] = {}  # when each triple was last logged
+        self._prune_at = REMEMBERED
+        self._windows: dict[str, tuple[float, int]] = {}  # per component: its interval's start, lines logged
+        self._suppressed: dict[str, int] = {}  # per component: denials not logged since its last line
         self._counts: dict[str, int] = {}
 
     def record_denial(self, component: ComponentId, action: str, target: str) -> None:
-        """Count a denial and log it unless an identical one was logged within the interval."""
-        key = (str(component), action, target)
+        """Count a denial and log it unless an identical one was logged within the interval or its
+        component has used up its lines for this interval."""
+        name = str(component)
+        key = (name, action, target)
         now = self.clock()
         with self._lock:
-            self._counts[key[0]] = self._counts.get(key[0], 0) + 1
+            self._counts[name] = self._counts.get(name, 0) + 1
+            started, lines = self._windows.get(name, (now, 0))
+            if now - started >= self.interval:
+                started, lines = now, 0
             last = self._last.get(key)
-            if last is not None and now - last < self.interval:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            if (last is not None and now - last < self.interval) or lines >= LINES_PER_INTERVAL:
+                self._windows[name] = (started, lines)
+                self._suppressed[name] = self._suppressed.get(name, 0) + 1
                 return
+            self._windows[name] = (started, lines + 1)
             self._last[key] = now
-            suppressed = self._suppressed.pop(key, 0)
+            if len(self._last) > self._prune_at:
+                self._forget_before(now - self.interval)
+            suppressed = self._suppressed.pop(name, 0)
         extra = {"suppressed": suppressed} if suppressed else {}
-        log.warning("capability_denied", component=key[0], action=action, target=target, denied=True, **extra)
+        log.warning("capability_denied", component=name, action=action, target=target, denied=True, **extra)
+
+    def _forget_before(self, moment: float) -> None:
+        """Drop the triples last logged before `moment` (self._lock held): they no longer suppress."""
+        self._last = {key: at for key, at in self._last.items() if at >= moment}
+        self._prune_at = max(REMEMBERED, 2 * len(self._last))  # pruning stays amortised O(1) per denial
 
     def denials(self, component: ComponentId | None = None) -> int:
         """Denials of one component, or of all."""
