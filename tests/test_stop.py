@@ -33,6 +33,7 @@ from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import Outcome, RequestFailed
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.engine import EngineSettings
+from wasmhost.runtime.loader import LoadedComponent
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.runtime.store import InstanceState
 from wasmhost.system import protocol
@@ -214,6 +215,42 @@ async def test_a_guest_held_in_a_storage_write_does_not_hold_up_the_stop(runtime
             storage.release.set()  # the write ends: its message is answered then (the guest finished it)
             assert await outcomes([write]) == [b"ok"]
             await until(lambda: writer.state is ActorState.STOPPED)
+        finally:
+            storage.release.set()
+            await sup.stop_all(1.0)
+            workers.close()
+
+
+async def test_an_actor_that_overran_its_stop_leaves_the_requests_of_its_successor_alone(runtime: Runtime) -> None:
+    storage = HungStorage()
+    workers = WorkerPool(4)
+    router = MessageRouter(asyncio.get_running_loop())
+    sup = Supervisor(HostStores(runtime, router, storage), router, workers)
+    target_id = ComponentId.parse("t/target/0")
+    let_compile = asyncio.Event()
+
+    async def compile_target() -> LoadedComponent:  # the new actor's request waits in its mailbox meanwhile
+        await let_compile.wait()
+        return runtime.load(target_id, fixture_path("echo"))
+
+    async with sup:
+        try:
+            old = await launch(sup, "storage", "t/x/0", storage=True, shutdown_timeout=0.2)
+            ask(sup, old, b"set k v")
+            await until(storage.entered.is_set)
+            await sup.remove(old.component_id, drain_timeout=0.1)  # overruns: the old task is still in the write
+            new = await launch(sup, "callback", "t/x/0")  # the same id again, as a reload re-adding it does
+            target = sup.add(ActorSpec(target_id), compile_target)
+            starting = asyncio.ensure_future(target.start())
+            correlation = await ask(sup, new, b"t|target|0|ping")
+            assert correlation is not None and router.pending_target(correlation.decode()) == target_id
+            storage.release.set()  # the old actor ends now
+            await until(lambda: old.state is ActorState.STOPPED)
+            let_compile.set()
+            await starting
+            await until(lambda: router.pending_target(correlation.decode()) is None)
+            assert await ask(sup, new, b"?callbacks") == b"1"  # the reply reached the new guest
+            assert router.late_responses == 0
         finally:
             storage.release.set()
             await sup.stop_all(1.0)

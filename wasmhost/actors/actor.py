@@ -315,6 +315,8 @@ class ComponentActor:
         if late.cancelled_caught:  # not expected (the task's own bounds are tighter): still answer everyone
             log.error("component_stop_overran", component=self.name, seconds=round(bound, 3))
             self._reject_remaining("stopped")
+            # The caller may now put a new actor under this id: its requests must not meet ours.
+            self.router.forget_requester(self.component_id)
 
     async def restart(self) -> None:
         """Terminate the running instance and boot a fresh one (a stopped or failed actor is started);
@@ -922,7 +924,9 @@ class ComponentActor:
                     handover.finish(RuntimeError(f"{self.name} stopped during the handover"))
             self._booting = self._handover = self._probation = None
             self._reject_remaining("failed" if self.state is ActorState.FAILED else "stopped")
-            self.router.forget_requester(self.component_id)
+            if self.router.local_recipient(self.component_id) in (None, self):
+                # Not when a stop overran and a new actor took the id meanwhile: the requests are its own.
+                self.router.forget_requester(self.component_id)
             if self.state is not ActorState.FAILED:
                 self.state = ActorState.STOPPED
             self.phase = None
