@@ -62,3 +62,16 @@ async def test_a_stop_during_a_handover_answers_the_waiter_and_the_queue(supervi
     results = await asyncio.gather(*queued, return_exceptions=True)
     assert all(isinstance(r, RequestFailed) for r in results), results  # answered, not left waiting
     assert actor.state is ActorState.STOPPED
+
+
+async def test_a_stop_during_the_fallbacks_boot_answers_the_waiter(supervisor: Supervisor, runtime: Runtime) -> None:
+    actor = await supervisor.start(ActorSpec(CID), runtime.load(CID, fixture_path("echo")))
+    # The new version traps in initialize; the version it falls back to then never ends its own.
+    endless = ActorSpec(CID, limits=ResourceLimits(max_execution_time_ms=600_000))
+    waiter = asyncio.ensure_future(supervisor.hand_over(ActorSpec(CID), runtime.load(CID, fixture_path("inittrap")),
+                                                        (endless, runtime.load(CID, fixture_path("initloop")))))
+    await until(lambda: actor.spec is endless and actor.manager.in_call)  # the fallback is initializing
+    await asyncio.wait_for(supervisor.stop(CID, drain_timeout=0.2), 10)
+    handover = await asyncio.wait_for(waiter, 5)  # a reload waits for it, holding the reload lock
+    assert "unreachable" in str(handover.boot_error)  # why the new version did not start
+    assert actor.state is ActorState.STOPPED

@@ -538,11 +538,12 @@ class ComponentActor:
             return error
         log.warning("component_handover_failed", component=self.name, error=str(error))
         self._record_error(error)
-        await self._retire()
-        self._install(*handover.fallback())
-        restored = await self._boot()
-        handover.finish(error)
-        return restored
+        try:
+            await self._retire()
+            self._install(*handover.fallback())
+            return await self._boot()
+        finally:  # also when a stop cuts the fallback's boot short: the waiter (a reload) must hear it
+            handover.finish(error)
 
     async def _fall_back(self, error: Exception) -> None:
         """The version on probation failed: retire it and install its fallback (booted next), on the same
