@@ -75,3 +75,18 @@ async def test_a_stop_during_the_fallbacks_boot_answers_the_waiter(supervisor: S
     handover = await asyncio.wait_for(waiter, 5)  # a reload waits for it, holding the reload lock
     assert "unreachable" in str(handover.boot_error)  # why the new version did not start
     assert actor.state is ActorState.STOPPED
+
+
+async def test_a_start_after_a_stop_during_a_handover_runs_the_version_fallen_back_to(supervisor: Supervisor,
+                                                                                      runtime: Runtime) -> None:
+    previous = ActorSpec(CID)
+    actor = await supervisor.start(previous, runtime.load(CID, fixture_path("echo")))
+    endless = ActorSpec(CID, limits=ResourceLimits(max_execution_time_ms=600_000))
+    waiter = asyncio.ensure_future(supervisor.hand_over(endless, runtime.load(CID, fixture_path("initloop")),
+                                                        (previous, runtime.load(CID, fixture_path("echo")))))
+    await until(lambda: actor.spec is endless and actor.manager.in_call)  # the new version is initializing
+    await asyncio.wait_for(supervisor.stop(CID, drain_timeout=0.2), 10)
+    handover = await asyncio.wait_for(waiter, 5)
+    assert handover.boot_error is not None  # a reload reports it rolled back to the previous version...
+    await asyncio.wait_for(actor.start(), 10)  # ...so `wasmhost start ID` runs that one
+    assert await supervisor.router.host_request(CID, b"hello", 10.0) == b"hello"

@@ -529,9 +529,10 @@ class ComponentActor:
         """The handed-over version's first boot ended with `error`: on failure, boot its fallback (same
         mailbox) before telling the waiter; on success it stays on probation (a failure falls back
         at once) until `end_probation`. Returns the error of the version now in place."""
-        handover, self._booting = self._booting, None
+        handover = self._booting
         assert handover is not None
         if error is None or handover.fallback is None:
+            self._booting = None
             if error is None and handover.fallback is not None:
                 self._probation = handover
             handover.finish(error)
@@ -541,6 +542,7 @@ class ComponentActor:
         try:
             await self._retire()
             self._install(*handover.fallback())
+            self._booting = None  # until here, a stop leaves the fallback installed (see _finish)
             return await self._boot()
         finally:  # also when a stop cuts the fallback's boot short: the waiter (a reload) must hear it
             handover.finish(error)
@@ -917,6 +919,11 @@ class ComponentActor:
                         await self.workers.run(self._manager.close, self._manager.lock)
                     if late.cancelled_caught:  # not closed (a thread held the Store): freed at its next boot or removal
                         log.warning("component_close_late", component=self.name)
+                booting = self._booting
+                if booting is not None and booting.fallback is not None and self._manager is booting.manager:
+                    # Stopped before the new version ran: its waiter hears a boot error and reports a rollback,
+                    # so the next start must boot the previous version, not this one.
+                    self._install(*booting.fallback())
         except Exception as exc:  # the worker pool is closed, say: nothing may keep the answers from going out
             log.error("component_finish_failed", component=self.name, error=f"{type(exc).__name__}: {exc}")
         finally:
