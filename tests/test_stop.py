@@ -181,6 +181,27 @@ async def test_stop_during_an_endless_initialize_interrupts_it(supervisor: Super
     assert not actor.manager.in_call
 
 
+@pytest.mark.parametrize("change", ["handover", "restart"])
+async def test_a_stop_with_a_new_version_or_a_restart_pending_still_drains_the_queue(
+        supervisor: Supervisor, runtime: Runtime, change: str) -> None:
+    busy = await launch(supervisor, "busy", "t/busy/0")
+    long = ask(supervisor, busy, b"300000000")
+    await in_call(busy, long)
+    queued = [ask(supervisor, busy, b"3") for _ in range(QUEUED)]
+    await until(lambda: len(busy.mailbox) == QUEUED)
+    if change == "handover":  # a reload, taken up once the message in hand is done
+        hasher = runtime.load(busy.component_id, fixture_path("hasher"))
+        pending = asyncio.ensure_future(supervisor.hand_over(busy.spec, hasher))
+    else:  # `wasmhost restart ID`, likewise
+        pending = asyncio.ensure_future(busy.restart())
+    await asyncio.sleep(0)  # one turn: both ask for it before their first wait
+    with anyio.fail_after(BOUND):
+        await supervisor.stop(busy.component_id, drain_timeout=BOUND)
+        await pending
+    assert await outcomes([long, *queued]) == [b"300000000"] + [b"3"] * QUEUED  # drained, not refused
+    assert busy.state is ActorState.STOPPED
+
+
 class HungStorage(MemoryStorage):
     """A storage whose writes wait until released (a hung disk, within the storage's own bound)."""
 

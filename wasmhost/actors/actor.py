@@ -638,7 +638,7 @@ class ComponentActor:
         pending: Progress | None = None  # the previous batch, its commit in flight
         try:
             while True:
-                if self._suspend_wanted or self._handover is not None:
+                if (self._suspend_wanted or self._handover is not None) and not self._stopping:
                     return None  # to be terminated (a restart) or handed over: the batch in hand is done
                 if self._stopping and not len(self.mailbox):
                     return None  # drained
@@ -830,7 +830,7 @@ class ComponentActor:
         for index, envelope in enumerate(batch):
             if host.interrupted:
                 return batch[index:], None  # out of drain time: the rest is answered as stopped
-            if self._handover is not None:
+            if self._handover is not None and not self._stopping:  # stopping: this version drains the queue
                 return batch[index:], None  # a new version takes over: the rest waits for it
             if time.monotonic() >= slice_end:
                 yield math.inf  # many short calls add up to a slice too: let others run
