@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FIXTURES
 from tests.test_daemon import ROOT, Daemon, component, config_text, kill_leftovers, launch, wasmhost
 from wasmhost.cli import build_parser
 from wasmhost.system import protocol
@@ -346,6 +347,23 @@ def test_a_component_that_failed_to_load_says_so(daemon: Start) -> None:
         assert "missing-exports.wasm" in result.stderr and len(result.stderr.splitlines()) == 1
     assert "target-not-found: t/ghost/0" in d.cli("call", "t/ghost/0", "x").stderr
     assert d.stop() == 0
+
+
+def test_start_loads_a_binary_fixed_after_it_failed_to_load(tmp_path: Path) -> None:
+    components = tmp_path / "components"
+    components.mkdir()
+    (components / "thing.wasm").write_bytes((FIXTURES / "missing-exports.wasm").read_bytes())
+    started: list[Daemon] = []
+    try:
+        d = launch(tmp_path, component("t/thing/0", "thing"), started, components)
+        assert "t/thing/0 failed to load" in d.cli("call", "t/thing/0", "x").stderr
+        (components / "thing.wasm").write_bytes((FIXTURES / "echo.wasm").read_bytes())  # the operator fixes it
+        assert d.cli("start", "t/thing/0").returncode == 0
+        after = d.cli("call", "t/thing/0", "hello")
+        assert (after.returncode, after.stdout.strip()) == (0, "hello"), after.stderr
+        assert d.stop() == 0
+    finally:
+        kill_leftovers(started)
 
 
 # --- help and README ---

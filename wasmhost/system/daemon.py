@@ -350,9 +350,15 @@ class Daemon:
             deployment.loaded = component
             return component
 
+        first: SharedLoads | None = loads
+
         async def compile_it() -> LoadedComponent:
+            # The pass's loads serve the first attempt only: a later one (`wasmhost start ID` after fixing
+            # the file) reads the file again instead of their cached outcome, and they are not kept alive.
+            nonlocal first
+            shared, first = first or SharedLoads(self.runtime), None
             try:
-                return compiled(await loads.load(plan))
+                return compiled(await shared.load(plan))
             except LoadError as exc:
                 deployment.load_error = str(exc)
                 self.router.load_failed(cid, str(exc))  # messages to it say so, not target-not-found
