@@ -32,7 +32,7 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId
-from wasmhost.core.errors import LoadError
+from wasmhost.core.errors import LoadError, MessagingError
 from wasmhost.messaging.outcome import Outcome, RequestFailed
 from wasmhost.runtime.loader import LoadedComponent
 from wasmhost.runtime.runtime import Runtime
@@ -245,6 +245,22 @@ async def test_a_stop_during_a_compile_does_not_wait_for_it(runtime: Runtime) ->
         with anyio.fail_after(5):  # drain time is 60 s: the stop must not spend it waiting for the compile
             await actor.stop(drain_timeout=60.0)
     assert actor.state is ActorState.STOPPED
+
+
+@pytest.mark.anyio
+async def test_a_start_refused_after_stop_all_leaves_nothing_waiting_for_messages(runtime: Runtime) -> None:
+    stopped, late = ComponentId.parse("t/stopped/0"), ComponentId.parse("t/late/0")
+    async with plain_supervisor(runtime) as sup:
+        actor = await sup.start(ActorSpec(stopped), runtime.load(stopped, fixture_path("echo")))
+        await sup.stop_all(1.0)  # SIGTERM, while a reload adds a component and `wasmhost start ID` runs
+        with pytest.raises(RuntimeError):
+            await sup.start(ActorSpec(late), runtime.load(late, fixture_path("echo")))
+        with pytest.raises(RuntimeError):
+            await actor.start()
+        for cid, refusal in ((late, "target-not-found"), (stopped, "delivery-failed")):
+            with pytest.raises(MessagingError, match=refusal):  # at once, not queued for an actor that never runs
+                await asyncio.wait_for(sup.router.host_request(cid, b"x", 600.0), 5)
+        assert list(sup.actors) == [stopped] and actor.state is ActorState.STOPPED
 
 
 # --- OTP group strategies (in-process supervisor, real components) ---

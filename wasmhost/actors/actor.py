@@ -275,9 +275,11 @@ class ComponentActor:
     async def start(self) -> None:
         """Run the actor task in the supervisor's task group and wait until its component's first
         attempt has ended: running, restarting after a failure (a component whose `initialize` never
-        ends does not hold up READY=1 or a reload for all its restarts), or failed."""
+        ends does not hold up READY=1 or a reload for all its restarts), or failed. Raises RuntimeError,
+        changing nothing, once the supervisor is stopping."""
         if self._running:
             return
+        group = self.supervisor.group  # raises once the supervisor is stopping: before anything changes here
         self._running = True
         self._stopping = False
         self._drain_deadline = math.inf
@@ -285,9 +287,9 @@ class ComponentActor:
         self.mailbox.reopen()
         self.state = ActorState.STARTING
         try:
-            await self.supervisor.group.start(self._main, name=f"actor {self.name}")
+            await group.start(self._main, name=f"actor {self.name}")
         except BaseException:
-            self._running = False  # never ran (the supervisor is closing), or cancelled before it began
+            self._running = False  # cancelled before it began
             raise
 
     async def stop(self, drain_timeout: float = 5.0) -> None:

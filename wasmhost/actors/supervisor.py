@@ -79,7 +79,10 @@ class Supervisor:
 
     def add(self, spec: ActorSpec, source: ComponentSource) -> ComponentActor:
         """Create (not start) the actor for `spec`; it becomes reachable for messages at once, and its
-        messages wait in its mailbox while `source` compiles."""
+        messages wait in its mailbox while `source` compiles. Refused (RuntimeError) once `stop_all` has
+        begun: nothing would ever start or stop it."""
+        if self._closing:
+            raise RuntimeError(f"cannot add {spec.component_id}: the supervisor is stopping")
         if spec.component_id in self.actors:
             raise ValueError(f"component {spec.component_id} is already loaded")
 
