@@ -94,19 +94,36 @@ class Link:
     # --- running (the daemon's task group) ---
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Connect (retrying in the background), then serve until cancelled; closes the connection at the end."""
+        """Connect (retrying in the background), then serve until cancelled; closes the connection at the end.
+        The lattice never ends the daemon: a failure of the link is logged, and the link starts again after a
+        pause (local messaging goes on meanwhile; remote messages fail fast, naming the cause)."""
         task_status.started()
+        wait = CONNECT_RETRY_S[0]
         try:
-            async with anyio.create_task_group() as tasks:
-                self._tasks = tasks
-                tasks.start_soon(self._publisher, name="lattice outbox")
-                await self._connect()
-                await self._subscribe_host()
-                tasks.start_soon(self._heartbeats, name="lattice heartbeats")
-                await anyio.sleep_forever()
+            while True:
+                try:
+                    await self._serve()
+                except Exception as exc:  # a bug, or a connection closed under a call: start again
+                    log.exception("lattice_link_failed", host=self.host)
+                    self.cause = f"the lattice link failed: {_describe(exc)}"
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                        await self._close()
+                    self._subs.clear()  # they belonged to the connection just closed
+                await anyio.sleep(wait)
+                wait = min(wait * 2, CONNECT_RETRY_S[1])
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                 await self._close()
+
+    async def _serve(self) -> None:
+        """One connection's life: connect, subscribe, publish and beat until cancelled."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            tasks.start_soon(self._publisher, name="lattice outbox")
+            await self._connect()
+            await self._subscribe_host()
+            tasks.start_soon(self._heartbeats, name="lattice heartbeats")
+            await anyio.sleep_forever()
 
     async def _connect(self) -> None:
         """Connect; nats-py retries every URL until one answers (each failure reaches `_on_error`, which logs
@@ -246,21 +263,27 @@ class Link:
                 await self._subs.pop(cid).unsubscribe()
         for cid in wanted - self._subs.keys():
             subject = self.subjects.message(cid)
-            self._subs[cid] = await nc.subscribe(subject, queue=subject, cb=self.ingress.on_message,
-                                                 pending_bytes_limit=256 * 1024 * 1024)
+            try:
+                self._subs[cid] = await nc.subscribe(subject, queue=subject, cb=self.ingress.on_message,
+                                                     pending_bytes_limit=256 * 1024 * 1024)
+            except Exception as exc:  # the connection is closed or closing: the next tick tries again
+                log.warning("lattice_subscribe_failed", component=str(cid), cause=_describe(exc))
 
     async def _heartbeats(self) -> None:
         encode = wire.heartbeat_codec[0].encode
         interval = self.settings.heartbeat_s
         while True:
-            await self._reconcile()
-            self._seq += 1
-            beat = wire.Heartbeat(self.host, self._seq, self.started_at, interval, self._inventory_version)
-            if self.connected:
-                self.publish(self.subjects.heartbeat(self.host), encode(beat), {})
-            for host in self.directory.expire():
-                self._host_left(host)
-            self._forget_settled()
+            try:
+                await self._reconcile()
+                self._seq += 1
+                beat = wire.Heartbeat(self.host, self._seq, self.started_at, interval, self._inventory_version)
+                if self.connected:
+                    self.publish(self.subjects.heartbeat(self.host), encode(beat), {})
+                for host in self.directory.expire():
+                    self._host_left(host)
+                self._forget_settled()
+            except Exception:  # one bad tick must not stop the heartbeats: the next one tries again
+                log.exception("lattice_heartbeat_failed", host=self.host)
             with anyio.move_on_after(interval):
                 await self._changed.wait()  # a component came or went: tell the lattice soon
                 # ... but not once per component: a start-up of thousands comes in bursts, taken together

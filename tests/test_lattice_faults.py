@@ -1,0 +1,62 @@
+"""The lattice under faults a client or the NATS server can cause: oversized answers, a connection the
+server closes. Real nats-servers (1 MiB max_payload, nats-server's default) and real daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from tests import lattice_support
+from tests.lattice_support import NatsServer, lattice_daemon
+from tests.test_daemon import Daemon, component
+from tests.test_lattice import _try_call, until
+
+daemons = lattice_support.daemons  # the fixture this module uses
+
+MAX_PAYLOAD = 1024 * 1024
+OPEN_ECHO = component("t/echo/0", "echo", "accept_external = true")
+ECHO_SUBJECT = "wasmhost.default.msg.t.echo.0"
+HEARTBEAT_S = 0.5
+"""lattice_daemon's heartbeat interval."""
+
+
+@pytest.fixture
+def small_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server with the default max_payload of 1 MiB, killed at teardown."""
+    server = NatsServer(tmp_path / "nats", max_payload=MAX_PAYLOAD).start()
+    yield server
+    server.kill()
+
+
+def request_max_payload(url: str) -> dict[str, str] | str:
+    """A plain client's request of exactly max_payload bytes to the open echo: the answer's headers, or the
+    name of the error the client got instead (the echo's reply and its headers cannot fit max_payload)."""
+    async def go() -> dict[str, str] | str:
+        nc = await nats.connect(url)
+        try:
+            answer = await nc.request(ECHO_SUBJECT, b"x" * MAX_PAYLOAD, timeout=3)
+            return dict(answer.headers or {})
+        except Exception as exc:
+            return type(exc).__name__
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def test_a_closed_connection_does_not_end_the_daemon(tmp_path: Path, small_server: NatsServer,
+                                                      daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", OPEN_ECHO + component("t/local/0", "echo"), [small_server.url], "host-a",
+                       daemons)
+    until("the echo answers", lambda: _try_call(small_server.url, ECHO_SUBJECT, b"hi"))
+    request_max_payload(small_server.url)  # nats-server closed host-a's connection for the oversized answer
+    for action in ("stop", "start"):  # the link subscribes anew (on whatever connection it has) at its next tick
+        assert a.cli(action, "t/local/0").returncode == 0
+        time.sleep(3 * HEARTBEAT_S)  # with the link closed, nothing outside the daemon shows the tick
+    assert a.proc.poll() is None and a.call("t/local/0", "still here") == "still here"
+    assert a.stop() == 0
