@@ -4,6 +4,7 @@ server closes. Real nats-servers (1 MiB max_payload, nats-server's default) and 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,4 +60,14 @@ def test_a_closed_connection_does_not_end_the_daemon(tmp_path: Path, small_serve
         assert a.cli(action, "t/local/0").returncode == 0
         time.sleep(3 * HEARTBEAT_S)  # with the link closed, nothing outside the daemon shows the tick
     assert a.proc.poll() is None and a.call("t/local/0", "still here") == "still here"
+    assert a.stop() == 0
+
+
+def test_the_link_connects_again_after_the_server_closed_it(tmp_path: Path, small_server: NatsServer,
+                                                             daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", OPEN_ECHO, [small_server.url], "host-a", daemons)
+    until("the echo answers", lambda: _try_call(small_server.url, ECHO_SUBJECT, b"hi"))
+    request_max_payload(small_server.url)  # may make nats-server close host-a's connection
+    until("the echo answers again", lambda: _try_call(small_server.url, ECHO_SUBJECT, b"again"), 15)
+    assert json.loads(a.cli("status", "--lattice", "--json").stdout)["connected"]
     assert a.stop() == 0

@@ -1,9 +1,10 @@
 """The link: this host's one NATS connection, owned by a task of the daemon's task group.
 
 It connects in the background (the daemon is READY without NATS), retries until it can, then leaves
-reconnection to nats-py; publishes heartbeats, serves and fetches inventories, subscribes each local
-component's subject (queue group = the subject: one replica takes each message), delivers what arrives
-to the local router (ingress.py) and publishes what the router hands it (the RemotePort protocol).
+reconnection to nats-py, and connects anew when nats-py gives a connection up (the server closed it);
+publishes heartbeats, serves and fetches inventories, subscribes each local component's subject (queue
+group = the subject: one replica takes each message), delivers what arrives to the local router
+(ingress.py) and publishes what the router hands it (the RemotePort protocol).
 
 Guest threads never touch the network: a send or request is checked at once against what the link knows
 (connected, target known lattice-wide, size) and put on the outbox, which the loop publishes in order; a
@@ -82,6 +83,7 @@ class Link:
         self._outbox_lock = threading.Lock()
         self._outbox_ready = asyncio.Event()
         self._changed = asyncio.Event()  # local components changed: resubscribe, new inventory
+        self._closed = asyncio.Event()  # nats-py closed the connection for good: connect anew
         self._subs: dict[ComponentId, Subscription] = {}
         self._inventory: list[wire.InventoryEntry] = []
         self._inventory_version = 0
@@ -101,14 +103,18 @@ class Link:
         wait = CONNECT_RETRY_S[0]
         try:
             while True:
+                began = time.monotonic()
                 try:
                     await self._serve()
+                    self.nc = None  # closed: remote messages fail fast (with the cause) until connected again
                 except Exception as exc:  # a bug, or a connection closed under a call: start again
                     log.exception("lattice_link_failed", host=self.host)
                     self.cause = f"the lattice link failed: {_describe(exc)}"
                     with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                         await self._close()
-                    self._subs.clear()  # they belonged to the connection just closed
+                self._subs.clear()  # they belonged to the connection just closed
+                if time.monotonic() - began > CONNECT_RETRY_S[1]:  # it served a while: not a closure loop
+                    wait = CONNECT_RETRY_S[0]
                 await anyio.sleep(wait)
                 wait = min(wait * 2, CONNECT_RETRY_S[1])
         finally:
@@ -116,14 +122,19 @@ class Link:
                 await self._close()
 
     async def _serve(self) -> None:
-        """One connection's life: connect, subscribe, publish and beat until cancelled."""
+        """One connection's life: connect, subscribe, publish and beat until the connection is closed for good
+        (nats-py reconnects after anything else) or the task is cancelled."""
+        self._closed.clear()
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             tasks.start_soon(self._publisher, name="lattice outbox")
             await self._connect()
             await self._subscribe_host()
             tasks.start_soon(self._heartbeats, name="lattice heartbeats")
-            await anyio.sleep_forever()
+            await self._closed.wait()
+            if self._leaving:  # the daemon is stopping: it cancels this task soon
+                await anyio.sleep_forever()
+            tasks.cancel_scope.cancel()
 
     async def _connect(self) -> None:
         """Connect; nats-py retries every URL until one answers (each failure reaches `_on_error`, which logs
@@ -190,7 +201,11 @@ class Link:
         log.info("lattice_reconnected", url=self._url())
 
     async def _on_closed(self) -> None:
-        self.cause = "the NATS connection is closed"
+        # nats-py gives a connection up after a server -ERR (e.g. a publish above max_payload) or our close()
+        self.cause = f"the NATS connection was closed ({self.cause or 'by this host'})"
+        if not self._leaving:
+            log.warning("lattice_closed", url=self._url(), cause=self.cause)
+        self._closed.set()
 
     async def _close(self) -> None:
         nc = self.nc
