@@ -71,3 +71,22 @@ def test_the_link_connects_again_after_the_server_closed_it(tmp_path: Path, smal
     until("the echo answers again", lambda: _try_call(small_server.url, ECHO_SUBJECT, b"again"), 15)
     assert json.loads(a.cli("status", "--lattice", "--json").stdout)["connected"]
     assert a.stop() == 0
+
+
+def test_a_reply_too_large_for_nats_ends_failed_naming_both_sizes(tmp_path: Path, small_server: NatsServer,
+                                                                  daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", OPEN_ECHO + component("t/big/0", "blaster"), [small_server.url], "host-a",
+                       daemons)
+    b = lattice_daemon(tmp_path / "b", component("t/other/0", "echo"), [small_server.url], "host-b", daemons)
+    until("b sees a", lambda: b.cli("call", "t/big/0", "R10").returncode == 0)
+    too_large = "the reply is too large for NATS: 1048576 bytes (with "
+    answer = request_max_payload(small_server.url)  # a plain client: its echo fits, the headers do not
+    assert isinstance(answer, dict) and answer["Wasmhost-Outcome"] == "failed", answer
+    assert too_large in answer["Wasmhost-Detail"] and "max_payload of 1048576 bytes" in answer["Wasmhost-Detail"]
+    began = time.monotonic()
+    called = b.cli("call", "t/big/0", f"R{MAX_PAYLOAD}", "--timeout", "20")  # another host's request
+    assert called.returncode == 1 and "failed" in called.stderr and too_large in called.stderr, called.stderr
+    assert time.monotonic() - began < 10  # not its timeout
+    assert b.cli("call", "t/big/0", "R10").returncode == 0
+    assert not [e for e in a.events() if e["event"] in ("lattice_disconnected", "lattice_closed")]
+    assert a.stop() == 0 and b.stop() == 0

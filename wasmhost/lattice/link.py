@@ -498,6 +498,16 @@ class Link:
                 if not self._outbox:
                     return
                 subject, payload, headers, reply = self._outbox.popleft()
+            limit, header_size = nc.max_payload, wire.header_bytes(headers)
+            if len(payload) + header_size > limit:  # nats-py refuses it, or nats-server closes the connection
+                cause = (f"{len(payload)} bytes (with {header_size} bytes of headers) exceed the NATS server's "
+                         f"max_payload of {limit} bytes")
+                if wire.OUTCOME not in headers:
+                    self._failed(subject, headers, reply, cause)
+                    continue
+                # an answer: its requester hears `failed` now instead of waiting for its timeout
+                payload, headers = b"", {wire.OUTCOME: Outcome.FAILED.value, wire.HOST: self.host,
+                                         wire.DETAIL: f"the reply is too large for NATS: {cause}"}
             try:
                 await nc.publish(subject, payload, reply=reply, headers=headers or None)
             except Exception as exc:  # disconnected between the check and now, or too large after all

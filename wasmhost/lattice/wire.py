@@ -138,6 +138,14 @@ heartbeat_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(Heartbeat))
 inventory_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(Inventory))
 
 
+def header_bytes(headers: dict[str, str]) -> int:
+    """How many bytes `headers` take in a NATS message (the `NATS/1.0` line, one `key: value` line each, a
+    blank line; none without headers): nats-server counts them with the payload against its max_payload."""
+    if not headers:
+        return 0
+    return len(b"NATS/1.0\r\n\r\n") + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
 def one_line(text: str, limit: int = 1000) -> str:
     """`text` fit for a header value: one line, at most `limit` characters."""
     return " ".join(text.split())[:limit]
