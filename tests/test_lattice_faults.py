@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from tests import lattice_support
 from tests.lattice_support import NatsServer, lattice_daemon
@@ -90,3 +91,47 @@ def test_a_reply_too_large_for_nats_ends_failed_naming_both_sizes(tmp_path: Path
     assert b.cli("call", "t/big/0", "R10").returncode == 0
     assert not [e for e in a.events() if e["event"] in ("lattice_disconnected", "lattice_closed")]
     assert a.stop() == 0 and b.stop() == 0
+
+
+def heartbeat(host: str, heartbeat_s: float) -> bytes:
+    """A heartbeat of `host` as any client could publish it."""
+    return json.dumps({"host": host, "seq": 1, "started_at": 1.0, "heartbeat_s": heartbeat_s,
+                       "inventory_version": 0}).encode()
+
+
+def test_clients_cannot_make_a_host_speak_on_lattice_subjects(tmp_path: Path, small_server: NatsServer,
+                                                              daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", OPEN_ECHO, [small_server.url], "host-a", daemons)
+    until("the echo answers", lambda: _try_call(small_server.url, ECHO_SUBJECT, b"hi"))
+
+    async def client() -> list[bytes]:
+        nc = await nats.connect(small_server.url)
+        try:
+            heard: list[bytes] = []
+
+            async def note(msg: Msg) -> None:
+                heard.append(msg.data)
+
+            watch = await nc.subscribe("wasmhost.default.hb.ghost", cb=note)
+            # the echo would answer a forged heartbeat of a host that never leaves
+            await nc.publish(ECHO_SUBJECT, heartbeat("ghost", 1e300), reply="wasmhost.default.hb.ghost")
+            await nc.request(ECHO_SUBJECT, b"after", timeout=5)  # the echo answers in order: this one after
+            await watch.unsubscribe()
+            # forgeries a client publishes itself: a heartbeat of years, one on another host's subject
+            await nc.publish("wasmhost.default.hb.ghost", heartbeat("ghost", 1e300))
+            await nc.publish("wasmhost.default.hb.spoofed", heartbeat("ghost", 1.0))
+            await nc.publish("wasmhost.default.hb.marker", heartbeat("marker", 1.0))
+            await nc.flush()
+            return heard
+        finally:
+            await nc.close()
+
+    assert asyncio.run(client()) == []
+
+    def hosts() -> list[str]:
+        seen = json.loads(a.cli("status", "--lattice", "--json").stdout)
+        return [h["host"] for h in seen["hosts"] if not h["local"]]
+
+    until("host-a hears the marker heartbeat", lambda: "marker" in hosts())  # heard after the forged ones
+    assert hosts() == ["marker"]
+    assert a.stop() == 0

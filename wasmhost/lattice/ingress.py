@@ -58,6 +58,13 @@ class Ingress:
             return
         kind = headers.get(wire.KIND) or (wire.KIND_REQUEST if msg.reply else wire.KIND_SEND)
         sender_host = headers.get(wire.SENDER_HOST)
+        if sender_host is None and msg.reply and link.subjects.internal(msg.reply):
+            # the answer would be published by this host on a lattice subject the client chose: a forged
+            # heartbeat, inventory or answer to another host's request. Neither taken nor answered.
+            log.info("lattice_message_rejected", target=str(target), sender=headers.get(wire.SENDER, ""),
+                     sender_host="", error="invalid-message", detail=f"an external client's reply subject "
+                     f"{msg.reply!r} is under {link.subjects.prefix}, which only hosts may publish on")
+            return
         try:
             if kind not in (wire.KIND_SEND, wire.KIND_REQUEST, wire.KIND_BROADCAST):
                 raise MessagingError("invalid-message", f"{wire.KIND} must be send, request or broadcast, "

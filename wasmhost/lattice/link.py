@@ -307,8 +307,12 @@ class Link:
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
             beat = wire.heartbeat_codec[1].decode(msg.data)
-        except Exception:  # another host's bug must not stop ours
-            log.warning("lattice_bad_heartbeat", subject=msg.subject)
+        except Exception as exc:  # another host's bug must not stop ours
+            log.warning("lattice_bad_heartbeat", subject=msg.subject, detail=_describe(exc))
+            return
+        if msg.subject != self.subjects.heartbeat(beat.host):  # only a host's own subject speaks for it
+            log.warning("lattice_bad_heartbeat", subject=msg.subject, host=beat.host,
+                        detail=f"expected the heartbeat of {beat.host} on {self.subjects.heartbeat(beat.host)}")
             return
         if beat.host == self.host and beat.started_at != self.started_at and not self._duplicate_logged:
             # answers meant for one of the two reach either: requests would time out at random

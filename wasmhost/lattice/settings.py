@@ -8,9 +8,10 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import msgspec
+
+from wasmhost.lattice.wire import HeartbeatSeconds
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_HEARTBEAT_S = 2.0
@@ -42,7 +43,7 @@ class LatticeSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host_id: str | None = None
     credentials: str | None = None
     tls: TlsSection = msgspec.field(default_factory=TlsSection)
-    heartbeat_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] = DEFAULT_HEARTBEAT_S
+    heartbeat_s: HeartbeatSeconds = DEFAULT_HEARTBEAT_S
     grants: list[RemoteGrant] = msgspec.field(default_factory=list)
 
 

@@ -18,6 +18,7 @@ Wasmhost-Target (the component it was for, on `rejected`).
 from __future__ import annotations
 
 import re
+from typing import Annotated
 from urllib.parse import unquote
 
 import msgspec
@@ -50,6 +51,10 @@ EXTERNAL_NAMESPACE = "external"
 """Senders without a host (plain NATS clients) are `external/<name>/<id>` (default `external/nats/client`)."""
 DEFAULT_EXTERNAL_SENDER = ComponentId(EXTERNAL_NAMESPACE, "nats", "client")
 
+HeartbeatSeconds = Annotated[float, msgspec.Meta(ge=0.05, le=3600)]
+"""A heartbeat interval: `[lattice] heartbeat_s`, and what a heartbeat claims (a claim of years would keep
+a host in every directory long after it has gone)."""
+
 _SPECIAL = re.compile(r"[.*>%\s]")
 
 
@@ -72,6 +77,10 @@ class Subjects:
         self.prefix = f"wasmhost.{encode_token(lattice_name)}"
         self.msg_prefix = f"{self.prefix}.msg."
         self.heartbeats = f"{self.prefix}.hb.*"
+
+    def internal(self, subject: str) -> bool:
+        """Whether `subject` is one of this lattice's own (under `wasmhost.<name>.`)."""
+        return subject.startswith(f"{self.prefix}.")
 
     def message(self, component: ComponentId) -> str:
         """Where messages for `component` go (and its replicas' queue group)."""
@@ -110,7 +119,7 @@ class Heartbeat(msgspec.Struct, frozen=True):
     host: str
     seq: int
     started_at: float
-    heartbeat_s: float
+    heartbeat_s: HeartbeatSeconds
     inventory_version: int
 
 
