@@ -18,7 +18,8 @@ from tests.lattice_support import NatsServer, lattice_daemon
 from tests.test_daemon import Daemon, component
 from tests.test_lattice import _try_call, until
 
-daemons = lattice_support.daemons  # the fixture this module uses
+nats_server = lattice_support.nats_server  # the fixtures this module uses
+daemons = lattice_support.daemons
 
 MAX_PAYLOAD = 1024 * 1024
 OPEN_ECHO = component("t/echo/0", "echo", "accept_external = true")
@@ -135,3 +136,24 @@ def test_clients_cannot_make_a_host_speak_on_lattice_subjects(tmp_path: Path, sm
     until("host-a hears the marker heartbeat", lambda: "marker" in hosts())  # heard after the forged ones
     assert hosts() == ["marker"]
     assert a.stop() == 0
+
+
+def test_a_stopped_replica_takes_no_more_messages(tmp_path: Path, nats_server: NatsServer,
+                                                  daemons: list[Daemon]) -> None:
+    a, b = (lattice_daemon(tmp_path / h, OPEN_ECHO, [nats_server.url], f"host-{h}", daemons, heartbeat_s=20)
+            for h in "ab")  # slow heartbeats: the stop alone must drop the subscription
+    until("both replicas answer", lambda: len({_try_call(nats_server.url, ECHO_SUBJECT, b"x")[1]["Wasmhost-Host"]
+                                               for _ in range(20)}) == 2)
+    assert a.cli("stop", "t/echo/0").returncode == 0
+
+    async def requests() -> list[tuple[str, str]]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            answers = [await nc.request(ECHO_SUBJECT, b"x", timeout=5) for _ in range(20)]
+            return [(m.headers or {}).get("Wasmhost-Host", "") + " " + (m.headers or {}).get("Wasmhost-Outcome", "")
+                    for m in answers]
+        finally:
+            await nc.close()
+
+    assert asyncio.run(requests()) == ["host-b reply"] * 20
+    assert a.stop() == 0 and b.stop() == 0

@@ -38,7 +38,7 @@ from wasmhost.actors.conversion_budget import CONVERSIONS, LARGE_PAYLOAD
 from wasmhost.actors.forensics import Recorder
 from wasmhost.actors.restart import RestartHistory
 from wasmhost.actors.spec import ActorSpec
-from wasmhost.actors.state import ActorState, ActorStats
+from wasmhost.actors.state import TAKING_MESSAGES, ActorState, ActorStats
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core.errors import (
     CallInProgress,
@@ -225,8 +225,11 @@ class ComponentActor:
 
     @state.setter
     def state(self, value: ActorState) -> None:
+        taking_changed = (self._state in TAKING_MESSAGES) != (value in TAKING_MESSAGES)
         self._state = value
         self._changed()
+        if taking_changed:  # the lattice drops (or makes) its subscription now, not at its next heartbeat
+            self.router.local_changed()
 
     @property
     def phase(self) -> str | None:

@@ -19,6 +19,10 @@ class ActorState(enum.Enum):
     FAILED = "failed"
 
 
+TAKING_MESSAGES = frozenset({ActorState.STARTING, ActorState.RUNNING, ActorState.RESTARTING})
+"""The states in which an actor takes new messages (the lattice subscribes only such components)."""
+
+
 @dataclass
 class ActorStats:
     """Counters of one actor since the daemon started it."""

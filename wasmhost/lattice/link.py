@@ -27,6 +27,7 @@ import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
+from wasmhost.actors.state import TAKING_MESSAGES
 from wasmhost.core.errors import MessagingError
 from wasmhost.core.ids import HOST_ID, ComponentId, InvalidComponentId
 from wasmhost.core.message_size import check_message_size
@@ -56,7 +57,7 @@ SEND_TOKEN = "send"
 
 Inventories = Callable[[], list[wire.InventoryEntry]]
 """What this host runs, for its inventory (called on the loop)."""
-LIVE_STATES = ("starting", "running", "restarting")
+LIVE_STATES = tuple(state.value for state in TAKING_MESSAGES)
 
 
 class Link:
@@ -255,8 +256,8 @@ class Link:
         await self._reconcile()
 
     def local_changed(self) -> None:
-        """RemotePort: the local components changed (event loop; attach/detach run there)."""
-        self._changed.set()
+        """RemotePort: the local components changed (any thread)."""
+        self._set(self._changed)
 
     async def _reconcile(self) -> None:
         """Subscribe the live local components, unsubscribe the others, refresh the inventory."""
@@ -300,8 +301,10 @@ class Link:
             except Exception:  # one bad tick must not stop the heartbeats: the next one tries again
                 log.exception("lattice_heartbeat_failed", host=self.host)
             with anyio.move_on_after(interval):
-                await self._changed.wait()  # a component came or went: tell the lattice soon
-                # ... but not once per component: a start-up of thousands comes in bursts, taken together
+                await self._changed.wait()  # a component came, went, started or stopped taking messages:
+                await self._reconcile()  # subscriptions follow at once (NATS must not pick a stopped replica)
+                # ... the lattice is told soon, but not once per component: a start-up of thousands comes in
+                # bursts, taken together
                 await anyio.sleep(min(CHANGE_BATCH_S, interval))
 
     async def _on_heartbeat(self, msg: Msg) -> None:
@@ -481,11 +484,15 @@ class Link:
             was_empty = not self._outbox
             self._outbox.append((subject, payload, headers, reply))
         if was_empty:
-            if _on_loop(self.loop):
-                self._outbox_ready.set()
-            else:
-                with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
-                    self.loop.call_soon_threadsafe(self._outbox_ready.set)
+            self._set(self._outbox_ready)
+
+    def _set(self, event: asyncio.Event) -> None:
+        """Set `event` (of the loop) from any thread."""
+        if _on_loop(self.loop):
+            event.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
+                self.loop.call_soon_threadsafe(event.set)
 
     async def _publisher(self) -> None:
         while True:

@@ -112,12 +112,15 @@ class MessageRouter:
         """Make `recipient` reachable under its component id."""
         self._recipients[recipient.component_id] = recipient
         self._load_failures.pop(recipient.component_id, None)
-        if self.remote is not None:
-            self.remote.local_changed()
+        self.local_changed()
 
     def detach(self, component: ComponentId) -> None:
         """Make `component` unreachable."""
         self._recipients.pop(component, None)
+        self.local_changed()
+
+    def local_changed(self) -> None:
+        """A local component came, went, or started or stopped taking messages: the lattice follows."""
         if self.remote is not None:
             self.remote.local_changed()
 
