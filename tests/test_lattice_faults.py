@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from tests import lattice_support
 from tests.lattice_support import NatsServer, lattice_daemon
 from tests.test_daemon import Daemon, component
-from tests.test_lattice import _try_call, until
+from tests.test_lattice import CALLER, REMOTE_GRANT, _try_call, row, until
 
 nats_server = lattice_support.nats_server  # the fixtures this module uses
 daemons = lattice_support.daemons
@@ -157,3 +157,18 @@ def test_a_stopped_replica_takes_no_more_messages(tmp_path: Path, nats_server: N
 
     assert asyncio.run(requests()) == ["host-b reply"] * 20
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_dead_host_leaves_at_its_own_heartbeat_not_at_ours(tmp_path: Path, nats_server: NatsServer,
+                                                              daemons: list[Daemon]) -> None:
+    b = lattice_daemon(tmp_path / "b", component("t/slow/0", "services"), [nats_server.url], "host-b", daemons,
+                       heartbeat_s=0.5, extra=REMOTE_GRANT)
+    a = lattice_daemon(tmp_path / "a", CALLER, [nats_server.url], "host-a", daemons, heartbeat_s=20)
+    until("a sees b", lambda: a.cli("call", "t/slow/0", "self").returncode == 0)
+    a.call("t/caller/0", "t|slow|0|sleep 4500")  # the callback guest's requests wait 5 s
+    until("b handles it", lambda: row(b, "t/slow/0")["in_hand"] == 1, 10)
+    b.proc.kill()
+    until("a's request ends", lambda: a.call("t/caller/0", "?callbacks") == "1", 10)
+    assert json.loads(a.call("t/caller/0", "?last-payload")) == {
+        "outcome": "target-stopped", "detail": "host host-b left the lattice (no heartbeat) with the request"}
+    assert a.stop() == 0

@@ -76,6 +76,11 @@ class Directory:
             self._reindex()
         return gone
 
+    def next_expiry(self) -> float | None:
+        """When (time.monotonic()) the first host leaves unless heard from before; None without hosts."""
+        return min((r.last_seen + MISSED_HEARTBEATS * r.heartbeat.heartbeat_s for r in self.hosts.values()),
+                   default=None)
+
     def _reindex(self) -> None:
         index: dict[ComponentId, list[str]] = {}
         for host, record in sorted(self.hosts.items()):

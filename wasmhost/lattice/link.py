@@ -52,6 +52,9 @@ CONNECT_RETRY_S = (0.2, 5.0)
 INVENTORY_TIMEOUT_S = 2.0
 CHANGE_BATCH_S = 0.1
 """Local changes within this many seconds of the first are told to the lattice together."""
+EXPIRY_CHECK_S = (0.01, 1.0)
+"""Shortest and longest wait between two looks for hosts gone silent (a host joining meanwhile is seen
+within the longest)."""
 SEND_TOKEN = "send"
 """The answer subject token of sends (their answers only matter when they are rejections)."""
 
@@ -132,6 +135,7 @@ class Link:
             await self._connect()
             await self._subscribe_host()
             tasks.start_soon(self._heartbeats, name="lattice heartbeats")
+            tasks.start_soon(self._expiry, name="lattice expiry")
             await self._closed.wait()
             if self._leaving:  # the daemon is stopping: it cancels this task soon
                 await anyio.sleep_forever()
@@ -295,8 +299,6 @@ class Link:
                 beat = wire.Heartbeat(self.host, self._seq, self.started_at, interval, self._inventory_version)
                 if self.connected:
                     self.publish(self.subjects.heartbeat(self.host), encode(beat), {})
-                for host in self.directory.expire():
-                    self._host_left(host)
                 self._forget_settled()
             except Exception:  # one bad tick must not stop the heartbeats: the next one tries again
                 log.exception("lattice_heartbeat_failed", host=self.host)
@@ -306,6 +308,19 @@ class Link:
                 # ... the lattice is told soon, but not once per component: a start-up of thousands comes in
                 # bursts, taken together
                 await anyio.sleep(min(CHANGE_BATCH_S, interval))
+
+    async def _expiry(self) -> None:
+        """Take out the hosts gone silent, each at its own deadline (three of its heartbeats, not of ours: a
+        host beating every 0.5 s has left after 1.5 s, also when this one beats once a minute)."""
+        while True:
+            try:
+                for host in self.directory.expire():
+                    self._host_left(host)
+            except Exception:  # one bad look must not stop the next
+                log.exception("lattice_expiry_failed", host=self.host)
+            deadline = self.directory.next_expiry()
+            wait = EXPIRY_CHECK_S[1] if deadline is None else deadline - time.monotonic()
+            await anyio.sleep(min(max(wait, EXPIRY_CHECK_S[0]), EXPIRY_CHECK_S[1]))
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
