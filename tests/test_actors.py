@@ -20,6 +20,7 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId
+from wasmhost.core.bounded_text import MAX_LINE_CHARS
 from wasmhost.core.errors import MessagingError
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.core.metadata import HealthStatus
@@ -426,6 +427,19 @@ async def test_oversized_metadata_is_refused_and_never_reaches_the_log_or_a_neig
     answer = await ask(supervisor, "test-org/services/0", b"meta test-org|bigmeta|0")
     assert answer is not None and len(answer) < 1024  # the neighbour answers (it used to trap)
     assert await ask(supervisor, "test-org/services/0", b"self") == b"test-org/services/0"
+
+
+async def test_a_trap_through_long_function_names_is_kept_cut_to_size(supervisor: Supervisor) -> None:
+    """A backtrace names functions as the guest chose (2,000 characters here; 2 MiB names made a 40 MB
+    text, kept whole in status and forensics until every `status` answer overran its frame limit)."""
+    hostile = await launch(supervisor, "longname", "test-org/longname/0")
+    with pytest.raises(RequestFailed) as failure:
+        await ask(supervisor, "test-org/longname/0", b"100")
+    await until(lambda: hostile.stats.last_error is not None)
+    for text in (hostile.stats.last_error or "", failure.value.trace, hostile.forensics.report("x").failures[0].detail):
+        lines = text.splitlines()
+        assert "characters cut" in text and lines[-1].strip() == "wasm trap: wasm `unreachable` instruction executed"
+        assert max(len(line) for line in lines) <= MAX_LINE_CHARS + len("... (1999 characters cut)")
 
 
 async def test_a_guest_requesting_in_a_loop_is_held_to_its_outstanding_requests(supervisor: Supervisor) -> None:

@@ -40,6 +40,7 @@ from wasmhost.actors.restart import RestartHistory
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import TAKING_MESSAGES, ActorState, ActorStats
 from wasmhost.actors.workers import WorkerPool
+from wasmhost.core.bounded_text import bounded
 from wasmhost.core.errors import (
     CallInProgress,
     ComponentError,
@@ -890,7 +891,7 @@ class ComponentActor:
         for item in handled:
             if item.outcome is Outcome.FAILED:
                 stats.failed += 1
-                stats.last_error = item.trace or item.detail
+                stats.last_error = bounded(item.trace or item.detail)  # a guest's error carries its own words
             else:
                 stats.handled += 1
             if item.envelope.delivery is Delivery.MESSAGE:
@@ -979,7 +980,7 @@ class ComponentActor:
 
     def _record_error(self, error: Exception) -> None:
         """A failure of the component: its last error, and a record for `wasmhost inspect ID`."""
-        self.stats.last_error = str(error)
+        self.stats.last_error = bounded(str(error))
         self._changed()
         self.forensics.failed(error, self.phase, self.stats.restarts)
 

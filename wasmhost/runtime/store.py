@@ -15,6 +15,7 @@ import wasmtime
 from wasmtime import component as wc
 
 from wasmhost.core import blocking
+from wasmhost.core.bounded_text import bounded
 from wasmhost.core.errors import (
     CallInProgress,
     ComponentError,
@@ -93,7 +94,7 @@ def classify_error(component: str, function: str, error: int) -> GuestFailure:
     """
     status = ctypes.c_int(0)
     exited = capi.error_exit_status(error, ctypes.addressof(status))
-    message = capi.take_error(error)
+    message = bounded(capi.take_error(error))  # the backtrace names functions as the guest chose
     if exited:
         return GuestExit(component, function, message, status.value)
     return TRAP_CAUSES.get(trap_cause(message), GuestTrap)(component, function, message)
