@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,12 +14,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
+import structlog
 
 from tests.conftest import FIXTURES
 from wasmhost.core import affinity
 from wasmhost.system import protocol
 from wasmhost.system.client import request
+from wasmhost.system.control import ControlServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -493,3 +497,33 @@ def test_ready_comes_after_the_first_attempt_of_a_component_whose_initialize_nev
     assert rows["t/endless/0"]["state"] == "restarting", rows["t/endless/0"]
     assert "timed out" in rows["t/endless/0"]["last_error"]
     assert d.call("t/echo/0", "still here") == "still here"
+
+
+@pytest.mark.anyio
+async def test_a_control_client_that_stops_reading_is_dropped_with_its_answer(tmp_path: Path) -> None:
+    """The socket's own logic, with a stand-in handler answering 16 MiB (a large `call` reply). Before,
+    a client that stopped reading (a suspended CLI) kept its connection and the answer in the daemon."""
+    answer = protocol.Response(True, data="x" * (16 << 20))
+
+    async def handler(request: protocol.Request) -> protocol.Response:
+        return answer
+
+    server = ControlServer(tmp_path / "c.sock", 0o600, handler, send_timeout=0.5)
+    await server.start()
+    async with anyio.create_task_group() as group:
+        await group.start(server.serve)
+        try:
+            with structlog.testing.capture_logs() as logs:
+                reader, writer = await asyncio.open_unix_connection(str(tmp_path / "c.sock"))
+                writer.write(protocol.frame(protocol.Status()))
+                await writer.drain()  # ... and reads nothing
+                with anyio.fail_after(10):
+                    while not any(e["event"] == "control_client_not_reading" for e in logs):
+                        await anyio.sleep(0.01)
+            received = len(await asyncio.wait_for(reader.read(), 10))  # to the end: the server hung up
+            assert received < len(protocol.frame(answer, protocol.MAX_RESPONSE_FRAME))
+            writer.close()
+            served = await anyio.to_thread.run_sync(request, tmp_path / "c.sock", protocol.Status(), 10.0)
+            assert served == answer  # the others are served
+        finally:
+            await server.close()

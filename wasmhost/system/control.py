@@ -33,6 +33,9 @@ log = structlog.get_logger("wasmhost.control")
 
 FRAME_TIMEOUT = 10.0
 """Seconds a client may take to send one whole frame once it started (slow clients are dropped)."""
+ANSWER_SEND_TIMEOUT = 30.0
+"""Seconds a client may take to read one answer (a client that stops reading is dropped, and with it the
+answer it held in the daemon: up to 32 MiB)."""
 IDLE_TIMEOUT = 300.0
 """Seconds a connection may sit idle between requests before it is closed."""
 ANSWER_TIMEOUT = 1.0
@@ -88,13 +91,14 @@ class ControlServer:
 
     def __init__(self, path: Path, mode: int, handler: Handler, gid: int | None = None,
                  frame_timeout: float = FRAME_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
-                 allowed_uids: frozenset[int] | None = None) -> None:
+                 allowed_uids: frozenset[int] | None = None, send_timeout: float = ANSWER_SEND_TIMEOUT) -> None:
         self.path = path
         self.allowed_uids = allowed_uids
         self.mode = mode
         self.gid = gid
         self.frame_timeout = frame_timeout
         self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
         self.handler = handler
         self._listener: SocketListener | None = None
         self._inode: int | None = None
@@ -192,12 +196,25 @@ class ControlServer:
             return None, b""
         return response, early
 
+    async def _answer(self, stream: SocketStream, response: Response) -> None:
+        """Send `response`; TimeoutError when the client does not take it within send_timeout."""
+        try:
+            data = frame(response, MAX_RESPONSE_FRAME)
+        except FrameError as exc:
+            data = frame(Response(False, str(exc)), MAX_RESPONSE_FRAME)
+        try:
+            with anyio.fail_after(self.send_timeout):
+                await stream.send(data)
+        except TimeoutError:
+            log.warning("control_client_not_reading", bytes=len(data), seconds=self.send_timeout)
+            raise
+
     async def _serve(self, stream: SocketStream) -> None:
         reader = BufferedByteReceiveStream(stream)
         try:
             refusal = self._refusal(stream)
             if refusal is not None:
-                await _answer(stream, Response(False, refusal))
+                await self._answer(stream, Response(False, refusal))
                 return
             early = b""  # a byte of the next request, read while watching for a hang-up
             while True:
@@ -210,13 +227,13 @@ class ControlServer:
                         body = await reader.receive_exactly(length)
                     request = request_decoder.decode(body)
                 except FrameError as exc:
-                    await _answer(stream, Response(False, f"bad frame: {exc}"))
+                    await self._answer(stream, Response(False, f"bad frame: {exc}"))
                     return
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    await _answer(stream, Response(False, f"malformed request: {exc}"))
+                    await self._answer(stream, Response(False, f"malformed request: {exc}"))
                     return
                 except TimeoutError:
-                    await _answer(stream, Response(False, f"incomplete frame after {self.frame_timeout:g} s"))
+                    await self._answer(stream, Response(False, f"incomplete frame after {self.frame_timeout:g} s"))
                     return
                 self._answering += 1
                 try:
@@ -226,7 +243,7 @@ class ControlServer:
                         response, early = await self._answer_request(request), b""
                     if response is None:
                         return
-                    await _answer(stream, response)
+                    await self._answer(stream, response)
                 finally:
                     self._answering -= 1
                     if not self._answering:
@@ -254,11 +271,3 @@ async def _read_header(reader: BufferedByteReceiveStream, idle: float, frame: fl
         with anyio.fail_after(frame):
             return first + await reader.receive_exactly(LENGTH.size - 1)
     return None
-
-
-async def _answer(stream: SocketStream, response: Response) -> None:
-    try:
-        data = frame(response, MAX_RESPONSE_FRAME)
-    except FrameError as exc:
-        data = frame(Response(False, str(exc)), MAX_RESPONSE_FRAME)
-    await stream.send(data)
