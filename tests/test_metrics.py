@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ from wasmhost.runtime.store import StoreManager
 from wasmhost.system import protocol
 from wasmhost.system.client import request
 from wasmhost.system.config import ConfigError, parse_config
+from wasmhost.system.metrics import SCRAPE_CONNECTIONS, SCRAPE_IO_TIMEOUT_S
 
 METRICS_ON = {'log_format = "json"': 'log_format = "json"\nmetrics = "127.0.0.1:0"'}
 ACCOUNTING_ON = {'log_format = "json"': 'log_format = "json"\nmetrics = "127.0.0.1:0"\nmemory_accounting = true'}
@@ -315,6 +317,41 @@ def test_scrapes_while_reloads_add_and_remove_components_all_succeed(tmp_path: P
         done.set()
         scraper.join(timeout=60)
     assert results and set(results) == {"ok"}, [r for r in results if r != "ok"][:3]
+    assert d.stop() == 0
+
+
+def daemon_threads(d: Daemon) -> int:
+    return int(re.search(r"^Threads:\s+(\d+)", Path(f"/proc/{d.proc.pid}/status").read_text(), re.M)[1])  # type: ignore[index]
+
+
+def closed_by_peer(sockets: list[socket.socket], count: int, timeout: float) -> list[socket.socket]:
+    """Wait until `count` of `sockets` were closed by the other end (bounded); those sockets."""
+    closed: list[socket.socket] = []
+    deadline = time.monotonic() + timeout
+    while len(closed) < count:
+        assert time.monotonic() < deadline, f"{len(closed)} of {count} connections closed in {timeout} s"
+        readable, _, _ = select.select([s for s in sockets if s not in closed], [], [], 0.5)
+        closed += [s for s in readable if s.recv(1) == b""]
+    return closed
+
+
+def test_idle_connections_to_the_endpoint_take_a_bounded_number_of_threads_for_a_bounded_time(
+        tmp_path: Path, started: list[Daemon]) -> None:
+    # Any local user may connect; before, each idle connection held a daemon thread forever (700 of them
+    # used up systemd's TasksMax, and then the daemon could not start worker threads).
+    d = launch(tmp_path, component("t/echo/0", "echo"), started, edit=METRICS_ON)
+    port = metrics_port(d)
+    before = daemon_threads(d)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(SCRAPE_CONNECTIONS + 24)]
+    try:
+        refused = closed_by_peer(idle, 24, timeout=10)  # beyond the limit: closed at once
+        assert daemon_threads(d) <= before + SCRAPE_CONNECTIONS
+        closed_by_peer([s for s in idle if s not in refused], SCRAPE_CONNECTIONS, timeout=SCRAPE_IO_TIMEOUT_S + 20)
+    finally:
+        for s in idle:
+            s.close()
+    assert "wasmhost_build_info" in scrape_text(port)
+    assert any(e.get("event") == "metrics_connections_refused" for e in d.events())
     assert d.stop() == 0
 
 

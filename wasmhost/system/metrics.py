@@ -336,11 +336,51 @@ def _add_actor(group: _Group, actor: ComponentActor) -> None:
             ops[operation] = ops.get(operation, 0) + calls[index]
 
 
+SCRAPE_CONNECTIONS = 16
+"""Connections served at once; more are closed at once (each holds a thread of the daemon)."""
+SCRAPE_IO_TIMEOUT_S = 10.0
+"""Seconds one read or write of a scrape's connection may take (Prometheus' own scrape timeout): a
+client that connects and sends nothing, or stops reading, lets its thread go."""
+
+
 class _QuietHandler(WSGIRequestHandler):
-    """No access log line per scrape."""
+    """No access log line per scrape; reads and writes time out."""
+
+    timeout = SCRAPE_IO_TIMEOUT_S
 
     def log_message(self, format: str, *args: object) -> None:
         """Log nothing."""
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """prometheus-client's threading server, with at most SCRAPE_CONNECTIONS threads: any local user may
+    connect, and threads are the daemon's (systemd's TasksMax counts them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(SCRAPE_CONNECTIONS)
+        self._refusals = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve `request` on a thread of its own if one of the slots is free, else close it at once."""
+        if not self._slots.acquire(blocking=False):
+            self._refusals += 1
+            if self._refusals == 1 or self._refusals % 1000 == 0:  # once, then now and then: not per connection
+                log.warning("metrics_connections_refused", refused=self._refusals, limit=SCRAPE_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # the thread did not start: its slot is free again
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve on the request's thread, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class MetricsServer:
@@ -354,7 +394,7 @@ class MetricsServer:
         self.registry.register(DaemonCollector(daemon))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
-        class Server(ThreadingWSGIServer):
+        class Server(_BoundedServer):
             address_family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
 
         # Binding fails here (OSError) when the address is taken or not ours.
