@@ -4,6 +4,7 @@ leaves the old one running, every error is located, and RELOADING=1 is always fo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 from collections.abc import Iterator
@@ -129,6 +130,24 @@ def test_host_settings_changed_on_reload_are_refused_by_name(tmp_path: Path, com
     code, output = reload_reported(d)
     assert code == "1" and "host.drain_timeout_s: changed from 5.0 to 1.0" in output, output
     assert "t/new/0" not in rows(d)
+    assert d.stop() == 0
+
+
+def test_a_config_path_that_would_block_is_refused_and_reloads_go_on(tmp_path: Path, components: Path,
+                                                                      started: list[Daemon]) -> None:
+    # Before, reading a FIFO put in the config's place blocked the reload for good: every later reload
+    # was refused as "in progress" and SIGTERM never ended the process.
+    d = start(tmp_path, components, started, BASE)
+    text = d.config.read_text()
+    d.config.unlink()
+    os.mkfifo(d.config)
+    code, output = reload_reported(d)
+    assert code == "1" and f"{d.config}: 1 error(s):\n  cannot read: not a regular file" in output, output
+    d.config.unlink()
+    d.config.write_text(text.replace(BASE, BASE + component("t/new/0", "echo")))
+    code, output = reload_reported(d)
+    assert code == "0" and "reload: ok" in output, output
+    assert d.call("t/new/0", "hi") == "hi"
     assert d.stop() == 0
 
 

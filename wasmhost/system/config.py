@@ -7,6 +7,7 @@ import functools
 import grp
 import os
 import pwd
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,6 +421,20 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
                          section.accept_external)
 
 
+class NotRegularFile(OSError):
+    """A path that is not a regular file where one is read (a FIFO or device would block or never end)."""
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of the regular file at `path`: opened without blocking and checked before it is read, so a
+    FIFO or a device is refused (NotRegularFile) rather than waited on; OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{path} is not a regular file")
+        return file.read()
+
+
 def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes | None:
     """The bytes of a component's config_file, which must be a regular file inside the config's directory tree
     (a config that can be edited by a deployer must not hand a guest any file the daemon can read)."""
@@ -430,14 +445,13 @@ def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes 
     if not _inside(base, file):
         errors.append(f"{where}: {file} is outside the configuration's directory {base}")
         return None
-    if not file.is_file():  # a FIFO or device would block or never end
-        errors.append(f"{where}: no regular file at {file}")
-        return None
     try:
-        return file.read_bytes()
+        return read_regular_file(file)
+    except NotRegularFile:
+        errors.append(f"{where}: no regular file at {file}")
     except OSError as exc:
         errors.append(f"{where}: cannot read {file}: {exc.strerror or exc}")
-        return None
+    return None
 
 
 def _grants(where: str, caps: Capabilities, host: HostSection, errors: list[str]) -> Grants | None:
@@ -577,9 +591,11 @@ def _lattice(raw: dict[str, Any], base: Path, errors: list[str]
 
 
 def load_config(path: Path) -> Config:
-    """Read and validate the configuration file at `path`."""
+    """Read and validate the configuration file at `path` (a regular file: a FIFO is refused, not waited on)."""
     try:
-        text = path.read_text()
+        text = read_regular_file(path).decode()
+    except NotRegularFile:
+        raise ConfigError(str(path), ["cannot read: not a regular file"]) from None
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:

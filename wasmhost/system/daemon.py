@@ -46,6 +46,7 @@ from wasmhost.storage.sqlite_store import SqliteStorage
 from wasmhost.system import protocol
 from wasmhost.system.config import ComponentPlan, Config, ConfigError, load_config
 from wasmhost.system.control import ControlServer, SocketInUse
+from wasmhost.system.detached import start_detached
 from wasmhost.system.heap import DeploymentHeap, collect_all, frozen_after_slow_collections
 from wasmhost.system.logging import lines_dropped, reopen_log_files
 from wasmhost.system.metrics import DaemonCounters, MetricsServer, start_metrics
@@ -58,6 +59,8 @@ from wasmhost.system.stores import HostStores
 
 log = structlog.get_logger("wasmhost.daemon")
 
+CONFIG_READ_TIMEOUT_S = 30.0
+"""Seconds a reload may take to read the configuration file before it is rejected."""
 START_CONCURRENCY = 32
 """Components loaded and started at the same time."""
 ROLLOUT_PROBE_S = 1.0
@@ -455,8 +458,16 @@ class Daemon:
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
 
     async def _reload(self) -> ReloadReport:
+        source = self.config.source
         try:
-            new = await asyncio.to_thread(load_config, self.config.source)
+            # A detached thread, bounded: a read that hangs (a stuck filesystem) must neither hold the reload
+            # lock for good nor keep the process from exiting (asyncio joins its executor's threads).
+            with anyio.fail_after(CONFIG_READ_TIMEOUT_S):
+                new = await start_detached(lambda: load_config(source), name="wasmhost-config")
+        except TimeoutError:
+            log.error("reload_rejected", errors=[f"not read within {CONFIG_READ_TIMEOUT_S:g} s"])
+            return ReloadReport("rejected", problems=[
+                f"reload rejected, nothing changed: {source}: not read within {CONFIG_READ_TIMEOUT_S:g} s"])
         except ConfigError as exc:
             log.error("reload_rejected", errors=exc.errors)
             return ReloadReport("rejected", problems=[
