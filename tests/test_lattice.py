@@ -93,6 +93,18 @@ def test_remote_senders_need_a_grant_on_the_receiving_host(tmp_path: Path, nats_
     assert a.stop() == 0 and b.stop() == 0
 
 
+def test_lattice_grants_apply_again_when_a_reload_removes_the_local_replica(tmp_path: Path, nats_server: NatsServer,
+                                                                          daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", ECHO + CALLER, [nats_server.url], "host-a", daemons, extra=REMOTE_GRANT)
+    b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
+    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    assert ask(b, "t/echo/0", "with a's own caller")["payload"] == "with a's own caller"
+    a.config.write_text(a.config.read_text().replace(CALLER, ""))  # a runs no caller: its lattice grant applies
+    assert a.cli("reload").returncode == 0
+    assert ask(b, "t/echo/0", "after the reload")["payload"] == "after the reload"
+    assert a.stop() == 0 and b.stop() == 0
+
+
 def nats_call(url: str, subject: str, payload: bytes, headers: dict[str, str] | None = None,
               timeout: float = 10.0) -> tuple[bytes, dict[str, str]]:
     """A plain nats-py client's request (no wasmhost code on its side): the answer's payload and headers."""

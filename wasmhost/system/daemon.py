@@ -375,11 +375,21 @@ class Daemon:
         self.permissions.grant(plan.spec.component_id, plan.grants)  # parsed and checked with the config
         self.storage.set_quota(str(plan.spec.component_id), plan.storage_quota_bytes)
 
+    def _revoke(self, cid: ComponentId) -> None:
+        """Take the grants of a local component that goes. Its replicas on other hosts get its
+        [[lattice.grants]] entry back, if any: remote senders are checked here, and without it they would be
+        denied until a restart."""
+        for granted, grants in self.config.remote_grants:
+            if granted == cid:
+                self.permissions.grant(cid, grants)
+                return
+        self.permissions.revoke(cid)
+
     async def _remove(self, cids: list[ComponentId]) -> None:
         """Stop and forget `cids`, draining together (see Supervisor.remove_all)."""
         await self.supervisor.remove_all(cids, self.config.host.drain_timeout_s)
         for cid in cids:
-            self.permissions.revoke(cid)
+            self._revoke(cid)
             self.deployments.pop(cid, None)
             self.router.load_failed(cid, None)
 
