@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ from nats.aio.msg import Msg
 
 from tests import lattice_support
 from tests.lattice_support import NatsServer, lattice_daemon
-from tests.test_daemon import Daemon, component
+from tests.test_daemon import ROOT, Daemon, component
 from tests.test_lattice import CALLER, REMOTE_GRANT, _try_call, row, until
 
 nats_server = lattice_support.nats_server  # the fixtures this module uses
@@ -172,3 +174,30 @@ def test_a_dead_host_leaves_at_its_own_heartbeat_not_at_ours(tmp_path: Path, nat
     assert json.loads(a.call("t/caller/0", "?last-payload")) == {
         "outcome": "target-stopped", "detail": "host host-b left the lattice (no heartbeat) with the request"}
     assert a.stop() == 0
+
+
+@pytest.mark.parametrize("replicas", [1, 2])  # 1: placed when sent; 2: the replica that takes it says so (queued)
+def test_the_hosts_own_call_ends_when_the_host_holding_it_dies(tmp_path: Path, nats_server: NatsServer,
+                                                                daemons: list[Daemon], replicas: int) -> None:
+    servers = [lattice_daemon(tmp_path / f"s{n}", component("t/slow/0", "services"), [nats_server.url],
+                              f"host-s{n}", daemons) for n in range(replicas)]
+    b = lattice_daemon(tmp_path / "b", component("t/other/0", "echo"), [nats_server.url], "host-b", daemons)
+
+    def replicas_seen() -> int:
+        rows = json.loads(b.cli("status", "--lattice", "--json").stdout)["components"]
+        return sum(row["id"] == "t/slow/0" for row in rows)
+
+    until("b sees every replica", lambda: replicas_seen() == replicas)
+    call = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "call", "t/slow/0", "sleep 20000", "--timeout",
+                             "30", "--socket", str(b.socket)], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    holder = until("a replica handles it", lambda: next((s for s in servers if row(s, "t/slow/0")["in_hand"]), None),
+                   10)
+    assert isinstance(holder, Daemon)
+    holder.proc.kill()
+    try:
+        _, err = call.communicate(timeout=10)  # three of its heartbeats (1.5 s), not the call's 30 s
+    finally:
+        call.kill()
+    name = f"host-s{servers.index(holder)}"
+    assert f"target-stopped: host {name} left the lattice (no heartbeat) with the request" in err
+    assert all(s.stop() == 0 for s in servers if s is not holder) and b.stop() == 0

@@ -91,7 +91,7 @@ class Link:
         self._subs: dict[ComponentId, Subscription] = {}
         self._inventory: list[wire.InventoryEntry] = []
         self._inventory_version = 0
-        self._placed: dict[str, str] = {}  # correlation id -> host that queued the request
+        self._placed: dict[str, str] = {}  # request token -> the host holding it (guests' and the host's own)
         self._host_waits: dict[str, asyncio.Future[tuple[bytes, dict[str, str]]]] = {}
         self._fetching: set[str] = set()
         self._seq = 0
@@ -369,14 +369,20 @@ class Link:
     def _end_placed(self, host: str, detail: str) -> None:
         """End the requests `host` had queued with target-stopped: it will not answer them."""
         # list(): one copy under the GIL, as guest threads add placements meanwhile
-        for cid in [c for c, h in list(self._placed.items()) if h == host]:
-            self._placed.pop(cid, None)
-            self.router.complete_remote(cid, None, Outcome.TARGET_STOPPED, detail)
+        for token in [t for t, h in list(self._placed.items()) if h == host]:
+            self._placed.pop(token, None)
+            if not self._answer_host_call(token, b"", {wire.OUTCOME: Outcome.TARGET_STOPPED.value,
+                                                        wire.DETAIL: detail}):
+                self.router.complete_remote(token, None, Outcome.TARGET_STOPPED, detail)
+
+    def _waiting(self, token: str) -> bool:
+        """Whether the request `token` (a guest's or the host's own) still waits for its answer."""
+        return token in self._host_waits or self.router.pending_target(token) is not None
 
     def _forget_settled(self) -> None:
         """Drop the placements of requests no longer pending (timed out or cancelled: no answer will come)."""
-        for cid in [c for c in list(self._placed) if self.router.pending_target(c) is None]:
-            self._placed.pop(cid, None)
+        for token in [t for t in list(self._placed) if not self._waiting(t)]:
+            self._placed.pop(token, None)
 
     # --- answers to this host's requests and sends ---
 
@@ -390,10 +396,11 @@ class Link:
                 target = ""
             headers = {wire.OUTCOME: wire.REJECTED, wire.ERROR: "target-not-found", wire.TARGET: target,
                        wire.DETAIL: "no host runs it (any more)"}
-        waiter = self._host_waits.get(token)
-        if waiter is not None:  # the host's own call: a send ends with its first answer, a request with its last
-            if not waiter.done() and (token.startswith("s") or headers.get(wire.OUTCOME) != wire.QUEUED):
-                waiter.set_result((msg.data, headers))
+        if token in self._host_waits:  # the host's own call: a send ends with its first answer, a request with its last
+            if token.startswith("s") or headers.get(wire.OUTCOME) != wire.QUEUED:
+                self._answer_host_call(token, msg.data, headers)
+            else:  # a replica took it: ended at once if that host leaves (_end_placed)
+                self._placed[token] = headers.get(wire.HOST, "")
             return
         outcome = headers.get(wire.OUTCOME, wire.REPLY)
         detail = headers.get(wire.DETAIL, "")
@@ -453,26 +460,30 @@ class Link:
 
     def request(self, sender: ComponentId, target: ComponentId, payload: bytes, correlation_id: str,
                 timeout_ms: int) -> None:
-        """RemotePort: publish a request; its answer goes to the router's pending `correlation_id`. Where it
-        waits is known at once when one host runs the target; with replicas, the host that takes it says so
-        (`queued`, asked for by Wasmhost-Ack): an extra message only then."""
+        """RemotePort: publish a request; its answer goes to the router's pending `correlation_id`."""
         headers = self._headers(wire.KIND_REQUEST, sender, correlation_id, timeout_ms)
+        self._place(correlation_id, target, headers)
+        self.publish(self.subjects.message(target), payload, headers, self.subjects.reply(self.host, correlation_id))
+
+    def _place(self, token: str, target: ComponentId, headers: dict[str, str]) -> None:
+        """Note where the request `token` to `target` waits, so that it ends at once if that host leaves: known
+        now when one host runs the target; with replicas, the host that takes it says so (`queued`, asked for
+        by Wasmhost-Ack in `headers`): an extra message only then."""
         hosts = self.directory.hosts_of(target)
         if len(hosts) == 1:
-            self._placed[correlation_id] = hosts[0]  # guest thread: one dict store, safe under the GIL
+            self._placed[token] = hosts[0]  # maybe a guest thread: one dict store, safe under the GIL
         else:
             headers[wire.ACK] = "1"
-        self.publish(self.subjects.message(target), payload, headers, self.subjects.reply(self.host, correlation_id))
 
     async def _host_call(self, kind: str, target: ComponentId, payload: bytes, timeout: float
                          ) -> tuple[bytes, dict[str, str]]:
         token = ("s" if kind == wire.KIND_SEND else "h") + self.router.new_correlation_id()
         future: asyncio.Future[tuple[bytes, dict[str, str]]] = self.loop.create_future()
         self._host_waits[token] = future
-        timeout_ms = max(1, int(timeout * 1000))
+        headers = self._headers(kind, HOST_ID, token, max(1, int(timeout * 1000)))
         try:
-            self.publish(self.subjects.message(target), payload, self._headers(kind, HOST_ID, token, timeout_ms),
-                          self.subjects.reply(self.host, token))
+            self._place(token, target, headers)
+            self.publish(self.subjects.message(target), payload, headers, self.subjects.reply(self.host, token))
             with anyio.fail_after(timeout):
                 return await future
         except TimeoutError:
@@ -480,6 +491,17 @@ class Link:
                                 f"{timeout:g} s") from None
         finally:
             self._host_waits.pop(token, None)
+            self._placed.pop(token, None)
+
+    def _answer_host_call(self, token: str, data: bytes, headers: dict[str, str]) -> bool:
+        """End the host's own call `token` with this answer (its first one counts); False when `token` is not
+        a host call waiting here."""
+        waiter = self._host_waits.get(token)
+        if waiter is None:
+            return False
+        if not waiter.done():
+            waiter.set_result((data, headers))
+        return True
 
     async def host_request(self, target: ComponentId, payload: bytes, timeout: float) -> bytes | None:
         """RemotePort: the host's own request to a component on another host."""
@@ -548,11 +570,10 @@ class Link:
     def _failed(self, subject: str, headers: dict[str, str], reply: str, cause: str) -> None:
         """A publish that could not be made: its request ends `failed`, a send is logged."""
         token = reply.rsplit(".", 1)[-1] if reply else ""
-        waiter = self._host_waits.get(token)
-        if waiter is not None and not waiter.done():
-            waiter.set_result((b"", {wire.OUTCOME: wire.REJECTED, wire.ERROR: "delivery-failed",
-                                     wire.DETAIL: f"not published: {cause}"}))
-        elif headers.get(wire.KIND) == wire.KIND_REQUEST and token:
+        failure = {wire.OUTCOME: wire.REJECTED, wire.ERROR: "delivery-failed", wire.DETAIL: f"not published: {cause}"}
+        if self._answer_host_call(token, b"", failure):
+            return
+        if headers.get(wire.KIND) == wire.KIND_REQUEST and token:
             self.router.complete_remote(token, None, Outcome.FAILED, f"the request was not published: {cause}")
         else:
             log.warning("lattice_publish_failed", subject=subject, cause=cause)
