@@ -201,3 +201,16 @@ def test_the_hosts_own_call_ends_when_the_host_holding_it_dies(tmp_path: Path, n
     name = f"host-s{servers.index(holder)}"
     assert f"target-stopped: host {name} left the lattice (no heartbeat) with the request" in err
     assert all(s.stop() == 0 for s in servers if s is not holder) and b.stop() == 0
+
+
+def test_cancelled_remote_requests_leave_nothing_behind(tmp_path: Path, nats_server: NatsServer,
+                                                        daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", component("t/slow/0", "services"), [nats_server.url], "host-a", daemons,
+                       extra=REMOTE_GRANT)
+    b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons, heartbeat_s=3600)
+    until("b sees a", lambda: b.cli("call", "t/slow/0", "self").returncode == 0)
+    for _ in range(10):  # each waits on host-a (slow to answer) until the guest cancels it
+        correlation = b.call("t/caller/0", "t|slow|0|sleep 2000")
+        assert b.call("t/caller/0", f"!{correlation}") == "cancelled"
+    assert json.loads(b.cli("status", "--lattice", "--json").stdout)["remote_requests"] == 0
+    assert a.stop() == 0 and b.stop() == 0

@@ -55,6 +55,9 @@ class RecordingRemote:
     def local_changed(self) -> None:
         pass
 
+    def forget(self, correlation_id: str) -> None:
+        pass
+
 
 @pytest.fixture
 async def supervisor(runtime: Runtime) -> AsyncIterator[Supervisor]:

@@ -153,3 +153,7 @@ class RemotePort(Protocol):
 
     def local_changed(self) -> None:
         """The set of local components changed (their subscriptions and the inventory follow)."""
+
+    def forget(self, correlation_id: str) -> None:
+        """The request `correlation_id` ended here without its answer (cancelled, timed out, its requester
+        stopped): drop what is kept for it (any thread)."""

@@ -238,7 +238,7 @@ class Link:
         now = time.monotonic()
         return {
             "host": self.host, "lattice": self.settings.name, "connected": self.connected, "url": self._url(),
-            "cause": self.cause,
+            "cause": self.cause, "remote_requests": self.placed,
             "hosts": [{"host": r.host, "seen_s_ago": round(now - r.last_seen, 3),
                        "components": [msgspec.to_builtins(e) for e in r.components.values()]}
                       for r in sorted(self.directory.hosts.values(), key=lambda r: r.host)],
@@ -299,7 +299,6 @@ class Link:
                 beat = wire.Heartbeat(self.host, self._seq, self.started_at, interval, self._inventory_version)
                 if self.connected:
                     self.publish(self.subjects.heartbeat(self.host), encode(beat), {})
-                self._forget_settled()
             except Exception:  # one bad tick must not stop the heartbeats: the next one tries again
                 log.exception("lattice_heartbeat_failed", host=self.host)
             with anyio.move_on_after(interval):
@@ -375,14 +374,21 @@ class Link:
                                                         wire.DETAIL: detail}):
                 self.router.complete_remote(token, None, Outcome.TARGET_STOPPED, detail)
 
-    def _waiting(self, token: str) -> bool:
-        """Whether the request `token` (a guest's or the host's own) still waits for its answer."""
-        return token in self._host_waits or self.router.pending_target(token) is not None
-
-    def _forget_settled(self) -> None:
-        """Drop the placements of requests no longer pending (timed out or cancelled: no answer will come)."""
-        for token in [t for t in list(self._placed) if not self._waiting(t)]:
+    def _hold(self, token: str, host: str) -> None:
+        """Note that `host` holds the request `token` (any thread). Noted first, then checked: a request that
+        ends meanwhile on another thread (cancelled, timed out) is dropped either by its forget() or here."""
+        self._placed[token] = host
+        if token not in self._host_waits and self.router.pending_target(token) is None:
             self._placed.pop(token, None)
+
+    def forget(self, correlation_id: str) -> None:
+        """RemotePort: the request ended without its answer (any thread): no host holds it for us any more."""
+        self._placed.pop(correlation_id, None)
+
+    @property
+    def placed(self) -> int:
+        """How many of this host's requests wait on a known other host."""
+        return len(self._placed)
 
     # --- answers to this host's requests and sends ---
 
@@ -400,7 +406,7 @@ class Link:
             if token.startswith("s") or headers.get(wire.OUTCOME) != wire.QUEUED:
                 self._answer_host_call(token, msg.data, headers)
             else:  # a replica took it: ended at once if that host leaves (_end_placed)
-                self._placed[token] = headers.get(wire.HOST, "")
+                self._hold(token, headers.get(wire.HOST, ""))
             return
         outcome = headers.get(wire.OUTCOME, wire.REPLY)
         detail = headers.get(wire.DETAIL, "")
@@ -410,8 +416,7 @@ class Link:
                             host=headers.get(wire.HOST, ""), error=headers.get(wire.ERROR, ""), detail=detail)
             return
         if outcome == wire.QUEUED:
-            if self.router.pending_target(token) is not None:
-                self._placed[token] = headers.get(wire.HOST, "")
+            self._hold(token, headers.get(wire.HOST, ""))
             return
         self._placed.pop(token, None)
         if outcome == wire.REPLY:
@@ -471,7 +476,7 @@ class Link:
         by Wasmhost-Ack in `headers`): an extra message only then."""
         hosts = self.directory.hosts_of(target)
         if len(hosts) == 1:
-            self._placed[token] = hosts[0]  # maybe a guest thread: one dict store, safe under the GIL
+            self._hold(token, hosts[0])
         else:
             headers[wire.ACK] = "1"
 
@@ -574,6 +579,7 @@ class Link:
         if self._answer_host_call(token, b"", failure):
             return
         if headers.get(wire.KIND) == wire.KIND_REQUEST and token:
+            self._placed.pop(token, None)
             self.router.complete_remote(token, None, Outcome.FAILED, f"the request was not published: {cause}")
         else:
             log.warning("lattice_publish_failed", subject=subject, cause=cause)

@@ -269,6 +269,13 @@ class MessageRouter:
             del self._pending[request_id]
             self._ended(sender)
         self._deadlines.discard(request_id)
+        self._forget_remote(request_id)
+
+    def _forget_remote(self, correlation_id: str) -> None:
+        """A pending request ended without its answer: the lattice drops where it waited (else kept until the
+        answer comes, growing with every cancelled request)."""
+        if self.remote is not None:
+            self.remote.forget(correlation_id)
 
     def _ended(self, requester: ComponentId) -> None:
         """One of `requester`'s requests is no longer outstanding (under the lock)."""
@@ -387,6 +394,7 @@ class MessageRouter:
         with self._lock:
             pending = self._pending.pop(correlation_id, None)
         if pending is not None:
+            self._forget_remote(correlation_id)
             self._callback(pending.requester, pending.target, correlation_id, encode_outcome(
                 Outcome.TIMEOUT, f"no reply from {pending.target} in time"), OUTCOME_CONTENT_TYPE)
 
@@ -496,6 +504,7 @@ class MessageRouter:
             for cid in gone:
                 del self._pending[cid]
                 self._deadlines.discard(cid)
+                self._forget_remote(cid)
             answered = [cid for cid, requester in self._answered.items() if requester == component]
             for cid in answered:
                 del self._answered[cid]

@@ -21,7 +21,7 @@ def lattice_view(snapshot: dict[str, Any], local: list[dict[str, Any]]) -> Latti
         rows.extend(_row(entry, other["host"]) for entry in other["components"])
     rows.sort(key=lambda row: (row.id, row.host))
     return LatticeView(snapshot["lattice"], own, snapshot["connected"], snapshot["url"], snapshot["cause"],
-                       hosts, rows)
+                       hosts, rows, snapshot["remote_requests"])
 
 
 def _row(entry: dict[str, Any], host: str) -> LatticeComponentRow:

@@ -145,6 +145,8 @@ class LatticeView(msgspec.Struct):
     """Why it is not connected ("" when it is)."""
     hosts: list[LatticeHostRow]
     components: list[LatticeComponentRow]
+    remote_requests: int = 0
+    """This host's requests waiting on a known other host (ended at once when that host leaves)."""
 
 
 class Response(msgspec.Struct, forbid_unknown_fields=True):
