@@ -17,6 +17,7 @@ import structlog
 
 from wasmhost import __version__
 from wasmhost.core.errors import LoadError
+from wasmhost.core.terminal import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_TIMEOUT = 30.0
@@ -198,17 +199,21 @@ def _ask(args: argparse.Namespace, message: Any) -> Any:
     response = request(socket_path(args), message,
                        timeout=getattr(args, "timeout", DEFAULT_TIMEOUT) + ANSWER_MARGIN)
     if not response.ok:
-        print(f"wasmhost: {response.error}", file=sys.stderr)
+        # Errors carry guest text (a runtime-error's message, a trapping function's name): escaped, so
+        # that its control characters are shown, not obeyed by the terminal.
+        print(f"wasmhost: {printable(str(response.error))}", file=sys.stderr)
         if getattr(args, "verbose", False) and isinstance(response.data, str):
-            print(response.data.rstrip("\n"), file=sys.stderr)  # the whole story, e.g. a wasm backtrace
+            # the whole story, e.g. a wasm backtrace: several lines on purpose
+            print(printable(response.data.rstrip("\n"), newlines=True), file=sys.stderr)
         return None
     return response
 
 
 def _first_line(text: str, width: int) -> str:
-    """The first line of `text`, cut to `width` characters (`...` says it was cut, or that more lines follow)."""
+    """The first line of `text`, control characters escaped, cut to `width` characters (`...` says it
+    was cut, or that more lines follow)."""
     lines = text.strip().splitlines() or [""]
-    line = lines[0]
+    line = printable(lines[0])
     if len(line) > width or len(lines) > 1:
         line = line[: width - 3].rstrip() + "..."
     return line
@@ -247,7 +252,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]).rstrip())
     for row in rows:  # the reload kept (or put back) the previous version: the operator must hear why
         if str(row.get("rollout") or "").startswith("rolled back"):
-            print(f"reload: {row['id']}: {row['rollout']}")
+            print(f"reload: {row['id']}: {printable(row['rollout'])}")
     if response.data.get("log_lines_dropped"):
         print(f"logs: {response.data['log_lines_dropped']} line(s) dropped: a log destination could not keep up")
     if response.data.get("storage_io_errors"):
@@ -396,8 +401,8 @@ def _lattice_reply(args: argparse.Namespace, payload: bytes) -> tuple[bool, byte
                        "give --config FILE of a host of the lattice)")
     try:
         answer = asyncio.run(call(connect_options(settings), settings.name, target, payload, args.timeout))
-    except LatticeCallFailed as exc:
-        print(f"wasmhost: {exc}", file=sys.stderr)
+    except LatticeCallFailed as exc:  # may carry the remote guest's error text
+        print(f"wasmhost: {printable(str(exc))}", file=sys.stderr)
         return False, None
     return True, (answer.payload if answer.outcome == "reply" else None)
 
@@ -505,19 +510,20 @@ def _inspect_file(args: argparse.Namespace, path: Path) -> int:
         except (GuestFailure, HostError, InstanceStateError) as exc:
             # The guest's own failure (a trap in `metadata`, say): the binary is valid, the component
             # is not usable, and the daemon would restart it until it is marked failed. Say so, in full.
-            print(f"wasmhost: {path} is a valid component, but {step} failed, so it cannot run:\n{exc}",
-                  file=sys.stderr)
+            print(f"wasmhost: {path} is a valid component, but {step} failed, so it cannot run:\n"
+                  f"{printable(str(exc), newlines=True)}", file=sys.stderr)
             return EXIT_FAILED
         finally:
             manager.close()
     finally:
         runtime.close()
-    print(f"component   {loaded.source} ({loaded.size:,} bytes)")
-    print(f"name        {meta.name} {meta.version}")
-    print(f"description {meta.description}")
-    print(f"author      {meta.author}  license {meta.license}")
-    print(f"operations  {', '.join(meta.supported_operations) or '-'}  stateful {meta.stateful}")
-    print(f"imports     {', '.join(sorted(loaded.imports)) or '-'}")
+    lines = [f"component   {loaded.source} ({loaded.size:,} bytes)",
+             f"name        {meta.name} {meta.version}",
+             f"description {meta.description}",
+             f"author      {meta.author}  license {meta.license}",
+             f"operations  {', '.join(meta.supported_operations) or '-'}  stateful {meta.stateful}",
+             f"imports     {', '.join(sorted(loaded.imports)) or '-'}"]
+    print("\n".join(printable(line) for line in lines))  # the metadata is the guest's own text
     return EXIT_OK
 
 
@@ -542,9 +548,12 @@ def _inspect_running(args: argparse.Namespace, target: str) -> int:
     else:
         for field in ("id", "state", "health", "restarts", "mailbox", "handled", "failed"):
             print(f"{field:<11} {row.get(field)}")
-        print(f"last error  {row.get('last_error') or '-'}")
+        # The whole error, a backtrace over several lines: each continuation line indented, so that
+        # none of the guest's text can pass for a field of ours.
+        last_error = printable(row.get("last_error") or "-", newlines=True)
+        print(f"last error  {last_error}".replace("\n", "\n" + " " * 12))
         if report is not None:
-            print("\n".join(_forensics_lines(report)))
+            print("\n".join(printable(line) for line in _forensics_lines(report)))
     if row.get("state") == "failed":
         print(f"wasmhost: {target} has failed and stays down after {row.get('restarts')} restart(s); "
               "fix it, then `wasmhost start` or `wasmhost reload`", file=sys.stderr)

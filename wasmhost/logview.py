@@ -3,7 +3,7 @@
 Both formats the daemon writes are read: JSON lines (exact) and the console format of a terminal
 (`TIMESTAMP [level    ] event   key=value ...`, read best effort: values are as printed, a guest
 message containing ` key=value` text may be split there, and continuation lines of a multi-line
-message or traceback are skipped).
+traceback are skipped; the daemon writes each event on one line).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from wasmhost.core.terminal import json_line, printable
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50}
 _SHOWN_FIRST = ("timestamp", "level", "event", "component", "correlation_id")
@@ -166,7 +168,7 @@ def _value(raw: str) -> Any:
 
 
 def render(event: dict[str, Any]) -> str:
-    """One event as a readable line."""
+    """One event as a readable line, control characters escaped: guests choose messages, keys and values."""
     head = [str(event.get("timestamp", "-")), f"{str(event.get('level', '-')).upper():<7}",
             str(event.get("event", ""))]
     if "component" in event:
@@ -174,7 +176,7 @@ def render(event: dict[str, Any]) -> str:
     rest = [f"{k}={v}" for k, v in event.items() if k not in _SHOWN_FIRST]
     if "correlation_id" in event:
         rest.insert(0, f"correlation_id={event['correlation_id']}")
-    return " ".join(head + rest)
+    return printable(" ".join(head + rest))
 
 
 def follow(stream: TextIO, interval: float = 0.2) -> Iterator[str]:
@@ -193,6 +195,6 @@ def show(lines: Iterable[str], keep: LogFilter, as_json: bool, out: TextIO = sys
     for event in events(lines, counts):
         if keep.keeps(event):
             counts.shown += 1
-            out.write((json.dumps(event, ensure_ascii=False) if as_json else render(event)) + "\n")
+            out.write((json_line(event) if as_json else render(event)) + "\n")
             out.flush()
     return counts

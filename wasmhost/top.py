@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from wasmhost.core.terminal import printable
+
 Row = dict[str, Any]
 Fetch = Callable[[], list[Row]]
 
@@ -76,9 +78,9 @@ def _cell(row: Row, key: str) -> str:
         return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
     if key == "memory":
         return format_bytes(int(value))
-    if key == "error":
+    if key == "error":  # the guest's text: its control characters shown, not obeyed
         lines = str(value).strip().splitlines() or [""]
-        return lines[0] + (" ..." if len(lines) > 1 else "")
+        return printable(lines[0]) + (" ..." if len(lines) > 1 else "")
     return str(value)
 
 

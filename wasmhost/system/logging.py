@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from wasmhost.core.terminal import printable
 from wasmhost.system.log_writer import LogSink, open_log_file
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -52,6 +53,27 @@ def _report_reopen(destination: str, path: str, error: str | None) -> None:
         log.error("log_file_reopen_failed", path=path, error=error, detail="still writing to the old file")
 
 
+_MULTI_LINE = ("exception", "stack")
+"""Keys the console renderer prints on lines of their own after the event's line (tracebacks)."""
+
+
+def escape_for_console(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor for the console format: every text, keys included, with its control
+    characters escaped. Guests choose log messages, keys and values; raw, they could drive the
+    terminal (ESC sequences) or start a line that reads as an event of ours (a newline, then a
+    timestamp), which `wasmhost logs` would take for one. A traceback keeps its lines, each indented,
+    so that no line of it starts like an event."""
+    escaped: dict[str, Any] = {}
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            if key in _MULTI_LINE:
+                value = "  " + printable(value, newlines=True).replace("\n", "\n  ")
+            else:
+                value = printable(value)
+        escaped[printable(key)] = value  # other values are printed with repr(), which escapes already
+    return escaped
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", log_file: str | None = None) -> None:
     """Configure structlog for the daemon: every event gets timestamp, level and event name."""
     shutdown_logging(0.0)
@@ -63,13 +85,16 @@ def configure_logging(level: str = "info", fmt: str = "auto", log_file: str | No
     _sinks[:] = sinks
     logger = BufferedLogger(sinks)
     as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    # JSON lines escape every control character already (json.dumps, ASCII only).
     renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
+    escape: list[Any] = [] if as_json else [escape_for_console]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *escape,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
