@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
-from wasmhost.logview import LogFilter, parse_time, show
+from wasmhost.logview import LogFilter, parse_line, parse_time, show
 
 LINES = [
     json.dumps({"event": "component_started", "level": "info", "timestamp": "2026-01-01T10:00:00Z",
@@ -39,3 +40,22 @@ def test_filters_combine() -> None:
 
 def test_lines_that_are_not_ours_are_counted_not_fatal() -> None:
     assert run(LogFilter())[1] == 2
+
+
+def test_a_long_guest_message_of_pairs_parses_in_linear_time() -> None:
+    """A console line whose guest message is 16,001 characters of `a=b ` text: every space is a boundary
+    the event may end at; tried one by one, re-parsing the rest each time, it took about 10 s."""
+    message = "a=b " * 4000 + "!"
+    line = f"2026-01-01T00:00:00.000000Z [info     ] {message} component=t/x/0 guest=True guest_level=info"
+    began = time.perf_counter()
+    event = parse_line(line)
+    assert time.perf_counter() - began < 1.0
+    assert event == {"timestamp": "2026-01-01T00:00:00.000000Z", "level": "info", "event": message,
+                     "component": "t/x/0", "guest": True, "guest_level": "info"}
+
+
+def test_console_values_come_back_as_printed_literals() -> None:
+    line = "2026-01-01T00:00:00Z [info     ] said a=b inside  a=b c='x y' d=[1, (2, ']')] e={'k': 1} f=[never"
+    assert parse_line(line) == {"timestamp": "2026-01-01T00:00:00Z", "level": "info",
+                                "event": "said a=b inside  a=b c='x y' d=[1, (2, ']')] e={'k': 1} f=[never"}
+    assert parse_line(line.removesuffix(" f=[never"))["event"] == "said a=b inside"  # type: ignore[index]
