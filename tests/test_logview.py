@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 
+from tests.test_daemon import wasmhost
 from wasmhost.logview import LogFilter, parse_line, parse_time, show
 
 LINES = [
@@ -59,3 +61,15 @@ def test_console_values_come_back_as_printed_literals() -> None:
     assert parse_line(line) == {"timestamp": "2026-01-01T00:00:00Z", "level": "info",
                                 "event": "said a=b inside  a=b c='x y' d=[1, (2, ']')] e={'k': 1} f=[never"}
     assert parse_line(line.removesuffix(" f=[never"))["event"] == "said a=b inside"  # type: ignore[index]
+
+
+def test_a_json_line_nested_too_deep_for_python_is_skipped_not_fatal(tmp_path: Path) -> None:
+    """json.loads raises RecursionError, not ValueError, on 100,000 nested arrays: the real CLI skips the
+    line and counts it, as for any line that is not an event."""
+    ok = json.dumps({"event": "ok", "level": "info", "timestamp": "2026-01-01T00:00:00Z"})
+    nested = '{"event": "x", "level": "info", "a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    log = tmp_path / "nested.log"
+    log.write_text(f"{ok}\n{nested}\n{ok}\n")
+    shown = wasmhost("logs", str(log))
+    assert shown.returncode == 0 and shown.stdout.count(" ok\n") == 2
+    assert "(1 of 3 lines were not wasmhost events and were skipped)" in shown.stderr

@@ -86,7 +86,7 @@ def parse_line(line: str) -> dict[str, Any] | None:
     if text.lstrip().startswith("{"):
         try:
             event = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack allows
             return None
         if not isinstance(event, dict) or "event" not in event or "level" not in event:
             return None
