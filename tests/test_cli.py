@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -406,6 +408,64 @@ def test_logs_reads_the_console_format(daemon: Start, tmp_path: Path) -> None:
     assert ready["summary"] == "2 running" and ready["level"] == "info"
     warnings = wasmhost("logs", str(d.log), "--level", "warning", "--json").stdout.splitlines()
     assert warnings and all(json.loads(line)["level"] in ("warning", "error") for line in warnings)
+
+
+def follower(log: Path, *args: str) -> subprocess.Popen[str]:
+    """`wasmhost logs LOG --follow ARGS...`, running while the test goes on."""
+    return subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "logs", str(log), "--follow", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def follower_output(reader: subprocess.Popen[str], until: str, seconds: float = 10.0) -> str:
+    """What `wasmhost logs --follow` printed until a line containing `until` (or `seconds` passed)."""
+    assert reader.stdout is not None
+    out = ""
+    deadline = time.monotonic() + seconds
+    while until not in out and time.monotonic() < deadline:
+        if select.select([reader.stdout], [], [], 0.1)[0]:
+            out += os.read(reader.stdout.fileno(), 65536).decode()
+    return out
+
+
+def test_logs_follow_waits_for_the_rest_of_a_half_written_line(tmp_path: Path) -> None:
+    log = tmp_path / "growing.log"
+    log.write_text("")
+    reader = follower(log)
+    try:
+        line = json.dumps({"event": "split_line", "level": "info", "timestamp": "2026-01-01T00:00:00Z"}) + "\n"
+        with log.open("a") as out:
+            out.write(line[:20])
+            out.flush()
+            time.sleep(0.6)  # the follower reaches the end of the file (it looks every 0.2 s) mid-line
+            out.write(line[20:] + line.replace("split_line", "next_line"))
+        shown = follower_output(reader, "next_line")
+        assert "split_line" in shown and "next_line" in shown
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_logs_follow_goes_on_after_logrotate_and_sigusr1(daemon: Start, tmp_path: Path) -> None:
+    """logrotate moves the log file away and the daemon reopens it by its path on SIGUSR1; or, with
+    copytruncate, the file is cut to nothing: `logs --follow` goes on reading the new lines."""
+    log = tmp_path / "wasmhost.log"
+    d = daemon(component("t/logger/0", "logger"), host={"[host]\n": f'[host]\nlog_file = "{log}"\n'})
+    reader = follower(log, "--component", "t/logger/0")
+    try:
+        assert d.cli("call", "t/logger/0", "before rotation").returncode == 0
+        assert "before rotation" in follower_output(reader, "before rotation")
+        log.rename(tmp_path / "wasmhost.log.1")
+        d.proc.send_signal(signal.SIGUSR1)
+        wait_for(log.exists, "the daemon to reopen its log file")
+        assert d.cli("call", "t/logger/0", "after rotation").returncode == 0
+        assert "after rotation" in follower_output(reader, "after rotation")
+        time.sleep(0.5)  # the follower waits at the end of the new file
+        os.truncate(log, 0)  # copytruncate
+        assert d.cli("call", "t/logger/0", "after truncation").returncode == 0
+        assert "after truncation" in follower_output(reader, "after truncation")
+    finally:
+        reader.kill()
+        reader.wait()
 
 
 def test_logs_reads_the_journal_lines_of_a_real_daemon(tmp_path: Path) -> None:

@@ -450,12 +450,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
         counts = logview.show(sys.stdin, keep, args.json)
     else:
         try:
-            stream = open(args.file, encoding="utf-8", errors="replace")  # noqa: SIM115 (closed below)
+            stream = logview.open_log(args.file)
         except OSError as exc:
             raise CliError(f"cannot read log file {args.file}: {_os_reason(exc)} (expected a file of wasmhost "
                            "log lines, or - for stdin)") from None
         with stream:
-            lines = logview.follow(stream) if args.follow else stream
+            lines = logview.follow(stream, args.file) if args.follow else stream
             counts = logview.show(lines, keep, args.json)
     if counts.skipped:
         print(f"({counts.skipped} of {counts.read} lines were not wasmhost events and were skipped)",
@@ -670,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--until", help="ISO-8601 time")
     logs.add_argument("--correlation", help="correlation id")
     logs.add_argument("--grep", help="text anywhere in the event")
-    logs.add_argument("--follow", "-f", action="store_true", help="keep reading a growing file")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="keep reading a growing file, also after log rotation")
     logs.add_argument("--json", action="store_true", help="print the matching JSON lines unchanged")
     inspect = add("inspect", cmd_inspect, "show a component file's metadata, or a running component's state",
                   control=True)

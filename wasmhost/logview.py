@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import json
+import os
 import re
 import sys
 import time
@@ -228,14 +229,56 @@ def render(event: dict[str, Any]) -> str:
     return printable(" ".join(head + rest))
 
 
-def follow(stream: TextIO, interval: float = 0.2) -> Iterator[str]:
-    """The lines of a growing file, waiting for more at its end (until interrupted)."""
+def open_log(path: str) -> TextIO:
+    """A log file for reading: UTF-8 (anything else replaced), lines ending at `\n` only."""
+    return open(path, encoding="utf-8", errors="replace", newline="\n")
+
+
+def follow(stream: TextIO, path: str, interval: float = 0.2) -> Iterator[str]:
+    """The lines of the growing log file `stream` (opened from `path`), waiting for more at its end
+    until interrupted. A line is yielded whole: one caught half written is kept until its newline
+    comes. When the file at `path` is another one (logrotate moved it away and the daemon reopened
+    it on SIGUSR1) or shorter than what was read (copytruncate), reading goes on at its start."""
+    partial = ""
     while True:
-        line = stream.readline()
-        if line:
-            yield line
-        else:
+        chunk = stream.readline()
+        if chunk:
+            partial += chunk
+            if partial.endswith("\n"):
+                yield partial
+                partial = ""
+            continue
+        replacement = _replacement(stream, path)
+        if replacement is None:
             time.sleep(interval)
+            continue
+        if partial:  # the old file ended mid-line: that line will never be finished
+            yield partial
+            partial = ""
+        if replacement is not stream:
+            stream.close()
+            stream = replacement
+
+
+def _replacement(stream: TextIO, path: str) -> TextIO | None:
+    """At the end of `stream`: what to read next, when not more of it. A new file at `path` (opened),
+    or `stream` itself rewound when it was truncated; None when `path` is still this file (or none)."""
+    try:
+        current = os.stat(path)
+    except OSError:  # moved away and not yet reopened by the daemon: keep the old file for now
+        return None
+    mine = os.fstat(stream.fileno())
+    if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+        try:
+            return open_log(path)
+        except OSError:
+            return None
+    # At the end, everything up to the descriptor's offset has been read (tell() of a text stream is
+    # a cookie, not a byte count, while a character is half read).
+    if mine.st_size < os.lseek(stream.fileno(), 0, os.SEEK_CUR):
+        stream.seek(0)
+        return stream
+    return None
 
 
 def show(lines: Iterable[str], keep: LogFilter, as_json: bool, out: TextIO = sys.stdout) -> Counts:
