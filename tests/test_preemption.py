@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import math
 import os
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator
@@ -182,6 +185,60 @@ async def test_echo_answers_while_more_guests_than_threads_sleep_in_a_host_call(
     assert THREADS < sup.workers.threads <= THREADS + SPINNERS
     assert await asyncio.gather(*naps) == [b"slept"] * SPINNERS
     await until(lambda: sup.workers.threads == THREADS)  # lent threads end once idle
+
+
+async def test_echo_answers_while_a_guest_instantiates_forever(small_pool: Supervisor) -> None:
+    """A core module's start function runs inside instantiate, one step that cannot be sliced; before,
+    it kept every other guest waiting until its deadline (30 s by default, again at every restart).
+    A step that runs LONG_STEP_S counts as computing, so the echo gets a thread of its own."""
+    sup = small_pool
+    echo = ComponentId.parse("test-org/echo/0")
+    await sup.start(ActorSpec(echo), sup.stores.runtime.load(echo, fixture_path("echo")))
+    hog = ComponentId.parse("test-org/startloop/0")
+    spec = ActorSpec(hog, limits=ResourceLimits(max_execution_time_ms=3000), restart=RestartPolicy.TEMPORARY)
+    starting = asyncio.ensure_future(sup.start(spec, sup.stores.runtime.load(hog, fixture_path("startloop"))))
+    await until(lambda: hog in sup.actors and sup.actors[hog].phase == "instantiating" and sup.workers.busy > 0)
+    for i in range(5):
+        assert await ask(sup, "test-org/echo/0", b"ping %d" % i, timeout=2.0) == b"ping %d" % i
+    assert not starting.done(), "the echo should answer while the start function still loops"
+    await asyncio.wait_for(starting, 30)
+    assert "instantiation failed" in (sup.actors[hog].stats.last_error or "")  # ended by its deadline
+    assert sup.actors[hog].stats.last_error.endswith("wasm trap: interrupt")  # type: ignore[union-attr]
+
+
+def queued_bytes(read_end: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4))[0]  # type: ignore[no-any-return]
+
+
+async def test_echo_answers_while_a_guests_stdout_write_blocks(small_pool: Supervisor) -> None:
+    """A `wasi = true` guest writes its stdout from inside wasmtime: when nobody reads the daemon's stdout
+    (a stalled journald), the write blocks in one step. It keeps its thread, but no longer the others'."""
+    sup = small_pool
+    read_end, write_end = os.pipe()
+    saved = os.dup(1)
+    os.dup2(write_end, 1)
+    try:
+        echo = ComponentId.parse("test-org/echo/0")
+        await sup.start(ActorSpec(echo), sup.stores.runtime.load(echo, fixture_path("echo")))
+        flood = ComponentId.parse("test-org/stdoutflood/0")
+        spec = ActorSpec(flood, wasi=True, restart=RestartPolicy.TEMPORARY)
+        await sup.start(spec, sup.stores.runtime.load(flood, fixture_path("stdoutflood")))
+        call = asyncio.ensure_future(ask(sup, str(flood), b"1000", timeout=60.0))
+        capacity = fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
+        await until(lambda: queued_bytes(read_end) >= capacity)  # full: the guest's next write blocks
+        for i in range(5):
+            assert await ask(sup, "test-org/echo/0", b"ping %d" % i, timeout=2.0) == b"ping %d" % i
+        assert not call.done(), "the echo should answer while the flood's write is blocked"
+        os.set_blocking(read_end, False)
+        while not call.done():  # read what it writes until its call ends
+            with contextlib.suppress(BlockingIOError):
+                os.read(read_end, 1 << 20)
+            await asyncio.sleep(0.005)
+        assert await call == b"1000"
+    finally:
+        os.dup2(saved, 1)
+        for fd in (saved, read_end, write_end):
+            os.close(fd)
 
 
 class ComputingHook:
@@ -449,8 +506,10 @@ async def test_one_thread_runs_guest_code_unless_a_guest_computes_and_waits_in_h
         return asyncio.ensure_future(workers.run_steps(one_step(functools.partial(job, *args, **kwargs))))  # type: ignore[arg-type]
 
     try:
-        # Neither computes: b waits for a place though threads are idle, so a waits out its bound.
-        assert await asyncio.gather(run("a", waits_for="b"), run("b")) == ["a", "b"]
+        # Neither computes: b waits for a place though threads are idle, so a waits out its bound (one
+        # shorter than a long step, which counts as computing: see the test of a guest that instantiates forever).
+        short = workers_module.LONG_STEP_S / 2
+        assert await asyncio.gather(run("a", waits_for="b", bound=short), run("b")) == ["a", "b"]
         assert started["b"] >= ended["a"]
         # c computes: d joins it (c's wait for d ends at once), and e waits (2 places: one per core).
         c = run("c", waits_for="d", computes=True, bound=10)

@@ -28,7 +28,10 @@ relaying with `send` made 7,000 hops/s with two threads and 13,500 with one, and
 4,200/s and 7,000/s. A step whose guest call used up a whole slice of fuel (it said so through
 `blocking.computing`, see StoreManager) ran guest code most of the time, and only then may other
 threads join in, so guests that compute still get every core. Calls that compute for less than one
-first slice (about 0.1 ms) each stay on one thread.
+first slice (about 0.1 ms) each stay on one thread. A step still running after LONG_STEP_S counts as
+computing as well (the deadline thread looks while calls wait): steps that cannot be sliced, a core
+module's start function inside instantiate or a WASI write blocked on a full pipe, would otherwise
+keep every other guest waiting until they end.
 
 An idle thread is woken latest-idle first: that keeps a run of short calls on one thread (4 echo
 actors sharing 512 requests in flight: 9,000-11,000 msg/s woken first-idle first, 13,600-13,900
@@ -63,6 +66,10 @@ T = TypeVar("T")
 LEVELS = 8
 CALM_S = 0.1
 """Seconds without a computing guest after which the event loop and the workers go home again."""
+LONG_STEP_S = 0.05
+"""A step running this long has left Python for good (a core module's looping start function inside
+instantiate, a WASI write blocked on a full pipe): it counts as computing from then on, so that calls
+queued behind it get a thread (checked by the deadline thread while calls wait)."""
 MAX_LENT_THREADS = 256
 """Threads lent at most to stand in for threads whose guests wait in host calls (beyond it, waiting
 guests hold their threads). Each costs a thread stack: measured RSS in the README."""
@@ -157,6 +164,8 @@ class WorkerPool:
         self._urgent: deque[tuple[int, _Job]] = deque()  # cancelled jobs: released before anything else
         self._chores: deque[tuple[int, _Job]] = deque()  # plain functions (`run`): no guest code, next in line
         self._deadlines: list[tuple[float, int, _Job]] = []
+        self._stepping_since: dict[_Job, float] = {}  # jobs being stepped -> when their step began
+        self._watching = False  # the deadline thread is looking out for long steps (see LONG_STEP_S)
         self._order = itertools.count()
         self._waiting = 0  # jobs queued (whatever stale entries the queues still hold)
         self._closed = False
@@ -213,7 +222,10 @@ class WorkerPool:
     def enter_blocking(self) -> None:
         """The calling worker is about to wait in a host call: lend a thread if work is queued."""
         flush_wakes()  # what the guest sent before the wait is delivered now, not after it
+        job: _Job | None = getattr(self._current, "job", None)
         with self._cond:
+            if job is not None:  # waiting is not stepping: no long step meanwhile
+                self._stepping_since.pop(job, None)
             self._blocked += 1
             self._stepping -= 1
             self._count_computing(-self._current_computes())
@@ -223,7 +235,10 @@ class WorkerPool:
 
     def leave_blocking(self) -> None:
         """The calling worker runs again; a surplus thread ends when it next finds no work."""
+        job: _Job | None = getattr(self._current, "job", None)
         with self._cond:
+            if job is not None:
+                self._stepping_since[job] = time.monotonic()
             self._blocked -= 1
             self._stepping += 1
             self._count_computing(self._current_computes())
@@ -405,6 +420,9 @@ class WorkerPool:
                 self._count_computing(job.computing)
                 self._gather_if_calm()
                 spread = self._spread
+                self._stepping_since[job] = time.monotonic()
+                if not self._watching:
+                    self._reaper_cond.notify()  # to look out for this step running long
             self._current.job = job
             self._place(job.computing or spread)
             try:
@@ -412,12 +430,14 @@ class WorkerPool:
             finally:
                 self._current.job = None
                 with self._cond:
+                    self._stepping_since.pop(job, None)
                     self._stepping -= 1
                     self._count_computing(-job.computing)
 
     def _reap(self) -> None:
         """The deadline thread: ends queued calls the moment their deadline passes (their next step
-        only finds the deadline gone and abandons the call: no guest code runs here)."""
+        only finds the deadline gone and abandons the call: no guest code runs here), and while steps
+        run, looks every LONG_STEP_S for one that has run that long (`_admit_past_long_steps`)."""
         affinity.roam()  # deadlines must not wait for the home core's turn
         while True:
             with self._cond:
@@ -425,10 +445,30 @@ class WorkerPool:
                 while job is None:
                     if self._closed:
                         return
+                    self._admit_past_long_steps()
                     heap = self._deadlines
-                    self._reaper_cond.wait(heap[0][0] - time.monotonic() if heap else None)
+                    wait = heap[0][0] - time.monotonic() if heap else None
+                    self._watching = bool(self._stepping_since)
+                    if self._watching:
+                        wait = LONG_STEP_S if wait is None else min(wait, LONG_STEP_S)
+                    self._reaper_cond.wait(wait)
                     job = self._expired()
             self._step(job)
+
+    def _admit_past_long_steps(self) -> None:
+        """Count a step that has run LONG_STEP_S as computing, so that the calls waiting behind it get a
+        thread (self._cond held). Such a step is outside Python (in guest code that does not yield, or a
+        blocking write), so a second thread running guest code costs it nothing."""
+        if not self._waiting or self._admits():
+            return
+        now = time.monotonic()
+        for job, since in self._stepping_since.items():
+            if not job.computing and now - since >= LONG_STEP_S:
+                job.computing = True  # its worker takes the count back when the step ends
+                self._count_computing(1)
+        if self._admits():
+            self._wake_one()
+            self._lend_if_short()
 
     def _step(self, job: _Job) -> None:
         """Run one step of `job` holding its lock; put it back or hand its result to its waiter."""
