@@ -6,6 +6,7 @@ components (tests/fixtures/wat/txguest.wat), real SQLite."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -348,6 +349,35 @@ def test_deleting_endless_absent_keys_in_one_message_holds_no_memory_for_them(tm
         held.delete("kept")  # a delete that does hold something still works
         held.end_message(True)
         assert held.get("kept") is None and held.usage().key_count == 0
+    finally:
+        storage.close()
+
+
+def test_an_actor_always_busy_keeps_no_memory_for_keys_it_wrote_and_deleted(tmp_path: Path) -> None:
+    """While commits overlap (the mailbox never runs dry) an actor keeps one held object; each confirmed
+    batch's keys were added to what it remembered of the committed state and never dropped: a guest
+    setting and deleting fresh keys grew host memory without bound, nothing left on disk."""
+    storage = SqliteStorage(tmp_path / "s.sqlite3", cache_bytes=0)  # the read cache has a bound of its own
+    try:
+        held = storage.hold(OWNER)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for batch in range(200):
+                for i in range(50):
+                    key = f"{batch:04d}-{i:02d}-" + "k" * 500
+                    held.set(key, b"x")
+                    held.end_message(True)
+                    held.delete(key)
+                    held.end_message(True)
+                held.start_commit()  # the next batch starts while this one's commit is in flight
+            gc.collect()  # confirmed commits and their units refer to each other
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        held.commit()
+        assert storage.usage(OWNER).key_count == 0
+        assert grown < 1 << 20, f"{grown} bytes kept after 10,000 keys written and deleted"
     finally:
         storage.close()
 

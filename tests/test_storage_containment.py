@@ -160,6 +160,31 @@ def test_a_hung_database_answers_io_error_within_the_bound_and_withdraws_queued_
     store.close()
 
 
+def test_a_hung_database_fails_a_batch_of_many_messages_within_one_bound(tmp_path: Path) -> None:
+    """A batch's commit is one unit per message; each unit's wait had the whole bound of its own, so a
+    hung disk held the actor's thread for 64 x 10 s. The batch's units now share one bound."""
+    path = tmp_path / "s.sqlite3"
+    store = SqliteStorage(path, write_timeout_s=0.3)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        held = store.hold(QUIET)
+        for i in range(8):  # a batch of eight messages, one unit each
+            held.set(f"k{i}", b"v")
+            held.end_message(True)
+        blocker.execute("BEGIN EXCLUSIVE")  # as if the disk hung: the writer cannot commit
+        pending = held.start_commit()
+        assert pending is not None
+        began = time.monotonic()
+        error = pending.wait()
+        waited = time.monotonic() - began
+        assert error is not None and error.case == "io-error"
+        assert waited < 2 * store.write_timeout_s, f"{waited:.2f} s for a bound of {store.write_timeout_s} s"
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        store.close()
+
+
 def test_if_the_writer_thread_dies_writes_are_io_errors_not_hangs(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     store = SqliteStorage(tmp_path / "s.sqlite3")

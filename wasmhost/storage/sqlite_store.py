@@ -267,9 +267,10 @@ class SqliteStorage:
         """Hand `units` (each written all or nothing, in order) to the writer; `wait` for each later."""
         self._writer.enqueue(*units)
 
-    def wait(self, unit: WriteUnit) -> None:
-        """Return once the enqueued `unit` is committed; raises its StorageError otherwise."""
-        self._writer.wait(unit)
+    def wait(self, unit: WriteUnit, deadline: float | None = None) -> None:
+        """Return once the enqueued `unit` is committed; raises its StorageError otherwise (see
+        StorageWriter.wait for the bound)."""
+        self._writer.wait(unit, deadline)
 
     @staticmethod
     def check_key(key: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
@@ -127,15 +128,16 @@ class StorageWriter:
                 queue.append(unit)
             self._cond.notify_all()
 
-    def wait(self, unit: WriteUnit) -> None:
-        """Wait until the enqueued `unit` is committed (bounded by timeout_s from now); raises its
-        StorageError otherwise."""
+    def wait(self, unit: WriteUnit, deadline: float | None = None) -> None:
+        """Wait until the enqueued `unit` is committed (bounded by timeout_s from now, or by `deadline`, a
+        time.monotonic() shared by the units of one batch); raises its StorageError otherwise."""
         if not unit.finished:
             with self._cond:
                 if not unit.finished and unit.event is None:
                     unit.event = threading.Event()  # set by _finish, under the same lock
             event = unit.event
-            if event is not None and not event.wait(self.timeout_s):
+            bound = self.timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+            if event is not None and not event.wait(bound):
                 self._give_up(unit)
         if unit.error is not None:
             raise unit.error
