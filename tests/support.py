@@ -123,6 +123,9 @@ class MemoryHeld:
             else:
                 self.storage.set(self.owner, key, value)
 
+    def abandon(self) -> None:
+        self.kept, self.current = {}, {}
+
 
 @dataclass
 class RecordingMessaging:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import sqlite3
+import threading
 import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import anyio
 import pytest
 
 from tests.conftest import fixture_path
+from tests.test_storage_containment import until
 from wasmhost.actors.actor import BATCH_SIZE, ComponentActor
 from wasmhost.actors.restart import Backoff
 from wasmhost.actors.spec import ActorSpec
@@ -28,7 +30,7 @@ from wasmhost.core.limits import ResourceLimits
 from wasmhost.core.metadata import HealthStatus
 from wasmhost.messaging.outcome import Outcome, RequestFailed
 from wasmhost.messaging.router import MessageRouter
-from wasmhost.runtime.host_fn import HostContext
+from wasmhost.runtime.host_fn import HostContext, storage_set
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.storage.accounting import entry_cost
 from wasmhost.storage.held import PendingCommit
@@ -405,6 +407,42 @@ def test_a_health_check_between_two_messages_of_a_batch_writes_as_a_unit_of_its_
         assert {key: storage.get(cid, key) for key in ("a", "h", "b")} == {"a": b"v1", "h": b"1", "b": None}
     finally:
         guest.close()
+        storage.close()
+
+
+def test_writes_of_a_batch_given_up_at_a_stop_never_land_after_later_ones(tmp_path: Path) -> None:
+    """A stop gives a cut-short batch's commit STOP_GRACE, then answers its messages failed and lets the
+    guest's `shutdown` write at once; the commit, abandoned on its thread, still waited for the previous
+    batch's and then handed its writes over: with a slow disk they landed after `shutdown`'s, older
+    values over newer ones, from messages answered failed."""
+    storage = SqliteStorage(tmp_path / "s.sqlite3", write_timeout_s=30.0)
+    host = HostContext(OWNER, storage=storage)
+    blocker = sqlite3.connect(tmp_path / "s.sqlite3", isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")  # a slow disk: the first batch's commit waits
+        host.hold_writes()
+        storage_set(host, "a", b"1")
+        host.end_message(True)
+        first = host.start_commit()
+        assert isinstance(first, PendingCommit)
+        host.hold_writes()  # the next batch, while the first's commit is in flight
+        storage_set(host, "b", b"old")
+        host.end_message(True)
+        outcome: list[StorageError | None] = []
+        abandoned = threading.Thread(target=lambda: outcome.append(host.commit_writes()))
+        abandoned.start()  # as _commit_cut_short does; it waits for the first batch's commit
+        host.drop_writes()  # STOP_GRACE is over: given up
+        shutdown = threading.Thread(target=storage_set, args=(host, "b", b"new"))
+        shutdown.start()  # the guest's shutdown writes at once
+        until(lambda: storage._writer.queued() >= 1)  # queued behind the first batch
+        blocker.execute("ROLLBACK")
+        abandoned.join(30)
+        shutdown.join(30)
+        assert first.wait() is None
+        assert storage.get(OWNER, "b") == b"new"
+        assert outcome and outcome[0] is not None and outcome[0].case == "io-error"
+    finally:
+        blocker.close()
         storage.close()
 
 

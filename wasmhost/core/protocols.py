@@ -91,6 +91,9 @@ class HeldWrites(Protocol):
     def commit(self) -> None:
         """Write every kept write durably in one unit; returns once committed (raises io-error otherwise)."""
 
+    def abandon(self) -> None:
+        """Give the held writes up for good (any thread): nothing not yet handed over is written."""
+
 
 class StoragePort(Protocol):
     """`storage` as the runtime needs it, scoped by owner; raises StorageError."""

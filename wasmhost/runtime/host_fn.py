@@ -133,7 +133,10 @@ class HostContext:
                 pass  # that batch's messages hear of it; what comes now goes on from what is committed
 
     def drop_writes(self) -> None:
-        """Forget every held write (the batch was cut short); storage calls write at once again."""
+        """Forget every held write (the batch was cut short); storage calls write at once again. A commit
+        of them still running on another thread (abandoned) hands nothing more over."""
+        if self.held is not None:
+            self.held.abandon()
         self.held, self.holding, self.in_flight = None, False, None
 
     def interrupt(self) -> None:

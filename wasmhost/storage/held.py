@@ -127,6 +127,8 @@ class MessageWrites:
         self._unknown_current: set[str] = set()
         self._units: list[WriteUnit] = []  # one per message that ended ok with writes
         self._checked_quota = 0  # the largest quota the current message's sets were checked against
+        self._abandoned = False  # given up (see `abandon`): nothing more is handed to the writer
+        self._handing = threading.Lock()  # `abandon` against a hand-over on another thread
 
     def _held(self, key: str) -> _Held | None:
         held = self._current.get(key)
@@ -282,8 +284,20 @@ class MessageWrites:
             return None
         self._flight, self._kept = self._kept, {}
         pending = self._pending = PendingCommit(self._storage, units)
-        pending._hand_over()
+        with self._handing:
+            if self._abandoned:  # given up while this waited for the previous commit: nothing may land now
+                self._forget()
+                raise StorageError("io-error", "the batch was given up (a stop's grace ran out) before its "
+                                   "writes were handed over: nothing of it was written")
+            pending._hand_over()
         return pending
+
+    def abandon(self) -> None:
+        """Give the held writes up for good (from any thread): a `start_commit` still waiting for the
+        previous batch's commit hands nothing over, so that writes made after this (a guest's `shutdown`)
+        are never followed by these older ones."""
+        with self._handing:
+            self._abandoned = True
 
     def _forget(self) -> None:
         """Drop every held write and what was read of the committed state."""
