@@ -36,6 +36,8 @@ def test_printable_escapes_controls_and_keeps_text() -> None:
     assert printable("é ok\\x") == "é ok\\x"
     assert printable(PAINT) == "\\x1b]0;PWNED\\x07\\x1b[2J\\x1b[Hall good\\r\\nwasmhost: forged\\x9b31m"
     assert printable("a\nb\x1b", newlines=True) == "a\nb\\x1b"
+    assert printable("ok\u202eTXT.exe") == "ok\\u202eTXT.exe"  # reversed on screen, raw
+    assert "\u202e" not in json_line({"k": "\u202e"}) and json.loads(json_line({"k": "\u202e"})) == {"k": "\u202e"}
     assert json.loads(json_line({"k": "\x7f\x9bé"})) == {"k": "\x7f\x9bé"} and shown_safely(json_line({"k": "\x9b"}))
 
 
