@@ -23,13 +23,13 @@ def _check_part(label: str, value: str, whole: str) -> None:
         raise InvalidComponentId(f"component id {_shown(whole)}: {label} is {len(value)} characters, "
                                  f"at most {MAX_PART_CHARS} are allowed")
     if not value:
-        raise InvalidComponentId(f"component id {whole!r}: {label} is empty")
+        raise InvalidComponentId(f"component id {_shown(whole)}: {label} is empty")
     if "/" in value:
-        raise InvalidComponentId(f"component id {whole!r}: {label} {value!r} contains '/'")
+        raise InvalidComponentId(f"component id {_shown(whole)}: {label} {value!r} contains '/'")
     if "\x00" in value:
-        raise InvalidComponentId(f"component id {whole!r}: {label} contains a NUL byte")
+        raise InvalidComponentId(f"component id {_shown(whole)}: {label} contains a NUL byte")
     if value in (".", "..") or ".." in value:
-        raise InvalidComponentId(f"component id {whole!r}: {label} {value!r} contains '..'")
+        raise InvalidComponentId(f"component id {_shown(whole)}: {label} {value!r} contains '..'")
 
 
 class ComponentId(msgspec.Struct, frozen=True, order=True):
