@@ -203,6 +203,37 @@ def test_the_hosts_own_call_ends_when_the_host_holding_it_dies(tmp_path: Path, n
     assert all(s.stop() == 0 for s in servers if s is not holder) and b.stop() == 0
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_call_lattice_ends_when_the_host_holding_it_dies(tmp_path: Path, nats_server: NatsServer,
+                                                          daemons: list[Daemon], replicas: int) -> None:
+    """`call --lattice` (the CLI as a plain NATS client) asks for the `queued` acknowledgement, then watches
+    the heartbeats of the host it names: its death ends the call like a daemon's own (test above)."""
+    servers = [lattice_daemon(tmp_path / f"s{n}", component("t/slow/0", "services", "accept_external = true"),
+                              [nats_server.url], f"host-s{n}", daemons) for n in range(replicas)]
+    config = servers[0].config
+    cli = [sys.executable, "-m", "wasmhost.cli", "call", "--lattice", "--config", str(config)]
+    until("the target is subscribed", lambda: subprocess.run([*cli, "t/slow/0", "self"], capture_output=True,
+                                                             cwd=ROOT, timeout=30).returncode == 0)
+    call = subprocess.Popen([*cli, "t/slow/0", "sleep 20000", "--timeout", "30"], stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    try:
+        holder = until("a replica handles it",
+                       lambda: next((s for s in servers if row(s, "t/slow/0")["in_hand"]), None), 10)
+        assert isinstance(holder, Daemon)
+        time.sleep(4 * HEARTBEAT_S)  # the CLI has heard the holder's heartbeat (it learns the interval from it)
+        holder.proc.kill()
+        killed = time.monotonic()
+        _, err = call.communicate(timeout=10)  # three of its heartbeats (1.5 s), not the call's 30 s
+        took = time.monotonic() - killed
+    finally:
+        call.kill()
+    name = f"host-s{servers.index(holder)}"
+    assert call.returncode == 1
+    assert err == f"wasmhost: t/slow/0: target-stopped: host {name} left the lattice (no heartbeat) with the request\n"
+    assert took < 5, took
+    assert all(s.stop() == 0 for s in servers if s is not holder)
+
+
 def test_cancelled_remote_requests_leave_nothing_behind(tmp_path: Path, nats_server: NatsServer,
                                                         daemons: list[Daemon]) -> None:
     a = lattice_daemon(tmp_path / "a", component("t/slow/0", "services"), [nats_server.url], "host-a", daemons,

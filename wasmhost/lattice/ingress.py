@@ -4,8 +4,8 @@ From another host (Wasmhost-Sender-Host set): the sender's capabilities are chec
 were local (its own grants when it also runs here, else `[[lattice.grants]]`). From an external client (no
 host header): only components with `accept_external = true` take them, and the sender is always
 `external/...` whatever it claims. Every message with a reply subject gets an answer: a request its
-outcome (after a `queued` acknowledgement when it came from a host, so that host knows where it waits), a
-send `queued` or `rejected`.
+outcome (after a `queued` acknowledgement when Wasmhost-Ack asks for it, so the requester knows where it
+waits), a send `queued` or `rejected`.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ ERROR = "Wasmhost-Error"
 HOST = "Wasmhost-Host"
 TARGET = "Wasmhost-Target"
 ACK = "Wasmhost-Ack"
-"""On a request from a host: `1` asks the host that takes it to answer `queued` first (naming itself)."""
+"""On a request (from a host, or `call --lattice`): `1` asks the host that takes it to answer `queued` first
+(naming itself)."""
 
 KIND_SEND = "send"
 KIND_REQUEST = "request"

@@ -3,18 +3,28 @@
 The CLI is then a plain NATS client (the documented ingress wire format, the same path `nats req` takes):
 it needs no local daemon, only the [lattice] URLs and credentials, and the receiving host treats it as
 an external sender (`external/cli/<machine>`), so the target must say `accept_external = true`.
+
+Like a daemon's own requests, it asks the host that takes the request to say so (`Wasmhost-Ack: 1`, answered
+`queued` naming that host) and then watches that host's heartbeats: when it misses three of them (of its own
+interval) or restarts, the call ends at once with `target-stopped` instead of waiting for its timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.lattice import wire
+from wasmhost.lattice.directory import MISSED_HEARTBEATS
 from wasmhost.lattice.settings import LatticeSettings
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to reach a NATS server before the call fails (the CLI does not wait for NATS to come back)."""
@@ -65,7 +75,6 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
 
     from wasmhost.lattice.link import HEADER_ROOM
 
-    subject = wire.Subjects(lattice).message(target)
     seen: list[Exception] = []
 
     async def quietly(exc: Exception) -> None:  # nats-py prints each error with a traceback by default
@@ -84,14 +93,8 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
                                     f"server's max_payload of {nc.max_payload} bytes (with {HEADER_ROOM} bytes "
                                     "for headers)")
         headers = {wire.KIND: wire.KIND_REQUEST, wire.SENDER: external_sender(),
-                   wire.TIMEOUT_MS: str(max(1, int(timeout * 1000)))}
-        try:
-            msg = await nc.request(subject, payload, timeout=timeout, headers=headers)
-        except errors.NoRespondersError:
-            raise LatticeCallFailed(f"no host of lattice {lattice!r} runs {target} "
-                                    f"(nothing subscribes to {subject})") from None
-        except errors.TimeoutError:
-            raise LatticeCallFailed(f"timeout: no answer from {target} within {timeout:g} s") from None
+                   wire.TIMEOUT_MS: str(max(1, int(timeout * 1000))), wire.ACK: "1"}
+        msg = await _request(nc, lattice, target, payload, headers, timeout)
     finally:
         await nc.close()
     found = msg.headers or {}
@@ -102,3 +105,65 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
     kind = f"{answer.outcome} ({error})" if error else answer.outcome or "an answer without Wasmhost-Outcome"
     where = f" on {answer.host}" if answer.host else ""
     raise LatticeCallFailed(f"{target}{where}: {kind}: {answer.detail or '(no detail)'}")
+
+
+async def _request(nc: Client, lattice: str, target: ComponentId, payload: bytes, headers: dict[str, str],
+                   timeout: float) -> Msg:
+    """Publish the request and return its answer (not the `queued` acknowledgement), within `timeout` s.
+    The acknowledgement names the host that took the request: its heartbeats are watched from then on, and
+    the call ends `target-stopped` when that host misses MISSED_HEARTBEATS of them or restarts (the same rule
+    and words as a daemon's requests, see Link._end_placed). A host that dies before its first heartbeat
+    reaches the CLI (its interval unknown) leaves the call to its timeout."""
+    subjects = wire.Subjects(lattice)
+    subject = subjects.message(target)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    arrived: asyncio.Queue[Msg] = asyncio.Queue()  # answers and heartbeats; the subscriptions end with nc
+
+    async def put(msg: Msg) -> None:
+        arrived.put_nowait(msg)
+
+    inbox = nc.new_inbox()
+    await nc.subscribe(inbox, cb=put)
+    await nc.publish(subject, payload, reply=inbox, headers=headers)
+    holder, beats = "", ""  # the host that took the request, its heartbeat subject
+    last: wire.Heartbeat | None = None
+    heard = 0.0  # loop.time() of `last`
+    while True:
+        try:
+            msg = arrived.get_nowait()  # what has come counts before any deadline is judged
+        except asyncio.QueueEmpty:
+            now = loop.time()
+            gone = heard + MISSED_HEARTBEATS * last.heartbeat_s if last is not None else deadline
+            if gone < deadline and now > gone:
+                raise LatticeCallFailed(f"{target}: target-stopped: host {holder} left the lattice (no heartbeat) "
+                                        "with the request") from None
+            if now >= deadline:
+                raise LatticeCallFailed(f"timeout: no answer from {target} within {timeout:g} s") from None
+            try:  # woken by a message, or at the next deadline to judge
+                msg = await asyncio.wait_for(arrived.get(), min(gone, deadline) - now + 0.001)
+            except TimeoutError:
+                continue
+        if msg.subject == beats:
+            try:
+                beat = wire.heartbeat_codec[1].decode(msg.data)
+            except Exception:  # not a heartbeat: a daemon ignores it too
+                continue
+            if beat.host != holder:  # only a host's own subject speaks for it, and only for itself
+                continue
+            if last is not None and beat.started_at != last.started_at:
+                raise LatticeCallFailed(f"{target}: target-stopped: host {holder} restarted with the request")
+            last, heard = beat, loop.time()
+            continue
+        if msg.subject != inbox:
+            continue
+        found = msg.headers or {}
+        if found.get("Status") == "503":  # NATS: nothing subscribes the subject
+            raise LatticeCallFailed(f"no host of lattice {lattice!r} runs {target} "
+                                    f"(nothing subscribes to {subject})")
+        if found.get(wire.OUTCOME) != wire.QUEUED:
+            return msg
+        if not holder and found.get(wire.HOST):  # the host holding it: watched until the answer comes
+            holder = found[wire.HOST]
+            beats = subjects.heartbeat(holder)
+            await nc.subscribe(beats, cb=put)
