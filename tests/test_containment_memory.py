@@ -124,6 +124,22 @@ def test_a_nested_instantiation_bomb_is_refused_before_it_is_compiled(tmp_path: 
         fresh.close()
 
 
+def test_a_bomb_handed_through_an_instance_export_is_refused_before_it_is_compiled(tmp_path: Path) -> None:
+    """What cannot be counted is not compiled either: before, only a bomb the reader could count was
+    refused up front; one instantiated through an alias of an instance's export was compiled, and
+    refused after (102 MiB at six levels, a process abort at eight)."""
+    fresh = Runtime(cache_dir=tmp_path)
+    try:
+        before = rss()
+        with pytest.raises(FootprintError, match="taken from an instance") as info:
+            fresh.load(ComponentId.parse("t/bomb/0"), fixture_path("aliasbomb"))
+        assert fresh.cache.misses == 0 and not list(tmp_path.rglob("*.cwasm"))  # never handed to the compiler
+        assert rss() - before < OVERHEAD
+        assert "nothing of it was compiled" in str(info.value)
+    finally:
+        fresh.close()
+
+
 def test_outer_aliases_and_exported_components_are_counted_as_wasmtime_counts(runtime: Runtime) -> None:
     engine = runtime.engine.engine
     wasm = fixture_path("aliases").read_bytes()

@@ -27,6 +27,11 @@ class UnreadableBinary(ValueError):
     """The binary uses a construct this reader cannot account for, or is cut short; the message says which."""
 
 
+class Uncountable(UnreadableBinary):
+    """A binary read whole that instantiates something it does not define (imported, or taken from an
+    instance's exports): what that creates cannot be counted from the binary."""
+
+
 @dataclass(frozen=True)
 class Footprint:
     """What instantiating a component creates in its Store."""
@@ -197,7 +202,7 @@ def _pick(space: list[Footprint | None], index: int, what: str, offset: int) -> 
         raise UnreadableBinary(f"{what} index {index} at offset {offset} is out of range")
     found = space[index]
     if found is None:
-        raise UnreadableBinary(
+        raise Uncountable(
             f"instantiates {what} {index} (offset {offset}), which is imported or taken from an instance, "
             "so what it creates cannot be counted"
         )

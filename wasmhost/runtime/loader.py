@@ -27,7 +27,7 @@ from wasmhost.core.limits import MAX_COMPONENT_INSTANCES, MAX_INSTANCES, MAX_MEM
 from wasmhost.runtime import capi, contract, linking
 from wasmhost.runtime.cache import CompilationCache
 from wasmhost.runtime.codec import Converter, converter_for
-from wasmhost.runtime.footprint import Footprint, UnreadableBinary, footprint
+from wasmhost.runtime.footprint import Footprint, Uncountable, UnreadableBinary, footprint
 
 _EXPECTED = (
     sorted(contract.LIFECYCLE_EXPORTS.items()),
@@ -162,13 +162,13 @@ def decode_load_note(noted: bytes | None) -> tuple[Footprint, list[str]] | None:
     return (found, imports) if found is not None else None
 
 
-def read_footprint(wasm: bytes) -> Footprint | str:
-    """What instantiating the component `wasm` creates, or why it cannot be counted (for bytes
-    wasmtime has not validated yet, that may just mean they are invalid)."""
+def read_footprint(wasm: bytes) -> Footprint | UnreadableBinary:
+    """What instantiating the component `wasm` creates, or why it cannot be counted (Uncountable: a
+    component instantiating what it does not define; otherwise the bytes are most likely invalid)."""
     try:
         return footprint(wasm)
     except UnreadableBinary as exc:
-        return str(exc)
+        return exc
 
 
 def check_footprint(found: Footprint, source: str) -> None:
@@ -291,15 +291,18 @@ class FileComponentLoader:
         # few hundred bytes nesting components ten deep would take gigabytes to compile.
         recalled = decode_load_note(self.cache.recall(key, LOAD_NOTE))
         counted = recalled[0] if recalled is not None else read_footprint(wasm)
-        if isinstance(counted, Footprint):
-            check_footprint(counted, source)
+        # What cannot be counted is not compiled either: it could be a bomb only the compiler would unfold.
+        if isinstance(counted, Uncountable):
+            raise FootprintError(source, f"cannot count the instances, memories and tables it creates, so "
+                                 f"nothing of it was compiled: {counted}")
+        if isinstance(counted, UnreadableBinary):
+            raise CompileError(source, f"invalid component: {counted} (read before compiling: nothing of it was "
+                               "compiled)")
+        check_footprint(counted, source)
         try:
             compiled = self.cache.component(wasm, key, source, component)
         except wasmtime.WasmtimeError as exc:
             raise CompileError(source, f"invalid component: {str(exc).strip()}") from None
-        if not isinstance(counted, Footprint):
-            self.cache.forget(wasm)
-            raise FootprintError(source, f"cannot count the instances, memories and tables it creates: {counted}")
         import_types = None  # walked at most once per load, only when the note or the contract check needs it
         if recalled is None:
             import_types = compiled.type.imports(engine)
