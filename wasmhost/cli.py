@@ -157,6 +157,7 @@ def _log_path(source: Path, log_file: str | None) -> str | None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the configuration and compile every component, without starting anything."""
+    from wasmhost.core.private_files import NotOwned
     from wasmhost.runtime.runtime import Runtime
     from wasmhost.system.config import ConfigError, load_config
     from wasmhost.system.daemon import load_plan, prepare_state_dir
@@ -169,7 +170,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    prepare_state_dir(config)  # the cache is created inside it: owner-only, as the daemon makes it
+    try:
+        prepare_state_dir(config)  # the cache is created inside it: owner-only, as the daemon makes it
+    except NotOwned as exc:
+        print(f"wasmhost: state_dir {exc}", file=sys.stderr)
+        return EXIT_FAILED
     runtime = Runtime(config.engine_settings, config.cache_dir, config.components_dir)
     failures = []
     try:

@@ -1,5 +1,10 @@
 """Compilation cache: compiled components serialised to disk, keyed by wasm hash, wasmtime version
-and engine settings; a corrupt or stale entry is recompiled, never fatal."""
+and engine settings; a corrupt or stale entry is recompiled, never fatal.
+
+Deserializing an entry maps it as native code, and its key is predictable, so the cache trusts only
+what no other user can have written: a cache directory owned by another user disables the cache (a
+warning says so; components still compile), and an entry, load note or mark that is not a regular
+file of ours, writable only by us, is refused, removed and made again."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import wasmtime
 from wasmtime import component as wc
 
 from wasmhost.core.errors import CompileError
-from wasmhost.core.private_files import private_dir
+from wasmhost.core.private_files import NotOwned, private_dir, read_own_file, untrusted
 from wasmhost.runtime.engine import RuntimeEngine
 
 log = structlog.get_logger("wasmhost.cache")
@@ -40,19 +45,6 @@ def wasmtime_version() -> str:
     from importlib.metadata import version
 
     return version("wasmtime")
-
-
-def read_small_file(path: str) -> bytes:
-    """The whole content of the file at `path`, read without Python's file objects: a cached start
-    reads one such note, in 8 us against 31 us through pathlib's read_bytes (measured)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
 
 
 class CompilationCache:
@@ -163,7 +155,23 @@ class CompilationCache:
         with self._lock:
             if (key, tag) in self._marks:
                 return True
-        return self.directory is not None and f"{key}.{tag}.ok" in self._listed()
+        name = f"{key}.{tag}.ok"
+        return self.directory is not None and name in self._listed() and self._trusted_mark(name)
+
+    def _trusted_mark(self, name: str) -> bool:
+        """Whether the mark file `name`, listed in the cache directory, is ours (one lstat, only for
+        a mark that is there); one that is not is refused and removed."""
+        directory = self.directory
+        if directory is None:
+            return False
+        try:
+            problem = untrusted(os.lstat(directory / name))
+        except OSError:
+            return False
+        if problem is not None:
+            self._refuse(NotOwned(directory / name, problem))
+            return False
+        return True
 
     def _listed(self) -> frozenset[str]:
         """The cache directory's names when first asked: one scan instead of a stat per check (two per
@@ -194,10 +202,26 @@ class CompilationCache:
             found = self._notes.get((key, name))
         if found is not None or self.directory is None:
             return found
-        try:
-            return read_small_file(f"{self.directory}/{key}.{name}")
-        except OSError:
+        return self._read(f"{key}.{name}")
+
+    def _read(self, name: str) -> bytes | None:
+        """The content of the cache file `name` if it is there and ours (read_own_file); one that is
+        not ours is refused and removed."""
+        directory = self.directory
+        if directory is None:
             return None
+        try:
+            return read_own_file(f"{directory}/{name}")
+        except NotOwned as exc:
+            self._refuse(exc)
+        except OSError:
+            pass
+        return None
+
+    def _refuse(self, exc: NotOwned) -> None:
+        """Log and remove a cache file that another user could have written."""
+        log.warning("cache_entry_refused", path=exc.path, found=exc.found, expected=exc.expected)
+        Path(exc.path).unlink(missing_ok=True)
 
     def forget(self, wasm: bytes) -> None:
         """Drop the in-memory copy for `wasm` (the disk entry stays)."""
@@ -205,14 +229,16 @@ class CompilationCache:
             self._memory.pop(self.key(wasm), None)
 
     def _from_disk(self, key: str) -> wc.Component | None:
-        if self.directory is None:
-            return None
-        path = self.directory / f"{key}.cwasm"
-        if not path.exists():
+        """The compiled component stored under `key`, deserialized from the very bytes that were
+        checked (not from the path, which could be swapped in between), or None."""
+        directory = self.directory
+        data = self._read(f"{key}.cwasm")
+        if directory is None or data is None:
             return None
         try:
-            return wc.Component.deserialize_file(self.engine.engine, str(path))
-        except (wasmtime.WasmtimeError, OSError) as exc:
+            return wc.Component.deserialize(self.engine.engine, data)
+        except wasmtime.WasmtimeError as exc:
+            path = directory / f"{key}.cwasm"
             log.warning("cache_entry_unusable", path=str(path), error=str(exc))
             path.unlink(missing_ok=True)
             return None
@@ -228,23 +254,30 @@ class CompilationCache:
         self._write(f"{key}.cwasm", bytes(data))
 
     def _private_directory(self) -> None:
-        """Create the cache directory owner-only (0700) and tighten a looser one; logged, never fatal."""
-        if self.directory is None:
+        """Create the cache directory owner-only (0700) and tighten a looser one; logged, never fatal.
+        One owned by another user turns the cache off for this process: that user could plant entries."""
+        directory = self.directory
+        if directory is None:
             return
         try:
-            private_dir(self.directory)
+            private_dir(directory)
+        except NotOwned as exc:
+            self.directory = None
+            log.warning("cache_directory_refused", directory=exc.path, found=exc.found, expected=exc.expected,
+                        consequence="compilation cache off: every component is compiled at each start")
         except OSError as exc:
-            log.warning("cache_directory_unusable", directory=str(self.directory), error=str(exc))
+            log.warning("cache_directory_unusable", directory=str(directory), error=str(exc))
 
     def _write(self, name: str, data: bytes) -> None:
         """Write a cache file atomically; a failure is logged, never fatal."""
-        if self.directory is None:
+        self._private_directory()
+        directory = self.directory  # None now when it turned out to be another user's
+        if directory is None:
             return
         try:
-            self._private_directory()
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")  # mkstemp files are 0600
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")  # mkstemp files are 0600
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
-            os.replace(tmp, self.directory / name)
+            os.replace(tmp, directory / name)
         except OSError as exc:
-            log.warning("cache_write_failed", directory=str(self.directory), error=str(exc))
+            log.warning("cache_write_failed", directory=str(directory), error=str(exc))

@@ -34,7 +34,7 @@ from wasmhost.core import affinity
 from wasmhost.core.errors import HostError, LoadError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.metadata import HealthStatus
-from wasmhost.core.private_files import private_dir
+from wasmhost.core.private_files import NotOwned, private_dir
 from wasmhost.lattice.wire import InventoryEntry
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
@@ -84,10 +84,15 @@ def prepare_state_dir(config: Config) -> None:
     """Make state_dir owner-only (0700) before anything is created in it, whatever the umask; 0710 with
     the socket's group when a group-accessible control socket lives inside it (the group may reach
     the socket, not list or read anything: every file in it is 0600). A failure shows up later as
-    storage io-errors, as before."""
+    storage io-errors, as before, except a state_dir owned by another user: raises NotOwned (logged as
+    `state_dir_refused`), as that user could read and replace the storage, the control socket and the
+    compiled cache (native code the daemon runs), so nothing may run on it."""
     grouped = config.socket_gid is not None and config.control_socket.parent == config.state_dir
     try:
         private_dir(config.state_dir, 0o710 if grouped else 0o700, config.socket_gid if grouped else None)
+    except NotOwned as exc:
+        log.error("state_dir_refused", path=exc.path, found=exc.found, expected=exc.expected)
+        raise
     except OSError as exc:
         log.error("state_dir_unusable", path=str(config.state_dir), error=str(exc))
 
@@ -738,6 +743,9 @@ async def run_daemon(config: Config | ConfigError) -> int:
     except StateDirInUse as exc:
         log.error("state_dir_in_use", path=str(config.state_dir), error=str(exc))
         print(f"wasmhost: {exc}", file=sys.stderr)
+        return 1
+    except NotOwned as exc:  # logged by prepare_state_dir
+        print(f"wasmhost: state_dir {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         log.error("daemon_start_failed", error=str(exc))
