@@ -1,11 +1,13 @@
-"""The compilation cache runs only what this user wrote: deserializing an entry maps it as native code
-and its key is predictable, so a cache or state directory, entry, load note or mark another local user
-owns (or could have written) is refused, and the configured component's own code runs."""
+"""The compilation cache runs only what this user wrote, intact: deserializing an entry maps it as
+native code and its key is predictable, so a cache or state directory, entry, load note or mark another
+local user owns (or could have written) is refused, and the configured component's own code runs; an
+entry whose code was damaged on disk is recompiled, not run."""
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import structlog
 from wasmtime import component as wc
 
 from tests.conftest import fixture_path
-from tests.test_daemon import Daemon, component, config_text, wasmhost
+from tests.test_daemon import Daemon, component, config_text, launch, wasmhost
 from tests.test_runtime_calls import message
 from wasmhost.core import ComponentConfig, ComponentId
 from wasmhost.runtime.runtime import Runtime
@@ -123,3 +125,35 @@ def test_check_refuses_a_state_dir_owned_by_another_user(foreign_state: tuple[Pa
     assert result.returncode == 1
     assert f"state_dir {state}: is owned by uid {OTHER_UID}, expected one owned by uid 0" in result.stderr
     assert list(state.iterdir()) == []
+
+
+def zero_the_code(entry: Path) -> None:
+    """Overwrite the machine code (the ELF `.text` section) of a cache entry with zeros, as a power cut
+    after an unsynced write can leave it: same length, headers and engine metadata intact."""
+    data = bytearray(entry.read_bytes())
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names = sections[shstrndx][4]
+    for name, _, _, _, offset, size in sections:
+        if data[names + name: data.index(b"\0", names + name)] == b".text":
+            data[offset: offset + size] = bytes(size)
+            entry.write_bytes(bytes(data))
+            return
+    raise AssertionError(f"{entry}: no .text section")
+
+
+def test_an_entry_with_damaged_code_is_recompiled_not_run(tmp_path: Path, started: list[Daemon]) -> None:
+    echo = component("t/echo/0", "echo")
+    assert launch(tmp_path, echo, started).stop() == 0  # compiles echo into state/cache
+    (entry,) = (tmp_path / "state" / "cache").glob("*.cwasm")
+    zero_the_code(entry)
+    damaged = entry.read_bytes()
+    (tmp_path / "notify.sock").unlink()  # the first daemon's; the second binds its own
+    d = launch(tmp_path, echo, started)
+    assert d.call("t/echo/0", "hello") == "hello", "the daemon must answer, not crash on the damaged code"
+    assert d.stop() == 0
+    unusable = [e for e in d.events() if e["event"] == "cache_entry_unusable"]
+    assert unusable and unusable[0]["path"] == str(entry) and "sha256" in str(unusable[0]["error"])
+    assert [e["cache"] for e in d.events() if e["event"] == "compile_finished"] == ["miss"]
+    assert entry.read_bytes() != damaged, "the entry is written again, from the new compilation"

@@ -4,7 +4,12 @@ and engine settings; a corrupt or stale entry is recompiled, never fatal.
 Deserializing an entry maps it as native code, and its key is predictable, so the cache trusts only
 what no other user can have written: a cache directory owned by another user disables the cache (a
 warning says so; components still compile), and an entry, load note or mark that is not a regular
-file of ours, writable only by us, is refused, removed and made again."""
+file of ours, writable only by us, is refused, removed and made again.
+
+wasmtime checks only an entry's headers and engine metadata, not its machine code, so damaged code
+(zeros left by a power cut) would pass and crash the process at its first call, at every start. Each
+entry therefore ends with the sha256 of the serialized bytes before it, checked on every read (a
+mismatch is recompiled), and is written with fsync before and after its atomic rename."""
 
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ from wasmhost.core.private_files import NotOwned, private_dir, read_own_file, un
 from wasmhost.runtime.engine import RuntimeEngine
 
 log = structlog.get_logger("wasmhost.cache")
+
+DIGEST_SIZE = hashlib.sha256().digest_size
+"""The sha256 trailer after an entry's serialized bytes."""
 
 COMPILE_WAIT_S = 600.0
 """How long a load waits for another load's compilation of the same bytes (a 12 MB JavaScript guest
@@ -230,18 +238,29 @@ class CompilationCache:
 
     def _from_disk(self, key: str) -> wc.Component | None:
         """The compiled component stored under `key`, deserialized from the very bytes that were
-        checked (not from the path, which could be swapped in between), or None."""
+        checked (not from the path, which could be swapped in between) and whose sha256 matches the
+        one stored after them, or None."""
         directory = self.directory
         data = self._read(f"{key}.cwasm")
         if directory is None or data is None:
             return None
-        try:
-            return wc.Component.deserialize(self.engine.engine, data)
-        except wasmtime.WasmtimeError as exc:
-            path = directory / f"{key}.cwasm"
-            log.warning("cache_entry_unusable", path=str(path), error=str(exc))
-            path.unlink(missing_ok=True)
+        path = directory / f"{key}.cwasm"
+        code, digest = data[:-DIGEST_SIZE], data[-DIGEST_SIZE:]
+        if len(data) < DIGEST_SIZE or hashlib.sha256(code).digest() != digest:
+            self._unusable(path, f"the sha256 of its {len(code)} bytes is not the one stored with them "
+                                 "(damaged on disk, or written by an older wasmhost)")
             return None
+        try:
+            return wc.Component.deserialize(self.engine.engine, code)
+        except wasmtime.WasmtimeError as exc:
+            self._unusable(path, str(exc))
+            return None
+
+    @staticmethod
+    def _unusable(path: Path, error: str) -> None:
+        """Log and remove an entry that cannot be used as it is: the component is compiled again."""
+        log.warning("cache_entry_unusable", path=str(path), error=error)
+        path.unlink(missing_ok=True)
 
     def _to_disk(self, key: str, compiled: wc.Component) -> None:
         if self.directory is None:
@@ -251,7 +270,7 @@ class CompilationCache:
         except wasmtime.WasmtimeError as exc:
             log.warning("cache_write_failed", directory=str(self.directory), error=str(exc))
             return
-        self._write(f"{key}.cwasm", bytes(data))
+        self._write(f"{key}.cwasm", bytes(data) + hashlib.sha256(data).digest())
 
     def _private_directory(self) -> None:
         """Create the cache directory owner-only (0700) and tighten a looser one; logged, never fatal.
@@ -269,7 +288,9 @@ class CompilationCache:
             log.warning("cache_directory_unusable", directory=str(directory), error=str(exc))
 
     def _write(self, name: str, data: bytes) -> None:
-        """Write a cache file atomically; a failure is logged, never fatal."""
+        """Write a cache file atomically and durably: its bytes reach the disk before the rename
+        makes them the entry, and the rename before this returns (otherwise a power cut can leave the
+        name pointing at zeros). A failure is logged, never fatal."""
         self._private_directory()
         directory = self.directory  # None now when it turned out to be another user's
         if directory is None:
@@ -278,6 +299,13 @@ class CompilationCache:
             fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")  # mkstemp files are 0600
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(tmp, directory / name)
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         except OSError as exc:
             log.warning("cache_write_failed", directory=str(directory), error=str(exc))
