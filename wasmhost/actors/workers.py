@@ -164,7 +164,9 @@ class WorkerPool:
         self._urgent: deque[tuple[int, _Job]] = deque()  # cancelled jobs: released before anything else
         self._chores: deque[tuple[int, _Job]] = deque()  # plain functions (`run`): no guest code, next in line
         self._deadlines: list[tuple[float, int, _Job]] = []
-        self._stepping_since: dict[_Job, float] = {}  # jobs being stepped -> when their step began
+        # Jobs being stepped (not waiting in a blocking section) -> when their step began: one per worker
+        # thread stepping, so its size is the number of those.
+        self._stepping_since: dict[_Job, float] = {}
         self._watching = False  # the deadline thread is looking out for long steps (see LONG_STEP_S)
         self._order = itertools.count()
         self._waiting = 0  # jobs queued (whatever stale entries the queues still hold)
@@ -172,7 +174,6 @@ class WorkerPool:
         self._live = 0  # worker threads started and not yet ended
         self._blocked = 0  # of which waiting in a blocking section
         self._idle = 0  # of which waiting for work
-        self._stepping = 0  # of which running a job (not waiting in a blocking section)
         self._computing = 0  # of which running a job that computes (job.computing)
         self._spread = False  # the event loop and every worker may use every core (see core/affinity.py)
         self._calm_since = 0.0  # time.monotonic() when _computing last fell to 0
@@ -199,7 +200,8 @@ class WorkerPool:
 
     def _admits(self) -> bool:
         """Whether one more thread may start running guest code (self._cond held)."""
-        return self._stepping == 0 or (self._stepping < self.concurrency and self._computing > 0)
+        stepping = len(self._stepping_since)
+        return stepping == 0 or (stepping < self.concurrency and self._computing > 0)
 
     def _wake_one(self) -> None:
         """Wake the worker that went idle last (self._cond held; see the module docstring)."""
@@ -227,7 +229,6 @@ class WorkerPool:
             if job is not None:  # waiting is not stepping: no long step meanwhile
                 self._stepping_since.pop(job, None)
             self._blocked += 1
-            self._stepping -= 1
             self._count_computing(-self._current_computes())
             if self._waiting:
                 self._wake_one()
@@ -240,7 +241,6 @@ class WorkerPool:
             if job is not None:
                 self._stepping_since[job] = time.monotonic()
             self._blocked -= 1
-            self._stepping += 1
             self._count_computing(self._current_computes())
             if self._idle and self._live - self._blocked > self.size:
                 self._wake_one()  # an idle thread is surplus now: let it end
@@ -416,7 +416,6 @@ class WorkerPool:
                     mine.wait()  # until _wake_one or close takes it off the list
                     self._idle -= 1
                     job = self._pick()
-                self._stepping += 1
                 self._count_computing(job.computing)
                 self._gather_if_calm()
                 spread = self._spread
@@ -431,7 +430,6 @@ class WorkerPool:
                 self._current.job = None
                 with self._cond:
                     self._stepping_since.pop(job, None)
-                    self._stepping -= 1
                     self._count_computing(-job.computing)
 
     def _reap(self) -> None:
