@@ -1,4 +1,5 @@
-"""Owner-only files and directories for everything wasmhost keeps on disk (state, storage, cache).
+"""Owner-only files and directories for everything wasmhost keeps on disk (state, storage, cache), and
+reading files without being made to wait on a FIFO.
 
 Modes are given explicitly and re-applied with chmod, so the result does not depend on the umask;
 anything found looser than owner-only is tightened and the change is logged. Anything owned by another
@@ -61,12 +62,33 @@ def own_file(path: str) -> Iterator[int]:
 
 
 def read_own_file(path: str) -> bytes:
-    """The whole content of the file at `path`, read through `own_file`'s checked descriptor. Read without
-    Python's file objects: a cached start reads one such note, in 8 us against 31 us through pathlib."""
+    """The whole content of the file at `path`, read through `own_file`'s checked descriptor."""
     with own_file(path) as fd:
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
+        return _read_all(fd)
+
+
+class NotRegularFile(OSError):
+    """A path that is not a regular file where one is read (a FIFO or device would block or never end)."""
+
+
+def read_regular_file(path: Path | str) -> bytes:
+    """The bytes of the regular file at `path` (a configuration, anyone's): opened without blocking and
+    checked before it is read, so a FIFO or a device is refused (NotRegularFile) rather than waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{path} is not a regular file")
+        return _read_all(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    """Everything from `fd`, without Python's file objects: a cached start reads one small note so, in
+    8 us against 31 us through pathlib."""
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
     return b"".join(chunks)
 
 

@@ -7,7 +7,6 @@ import functools
 import grp
 import os
 import pwd
-import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from wasmhost.core.errors import LoadError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.limits import DEFAULT_MAX_OUTSTANDING_REQUESTS, ResourceLimits
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_CEILING, WASMTIME_LIST_U8_CEILING
+from wasmhost.core.private_files import NotRegularFile, read_regular_file
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
 from wasmhost.lattice.settings import LatticeSection, LatticeSettings, lattice_settings
 from wasmhost.runtime.engine import EngineSettings
@@ -419,20 +419,6 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
     check = host.rollout_check_s if section.rollout_check_s is None else section.rollout_check_s
     return ComponentPlan(spec, wasm, section.capabilities, quota, grants, section.outbound_http, check,
                          section.accept_external)
-
-
-class NotRegularFile(OSError):
-    """A path that is not a regular file where one is read (a FIFO or device would block or never end)."""
-
-
-def read_regular_file(path: Path) -> bytes:
-    """The bytes of the regular file at `path`: opened without blocking and checked before it is read, so a
-    FIFO or a device is refused (NotRegularFile) rather than waited on; OSError otherwise."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(f"{path} is not a regular file")
-        return file.read()
 
 
 def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes | None:
