@@ -8,6 +8,7 @@ import pytest
 import structlog
 
 from tests.conftest import fixture_path
+from tests.test_daemon import component, config_text, wasmhost
 from wasmhost.core import ComponentId
 from wasmhost.core.errors import (
     CompileError,
@@ -125,3 +126,26 @@ def test_a_corrupt_cache_entry_is_recompiled_not_fatal(tmp_path: Path) -> None:
         assert any(e["event"] == "cache_entry_unusable" for e in logs)
     finally:
         second.close()
+
+
+def test_a_resource_in_a_lifecycle_signature_is_refused_naming_the_export(runtime: Runtime) -> None:
+    # A signature may hold any type; one the codec cannot move is still described, so the component
+    # is refused like any other wrong signature, not with a bare conversion error naming nothing.
+    with pytest.raises(MissingExportsError) as info:
+        runtime.load(CID, fixture_path("unhosted"))
+    text = str(info.value)
+    assert text.startswith(f"{fixture_path('unhosted')}: ")
+    assert ("wrong signature: health: expected () -> enum {healthy, degraded, unhealthy, unknown}, "
+            "got (of: borrow<resource>) -> enum {healthy, degraded, unhealthy, unknown}") in text
+
+
+def test_check_names_a_component_using_resources_and_still_checks_the_others(tmp_path: Path) -> None:
+    config = tmp_path / "wasmhost.toml"
+    config.write_text(config_text(tmp_path / "state", component("t/unhosted/0", "unhosted")
+                                  + component("t/bad/0", "bad-signature") + component("t/echo/0", "echo")))
+    result = wasmhost("check", "--config", str(config))
+    assert result.returncode == 1
+    assert "2 component(s) cannot be loaded" in result.stderr
+    unhosted = next(line for line in result.stderr.splitlines() if "t/unhosted/0:" in line)
+    assert str(fixture_path("unhosted")) in unhosted and "health: expected ()" in unhosted
+    assert any("t/bad/0:" in line and "handle-message" in line for line in result.stderr.splitlines())

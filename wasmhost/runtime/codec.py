@@ -520,6 +520,36 @@ class FlagsConverter(Converter):
         _memmove(addr, bytes((capi.FLAGS,)), 1)
 
 
+class UnhostedConverter(Converter):
+    """A type wasmhost cannot move (resources, streams, futures, error contexts): it only describes
+    itself, so that the loader can show a signature using it next to the contract's and refuse the
+    component; moving a value of it raises ConversionError."""
+
+    def __init__(self, wit: str) -> None:
+        self.wit = wit
+
+    def lift(self, addr: int) -> Any:
+        raise ConversionError(f"{self.wit} values are not hosted (resources, streams and futures)")
+
+    def lower(self, value: Any, addr: int) -> None:
+        raise ConversionError(f"{self.wit} values are not hosted (resources, streams and futures)")
+
+
+def _unhosted(ty: wc.ValType) -> UnhostedConverter | None:
+    """The converter of a type wasmhost does not host, or None for a hosted one."""
+    if isinstance(ty, wc.OwnType):
+        return UnhostedConverter("own<resource>")
+    if isinstance(ty, wc.BorrowType):
+        return UnhostedConverter("borrow<resource>")
+    if isinstance(ty, (wc.StreamType, wc.FutureType)):
+        kind = "stream" if isinstance(ty, wc.StreamType) else "future"
+        payload = ty.payload
+        return UnhostedConverter(f"{kind}<{converter_for(payload).wit}>" if payload is not None else kind)
+    if isinstance(ty, wc.ErrorContext):
+        return UnhostedConverter("error-context")
+    return None
+
+
 _INTS: dict[type, tuple[str, int, str, int, int]] = {
     wc.U8: ("u8", capi.U8, "B", 0, 2**8 - 1),
     wc.U16: ("u16", capi.U16, "H", 0, 2**16 - 1),
@@ -533,7 +563,8 @@ _INTS: dict[type, tuple[str, int, str, int, int]] = {
 
 
 def converter_for(ty: wc.ValType) -> Converter:
-    """Build the converter for a wasmtime-py type; reads the type through the FFI once."""
+    """Build the converter for a wasmtime-py type; reads the type through the FFI once. A type wasmhost
+    does not host gets an UnhostedConverter, which describes it but moves no value."""
     if type(ty) in _INTS:
         return IntConverter(*_INTS[type(ty)])
     if isinstance(ty, wc.Bool):
@@ -566,4 +597,7 @@ def converter_for(ty: wc.ValType) -> Converter:
         return ResultConverter(converter_for(ok) if ok else None, converter_for(err) if err else None)
     if isinstance(ty, wc.FlagsType):
         return FlagsConverter(ty.names)
+    unhosted = _unhosted(ty)
+    if unhosted is not None:  # a guest may put any type in a signature: it is refused by what it reads
+        return unhosted
     raise ConversionError(f"unsupported WIT type {type(ty).__name__} (resources, streams and futures are not hosted)")
