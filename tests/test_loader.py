@@ -149,3 +149,15 @@ def test_check_names_a_component_using_resources_and_still_checks_the_others(tmp
     unhosted = next(line for line in result.stderr.splitlines() if "t/unhosted/0:" in line)
     assert str(fixture_path("unhosted")) in unhosted and "health: expected ()" in unhosted
     assert any("t/bad/0:" in line and "handle-message" in line for line in result.stderr.splitlines())
+
+
+def test_wrong_exports_and_imports_the_host_cannot_satisfy_are_named_together(runtime: Runtime) -> None:
+    # One `check` names everything to fix: the imports are judged even when the exports are wrong.
+    with pytest.raises(MissingExportsError) as info:
+        runtime.load(CID, fixture_path("unhosted"))
+    text = str(info.value)
+    assert "wrong signature: health: expected ()" in text
+    assert ("and it imports the host cannot satisfy: airssys:core/storage@1.0.0#delete (expected (key: string) -> "
+            "result<_, variant {") in text
+    assert "got (key: borrow<resource>) -> result<_, variant {" in text
+    assert info.value.missing == [text.split("wrong signature: ", 1)[1].split("; and it", 1)[0]]

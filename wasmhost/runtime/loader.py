@@ -316,7 +316,12 @@ class FileComponentLoader:
                 # These very bytes matched this very contract before: skip walking their types again.
                 exports = _export_specs(compiled, _VALIDATED)
             else:
-                exports = _lifecycle_exports(compiled, engine, source)
+                try:
+                    exports = _lifecycle_exports(compiled, engine, source)
+                except MissingExportsError as wrong_exports:
+                    # The imports are judged too, so that one `check` names everything to fix.
+                    raise self._with_import_problems(wrong_exports, compiled, engine, key, imports,
+                                                     outbound_http, source) from None
                 if import_types is None:
                     import_types = compiled.type.imports(engine)
                 problems = _contract_problems(import_types, engine)
@@ -327,6 +332,18 @@ class FileComponentLoader:
             self.cache.forget(wasm)
             raise
         return LoadedComponent(source, key, compiled, exports, frozenset(imports), len(wasm), counted)
+
+    def _with_import_problems(self, wrong_exports: MissingExportsError, compiled: wc.Component,
+                              engine: wasmtime.Engine, key: str, imports: list[str], outbound_http: bool,
+                              source: str) -> MissingExportsError:
+        """`wrong_exports`, with what is wrong with the component's imports added to its reason."""
+        try:
+            problems = _contract_problems(compiled.type.imports(engine), engine)
+            self._check_links(compiled, key, imports, problems, outbound_http, source)
+        except UnsatisfiedImportsError as wrong_imports:
+            return MissingExportsError(source, f"{wrong_exports.reason}; and it {wrong_imports.reason}",
+                                       wrong_exports.missing)
+        return wrong_exports
 
     def _check_links(self, compiled: wc.Component, key: str, names: list[str], problems: list[str],
                      outbound_http: bool, source: str) -> None:
