@@ -161,3 +161,12 @@ def test_wrong_exports_and_imports_the_host_cannot_satisfy_are_named_together(ru
             "result<_, variant {") in text
     assert "got (key: borrow<resource>) -> result<_, variant {" in text
     assert info.value.missing == [text.split("wrong signature: ", 1)[1].split("; and it", 1)[0]]
+
+
+def test_an_async_export_is_refused_at_load_with_what_to_do(runtime: Runtime) -> None:
+    # Component-model async is off in the engine: an `async func` export ran, but every call left
+    # wasmtime state behind outside max_memory_bytes (measured 110 bytes a call; 1 KiB a call for a
+    # task left yielding in the background, up to the Store's handle limit).
+    with pytest.raises(CompileError, match="requires the component model async feature") as info:
+        runtime.load(CID, fixture_path("asyncecho"))
+    assert "build the component without component-model async" in str(info.value)

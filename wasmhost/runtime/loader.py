@@ -137,6 +137,16 @@ def check_header(wasm: bytes, source: str) -> None:
         raise NotWasmError(source, f"unknown WebAssembly version/layer {wasm[4:8].hex()} (expected a component)")
 
 
+ASYNC_REMEDY = ("\nwasmhost calls the airssys:core functions synchronously: build the component without "
+                "component-model async (no `async func` in its WIT, no streams, futures or WASI 0.3)")
+"""Added to a compile error caused by component-model async, which the engine has off (engine.py)."""
+
+
+def compile_remedy(error: str) -> str:
+    """What to do about wasmtime's compile `error`, when there is something to say ("" otherwise)."""
+    return ASYNC_REMEDY if "requires the component model async" in error else ""
+
+
 LOAD_NOTE = "load-3"
 """Name under which a component's counts (footprint.py) and import names are kept in the compilation
 cache (bump it when footprint.py counts differently). Counting an 18 MB componentize-py binary takes a
@@ -302,7 +312,7 @@ class FileComponentLoader:
         try:
             compiled = self.cache.component(wasm, key, source, component)
         except wasmtime.WasmtimeError as exc:
-            raise CompileError(source, f"invalid component: {str(exc).strip()}") from None
+            raise CompileError(source, f"invalid component: {str(exc).strip()}{compile_remedy(str(exc))}") from None
         import_types = None  # walked at most once per load, only when the note or the contract check needs it
         if recalled is None:
             import_types = compiled.type.imports(engine)
