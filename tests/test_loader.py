@@ -170,3 +170,14 @@ def test_an_async_export_is_refused_at_load_with_what_to_do(runtime: Runtime) ->
     with pytest.raises(CompileError, match="requires the component model async feature") as info:
         runtime.load(CID, fixture_path("asyncecho"))
     assert "build the component without component-model async" in str(info.value)
+
+
+def test_a_long_wrong_signature_says_where_it_differs(runtime: Runtime) -> None:
+    # Two fields swapped deep inside component-message: otherwise two 600-character lines to compare.
+    with pytest.raises(MissingExportsError) as info:
+        runtime.load(CID, fixture_path("swapped"))
+    text = str(info.value)
+    assert text.count("they differ at: expected `... string}>, timestamp: record {seconds: u64, nanoseconds: u32}, "
+                      "content...`, got `... string}>, timestamp: record {nanoseconds: u32, seconds: u64}, "
+                      "content...`") == 2  # handle-message and handle-callback
+    assert "health" not in text

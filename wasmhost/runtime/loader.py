@@ -117,6 +117,26 @@ def describe(fty: wc.FuncType) -> str:
     return signature_of(fty).text
 
 
+def mismatch(expected: str, got: str) -> str:
+    """`expected X, got Y` for two signatures, and where they part when that is hard to see: a field
+    swapped deep inside handle-message's record hides in two 600-character lines otherwise."""
+    text = f"expected {expected}, got {got}"
+    if len(expected) <= SHORT_SIGNATURE:
+        return text
+    at = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b), min(len(expected), len(got)))
+    start = max(0, at - 30)
+
+    def around(signature: str) -> str:
+        end = at + 40
+        return ("..." if start else "") + signature[start:end] + ("..." if end < len(signature) else "")
+
+    return f"{text} (they differ at: expected `{around(expected)}`, got `{around(got)}`)"
+
+
+SHORT_SIGNATURE = 120
+"""Signatures up to this long are compared at a glance; longer ones get the place where they differ."""
+
+
 _VALIDATED: dict[str, Signature] = {}
 """Converters of the lifecycle exports, shared by every component that matched the contract
 (converters hold no state); filled by the first full validation in this process."""
@@ -216,7 +236,7 @@ def _lifecycle_exports(compiled: wc.Component, engine: wasmtime.Engine, source: 
         if isinstance(fty, wc.FuncType):
             found[name] = signature_of(fty)
             if found[name].text != expected:
-                wrong.append(f"{name}: expected {expected}, got {found[name].text}")
+                wrong.append(f"{name}: {mismatch(expected, found[name].text)}")
     if missing or wrong:
         parts = []
         if missing:
@@ -259,7 +279,7 @@ def _contract_problems(imported: Mapping[str, ComponentExtern], engine: wasmtime
             if fname not in offered:
                 problems.append(f"{name}#{fname} (no such host function)")
             elif (actual := describe(fty)) != offered[fname]:
-                problems.append(f"{name}#{fname} (expected {offered[fname]}, got {actual})")
+                problems.append(f"{name}#{fname} ({mismatch(offered[fname], actual)})")
     return problems
 
 
