@@ -145,6 +145,17 @@ async def test_a_reply_above_the_hosts_limit_fails_the_host_request(supervisor: 
     assert await ask(supervisor, BLASTER, f"R{LIMIT}".encode()) == bytes(LIMIT)
 
 
+async def test_a_guests_error_far_above_any_limit_reaches_the_requester_bounded(supervisor: Supervisor) -> None:
+    # A 20 MB runtime-error used to become the outcome whole: a requester's callback 20 times its
+    # max_message_bytes (the daemon at 2.7 GB converting it), and a frame `wasmhost call` refused.
+    await launch(supervisor, "fanout", "test-org/fanout/0")
+    with pytest.raises(RequestFailed) as caught:
+        await ask(supervisor, "test-org/fanout/0", b"e20000000")
+    assert caught.value.outcome is Outcome.FAILED
+    cut = f"... ({20_000_000 - 512} characters cut)"
+    assert caught.value.detail == "test-org/fanout/0: runtime-error: " + "e" * 512 + cut
+
+
 # --- the control socket and CLI of a real daemon ---
 
 

@@ -409,3 +409,15 @@ def test_a_broadcast_naming_too_many_targets_is_refused_before_its_list_is_conve
     assert lifted == [] and len(messaging.sent) == 3
     assert guest.handle_message(message(f"b{MAX_BROADCAST_TARGETS}".encode())) is None  # the limit itself is fine
     assert len(messaging.sent) == 3 + MAX_BROADCAST_TARGETS
+
+
+def test_a_guests_error_text_is_bounded_where_it_enters_the_host(start: Starter) -> None:
+    # Its own words, as a trap's backtrace is: 20 MB of them went whole into a requester's outcome callback.
+    guest = start("fanout", "test-org/fanout/2")
+    with pytest.raises(WasmError) as info:
+        guest.handle_message(message(b"e2000000"))
+    assert info.value.case == "runtime-error"
+    assert info.value.payload == "e" * 512 + f"... ({2_000_000 - 512} characters cut)"
+    with pytest.raises(WasmError) as short:
+        guest.handle_message(message(b"e12"))
+    assert short.value.payload == "e" * 12

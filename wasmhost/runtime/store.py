@@ -100,6 +100,18 @@ def classify_error(component: str, function: str, error: int) -> GuestFailure:
     return TRAP_CAUSES.get(trap_cause(message), GuestTrap)(component, function, message)
 
 
+E = TypeVar("E", WasmError, ComponentError)
+
+
+def guest_error(kind: type[E], value: tuple[str, Any]) -> E:
+    """The error value a guest returned, its text bounded like a trap's (bounded_text): the guest chooses
+    it, and it becomes the outcome a requester is handed. A 20 MB runtime-error went whole into the
+    requester's outcome callback, past its max_message_bytes, and took the daemon to 2.7 GB converting
+    it; a 50 MB one made `wasmhost call` fail on the size of the frame instead of showing the error."""
+    case, payload = value
+    return kind(case, bounded(payload) if isinstance(payload, str) else payload)
+
+
 FUNC_SIZE = ctypes.sizeof(capi.FUNC)
 
 
@@ -462,7 +474,7 @@ class StoreManager:
         else:
             outcome = yield from self._shared_call_steps("initialize", shared, 1)
         if isinstance(outcome, Err):
-            raise ComponentError(*outcome.value)
+            raise guest_error(ComponentError, outcome.value)
         self.state = InstanceState.INITIALIZED
 
     def handle_message_steps(self, message: ComponentMessage) -> Steps[bytes | None]:
@@ -470,13 +482,13 @@ class StoreManager:
         is_ok, value = yield from self._message_steps("handle-message", message)
         if is_ok:
             return value  # type: ignore[no-any-return]
-        raise WasmError(*value)
+        raise guest_error(WasmError, value)
 
     def handle_callback_steps(self, message: ComponentMessage) -> Steps[None]:
         """Call `handle-callback`; a guest error raises WasmError."""
         is_ok, value = yield from self._message_steps("handle-callback", message)
         if not is_ok:
-            raise WasmError(*value)
+            raise guest_error(WasmError, value)
 
     def metadata_steps(self) -> Steps[ComponentMetadata]:
         """Call `metadata`; ComponentError when the host refuses what it returns (see ComponentMetadata.problem)."""
@@ -513,7 +525,7 @@ class StoreManager:
         self._require(InstanceState.INITIALIZED)
         outcome = yield from self._call_steps("shutdown", [], deadline_ms)
         if isinstance(outcome, Err):
-            raise ComponentError(*outcome.value)
+            raise guest_error(ComponentError, outcome.value)
 
     def initialize(self, config: ComponentConfig) -> None:
         """`initialize_steps` run to the end on this thread."""
@@ -524,13 +536,13 @@ class StoreManager:
         is_ok, value = self._message_now("handle-message", message)
         if is_ok:
             return value  # type: ignore[no-any-return]
-        raise WasmError(*value)
+        raise guest_error(WasmError, value)
 
     def handle_callback(self, message: ComponentMessage) -> None:
         """`handle_callback_steps` run to the end on this thread."""
         is_ok, value = self._message_now("handle-callback", message)
         if not is_ok:
-            raise WasmError(*value)
+            raise guest_error(WasmError, value)
 
     def metadata(self) -> ComponentMetadata:
         """`metadata_steps` run to the end on this thread."""
