@@ -160,7 +160,7 @@ class ComponentActor:
         self.name = str(spec.component_id)
         self.max_message_bytes = spec.max_message_bytes
         self.max_outstanding_requests = spec.max_outstanding_requests
-        # Largest payload this guest recently produced (reply or send): its next calls are budgeted
+        # Largest payload this guest recently produced (reply, send or storage.set value): its next calls are budgeted
         # like a large incoming payload, since wasmtime converts what it produces the same way.
         self.output_hint = 0
         self._call_output = 0
@@ -830,6 +830,7 @@ class ComponentActor:
         call is interrupted. Returns the envelopes not handled and the failure, if any."""
         manager = self.manager
         host = manager.host
+        host.produced = self.produced  # a large storage.set value budgets the next calls like a large send
         done = progress.done
         latency = self.stats.latency
         slice_end = time.monotonic() + SLICE_S
@@ -880,7 +881,8 @@ class ComponentActor:
         return [], None
 
     def produced(self, size: int) -> None:
-        """The guest passed a payload of `size` bytes to an import (the router calls this from its thread)."""
+        """The guest passed a payload of `size` bytes to an import (the router calls this from its thread, and
+        storage.set from the guest's)."""
         self._call_output = max(self._call_output, size)
 
     def _deliver(self, handled: list[Handled]) -> None:

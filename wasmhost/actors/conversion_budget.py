@@ -6,7 +6,7 @@ needs about 160 x S of host memory (measured: 320 MiB for 2 MiB). Nothing cheape
 API of wasmtime 50, so this budget bounds how many such conversions run at once: an actor waits
 (on the event loop, holding no worker thread) until the payload bytes it is about to hand a guest
 fit, in arrival order. A payload larger than the whole budget runs alone. What a guest produces
-(its reply, a payload it sends) is converted during its own call, before the host sees its size;
+(its reply, a payload it sends, a value it stores) is converted during its own call, before the host sees its size;
 an actor whose guest recently produced a large payload budgets its next calls for that size too.
 
 Freed conversion memory sits in glibc's per-thread arenas; each large call is followed by a trim on

@@ -79,6 +79,9 @@ class HostContext:
     """The last batch's commit, handed over by start_commit."""
     touched: bool = field(default=False, init=False, compare=False)
     """A storage call was made since hold_writes."""
+    produced: Callable[[int], None] | None = field(default=None, init=False, repr=False, compare=False)
+    """Told the length of a byte list the guest hands storage.set, when its owner budgets large conversions
+    (the actor: wasmtime converted it as it converts a sent payload, about 160 bytes a byte)."""
     calls: list[int] = field(default_factory=lambda: [0] * len(HOST_FUNCTIONS), init=False, repr=False,
                              compare=False)
     """How often the guest called each host function (indexed like HOST_FUNCTIONS): read by metrics."""
@@ -413,6 +416,8 @@ def storage_get(ctx: HostContext, key: str) -> Ok[bytes | None]:
 def storage_set(ctx: HostContext, key: str, value: bytes) -> Ok[None]:
     """storage.set: held until the message ends ok and the batch commits; outside messages
     (initialize, shutdown) written at once."""
+    if ctx.produced is not None:
+        ctx.produced(len(value))  # whatever becomes of the value: its conversion has happened
     held = _held(ctx)
     if held is not None:
         held.set(key, value)
