@@ -40,6 +40,7 @@ import structlog
 from wasmhost.core.errors import MessagingError
 from wasmhost.core.ids import HOST_ID, ComponentId
 from wasmhost.core.limits import DEFAULT_MAX_OUTSTANDING_REQUESTS
+from wasmhost.core.log_budget import LogBudget
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, check_message_size, too_large
 from wasmhost.core.messages import ComponentMessage, MessageMetadata, Timestamp
 from wasmhost.core.protocols import RemotePort
@@ -104,6 +105,9 @@ class MessageRouter:
         self._prefix = secrets.token_hex(4)
         self._counter = itertools.count(1)
         self.late_responses = 0
+        # A guest decides how many answers are dropped (requests it cancels at once, or with a 1 ms timeout):
+        # each logged would let it write the host's log at the rate its target answers, past its log_rate.
+        self._late_lines = LogBudget()
         self.remote: RemotePort | None = None  # the lattice, when the daemon is part of one
 
     # --- directory of recipients ---
@@ -424,9 +428,7 @@ class MessageRouter:
         with self._lock:
             pending = self._pending.pop(envelope.correlation_id, None)
         if pending is None:
-            self.late_responses += 1
-            log.info("late_response_dropped", component=str(responder), correlation_id=envelope.correlation_id,
-                     requester=str(envelope.requester))
+            self._late_response(envelope.correlation_id, str(envelope.requester), component=str(responder))
             return
         self._deadlines.discard(envelope.correlation_id)
         if outcome is None:
@@ -442,8 +444,7 @@ class MessageRouter:
         with self._lock:
             pending = self._pending.pop(correlation_id, None)
         if pending is None:
-            self.late_responses += 1
-            log.info("late_response_dropped", correlation_id=correlation_id, remote=True)
+            self._late_response(correlation_id, "", remote=True)
             return False
         self._deadlines.discard(correlation_id)
         if outcome is None and reply is not None:
@@ -458,6 +459,18 @@ class MessageRouter:
             self._callback(pending.requester, pending.target, correlation_id, encode_outcome(outcome, detail),
                            OUTCOME_CONTENT_TYPE)
         return True
+
+    def _late_response(self, correlation_id: str, requester: str, **fields: object) -> None:
+        """Count an answer to a request no longer pending and log it, within the requester's budget of
+        lines (remote answers share one: their requester is not known any more)."""
+        self.late_responses += 1
+        left_out = self._late_lines.admit(requester)
+        if left_out is None:
+            return
+        extra: dict[str, object] = {"suppressed": left_out} if left_out else {}
+        if requester:
+            extra["requester"] = requester
+        log.info("late_response_dropped", correlation_id=correlation_id, **fields, **extra)
 
     def pending_target(self, correlation_id: str) -> ComponentId | None:
         """The target of a pending request, or None when it is not pending."""
