@@ -131,3 +131,23 @@ def test_denial_counters_are_exact_across_threads() -> None:
     for t in threads:
         t.join()
     assert audit.denials() == 8000
+
+
+def test_a_grant_taken_away_while_a_check_reads_it_is_not_cached_past_the_change() -> None:
+    """A reload (on the event loop) revokes a grant at the moment a guest's thread is deciding on its
+    old grants; the decision taken then went into the fresh cache, so the revoked grant kept working
+    until the next grant change of any component. The race is placed by hand: the revoke runs from
+    inside the pattern match."""
+    checker = CapabilityChecker()
+    sender, target = ID("app/client/0"), ID("app/server/0")
+
+    class RevokedWhileMatching(TargetPattern):
+        def matches(self, component: ComponentId) -> bool:
+            checker.revoke(sender)  # the reload, had the GIL switched to it just now
+            return super().matches(component)
+
+    checker.grant(sender, Capabilities(send=(RevokedWhileMatching("app/*", ("app",)),)))
+    assert checker.allowed(sender, "send", target)  # decided on the grant it still had
+    assert not checker.allowed(sender, "send", target)  # the revoke holds from then on
+    with pytest.raises(MessagingError, match="capability denied"):
+        checker.check_message(sender, "send", target)

@@ -120,14 +120,17 @@ class CapabilityChecker:
     def allowed(self, sender: ComponentId, action: str, target: ComponentId) -> bool:
         """Whether `sender` may do `action` to `target` (cached per triple)."""
         key = (sender, action, target)
-        decision = self._decisions.get(key)
+        # The cache as it is before the grants are read: a grant or revoke made meanwhile (a reload, on
+        # the event loop, while a guest thread is here) replaces it, and a decision taken from the old
+        # grants then goes into the old cache, thrown away, never into the new one to outlive the change.
+        decisions = self._decisions
+        decision = decisions.get(key)
         if decision is None:
             if sender == HOST_ID:
                 decision = True
             else:
                 caps = self._grants.get(sender, NONE)
                 decision = any(p.matches(target) for p in caps.patterns(action))
-            decisions = self._decisions
             if len(decisions) >= _CACHE_LIMIT:
                 decisions.clear()
             decisions[key] = decision
