@@ -96,6 +96,15 @@ config_file = "y"
     ]
 
 
+def test_a_component_may_not_run_under_the_hosts_own_id(tmp_path: Path) -> None:
+    """The host's id passes every capability check: a blaster configured as wasmhost/host/0 without
+    grants sent, requested and broadcast to another component with no denial, seen as the operator."""
+    assert errors(tmp_path, '[[components]]\nid = "wasmhost/host/0"\npath = "blaster.wasm"\n') == [
+        "components[0].id: 'wasmhost/host/0' is the host's own id (the sender of what the control socket sends, "
+        "allowed to message every component); choose another"]
+    assert parse(tmp_path, '[[components]]\nid = "wasmhost/host/1"\npath = "blaster.wasm"\n')  # only that id
+
+
 def test_symlinks_out_of_the_components_directory_are_refused(tmp_path: Path) -> None:
     components = tmp_path / "components"
     components.mkdir()

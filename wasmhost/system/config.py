@@ -19,7 +19,7 @@ from wasmhost.actors.forensics import MAX_PAYLOAD_PREFIX
 from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy, Strategy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.core.errors import LoadError
-from wasmhost.core.ids import ComponentId, InvalidComponentId
+from wasmhost.core.ids import HOST_ID, ComponentId, InvalidComponentId
 from wasmhost.core.limits import DEFAULT_MAX_OUTSTANDING_REQUESTS, ResourceLimits
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_CEILING, WASMTIME_LIST_U8_CEILING
 from wasmhost.core.private_files import NotRegularFile, read_regular_file
@@ -356,6 +356,12 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         cid = ComponentId.parse(section.id)
     except InvalidComponentId as exc:
         errors.append(f"{where}.id: {exc}")
+        return None
+    if cid == HOST_ID:
+        # Every capability check lets the host's id through, here and on other hosts of a lattice: a guest
+        # running under it could message any component, which would take it for the operator.
+        errors.append(f"{where}.id: {section.id!r} is the host's own id (the sender of what the control socket "
+                      "sends, allowed to message every component); choose another")
         return None
     if section.path is not None:
         if "\x00" in section.path:
