@@ -12,9 +12,10 @@ import pytest
 import structlog
 
 from tests.conftest import fixture_path
-from tests.support import guarded_supervisor
+from tests.support import guarded_supervisor, plain_supervisor
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.spec import ActorSpec
+from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId
 from wasmhost.core.log_budget import LINES_PER_INTERVAL, LogBudget
@@ -102,3 +103,34 @@ async def test_a_broadcast_naming_more_targets_than_the_host_lifts_is_refused_be
         b"err 2 broadcast to %d targets: at most %d in one call" % (too_many, MAX_BROADCAST_TARGETS))
     assert await ask(host, INTRUDER, b"b%d|good|echo|0" % MAX_BROADCAST_TARGETS) == b"ok"
     await settle(lambda: echo.stats.handled == 1)  # each target once, however often it was named
+
+
+# --- what a component learns of the others ---
+
+
+async def test_list_components_answers_while_components_come_and_go(runtime: Runtime) -> None:
+    """list-components runs on the guest's thread and walked the supervisor's actors while the event loop
+    may add or remove one (a reload, a `wasmhost start`): the walk then raised `dictionary changed size
+    during iteration`, logged as host_function_failed, and the guest was told there are no components at
+    all. The change is placed by hand here: reading one actor's state starts another one."""
+    async with plain_supervisor(runtime) as sup:
+        services = await launch(sup, "services", ComponentId.parse("good/services/0"))
+        echo = await launch(sup, "echo", ECHO)
+
+        class Arriving:
+            """An actor whose state, when read, is the moment another component is added."""
+
+            @property
+            def state(self) -> ActorState:
+                sup.actors[ComponentId.parse("good/late/0")] = echo
+                return ActorState.RUNNING
+
+        sup.actors[ComponentId.parse("good/arriving/0")] = Arriving()  # type: ignore[assignment]
+        try:
+            with structlog.testing.capture_logs() as logs:
+                listed = (await ask(sup, services.component_id, b"list")).decode().splitlines()
+        finally:
+            for name in ("arriving", "late"):
+                sup.actors.pop(ComponentId("good", name, "0"), None)
+        assert listed[:3] == ["good/services/0", "good/echo/0", "good/arriving/0"]
+        assert not [e for e in logs if e["event"] == "host_function_failed"]

@@ -198,9 +198,11 @@ class Supervisor:
     # --- the DirectoryPort protocol ---
 
     def list_components(self) -> list[ComponentId]:
-        """Ids of every component that is not stopped or failed."""
+        """Ids of every component that is not stopped or failed (from any thread: guests ask on theirs)."""
         live = (ActorState.STARTING, ActorState.RUNNING, ActorState.RESTARTING)
-        return [cid for cid, actor in self.actors.items() if actor.state in live]
+        # A copy taken in one step (list() of a dict holds the GIL throughout): the event loop may add or
+        # remove an actor while this walks them, which would raise in the guest's host call.
+        return [cid for cid, actor in list(self.actors.items()) if actor.state in live]
 
     def component_info(self, component: ComponentId) -> ComponentInfo:
         """Name, version and health of one loaded component."""
