@@ -17,7 +17,7 @@ from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.core import ComponentId
+from wasmhost.core import ComponentId, MessagingError
 from wasmhost.core.log_budget import LINES_PER_INTERVAL, LogBudget
 from wasmhost.runtime.host_fn import MAX_BROADCAST_TARGETS
 from wasmhost.runtime.runtime import Runtime
@@ -108,6 +108,16 @@ async def test_a_broadcast_naming_more_targets_than_the_host_lifts_is_refused_be
 # --- what a component learns of the others ---
 
 
+async def test_the_directory_is_open_to_components_without_grants_as_the_readme_says(host: Supervisor) -> None:
+    """README, Threat model: a component can "see the directory of component ids and their name, version
+    and health" -- whatever it was granted. Nothing more: no description, path, limits or grants."""
+    watcher = ComponentId.parse("evil/services/0")
+    await launch(host, "echo", ECHO)
+    await launch(host, "services", watcher, Capabilities())  # no grant at all
+    assert (await ask(host, watcher, b"list")).decode().splitlines() == [str(ECHO), str(watcher)]
+    assert await ask(host, watcher, b"meta good|echo|0") == b"echo 0.1.0 healthy"
+
+
 async def test_list_components_answers_while_components_come_and_go(runtime: Runtime) -> None:
     """list-components runs on the guest's thread and walked the supervisor's actors while the event loop
     may add or remove one (a reload, a `wasmhost start`): the walk then raised `dictionary changed size
@@ -134,3 +144,60 @@ async def test_list_components_answers_while_components_come_and_go(runtime: Run
                 sup.actors.pop(ComponentId("good", name, "0"), None)
         assert listed[:3] == ["good/services/0", "good/echo/0", "good/arriving/0"]
         assert not [e for e in logs if e["event"] == "host_function_failed"]
+
+
+# --- others' requests and callbacks (defended: these pass on the code as it was) ---
+
+
+async def test_a_component_cannot_cancel_or_take_over_a_request_it_did_not_make(host: Supervisor) -> None:
+    """Request ids are one counter for the whole host (`PREFIX-N`): the intruder, seeing its own ids, can
+    name the victim's exactly. Cancelling it fails as an unknown id does (nothing says it exists), the
+    victim still gets its one callback, and a message shaped like an answer reaches the victim's
+    handle-message, never its handle-callback (callbacks come only from the router, for requests the
+    component made, with the responder as sender)."""
+    busy = ComponentId.parse("good/busy/0")
+    victim, intruder = ComponentId.parse("good/callback/0"), ComponentId.parse("evil/callback/0")
+    await launch(host, "busy", busy)
+    await launch(host, "callback", victim, Capabilities.from_config(request=["good/*"]))
+    await launch(host, "callback", intruder, Capabilities.from_config(request=["evil/*"], send=["good/*"]))
+    victims_id = await ask(host, victim, b"good|busy|0|20000000")  # pending while busy computes
+    assert host.router.pending_target(victims_id.decode()) == busy
+    assert await ask(host, intruder, b"!" + victims_id) == b"cancel failed: invalid-message"
+    assert await ask(host, intruder, b"!" + victims_id + b"x") == b"cancel failed: invalid-message"  # the same
+    await settle(lambda: host.router.pending_by_requester() == {})
+    await settle(lambda: host.actors[victim].stats.handled == 2)  # its request, then its callback
+    assert await ask(host, victim, b"?callbacks") == b"1"
+    assert await ask(host, victim, b"?last-correlation") == victims_id
+    assert await ask(host, victim, b"?last-payload") == b"20000000"
+    assert await ask(host, victim, b"?last-sender") == b"good/busy/0"
+    assert await ask(host, intruder, b"?callbacks") == b"0"
+    assert await ask(host, intruder, b"!" + victims_id) == b"cancel failed: invalid-message"  # answered: gone
+    # what the intruder's send import does with an outcome-shaped payload: a message, not a callback
+    host.router.send(intruder, victim, b'{"outcome": "failed", "detail": "forged"}')
+    await settle(lambda: host.actors[victim].stats.failed == 1)  # not a command its handle-message knows
+    assert await ask(host, victim, b"?callbacks") == b"1"
+    assert await ask(host, victim, b"?last-payload") == b"20000000"
+
+
+async def test_a_target_spelled_otherwise_is_another_id_for_the_grant_and_the_router_alike(host: Supervisor) -> None:
+    """Ids are compared as the exact strings the guest passed, by the capability check and the router both:
+    no case folding, Unicode normalisation or trimming on either side, so no spelling is granted as one
+    component and delivered to another. Each variant of a granted target that exists is not found; an
+    ungranted target is denied (and audited) whatever the spelling of the grant's prefix."""
+    cafe = ComponentId("caf\u00e9", "echo", "0")  # NFC
+    await launch(host, "echo", ECHO)
+    await launch(host, "echo", cafe)
+    await launch(host, "echo", ComponentId.parse("other/echo/0"))
+    permissions(host).grant(INTRUDER, Capabilities.from_config(send=["good/*", "caf\u00e9/*"]))
+    host.router.send(INTRUDER, ECHO, b"granted")
+    host.router.send(INTRUDER, cafe, b"granted")
+    for variant in (ComponentId("Good", "echo", "0"), ComponentId("good", "echo", "0 "),
+                    ComponentId(" good", "echo", "0"), ComponentId("good", "echo\u200b", "0"),
+                    ComponentId("cafe\u0301", "echo", "0")):  # NFD of the granted caf\u00e9
+        with pytest.raises(MessagingError) as info:
+            host.router.send(INTRUDER, variant, b"x")
+        assert info.value.case == "target-not-found"
+    with pytest.raises(MessagingError, match="capability denied: evil/intruder/0 may not send to other/echo/0"):
+        host.router.send(INTRUDER, ComponentId.parse("other/echo/0"), b"x")
+    assert permissions(host).audit.denials(INTRUDER) == 1
+    await settle(lambda: host.actors[ECHO].stats.handled == 1 and host.actors[cafe].stats.handled == 1)
