@@ -4,6 +4,7 @@ callbacks, targets and storage, and how much host work and log one of its calls 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId, MessagingError
 from wasmhost.core.log_budget import LINES_PER_INTERVAL, LogBudget
+from wasmhost.lattice.link import OUTBOX_ENTRY_BYTES, OUTBOX_GUEST_BYTES, Link
+from wasmhost.lattice.settings import LatticeSettings
+from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.host_fn import MAX_BROADCAST_TARGETS
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import Capabilities, CapabilityChecker
@@ -201,3 +205,27 @@ async def test_a_target_spelled_otherwise_is_another_id_for_the_grant_and_the_ro
         host.router.send(INTRUDER, ComponentId.parse("other/echo/0"), b"x")
     assert permissions(host).audit.denials(INTRUDER) == 1
     await settle(lambda: host.actors[ECHO].stats.handled == 1 and host.actors[cafe].stats.handled == 1)
+
+
+async def test_remote_sends_waiting_for_nats_are_bounded_and_then_refused_queue_full() -> None:
+    """A guest's remote send is queued on the link's outbox at once and answered ok; while NATS takes them
+    slower than guests make them nothing bounded the outbox: with the NATS server stopped (SIGSTOP), an
+    intruder's 1.4 million empty sends grew the daemon from 58 to 618 MiB in 28 s, and on (271 MiB and
+    queue-full with the bound). Now what the outbox holds is bounded and the next send, request or broadcast
+    target is queue-full (the link's publisher is not running here: nothing drains it)."""
+    router = MessageRouter(asyncio.get_running_loop())
+    settings = LatticeSettings(urls=("nats://127.0.0.1:1",), name="t", host_id="h", heartbeat_s=1.0)
+    link = Link(settings, router, list, lambda cid: False)
+    far = ComponentId.parse("far/echo/0")
+    payload = bytes(1024 * 1024)
+    sent = 0
+    with pytest.raises(MessagingError) as info:
+        while sent < 1000:  # 1 GiB
+            link.send(INTRUDER, far, payload)
+            sent += 1
+    assert info.value.case == "queue-full"
+    assert sent == OUTBOX_GUEST_BYTES // (len(payload) + OUTBOX_ENTRY_BYTES)
+    with pytest.raises(MessagingError, match="queue-full"):
+        link.request(INTRUDER, far, payload, "c-1", 1000)
+    assert link._placed == {}  # the refused request left nothing waiting for an answer
+    link.send(INTRUDER, far, b"")  # a small one still fits in what is left

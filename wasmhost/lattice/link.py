@@ -57,6 +57,14 @@ EXPIRY_CHECK_S = (0.01, 1.0)
 within the longest)."""
 SEND_TOKEN = "send"
 """The answer subject token of sends (their answers only matter when they are rejections)."""
+OUTBOX_GUEST_BYTES = 128 * 1024 * 1024
+"""What the outbox may hold (payloads, and OUTBOX_ENTRY_BYTES each) before guests' remote sends, requests and
+broadcasts are refused `queue-full`: they are queued at once, and while NATS takes them slower than guests make
+them (a slow link, a stalled server) nothing else bounds them once nats-py's own 64 MiB buffer is full.
+With the server stopped (SIGSTOP), one guest's 1.4 million empty sends grew the daemon from 58 to 618 MiB in
+28 s, and on; with this bound it stayed at 271 MiB, the guest getting queue-full."""
+OUTBOX_ENTRY_BYTES = 512
+"""What one queued publish is counted as besides its payload (its subject, headers, tuple; measured ~300)."""
 
 Inventories = Callable[[], list[wire.InventoryEntry]]
 """What this host runs, for its inventory (called on the loop)."""
@@ -84,6 +92,7 @@ class Link:
         self._duplicate_logged = False
         self.max_payload = 1024 * 1024
         self._outbox: deque[tuple[str, bytes, dict[str, str], str]] = deque()
+        self._outbox_bytes = 0  # what the outbox holds, as counted against OUTBOX_GUEST_BYTES
         self._outbox_lock = threading.Lock()
         self._outbox_ready = asyncio.Event()
         self._changed = asyncio.Event()  # local components changed: resubscribe, new inventory
@@ -457,15 +466,26 @@ class Link:
             headers[wire.TIMEOUT_MS] = str(timeout_ms)
         return headers
 
+    def _room(self, payload: bytes) -> None:
+        """Raise queue-full when the outbox holds too much to take a guest's `payload` (see OUTBOX_GUEST_BYTES);
+        checked before anything is noted, so that a refused request leaves nothing behind. Guests checking at
+        once may pass it by a payload each."""
+        if self._outbox_bytes + len(payload) + OUTBOX_ENTRY_BYTES > OUTBOX_GUEST_BYTES:
+            raise MessagingError("queue-full")  # the WIT case carries no text: README, "Lattice"
+
     def send(self, sender: ComponentId, target: ComponentId, payload: bytes, action: str = "send") -> None:
-        """RemotePort: publish a send or one target of a broadcast (its rejection comes back to be logged)."""
+        """RemotePort: publish a send or one target of a broadcast (its rejection comes back to be logged);
+        queue-full when the outbox is full."""
+        self._room(payload)
         kind = wire.KIND_BROADCAST if action == "broadcast" else wire.KIND_SEND
         self.publish(self.subjects.message(target), payload, self._headers(kind, sender),
                       self.subjects.reply(self.host, SEND_TOKEN))
 
     def request(self, sender: ComponentId, target: ComponentId, payload: bytes, correlation_id: str,
                 timeout_ms: int) -> None:
-        """RemotePort: publish a request; its answer goes to the router's pending `correlation_id`."""
+        """RemotePort: publish a request; its answer goes to the router's pending `correlation_id`; queue-full
+        when the outbox is full."""
+        self._room(payload)
         headers = self._headers(wire.KIND_REQUEST, sender, correlation_id, timeout_ms)
         self._place(correlation_id, target, headers)
         self.publish(self.subjects.message(target), payload, headers, self.subjects.reply(self.host, correlation_id))
@@ -525,6 +545,7 @@ class Link:
         with self._outbox_lock:
             was_empty = not self._outbox
             self._outbox.append((subject, payload, headers, reply))
+            self._outbox_bytes += len(payload) + OUTBOX_ENTRY_BYTES
         if was_empty:
             self._set(self._outbox_ready)
 
@@ -551,6 +572,7 @@ class Link:
                 if not self._outbox:
                     return
                 subject, payload, headers, reply = self._outbox.popleft()
+                self._outbox_bytes -= len(payload) + OUTBOX_ENTRY_BYTES
             limit, header_size = nc.max_payload, wire.header_bytes(headers)
             if len(payload) + header_size > limit:  # nats-py refuses it, or nats-server closes the connection
                 cause = (f"{len(payload)} bytes (with {header_size} bytes of headers) exceed the NATS server's "
@@ -568,7 +590,7 @@ class Link:
 
     def _fail_outbox(self, cause: str) -> None:
         with self._outbox_lock:
-            items, self._outbox = list(self._outbox), deque()
+            items, self._outbox, self._outbox_bytes = list(self._outbox), deque(), 0
         for subject, _payload, headers, reply in items:
             self._failed(subject, headers, reply, cause)
 
