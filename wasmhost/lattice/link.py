@@ -30,6 +30,7 @@ from anyio.abc import TaskStatus
 from wasmhost.actors.state import TAKING_MESSAGES
 from wasmhost.core.errors import MessagingError
 from wasmhost.core.ids import HOST_ID, ComponentId, InvalidComponentId
+from wasmhost.core.log_budget import LogBudget
 from wasmhost.core.message_size import check_message_size
 from wasmhost.lattice import wire
 from wasmhost.lattice.directory import Directory
@@ -93,6 +94,9 @@ class Link:
         self.max_payload = 1024 * 1024
         self._outbox: deque[tuple[str, bytes, dict[str, str], str]] = deque()
         self._outbox_bytes = 0  # what the outbox holds, as counted against OUTBOX_GUEST_BYTES
+        # A guest sending in a loop to a target that refuses (its mailbox full, no grant there) makes one
+        # rejection per send: 554,051 lines in 35 s on each host, unbudgeted. At most a few per target now.
+        self._rejected_lines = LogBudget()
         self._outbox_lock = threading.Lock()
         self._outbox_ready = asyncio.Event()
         self._changed = asyncio.Event()  # local components changed: resubscribe, new inventory
@@ -421,8 +425,12 @@ class Link:
         detail = headers.get(wire.DETAIL, "")
         if token == SEND_TOKEN:
             if outcome == wire.REJECTED:
-                log.warning("lattice_send_rejected", target=headers.get(wire.TARGET, ""),
-                            host=headers.get(wire.HOST, ""), error=headers.get(wire.ERROR, ""), detail=detail)
+                target = headers.get(wire.TARGET, "")
+                left_out = self._rejected_lines.admit(target)
+                if left_out is not None:
+                    extra = {"suppressed": left_out} if left_out else {}
+                    log.warning("lattice_send_rejected", target=target, host=headers.get(wire.HOST, ""),
+                                error=headers.get(wire.ERROR, ""), detail=detail, **extra)
             return
         if outcome == wire.QUEUED:
             self._hold(token, headers.get(wire.HOST, ""))
