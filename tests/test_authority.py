@@ -5,7 +5,7 @@ callbacks, targets and storage, and how much host work and log one of its calls 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +59,10 @@ async def ask(sup: Supervisor, target: ComponentId, payload: bytes) -> bytes:
     return await sup.router.host_request(target, payload, 30.0) or b""
 
 
-async def settle(condition: object) -> None:
+async def settle(condition: Callable[[], bool]) -> None:
     """Wait, bounded, until `condition()` holds."""
     with anyio.fail_after(30):
-        while not condition():  # type: ignore[operator]
+        while not condition():
             await anyio.sleep(0.005)
 
 
