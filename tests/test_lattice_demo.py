@@ -8,6 +8,7 @@ import contextlib
 import os
 import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from tests.conftest import FIXTURES
 from tests.lattice_support import free_port
 from tests.test_daemon import ROOT
+from wasmhost.cli import build_parser
 
 START_TIMEOUT = 180.0
 """Seconds for the whole demo to come up (two daemons compile their components on a loaded machine)."""
@@ -57,12 +59,16 @@ def test_lattice_demo_requests_across_hosts_and_stops_everything_on_ctrl_c(tmp_p
         read_until(lines, "lattice demo running", seen, START_TIMEOUT)
         output = "\n".join(seen)
         assert "cross-host reply: hello from host-a" in output
-        table = output.split("status --lattice", 1)[1]
+        table = output.split("$ wasmhost status", 1)[1]
         assert re.search(r"^  host-a\s+local\s+1$", table, re.M), table
         assert re.search(r"^  host-b\s+[\d.]+ s ago\s+1$", table, re.M), table
         assert re.search(r"^  demo/client/0\s+host-a\s+running", table, re.M), table
         assert re.search(r"^  demo/server/0\s+host-b\s+running\s+healthy\s+yes$", table, re.M), table
-        assert "call --lattice demo/server/0 'hello over NATS'\n  hello over NATS\n" in output
+        assert "call --config host-a.toml --lattice demo/server/0 'hello over NATS'\n  hello over NATS\n" in output
+        shown = re.findall(r"^\$ wasmhost (.*)$", output, re.M)
+        assert len(shown) == 4, output
+        for command in shown:  # what the demo shows is what a user can type: the CLI parses it as shown
+            build_parser().parse_args(shlex.split(command))
         pids = {name: int(pid) for name, pid in re.findall(r"^([\w-]+): pid (\d+),", output, re.M)}
         assert set(pids) == {"nats-server", "host-a", "host-b"}, output
 

@@ -145,8 +145,8 @@ def wait_ready(notify: socket.socket, name: str, proc: subprocess.Popen[bytes], 
 
 def wasmhost(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the real CLI against `config`'s daemon, showing the command and what it printed."""
-    shown = " ".join(a if re.fullmatch(r"[\w./:-]+", a) else f"'{a}'" for a in args)
-    say(f"$ wasmhost --config {config.name} {shown}")
+    shown = " ".join(a if re.fullmatch(r"[\w./:-]+", a) else f"'{a}'" for a in args[1:])
+    say(f"$ wasmhost {args[0]} --config {config.name} {shown}")  # as run: --config is the command's option
     result = subprocess.run([sys.executable, "-m", "wasmhost.cli", args[0], "--config", str(config), *args[1:]],
                             capture_output=True, text=True, timeout=LATTICE_TIMEOUT + 10, cwd=ROOT)
     for line in (result.stdout + result.stderr).splitlines():
