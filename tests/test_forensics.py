@@ -137,3 +137,26 @@ def test_forensics_payload_bytes_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config("[host]\nforensics_payload_bytes = 100000\n", tmp_path / "wasmhost.toml")
     assert "forensics_payload_bytes" in str(caught.value) and "4096" in str(caught.value)
+
+
+def test_a_guests_huge_initialize_error_is_kept_logged_and_inspected_bounded(tmp_path: Path,
+                                                                             started: list[Daemon]) -> None:
+    """initialize returns initialization-failed with 16 MiB of text of its own: what the host keeps of it
+    is bounded, so `inspect` still answers (the whole failure list fits one control frame) and the log
+    keeps its lines (a 16 MiB line is more than a log destination buffers, and was dropped)."""
+    d = launch(tmp_path, component("t/loud/0", "initfail", "max_restarts = 2\nbackoff_base_ms = 1\n"
+                                   "backoff_max_ms = 2"), started)
+    wait_for_status(d, "t/loud/0", lambda row: row["state"] == "failed")
+    shown = d.cli("inspect", "t/loud/0", "--json")
+    assert shown.returncode == 1 and "has failed and stays down" in shown.stderr
+    forensics = json.loads(shown.stdout)["forensics"]
+    assert forensics["total"] == 3 and len(forensics["failures"]) == 3
+    for failure in forensics["failures"]:
+        assert failure["kind"] == "initialize"
+        assert failure["summary"].startswith("initialization-failed: AAAA")
+        assert len(failure["detail"]) < 20_000 and "lines cut)" in failure["detail"]
+    assert len(shown.stdout) < 100_000
+    failed = [e for e in d.events() if e.get("event") in ("component_restarting", "component_failed")]
+    assert [e["event"] for e in failed] == ["component_restarting", "component_restarting", "component_failed"]
+    assert all(len(str(e["error"])) < 20_000 for e in failed)
+    assert d.stop() == 0

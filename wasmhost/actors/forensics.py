@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from wasmhost.core.bounded_text import bounded
 from wasmhost.core.errors import (
     ComponentError,
     FuelExhausted,
@@ -177,9 +178,11 @@ class Recorder:
 
 
 def describe(error: BaseException) -> tuple[str, str, str]:
-    """(kind, one line, whole text) of a component's failure."""
-    text = str(error).strip()
-    summary = error.summary if isinstance(error, GuestFailure) else (text.splitlines() or [""])[0]
+    """(kind, one line, whole text) of a component's failure, both texts bounded: a guest's own error (an
+    `initialization-failed` message, say) may be megabytes, and the last FAILURES_KEPT of them are kept and
+    answered in one control frame."""
+    text = bounded(str(error).strip())
+    summary = bounded(error.summary) if isinstance(error, GuestFailure) else (text.splitlines() or [""])[0]
     if isinstance(error, GuestTimeout):
         kind = "timeout"
     elif isinstance(error, FuelExhausted):
