@@ -265,3 +265,29 @@ def test_the_rollout_check_window_has_a_host_default_and_a_per_component_overrid
                              'rollout_check_s = "long"\n')
     assert found == ["host.rollout_check_s: expected a number >= 0, got -1",
                      'components[0].rollout_check_s: expected a number >= 0, got "long"'], found
+
+
+def test_a_configuration_or_component_data_too_large_to_be_one_is_refused_naming_the_limit(tmp_path: Path) -> None:
+    """A file written to the config's path by mistake (a log, a dump) took 1.1 s and 55 MB per MiB to parse
+    and check; config data is lowered anew for every instance at 32 bytes per byte."""
+    from wasmhost.system.config import load_config
+
+    MAX_CONFIG_BYTES, MAX_CONFIG_DATA_BYTES = 8 * 1024 * 1024, 1024 * 1024  # noqa: N806 (as config.py names them)
+    huge = tmp_path / "huge.toml"
+    huge.write_text("[host]\n" + ("# " + "x" * 97 + "\n") * (MAX_CONFIG_BYTES // 100 + 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(huge)
+    assert info.value.errors == ["larger than 8388608 bytes (8 MiB): not a wasmhost configuration (large "
+                                 "component data belongs in a config_file)"]
+
+    (tmp_path / "blob.bin").write_bytes(b"x" * (MAX_CONFIG_DATA_BYTES + 1))
+    (tmp_path / "fits.bin").write_bytes(b"x" * MAX_CONFIG_DATA_BYTES)
+    component = '[[components]]\nid = "a/echo/{0}"\npath = "echo.wasm"\n{1}\n'
+    found = errors(tmp_path, component.format(0, 'config_file = "blob.bin"')
+                   + component.format(1, f'config_data = "{"y" * (MAX_CONFIG_DATA_BYTES + 1)}"')
+                   + component.format(2, 'config_file = "fits.bin"'))
+    assert found == [
+        f"components[0].config_file: {tmp_path / 'blob.bin'} is larger than 1048576 bytes (1 MiB), the most "
+        "handed to initialize",
+        "components[1].config_data: 1048577 bytes; at most 1048576 (1 MiB) are handed to initialize",
+    ]

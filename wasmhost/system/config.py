@@ -42,6 +42,13 @@ DEFAULT_ROLLOUT_CHECK_S = 3.0
 """Seconds a new version handed over by a reload must stay up and healthy, or the old one comes back."""
 MAX_SOCKET_PATH = 107
 """Bytes in a Unix socket path (sun_path is 108 with its NUL on Linux)."""
+MAX_CONFIG_BYTES = 8 * 1024 * 1024
+"""The largest configuration file read: some 50,000 [[components]] entries. Parsing and checking takes about
+1.1 s and 55 MB per MiB (measured), so a 100 MB file (a log or a dump written to the wrong path) took
+110 s and 5 GB, and outlasted a reload's read timeout on a thread nothing stops."""
+MAX_CONFIG_DATA_BYTES = 1024 * 1024
+"""The largest `config_data` or `config_file` handed to a component's `initialize`: it is lowered anew
+for each instance at 32 bytes of C values per byte (a 10 MB config_file peaked the daemon at 1.3 GB)."""
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -382,6 +389,9 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
         errors.append(f"{where}: give config_data or config_file, not both")
     elif section.config_data is not None:
         config_data = section.config_data.encode()
+        if len(config_data) > MAX_CONFIG_DATA_BYTES:
+            errors.append(f"{where}.config_data: {len(config_data)} bytes; at most {MAX_CONFIG_DATA_BYTES} (1 MiB) "
+                          "are handed to initialize")
     elif section.config_file is not None:
         config_data = _config_file(f"{where}.config_file", section.config_file, base, errors)
     if section.max_message_bytes is not None:
@@ -438,7 +448,11 @@ def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes 
         errors.append(f"{where}: {file} is outside the configuration's directory {base}")
         return None
     try:
-        return read_regular_file(file)
+        data = read_regular_file(file, MAX_CONFIG_DATA_BYTES)
+        if len(data) <= MAX_CONFIG_DATA_BYTES:
+            return data
+        errors.append(f"{where}: {file} is larger than {MAX_CONFIG_DATA_BYTES} bytes (1 MiB), the most handed "
+                      "to initialize")
     except NotRegularFile:
         errors.append(f"{where}: no regular file at {file}")
     except OSError as exc:
@@ -585,7 +599,11 @@ def _lattice(raw: dict[str, Any], base: Path, errors: list[str]
 def load_config(path: Path) -> Config:
     """Read and validate the configuration file at `path` (a regular file: a FIFO is refused, not waited on)."""
     try:
-        text = read_regular_file(path).decode()
+        data = read_regular_file(path, MAX_CONFIG_BYTES)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(str(path), [f"larger than {MAX_CONFIG_BYTES} bytes (8 MiB): not a wasmhost "
+                                          "configuration (large component data belongs in a config_file)"])
+        text = data.decode()
     except NotRegularFile:
         raise ConfigError(str(path), ["cannot read: not a regular file"]) from None
     except OSError as exc:
