@@ -270,6 +270,19 @@ def test_the_cli_says_when_no_daemon_is_listening(tmp_path: Path) -> None:
     assert result.stderr.strip() == f"wasmhost: no wasmhost daemon is listening on {tmp_path / 'none.sock'}"
 
 
+def test_a_config_path_that_is_a_fifo_makes_run_and_the_control_commands_exit_1_not_wait(tmp_path: Path) -> None:
+    """`check` refused a FIFO named as the configuration; `run` then read it again for its logging settings,
+    and `status` and the other control commands read it for the socket's path, both waiting for a writer."""
+    fifo = tmp_path / "wasmhost.toml"
+    os.mkfifo(fifo)
+    ran = wasmhost("run", "--config", str(fifo))
+    assert ran.returncode == 1 and f"{fifo}: 1 error(s):\n  cannot read: not a regular file" in ran.stderr
+    status = wasmhost("status", "--config", str(fifo))
+    assert status.returncode == 1
+    assert status.stderr.startswith(f"wasmhost: cannot read the configuration {fifo} to find the control socket: "
+                                    "not a regular file")
+
+
 def test_control_socket_is_private_and_survives_bad_frames(daemon: object) -> None:
     d = daemon(BASIC)  # type: ignore[operator]
     assert (d.socket.stat().st_mode & 0o777) == 0o600

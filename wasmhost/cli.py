@@ -44,19 +44,38 @@ def config_path(args: argparse.Namespace) -> Path:
     return find_config(getattr(args, "config_file", None) or getattr(args, "config", None))
 
 
+def _host_table(source: Path) -> Any:
+    """The [host] table of the configuration at `source`, read as `run` reads it (a regular file of at most
+    MAX_CONFIG_BYTES: a FIFO is refused, not waited on) but not validated. OSError when it cannot be read,
+    ValueError (or TOMLDecodeError, UnicodeDecodeError) when it is no TOML configuration."""
+    from wasmhost.core.private_files import NotRegularFile, read_regular_file
+    from wasmhost.system.config import MAX_CONFIG_BYTES
+
+    try:
+        data = read_regular_file(source, MAX_CONFIG_BYTES)
+    except NotRegularFile:
+        raise OSError(0, "not a regular file") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+    return tomllib.loads(data.decode()).get("host", {})
+
+
 def socket_path(args: argparse.Namespace) -> Path:
     """--socket, else the control socket named by the configuration (read without validating it)."""
     if getattr(args, "socket", None):
         return Path(args.socket)
     source = config_path(args)
     try:
-        host = tomllib.loads(source.read_text()).get("host", {})
+        host = _host_table(source)
     except OSError as exc:
         raise CliError(f"cannot read the configuration {source} to find the control socket: {_os_reason(exc)} "
                        "(expected --config FILE or $WASMHOST_CONFIG naming a readable file, "
                        "or --socket PATH)") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise CliError(f"{source}: not valid TOML ({exc}); expected a wasmhost configuration "
+                       "(or give the control socket with --socket PATH)") from None
+    except ValueError as exc:  # too large
+        raise CliError(f"{source}: {exc}; expected a wasmhost configuration "
                        "(or give the control socket with --socket PATH)") from None
     if not isinstance(host, dict):
         host = {}
@@ -140,8 +159,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _log_settings(source: Path) -> tuple[str, str, str | None]:
     """Logging settings of a configuration that did not validate: its [host] values, as far as TOML reads."""
     try:
-        host = tomllib.loads(source.read_text()).get("host", {})
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        host = _host_table(source)
+    except (OSError, ValueError):  # UnicodeDecodeError and TOMLDecodeError are ValueErrors
+        host = {}
+    if not isinstance(host, dict):
         host = {}
     log_file = host.get("log_file")
     return (str(host.get("log_level", "info")), str(host.get("log_format", "auto")),
