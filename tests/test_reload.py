@@ -212,3 +212,28 @@ def test_a_reload_removing_busy_components_drains_them_together(tmp_path: Path, 
         assert out.strip() == "slept" or "interrupted" in err
     assert d.call("t/echo/0", "still here") == "still here"
     assert d.stop() == 0
+
+
+# Runs the real CLI with Daemon._digest saying on stderr (the daemon's log) which file it reads and hashes.
+COUNTED = """
+import sys
+from wasmhost.system import daemon
+digest = daemon.Daemon._digest
+def counted(self, path):
+    print(f"digest {path.name}", file=sys.stderr, flush=True)
+    return digest(self, path)
+daemon.Daemon._digest = counted
+from wasmhost.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_reload_reads_each_binary_once_however_many_components_share_it(tmp_path: Path, components: Path,
+                                                                          started: list[Daemon]) -> None:
+    shared = "".join(component(f"t/echo/{i}", "echo") for i in range(20)) + component("t/counter/0", "counter")
+    d = start(tmp_path, components, started, shared, ("-c", COUNTED))
+    code, output = reload_reported(d)
+    assert code == "0" and "kept: 21 unchanged" in output, output
+    read = [line for line in d.log.read_text().splitlines() if line.startswith("digest ")]
+    assert sorted(read) == ["digest counter.wasm", "digest echo.wasm"]
+    assert d.stop() == 0

@@ -656,12 +656,16 @@ class Daemon:
         wanted = {p.spec.component_id: p for p in new.components}
         added = [c for c in wanted if c not in self.deployments]
         removed = [c for c in self.deployments if c not in wanted]
+        # Each distinct file read and hashed once, on one thread: 100 components of an 18 MB binary read
+        # and hashed it 100 times (1.6 s; 10,000 of them, minutes under the reload lock).
+        paths = {wanted[cid].wasm_path for cid in wanted if cid in self.deployments}
+        digests = await asyncio.to_thread(lambda: {path: self._digest(path) for path in paths})
         changed, unchanged = [], []
         for cid in wanted:
             current = self.deployments.get(cid)
             if current is None:
                 continue
-            digest = await asyncio.to_thread(self._digest, wanted[cid].wasm_path)
+            digest = digests[wanted[cid].wasm_path]
             if current.plan != wanted[cid] or current.digest is None or digest != current.digest:
                 changed.append(cid)
             else:
