@@ -291,3 +291,15 @@ def test_a_configuration_or_component_data_too_large_to_be_one_is_refused_naming
         "handed to initialize",
         "components[1].config_data: 1048577 bytes; at most 1048576 (1 MiB) are handed to initialize",
     ]
+
+
+def test_ids_that_print_alike_are_an_error_and_ids_differing_in_case_a_warning(tmp_path: Path) -> None:
+    composed, decomposed = "a/caf\u00e9/0", "a/cafe\u0301/0"  # é as one code point, and as e + combining accent
+    component = '[[components]]\nid = "{0}"\npath = "echo.wasm"\n'
+    assert errors(tmp_path, component.format(composed) + component.format(decomposed)) == [
+        f"components[1].id: {decomposed!r} is components[0]'s id written in another Unicode normalisation form "
+        "(it prints the same): use one spelling, or different ids"]
+    config = parse(tmp_path, component.format("a/echo/0") + component.format("a/Echo/0"))
+    assert [str(p.spec.component_id) for p in config.components] == ["a/echo/0", "a/Echo/0"]  # type: ignore[attr-defined]
+    assert config.warnings == [  # type: ignore[attr-defined]
+        "components[1].id: 'a/Echo/0' differs from components[0]'s id only in case: they are two components"]

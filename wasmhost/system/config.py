@@ -8,6 +8,7 @@ import grp
 import os
 import pwd
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -553,6 +554,9 @@ def parse_config(text: str, source: Path) -> Config:
         defaults = ResourceLimits()
     plans = []
     seen: dict[str, int] = {}
+    lookalikes: dict[str, int] = {}  # by the id's NFC form: the same text to anyone who reads or types it
+    folded: dict[str, int] = {}  # by the NFC form case-folded
+    warnings: list[str] = []
     binaries: dict[str, tuple[Path, str | None]] = {}
     for index, (raw_section, section) in enumerate(zip(sections, checked, strict=True)):
         cid = raw_section.get("id") if isinstance(raw_section, dict) else None
@@ -561,6 +565,19 @@ def parse_config(text: str, source: Path) -> Config:
                 errors.append(f"components[{index}].id: duplicate id {cid!r} (also components[{seen[cid]}])")
                 continue
             seen[cid] = index
+            same = unicodedata.normalize("NFC", cid)
+            if same in lookalikes:
+                # Two components printed alike in status, logs and metrics; `wasmhost call` reaches the one
+                # whose bytes the terminal happens to send.
+                errors.append(f"components[{index}].id: {cid!r} is components[{lookalikes[same]}]'s id written in "
+                              "another Unicode normalisation form (it prints the same): use one spelling, or "
+                              "different ids")
+                continue
+            lookalikes[same] = index
+            other = folded.setdefault(same.casefold(), index)
+            if other != index:
+                warnings.append(f"components[{index}].id: {cid!r} differs from components[{other}]'s id only in "
+                                "case: they are two components")
         if section is None:
             continue
         plan = _plan(index, section, host, base, components_dir, defaults, errors, binaries)
@@ -570,7 +587,7 @@ def parse_config(text: str, source: Path) -> Config:
     if errors:
         raise ConfigError(str(source), errors)
     return Config(source, host, components_dir, state_dir, control_socket, socket_mode, socket_gid, control_uids,
-                  plans, _pattern_warnings(plans, lattice is not None), metrics, lattice, remote_grants)
+                  plans, warnings + _pattern_warnings(plans, lattice is not None), metrics, lattice, remote_grants)
 
 
 def _lattice(raw: dict[str, Any], base: Path, errors: list[str]
