@@ -237,3 +237,17 @@ def test_a_reload_reads_each_binary_once_however_many_components_share_it(tmp_pa
     read = [line for line in d.log.read_text().splitlines() if line.startswith("digest ")]
     assert sorted(read) == ["digest counter.wasm", "digest echo.wasm"]
     assert d.stop() == 0
+
+
+def test_a_reload_reports_the_warnings_check_reports(tmp_path: Path, components: Path,
+                                                     started: list[Daemon]) -> None:
+    d = start(tmp_path, components, started, BASE)
+    rewrite(d, tmp_path, components, BASE + component("t/sender/0", "echo", 'capabilities = { send = ["t/nobody/0"] }'))
+    warning = "components[2].capabilities.send[0]: 't/nobody/0' matches no component in this configuration"
+    checked = wasmhost("check", str(d.config))
+    assert checked.returncode == 0 and f"warning: {warning}" in checked.stderr
+    code, output = reload_reported(d)
+    assert code == "0" and output.splitlines()[:3] == ["reload: ok", "  added: t/sender/0", "  kept: 2 unchanged"]
+    assert f"  warning: {warning}" in output.splitlines()
+    assert [e["detail"] for e in d.events() if e["event"] == "config_warning"] == [warning]
+    assert d.stop() == 0

@@ -526,7 +526,10 @@ class Daemon:
         report = ReloadReport("rolled-back" if rolled_back else "reloaded", added=[str(c) for c in added],
                               removed=[str(c) for c in removed], changed=[str(c) for c in kept_changes],
                               kept=[str(c) for c in unchanged],
-                              rolled_back={str(c): reason for c, reason in rolled_back.items()})
+                              rolled_back={str(c): reason for c, reason in rolled_back.items()},
+                              warnings=new.warnings)
+        for warning in new.warnings:  # as at start-up: the log says what `wasmhost check` would warn about
+            log.warning("config_warning", detail=warning)
         log.info("reloaded", added=report.added, removed=report.removed, changed=report.changed,
                  unchanged=len(unchanged), rolled_back=report.rolled_back)
         return report

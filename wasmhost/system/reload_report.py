@@ -11,8 +11,9 @@ Outcome = Literal["reloaded", "rolled-back", "rejected", "refused", "failed"]
 
 class ReloadReport(msgspec.Struct, forbid_unknown_fields=True):
     """The result of one reload: what was added, removed, changed (handed over to a new version) and kept,
-    which changed components were rolled back to their previous version and why, and, when nothing
-    changed, the lines saying what stopped it (`outcome` rejected, refused or failed)."""
+    which changed components were rolled back to their previous version and why, the configuration's
+    warnings, and, when nothing changed, the lines saying what stopped it (`outcome` rejected, refused or
+    failed)."""
 
     outcome: Outcome = "reloaded"
     added: list[str] = msgspec.field(default_factory=list)
@@ -22,6 +23,8 @@ class ReloadReport(msgspec.Struct, forbid_unknown_fields=True):
     rolled_back: dict[str, str] = msgspec.field(default_factory=dict)
     """Component id -> why its new version was not kept (the previous version runs again)."""
     problems: list[str] = msgspec.field(default_factory=list)
+    warnings: list[str] = msgspec.field(default_factory=list)
+    """What `wasmhost check` warns about in the configuration applied (a pattern matching no component...)."""
 
     @property
     def ok(self) -> bool:
@@ -40,4 +43,5 @@ class ReloadReport(msgspec.Struct, forbid_unknown_fields=True):
                 out.append(f"  {label}: {', '.join(ids)}")
         out.append(f"  kept: {len(self.kept)} unchanged")
         out.extend(f"  rolled back: {cid}: {reason}" for cid, reason in self.rolled_back.items())
+        out.extend(f"  warning: {warning}" for warning in self.warnings)
         return out
