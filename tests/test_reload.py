@@ -251,3 +251,24 @@ def test_a_reload_reports_the_warnings_check_reports(tmp_path: Path, components:
     assert f"  warning: {warning}" in output.splitlines()
     assert [e["detail"] for e in d.events() if e["event"] == "config_warning"] == [warning]
     assert d.stop() == 0
+
+
+def test_the_report_says_what_changed_in_each_changed_component(tmp_path: Path, components: Path,
+                                                                started: list[Daemon]) -> None:
+    d = start(tmp_path, components, started, BASE + component("t/other/0", "echo"))
+    shutil.copy(FIXTURES / "counter.wasm", components / "echo.wasm")  # t/echo/0 and t/other/0: new bytes
+    rewrite(d, tmp_path, components, component("t/echo/0", "echo")
+            + component("t/counter/0", "counter", "limits = { max_fuel = 100000000 }\nmailbox_capacity = 7\n"
+                        'env = { MODE = "x" }')
+            + component("t/other/0", "echo", "restart_window_s = 30"))
+    result = d.cli("reload", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 0 and report["what_changed"] == {
+        "t/echo/0": ["binary"], "t/counter/0": ["limits", "env", "mailbox_capacity"],
+        "t/other/0": ["binary", "max_restarts/restart_window_s"]}, report
+    rewrite(d, tmp_path, components, component("t/echo/0", "echo") + component("t/counter/0", "counter"))
+    result = d.cli("reload")
+    assert result.returncode == 0 and result.stdout.splitlines() == [
+        "reload: ok", "  removed: t/other/0", "  changed: t/counter/0 (limits, env, mailbox_capacity)",
+        "  kept: 1 unchanged"], result.stdout
+    assert d.stop() == 0

@@ -124,7 +124,8 @@ def test_a_bad_new_version_is_rolled_back_on_the_same_mailbox(tmp_path: Path, co
     # The next reload finds the configuration still differs from what runs, and tries again.
     new_version(d, tmp_path, components, "hasher", "rollout_check_s = 0.5")
     result = d.cli("reload")
-    assert result.returncode == 0 and "reload: ok\n  changed: t/svc/0\n  kept: 0 unchanged" in result.stdout, result
+    assert result.returncode == 0, result
+    assert "reload: ok\n  changed: t/svc/0 (binary, rollout_check_s)\n  kept: 0 unchanged" in result.stdout, result
     assert d.call("t/svc/0", "5") != "5" and row(d)["rollout"] == "upgraded"
     assert d.stop() == 0
 

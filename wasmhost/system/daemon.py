@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -135,6 +136,32 @@ def _host_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     """The [host] settings that differ between two configs, as (key, old, new)."""
     before, after = msgspec.structs.asdict(old.host), msgspec.structs.asdict(new.host)
     return [(key, before[key], after[key]) for key in before if before[key] != after[key]]
+
+
+_SETTING_NAMES = {
+    "path": "path", "wasm_path": "path", "env_vars": "env", "config_data": "config data",
+    "intensity": "max_restarts/restart_window_s", "backoff": "backoff_base_ms/backoff_max_ms",
+    "health_interval": "health_interval_s", "shutdown_timeout": "shutdown_timeout_s",
+    "storage": "capabilities", "log_limit": "log_rate/log_burst", "grants": "capabilities",
+    "storage_quota_bytes": "capabilities",
+}
+"""The config key(s) behind a field of ComponentPlan or ActorSpec, where the names differ."""
+
+
+def _what_changed(old: ComponentPlan, new: ComponentPlan, old_digest: str | None, new_digest: str | None
+                  ) -> list[str]:
+    """The settings of a component that differ between two plans, by their config keys, and `binary`
+    when its file's bytes differ (or either could not be read)."""
+    what = [] if old_digest is not None and old_digest == new_digest else ["binary"]
+    for owner_old, owner_new in ((old.spec, new.spec), (old, new)):
+        for item in dataclasses.fields(owner_old):
+            if item.name in ("spec", "component_id"):
+                continue
+            if getattr(owner_old, item.name) != getattr(owner_new, item.name):
+                name = _SETTING_NAMES.get(item.name, item.name)
+                if name not in what:
+                    what.append(name)
+    return what
 
 
 _REQUEST_NAMES = {cls: cls.__struct_config__.tag for cls in protocol.Request.__args__}  # type: ignore[attr-defined]
@@ -497,7 +524,7 @@ class Daemon:
         wanted = {p.spec.component_id: p for p in new.components}
         loaded: dict[ComponentId, LoadedComponent] = {}
         loads = SharedLoads(self.runtime)
-        for cid in added + changed:  # compile and check every new version before touching the old ones
+        for cid in added + list(changed):  # compile and check every new version before touching the old ones
             try:
                 loaded[cid] = await loads.load(wanted[cid])
             except Exception as exc:  # whatever stops the new version, the old one keeps running
@@ -525,13 +552,14 @@ class Daemon:
         kept_changes = [c for c in changed if c not in rolled_back]
         report = ReloadReport("rolled-back" if rolled_back else "reloaded", added=[str(c) for c in added],
                               removed=[str(c) for c in removed], changed=[str(c) for c in kept_changes],
+                              what_changed={str(c): changed[c] for c in changed},
                               kept=[str(c) for c in unchanged],
                               rolled_back={str(c): reason for c, reason in rolled_back.items()},
                               warnings=new.warnings)
         for warning in new.warnings:  # as at start-up: the log says what `wasmhost check` would warn about
             log.warning("config_warning", detail=warning)
         log.info("reloaded", added=report.added, removed=report.removed, changed=report.changed,
-                 unchanged=len(unchanged), rolled_back=report.rolled_back)
+                 what_changed=report.what_changed, unchanged=len(unchanged), rolled_back=report.rolled_back)
         return report
 
     def _can_hand_over(self, cid: ComponentId) -> bool:
@@ -654,8 +682,9 @@ class Daemon:
             except Exception:  # restore the others even if one cannot be
                 log.exception("reload_restore_failed", component=str(cid))
 
-    async def _diff(self, new: Config) -> tuple[list[ComponentId], list[ComponentId], list[ComponentId],
-                                                list[ComponentId]]:
+    async def _diff(self, new: Config) -> tuple[list[ComponentId], list[ComponentId],
+                                                dict[ComponentId, list[str]], list[ComponentId]]:
+        """(added, removed, changed with what changed in each, unchanged) between what runs and `new`."""
         wanted = {p.spec.component_id: p for p in new.components}
         added = [c for c in wanted if c not in self.deployments]
         removed = [c for c in self.deployments if c not in wanted]
@@ -663,14 +692,15 @@ class Daemon:
         # and hashed it 100 times (1.6 s; 10,000 of them, minutes under the reload lock).
         paths = {wanted[cid].wasm_path for cid in wanted if cid in self.deployments}
         digests = await asyncio.to_thread(lambda: {path: self._digest(path) for path in paths})
-        changed, unchanged = [], []
+        changed: dict[ComponentId, list[str]] = {}
+        unchanged = []
         for cid in wanted:
             current = self.deployments.get(cid)
             if current is None:
                 continue
             digest = digests[wanted[cid].wasm_path]
             if current.plan != wanted[cid] or current.digest is None or digest != current.digest:
-                changed.append(cid)
+                changed[cid] = _what_changed(current.plan, wanted[cid], current.digest, digest)
             else:
                 unchanged.append(cid)
         return added, removed, changed, unchanged

@@ -20,6 +20,9 @@ class ReloadReport(msgspec.Struct, forbid_unknown_fields=True):
     removed: list[str] = msgspec.field(default_factory=list)
     changed: list[str] = msgspec.field(default_factory=list)
     kept: list[str] = msgspec.field(default_factory=list)
+    what_changed: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    """Component id -> what differs in each changed component (rolled back or not): `binary` (its file's
+    bytes) and the config keys whose values differ (`limits`, `mailbox_capacity`, ...)."""
     rolled_back: dict[str, str] = msgspec.field(default_factory=dict)
     """Component id -> why its new version was not kept (the previous version runs again)."""
     problems: list[str] = msgspec.field(default_factory=list)
@@ -40,8 +43,13 @@ class ReloadReport(msgspec.Struct, forbid_unknown_fields=True):
         out = [head]
         for label, ids in (("added", self.added), ("removed", self.removed), ("changed", self.changed)):
             if ids:
-                out.append(f"  {label}: {', '.join(ids)}")
+                out.append(f"  {label}: {', '.join(self._with_what(cid) for cid in ids)}")
         out.append(f"  kept: {len(self.kept)} unchanged")
         out.extend(f"  rolled back: {cid}: {reason}" for cid, reason in self.rolled_back.items())
         out.extend(f"  warning: {warning}" for warning in self.warnings)
         return out
+
+    def _with_what(self, cid: str) -> str:
+        """`cid`, followed by what changed in it when it changed: `t/a/0 (binary, limits)`."""
+        what = self.what_changed.get(cid)
+        return f"{cid} ({', '.join(what)})" if what else cid
