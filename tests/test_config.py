@@ -303,3 +303,16 @@ def test_ids_that_print_alike_are_an_error_and_ids_differing_in_case_a_warning(t
     assert [str(p.spec.component_id) for p in config.components] == ["a/echo/0", "a/Echo/0"]  # type: ignore[attr-defined]
     assert config.warnings == [  # type: ignore[attr-defined]
         "components[1].id: 'a/Echo/0' differs from components[0]'s id only in case: they are two components"]
+
+
+def test_a_component_file_larger_than_the_loader_takes_is_a_config_error(tmp_path: Path) -> None:
+    components = tmp_path / "components"
+    components.mkdir()
+    with (components / "big.wasm").open("wb") as f:
+        f.write((FIXTURES / "echo.wasm").read_bytes())  # a valid header: only the size is wrong
+        f.truncate(128 * 1024 * 1024 + 1)
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[host]\ncomponents_dir = "{components}"\n[[components]]\nid = "a/big/0"\npath = "big.wasm"\n',
+                     tmp_path / "wasmhost.toml")
+    assert info.value.errors == [f"components[0].path: {components / 'big.wasm'} is 134217729 bytes, larger than "
+                                 "134217728 (128 MiB), the largest component file loaded"]

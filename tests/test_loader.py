@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,27 @@ def test_imports_the_host_cannot_satisfy_are_named(runtime: Runtime) -> None:
 def test_a_missing_file_says_so(runtime: Runtime, tmp_path: Path) -> None:
     with pytest.raises(LoadError, match="no such file"):
         runtime.load(CID, tmp_path / "absent.wasm")
+
+
+def test_a_component_file_too_large_or_not_a_file_is_refused_without_reading_it(runtime: Runtime,
+                                                                                 tmp_path: Path) -> None:
+    """Whoever may write a component's file: 1.5 GB of holes after a valid component (free on disk) held a
+    reload for minutes at 3.2 GB, and a FIFO put in its place made the load wait for a writer forever."""
+    huge = tmp_path / "huge.wasm"
+    with huge.open("wb") as f:
+        f.write(b"not wasm")  # never looked at: the size says no first
+        f.truncate(128 * 1024 * 1024 + 1)
+    with pytest.raises(LoadError) as info:
+        runtime.load(CID, huge)
+    assert str(info.value) == f"{huge}: larger than 134217728 bytes (128 MiB), the largest component file loaded"
+    fifo = tmp_path / "fifo.wasm"
+    os.mkfifo(fifo)
+    with pytest.raises(LoadError) as info:
+        runtime.load(CID, fifo)
+    assert str(info.value) == f"{fifo}: is not a regular file, expected a .wasm file"
+    with pytest.raises(LoadError) as info:
+        runtime.load(CID, tmp_path)
+    assert str(info.value) == f"{tmp_path}: is a directory, expected a .wasm file"
 
 
 def test_the_loader_resolves_the_namespace_name_instance_layout(tmp_path: Path) -> None:

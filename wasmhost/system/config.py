@@ -27,7 +27,7 @@ from wasmhost.core.private_files import NotRegularFile, read_regular_file
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
 from wasmhost.lattice.settings import LatticeSection, LatticeSettings, lattice_settings
 from wasmhost.runtime.engine import EngineSettings
-from wasmhost.runtime.loader import check_header
+from wasmhost.runtime.loader import MAX_COMPONENT_BYTES, check_header
 from wasmhost.security.capabilities import Capabilities as Grants
 from wasmhost.storage.read_cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from wasmhost.system.listen import ListenAddress, parse_listen
@@ -345,6 +345,10 @@ def _binary_problem(wasm: Path, components_dir: Path) -> str | None:
         return f"no component file at {wasm}"
     try:
         with wasm.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_COMPONENT_BYTES:
+                return f"{wasm} is {size} bytes, larger than {MAX_COMPONENT_BYTES} (128 MiB), the largest component " \
+                       "file loaded"
             check_header(f.read(8), str(wasm))
     except LoadError as exc:
         return exc.reason

@@ -40,7 +40,7 @@ from wasmhost.lattice.wire import InventoryEntry
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.limiter import StoreBudget
-from wasmhost.runtime.loader import LoadedComponent
+from wasmhost.runtime.loader import LoadedComponent, read_component_file
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import CapabilityChecker
 from wasmhost.storage.sqlite_store import SqliteStorage
@@ -706,9 +706,11 @@ class Daemon:
         return added, removed, changed, unchanged
 
     def _digest(self, path: Path) -> str | None:
+        """The cache key of the component file at `path`, read as the loader reads it (bounded, a regular file
+        only); None when it cannot be loaded (it is then changed, and its load says why)."""
         try:
-            return self.runtime.cache.key(path.read_bytes())
-        except OSError:
+            return self.runtime.cache.key(read_component_file(path))
+        except LoadError:
             return None
 
     # --- status ---
