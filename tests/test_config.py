@@ -316,3 +316,20 @@ def test_a_component_file_larger_than_the_loader_takes_is_a_config_error(tmp_pat
                      tmp_path / "wasmhost.toml")
     assert info.value.errors == [f"components[0].path: {components / 'big.wasm'} is 134217729 bytes, larger than "
                                  "134217728 (128 MiB), the largest component file loaded"]
+
+
+def test_a_state_dir_or_components_dir_naming_a_file_is_an_error_and_the_file_is_left_alone(tmp_path: Path) -> None:
+    """`state_dir = "wasmhost.toml"` (or any file's name) made run and check chmod that file 0700 and then fail
+    on the control socket ('File exists'); check said ok."""
+    from wasmhost.core.private_files import private_dir
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    a_file.chmod(0o644)
+    with pytest.raises(ConfigError) as info:
+        parse_config('[host]\nstate_dir = "notes.txt"\ncomponents_dir = "notes.txt"\n', tmp_path / "wasmhost.toml")
+    assert info.value.errors == [f"host.components_dir: {a_file} is not a directory",
+                                 f"host.state_dir: {a_file} is not a directory"]
+    with pytest.raises(NotADirectoryError):
+        private_dir(a_file)  # what the daemon makes of its state_dir, should one be swapped for a file later
+    assert (a_file.stat().st_mode & 0o777) == 0o644 and a_file.read_text() == "mine"

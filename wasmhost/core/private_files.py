@@ -10,6 +10,7 @@ in it holds native code wasmtime runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -100,12 +101,15 @@ def private_dir(path: Path, mode: int = DIR_MODE, group: int | None = None) -> P
     """Create `path` (and missing parents) and make it `mode` (owner-only by default).
 
     `group`, when given, becomes the directory's group (for a control socket a group may reach).
-    Raises OSError when it cannot be created or changed.
+    Raises OSError when it cannot be created or changed, NotADirectoryError when something else is at
+    `path`: that is left as it is (a state_dir naming a file by mistake made it 0700).
     """
     if not path.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):  # created meanwhile (or not a directory: used later, reported)
+        with contextlib.suppress(FileExistsError):  # created meanwhile, or something else is there (below)
             os.mkdir(path, mode)
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
     _tighten(path, mode)
     if group is not None and os.stat(path).st_gid != group:
         os.chown(path, -1, group)

@@ -513,6 +513,9 @@ def parse_config(text: str, source: Path) -> Config:
     base = source.parent
     components_dir = (base / host.components_dir).resolve()
     state_dir = (base / host.state_dir).resolve()
+    for key, place in (("components_dir", components_dir), ("state_dir", state_dir)):
+        if place.exists() and not place.is_dir():  # state_dir is created when missing, never over a file
+            errors.append(f"host.{key}: {place} is not a directory")
     control_socket = state_dir / host.control_socket if not os.path.isabs(host.control_socket) \
         else Path(host.control_socket)
     if len(os.fsencode(control_socket)) > MAX_SOCKET_PATH:
