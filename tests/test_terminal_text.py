@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,21 @@ def test_guest_text_is_escaped_by_every_command(tmp_path: Path, started: list[Da
     as_json = wasmhost("logs", str(d.log), "--component", "t/*", "--json")
     assert shown_safely(as_json.stdout)
     assert any(f"key{TITLE}" in json.loads(line) for line in as_json.stdout.splitlines())  # exact
+
+
+def test_a_rolled_back_versions_reason_is_escaped_by_reload(tmp_path: Path, started: list[Daemon]) -> None:
+    """A new version whose initialize traps in a function named with escapes: the rollback's reason carries the
+    name, and `wasmhost reload` printed it raw (the title set, the screen cleared, `reload: ok` in green)."""
+    components = tmp_path / "components"
+    components.mkdir()
+    shutil.copy(fixture_path("echo"), components / "svc.wasm")
+    d = launch(tmp_path, component("t/svc/0", "svc"), started, components)
+    shutil.copy(fixture_path("escinit"), components / "svc.wasm")
+    reloaded = d.cli("reload")
+    assert reloaded.returncode == 1 and "rolled back: t/svc/0: the new version failed to start" in reloaded.stdout
+    assert "\\x1b]0;PWNED\\x07" in reloaded.stdout and shown_safely(reloaded.stdout + reloaded.stderr)
+    assert reloaded.stdout.count("\n") == 3  # head, kept, the rollback: no forged line
+    assert d.stop() == 0
 
 
 def test_the_console_log_cannot_be_forged_nor_drive_the_terminal(tmp_path: Path, started: list[Daemon]) -> None:

@@ -444,13 +444,15 @@ def cmd_reload(args: argparse.Namespace) -> int:
     # A reload lasts as long as the longest rollout check window of the versions it hands over.
     response = request(socket_path(args), protocol.Reload(), timeout=args.timeout)
     if response.data is None:  # not a report: the request itself failed
-        print(f"wasmhost: {response.error}", file=sys.stderr)
+        print(f"wasmhost: {printable(str(response.error))}", file=sys.stderr)
         return EXIT_FAILED
     report = msgspec.convert(response.data, ReloadReport)  # the daemon sent msgspec.to_builtins of one
     if args.json:
         print(json.dumps(response.data, indent=2))
     else:
-        print("\n".join(report.lines()), file=sys.stdout if response.ok else sys.stderr)
+        # A rollback's reason and a load problem carry guest text (a trapping function's name, its error):
+        # escaped, so that a new version cannot paint `reload: ok` over its own rollback.
+        print("\n".join(printable(line) for line in report.lines()), file=sys.stdout if response.ok else sys.stderr)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
