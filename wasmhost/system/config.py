@@ -39,6 +39,9 @@ MAX_SECONDS = 86400.0
 overflow a deadline when the daemon is already running."""
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
 CheckSeconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
+Milliseconds = Annotated[int, msgspec.Meta(gt=0, le=int(MAX_SECONDS * 1000))]
+"""A delay in milliseconds, at most MAX_SECONDS: a restart backoff of 2^63 ms left a component `restarting`
+for good, its status saying nothing of why."""
 DEFAULT_ROLLOUT_CHECK_S = 3.0
 """Seconds a new version handed over by a reload must stay up and healthy, or the old one comes back."""
 MAX_SOCKET_PATH = 107
@@ -83,8 +86,8 @@ class ComponentSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     restart: Literal["permanent", "transient", "temporary"] = "transient"
     max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
     restart_window_s: Seconds = 60.0
-    backoff_base_ms: Positive = 50
-    backoff_max_ms: Positive = 5000
+    backoff_base_ms: Milliseconds = 50
+    backoff_max_ms: Milliseconds = 5000
     group: str | None = None
     strategy: Literal["one-for-one", "one-for-all", "rest-for-one"] = "one-for-one"
     health_interval_s: Seconds = 30.0
