@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import structlog
+import wasmtime
 
 from tests.conftest import fixture_path
+from tests.fixtures.build import tool
 from tests.test_daemon import component, config_text, wasmhost
 from wasmhost.core import ComponentId
 from wasmhost.core.errors import (
@@ -93,6 +96,20 @@ def test_a_component_file_too_large_or_not_a_file_is_refused_without_reading_it(
     with pytest.raises(LoadError) as info:
         runtime.load(CID, tmp_path)
     assert str(info.value) == f"{tmp_path}: is a directory, expected a .wasm file"
+
+
+def test_thousands_of_unsatisfied_imports_make_a_bounded_error(runtime: Runtime, tmp_path: Path) -> None:
+    """The echo component, also importing 3,000 WASI-like interfaces with 200-character names: the error named
+    them all (740 KB, in every status answer, log line and reload report of it)."""
+    printed = subprocess.run([tool("wasm-tools", "wasm-tools"), "print", str(fixture_path("echo"))],
+                             capture_output=True, text=True, check=True).stdout.rstrip()
+    imports = "".join(f'(import "wasi:{"x" * 200}{i}/y@0.1.0" (instance))' for i in range(3000))
+    path = tmp_path / "many.wasm"
+    path.write_bytes(wasmtime.wat2wasm(printed[:-1] + imports + ")"))  # appended: no index moves
+    with pytest.raises(UnsatisfiedImportsError) as info:
+        runtime.load(CID, path)
+    assert len(info.value.imports) == 3000 and len(str(info.value)) < 8000
+    assert "; and 2984 more. " in str(info.value) and f"wasi:{'x' * 200}0/y@0.1.0" in str(info.value)
 
 
 def test_the_loader_resolves_the_namespace_name_instance_layout(tmp_path: Path) -> None:

@@ -61,6 +61,11 @@ def read_component_file(where: Path) -> bytes:
     return wasm
 
 
+MAX_PROBLEMS_SHOWN = 16
+"""Unsatisfied imports named in a load error; the others are counted."""
+MAX_PROBLEM_CHARS = 300
+"""Characters of one unsatisfied import's line in a load error (an import name is as long as its binary says)."""
+
 WASM_MAGIC = b"\0asm"
 CORE_VERSION = b"\x01\x00\x00\x00"
 COMPONENT_LAYER = b"\x01\x00"
@@ -407,8 +412,14 @@ class FileComponentLoader:
         if failed is not None and not any(p.split(" ", 1)[0].split("#", 1)[0] == failed[0] for p in problems):
             problems.append(failed[1])
         if problems:
+            # The import names are the binary's: thousands of them, each as long as it likes, made the error
+            # (kept in status, logged, answered by reload) as large as the binary. The first few say what is wrong.
+            shown = [p if len(p) <= MAX_PROBLEM_CHARS else f"{p[:MAX_PROBLEM_CHARS]}..."
+                     for p in problems[:MAX_PROBLEMS_SHOWN]]
+            if len(problems) > MAX_PROBLEMS_SHOWN:
+                shown.append(f"and {len(problems) - MAX_PROBLEMS_SHOWN} more")
             raise UnsatisfiedImportsError(
-                source, f"imports the host cannot satisfy: {'; '.join(problems)}. {linking.remedies(problems)}",
+                source, f"imports the host cannot satisfy: {'; '.join(shown)}. {linking.remedies(problems)}",
                 problems,
             )
         self.cache.mark(key, linked)
