@@ -336,3 +336,20 @@ def test_a_state_dir_or_components_dir_naming_a_file_is_an_error_and_the_file_is
     with pytest.raises(NotADirectoryError):
         private_dir(a_file)  # what the daemon makes of its state_dir, should one be swapped for a file later
     assert (a_file.stat().st_mode & 0o777) == 0o644 and a_file.read_text() == "mine"
+
+
+def test_a_file_that_is_not_utf8_or_starts_with_a_bom_says_where_and_what_to_do(tmp_path: Path) -> None:
+    """A Latin-1 file said only 'not UTF-8 text'; one saved with a byte order mark (by some Windows editors)
+    got tomllib's 'Invalid statement (at line 1, column 1)' about a line that reads `[host]`."""
+    from wasmhost.system.config import load_config
+
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'[host]\nlog_level = "caf\xe9"\n')
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b'\xef\xbb\xbf[host]\nlog_level = "info"\n')
+    for path, error in ((latin, "not UTF-8 text: byte 0xe9 at line 2, column 17 (save the file as UTF-8)"),
+                        (bom, "starts with a byte order mark (U+FEFF), which TOML does not allow: save the file as "
+                              "UTF-8 without one")):
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert info.value.errors == [error]

@@ -635,6 +635,12 @@ def load_config(path: Path) -> Config:
         raise ConfigError(str(path), ["cannot read: not a regular file"]) from None
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(path), ["not UTF-8 text"]) from None
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(str(path), [f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, column "
+                                      f"{column} (save the file as UTF-8)"]) from None
+    if text.startswith("\ufeff"):  # tomllib's own error points at line 1, column 1, which looks fine
+        raise ConfigError(str(path), ["starts with a byte order mark (U+FEFF), which TOML does not allow: save the "
+                                      "file as UTF-8 without one"])
     return parse_config(text, path)
