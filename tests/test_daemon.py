@@ -531,6 +531,23 @@ def test_a_relative_log_file_is_beside_the_config_also_when_the_config_is_refuse
     assert last["event"] == "config_invalid" and last["source"] == str(config), last
 
 
+def test_a_log_file_that_is_a_fifo_nobody_reads_or_a_directory_stops_the_start_with_its_key(tmp_path: Path) -> None:
+    """log_file naming a FIFO with no reader held `run` before its first line, for good; naming a directory,
+    `check` said ok and `run` exited with '[Errno 21] Is a directory'."""
+    config = tmp_path / "wasmhost.toml"
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "folder").mkdir()
+    config.write_text(config_text(tmp_path / "state", BASIC).replace("[host]\n", '[host]\nlog_file = "pipe"\n'))
+    result = wasmhost("run", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"wasmhost: host.log_file: cannot open {tmp_path / 'pipe'}: a FIFO no process reads"
+    config.write_text(config_text(tmp_path / "state", BASIC).replace("[host]\n", '[host]\nlog_file = "folder"\n'))
+    error = f"host.log_file: {tmp_path / 'folder'} is a directory, expected a file to append to"
+    for command in ("check", "run"):
+        result = wasmhost(command, "--config", str(config))
+        assert result.returncode == 1 and f"1 error(s):\n  {error}\n" in result.stderr, result.stderr
+
+
 def test_ready_comes_after_the_first_attempt_of_a_component_whose_initialize_never_ends(daemon: object) -> None:
     """READY=1 waits for every component's first attempt, not for all the restarts of one that keeps
     failing (five initialize deadlines plus backoff)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -142,7 +143,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         config = exc  # logged by the daemon, with logging set up from the [host] values that are valid
         level, fmt, log_file = _log_settings(source)
-    configure_logging(args.log_level or level, args.log_format or fmt, log_file)
+    try:
+        configure_logging(args.log_level or level, args.log_format or fmt, log_file)
+    except OSError as exc:
+        if not isinstance(config, ConfigError):
+            why = "a FIFO no process reads" if exc.errno == errno.ENXIO else _os_reason(exc)
+            raise CliError(f"host.log_file: cannot open {log_file}: {why}") from None
+        configure_logging(args.log_level or level, args.log_format or fmt)  # the config's errors come first
     code = 1
     try:
         code = uvloop.run(run_daemon(config))

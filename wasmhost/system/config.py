@@ -519,6 +519,8 @@ def parse_config(text: str, source: Path) -> Config:
     for key, place in (("components_dir", components_dir), ("state_dir", state_dir)):
         if place.exists() and not place.is_dir():  # state_dir is created when missing, never over a file
             errors.append(f"host.{key}: {place} is not a directory")
+    if host.log_file and (base / host.log_file).is_dir():  # `run` could not open it; `check` said ok
+        errors.append(f"host.log_file: {base / host.log_file} is a directory, expected a file to append to")
     control_socket = state_dir / host.control_socket if not os.path.isabs(host.control_socket) \
         else Path(host.control_socket)
     if len(os.fsencode(control_socket)) > MAX_SOCKET_PATH:

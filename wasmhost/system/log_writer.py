@@ -36,8 +36,11 @@ FILE_MODE = 0o640
 
 def open_log_file(path: str) -> int:
     """Open (or create) `path` for appending log lines; O_APPEND keeps lines whole next to other writers
-    and after a `copytruncate` rotation."""
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    and after a `copytruncate` rotation. Opened without blocking: a FIFO nobody reads fails at once (ENXIO)
+    instead of holding the start (or a reopen) until a reader comes; writes block as usual."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, FILE_MODE)
+    os.set_blocking(fd, True)
+    return fd
 
 
 class LogSink:
