@@ -5,6 +5,7 @@ socket for what a user sees. No mocks."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -185,4 +186,25 @@ def test_status_through_the_socket_shows_each_change_at_once(tmp_path: Path, sta
     assert d.cli("restart", "t/echo/2").returncode == 0
     row = rows()["t/echo/2"]
     assert (row["state"], row["restarts"]) == ("running", 1), row
+    assert d.stop() == 0
+
+
+def test_thousands_of_long_errors_still_fit_one_status_answer(tmp_path: Path, started: list[Daemon]) -> None:
+    """3,200 components of one binary whose initialize traps 100 calls deep in a function with a 500-character
+    name: each row's error is bounded (some 11 KB), their sum was not (35.5 MB, over the socket's frame limit),
+    and `status`, `top` and `inspect` of any component failed with 'frame of 35518064 bytes exceeds the limit'."""
+    failing = "".join(component(f"t/deep{i}/0", "deeptrap", "max_restarts = 0") for i in range(3200))
+    d = launch(tmp_path, component("t/echo/0", "echo") + failing, started)
+    shown = d.cli("status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    rows = {r["id"]: r for r in json.loads(shown.stdout)["components"]}
+    assert len(rows) == 3201 and rows["t/echo/0"]["state"] == "running"
+    cut = rows["t/deep7/0"]
+    assert cut["state"] == "failed" and cut["last_error"].endswith(
+        " ... (cut to fit every component's row: `wasmhost inspect ID` shows it whole)")
+    assert d.cli("status").returncode == 0 and d.cli("inspect", "t/echo/0").returncode == 0
+    whole = d.cli("inspect", "t/deep7/0", "--json")
+    assert whole.returncode == 1  # failed: it stays down
+    last_error = json.loads(whole.stdout)["status"]["last_error"]
+    assert len(last_error) > 5000 and last_error.count("\n") > 10 and f"!{'f' * 480}" in last_error
     assert d.stop() == 0

@@ -567,13 +567,14 @@ def _inspect_running(args: argparse.Namespace, target: str) -> int:
     of the messages around each (`--json`: both as one object); a failed component exits non-zero."""
     from wasmhost.system import protocol
 
-    response = _ask(args, protocol.Status())
+    response = _ask(args, protocol.Status(target))  # its row alone, its last error whole
     if response is None:
         return EXIT_FAILED
-    rows = {row["id"]: row for row in response.data["components"]}
-    row = rows.get(target)
+    row = next(iter(response.data["components"]), None)
     if row is None:
-        print(f"wasmhost: the daemon runs no component {target} (it runs: {', '.join(sorted(rows)) or 'none'})",
+        everything = _ask(args, protocol.Status())
+        listed = sorted(r["id"] for r in everything.data["components"]) if everything is not None else []
+        print(f"wasmhost: the daemon runs no component {target} (it runs: {', '.join(listed) or 'none'})",
               file=sys.stderr)
         return EXIT_FAILED
     forensics = _ask(args, protocol.Forensics(target))

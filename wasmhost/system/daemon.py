@@ -55,7 +55,7 @@ from wasmhost.system.reload_report import ReloadReport
 from wasmhost.system.sd_notify import Notifier
 from wasmhost.system.shared_loads import SharedLoads
 from wasmhost.system.state_lock import StateDirInUse, StateLock
-from wasmhost.system.status_table import Deployments, StatusTable
+from wasmhost.system.status_table import Deployments, StatusTable, fit
 from wasmhost.system.stores import HostStores
 
 log = structlog.get_logger("wasmhost.daemon")
@@ -735,7 +735,12 @@ class Daemon:
 
     async def _handle(self, request: protocol.Request) -> protocol.Response:
         if isinstance(request, protocol.Status):
-            return protocol.Response(True, data={"components": self.status_table.rows(),
+            if request.id is not None:  # one row, its texts whole (each is bounded)
+                row = self.status_table.row(ComponentId.parse(request.id))
+                rows = [] if row is None else [row]
+            else:
+                rows = fit(self.status_table.rows(), protocol.MAX_RESPONSE_FRAME // 2)  # room for the rest, twice
+            return protocol.Response(True, data={"components": rows,
                                                  "storage_io_errors": self.storage.io_errors,
                                                  "storage_last_error": self.storage.last_io_error,
                                                  "log_lines_dropped": lines_dropped()})

@@ -21,7 +21,9 @@ LENGTH = struct.Struct(">I")
 
 
 class Status(msgspec.Struct, tag="status", forbid_unknown_fields=True):
-    """Ask for the table of components."""
+    """Ask for the table of components, or for the row of one (`id`) with its texts whole."""
+
+    id: str | None = None
 
 
 class Send(msgspec.Struct, tag="send", forbid_unknown_fields=True):

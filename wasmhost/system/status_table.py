@@ -97,6 +97,35 @@ def status_row(cid: ComponentId, deployment: Listed, actor: ComponentActor | Non
                      *stats.latency.p50_p99_ms(), *(memory.figures() if memory is not None else (None, None)))
 
 
+MAX_SHORT_ERROR_CHARS = 512
+"""Characters kept of an error's first line in a status answer that had to be shortened (see `fit`)."""
+
+
+def _first_line(text: str | None) -> str | None:
+    if text is None:
+        return None
+    lines = text.strip().splitlines() or [""]
+    first = lines[0][:MAX_SHORT_ERROR_CHARS]
+    return first if first == text else f"{first} ... (cut to fit every component's row: `wasmhost inspect ID` " \
+        "shows it whole)"
+
+
+def fit(rows: list[msgspec.Raw], budget: int) -> list[msgspec.Raw]:
+    """`rows`, or, when they take more than `budget` bytes, the same rows with each `last_error` and `rollout`
+    cut to its first line. Each is bounded (bounded_text.py: some 11 KB for a long backtrace), but not their
+    sum: 3,200 components failing with one binary's long backtrace made a 35.5 MB answer, over the control
+    socket's frame limit, and `status`, `top` and `inspect` of any component failed for good."""
+    if sum(len(row) for row in rows) <= budget:
+        return rows
+    decode, encode = msgspec.msgpack.Decoder(StatusRow).decode, msgspec.msgpack.Encoder().encode
+    short = []
+    for raw in rows:
+        row = decode(raw)
+        row.last_error, row.rollout = _first_line(row.last_error), _first_line(row.rollout)
+        short.append(msgspec.Raw(encode(row)))
+    return short
+
+
 class StatusTable:
     """Encoded `status` rows of `deployments` (see the module docstring); event loop only."""
 
@@ -119,6 +148,12 @@ class StatusTable:
         else:
             self._refresh(changed)
         return list(self._rows)  # a copy: later changes do not reach an answer not yet sent
+
+    def row(self, cid: ComponentId) -> msgspec.Raw | None:
+        """The row of `cid` as of now, whole (`wasmhost inspect ID`), or None when it is not configured."""
+        rows = self.rows()
+        position = self._index.get(cid)
+        return None if position is None else rows[position]
 
     def _lay_out(self) -> None:
         version = self._deployments.version
