@@ -272,3 +272,24 @@ def test_the_report_says_what_changed_in_each_changed_component(tmp_path: Path, 
         "reload: ok", "  removed: t/other/0", "  changed: t/counter/0 (limits, env, mailbox_capacity)",
         "  kept: 1 unchanged"], result.stdout
     assert d.stop() == 0
+
+
+def test_thousands_of_rollbacks_fit_the_report_and_the_log(tmp_path: Path, components: Path,
+                                                           started: list[Daemon]) -> None:
+    """3,200 components of one binary, handed over to a version whose initialize traps deep in a function with
+    a long name: their reasons, whole, made a 35 MB answer (over the socket's frame limit: `wasmhost reload`
+    said only 'frame of 34836300 bytes exceeds the limit') and a `reloaded` log line the log dropped."""
+    shutil.copy(FIXTURES / "echo.wasm", components / "svc.wasm")
+    d = start(tmp_path, components, started,
+              "".join(component(f"t/svc{i}/0", "svc", "rollout_check_s = 0") for i in range(3200)))
+    shutil.copy(FIXTURES / "deeptrap.wasm", components / "svc.wasm")
+    code, output = reload_reported(d)
+    lines = output.splitlines()
+    assert code == "1" and lines[0] == "reload: 3200 component(s) rolled back to their previous version", lines[:3]
+    rolled = [line for line in lines if line.startswith("  rolled back: ")]
+    assert len(rolled) == 3200 and all(line.endswith("... (cut; whole in wasmhost inspect ID)") for line in rolled)
+    assert [len(e["rolled_back"]) for e in d.events() if e["event"] == "reloaded"] == [3200]
+    inspected = json.loads(d.cli("inspect", "t/svc7/0", "--json").stdout)
+    assert f"!{'f' * 480}" in inspected["status"]["rollout"]  # whole there
+    assert d.call("t/svc7/0", "still") == "still"
+    assert d.stop() == 0

@@ -51,7 +51,7 @@ from wasmhost.system.detached import start_detached
 from wasmhost.system.heap import DeploymentHeap, collect_all, frozen_after_slow_collections
 from wasmhost.system.logging import lines_dropped, reopen_log_files
 from wasmhost.system.metrics import DaemonCounters, MetricsServer, start_metrics
-from wasmhost.system.reload_report import ReloadReport
+from wasmhost.system.reload_report import ReloadReport, cut
 from wasmhost.system.sd_notify import Notifier
 from wasmhost.system.shared_loads import SharedLoads
 from wasmhost.system.state_lock import StateDirInUse, StateLock
@@ -529,7 +529,7 @@ class Daemon:
                 loaded[cid] = await loads.load(wanted[cid])
             except Exception as exc:  # whatever stops the new version, the old one keeps running
                 reason = str(exc) if isinstance(exc, LoadError) else _describe(exc)
-                problems.append(f"{cid}: {_one_line(reason)}")
+                problems.append(f"{cid}: {cut(_one_line(reason), 'wasmhost check')}")
         if self._stopping:  # a stop signal came while the new versions compiled: start nothing now
             problems.append("the daemon is stopping")
         if problems:
@@ -554,7 +554,8 @@ class Daemon:
                               removed=[str(c) for c in removed], changed=[str(c) for c in kept_changes],
                               what_changed={str(c): changed[c] for c in changed},
                               kept=[str(c) for c in unchanged],
-                              rolled_back={str(c): reason for c, reason in rolled_back.items()},
+                              rolled_back={str(c): cut(reason, "wasmhost inspect ID")
+                                           for c, reason in rolled_back.items()},
                               warnings=new.warnings)
         for warning in new.warnings:  # as at start-up: the log says what `wasmhost check` would warn about
             log.warning("config_warning", detail=warning)

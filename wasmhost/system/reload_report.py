@@ -8,6 +8,18 @@ import msgspec
 
 Outcome = Literal["reloaded", "rolled-back", "rejected", "refused", "failed"]
 
+MAX_REASON_CHARS = 400
+"""Characters of one component's rollback reason or load problem in a report (see `cut`)."""
+
+
+def cut(text: str, whole_in: str) -> str:
+    """`text` (one component's reason: a backtrace on one line, some 11 KB at most) cut to MAX_REASON_CHARS,
+    saying where it is whole. A reload can roll back thousands of components of one binary at once: whole,
+    their reasons made a 35 MB answer, over the control socket's frame limit, and a log line the log dropped."""
+    if len(text) <= MAX_REASON_CHARS:
+        return text
+    return f"{text[:MAX_REASON_CHARS]}... (cut; whole in {whole_in})"
+
 
 class ReloadReport(msgspec.Struct, forbid_unknown_fields=True):
     """The result of one reload: what was added, removed, changed (handed over to a new version) and kept,
