@@ -264,6 +264,33 @@ def test_check_compiles_a_good_config(tmp_path: Path) -> None:
     assert result.returncode == 0 and "ok, 3 component(s)" in result.stdout
 
 
+# Runs `wasmhost check` with Runtime.load saying on stderr which file it loads.
+COUNTED_LOADS = """
+import sys
+from wasmhost.runtime.runtime import Runtime
+load = Runtime.load
+def counted(self, component, path=None, outbound_http=False):
+    print(f"load {path.name}", file=sys.stderr, flush=True)
+    return load(self, component, path, outbound_http)
+Runtime.load = counted
+from wasmhost.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_check_loads_each_binary_once_and_checks_each_components_budget(tmp_path: Path) -> None:
+    config = tmp_path / "shared.toml"
+    config.write_text(config_text(tmp_path / "state", "".join(component(f"t/echo/{i}", "echo") for i in range(50))
+                                  + component("t/tight/0", "echo", "limits = { max_memory_bytes = 65536 }")
+                                  + component("t/counter/0", "counter")))
+    result = subprocess.run([sys.executable, "-c", COUNTED_LOADS, "check", str(config)], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 1
+    loads = [line for line in result.stderr.splitlines() if line.startswith("load ")]
+    assert sorted(loads) == ["load counter.wasm", "load echo.wasm"]
+    assert "1 component(s) cannot be loaded:\n  t/tight/0: " in result.stderr and "max_memory_bytes" in result.stderr
+
+
 def test_the_cli_says_when_no_daemon_is_listening(tmp_path: Path) -> None:
     result = wasmhost("status", "--socket", str(tmp_path / "none.sock"))
     assert result.returncode == 1
