@@ -424,6 +424,9 @@ class Daemon:
             self._revoke(cid)
             self.deployments.pop(cid, None)
             self.router.load_failed(cid, None)
+        # Take the queue of changes now: each removed actor noted itself there (every actor does as it starts
+        # and stops), and without a `status` to take them they stayed, Store and all, reload after reload.
+        self.status_table.rows()
 
     async def _apply(self, plans: list[ComponentPlan],
                      loaded: dict[ComponentId, LoadedComponent] | None = None) -> None:
