@@ -232,6 +232,14 @@ class CompilationCache:
         log.warning("cache_entry_refused", path=exc.path, found=exc.found, expected=exc.expected)
         Path(exc.path).unlink(missing_ok=True)
 
+    def keep_only(self, keys: set[str]) -> None:
+        """Drop the in-memory copies of every binary but `keys` (the disk entries stay): a daemon reloaded with a
+        new version of a component kept every version it ever compiled (a componentize-py guest's is 40 MB).
+        A component still running an old version holds it itself; a later load of one reads its disk entry."""
+        with self._lock:
+            for key in [key for key in self._memory if key not in keys]:
+                del self._memory[key]
+
     def forget(self, wasm: bytes) -> None:
         """Drop the in-memory copy for `wasm` (the disk entry stays)."""
         with self._lock:

@@ -552,6 +552,7 @@ class Daemon:
             await self._restore(old_config, old_deployments, added + replaced + removed)
             raise
         rolled_back = await self._roll_out([wanted[c] for c in handed], loaded, old_deployments)
+        self.runtime.cache.keep_only({d.digest for d in self.deployments.values() if d.digest is not None})
         kept_changes = [c for c in changed if c not in rolled_back]
         report = ReloadReport("rolled-back" if rolled_back else "reloaded", added=[str(c) for c in added],
                               removed=[str(c) for c in removed], changed=[str(c) for c in kept_changes],
