@@ -39,7 +39,6 @@ from wasmhost.core.private_files import NotOwned, private_dir
 from wasmhost.lattice.wire import InventoryEntry
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
-from wasmhost.runtime.limiter import StoreBudget
 from wasmhost.runtime.loader import LoadedComponent, read_component_file
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import CapabilityChecker
@@ -96,15 +95,6 @@ def prepare_state_dir(config: Config) -> None:
         raise
     except OSError as exc:
         log.error("state_dir_unusable", path=str(config.state_dir), error=str(exc))
-
-
-def load_plan(runtime: Runtime, plan: ComponentPlan) -> LoadedComponent:
-    """Compile and validate a component's binary, link-check its imports (wasi:http only with outbound_http),
-    and check that what it creates fits its max_memory_bytes: the load step of `run`, `reload` and `check`
-    (LoadError says why not)."""
-    loaded = runtime.load(plan.spec.component_id, plan.wasm_path, plan.outbound_http)
-    StoreBudget.plan(plan.spec.limits.max_memory_bytes, loaded.footprint, str(loaded.source))
-    return loaded
 
 
 def _describe(exc: BaseException) -> str:

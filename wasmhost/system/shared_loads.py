@@ -30,8 +30,9 @@ class SharedLoads:
         self._loads: dict[tuple[Path, bool], asyncio.Future[LoadedComponent]] = {}
 
     async def load(self, plan: ComponentPlan) -> LoadedComponent:
-        """The component `plan` runs, loaded, validated and link-checked (see `daemon.load_plan`); raises
-        LoadError (shared by every plan of the same binary) or MemoryBudgetError (this plan's limit)."""
+        """The component `plan` runs, compiled, validated and link-checked (wasi:http only with outbound_http),
+        its footprint checked against its own max_memory_bytes (as `check` does, loading each binary once too);
+        raises LoadError (shared by every plan of the same binary) or MemoryBudgetError (this plan's limit)."""
         key = (plan.wasm_path, plan.outbound_http)
         future = self._loads.get(key)
         if future is None:
