@@ -306,6 +306,10 @@ def test_ids_that_print_alike_are_an_error_and_ids_differing_in_case_a_warning(t
     assert [str(p.spec.component_id) for p in config.components] == ["a/echo/0", "a/Echo/0"]  # type: ignore[attr-defined]
     assert config.warnings == [  # type: ignore[attr-defined]
         "components[1].id: 'a/Echo/0' differs from components[0]'s id only in case: they are two components"]
+    spaced = parse(tmp_path, component.format("a/echo/0 ") + component.format(" a/echo/1"))
+    assert spaced.warnings == [  # type: ignore[attr-defined]
+        "components[0].id: 'a/echo/0 ' has a part starting or ending with whitespace",
+        "components[1].id: ' a/echo/1' has a part starting or ending with whitespace"]
 
 
 def test_a_component_file_larger_than_the_loader_takes_is_a_config_error(tmp_path: Path) -> None:

@@ -586,6 +586,8 @@ def parse_config(text: str, source: Path) -> Config:
                               "different ids")
                 continue
             lookalikes[same] = index
+            if any(part != part.strip() for part in cid.split("/")):  # `wasmhost call t/echo/0` misses `t/echo/0 `
+                warnings.append(f"components[{index}].id: {cid!r} has a part starting or ending with whitespace")
             other = folded.setdefault(same.casefold(), index)
             if other != index:
                 warnings.append(f"components[{index}].id: {cid!r} differs from components[{other}]'s id only in "
