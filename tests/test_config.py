@@ -228,12 +228,13 @@ def test_nul_bytes_in_host_paths_and_names_are_located_errors(tmp_path: Path) ->
 
 
 def test_timeouts_and_ticks_that_would_hang_or_overflow_a_running_daemon_are_errors(tmp_path: Path) -> None:
-    found = errors(tmp_path, 'drain_timeout_s = inf\nepoch_tick_ms = 100000000000\n'
+    found = errors(tmp_path, 'drain_timeout_s = inf\nepoch_tick_ms = 100000000000\nworker_threads = 1000000\n'
                              '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\nshutdown_timeout_s = inf\n'
                              'health_interval_s = nan\nrestart_window_s = 1e300\nbackoff_base_ms = 86400001\n'
                              'backoff_max_ms = 9223372036854775807\n')
     assert found == [
         "host.epoch_tick_ms: expected an integer > 0 and <= 1000, got 100000000000",
+        "host.worker_threads: expected an integer > 0 and <= 4096, got 1000000",
         "host.drain_timeout_s: expected a number >= 0 and <= 86400.0, got inf",
         "components[0].restart_window_s: expected a number > 0 and <= 86400.0, got 1e+300",
         "components[0].backoff_base_ms: expected an integer > 0 and <= 86400000, got 86400001",

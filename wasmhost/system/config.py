@@ -46,6 +46,9 @@ DEFAULT_ROLLOUT_CHECK_S = 3.0
 """Seconds a new version handed over by a reload must stay up and healthy, or the old one comes back."""
 MAX_SOCKET_PATH = 107
 """Bytes in a Unix socket path (sun_path is 108 with its NUL on Linux)."""
+MAX_WORKER_THREADS = 4096
+"""The most `worker_threads`: each is started with the daemon, so 1,000,000 (a typo) tried to start as many
+threads and ended in a traceback ('can't start new thread'), taking the machine's thread budget meanwhile."""
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
 """The largest configuration file read: some 50,000 [[components]] entries. Parsing and checking takes about
 1.1 s and 55 MB per MiB (measured), so a 100 MB file (a log or a dump written to the wrong path) took
@@ -116,7 +119,7 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_file: str | None = None
     epoch_tick_ms: Annotated[int, msgspec.Meta(gt=0, le=1000)] = 10  # deadlines are counted in ticks
-    worker_threads: Positive | None = None
+    worker_threads: Annotated[int, msgspec.Meta(gt=0, le=MAX_WORKER_THREADS)] | None = None  # all started at once
     default_mailbox_capacity: Positive = 1024
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)] = 5.0
     default_storage_quota_bytes: Positive = 16 * 1024 * 1024
