@@ -30,8 +30,13 @@ relaying with `send` made 7,000 hops/s with two threads and 13,500 with one, and
 threads join in, so guests that compute still get every core. Calls that compute for less than one
 first slice (about 0.1 ms) each stay on one thread. A step still running after LONG_STEP_S counts as
 computing as well (the deadline thread looks while calls wait): steps that cannot be sliced, a core
-module's start function inside instantiate or a WASI write blocked on a full pipe, would otherwise
-keep every other guest waiting until they end.
+module's start function inside instantiate or a large WASI host call, would otherwise keep every other
+guest waiting until they end. One whose thread then spends less than WAITING_CPU_SHARE of its time on
+a CPU is waiting, not computing: a WASI write blocked on a full pipe, or a guest blocked on a WASI
+pollable (`wasi:io/poll`, a clock's `subscribe-duration`), which wasmtime waits for on the thread
+without returning to us, for as long as the guest asked (its deadline cannot end that wait). Its
+thread counts as waiting in a host call: it is no longer one of the threads running guest code, and a
+thread is lent for the work queued behind it.
 
 An idle thread is woken latest-idle first: that keeps a run of short calls on one thread (4 echo
 actors sharing 512 requests in flight: 9,000-11,000 msg/s woken first-idle first, 13,600-13,900
@@ -68,8 +73,19 @@ CALM_S = 0.1
 """Seconds without a computing guest after which the event loop and the workers go home again."""
 LONG_STEP_S = 0.05
 """A step running this long has left Python for good (a core module's looping start function inside
-instantiate, a WASI write blocked on a full pipe): it counts as computing from then on, so that calls
-queued behind it get a thread (checked by the deadline thread while calls wait)."""
+instantiate, a WASI write blocked on a full pipe, a wait on a WASI pollable): it counts as computing
+from then on, so that calls queued behind it get a thread (checked by the deadline thread while calls
+wait), and its thread's CPU time is looked at (WAITING_CPU_SHARE)."""
+WAITING_CPU_SHARE = 0.02
+QUIET_LOOKS = 3
+"""A long step whose thread used less than WAITING_CPU_SHARE of a CPU in each of QUIET_LOOKS spans of
+LONG_STEP_S or more in a row is waiting (in a WASI call: a blocked write, a pollable), and its thread
+counts as one waiting in a host call, so that a thread is lent beside it. (One span is not enough: a
+thread that computes can wait that long for the GIL or a core, measured down to 0% over 50 ms with six
+guests converting large lists on two cores.) One that computes (a looping start function, a WASI call converting a large
+list) keeps its place among the `concurrency` threads running guest code: lending threads to those
+would let every guest run one at once (a `poll` on a list of 8M pollables peaks at 275 MiB of host
+memory, outside the guest's budget)."""
 MAX_LENT_THREADS = 256
 """Threads lent at most to stand in for threads whose guests wait in host calls (beyond it, waiting
 guests hold their threads). Each costs a thread stack: measured RSS in the README."""
@@ -89,6 +105,7 @@ class _Job:
     __slots__ = (
         "afterwards",
         "cancelled",
+        "clock",
         "computing",
         "deadline",
         "ended",
@@ -96,9 +113,11 @@ class _Job:
         "future",
         "heap_deadline",
         "lock",
+        "long",
         "loop",
         "queued",
         "released",
+        "sampled",
         "slices",
         "steps",
         "ticket",
@@ -126,6 +145,10 @@ class _Job:
         self.queued = False
         self.cancelled = False
         self.computing = False  # a step of it used up a whole slice of guest code (see the module docstring)
+        self.long = False  # its step in progress ran LONG_STEP_S waiting: its thread is counted in _blocked
+        self.clock = 0  # the CPU-time clock of the thread running its step
+        # (monotonic, thread CPU seconds, quiet looks in a row) when its long step was last looked at
+        self.sampled: tuple[float, float, int] | None = None
         self.ended = False  # set on the loop once no thread will touch the job again
         self.released: asyncio.Future[None] | None = None  # made by a cancelled waiter that waits for `ended`
 
@@ -240,6 +263,8 @@ class WorkerPool:
         with self._cond:
             if job is not None:
                 self._stepping_since[job] = time.monotonic()
+                job.sampled = None
+                self._end_long_step(job)  # back in Python: stepping again
             self._blocked -= 1
             self._count_computing(self._current_computes())
             if self._idle and self._live - self._blocked > self.size:
@@ -402,6 +427,7 @@ class WorkerPool:
     def _work(self) -> None:
         blocking.install(self)
         mine = threading.Condition(self._lock)
+        clock = time.pthread_getcpuclockid(threading.get_ident())  # this thread's CPU time (for long steps)
         self._current.roaming = True
         self._place(False)
         while True:
@@ -420,6 +446,7 @@ class WorkerPool:
                 self._gather_if_calm()
                 spread = self._spread
                 self._stepping_since[job] = time.monotonic()
+                job.clock, job.sampled = clock, None
                 if not self._watching:
                     self._reaper_cond.notify()  # to look out for this step running long
             self._current.job = job
@@ -430,6 +457,7 @@ class WorkerPool:
                 self._current.job = None
                 with self._cond:
                     self._stepping_since.pop(job, None)
+                    self._end_long_step(job)
                     self._count_computing(-job.computing)
 
     def _reap(self) -> None:
@@ -455,18 +483,54 @@ class WorkerPool:
 
     def _admit_past_long_steps(self) -> None:
         """Count a step that has run LONG_STEP_S as computing, so that the calls waiting behind it get a
-        thread (self._cond held). Such a step is outside Python (in guest code that does not yield, or a
-        blocking write), so a second thread running guest code costs it nothing."""
-        if not self._waiting or self._admits():
+        thread (self._cond held). Such a step is outside Python (in guest code that does not yield, a
+        WASI call), so a second thread running guest code costs it nothing. Once its thread is seen to
+        wait rather than compute (`_waits`), it counts as a thread waiting in a host call: no longer one
+        of the threads running guest code, and a thread is lent when none is idle. Before, two guests
+        blocked on WASI pollables held both threads of a two-thread pool (or both `concurrency` places),
+        and the echo beside them waited as long as they chose to sleep."""
+        if not self._waiting:
             return
         now = time.monotonic()
-        for job, since in self._stepping_since.items():
-            if not job.computing and now - since >= LONG_STEP_S:
+        for job, since in list(self._stepping_since.items()):
+            if now - since < LONG_STEP_S:
+                continue
+            if self._waits(job, now):
+                del self._stepping_since[job]  # its worker takes the place back when the step ends
+                job.long = True
+                self._blocked += 1
+            elif not job.computing and not self._admits():
                 job.computing = True  # its worker takes the count back when the step ends
                 self._count_computing(1)
         if self._admits():
             self._wake_one()
             self._lend_if_short()
+
+    @staticmethod
+    def _waits(job: _Job, now: float) -> bool:
+        """Whether the thread running the long step of `job` has used less than WAITING_CPU_SHARE of a CPU
+        over each of the last QUIET_LOOKS spans of at least LONG_STEP_S (the first look only takes a sample;
+        a computing step is looked at again, as it may come to wait)."""
+        try:
+            used = time.clock_gettime(job.clock)
+        except OSError:
+            return False
+        if job.sampled is None:
+            job.sampled = (now, used, 0)
+            return False
+        at, before, quiet = job.sampled
+        if now - at < LONG_STEP_S:
+            return False
+        quiet = quiet + 1 if used - before < WAITING_CPU_SHARE * (now - at) else 0
+        job.sampled = (now, used, quiet)
+        return quiet >= QUIET_LOOKS
+
+    def _end_long_step(self, job: _Job) -> None:
+        """The step of `job` is back in Python or over: its thread no longer counts as waiting (self._cond
+        held)."""
+        if job.long:
+            job.long = False
+            self._blocked -= 1
 
     def _step(self, job: _Job) -> None:
         """Run one step of `job` holding its lock; put it back or hand its result to its waiter."""
