@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
+import structlog.testing
 
 from tests.conftest import Starter, fixture_path
 from tests.support import plain_supervisor
@@ -17,9 +18,12 @@ from tests.test_actors import ask, until
 from tests.test_runtime_calls import message
 from wasmhost.actors.restart import RestartPolicy
 from wasmhost.actors.spec import ActorSpec
+from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId
 from wasmhost.core.errors import GuestTrap
+from wasmhost.core.limits import ResourceLimits
+from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.runtime.runtime import Runtime
 
 ACCESS_DENIED = 1  # wasi:sockets/network error-code `access-denied`
@@ -113,3 +117,31 @@ async def test_guests_in_long_wasi_calls_that_compute_are_not_lent_threads(small
     # Lending to every long step started one thread per guest. (Not `== THREADS`: a computing thread that
     # waits for the GIL or a core long enough is taken for a waiting one, on a loaded machine.)
     assert sup.workers.started < len(floods)
+
+
+@pytest.mark.anyio
+async def test_a_supervisor_closes_while_a_guest_sleeps_an_hour_in_wasi_poll(runtime: Runtime) -> None:
+    """A WASI wait is not guest code: neither the call's deadline nor a stop ends it, and the thread
+    keeps the guest's Store until the guest wakes. The stop already returned in time (logging
+    `component_stop_overran`), but the actor's task went on waiting for that thread, so the supervisor,
+    and with it the daemon on SIGTERM, did not exit for as long as the guest slept (measured: still
+    running 20 s after SIGTERM, for a one-hour sleep). Once every stop has had its time, the pool stops
+    waiting for such a thread: the Store is left to it (freed when the guest wakes), the rest is closed
+    and answered as usual."""
+    sleeper = ComponentId.parse("evil/wasiprobe/0")
+    with structlog.testing.capture_logs() as logs:
+        async with plain_supervisor(runtime, THREADS) as sup:
+            spec = ActorSpec(sleeper, limits=ResourceLimits(max_execution_time_ms=1000), shutdown_timeout=0.2)
+            await sup.start(spec, sup.stores.runtime.load(sleeper, fixture_path("wasiprobe")))
+            nap = asyncio.ensure_future(ask(sup, str(sleeper), b"s3600000", 3600.0))
+            await until(lambda: sup.actors[sleeper].manager.in_call)
+            queued = asyncio.ensure_future(ask(sup, str(sleeper), b"h1", 3600.0))
+            await until(lambda: len(sup.actors[sleeper].mailbox) == 1)
+            await sup.stop_all(drain_timeout=0.2)
+            assert sup.actors[sleeper].state is ActorState.STOPPED
+            with pytest.raises(RequestFailed, match="stopped before handling"):
+                await queued
+        nap.cancel()
+    events = [entry["event"] for entry in logs if entry.get("component") == str(sleeper)]
+    assert "component_stop_overran" in events
+    assert "component_left_running" in events

@@ -922,7 +922,13 @@ class ComponentActor:
                     log.warning("component_shutdown_failed", component=self.name,
                                 error="interrupted or never started: the stop's time ran out (shutdown_timeout_s "
                                 f"{self.spec.shutdown_timeout:g} s past the drain's end)")
-                if self._manager is not None:
+                if self._manager is not None and self._manager.in_call:
+                    # The pool stopped waiting for the thread still in this call (a guest blocked in a WASI
+                    # call, see WorkerPool.stop_waiting): the Store is that thread's, freed when it returns.
+                    log.error("component_left_running", component=self.name,
+                              reason="a worker thread is still inside its call (a WASI wait its deadline cannot "
+                              "end); its Store is freed when the guest wakes")
+                elif self._manager is not None:
                     with anyio.move_on_after(STOP_GRACE) as late:
                         await self.workers.run(self._manager.close, self._manager.lock)
                     if late.cancelled_caught:  # not closed (a thread held the Store): freed at its next boot or removal
@@ -964,8 +970,8 @@ class ComponentActor:
 
     async def _shutdown(self) -> None:
         """The guest's `shutdown`, if its instance is still alive (not after a trap or an interrupted call)."""
-        if self._manager is None or self._manager.state is not InstanceState.INITIALIZED:
-            return
+        if self._manager is None or self._manager.state is not InstanceState.INITIALIZED or self._manager.in_call:
+            return  # in_call: a thread still runs the call the stop gave up on (WorkerPool.stop_waiting)
         timeout_ms = max(1, int(self.spec.shutdown_timeout * 1000))
         try:
             await self._guest(self.manager.shutdown_steps(timeout_ms))

@@ -201,6 +201,7 @@ class WorkerPool:
         self._spread = False  # the event loop and every worker may use every core (see core/affinity.py)
         self._calm_since = 0.0  # time.monotonic() when _computing last fell to 0
         self._current = threading.local()  # .job: the job the calling worker thread runs
+        self._release_waits: set[asyncio.Future[None]] = set()  # cancelled waiters' waits for their thread
         self.started = 0
         """Worker threads started so far, lent ones included."""
         with self._cond:
@@ -355,7 +356,7 @@ class WorkerPool:
             if not job.ended:
                 if interrupt is not None:
                     interrupt()
-                await _until_released(job)
+                await self._until_released(job)
             raise
 
     # --- queues (called with self._cond held) ---
@@ -573,6 +574,34 @@ class WorkerPool:
         if job.afterwards is not None:
             job.afterwards()
 
+    async def _until_released(self, job: _Job) -> None:
+        """Wait, whatever cancels the caller meanwhile, until no thread touches `job` any more: at most
+        one slice, or the host call the guest is in (its waits end early once interrupted), unless
+        `stop_waiting` gives up on it first."""
+        job.released = released = job.loop.create_future()
+        self._release_waits.add(released)
+        try:
+            while not released.done():
+                try:
+                    with anyio.CancelScope(shield=True):  # no re-delivered cancellation (a spin) meanwhile
+                        await asyncio.shield(released)
+                except asyncio.CancelledError:
+                    continue  # cancelled again (natively): the thread still has the Store; keep waiting
+        finally:
+            self._release_waits.discard(released)
+
+    def stop_waiting(self) -> int:
+        """On the loop: end every wait of a cancelled waiter for the thread still running its call, and
+        return how many there were. For a closing supervisor only, once every stop has had its time: a
+        guest blocked in a WASI call (a pollable, a blocked write) keeps its thread and Store for as
+        long as it asked, which neither its deadline nor an interrupt can shorten, and the actor waiting
+        for it would keep the supervisor (and the daemon) from exiting. The thread keeps the Store (see
+        `StoreManager.in_call`) and ends the call when the guest wakes."""
+        waits = [released for released in self._release_waits if not released.done()]
+        for released in waits:
+            released.set_result(None)
+        return len(waits)
+
     def close(self) -> None:
         """Stop accepting work; queued calls are abandoned, then the threads end."""
         with self._cond:
@@ -582,14 +611,3 @@ class WorkerPool:
             self._sleepers.clear()
             self._reaper_cond.notify_all()
 
-
-async def _until_released(job: _Job) -> None:
-    """Wait, whatever cancels the caller meanwhile, until no thread touches `job` any more: at most
-    one slice, or the host call the guest is in (its waits end early once interrupted)."""
-    job.released = released = job.loop.create_future()
-    while not released.done():
-        try:
-            with anyio.CancelScope(shield=True):  # no re-delivered cancellation (a spin) meanwhile
-                await asyncio.shield(released)
-        except asyncio.CancelledError:
-            continue  # cancelled again (natively): the thread still has the Store; keep waiting
