@@ -145,3 +145,26 @@ async def test_a_supervisor_closes_while_a_guest_sleeps_an_hour_in_wasi_poll(run
     events = [entry["event"] for entry in logs if entry.get("component") == str(sleeper)]
     assert "component_stop_overran" in events
     assert "component_left_running" in events
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("policy", "payload", "state", "restarts"), [
+    (RestartPolicy.PERMANENT, b"x0", ActorState.RUNNING, 1),
+    (RestartPolicy.PERMANENT, b"x1", ActorState.RUNNING, 1),
+    (RestartPolicy.TRANSIENT, b"x0", ActorState.STOPPED, 0),  # a normal exit: stopped, not failed
+    (RestartPolicy.TRANSIENT, b"x1", ActorState.RUNNING, 1),
+    (RestartPolicy.TEMPORARY, b"x0", ActorState.STOPPED, 0),
+    (RestartPolicy.TEMPORARY, b"x1", ActorState.FAILED, 0),
+])
+async def test_a_wasi_exit_is_answered_and_handled_by_the_restart_policy(
+        small_pool: Supervisor, policy: RestartPolicy, payload: bytes, state: ActorState, restarts: int) -> None:
+    sup = small_pool
+    probe = ComponentId.parse("evil/wasiprobe/0")
+    await sup.start(ActorSpec(probe, restart=policy), sup.stores.runtime.load(probe, fixture_path("wasiprobe")))
+    status = 0 if payload == b"x0" else 1  # WASI 0.2's exit takes ok or err: status 0 or 1
+    with pytest.raises(RequestFailed, match=f"handle-message exited: Exited with i32 exit status {status}"):
+        await ask(sup, str(probe), payload)
+    actor = sup.actors[probe]
+    await until(lambda: actor.state is state and actor.stats.restarts == restarts)
+    if state is ActorState.RUNNING:
+        assert await ask(sup, str(probe), b"h1") == b"1"  # a fresh instance answers
