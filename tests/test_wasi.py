@@ -72,6 +72,15 @@ def test_random_bytes_are_capped_by_wasmtime(start: Starter) -> None:
         probe.handle_message(message(b"r67108865"))  # checked before anything is allocated
 
 
+def test_write_zeroes_is_bounded_before_anything_is_allocated(start: Starter) -> None:
+    # Were WASI's stdout (a sink when `wasi = false`) to accept any length, write-zeroes(N) would make a
+    # buffer of N zero bytes in the host (wasmtime-wasi allocates it whole): 10^18 would abort the daemon.
+    probe = start("wasiprobe", "evil/wasiprobe/0")
+    assert probe.handle_message(message(b"z1000")) == b"0"
+    with pytest.raises(GuestTrap, match="cannot write more zeroes than `check_write` allows"):
+        probe.handle_message(message(b"z999999999999999999"))
+
+
 def test_pollables_a_guest_hoards_are_capped_by_wasmtime(start: Starter) -> None:
     probe = start("wasiprobe", "evil/wasiprobe/0")
     assert probe.handle_message(message(b"h1000")) == b"1000"
