@@ -177,3 +177,22 @@ async def test_a_wasi_exit_is_answered_and_handled_by_the_restart_policy(
     await until(lambda: actor.state is state and actor.stats.restarts == restarts)
     if state is ActorState.RUNNING:
         assert await ask(sup, str(probe), b"h1") == b"1"  # a fresh instance answers
+
+
+@pytest.mark.anyio
+async def test_a_component_stopped_while_it_sleeps_in_wasi_poll_starts_again(small_pool: Supervisor) -> None:
+    """The same for one component's stop (`wasmhost stop`, a reload replacing it): its actor stayed
+    `stopping`, waiting for the thread, and could not start again until the guest woke. Now it ends
+    when its stop overruns, and starts again with a Store of its own."""
+    sup = small_pool
+    sleeper = ComponentId.parse("evil/wasiprobe/0")
+    spec = ActorSpec(sleeper, limits=ResourceLimits(max_execution_time_ms=1000), shutdown_timeout=0.2)
+    actor = await sup.start(spec, sup.stores.runtime.load(sleeper, fixture_path("wasiprobe")))
+    nap = asyncio.ensure_future(ask(sup, str(sleeper), b"s3600000", 3600.0))
+    await until(lambda: actor.manager.in_call)
+    await sup.stop(sleeper, drain_timeout=0.2)
+    assert actor.state is ActorState.STOPPED and not actor.running
+    with pytest.raises(RequestFailed, match="interrupted"):
+        await nap
+    await actor.start()
+    assert await ask(sup, str(sleeper), b"h1") == b"1"

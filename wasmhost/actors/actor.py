@@ -300,7 +300,8 @@ class ComponentActor:
         """Refuse new messages, handle queued ones for up to `drain_timeout` seconds, then interrupt
         the guest call in progress, call `shutdown` (at most shutdown_timeout) and answer whatever is
         left with an error. Returns within drain_timeout + shutdown_timeout + 2 x STOP_GRACE, whatever
-        the guest does; concurrent stops share the earliest drain deadline."""
+        the guest does (twice that for a guest blocked in a WASI call, below); concurrent stops share the
+        earliest drain deadline."""
         if not self._running:
             self._reject_remaining("stopped")
             self.state = ActorState.STOPPED if self.state is not ActorState.FAILED else self.state
@@ -323,6 +324,14 @@ class ComponentActor:
             self._reject_remaining("stopped")
             # The caller may now put a new actor under this id: its requests must not meet ours.
             self.router.forget_requester(self.component_id)
+            manager = self._manager
+            if manager is not None and self.workers.stop_waiting(manager.lock):
+                # The task was waiting for a thread a guest holds in a WASI call (asleep on a pollable
+                # for as long as it asked, which no deadline or interrupt ends). It waits no longer: the
+                # Store is left to that thread (see _finish), and the actor ends, so that it can start
+                # again and the supervisor (and the daemon) can exit.
+                with anyio.move_on_after(self.spec.shutdown_timeout + 2 * STOP_GRACE):
+                    await self._ended.wait()
 
     async def restart(self) -> None:
         """Terminate the running instance and boot a fresh one (a stopped or failed actor is started);
@@ -923,11 +932,13 @@ class ComponentActor:
                                 error="interrupted or never started: the stop's time ran out (shutdown_timeout_s "
                                 f"{self.spec.shutdown_timeout:g} s past the drain's end)")
                 if self._manager is not None and self._manager.in_call:
-                    # The pool stopped waiting for the thread still in this call (a guest blocked in a WASI
-                    # call, see WorkerPool.stop_waiting): the Store is that thread's, freed when it returns.
+                    # The stop gave up waiting for the thread still in this call (a guest blocked in a WASI
+                    # call, see WorkerPool.stop_waiting): the Store is that thread's until the guest wakes.
+                    # A later start builds a StoreManager of its own.
                     log.error("component_left_running", component=self.name,
                               reason="a worker thread is still inside its call (a WASI wait its deadline cannot "
-                              "end); its Store is freed when the guest wakes")
+                              "end); its Store is left to it until the guest wakes")
+                    self._manager = None
                 elif self._manager is not None:
                     with anyio.move_on_after(STOP_GRACE) as late:
                         await self.workers.run(self._manager.close, self._manager.lock)

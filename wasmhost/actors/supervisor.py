@@ -135,21 +135,12 @@ class Supervisor:
     async def stop_all(self, drain_timeout: float = 5.0) -> None:
         """Stop every component, asked in reverse start order and draining concurrently: returns within
         drain_timeout + the largest shutdown_timeout + 2 x STOP_GRACE, whatever the guests do (twice that
-        when a guest is blocked in a WASI call: see below). Nothing starts after it (a start raises
-        RuntimeError): what started then, this stop would miss."""
+        when a guest is blocked in a WASI call: see ComponentActor.stop). Nothing starts after it (a start
+        raises RuntimeError): what started then, this stop would miss."""
         self._closing = True
         async with anyio.create_task_group() as group:
             for actor in reversed(list(self.actors.values())):
                 group.start_soon(actor.stop, drain_timeout, name=f"stop {actor.name}")
-        # Every stop has returned; an actor whose stop overran may still wait for a thread that a guest
-        # holds in a WASI call (asleep on a pollable for as long as it asked): stop waiting for it, so
-        # that its actor ends (leaving the Store to that thread, see StoreManager.in_call) and the
-        # supervisor can exit, then wait for those actors to finish (bounded as any stop).
-        left = [actor for actor in self.actors.values() if actor.running]
-        if left and self.workers.stop_waiting():
-            async with anyio.create_task_group() as group:
-                for actor in left:
-                    group.start_soon(actor.stop, 0.0, name=f"stop {actor.name}")
 
     # --- failures (called by actors on the event loop) ---
 

@@ -112,6 +112,7 @@ class _Job:
         "fn",
         "future",
         "heap_deadline",
+        "in_host_call",
         "lock",
         "long",
         "loop",
@@ -147,6 +148,7 @@ class _Job:
         self.computing = False  # a step of it used up a whole slice of guest code (see the module docstring)
         self.long = False  # its step in progress ran LONG_STEP_S waiting: its thread is counted in _blocked
         self.clock = 0  # the CPU-time clock of the thread running its step
+        self.in_host_call = False  # its thread waits in a host call (a blocking section: sleep-millis, storage)
         # (monotonic, thread CPU seconds, quiet looks in a row) when its long step was last looked at
         self.sampled: tuple[float, float, int] | None = None
         self.ended = False  # set on the loop once no thread will touch the job again
@@ -201,7 +203,8 @@ class WorkerPool:
         self._spread = False  # the event loop and every worker may use every core (see core/affinity.py)
         self._calm_since = 0.0  # time.monotonic() when _computing last fell to 0
         self._current = threading.local()  # .job: the job the calling worker thread runs
-        self._release_waits: set[asyncio.Future[None]] = set()  # cancelled waiters' waits for their thread
+        # Cancelled waiters' waits for the thread still running their job (see `stop_waiting`).
+        self._release_waits: dict[asyncio.Future[None], _Job] = {}
         self.started = 0
         """Worker threads started so far, lent ones included."""
         with self._cond:
@@ -252,6 +255,7 @@ class WorkerPool:
         with self._cond:
             if job is not None:  # waiting is not stepping: no long step meanwhile
                 self._stepping_since.pop(job, None)
+                job.in_host_call = True
             self._blocked += 1
             self._count_computing(-self._current_computes())
             if self._waiting:
@@ -264,6 +268,7 @@ class WorkerPool:
         with self._cond:
             if job is not None:
                 self._stepping_since[job] = time.monotonic()
+                job.in_host_call = False
                 job.sampled = None
                 self._end_long_step(job)  # back in Python: stepping again
             self._blocked -= 1
@@ -579,7 +584,7 @@ class WorkerPool:
         one slice, or the host call the guest is in (its waits end early once interrupted), unless
         `stop_waiting` gives up on it first."""
         job.released = released = job.loop.create_future()
-        self._release_waits.add(released)
+        self._release_waits[released] = job
         try:
             while not released.done():
                 try:
@@ -588,16 +593,18 @@ class WorkerPool:
                 except asyncio.CancelledError:
                     continue  # cancelled again (natively): the thread still has the Store; keep waiting
         finally:
-            self._release_waits.discard(released)
+            self._release_waits.pop(released, None)
 
-    def stop_waiting(self) -> int:
-        """On the loop: end every wait of a cancelled waiter for the thread still running its call, and
-        return how many there were. For a closing supervisor only, once every stop has had its time: a
-        guest blocked in a WASI call (a pollable, a blocked write) keeps its thread and Store for as
-        long as it asked, which neither its deadline nor an interrupt can shorten, and the actor waiting
-        for it would keep the supervisor (and the daemon) from exiting. The thread keeps the Store (see
-        `StoreManager.in_call`) and ends the call when the guest wakes."""
-        waits = [released for released in self._release_waits if not released.done()]
+    def stop_waiting(self, lock: threading.Lock) -> int:
+        """On the loop: end the waits of cancelled waiters for threads still running their calls on the
+        Store guarded by `lock`, and return how many there were. For a stop whose time is over: a guest
+        blocked in a WASI call (a pollable, a blocked write) keeps its thread and Store for as long as it
+        asked, which neither its deadline nor an interrupt can shorten, and the actor waiting for it
+        could neither end, start again nor let the supervisor (and the daemon) exit. The thread keeps
+        the Store (see `StoreManager.in_call`) and ends the call when the guest wakes. Not a thread in one
+        of our host calls (a storage write ends within its own bound, and its message is answered then)."""
+        waits = [released for released, job in self._release_waits.items()
+                 if job.lock is lock and not job.in_host_call and not released.done()]
         for released in waits:
             released.set_result(None)
         return len(waits)
