@@ -27,6 +27,8 @@ from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.runtime.runtime import Runtime
 
 ACCESS_DENIED = 1  # wasi:sockets/network error-code `access-denied`
+PERMANENT_RESOLVER_FAILURE = 20  # the error-code of a name lookup that is not allowed
+CLOSED = 1  # wasi:io/streams stream-error case `closed`
 THREADS = 2
 
 
@@ -63,6 +65,19 @@ def test_a_guest_cannot_reach_or_bind_a_local_port(start: Starter, kind: bytes) 
         listener.settimeout(0)
         with pytest.raises(BlockingIOError):
             listener.accept()
+
+
+def test_a_guest_cannot_resolve_names(start: Starter) -> None:
+    # wasi:sockets/ip-name-lookup is off (wasmhost never calls wasi_config_allow_ip_name_lookup): every
+    # name fails at once, before any resolver is asked.
+    probe = start("wasiprobe", "evil/wasiprobe/0")
+    assert probe.handle_message(message(b"n0")) == b"%d" % (100 + PERMANENT_RESOLVER_FAILURE)
+
+
+@pytest.mark.parametrize("length", [b"10", b"999999999999999999"])
+def test_stdin_is_closed_whatever_a_guest_asks_to_read(start: Starter, length: bytes) -> None:
+    probe = start("wasiprobe", "evil/wasiprobe/0")
+    assert probe.handle_message(message(b"i" + length)) == b"e%d" % (1 + CLOSED)
 
 
 def test_random_bytes_are_capped_by_wasmtime(start: Starter) -> None:
