@@ -559,6 +559,10 @@ class WorkerPool:
                         job.deadline = next(job.steps)
                         job.slices += 1
                         with self._cond:
+                            if job.long:  # its wait is over: it is one of the threads stepping again
+                                self._end_long_step(job)
+                                self._stepping_since[job] = time.monotonic()
+                                job.sampled = None
                             if job.cancelled:
                                 self._put(self._urgent, job)
                                 self._wake_one()
