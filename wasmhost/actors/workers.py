@@ -77,15 +77,16 @@ instantiate, a WASI write blocked on a full pipe, a wait on a WASI pollable): it
 from then on, so that calls queued behind it get a thread (checked by the deadline thread while calls
 wait), and its thread's CPU time is looked at (WAITING_CPU_SHARE)."""
 WAITING_CPU_SHARE = 0.02
+"""The share of a CPU under which the thread of a long step counts as waiting (see QUIET_LOOKS)."""
 QUIET_LOOKS = 3
 """A long step whose thread used less than WAITING_CPU_SHARE of a CPU in each of QUIET_LOOKS spans of
 LONG_STEP_S or more in a row is waiting (in a WASI call: a blocked write, a pollable), and its thread
 counts as one waiting in a host call, so that a thread is lent beside it. (One span is not enough: a
-thread that computes can wait that long for the GIL or a core, measured down to 0% over 50 ms with six
-guests converting large lists on two cores.) One that computes (a looping start function, a WASI call converting a large
-list) keeps its place among the `concurrency` threads running guest code: lending threads to those
-would let every guest run one at once (a `poll` on a list of 8M pollables peaks at 275 MiB of host
-memory, outside the guest's budget)."""
+thread that computes can wait that long for the GIL or a core, measured down to 0% over 50 ms with
+six guests converting large lists on two cores.) One that computes (a looping start function, a WASI
+call converting a large list) keeps its place among the `concurrency` threads running guest code:
+lending threads to those would let every guest run one at once (a `poll` on a list of 8M pollables
+peaks at 275 MiB of host memory, outside the guest's budget)."""
 MAX_LENT_THREADS = 256
 """Threads lent at most to stand in for threads whose guests wait in host calls (beyond it, waiting
 guests hold their threads). Each costs a thread stack: measured RSS in the README."""
@@ -255,6 +256,7 @@ class WorkerPool:
         with self._cond:
             if job is not None:  # waiting is not stepping: no long step meanwhile
                 self._stepping_since.pop(job, None)
+                self._end_long_step(job)  # counted as waiting below, once
                 job.in_host_call = True
             self._blocked += 1
             self._count_computing(-self._current_computes())
