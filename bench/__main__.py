@@ -17,6 +17,7 @@ from bench import (
     fairness,
     forensics,
     lattice,
+    listing,
     logs,
     memory,
     messaging,
@@ -36,7 +37,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "density": density.run, "fairness": fairness.run, "memory": memory.run, "logs": logs.run,
     "storage": storage.run, "messaging": messaging.run,
     "payload": payload.run, "stop": stop.run, "reload": reload.run, "metrics": metrics.run,
-    "forensics": forensics.run, "lattice": lattice.run, "accounting": accounting.run,
+    "forensics": forensics.run, "lattice": lattice.run, "accounting": accounting.run, "listing": listing.run,
 }
 
 
