@@ -88,6 +88,9 @@ class FailureHandler(Protocol):
     def on_failure(self, actor: ComponentActor, error: Exception) -> float | None:
         """Seconds to wait before restarting `actor`, or None to give up."""
 
+    def listed_changed(self) -> None:
+        """An actor started or stopped taking messages: the directory lists it, or no longer does."""
+
 
 @dataclass(slots=True)
 class Handled:
@@ -230,6 +233,7 @@ class ComponentActor:
         self._state = value
         self._changed()
         if taking_changed:  # the lattice drops (or makes) its subscription now, not at its next heartbeat
+            self.supervisor.listed_changed()  # and list-components answers without it (or with it)
             self.router.local_changed()
 
     @property

@@ -18,12 +18,13 @@ from wasmhost.actors.actor import ComponentActor, Handover
 from wasmhost.actors.changes import StatusChanges
 from wasmhost.actors.restart import RestartPolicy, Strategy
 from wasmhost.actors.spec import ActorSpec
-from wasmhost.actors.state import ActorState
+from wasmhost.actors.state import TAKING_MESSAGES, ActorState
 from wasmhost.actors.stores import ComponentSource, StoreFactory
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core.errors import ComponentError, GuestExit
 from wasmhost.core.ids import ComponentId
 from wasmhost.core.metadata import ComponentInfo
+from wasmhost.core.protocols import new_listing_version
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.loader import LoadedComponent
 from wasmhost.runtime.store import StoreManager
@@ -49,6 +50,8 @@ class Supervisor:
         """Actors whose `status` row may have changed (see actors/changes.py); the daemon takes them."""
         self._group: TaskGroup | None = None
         self._closing = False
+        self.listing_version = new_listing_version()
+        """Renewed after every change of what list_components answers (DirectoryPort.listing_version)."""
 
     async def __aenter__(self) -> Supervisor:
         group = anyio.create_task_group()
@@ -93,6 +96,7 @@ class Supervisor:
         actor = ComponentActor(spec, prepare, self.router, self.workers, self, asyncio.get_running_loop(),
                                self.changes)
         self.actors[spec.component_id] = actor
+        self.listed_changed()
         self.router.attach(actor)
         return actor
 
@@ -122,6 +126,7 @@ class Supervisor:
         await actor.stop(drain_timeout)
         self.router.detach(component)
         del self.actors[component]
+        self.listed_changed()
 
     async def remove_all(self, components: list[ComponentId], drain_timeout: float = 5.0) -> None:
         """Stop `components` and forget them, asked in reverse start order and draining concurrently (as
@@ -198,12 +203,17 @@ class Supervisor:
 
     # --- the DirectoryPort protocol ---
 
+    def listed_changed(self) -> None:
+        """An actor was added or removed, or started or stopped taking messages: list_components answers
+        otherwise from now on. Called after the change (a guest reading the version first, then the list,
+        never keeps an older list under the new version)."""
+        self.listing_version = new_listing_version()
+
     def list_components(self) -> list[ComponentId]:
-        """Ids of every component that is not stopped or failed (from any thread: guests ask on theirs)."""
-        live = (ActorState.STARTING, ActorState.RUNNING, ActorState.RESTARTING)
+        """Ids of every component taking messages: not stopped or failed (from any thread: guests ask on theirs)."""
         # A copy taken in one step (list() of a dict holds the GIL throughout): the event loop may add or
         # remove an actor while this walks them, which would raise in the guest's host call.
-        return [cid for cid, actor in list(self.actors.items()) if actor.state in live]
+        return [cid for cid, actor in list(self.actors.items()) if actor.state in TAKING_MESSAGES]
 
     def component_info(self, component: ComponentId) -> ComponentInfo:
         """Name, version and health of one loaded component."""

@@ -7,7 +7,8 @@ runtime turns into a generic error value for the guest.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 import msgspec
@@ -120,11 +121,27 @@ class StoragePort(Protocol):
         """Usage figures for `owner`."""
 
 
+_LISTING_VERSIONS = itertools.count(1)
+
+
+def new_listing_version() -> int:
+    """A number no directory of this process was given before (any thread: `next` of a count is atomic
+    under the GIL). A directory takes a new one after each change of what it lists, so that an answer
+    kept under one version is never taken for another directory's, or for a later state of its own."""
+    return next(_LISTING_VERSIONS)
+
+
 class DirectoryPort(Protocol):
     """The live directory of components behind `list-components` / `get-component-metadata`."""
 
     def list_components(self) -> list[ComponentId]:
         """Ids of every loaded component."""
+
+    @property
+    def listing_version(self) -> Hashable:
+        """Changes (to a value never used before, see new_listing_version) after every change of what
+        list_components answers: a caller reading it before list_components may keep that answer and
+        reuse it as long as the version stays the same."""
 
     def component_info(self, component: ComponentId) -> ComponentInfo:
         """Information about one component; raises ComponentError when unknown."""

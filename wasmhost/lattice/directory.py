@@ -8,12 +8,13 @@ replaced by one assignment).
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from wasmhost.core.errors import ComponentError
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.core.metadata import ComponentInfo
-from wasmhost.core.protocols import DirectoryPort
+from wasmhost.core.protocols import DirectoryPort, new_listing_version
 from wasmhost.lattice.wire import Heartbeat, Inventory, InventoryEntry
 
 MISSED_HEARTBEATS = 3
@@ -38,6 +39,8 @@ class Directory:
         self.own_host = own_host
         self.hosts: dict[str, HostRecord] = {}
         self._index: dict[ComponentId, tuple[str, ...]] = {}  # component -> hosts running it
+        self.version = new_listing_version()
+        """Renewed whenever `components()` answers otherwise (see DirectoryPort.listing_version)."""
 
     def heard(self, beat: Heartbeat, now: float | None = None) -> tuple[bool, bool]:
         """Record a heartbeat; returns (fetch, restarted): whether the host's inventory must be fetched (new
@@ -86,7 +89,10 @@ class Directory:
         for host, record in sorted(self.hosts.items()):
             for cid in record.components:
                 index.setdefault(cid, []).append(host)
+        listed = list(self._index)
         self._index = {cid: tuple(hosts) for cid, hosts in index.items()}
+        if list(self._index) != listed:  # not for a new health or state alone, which inventories also carry
+            self.version = new_listing_version()  # after the change: see DirectoryPort.listing_version
 
     def hosts_of(self, component: ComponentId) -> tuple[str, ...]:
         """The other hosts running `component` (empty when none)."""
@@ -112,6 +118,11 @@ class LatticeDirectory:
     def __init__(self, local: DirectoryPort, directory: Directory) -> None:
         self.local = local
         self.directory = directory
+
+    @property
+    def listing_version(self) -> tuple[Hashable, int]:
+        """Changes whenever the local directory's or the other hosts' components do."""
+        return self.local.listing_version, self.directory.version
 
     def list_components(self) -> list[ComponentId]:
         """Local ids first, then remote-only ones."""

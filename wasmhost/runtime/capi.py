@@ -36,6 +36,9 @@ def _proto(name: str, restype: Any, *argtypes: Any) -> Any:
 
 val_delete = _proto("wasmtime_component_val_delete", None, c_void_p)
 val_new = _proto("wasmtime_component_val_new", c_void_p, c_void_p)
+val_clone = _proto("wasmtime_component_val_clone", None, c_void_p, c_void_p)
+"""(src, dst): a deep copy of the value at src written to dst, overwriting what dst held without freeing it.
+Runs without the GIL, like every call through these prototypes."""
 byte_vec_new = _proto("wasm_byte_vec_new", None, c_void_p, c_size_t, c_void_p)
 byte_vec_new_uninit = _proto("wasm_byte_vec_new_uninitialized", None, c_void_p, c_size_t)
 vallist_new_uninit = _proto("wasmtime_component_vallist_new_uninit", None, c_void_p, c_size_t)

@@ -42,6 +42,7 @@ from wasmhost.runtime.codec import (
 )
 from wasmhost.runtime.guest_log import MAX_LINE_CHARS, LogGate, guest_line
 from wasmhost.runtime.id_converter import with_component_ids
+from wasmhost.runtime.lowered_listing import Listing, ListingConverter
 
 guest_log = structlog.get_logger("wasmhost.guest")
 host_log = structlog.get_logger("wasmhost.host_fn")
@@ -368,10 +369,10 @@ def sleep_millis(ctx: HostContext, duration_ms: int) -> None:
             ctx.sleep_until(end)  # ends early when the call is interrupted (a stop out of drain time)
 
 
-def list_components(ctx: HostContext) -> list[dict[str, str]]:
-    """host-services.list-components"""
-    ids = ctx.directory.list_components() if ctx.directory is not None else [ctx.component_id]
-    return [id_value(i) for i in ids]
+def list_components(ctx: HostContext) -> Listing | list[ComponentId]:
+    """host-services.list-components: the directory's answer, lowered by ListingConverter (which keeps it
+    lowered until the directory changes)."""
+    return Listing(ctx.directory) if ctx.directory is not None else [ctx.component_id]
 
 
 def get_component_metadata(ctx: HostContext, target: dict[str, str]) -> Ok[dict[str, Any]]:
@@ -479,6 +480,8 @@ class HostFunction:
     fallback: Fallback
     bounds: dict[int, Callable[[Converter], Converter]] = field(default_factory=dict)
     """Wrappers of parameter converters by position (BoundedList): what a guest's list may hold."""
+    result_as: Callable[[Converter], Converter] | None = None
+    """Wrapper of the result converter (ListingConverter: how the result is lowered)."""
     params: list[Converter] | None = None
     result: Converter | None = None
 
@@ -489,6 +492,8 @@ class HostFunction:
             fty = wc.FuncType._from_ptr(pointer, owner=self)
             result = fty.result
             self.result = converter_for(result) if result is not None else None
+            if self.result is not None and self.result_as is not None:
+                self.result = self.result_as(self.result)
             params = [with_component_ids(converter_for(ty)) for _, ty in fty.params]
             self.params = [self.bounds[i](conv) if i in self.bounds else conv for i, conv in enumerate(params)]
         return self.params
@@ -509,7 +514,7 @@ HOST_FUNCTIONS: list[HostFunction] = [
     HostFunction(_SERVICES, "current-time", current_time, lambda exc: {"seconds": 0, "nanoseconds": 0}),
     HostFunction(_SERVICES, "current-time-millis", current_time_millis, lambda exc: 0),
     HostFunction(_SERVICES, "sleep-millis", sleep_millis, lambda exc: None),
-    HostFunction(_SERVICES, "list-components", list_components, lambda exc: []),
+    HostFunction(_SERVICES, "list-components", list_components, lambda exc: [], result_as=ListingConverter),
     HostFunction(_SERVICES, "get-component-metadata", get_component_metadata, _err("invalid-state")),
     HostFunction(_STORAGE, "get", storage_get, _err("io-error")),
     HostFunction(_STORAGE, "set", storage_set, _err("io-error")),
