@@ -9,16 +9,24 @@ file of ours, writable only by us, is refused, removed and made again.
 wasmtime checks only an entry's headers and engine metadata, not its machine code, so damaged code
 (zeros left by a power cut) would pass and crash the process at its first call, at every start. Each
 entry therefore ends with the sha256 of the serialized bytes before it, checked on every read (a
-mismatch is recompiled), and is written with fsync before and after its atomic rename."""
+mismatch is recompiled), and is written with fsync before and after its atomic rename.
+
+Entries are pruned (`CompilationCache.prune`, run by `CachePruner` on a thread of its own): what the
+running configuration uses always stays; any other entry (a removed component, an older version of a
+binary, another wasmtime version or engine setting, whose keys can never be hits) goes once unused for
+PRUNE_UNUSED_AFTER_S, or earlier, oldest first, while such entries take more than PRUNE_UNUSED_BYTES."""
 
 from __future__ import annotations
 
 import hashlib
 import mmap
 import os
+import re
+import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import structlog
@@ -37,6 +45,23 @@ DIGEST_SIZE = hashlib.sha256().digest_size
 COMPILE_WAIT_S = 600.0
 """How long a load waits for another load's compilation of the same bytes (a 12 MB JavaScript guest
 compiles in 10 to 30 s on two busy cores); the wait ends earlier when that compilation ends."""
+
+PRUNE_UNUSED_AFTER_S = 7 * 86400.0
+"""An entry no running component uses is removed once unused for this long (a week: time to roll back to
+the version before without recompiling it, 10 to 65 s for a large guest)."""
+PRUNE_UNUSED_BYTES = 1 << 30
+"""Entries no running component uses are removed, oldest first, while they take more than this (1 GiB: some
+25 versions of an 18 MB componentize-py guest, each 40 MB compiled)."""
+PRUNE_GRACE_S = 3600.0
+"""An unused entry written or used this recently stays whatever the size (another process, `wasmhost check`,
+may have just compiled it for the next reload), and so does a temporary file (a write in progress)."""
+_TOUCH_AFTER_S = 3600.0
+"""An entry in use is marked as used now (its mtime) when its mark is older than this: one metadata write per
+entry per hour at most, however often the daemon reloads."""
+_CACHE_FILE = re.compile(r"(?P<key>[0-9a-f]{64})\.(?P<kind>cwasm|[A-Za-z0-9_-]+(?:\.ok)?)")
+"""The names the cache writes: an entry `KEY.cwasm`, a load note `KEY.NAME`, a mark `KEY.TAG.ok`."""
+_TEMP_FILE = re.compile(r"tmp[a-z0-9_]{8}\.tmp")
+"""The temporary files `_write` makes (tempfile.mkstemp's names), left behind by a crash during a write."""
 
 
 class _Compilation:
@@ -245,6 +270,61 @@ class CompilationCache:
         with self._lock:
             self._memory.pop(self.key(wasm), None)
 
+    def prune(self, in_use: Iterable[str], now: float | None = None) -> tuple[int, int]:
+        """Remove the cache files of keys not in `in_use` (with their load notes and marks) that were last
+        used more than PRUNE_UNUSED_AFTER_S ago, or beyond PRUNE_UNUSED_BYTES of such files, oldest first
+        (never one used within PRUNE_GRACE_S), and temporary files a crashed write left; the entries of
+        `in_use` are marked as used now. A key being read or compiled, or held in memory, stays whatever
+        its age. Only regular files of ours with the names the cache writes are touched: a symbolic link,
+        another user's file or any other name is left alone. Returns (files removed, bytes), logged as
+        `cache_pruned`; an error is logged, never raised. Blocking: run it on a thread (CachePruner)."""
+        directory = self.directory
+        if directory is None:
+            return 0, 0
+        now = time.time() if now is None else now
+        keep = set(in_use)
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return 0, 0  # none yet
+        try:
+            if untrusted(os.fstat(dir_fd), stat.S_IFDIR) is not None:
+                return 0, 0  # not ours (or not private): nothing in it is ours to remove
+            found = _CacheFiles(dir_fd, keep)
+            removed = freed = 0
+            for name, st in found.temps:
+                if now - st.st_mtime > PRUNE_GRACE_S and _unlink(name, dir_fd):
+                    removed, freed = removed + 1, freed + st.st_size
+            for name, st in found.in_use:
+                if now - st.st_mtime > _TOUCH_AFTER_S:
+                    _touch(name, dir_fd, now)
+            unused: list[tuple[float, str, int]] = []  # (last used, key, bytes)
+            for key, files in found.unused.items():
+                unused.append((max(st.st_mtime for st in files.values()), key,
+                               sum(st.st_size for st in files.values())))
+            unused.sort()
+            unused_bytes = sum(size for _, _, size in unused)
+            for last_used, key, size in unused:
+                age = now - last_used
+                if not (age > PRUNE_UNUSED_AFTER_S or (unused_bytes > PRUNE_UNUSED_BYTES and age > PRUNE_GRACE_S)):
+                    break  # the rest were used more recently still, and fewer bytes are left over the cap
+                with self._lock:  # a load registers its key in _pending, under this lock, before it reads the entry
+                    if key in self._pending or key in self._memory:
+                        continue
+                    for name, st in found.unused[key].items():
+                        if _unlink(name, dir_fd):
+                            removed, freed = removed + 1, freed + st.st_size
+                unused_bytes -= size
+        except OSError as exc:
+            log.warning("cache_prune_failed", directory=str(directory), error=str(exc))
+            return 0, 0
+        finally:
+            os.close(dir_fd)
+        if removed:
+            log.info("cache_pruned", directory=str(directory), removed=removed, bytes=freed,
+                     unused_bytes_left=unused_bytes)
+        return removed, freed
+
     def _from_disk(self, key: str) -> wc.Component | None:
         """The compiled component stored under `key`, or None. The entry is checked through one
         descriptor (ours, only we can write it) and its code against the sha256 stored after it, then
@@ -336,3 +416,103 @@ def _intact(fd: int) -> bool:
         return False
     with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped, memoryview(mapped) as view:
         return hashlib.sha256(view[:-DIGEST_SIZE]).digest() == bytes(view[-DIGEST_SIZE:])
+
+
+class _CacheFiles:
+    """The cache's own files in a directory: regular files of ours that only we can write, named as the
+    cache names them. Only what a prune needs is looked at (an lstat each): the entries of keys in use,
+    every file of the other keys, the temporary files (40,000 names, 10,000 keys in use: about 0.1 s)."""
+
+    def __init__(self, dir_fd: int, in_use: set[str]) -> None:
+        self.in_use: list[tuple[str, os.stat_result]] = []
+        """The entries (`KEY.cwasm`) of keys in use."""
+        self.unused: dict[str, dict[str, os.stat_result]] = {}
+        """Every file of each key not in use, by key."""
+        self.temps: list[tuple[str, os.stat_result]] = []
+        with os.scandir(dir_fd) as names:
+            for item in names:
+                name = item.name
+                found = _CACHE_FILE.fullmatch(name)
+                if found is None:
+                    if _TEMP_FILE.fullmatch(name) is not None and (st := _ours(item)) is not None:
+                        self.temps.append((name, st))
+                    continue  # any other name is not the cache's
+                key = found["key"]
+                if key not in in_use:
+                    if (st := _ours(item)) is not None:
+                        self.unused.setdefault(key, {})[name] = st
+                elif found["kind"] == "cwasm" and (st := _ours(item)) is not None:
+                    self.in_use.append((name, st))
+
+
+def _ours(item: os.DirEntry[str]) -> os.stat_result | None:
+    """The lstat of a directory entry if it is a regular file of ours only we can write, else None (a link,
+    a directory, another user's file, or one gone meanwhile: not the cache's to touch)."""
+    try:
+        st = item.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    return st if untrusted(st) is None else None
+
+
+def _unlink(name: str, dir_fd: int) -> bool:
+    """Remove `name` from the directory open at `dir_fd` (unlink removes a link, never what it points to);
+    False when it was gone already."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _touch(name: str, dir_fd: int, now: float) -> None:
+    """Mark the entry `name` as used at `now` (its mtime), without following a link."""
+    try:
+        os.utime(name, (now, now), dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        log.debug("cache_touch_failed", name=name, error=str(exc))
+
+
+class CachePruner:
+    """Runs CompilationCache.prune on a thread of its own, one at a time: the event loop and a reload's
+    answer never wait for the disk. A request made while a prune runs is merged into the next one (the
+    keys of both stay), done as soon as the running one ends."""
+
+    def __init__(self, cache: CompilationCache) -> None:
+        self.cache = cache
+        self._lock = threading.Lock()
+        self._wanted: set[str] | None = None
+        self._thread: threading.Thread | None = None
+
+    def request(self, in_use: Iterable[str]) -> None:
+        """Prune the cache soon, keeping the entries of `in_use` (the keys of what runs)."""
+        with self._lock:
+            self._wanted = set(in_use) | (self._wanted or set())
+            if self._thread is not None:
+                return  # the running thread takes it when it ends
+            # daemon: an exit does not wait for a prune (an interrupted one leaves files for the next)
+            self._thread = threading.Thread(target=self._run, name="wasmhost-cache-prune", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                wanted, self._wanted = self._wanted, None
+                if wanted is None:
+                    self._thread = None
+                    return
+            try:
+                self.cache.prune(wanted)
+            except Exception:  # a bug must not end the thread with requests left unserved
+                log.exception("cache_prune_failed")
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until no prune runs or is asked for (tests)."""
+        with self._lock:
+            thread = self._thread
+        while thread is not None:
+            thread.join(timeout)
+            with self._lock:
+                if self._thread is thread or self._thread is None:
+                    return
+                thread = self._thread

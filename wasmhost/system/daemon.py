@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from wasmhost.core.private_files import NotOwned, private_dir
 from wasmhost.lattice.wire import InventoryEntry
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
+from wasmhost.runtime.cache import CachePruner
 from wasmhost.runtime.loader import LoadedComponent, read_component_file
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import CapabilityChecker
@@ -65,6 +66,10 @@ START_CONCURRENCY = 32
 """Components loaded and started at the same time."""
 ROLLOUT_PROBE_S = 1.0
 """Seconds between two health probes of a new version during its rollout check window."""
+CACHE_PRUNE_EVERY_S = 86400.0
+"""The compilation cache is pruned after start-up, after each reload and once a day (see cache.prune)."""
+CACHE_PRUNE_JOIN_S = 2.0
+"""How long an exit waits for a prune under way (one takes milliseconds; the bound is for a stuck disk)."""
 
 
 @dataclass
@@ -168,6 +173,7 @@ class Daemon:
         self.state_lock = StateLock(config.state_dir)
         self.state_lock.acquire()  # StateDirInUse: another daemon's storage and read cache
         self.runtime = Runtime(config.engine_settings, config.cache_dir, config.components_dir)
+        self.cache_pruner = CachePruner(self.runtime.cache)
         self.storage = SqliteStorage(config.storage_path, default_quota_bytes=host.default_storage_quota_bytes,
                                      cache_bytes=host.storage_cache_bytes)
         self.permissions = CapabilityChecker()
@@ -232,6 +238,8 @@ class Daemon:
                         tasks.start_soon(link.run, name="lattice")
                     with self._startup:
                         await self._start_up()
+                    self._prune_cache()  # before anything else runs on the loop: a stop right after READY waits for it
+                    tasks.start_soon(self._prune_cache_daily, name="cache-prune")
                     await self._stop.wait()
                     await self._shutdown()
                     await self.control.close()  # after the stop: answers it decided (stopped, failed) go out
@@ -330,6 +338,7 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.close()  # first: a scrape reads what the others close
             self.workers.close()
+            self.cache_pruner.join(CACHE_PRUNE_JOIN_S)  # a prune under way ends (milliseconds), bounded
         finally:
             try:
                 self.storage.close()
@@ -339,6 +348,22 @@ class Daemon:
                 finally:
                     self.notifier.close()
                     self.state_lock.release()  # last: the storage is closed, a next daemon may open it
+
+    def _prune_cache(self, also_used: Iterable[Deployment] = ()) -> None:
+        """Prune the compilation cache on a thread of its own, keeping the entries of what runs and of
+        `also_used` (what ran until a reload). Not once stopping: a start-up cut short has not loaded every
+        component, and the others' entries must stay."""
+        if self._stopping:
+            return
+        in_use = {d.digest for d in (*self.deployments.values(), *also_used) if d.digest is not None}
+        self.cache_pruner.request(in_use)
+
+    async def _prune_cache_daily(self) -> None:
+        """Prune the cache once a day: entries in use are marked as used, so one replaced after a long run
+        is kept as long as one replaced the day it was compiled."""
+        while True:
+            await anyio.sleep(CACHE_PRUNE_EVERY_S)
+            self._prune_cache()
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval()
@@ -543,6 +568,7 @@ class Daemon:
             raise
         rolled_back = await self._roll_out([wanted[c] for c in handed], loaded, old_deployments)
         self.runtime.cache.keep_only({d.digest for d in self.deployments.values() if d.digest is not None})
+        self._prune_cache(old_deployments.values())  # what ran until now is marked used now, and stays a while
         kept_changes = [c for c in changed if c not in rolled_back]
         report = ReloadReport("rolled-back" if rolled_back else "reloaded", added=[str(c) for c in added],
                               removed=[str(c) for c in removed], changed=[str(c) for c in kept_changes],
