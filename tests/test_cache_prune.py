@@ -145,3 +145,27 @@ def test_the_daemon_prunes_at_start_and_keeps_what_a_reload_replaced(tmp_path: P
     d = launch(tmp_path, echo, started)  # rolled back to echo: still read from the cache
     assert d.stop() == 0
     assert [e["cache"] for e in d.events() if e["event"] == "compile_finished"] == ["hit"]
+
+
+def test_an_entry_removed_between_its_check_and_its_mapping_is_still_read(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process sharing the directory (a daemon's prune, `wasmhost check`) may remove an entry while
+    this one loads it: the file checked is the file mapped, not whatever the name leads to afterwards."""
+    cache = tmp_path / "cache"
+    keys = loaded_into(cache, "echo")
+    checked = cache_module._intact
+
+    def checked_then_removed(fd: int) -> bool:
+        intact = checked(fd)
+        (cache / f"{keys['echo']}.cwasm").unlink()
+        return intact
+
+    monkeypatch.setattr(cache_module, "_intact", checked_then_removed)
+    runtime = Runtime(cache_dir=cache)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            runtime.load(ComponentId.parse("t/echo/0"), fixture_path("echo"))
+    finally:
+        runtime.close()
+    assert [e["event"] for e in logs if e["event"].startswith("cache_")] == []
+    assert [e["cache"] for e in logs if e["event"] == "compile_finished"] == ["hit"]

@@ -328,30 +328,31 @@ class CompilationCache:
     def _from_disk(self, key: str) -> wc.Component | None:
         """The compiled component stored under `key`, or None. The entry is checked through one
         descriptor (ours, only we can write it) and its code against the sha256 stored after it, then
-        wasmtime maps the file itself (3 ms for a 40 MB componentize-py entry, against 53 ms from bytes,
-        measured). Between the two the path cannot change: the directory is ours and no one else's."""
+        wasmtime maps that same file itself, through /proc/self/fd (3 ms for a 40 MB componentize-py
+        entry, against 53 ms from bytes, measured): the entry's name may be removed or replaced meanwhile
+        (a prune, by this daemon or another process sharing the directory), the file checked is the
+        file mapped."""
         directory = self.directory
         if directory is None:
             return None
         path = directory / f"{key}.cwasm"
         try:
             with own_file(str(path)) as fd:
-                intact = _intact(fd)
+                if not _intact(fd):
+                    self._unusable(path, "its code does not match the sha256 stored with it (damaged on disk, or "
+                                         "written by an older wasmhost)")
+                    return None
+                try:
+                    # wasmtime reads its image and ignores the digest after it (measured, wasmtime 50)
+                    return wc.Component.deserialize_file(self.engine.engine, _open_file_path(fd, path))
+                except wasmtime.WasmtimeError as exc:
+                    self._unusable(path, str(exc))
+                    return None
         except NotOwned as exc:
             self._refuse(exc)
             return None
         except OSError:
             return None  # not there
-        if not intact:
-            self._unusable(path, "its code does not match the sha256 stored with it (damaged on disk, or written "
-                                 "by an older wasmhost)")
-            return None
-        try:
-            # wasmtime reads its image and ignores the digest after it (measured, wasmtime 50)
-            return wc.Component.deserialize_file(self.engine.engine, str(path))
-        except wasmtime.WasmtimeError as exc:
-            self._unusable(path, str(exc))
-            return None
 
     @staticmethod
     def _unusable(path: Path, error: str) -> None:
@@ -406,6 +407,16 @@ class CompilationCache:
                 os.close(dir_fd)
         except OSError as exc:
             log.warning("cache_write_failed", directory=str(directory), error=str(exc))
+
+
+_FD_DIRECTORY = "/proc/self/fd"
+_HAVE_FD_DIRECTORY = os.path.isdir(_FD_DIRECTORY)
+
+
+def _open_file_path(fd: int, path: Path) -> str:
+    """A path that opens the very file open at `fd` (Linux's /proc/self/fd/N, which stays that file even
+    once its name is gone), or `path` itself where /proc is not mounted."""
+    return f"{_FD_DIRECTORY}/{fd}" if _HAVE_FD_DIRECTORY else str(path)
 
 
 def _intact(fd: int) -> bool:
