@@ -24,6 +24,8 @@ from wasmhost.core.errors import (
     UnsatisfiedImportsError,
 )
 from wasmhost.core.limits import ResourceLimits
+from wasmhost.runtime.footprint import UnreadableBinary, footprint
+from wasmhost.runtime.loader import LoadedComponent
 from wasmhost.runtime.runtime import Runtime
 
 CID = ComponentId.parse("test-org/thing/0")
@@ -220,3 +222,66 @@ def test_a_long_wrong_signature_says_where_it_differs(runtime: Runtime) -> None:
                       "content...`, got `... string}>, timestamp: record {nanoseconds: u32, seconds: u64}, "
                       "content...`") == 2  # handle-message and handle-callback
     assert "health" not in text
+
+
+def leb(value: int) -> bytes:
+    """`value` as unsigned LEB128."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def section(section_id: int, body: bytes) -> bytes:
+    return bytes([section_id]) + leb(len(body)) + body
+
+
+def in_a_core_module(padding: bytes) -> bytes:
+    """A core module section (never instantiated: it changes no count) whose module ends with `padding`."""
+    return section(1, b"\0asm\x01\x00\x00\x00" + padding)
+
+
+def load_fresh(wasm: bytes, tmp_path: Path, name: str) -> tuple[Runtime, LoadedComponent | LoadError]:
+    """Load `wasm` from a file in a Runtime of its own: that Runtime (closed; its cache counts what was compiled)
+    and what it loaded, or the error."""
+    path = tmp_path / f"{name}.wasm"
+    path.write_bytes(wasm)
+    fresh = Runtime(cache_dir=tmp_path / "cache")
+    try:
+        return fresh, fresh.load(CID, path)
+    except LoadError as exc:
+        return fresh, exc
+    finally:
+        fresh.close()
+
+
+@pytest.mark.parametrize("where", ["after the component", "inside a nested core module"])
+def test_zeros_appended_to_a_component_are_refused_where_they_start(tmp_path: Path, where: str) -> None:
+    """Whoever can write a component's file appended zeros up to the 128 MiB limit: the reader took each
+    pair of zeros for an empty custom section, 0.35 s per MiB (45 s holding the reload) before wasmtime said
+    "unexpected end-of-file". A custom section must hold its name: the first zero is refused, uncompiled."""
+    echo = fixture_path("echo").read_bytes()
+    zeros = bytes(1024 * 1024)
+    wasm = echo + (zeros if where == "after the component" else in_a_core_module(zeros))
+    fresh, loaded = load_fresh(wasm, tmp_path, "zeros")
+    assert isinstance(loaded, CompileError)
+    at = len(echo) + (0 if where == "after the component" else 4 + 8)  # after the section's id, size and header
+    assert str(loaded).startswith(f"{tmp_path / 'zeros.wasm'}: invalid component: the custom section at offset {at} "
+                                  "(0 bytes) cannot hold its name")
+    assert "nothing of it was compiled" in str(loaded) and fresh.cache.misses == 0
+
+
+def test_one_huge_custom_section_is_skipped_by_its_size(tmp_path: Path) -> None:
+    echo = fixture_path("echo").read_bytes()
+    wasm = echo + section(0, leb(3) + b"pad" + bytes(8 * 1024 * 1024))
+    _, loaded = load_fresh(wasm, tmp_path, "huge")
+    assert isinstance(loaded, LoadedComponent) and loaded.footprint == footprint(echo)
+
+
+def test_a_section_longer_than_the_file_is_refused_naming_its_offset() -> None:
+    echo = fixture_path("echo").read_bytes()
+    with pytest.raises(UnreadableBinary, match=f"^section 0 at offset {len(echo)} declares 1000 bytes, but only 4 "):
+        footprint(echo + b"\x00" + leb(1000) + b"\x03pad")
+

@@ -10,6 +10,12 @@ exports and aliases that add modules or components to their index spaces; everyt
 skipped by its section size. The loader reads the counts before wasmtime compiles (and validates)
 the binary, so anything malformed ends in UnreadableBinary.
 
+The cost follows the structure, not the bytes: a section's payload (a custom section, a code or data
+section) is skipped in O(1) by its declared size, whatever it holds. Whoever can write a component's
+file appended 128 MiB of zeros and held the reload for 45 s while they were read in Python as empty
+custom sections: a custom section must hold its name (as in wasmtime), so zeros are refused at their
+first byte.
+
 Counts are exact for the components wit-component and componentize-py produce. wasmtime enforces
 the memory and table counts at instantiation, so a count that were too low would make
 instantiation fail; it could never let a guest create more than the limiter budgeted for.
@@ -17,6 +23,7 @@ instantiation fail; it could never let a guest create more than the limiter budg
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 PAGE_BYTES = 65536
@@ -89,10 +96,16 @@ _UNKNOWN = None
 class _Reader:
     """A cursor over bytes with the LEB128 and vector readers of the wasm binary format."""
 
+    __slots__ = ("data", "end", "pos")
+
     def __init__(self, data: bytes | memoryview, start: int = 0, end: int | None = None) -> None:
         self.data = memoryview(data)
         self.pos = start
         self.end = len(data) if end is None else end
+
+    def within(self, start: int, end: int) -> _Reader:
+        """A reader of data[start:end] (a section's body)."""
+        return _Reader(self.data, start, end)
 
     def byte(self) -> int:
         if self.pos >= self.end:
@@ -121,8 +134,27 @@ class _Reader:
     def name(self) -> None:
         self.skip(self.leb())
 
-    def at_end(self) -> bool:
-        return self.pos >= self.end
+
+def _sections(reader: _Reader) -> Iterator[tuple[int, int, _Reader]]:
+    """(id, offset of its body, body reader) of each section but custom ones, from the reader's position to its
+    end. Every section is skipped by its size without reading its payload, which must fit; a custom section
+    (id 0) must hold its name, as wasmtime requires: zeros appended to a binary read as empty custom
+    sections, refused at the first."""
+    while reader.pos < reader.end:
+        offset = reader.pos
+        section, size = reader.byte(), reader.leb()
+        start = reader.pos
+        if size > reader.end - start:
+            raise UnreadableBinary(f"section {section} at offset {offset} declares {size} bytes, but only "
+                                   f"{reader.end - start} are left")
+        reader.pos = start + size
+        if section == 0:
+            name = reader.within(start, start + size)
+            if size == 0 or name.leb() > name.end - name.pos:
+                raise UnreadableBinary(f"the custom section at offset {offset} ({size} bytes) cannot hold its "
+                                       "name: bytes after the last section (padding?) or a malformed section")
+        else:
+            yield section, start, reader.within(start, start + size)
 
 
 def _limits(reader: _Reader) -> tuple[int, bool]:
@@ -164,10 +196,7 @@ def module_footprint(reader: _Reader) -> Footprint:
         raise UnreadableBinary(f"a core module at offset {reader.pos} lacks the core wasm header")
     reader.skip(8)
     tables = memories = shared = largest_table = largest_memory = 0
-    while not reader.at_end():
-        section, size = reader.byte(), reader.leb()
-        body = _Reader(reader.data, reader.pos, reader.pos + size)
-        reader.skip(size)
+    for section, _, body in _sections(reader):
         if section == 4:
             for _ in range(body.leb()):
                 if body.pos < body.end and body.data[body.pos] == 0x40:  # a table with an initializer
@@ -248,11 +277,7 @@ def component_footprint(reader: _Reader, outer: list[_Scope]) -> Footprint:
     scope = _Scope([], [])
     stack = [*outer, scope]
     total = Footprint()
-    while not reader.at_end():
-        section, size = reader.byte(), reader.leb()
-        start = reader.pos
-        body = _Reader(reader.data, start, start + size)
-        reader.skip(size)
+    for section, start, body in _sections(reader):
         if section == 1:
             scope.modules.append(module_footprint(body))
         elif section == 4:
@@ -324,7 +349,7 @@ def component_footprint(reader: _Reader, outer: list[_Scope]) -> Footprint:
                     scope.modules.append(_entry(scope.modules, index))
                 elif sort == COMPONENT:
                     scope.components.append(_entry(scope.components, index))
-        elif section not in (0, 3, 7, 8, 9):
+        elif section not in (3, 7, 8, 9):
             raise UnreadableBinary(f"unsupported component section {section} at offset {start}")
     return total
 
