@@ -17,6 +17,7 @@ from wasmhost.core import ComponentId
 from wasmhost.core.errors import (
     CompileError,
     CoreModuleError,
+    FootprintError,
     InstantiationError,
     LoadError,
     MissingExportsError,
@@ -24,7 +25,7 @@ from wasmhost.core.errors import (
     UnsatisfiedImportsError,
 )
 from wasmhost.core.limits import ResourceLimits
-from wasmhost.runtime.footprint import UnreadableBinary, footprint
+from wasmhost.runtime.footprint import MAX_SECTIONS, UnreadableBinary, footprint
 from wasmhost.runtime.loader import LoadedComponent
 from wasmhost.runtime.runtime import Runtime
 
@@ -238,6 +239,10 @@ def section(section_id: int, body: bytes) -> bytes:
     return bytes([section_id]) + leb(len(body)) + body
 
 
+EMPTY_CUSTOM = section(0, leb(0))
+"""The smallest valid custom section (3 bytes: id, size 1, an empty name)."""
+
+
 def in_a_core_module(padding: bytes) -> bytes:
     """A core module section (never instantiated: it changes no count) whose module ends with `padding`."""
     return section(1, b"\0asm\x01\x00\x00\x00" + padding)
@@ -271,6 +276,26 @@ def test_zeros_appended_to_a_component_are_refused_where_they_start(tmp_path: Pa
     assert str(loaded).startswith(f"{tmp_path / 'zeros.wasm'}: invalid component: the custom section at offset {at} "
                                   "(0 bytes) cannot hold its name")
     assert "nothing of it was compiled" in str(loaded) and fresh.cache.misses == 0
+
+
+@pytest.mark.parametrize("where", ["after the component", "inside a nested core module"])
+def test_a_run_of_tiny_custom_sections_is_counted_up_to_a_limit_then_refused(tmp_path: Path, where: str) -> None:
+    """128 MiB of valid 3-byte custom sections (44 million; wasmtime compiles them) took the reader 45 s.
+    Up to MAX_SECTIONS they are counted, and count nothing; past it the component is refused uncompiled."""
+    echo = fixture_path("echo").read_bytes()
+
+    def padded(sections: int) -> bytes:
+        padding = EMPTY_CUSTOM * sections
+        return echo + (padding if where == "after the component" else in_a_core_module(padding))
+
+    assert footprint(padded(1000)) == footprint(echo)
+    fresh, loaded = load_fresh(padded(1000), tmp_path, "fine")
+    assert isinstance(loaded, LoadedComponent) and loaded.footprint == footprint(echo)
+    fresh, refused = load_fresh(padded(MAX_SECTIONS), tmp_path, "tiny")
+    assert isinstance(refused, FootprintError)
+    assert f"cannot count the instances, memories and tables it creates, so nothing of it was compiled: more " \
+           f"than {MAX_SECTIONS} sections" in str(refused)
+    assert fresh.cache.misses == 0
 
 
 def test_one_huge_custom_section_is_skipped_by_its_size(tmp_path: Path) -> None:
