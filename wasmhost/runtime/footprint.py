@@ -11,11 +11,12 @@ skipped by its section size. The loader reads the counts before wasmtime compile
 the binary, so anything malformed ends in UnreadableBinary.
 
 The cost follows the structure, not the bytes: a section's payload (a custom section, a code or data
-section) is skipped in O(1) by its declared size, whatever it holds, and at most MAX_SECTIONS sections
-(nested ones included) are walked. Whoever can write a component's file appended 128 MiB of zeros, or
-of 3-byte custom sections, and held the reload for 45 s while each was read in Python: zeros are
-refused at their first byte (a custom section must hold its name, as in wasmtime), a run of sections
-once it passes MAX_SECTIONS.
+section) is skipped in O(1) by its declared size, whatever it holds. What is walked one by one is
+bounded: at most MAX_SECTIONS sections (nested ones included) and MAX_ENTRIES vector entries in the
+sections read, each vector's length checked against the bytes left before any entry is read. Whoever
+can write a component's file appended 128 MiB of zeros, or of 3-byte custom sections, and held the
+reload for 45 s while each was read in Python: zeros are refused at their first byte (a custom
+section must hold its name, as in wasmtime), a run of sections once it passes MAX_SECTIONS.
 
 Counts are exact for the components wit-component and componentize-py produce. wasmtime enforces
 the memory and table counts at instantiation, so a count that were too low would make
@@ -41,14 +42,18 @@ class Uncountable(UnreadableBinary):
 
 
 class TooManyParts(Uncountable):
-    """A binary with more sections (MAX_SECTIONS) than the reader walks: refused rather than counted one by
-    one for seconds (it may well be valid for wasmtime)."""
+    """A binary with more sections (MAX_SECTIONS) or vector entries (MAX_ENTRIES) than the reader walks:
+    refused rather than counted one by one for seconds (it may well be valid for wasmtime)."""
 
 
 MAX_SECTIONS = 100_000
 """Sections read in one binary, nested components' and core modules' included. The largest components
 seen (componentize-py's, 18 MB) have 718; 100,000 take about 0.08 s to walk. 128 MiB of empty custom
 sections (3 bytes each) are 44 million: 45 s in Python (wasmtime compiles them in 2 to 6 s)."""
+
+MAX_ENTRIES = 250_000
+"""Vector entries (instantiations, aliases, imports, exports, tables, memories) read in one binary.
+componentize-py's components have about 3,000; 250,000 aliases take about 0.3 s."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +111,11 @@ _UNKNOWN = None
 
 
 class _Budget:
-    """What is left of MAX_SECTIONS for one binary, shared by all its readers."""
+    """What is left of MAX_SECTIONS and MAX_ENTRIES for one binary, shared by all its readers."""
 
     def __init__(self) -> None:
         self.sections = MAX_SECTIONS
+        self.entries = MAX_ENTRIES
 
 
 class _Reader:
@@ -127,6 +133,20 @@ class _Reader:
     def within(self, start: int, end: int) -> _Reader:
         """A reader of data[start:end] (a section's body) sharing this one's budget."""
         return _Reader(self.data, start, end, self.budget)
+
+    def count(self) -> int:
+        """A vector's length, refused at once when its entries (a byte at least each) cannot fit in the bytes
+        left, or would take the binary past MAX_ENTRIES."""
+        at = self.pos
+        count = self.leb()
+        if count > self.end - self.pos:
+            raise UnreadableBinary(f"a vector of {count} entries at offset {at} cannot fit in the "
+                                   f"{self.end - self.pos} bytes left of its section")
+        self.budget.entries -= count
+        if self.budget.entries < 0:
+            raise TooManyParts(f"more than {MAX_ENTRIES} entries in its sections (the vector at offset {at} "
+                               f"has {count}): too many to count")
+        return count
 
     def byte(self) -> int:
         if self.pos >= self.end:
@@ -224,7 +244,7 @@ def module_footprint(reader: _Reader) -> Footprint:
     tables = memories = shared = largest_table = largest_memory = 0
     for section, _, body in _sections(reader):
         if section == 4:
-            for _ in range(body.leb()):
+            for _ in range(body.count()):
                 if body.pos < body.end and body.data[body.pos] == 0x40:  # a table with an initializer
                     body.skip(2)
                     _reftype(body)
@@ -236,7 +256,7 @@ def module_footprint(reader: _Reader) -> Footprint:
                 tables += 1
                 largest_table = max(largest_table, minimum)
         elif section == 5:
-            for _ in range(body.leb()):
+            for _ in range(body.count()):
                 minimum, is_shared = _limits(body)
                 memories += 1
                 shared += is_shared
@@ -309,35 +329,35 @@ def component_footprint(reader: _Reader, outer: list[_Scope]) -> Footprint:
         elif section == 4:
             scope.components.append(component_footprint(body, stack))
         elif section == 2:
-            for _ in range(body.leb()):
+            for _ in range(body.count()):
                 if body.byte() == 0x00:
                     at = body.pos
                     total += _pick(scope.modules, body.leb(), "core module", at)
-                    for _ in range(body.leb()):
+                    for _ in range(body.count()):
                         body.name()
                         body.skip(1)  # 0x12: instance
                         body.leb()
                 else:
-                    for _ in range(body.leb()):
+                    for _ in range(body.count()):
                         body.name()
                         body.skip(1)
                         body.leb()
         elif section == 5:
-            for _ in range(body.leb()):
+            for _ in range(body.count()):
                 if body.byte() == 0x00:
                     at = body.pos
                     total += _pick(scope.components, body.leb(), "component", at) + _ONE_COMPONENT
-                    for _ in range(body.leb()):
+                    for _ in range(body.count()):
                         body.name()
                         _sort(body)
                         body.leb()
                 else:
-                    for _ in range(body.leb()):
+                    for _ in range(body.count()):
                         _extern_name(body)
                         _sort(body)
                         body.leb()
         elif section == 6:
-            for _ in range(body.leb()):
+            for _ in range(body.count()):
                 sort, target = _sort(body), body.byte()
                 if target == 0x02:
                     depth, index = body.leb(), body.leb()
@@ -358,7 +378,7 @@ def component_footprint(reader: _Reader, outer: list[_Scope]) -> Footprint:
                 elif sort == COMPONENT:
                     scope.components.append(_UNKNOWN)
         elif section == 10:
-            for _ in range(body.leb()):
+            for _ in range(body.count()):
                 _extern_name(body)
                 sort = _extern_desc(body)
                 if sort == CORE_MODULE:
@@ -366,7 +386,7 @@ def component_footprint(reader: _Reader, outer: list[_Scope]) -> Footprint:
                 elif sort == COMPONENT:
                     scope.components.append(_UNKNOWN)
         elif section == 11:
-            for _ in range(body.leb()):
+            for _ in range(body.count()):
                 _extern_name(body)
                 sort, index = _sort(body), body.leb()
                 if body.byte() == 0x01:
