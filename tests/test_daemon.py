@@ -12,7 +12,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -23,7 +24,9 @@ from tests.conftest import FIXTURES
 from wasmhost.core import affinity
 from wasmhost.system import protocol
 from wasmhost.system.client import request
+from wasmhost.system.config import load_config
 from wasmhost.system.control import ControlServer
+from wasmhost.system.daemon import Daemon as InProcessDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,6 +106,30 @@ class Daemon:
 
     def events(self) -> list[dict[str, object]]:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+
+@asynccontextmanager
+async def in_process(config_path: Path) -> AsyncIterator[InProcessDaemon]:
+    """The daemon of `config_path` run in this process (its internals within reach), from its READY=1 on;
+    stopped through its own SIGTERM path when the block ends."""
+    daemon = InProcessDaemon(load_config(config_path))
+    ready = anyio.Event()
+    notify = daemon.notifier.notify
+
+    def watch(*fields: str) -> None:
+        if "READY=1" in fields:
+            ready.set()
+        notify(*fields)
+
+    daemon.notifier.notify = watch  # type: ignore[method-assign]
+    async with anyio.create_task_group() as group:
+        group.start_soon(daemon.run)
+        with anyio.fail_after(60):
+            await ready.wait()
+        try:
+            yield daemon
+        finally:
+            daemon._on_stop_signal(15)
 
 
 def launch(tmp_path: Path, components: str, started: list[Daemon], components_dir: Path = FIXTURES,

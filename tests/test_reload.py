@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import FIXTURES
 from tests.test_cli import background, rows, wait_for
-from tests.test_daemon import Daemon, component, config_text, kill_leftovers, launch, wasmhost
+from tests.test_daemon import Daemon, component, config_text, in_process, kill_leftovers, launch, wasmhost
 
 PATTERN_ERROR = ("components[1].capabilities.send[0]: target pattern 'demo/echo': expected '*', 'namespace/*', "
                  "'namespace/name/*' or 'namespace/name/instance'")
@@ -299,11 +299,6 @@ def test_thousands_of_rollbacks_fit_the_report_and_the_log(tmp_path: Path, compo
 async def test_a_reload_lets_go_of_the_compiled_versions_nothing_runs(tmp_path: Path, components: Path) -> None:
     """Each new version's compiled code stayed in the process's cache for good: 55 MB per new version of the
     18 MB greeter, reload after reload. What runs holds its own; the disk entries stay for a later load."""
-    import anyio
-
-    from wasmhost.system.config import load_config
-    from wasmhost.system.daemon import Daemon as InProcessDaemon
-
     echo = (FIXTURES / "echo.wasm").read_bytes()
 
     def version(n: int) -> None:  # the same code with a custom section naming the version: new bytes
@@ -314,20 +309,7 @@ async def test_a_reload_lets_go_of_the_compiled_versions_nothing_runs(tmp_path: 
     config = tmp_path / "wasmhost.toml"
     config.write_text(config_text(tmp_path / "state", component("t/svc/0", "svc", "rollout_check_s = 0")
                                   + component("t/echo/0", "echo"), components))
-    daemon = InProcessDaemon(load_config(config))
-    ready = anyio.Event()
-    notify = daemon.notifier.notify
-
-    def watch(*fields: str) -> None:
-        if "READY=1" in fields:
-            ready.set()
-        notify(*fields)
-
-    daemon.notifier.notify = watch  # type: ignore[method-assign]
-    async with anyio.create_task_group() as group:
-        group.start_soon(daemon.run)
-        with anyio.fail_after(60):
-            await ready.wait()
+    async with in_process(config) as daemon:
         for n in range(1, 4):
             version(n)
             report = await daemon.reload()
@@ -335,4 +317,3 @@ async def test_a_reload_lets_go_of_the_compiled_versions_nothing_runs(tmp_path: 
         running = {d.digest for d in daemon.deployments.values()}
         assert set(daemon.runtime.cache._memory) == running and len(running) == 2
         assert len(list((tmp_path / "state" / "cache").glob("*.cwasm"))) == 5  # on disk: every version
-        daemon._on_stop_signal(15)

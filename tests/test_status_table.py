@@ -16,11 +16,10 @@ import anyio
 import msgspec
 import pytest
 
-from tests.test_daemon import Daemon, component, config_text, launch
+from tests.test_daemon import Daemon, component, config_text, in_process, launch
 from wasmhost.core.ids import ComponentId
 from wasmhost.system import protocol
 from wasmhost.system.client import request
-from wasmhost.system.config import load_config
 from wasmhost.system.daemon import Daemon as InProcessDaemon
 from wasmhost.system.heap import collect_all
 from wasmhost.system.status_table import status_row
@@ -65,22 +64,8 @@ async def assert_exact(daemon: InProcessDaemon) -> None:
 async def running(tmp_path: Path) -> AsyncIterator[InProcessDaemon]:
     config_path = tmp_path / "wasmhost.toml"
     config_path.write_text(config_text(tmp_path / "state", COMPONENTS))
-    daemon = InProcessDaemon(load_config(config_path))
-    ready = anyio.Event()
-    notify = daemon.notifier.notify
-
-    def watch(*fields: str) -> None:
-        if "READY=1" in fields:
-            ready.set()
-        notify(*fields)
-
-    daemon.notifier.notify = watch  # type: ignore[method-assign]
-    async with anyio.create_task_group() as group:
-        group.start_soon(daemon.run)
-        with anyio.fail_after(60):
-            await ready.wait()
+    async with in_process(config_path) as daemon:
         yield daemon
-        daemon._on_stop_signal(15)  # the daemon's own SIGTERM path
 
 
 async def ask(daemon: InProcessDaemon, message: protocol.Request) -> protocol.Response:
