@@ -9,6 +9,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 import structlog.testing
 
@@ -16,7 +17,7 @@ from tests.conftest import Starter, fixture_path
 from tests.support import plain_supervisor
 from tests.test_actors import ask, until
 from tests.test_runtime_calls import message
-from wasmhost.actors.restart import RestartPolicy
+from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
@@ -210,4 +211,86 @@ async def test_a_component_stopped_while_it_sleeps_in_wasi_poll_starts_again(sma
     with pytest.raises(RequestFailed, match="interrupted"):
         await nap
     await actor.start()
+    assert await ask(sup, str(sleeper), b"h1") == b"1"
+
+
+HANG_GUARD_S = 120.0
+"""Not a timing assertion: without the fix these tests would wait for the guest's hour-long sleep."""
+HOUR = b"s3600000"
+
+
+def sleeper_spec(component: ComponentId, **extra: object) -> ActorSpec:
+    return ActorSpec(component, limits=ResourceLimits(max_execution_time_ms=1000), shutdown_timeout=0.2,
+                     backoff=Backoff(base=0.01), **extra)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_guest_asleep_in_wasi_past_its_deadline_is_timed_out_and_restarted(small_pool: Supervisor) -> None:
+    """A WASI wait is not guest code: the deadline (max_execution_time_ms, 1 s) did not end it, and a
+    1-hour sleep held its message, thread and Store for the hour (a 5 s sleep answered after 5 s), its
+    queue waited behind it and `status` showed it running. Now the call is given up on STOP_GRACE past
+    its deadline: the message is answered as timed out, recorded as a timeout, and the component
+    restarts on a fresh Store and answers the next message; only the thread and the old Store stay with
+    the sleeper."""
+    sup = small_pool
+    echo = ComponentId.parse("test-org/echo/0")
+    await sup.start(ActorSpec(echo), sup.stores.runtime.load(echo, fixture_path("echo")))
+    sleeper = ComponentId.parse("evil/wasiprobe/0")
+    actor = await sup.start(sleeper_spec(sleeper), sup.stores.runtime.load(sleeper, fixture_path("wasiprobe")))
+    with anyio.fail_after(HANG_GUARD_S):
+        nap = asyncio.ensure_future(ask(sup, str(sleeper), HOUR, 3600.0))
+        queued = asyncio.ensure_future(ask(sup, str(sleeper), b"h1", 3600.0))
+        await until(lambda: actor.manager.in_call)
+        assert await ask(sup, str(echo), b"ping") == b"ping"
+        with pytest.raises(RequestFailed, match="handle-message timed out: blocked in a WASI wait") as failed:
+            await nap
+        assert failed.value.outcome.value == "failed"  # as any call that ran out its deadline
+        assert await queued == b"1"  # handled by the fresh instance
+    assert actor.state is ActorState.RUNNING and actor.stats.restarts == 1
+    assert "timed out" in (actor.stats.last_error or "")
+    record = actor.forensics.report(str(sleeper)).failures[0]
+    assert (record.kind, record.call) == ("timeout", "handle-message")
+    assert actor.held_threads == 1  # the sleeper still has its thread
+    assert await ask(sup, str(sleeper), b"h2") == b"2"
+    assert await ask(sup, str(echo), b"pong") == b"pong"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("window", [60.0, 0.001])
+async def test_a_guest_that_keeps_sleeping_in_wasi_fails_holding_a_bounded_number_of_threads(
+        small_pool: Supervisor, window: float) -> None:
+    """Each call given up on keeps its thread until the guest wakes. A guest sleeping again after every
+    restart fails once its restarts run out (max_restarts in the window); and, however slowly it does
+    so (a window too short to count two restarts), once it holds max_restarts + 1 threads."""
+    sup = small_pool
+    sleeper = ComponentId.parse("evil/wasiprobe/0")
+    spec = sleeper_spec(sleeper, intensity=Intensity(max_restarts=2, window=window))
+    actor = await sup.start(spec, sup.stores.runtime.load(sleeper, fixture_path("wasiprobe")))
+    with anyio.fail_after(HANG_GUARD_S):
+        naps = [asyncio.ensure_future(ask(sup, str(sleeper), HOUR, 3600.0)) for _ in range(5)]
+        results = await asyncio.gather(*naps, return_exceptions=True)
+    assert all(isinstance(result, RequestFailed) for result in results), results
+    timed_out = [result for result in results if "timed out" in str(result)]
+    assert len(timed_out) == 3 and "failed before handling" in str(results[3])
+    assert actor.state is ActorState.FAILED and actor.stats.restarts == 2
+    assert actor.held_threads == 3
+    assert sup.workers.threads <= THREADS + 3  # a thread lent beside each held one, at most
+
+
+@pytest.mark.anyio
+async def test_a_reload_of_a_component_asleep_in_wasi_completes(small_pool: Supervisor) -> None:
+    """A handover (a reload) waits for the message in hand: for a guest asleep in WASI, until it woke,
+    holding the reload lock. Now the call is given up on, and the new version takes over."""
+    sup = small_pool
+    sleeper = ComponentId.parse("evil/wasiprobe/0")
+    spec = sleeper_spec(sleeper)
+    loaded = sup.stores.runtime.load(sleeper, fixture_path("wasiprobe"))
+    actor = await sup.start(spec, loaded)
+    with anyio.fail_after(HANG_GUARD_S):
+        nap = asyncio.ensure_future(ask(sup, str(sleeper), HOUR, 3600.0))
+        await until(lambda: actor.manager.in_call)
+        handover = await sup.hand_over(spec, loaded)
+        assert handover.boot_error is None
+        with pytest.raises(RequestFailed, match="timed out"):
+            await nap
     assert await ask(sup, str(sleeper), b"h1") == b"1"

@@ -39,13 +39,14 @@ from wasmhost.actors.forensics import Recorder
 from wasmhost.actors.restart import RestartHistory
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import TAKING_MESSAGES, ActorState, ActorStats
-from wasmhost.actors.workers import WorkerPool
+from wasmhost.actors.workers import CallGivenUp, WorkerPool
 from wasmhost.core.bounded_text import bounded
 from wasmhost.core.errors import (
     CallInProgress,
     ComponentError,
     GuestExit,
     GuestFailure,
+    GuestWaitTimeout,
     InstanceStateError,
     LoadError,
     StorageError,
@@ -73,7 +74,10 @@ SLICE_S = 0.002
 """Guest time after which a batch of short calls gives up its thread between two envelopes."""
 STOP_GRACE = 0.5
 """Seconds a stop may take beyond drain_timeout + shutdown_timeout: for the thread of an interrupted
-call to let go (one slice, or the host call the guest is in) and for closing the Store."""
+call to let go (one slice, or the host call the guest is in) and for closing the Store. Also how long
+past its deadline a call may wait in WASI before it is given up on (see `_gave_up`): a guest that wakes
+within it times out as usual (at its next epoch check) and its Store is reused; the wait itself is
+only recognised (workers.QUIET_LOOKS) about 0.2 s after it began."""
 
 T = TypeVar("T")
 
@@ -199,6 +203,7 @@ class ComponentActor:
         self._restarting = asyncio.Lock()  # one requested restart at a time, each counted
         self._next_health = 0.0
         self._in_hand = 0
+        self._held_threads = 0  # calls given up on whose threads still wait in WASI (see _gave_up)
         self._handover: Handover | None = None  # asked for, not yet taken up by the actor task
         self._booting: Handover | None = None  # taken up: its first boot is under way
         self._probation: Handover | None = None  # booted: a failure falls back instead of restarting
@@ -499,7 +504,13 @@ class ComponentActor:
             if self._probation is not None:
                 await self._fall_back(error)
                 continue
-            delay = self.supervisor.on_failure(self, error)
+            if isinstance(error, GuestWaitTimeout) and self._held_threads > self.spec.intensity.max_restarts:
+                # Each call given up on keeps a thread (and a Store) until its guest wakes; outside the
+                # restart window too. Not one more: at most max_restarts + 1 threads per component.
+                log.error("component_threads_held", component=self.name, held_threads=self._held_threads)
+                delay = None
+            else:
+                delay = self.supervisor.on_failure(self, error)
             if delay is None:
                 if isinstance(error, GuestExit) and error.clean:
                     return  # a normal exit: stopped, not failed
@@ -618,7 +629,47 @@ class ComponentActor:
         manager = self.manager
         host = manager.host
         host.interrupted = False  # a new call: an earlier interruption (already over) does not apply
-        return await self.workers.run_steps(steps, manager.lock, host.interrupt, manager.free_poisoned)
+        try:
+            return await self.workers.run_steps(steps, manager.lock, host.interrupt, manager.free_poisoned,
+                                                lambda: host.deadline + STOP_GRACE)
+        except CallGivenUp as exc:
+            raise self._gave_up(manager, exc) from None
+
+    @property
+    def held_threads(self) -> int:
+        """Worker threads still held by calls of this component given up on while they waited in WASI."""
+        return self._held_threads
+
+    def _gave_up(self, manager: StoreManager, given_up: CallGivenUp) -> GuestWaitTimeout:
+        """The call on `manager` waited in WASI STOP_GRACE past its deadline and the pool gave up on it: that
+        wait is not guest code, and neither the epoch deadline nor an interrupt can end it (wasmtime links
+        WASI synchronously). The Store stays with its thread until the guest wakes (forever, if it never
+        does); its HostContext is abandoned, so nothing the guest does then has an effect, and the thread
+        closes the call at its next step. The actor goes on with a fresh StoreManager: the failure is a
+        timeout, answered, recorded and restarted as one."""
+        manager.host.interrupt()  # it stops before the batch's next message
+        fresh = manager.successor()
+        if self._manager is manager:
+            self._manager = fresh
+        for handover in (self._booting, self._probation):
+            if handover is not None and handover.manager is manager:
+                handover.manager = fresh  # the version is the same; its Store is the one that changed
+        self._held_threads += 1
+        self._changed()
+
+        def released(_: object) -> None:
+            self._held_threads -= 1
+            self._changed()
+            log.info("component_wait_ended", component=self.name, held_threads=self._held_threads)
+
+        given_up.released.add_done_callback(released)
+        error = GuestWaitTimeout(self.name, manager.calling or "call",
+                                 "blocked in a WASI wait past its deadline (max_execution_time_ms): given up on")
+        log.error("component_call_given_up", component=self.name, call=manager.calling,
+                  held_threads=self._held_threads,
+                  reason="a WASI wait its deadline cannot end; its thread and Store are left to it until the "
+                  "guest wakes")
+        return error
 
     async def _boot(self) -> Exception | None:
         """Instantiate and initialize in a fresh Store; read the metadata once per version (a restart
@@ -772,6 +823,9 @@ class ComponentActor:
         wakes: list[Mailbox] = []  # mailboxes the guest's sends filled: woken together, not one by one
         try:
             rest, failure = await self._guest(deferring_wakes(self._process(batch, progress), self.mailbox.loop, wakes))
+        except GuestWaitTimeout as exc:
+            wake_all(wakes)
+            return self._given_up_batch(batch, progress, exc)
         except BaseException:
             wake_all(wakes)
             self.in_hand = 0
@@ -795,6 +849,22 @@ class ComponentActor:
             raise
         wake_all(wakes)
         return progress, rest, failure
+
+    def _given_up_batch(self, batch: list[Envelope], progress: Progress, error: GuestWaitTimeout) -> tuple[
+            Progress, list[Envelope], Exception]:
+        """The batch's call was given up on (`_gave_up`): the message in progress is answered as timed out and
+        the failure returned, like a call that ran out its deadline; the messages handled before it keep
+        their answers, except those from the first that touched storage on, which fail: their writes were
+        held for the batch's commit, which the abandoned thread will never make. The rest go back to the
+        mailbox. `progress` stays the thread's (it may append to it once the guest wakes): this answers a
+        copy of what it holds now."""
+        kept = Progress(done=list(progress.done), started=progress.started, first_storage=progress.first_storage,
+                        committed=True)
+        done = kept.done
+        self._unacknowledged(done, kept, RuntimeError("the batch's call was given up on in a WASI wait"))
+        if kept.started > len(done):  # the message whose call waits (none if the guest woke just now)
+            done.append(Handled(batch[len(done)], None, Outcome.FAILED, error.summary, str(error)))
+        return kept, batch[len(done):], error
 
     async def _commit_cut_short(self, done: list[Handled], progress: Progress) -> None:
         """Commit the writes of the messages of an interrupted batch that ended ok, within STOP_GRACE;

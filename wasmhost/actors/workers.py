@@ -112,6 +112,7 @@ class _Job:
         "ended",
         "fn",
         "future",
+        "give_up_at",
         "heap_deadline",
         "in_host_call",
         "lock",
@@ -133,8 +134,10 @@ class _Job:
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
         afterwards: Callable[[], None] | None = None,
+        give_up_at: Callable[[], float] | None = None,
     ) -> None:
         self.steps = steps
+        self.give_up_at = give_up_at  # see WorkerPool.run_steps
         self.afterwards = afterwards  # run on the thread once the result is handed to the waiter
         self.fn = fn
         self.lock = lock
@@ -154,6 +157,25 @@ class _Job:
         self.sampled: tuple[float, float, int] | None = None
         self.ended = False  # set on the loop once no thread will touch the job again
         self.released: asyncio.Future[None] | None = None  # made by a cancelled waiter that waits for `ended`
+
+
+class CallGivenUp(Exception):
+    """A call's thread waited in a WASI call (a pollable, a blocked write) past the time its waiter gives
+    it (`run_steps`' give_up_at): the waiter no longer waits. The thread keeps the job (its Store and
+    generator) until the wait ends, then closes it without another step; `released` is set then (and
+    never, if the guest waits forever)."""
+
+    def __init__(self, released: asyncio.Future[None]) -> None:
+        super().__init__("the call waited in WASI past its deadline and was given up on")
+        self.released = released
+
+
+def _given_up(job: _Job) -> None:
+    """On the loop: the deadline thread gave up on `job` (see CallGivenUp), unless it ended meanwhile."""
+    if job.ended or job.future.done():
+        return
+    job.released = job.loop.create_future()  # set by _resolve once the thread lets go
+    job.future.set_exception(CallGivenUp(job.released))
 
 
 def _resolve(job: _Job, value: Any, error: BaseException | None, abandoned: bool = False) -> None:
@@ -204,6 +226,7 @@ class WorkerPool:
         self._spread = False  # the event loop and every worker may use every core (see core/affinity.py)
         self._calm_since = 0.0  # time.monotonic() when _computing last fell to 0
         self._current = threading.local()  # .job: the job the calling worker thread runs
+        self._waiters: set[_Job] = set()  # jobs whose long step waits (job.long): see `_give_up_overdue`
         # Cancelled waiters' waits for the thread still running their job (see `stop_waiting`).
         self._release_waits: dict[asyncio.Future[None], _Job] = {}
         self.started = 0
@@ -332,22 +355,29 @@ class WorkerPool:
 
     async def run_steps(self, steps: Generator[float, None, T], lock: threading.Lock | None = None,
                         interrupt: Callable[[], None] | None = None,
-                        afterwards: Callable[[], None] | None = None) -> T:
+                        afterwards: Callable[[], None] | None = None,
+                        give_up_at: Callable[[], float] | None = None) -> T:
         """Run `steps` one step at a time (each holding `lock`, the Store's) on worker threads and
         return its result; each step yields the monotonic deadline of the call in progress. If the
         waiter is cancelled, it calls `interrupt` (which must end any wait of a host call the guest
         may be in, from any thread), the generator is closed (its call abandoned) on the next free
         thread, and only then is the cancellation raised. `afterwards` runs on the worker thread once
         the result (or error) is on its way to the waiter, without `lock`: cleanup that need not delay
-        the answer."""
-        return await self._submit(steps, None, lock, interrupt, afterwards)  # type: ignore[no-any-return]
+        the answer.
+
+        `give_up_at` (read on the deadline thread) says when, in time.monotonic(), a step that waits in a
+        WASI call (see LONG_STEP_S; not one of our host calls) is given up on: the waiter gets CallGivenUp
+        then, while the thread keeps the job until the wait ends (no interrupt or deadline can end it)."""
+        return await self._submit(steps, None, lock, interrupt, afterwards,  # type: ignore[no-any-return]
+                                  give_up_at)
 
     async def _submit(
         self, steps: Generator[float, None, Any] | None, fn: Callable[[], Any] | None, lock: threading.Lock | None,
         interrupt: Callable[[], None] | None = None, afterwards: Callable[[], None] | None = None,
+        give_up_at: Callable[[], float] | None = None,
     ) -> Any:
         loop = asyncio.get_running_loop()
-        job = _Job(steps, fn, lock, loop, loop.create_future(), afterwards)
+        job = _Job(steps, fn, lock, loop, loop.create_future(), afterwards, give_up_at)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the worker pool is closed")
@@ -480,8 +510,11 @@ class WorkerPool:
                     if self._closed:
                         return
                     self._admit_past_long_steps()
+                    give_up = self._give_up_overdue()
                     heap = self._deadlines
                     wait = heap[0][0] - time.monotonic() if heap else None
+                    if give_up < math.inf:
+                        wait = give_up - time.monotonic() if wait is None else min(wait, give_up - time.monotonic())
                     self._watching = bool(self._stepping_since)
                     if self._watching:
                         wait = LONG_STEP_S if wait is None else min(wait, LONG_STEP_S)
@@ -496,9 +529,8 @@ class WorkerPool:
         wait rather than compute (`_waits`), it counts as a thread waiting in a host call: no longer one
         of the threads running guest code, and a thread is lent when none is idle. Before, two guests
         blocked on WASI pollables held both threads of a two-thread pool (or both `concurrency` places),
-        and the echo beside them waited as long as they chose to sleep."""
-        if not self._waiting:
-            return
+        and the echo beside them waited as long as they chose to sleep. Waits are looked for also while
+        nothing is queued: a waiting step may be given up on (`_give_up_overdue`)."""
         now = time.monotonic()
         for job, since in list(self._stepping_since.items()):
             if now - since < LONG_STEP_S:
@@ -507,10 +539,11 @@ class WorkerPool:
                 del self._stepping_since[job]  # its worker takes the place back when the step ends
                 job.long = True
                 self._blocked += 1
-            elif not job.computing and not self._admits():
+                self._waiters.add(job)
+            elif self._waiting and not job.computing and not self._admits():
                 job.computing = True  # its worker takes the count back when the step ends
                 self._count_computing(1)
-        if self._admits():
+        if self._waiting and self._admits():
             self._wake_one()
             self._lend_if_short()
 
@@ -539,6 +572,26 @@ class WorkerPool:
         if job.long:
             job.long = False
             self._blocked -= 1
+            self._waiters.discard(job)
+
+    def _give_up_overdue(self) -> float:
+        """Give up on the jobs whose step waits in a WASI call (job.long) past their `give_up_at`: their
+        waiters get CallGivenUp at once, and the thread closes the job at its next step, once the wait is
+        over (self._cond held; ordered before that close, which is only scheduled once it sees
+        `cancelled`). Returns the earliest give-up time still to come (math.inf: none)."""
+        now = time.monotonic()
+        earliest = math.inf
+        for job in self._waiters:
+            if job.give_up_at is None or job.cancelled:
+                continue
+            at = job.give_up_at()
+            if at > now:
+                earliest = min(earliest, at)
+                continue
+            job.cancelled = True  # its next step closes it (see _step): the call never goes on
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
+                job.loop.call_soon_threadsafe(_given_up, job)
+        return earliest
 
     def _step(self, job: _Job) -> None:
         """Run one step of `job` holding its lock; put it back or hand its result to its waiter."""

@@ -201,6 +201,12 @@ class GuestTimeout(GuestFailure):
     kind = "timed out"
 
 
+class GuestWaitTimeout(GuestTimeout):
+    """The guest was still blocked in a WASI call (a pollable, a blocked write) STOP_GRACE past its deadline:
+    nothing can interrupt that wait, so the call was given up on. Its thread and Store stay with the guest
+    until the wait ends (see ComponentActor._gave_up); the component goes on with a fresh Store."""
+
+
 class GuestExit(GuestFailure):
     """The guest ended itself (WASI `exit`) with `status`; status 0 is a normal exit, not a failure."""
 

@@ -153,6 +153,14 @@ class HostContext:
             self.held.abandon()
         self.held, self.holding, self.in_flight = None, False, None
 
+    def successor(self) -> HostContext:
+        """A context for a new Store of the same component: the same ports and limits, the same log gate
+        (the rate limit is not refilled by starting over), nothing of this one's calls or writes."""
+        fresh = HostContext(self.component_id, self.messaging, self.storage, self.directory,
+                            log_limit=self.log_limit)
+        fresh.log_gate = self.log_gate
+        return fresh
+
     def interrupt(self) -> None:
         """End the current call's waits now (from any thread): a guest in sleep-millis returns at once,
         and so does every sleep after it until the owner clears `interrupted` for the next call."""

@@ -153,6 +153,8 @@ class StoreManager:
         self.loaded = loaded
         self.component_id = component_id
         self.name = str(component_id)
+        self.limits = limits
+        self.tick_ms = tick_ms
         self.limiter = Limiter(limits, tick_ms, loaded.footprint, self.name)
         self.linker = linker
         self.engine = engine
@@ -179,6 +181,8 @@ class StoreManager:
         self._error = (ctypes.c_void_p * 1)()  # the error_ret slot of async calls
         self._error_address = ctypes.addressof(self._error)
         self._future = 0  # the call future in progress, if any
+        self.calling = ""
+        """The export the last call started (the one in progress, while `in_call`)."""
         self._poll_began = 0.0  # perf_counter when the last poll of that call began
         self.failed_at = 0.0
         """time.monotonic() when the last call that failed (trap, timeout, ...) ended."""
@@ -235,6 +239,13 @@ class StoreManager:
         self._release()
         self._free_poisoned()
         self.state = InstanceState.EMPTY
+
+    def successor(self) -> StoreManager:
+        """A StoreManager for the same component and limits, with no Store yet and a HostContext of its
+        own (see HostContext.successor), for when a thread keeps this one's Store: a call given up on
+        while its guest waits in WASI (ComponentActor._gave_up). Nothing may touch this one after that."""
+        return StoreManager(self.loaded, self.component_id, self.limits, self.linker, self.engine, self.tick_ms,
+                            self.host.successor(), self.wasi_stdio, self._memories)
 
     def _release(self) -> None:
         """Free the Store (no call may be in progress)."""
@@ -294,6 +305,7 @@ class StoreManager:
         may be reused afterwards); return it and whether it has finished."""
         if self._future:
             raise InstanceStateError(f"{self.name}: cannot call {function}: a call is already in progress")
+        self.calling = function
         # The error slot is empty here: whoever finds an error in it takes it out.
         future = capi.func_call_async(
             self._func_addresses[function], self.context, args, nargs, self._result_address, nresults,
