@@ -14,18 +14,22 @@ import pytest
 import structlog.testing
 
 from tests.conftest import Starter, fixture_path
-from tests.support import plain_supervisor
+from tests.support import MemoryStorage, plain_supervisor
 from tests.test_actors import ask, until
 from tests.test_runtime_calls import message
 from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
+from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
 from wasmhost.core.errors import GuestTrap
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import RequestFailed
+from wasmhost.messaging.router import MessageRouter
+from wasmhost.runtime.host_fn import HostContext
 from wasmhost.runtime.runtime import Runtime
+from wasmhost.system.stores import HostStores
 
 ACCESS_DENIED = 1  # wasi:sockets/network error-code `access-denied`
 PERMANENT_RESOLVER_FAILURE = 20  # the error-code of a name lookup that is not allowed
@@ -294,3 +298,69 @@ async def test_a_reload_of_a_component_asleep_in_wasi_completes(small_pool: Supe
         with pytest.raises(RequestFailed, match="timed out"):
             await nap
     assert await ask(sup, str(sleeper), b"h1") == b"1"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("command", [b"w", b"m"])
+@pytest.mark.parametrize("ending", ["given up"])
+async def test_a_thread_left_in_a_wasi_wait_has_no_effect_when_its_guest_wakes(
+        runtime: Runtime, command: bytes, ending: str) -> None:
+    """The thread of a call given up on (past its deadline) or left running by a stop that overran (before
+    it) runs the guest again when its wait ends, with its old host context: a storage.set (w) or send
+    (m) then landed after the message was answered and the component had moved on (measured for a
+    stop: the write was committed, the send delivered). Its host calls are refused (a trap) and its
+    writes never committed. (A call past its deadline is also ended by wasmtime's epoch check when it
+    wakes, before the import runs: the `given up` cases pass without the refusal too.)"""
+    workers = WorkerPool(THREADS)
+    router = MessageRouter(asyncio.get_running_loop())
+    storage = MemoryStorage()
+    try:
+        async with Supervisor(HostStores(runtime, router, storage), router, workers) as sup:
+            try:
+                echo = ComponentId.parse("test-org/echo/0")
+                echo_actor = await sup.start(ActorSpec(echo), runtime.load(echo, fixture_path("echo")))
+                sleeper = ComponentId.parse("evil/wasiprobe/0")
+                spec = sleeper_spec(sleeper, storage=True)
+                if ending == "stopped":
+                    spec = ActorSpec(sleeper, limits=ResourceLimits(max_execution_time_ms=60000),
+                                     shutdown_timeout=0.2, storage=True)
+                actor = await sup.start(spec, runtime.load(sleeper, fixture_path("wasiprobe")))
+                with anyio.fail_after(HANG_GUARD_S):
+                    # 4 s: well after the call is given up on (1 s deadline + STOP_GRACE) or the stop overran
+                    nap = asyncio.ensure_future(ask(sup, str(sleeper), command + b"4000", 3600.0))
+                    if ending == "stopped":
+                        await until(lambda: actor.manager.in_call)
+                        await sup.stop(sleeper, drain_timeout=0.2)
+                    with pytest.raises(RequestFailed, match="blocked in a WASI wait" if ending == "given up"
+                                       else "interrupted"):
+                        await nap
+                    assert actor.held_threads == 1
+                    await until(lambda: actor.held_threads == 0, HANG_GUARD_S)  # the guest woke, its call ended
+                assert storage.data.get(sleeper, {}) == {}
+                assert await ask(sup, str(echo), b"ping") == b"ping"  # after anything the sleeper sent it
+                assert echo_actor.stats.handled == 1
+                if ending == "stopped":
+                    await actor.start()
+                assert await ask(sup, str(sleeper), b"h1") == b"1"
+            finally:
+                await sup.stop_all(drain_timeout=1.0)
+    finally:
+        workers.close()
+
+
+def test_an_abandoned_host_context_refuses_host_calls_and_commits_nothing(start: Starter) -> None:
+    """What the thread of a call given up on (or left running by a stop) meets should its guest get past
+    wasmtime's epoch check when it wakes (a woken guest yields there first, past its tick: measured
+    above): its host context is abandoned, so its host calls trap and its held writes are never committed."""
+    storage = MemoryStorage()
+    cid = ComponentId.parse("test-org/storage/0")
+    host = HostContext(cid, storage=storage)
+    guest = start("storage", str(cid), host=host)
+    host.hold_writes()
+    assert guest.handle_message(message(b"set a 1")) == b"ok"
+    host.end_message(True)
+    host.abandon()
+    assert host.start_commit() is None
+    with pytest.raises(GuestTrap, match="set refused: the call was given up on"):
+        guest.handle_message(message(b"set b 2"))
+    assert storage.data.get(cid, {}) == {}

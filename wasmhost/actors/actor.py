@@ -640,6 +640,30 @@ class ComponentActor:
         """Worker threads still held by calls of this component given up on while they waited in WASI."""
         return self._held_threads
 
+    def _hold_thread(self, released: asyncio.Future[None]) -> None:
+        """One more thread of this component's left waiting in WASI, until `released` is set."""
+        self._held_threads += 1
+        self._changed()
+
+        def let_go(_: object) -> None:
+            self._held_threads -= 1
+            self._changed()
+            log.info("component_wait_ended", component=self.name, held_threads=self._held_threads)
+
+        released.add_done_callback(let_go)
+
+    def _leave_to_thread(self, manager: StoreManager) -> None:
+        """`manager`'s Store stays with a thread whose guest waits in WASI, never to be touched again here:
+        its host context is abandoned (nothing the guest does when it wakes has an effect), and the same
+        version goes on with a fresh StoreManager (StoreManager.successor)."""
+        manager.host.abandon()
+        fresh = manager.successor()
+        if self._manager is manager:
+            self._manager = fresh
+        for handover in (self._booting, self._probation):
+            if handover is not None and handover.manager is manager:
+                handover.manager = fresh  # the version is the same; its Store is the one that changed
+
     def _gave_up(self, manager: StoreManager, given_up: CallGivenUp) -> GuestWaitTimeout:
         """The call on `manager` waited in WASI STOP_GRACE past its deadline and the pool gave up on it: that
         wait is not guest code, and neither the epoch deadline nor an interrupt can end it (wasmtime links
@@ -647,22 +671,8 @@ class ComponentActor:
         does); its HostContext is abandoned, so nothing the guest does then has an effect, and the thread
         closes the call at its next step. The actor goes on with a fresh StoreManager: the failure is a
         timeout, answered, recorded and restarted as one."""
-        manager.host.interrupt()  # it stops before the batch's next message
-        fresh = manager.successor()
-        if self._manager is manager:
-            self._manager = fresh
-        for handover in (self._booting, self._probation):
-            if handover is not None and handover.manager is manager:
-                handover.manager = fresh  # the version is the same; its Store is the one that changed
-        self._held_threads += 1
-        self._changed()
-
-        def released(_: object) -> None:
-            self._held_threads -= 1
-            self._changed()
-            log.info("component_wait_ended", component=self.name, held_threads=self._held_threads)
-
-        given_up.released.add_done_callback(released)
+        self._leave_to_thread(manager)
+        self._hold_thread(given_up.released)
         error = GuestWaitTimeout(self.name, manager.calling or "call",
                                  "blocked in a WASI wait past its deadline (max_execution_time_ms): given up on")
         log.error("component_call_given_up", component=self.name, call=manager.calling,

@@ -65,6 +65,8 @@ class HostContext:
     log_gate: LogGate | None = field(default=None, init=False, repr=False)  # made at the first log line; kept
     # across restarts of the instance, so that trapping does not refill the bucket
     interrupted: bool = field(default=False, init=False, compare=False)  # set by interrupt(), cleared by its owner
+    dead: bool = field(default=False, init=False, compare=False)
+    """Set by `abandon`: every host function fails (a trap), and no held write is ever committed."""
     host_busy: float = field(default=0.0, init=False, repr=False, compare=False)  # see _share_the_gil
     host_window: float = field(default=0.0, init=False, repr=False, compare=False)
     fresh_slice: Callable[[], None] | None = field(default=None, init=False, repr=False, compare=False)
@@ -103,7 +105,8 @@ class HostContext:
         instead and this batch's writes are dropped. Storage calls outside messages write at once
         again afterwards (once that commit is confirmed)."""
         held, self.holding = self.held, False
-        if held is None:
+        if held is None or self.dead:
+            self.held = None  # abandoned: never committed
             return None
         try:
             with blocking():  # may wait for the previous batch's fsync: another thread may run meanwhile
@@ -152,6 +155,14 @@ class HostContext:
         if self.held is not None:
             self.held.abandon()
         self.held, self.holding, self.in_flight = None, False, None
+
+    def abandon(self) -> None:
+        """The call in progress was given up on (its guest waits in WASI past its deadline, on a thread
+        that keeps this context until the wait ends): whatever that thread does afterwards has no effect.
+        Its host calls fail (a trap, see _trampoline: no send, request, log or storage call goes through),
+        its held writes are never committed, and its sleeps end at once. From any thread."""
+        self.dead = True
+        self.interrupt()
 
     def successor(self) -> HostContext:
         """A context for a new Store of the same component: the same ports and limits, the same log gate
@@ -592,6 +603,8 @@ def _trampoline(env: int | None, context: int | None, ty: int | None, args: int 
     ctx = _contexts.get(context or 0)
     if ctx is None:
         return int(capi.error_new(f"wasmhost: no host context for {fn.name}".encode()))
+    if ctx.dead:  # a call given up on, its guest awake again: it ends here, with no effect (a trap)
+        return int(capi.error_new(f"wasmhost: {fn.name} refused: the call was given up on".encode()))
     ctx.calls[env or 0] += 1  # one writer: the thread running this Store
     value = _call(fn, ctx, args or 0, ty or 0)
     if fn.result is not None and results:
