@@ -302,7 +302,7 @@ async def test_a_reload_of_a_component_asleep_in_wasi_completes(small_pool: Supe
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("command", [b"w", b"m"])
-@pytest.mark.parametrize("ending", ["given up"])
+@pytest.mark.parametrize("ending", ["given up", "stopped"])
 async def test_a_thread_left_in_a_wasi_wait_has_no_effect_when_its_guest_wakes(
         runtime: Runtime, command: bytes, ending: str) -> None:
     """The thread of a call given up on (past its deadline) or left running by a stop that overran (before
@@ -346,6 +346,28 @@ async def test_a_thread_left_in_a_wasi_wait_has_no_effect_when_its_guest_wakes(
                 await sup.stop_all(drain_timeout=1.0)
     finally:
         workers.close()
+
+
+@pytest.mark.anyio
+async def test_a_handed_over_component_stopped_in_a_wasi_wait_starts_again_as_its_new_version(
+        small_pool: Supervisor) -> None:
+    """A stop that overran on a guest asleep in WASI dropped the actor's StoreManager, and a later start
+    built one with the actor's first `prepare`: after a handover (a reload), the version it was added
+    with (measured: the echo it replaced answered `h1` with `h1`). It now goes on with the same version."""
+    sup = small_pool
+    cid = ComponentId.parse("evil/wasiprobe/0")
+    spec = ActorSpec(cid, limits=ResourceLimits(max_execution_time_ms=60000), shutdown_timeout=0.2)
+    actor = await sup.start(spec, sup.stores.runtime.load(cid, fixture_path("echo")))
+    handover = await sup.hand_over(spec, sup.stores.runtime.load(cid, fixture_path("wasiprobe")))
+    assert handover.boot_error is None
+    with anyio.fail_after(HANG_GUARD_S):
+        nap = asyncio.ensure_future(ask(sup, str(cid), HOUR, 3600.0))
+        await until(lambda: actor.manager.in_call)
+        await sup.stop(cid, drain_timeout=0.2)
+        with pytest.raises(RequestFailed, match="interrupted"):
+            await nap
+    await actor.start()
+    assert await ask(sup, str(cid), b"h1") == b"1"
 
 
 def test_an_abandoned_host_context_refuses_host_calls_and_commits_nothing(start: Starter) -> None:

@@ -334,7 +334,10 @@ class ComponentActor:
             # The caller may now put a new actor under this id: its requests must not meet ours.
             self.router.forget_requester(self.component_id)
             manager = self._manager
-            if manager is not None and self.workers.stop_waiting(manager.lock):
+            left = self.workers.stop_waiting(manager.lock) if manager is not None else []
+            for released in left:
+                self._hold_thread(released)
+            if left:
                 # The task was waiting for a thread a guest holds in a WASI call (asleep on a pollable
                 # for as long as it asked, which no deadline or interrupt ends). It waits no longer: the
                 # Store is left to that thread (see _finish), and the actor ends, so that it can start
@@ -1017,12 +1020,13 @@ class ComponentActor:
                                 f"{self.spec.shutdown_timeout:g} s past the drain's end)")
                 if self._manager is not None and self._manager.in_call:
                     # The stop gave up waiting for the thread still in this call (a guest blocked in a WASI
-                    # call, see WorkerPool.stop_waiting): the Store is that thread's until the guest wakes.
-                    # A later start builds a StoreManager of its own.
+                    # call, see WorkerPool.stop_waiting): the Store is that thread's until the guest wakes,
+                    # and nothing it does then has an effect (abandon). A later start (of this version,
+                    # also after a handover) builds a Store of its own.
                     log.error("component_left_running", component=self.name,
                               reason="a worker thread is still inside its call (a WASI wait its deadline cannot "
                               "end); its Store is left to it until the guest wakes")
-                    self._manager = None
+                    self._leave_to_thread(self._manager)
                 elif self._manager is not None:
                     with anyio.move_on_after(STOP_GRACE) as late:
                         await self.workers.run(self._manager.close, self._manager.lock)

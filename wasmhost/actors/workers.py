@@ -654,19 +654,21 @@ class WorkerPool:
         finally:
             self._release_waits.pop(released, None)
 
-    def stop_waiting(self, lock: threading.Lock) -> int:
+    def stop_waiting(self, lock: threading.Lock) -> list[asyncio.Future[None]]:
         """On the loop: end the waits of cancelled waiters for threads still running their calls on the
         Store guarded by `lock`, and return how many there were. For a stop whose time is over: a guest
         blocked in a WASI call (a pollable, a blocked write) keeps its thread and Store for as long as it
         asked, which neither its deadline nor an interrupt can shorten, and the actor waiting for it
         could neither end, start again nor let the supervisor (and the daemon) exit. The thread keeps
         the Store (see `StoreManager.in_call`) and ends the call when the guest wakes. Not a thread in one
-        of our host calls (a storage write ends within its own bound, and its message is answered then)."""
-        waits = [released for released, job in self._release_waits.items()
-                 if job.lock is lock and not job.in_host_call and not released.done()]
-        for released in waits:
+        of our host calls (a storage write ends within its own bound, and its message is answered then).
+        Returns, for each, a future set once its thread lets go of the job (never, if the guest waits forever)."""
+        jobs = [(released, job) for released, job in self._release_waits.items()
+                if job.lock is lock and not job.in_host_call and not released.done()]
+        for released, job in jobs:
             released.set_result(None)
-        return len(waits)
+            job.released = job.loop.create_future()  # set by _resolve once the thread lets go
+        return [job.released for _, job in jobs if job.released is not None]
 
     def close(self) -> None:
         """Stop accepting work; queued calls are abandoned, then the threads end."""
