@@ -23,7 +23,7 @@ from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId
-from wasmhost.core.errors import GuestTrap
+from wasmhost.core.errors import GuestTimeout, GuestTrap
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import RequestFailed
 from wasmhost.messaging.router import MessageRouter
@@ -386,3 +386,28 @@ def test_an_abandoned_host_context_refuses_host_calls_and_commits_nothing(start:
     with pytest.raises(GuestTrap, match="set refused: the call was given up on"):
         guest.handle_message(message(b"set b 2"))
     assert storage.data.get(cid, {}) == {}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("busy", [False, True])
+async def test_a_health_probe_of_a_guest_asleep_in_wasi_ends_and_the_component_restarts(
+        small_pool: Supervisor, busy: bool) -> None:
+    """A reload's rollout probes a new version's health (ComponentActor.probe_health) outside the actor's
+    task: a `health` asleep in WASI held that probe, and the reload with it, until the guest woke (not even
+    cancelling the probe ended it). The probe's call is given up on like any other past its deadline: the
+    probe fails (a timeout, so the rollout rolls back), and the component restarts on a fresh Store and
+    answers its next message, also one that arrived meanwhile (`busy`: its batch waited for the Store)."""
+    sup = small_pool
+    sleeper = ComponentId.parse("evil/wasiprobe/0")
+    actor = await sup.start(sleeper_spec(sleeper), sup.stores.runtime.load(sleeper, fixture_path("wasiprobe")))
+    assert await ask(sup, str(sleeper), b"g3600000") == b"slept"  # health() sleeps an hour from now on
+    with anyio.fail_after(HANG_GUARD_S):
+        probe = asyncio.ensure_future(actor.probe_health())
+        await until(lambda: actor.manager.in_call)
+        meanwhile = asyncio.ensure_future(ask(sup, str(sleeper), b"h1", 3600.0)) if busy else None
+        error = await probe
+        assert isinstance(error, GuestTimeout) and "health timed out: blocked in a WASI wait" in str(error)
+        if meanwhile is not None:
+            assert await meanwhile == b"1"
+        assert await ask(sup, str(sleeper), b"h2", 3600.0) == b"2"
+    assert actor.stats.restarts == 1 and actor.state is ActorState.RUNNING

@@ -204,6 +204,7 @@ class ComponentActor:
         self._next_health = 0.0
         self._in_hand = 0
         self._held_threads = 0  # calls given up on whose threads still wait in WASI (see _gave_up)
+        self._lost: Exception | None = None  # a probe gave up on the instance in place: the task restarts it
         self._handover: Handover | None = None  # asked for, not yet taken up by the actor task
         self._booting: Handover | None = None  # taken up: its first boot is under way
         self._probation: Handover | None = None  # booted: a failure falls back instead of restarting
@@ -417,11 +418,19 @@ class ComponentActor:
         the Store's lock); returns the failure of the call, if any. `health` holds the answer."""
         if self.state is not ActorState.RUNNING:
             return None
+        manager = self.manager
+        host = manager.host
         try:
-            self.health = await self.workers.run_steps(self.manager.health_steps(), self.manager.lock,
-                                                       self.manager.host.interrupt)
+            self.health = await self.workers.run_steps(manager.health_steps(), manager.lock, host.interrupt,
+                                                       give_up_at=lambda: host.deadline + STOP_GRACE)
         except CallInProgress:
             return None  # busy with a message, between two of its slices: alive; its health stays as it was
+        except CallGivenUp as exc:
+            # Asleep in WASI past its deadline (see _gave_up); the actor task restarts the component too, as
+            # after a failed health check of its own (a batch waiting for the Store's lock is given up on).
+            self._lost = self._gave_up(manager, exc)
+            self.mailbox.wake()
+            return self._lost
         except (GuestFailure, InstanceStateError) as exc:
             return exc
         return None
@@ -688,6 +697,7 @@ class ComponentActor:
         """Instantiate and initialize in a fresh Store; read the metadata once per version (a restart
         keeps what the first boot read: one guest call less on the way back into service)."""
         self.state = ActorState.STARTING if self.stats.restarts == 0 else ActorState.RESTARTING
+        self._lost = None  # whatever a probe gave up on is gone with the instance this replaces
         config = ComponentConfig(self.spec.env_vars, self.spec.config_data, self.spec.limits)
         manager = self.manager
         known = self.metadata
@@ -723,6 +733,8 @@ class ComponentActor:
             while True:
                 if (self._suspend_wanted or self._handover is not None) and not self._stopping:
                     return None  # to be terminated (a restart) or handed over: the batch in hand is done
+                if self._lost is not None:
+                    return self._lost  # a probe gave up on the instance (probe_health): restarted like a failure
                 if self._stopping and not len(self.mailbox):
                     return None  # drained
                 if pending is not None and not len(self.mailbox):
@@ -732,6 +744,9 @@ class ComponentActor:
                     continue
                 timeout = None if self._stopping else max(0.0, self._next_health - time.monotonic())
                 batch = await self.mailbox.take(BATCH_SIZE, timeout)  # stopping: `stop` wakes it, the scope bounds it
+                if self._lost is not None:  # given up on while this waited: the batch is for the next instance
+                    self.mailbox.requeue_front(batch)
+                    continue
                 if not batch:
                     if not self._stopping and time.monotonic() >= self._next_health:
                         failure = await self._check_health()

@@ -116,6 +116,7 @@ class _Job:
         "heap_deadline",
         "in_host_call",
         "lock",
+        "locked",
         "long",
         "loop",
         "queued",
@@ -141,6 +142,7 @@ class _Job:
         self.afterwards = afterwards  # run on the thread once the result is handed to the waiter
         self.fn = fn
         self.lock = lock
+        self.locked = False  # its step holds `lock` (it is not waiting for another thread to let go of it)
         self.loop = loop
         self.future = future
         self.slices = 0
@@ -227,6 +229,7 @@ class WorkerPool:
         self._calm_since = 0.0  # time.monotonic() when _computing last fell to 0
         self._current = threading.local()  # .job: the job the calling worker thread runs
         self._waiters: set[_Job] = set()  # jobs whose long step waits (job.long): see `_give_up_overdue`
+        self._given_up_locks: set[threading.Lock] = set()  # held by the steps of jobs given up on
         # Cancelled waiters' waits for the thread still running their job (see `stop_waiting`).
         self._release_waits: dict[asyncio.Future[None], _Job] = {}
         self.started = 0
@@ -584,11 +587,17 @@ class WorkerPool:
         for job in self._waiters:
             if job.give_up_at is None or job.cancelled:
                 continue
+            if not job.locked and job.lock not in self._given_up_locks:
+                # It waits for its Store's lock, held by a call not given up on (yet): not its own call's wait.
+                earliest = min(earliest, now + LONG_STEP_S)  # looked at again, as that call may be given up on
+                continue
             at = job.give_up_at()
             if at > now:
                 earliest = min(earliest, at)
                 continue
             job.cancelled = True  # its next step closes it (see _step): the call never goes on
+            if job.locked and job.lock is not None:
+                self._given_up_locks.add(job.lock)  # a step waiting for it will wait as long: given up on too
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
                 job.loop.call_soon_threadsafe(_given_up, job)
         return earliest
@@ -598,6 +607,7 @@ class WorkerPool:
         value: Any = None
         error: BaseException | None = None
         with job.lock if job.lock is not None else contextlib.nullcontext():
+            job.locked = True
             try:
                 if job.cancelled or self._closed:
                     job.heap_deadline = math.inf
@@ -631,6 +641,11 @@ class WorkerPool:
                 value = stop.value
             except BaseException as exc:
                 error = exc
+            finally:
+                job.locked = False
+                if job.cancelled and job.lock is not None:
+                    with self._cond:
+                        self._given_up_locks.discard(job.lock)  # let go of: nobody holds it for a given-up job
         job.heap_deadline = math.inf  # ended: its deadline entry, if any, is stale
         # The pool's own threads, not anyio's: anyio has no thread-to-loop wakeup that does not block the thread
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
