@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -22,6 +23,7 @@ import structlog
 
 from tests.conftest import FIXTURES
 from wasmhost.core import affinity
+from wasmhost.runtime.runtime import Runtime
 from wasmhost.system import protocol
 from wasmhost.system.client import request
 from wasmhost.system.config import load_config
@@ -132,6 +134,31 @@ async def in_process(config_path: Path) -> AsyncIterator[InProcessDaemon]:
             yield daemon
         finally:
             daemon._on_stop_signal(15)
+
+
+def warm_cache(runtime: Runtime, state: Path, *binaries: Path) -> None:
+    """Put the compiled code of `binaries` in the compilation cache of a daemon whose state_dir is `state`,
+    as an earlier start would have left it: taken from the session Runtime's cache (compiled there first
+    if missing, kept there across runs). An 18 MB componentize-py guest takes seconds to compile on two
+    cores; a test about what such a guest does, not about compiling it, need not pay for it each time.
+    Only the code is copied: the daemon still counts, validates and links each binary itself. The
+    daemon's engine settings are the defaults, as the session Runtime's, so the keys are the same (a
+    key that differed would only mean a compile, never a wrong answer)."""
+    cache = runtime.cache
+    assert cache.directory is not None
+    target = state / "cache"
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in binaries:
+        wasm = path.read_bytes()
+        key = cache.key(wasm)
+        cache.component(wasm, key)  # on the session cache's disk from now on
+        entry = cache.directory / f"{key}.cwasm"
+        if entry.exists():
+            try:
+                os.link(entry, target / entry.name)  # entries are replaced by rename, never written in place
+            except OSError:
+                shutil.copyfile(entry, target / entry.name)
+                os.chmod(target / entry.name, 0o600)
 
 
 def launch(tmp_path: Path, components: str, started: list[Daemon], components_dir: Path = FIXTURES,
@@ -420,10 +447,11 @@ def test_logs_filters_the_log_the_daemon_wrote(daemon: object) -> None:
     assert "component_restarting" in piped.stdout and "t/logger/0" not in piped.stdout
 
 
-def test_the_default_configuration_runs_every_example(daemon: object, tmp_path: Path) -> None:
+def test_the_default_configuration_runs_every_example(daemon: object, tmp_path: Path, runtime: Runtime) -> None:
     text = (ROOT / "config" / "wasmhost.toml").read_text()
     text = text.replace('components_dir = "build"', f'components_dir = "{ROOT / "config" / "build"}"')
     text = text.replace('state_dir = "state"', f'state_dir = "{tmp_path / "state"}"')
+    warm_cache(runtime, tmp_path / "state", ROOT / "config" / "build" / "greeter.wasm")  # not about compiling
     config = tmp_path / "demo.toml"
     config.write_text(text)
     d = Daemon(tmp_path, config)

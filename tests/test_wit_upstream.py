@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import FIXTURES, Starter
-from tests.test_daemon import Daemon, component, config_text
+from tests.test_daemon import Daemon, component, config_text, warm_cache
 from wasmhost.core import ComponentMetadata
+from wasmhost.runtime.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ROOT / "wasmhost" / "wit"
@@ -125,7 +126,8 @@ def test_the_comparison_sees_a_type_declared_in_another_interface(tmp_path: Path
     assert drifted["types"]["component-metadata"] == {"type": "types.component-metadata"}
 
 
-def test_a_guest_written_against_upstreams_wit_runs_on_wasmhost(start: Starter, tmp_path: Path) -> None:
+def test_a_guest_written_against_upstreams_wit_runs_on_wasmhost(start: Starter, runtime: Runtime,
+                                                                tmp_path: Path) -> None:
     # tests/guests/upstream imports ComponentMetadata from component_lifecycle and ComponentInfo
     # from host_services, as upstream declares them; build.py built it with componentize-py.
     meta = start("upstream", "authors/upstream/0").metadata()
@@ -136,6 +138,7 @@ def test_a_guest_written_against_upstreams_wit_runs_on_wasmhost(start: Starter, 
     config = tmp_path / "wasmhost.toml"
     config.write_text(config_text(tmp_path / "state", component(
         "authors/upstream/0", "upstream", "capabilities = { storage = true }"), FIXTURES))
+    warm_cache(runtime, tmp_path / "state", FIXTURES / "upstream.wasm")  # the daemon links it, need not compile it
     d = Daemon(tmp_path, config)
     try:
         d.expect("READY=1")
