@@ -257,11 +257,12 @@ def test_daemons_side_by_side_take_different_home_cores(tmp_path: Path) -> None:
 
 
 def test_reload_applies_only_the_difference(daemon: object, tmp_path: Path) -> None:
-    d = daemon(BASIC + component("t/gone/0", "echo") + component("t/changed/0", "counter"))  # type: ignore[operator]
+    quick = "rollout_check_s = 0\n"  # the changed one's new version is not watched for 3 s (not the point here)
+    d = daemon(BASIC + component("t/gone/0", "echo") + component("t/changed/0", "counter", quick))  # type: ignore[operator]
     assert [d.call("t/counter/0", "") for _ in range(2)] == ["1", "2"]
     assert d.call("t/changed/0", "") == "1"
     d.config.write_text(config_text(tmp_path / "state", BASIC + component(
-        "t/changed/0", "counter", "mailbox_capacity = 7") + component("t/new/0", "echo")))
+        "t/changed/0", "counter", quick + "mailbox_capacity = 7") + component("t/new/0", "echo")))
     d.proc.send_signal(signal.SIGHUP)
     seen = d.expect("READY=1")
     assert any("RELOADING=1" in m for m in seen)
