@@ -118,11 +118,12 @@ def lattice_section(urls: list[str], host_id: str, heartbeat_s: float = 0.5, ext
 
 
 def lattice_daemon(workdir: Path, components: str, urls: list[str], host_id: str, started: list[Daemon],
-                   heartbeat_s: float = 0.5, extra: str = "") -> Daemon:
+                   heartbeat_s: float = 0.5, extra: str = "", drain_timeout_s: float = 5.0) -> Daemon:
     """Start a daemon in `workdir` with `components` and a `[lattice]` section; waits for READY=1 (which
     does not wait for NATS). Kept in `started` for `kill_leftovers`."""
     workdir.mkdir(parents=True, exist_ok=True)
     text = config_text(workdir / "state", lattice_section(urls, host_id, heartbeat_s, extra) + components, FIXTURES)
+    text = text.replace("drain_timeout_s = 5.0", f"drain_timeout_s = {drain_timeout_s}")
     config = workdir / "wasmhost.toml"
     config.write_text(text)
     d = Daemon(workdir, config)

@@ -236,8 +236,10 @@ def test_call_lattice_ends_when_the_host_holding_it_dies(tmp_path: Path, nats_se
 
 def test_cancelled_remote_requests_leave_nothing_behind(tmp_path: Path, nats_server: NatsServer,
                                                         daemons: list[Daemon]) -> None:
+    # host-a's guest still has the cancelled requests' sleeps queued (20 s) when it is stopped: its stop drains
+    # for drain_timeout_s (5 s by default), then interrupts them. What is left behind is on host-b.
     a = lattice_daemon(tmp_path / "a", component("t/slow/0", "services"), [nats_server.url], "host-a", daemons,
-                       extra=REMOTE_GRANT)
+                       extra=REMOTE_GRANT, drain_timeout_s=0.5)
     b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons, heartbeat_s=3600)
     until("b sees a", lambda: b.cli("call", "t/slow/0", "self").returncode == 0)
     for _ in range(10):  # each waits on host-a (slow to answer) until the guest cancels it
