@@ -30,8 +30,8 @@ def components(tmp_path: Path) -> Path:
     return folder
 
 
-def many(count: int) -> str:
-    return "".join(component(f"t/many/{i}", "shared") for i in range(count))
+def many(count: int, extra: str = "") -> str:
+    return "".join(component(f"t/many/{i}", "shared", extra) for i in range(count))
 
 
 def test_components_of_one_binary_share_its_load_and_keep_their_own_memory_limit(
@@ -50,10 +50,11 @@ def test_components_of_one_binary_share_its_load_and_keep_their_own_memory_limit
 
 def test_a_reload_loads_again_a_binary_changed_under_the_same_path(
         tmp_path: Path, components: Path, started: list[Daemon]) -> None:
-    d = start(tmp_path, components, started, many(MANY))
+    quick = "rollout_check_s = 0"  # the new versions are not watched for 3 s: what is loaded is the point here
+    d = start(tmp_path, components, started, many(MANY, quick))
     assert d.call("t/many/3", "x") == "x"  # echo
     shutil.copy(FIXTURES / "counter.wasm", components / "shared.wasm")
-    rewrite(d, tmp_path, components, many(MANY))
+    rewrite(d, tmp_path, components, many(MANY, quick))
     code, output = reload_reported(d)
     assert code == "0", output
     assert [d.call(f"t/many/{i}", "") for i in (0, MANY - 1)] == ["1", "1"]  # counters now, every one
