@@ -176,7 +176,8 @@ def test_a_fault_while_applying_restores_the_old_deployment(tmp_path: Path, comp
 def test_a_reload_signalled_after_sigterm_starts_nothing(tmp_path: Path, components: Path,
                                                          started: list[Daemon]) -> None:
     shutil.copy(FIXTURES / "slowstop.wasm", components / "slowstop.wasm")
-    slow = component("t/slow/0", "slowstop", "shutdown_timeout_s = 3")  # keeps the daemon stopping for 3 s
+    # keeps the daemon stopping for 1 s: the SIGHUP sent right after the SIGTERM is handled well within it
+    slow = component("t/slow/0", "slowstop", "shutdown_timeout_s = 1")
     d = start(tmp_path, components, started, BASE + slow)
     rewrite(d, tmp_path, components, BASE + slow + component("t/new/0", "echo"))
     d.proc.send_signal(signal.SIGTERM)
