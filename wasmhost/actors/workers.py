@@ -117,7 +117,6 @@ class _Job:
         "in_host_call",
         "lock",
         "locked",
-        "long",
         "loop",
         "queued",
         "released",
@@ -152,7 +151,6 @@ class _Job:
         self.queued = False
         self.cancelled = False
         self.computing = False  # a step of it used up a whole slice of guest code (see the module docstring)
-        self.long = False  # its step in progress ran LONG_STEP_S waiting: its thread is counted in _blocked
         self.clock = 0  # the CPU-time clock of the thread running its step
         self.in_host_call = False  # its thread waits in a host call (a blocking section: sleep-millis, storage)
         # (monotonic, thread CPU seconds, quiet looks in a row) when its long step was last looked at
@@ -228,7 +226,9 @@ class WorkerPool:
         self._spread = False  # the event loop and every worker may use every core (see core/affinity.py)
         self._calm_since = 0.0  # time.monotonic() when _computing last fell to 0
         self._current = threading.local()  # .job: the job the calling worker thread runs
-        self._waiters: set[_Job] = set()  # jobs whose long step waits (job.long): see `_give_up_overdue`
+        # Jobs whose step in progress ran LONG_STEP_S waiting (see `_waits`): their threads are counted in _blocked,
+        # and they may be given up on (`_give_up_overdue`).
+        self._waiting_steps: set[_Job] = set()
         self._given_up_locks: set[threading.Lock] = set()  # held by the steps of jobs given up on
         # Cancelled waiters' waits for the thread still running their job (see `stop_waiting`).
         self._release_waits: dict[asyncio.Future[None], _Job] = {}
@@ -540,9 +540,8 @@ class WorkerPool:
                 continue
             if self._waits(job, now):
                 del self._stepping_since[job]  # its worker takes the place back when the step ends
-                job.long = True
                 self._blocked += 1
-                self._waiters.add(job)
+                self._waiting_steps.add(job)
             elif self._waiting and not job.computing and not self._admits():
                 job.computing = True  # its worker takes the count back when the step ends
                 self._count_computing(1)
@@ -572,19 +571,18 @@ class WorkerPool:
     def _end_long_step(self, job: _Job) -> None:
         """The step of `job` is back in Python or over: its thread no longer counts as waiting (self._cond
         held)."""
-        if job.long:
-            job.long = False
+        if job in self._waiting_steps:
+            self._waiting_steps.discard(job)
             self._blocked -= 1
-            self._waiters.discard(job)
 
     def _give_up_overdue(self) -> float:
-        """Give up on the jobs whose step waits in a WASI call (job.long) past their `give_up_at`: their
+        """Give up on the jobs whose step waits in a WASI call (`_waiting_steps`) past their `give_up_at`: their
         waiters get CallGivenUp at once, and the thread closes the job at its next step, once the wait is
         over (self._cond held; ordered before that close, which is only scheduled once it sees
         `cancelled`). Returns the earliest give-up time still to come (math.inf: none)."""
         now = time.monotonic()
         earliest = math.inf
-        for job in self._waiters:
+        for job in self._waiting_steps:
             if job.give_up_at is None or job.cancelled:
                 continue
             if not job.locked and job.lock not in self._given_up_locks:
@@ -624,7 +622,7 @@ class WorkerPool:
                         job.deadline = next(job.steps)
                         job.slices += 1
                         with self._cond:
-                            if job.long:  # its wait is over: it is one of the threads stepping again
+                            if job in self._waiting_steps:  # its wait is over: it is one of the threads stepping again
                                 self._end_long_step(job)
                                 self._stepping_since[job] = time.monotonic()
                                 job.sampled = None
@@ -671,19 +669,21 @@ class WorkerPool:
 
     def stop_waiting(self, lock: threading.Lock) -> list[asyncio.Future[None]]:
         """On the loop: end the waits of cancelled waiters for threads still running their calls on the
-        Store guarded by `lock`, and return how many there were. For a stop whose time is over: a guest
-        blocked in a WASI call (a pollable, a blocked write) keeps its thread and Store for as long as it
-        asked, which neither its deadline nor an interrupt can shorten, and the actor waiting for it
-        could neither end, start again nor let the supervisor (and the daemon) exit. The thread keeps
-        the Store (see `StoreManager.in_call`) and ends the call when the guest wakes. Not a thread in one
-        of our host calls (a storage write ends within its own bound, and its message is answered then).
-        Returns, for each, a future set once its thread lets go of the job (never, if the guest waits forever)."""
+        Store guarded by `lock`. For a stop whose time is over: a guest blocked in a WASI call (a
+        pollable, a blocked write) keeps its thread and Store for as long as it asked, which neither its
+        deadline nor an interrupt can shorten, and the actor waiting for it could neither end, start again
+        nor let the supervisor (and the daemon) exit. The thread keeps the Store (see
+        `StoreManager.in_call`) and ends the call when the guest wakes. Not a thread in one of our host
+        calls (a storage write ends within its own bound, and its message is answered then). Returns, for
+        each, a future set once its thread lets go of the job (never, if the guest waits forever)."""
         jobs = [(released, job) for released, job in self._release_waits.items()
                 if job.lock is lock and not job.in_host_call and not released.done()]
+        left = []
         for released, job in jobs:
             released.set_result(None)
-            job.released = job.loop.create_future()  # set by _resolve once the thread lets go
-        return [job.released for _, job in jobs if job.released is not None]
+            job.released = left_go = job.loop.create_future()  # set by _resolve once the thread lets go
+            left.append(left_go)
+        return left
 
     def close(self) -> None:
         """Stop accepting work; queued calls are abandoned, then the threads end."""
