@@ -46,18 +46,16 @@ def config_path(args: argparse.Namespace) -> Path:
 
 
 def _host_table(source: Path) -> Any:
-    """The [host] table of the configuration at `source`, read as `run` reads it (a regular file of at most
-    MAX_CONFIG_BYTES: a FIFO is refused, not waited on) but not validated. OSError when it cannot be read,
-    ValueError (or TOMLDecodeError, UnicodeDecodeError) when it is no TOML configuration."""
-    from wasmhost.core.private_files import NotRegularFile, read_regular_file
-    from wasmhost.system.config import MAX_CONFIG_BYTES
+    """The [host] table of the configuration at `source`, read as `run` reads it (config.read_config_bytes)
+    but not validated. OSError when it cannot be read, ValueError (ConfigTooLarge, TOMLDecodeError,
+    UnicodeDecodeError) when it is no TOML configuration."""
+    from wasmhost.core.private_files import NotRegularFile
+    from wasmhost.system.config import read_config_bytes
 
     try:
-        data = read_regular_file(source, MAX_CONFIG_BYTES)
+        data = read_config_bytes(source)
     except NotRegularFile:
         raise OSError(0, "not a regular file") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
     return tomllib.loads(data.decode()).get("host", {})
 
 

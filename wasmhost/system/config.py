@@ -630,14 +630,28 @@ def _lattice(raw: dict[str, Any], base: Path, errors: list[str]
     return settings, tuple(grants)
 
 
+class ConfigTooLarge(ValueError):
+    """A configuration file larger than MAX_CONFIG_BYTES."""
+
+
+def read_config_bytes(path: Path) -> bytes:
+    """The bytes of the configuration file at `path`, as `run`, `check`, `reload` and the CLI's look for the
+    control socket read it: a regular file (NotRegularFile, an OSError, otherwise: a FIFO is refused, not
+    waited on) of at most MAX_CONFIG_BYTES (ConfigTooLarge otherwise), never read further than that."""
+    data = read_regular_file(path, MAX_CONFIG_BYTES)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigTooLarge(f"larger than {MAX_CONFIG_BYTES} bytes (8 MiB): not a wasmhost configuration (large "
+                             "component data belongs in a config_file)")
+    return data
+
+
 def load_config(path: Path) -> Config:
-    """Read and validate the configuration file at `path` (a regular file: a FIFO is refused, not waited on)."""
+    """Read and validate the configuration file at `path` (read_config_bytes)."""
     try:
-        data = read_regular_file(path, MAX_CONFIG_BYTES)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError(str(path), [f"larger than {MAX_CONFIG_BYTES} bytes (8 MiB): not a wasmhost "
-                                          "configuration (large component data belongs in a config_file)"])
+        data = read_config_bytes(path)
         text = data.decode()
+    except ConfigTooLarge as exc:
+        raise ConfigError(str(path), [str(exc)]) from None
     except NotRegularFile:
         raise ConfigError(str(path), ["cannot read: not a regular file"]) from None
     except OSError as exc:
