@@ -355,8 +355,11 @@ class Daemon:
         component, and the others' entries must stay."""
         if self._stopping:
             return
-        in_use = {d.digest for d in (*self.deployments.values(), *also_used) if d.digest is not None}
-        self.cache_pruner.request(in_use)
+        self.cache_pruner.request(self._cache_keys(also_used))
+
+    def _cache_keys(self, also_used: Iterable[Deployment] = ()) -> set[str]:
+        """The compilation cache keys of what runs, and of `also_used`."""
+        return {d.digest for d in (*self.deployments.values(), *also_used) if d.digest is not None}
 
     async def _prune_cache_daily(self) -> None:
         """Prune the cache once a day: entries in use are marked as used, so one replaced after a long run
@@ -567,7 +570,7 @@ class Daemon:
             await self._restore(old_config, old_deployments, added + replaced + removed)
             raise
         rolled_back = await self._roll_out([wanted[c] for c in handed], loaded, old_deployments)
-        self.runtime.cache.keep_only({d.digest for d in self.deployments.values() if d.digest is not None})
+        self.runtime.cache.keep_only(self._cache_keys())
         self._prune_cache(old_deployments.values())  # what ran until now is marked used now, and stays a while
         kept_changes = [c for c in changed if c not in rolled_back]
         report = ReloadReport("rolled-back" if rolled_back else "reloaded", added=[str(c) for c in added],
