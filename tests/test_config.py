@@ -121,6 +121,24 @@ def test_core_modules_and_missing_files_are_named(tmp_path: Path) -> None:
     assert found[1] == f"components[1].id: no component file at {FIXTURES / 'a' / 'none' / '0.wasm'}"
 
 
+def test_component_paths_naming_a_fifo_or_a_directory_say_so_without_waiting(tmp_path: Path) -> None:
+    """The file is checked through the descriptor it is read from, opened without blocking: a FIFO is
+    named as such at once (opening it to read would wait for a writer forever), never taken for a
+    missing file."""
+    components = tmp_path / "components"
+    components.mkdir()
+    os.mkfifo(components / "pipe.wasm")
+    (components / "dir.wasm").mkdir()
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[host]\ncomponents_dir = "{components}"\nstate_dir = "{tmp_path}"\n'
+                     '[[components]]\nid = "a/b/0"\npath = "pipe.wasm"\n'
+                     '[[components]]\nid = "a/b/1"\npath = "dir.wasm"\n', tmp_path / "wasmhost.toml")
+    assert info.value.errors == [
+        f"components[0].path: {components / 'pipe.wasm'} is not a regular file, expected a component file",
+        f"components[1].path: {components / 'dir.wasm'} is a directory, expected a component file",
+    ]
+
+
 def test_capabilities_naming_unknown_components_are_warnings(tmp_path: Path) -> None:
     config = parse(tmp_path, '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\n'
                              'capabilities = { send = ["a/*", "b/*"], request = ["a/echo/1"] }\n')

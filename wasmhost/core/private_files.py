@@ -72,18 +72,28 @@ class NotRegularFile(OSError):
     """A path that is not a regular file where one is read (a FIFO or device would block or never end)."""
 
 
-def read_regular_file(path: Path | str, limit: int | None = None) -> bytes:
-    """The bytes of the regular file at `path` (a configuration, anyone's): opened without blocking and
-    checked before it is read, so a FIFO or a device is refused (NotRegularFile) rather than waited on.
-    With `limit`, at most `limit + 1` bytes are read: more than `limit` says the file is too large,
-    without reading (and holding) all of a file that may be any size."""
+@contextlib.contextmanager
+def regular_file(path: Path | str) -> Iterator[tuple[int, os.stat_result]]:
+    """A descriptor of the regular file at `path` (anyone's) and its stat: opened without blocking and
+    checked through that descriptor, so a FIFO or a device is refused (NotRegularFile) rather than
+    waited on, even one swapped in after an earlier look at the path."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(f"{path} is not a regular file")
-        return _read_all(fd, limit)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise NotRegularFile(f"{path} is {kind}")
+        yield fd, st
     finally:
         os.close(fd)
+
+
+def read_regular_file(path: Path | str, limit: int | None = None) -> bytes:
+    """The bytes of the regular file at `path` (a configuration, anyone's), read through `regular_file`.
+    With `limit`, at most `limit + 1` bytes are read: more than `limit` says the file is too large,
+    without reading (and holding) all of a file that may be any size."""
+    with regular_file(path) as (fd, _):
+        return _read_all(fd, limit)
 
 
 def _read_all(fd: int, limit: int | None = None) -> bytes:

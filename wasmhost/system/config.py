@@ -23,7 +23,7 @@ from wasmhost.core.errors import LoadError
 from wasmhost.core.ids import HOST_ID, ComponentId, InvalidComponentId
 from wasmhost.core.limits import DEFAULT_MAX_OUTSTANDING_REQUESTS, ResourceLimits
 from wasmhost.core.message_size import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES_CEILING, WASMTIME_LIST_U8_CEILING
-from wasmhost.core.private_files import NotRegularFile, read_regular_file
+from wasmhost.core.private_files import NotRegularFile, read_regular_file, regular_file
 from wasmhost.core.rate_limit import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, RateLimit
 from wasmhost.lattice.settings import LatticeSection, LatticeSettings, lattice_settings
 from wasmhost.runtime.engine import EngineSettings
@@ -347,15 +347,18 @@ def _binary_problem(wasm: Path, components_dir: Path) -> str | None:
     """What is wrong with the component file `wasm` as far as the config can tell, or None."""
     if not _inside(components_dir, wasm):
         return f"{wasm} is outside the components directory {components_dir}"
-    if not wasm.is_file():
-        return f"no component file at {wasm}"
     try:
-        with wasm.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_COMPONENT_BYTES:
-                return f"{wasm} is {size} bytes, larger than {MAX_COMPONENT_BYTES} (128 MiB), the largest component " \
-                       "file loaded"
-            check_header(f.read(8), str(wasm))
+        # Checked through the descriptor it is read from: a FIFO swapped in after a look at the path
+        # would otherwise hang the check on its open.
+        with regular_file(wasm) as (fd, st):
+            if st.st_size > MAX_COMPONENT_BYTES:
+                return f"{wasm} is {st.st_size} bytes, larger than {MAX_COMPONENT_BYTES} (128 MiB), the largest " \
+                       "component file loaded"
+            check_header(os.read(fd, 8), str(wasm))
+    except FileNotFoundError:
+        return f"no component file at {wasm}"
+    except NotRegularFile as exc:
+        return f"{exc}, expected a component file"
     except LoadError as exc:
         return exc.reason
     except OSError as exc:
