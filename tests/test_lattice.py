@@ -13,6 +13,7 @@ import nats.errors
 from tests import lattice_support
 from tests.lattice_support import NatsServer, lattice_daemon, wait_for_log
 from tests.test_daemon import Daemon, component
+from wasmhost.lattice import wire
 
 nats_server = lattice_support.nats_server  # the fixtures this module uses
 daemons = lattice_support.daemons
@@ -133,6 +134,8 @@ def test_plain_nats_clients_reach_only_components_that_accept_external(tmp_path:
     data, headers = nats_call(nats_server.url, "wasmhost.default.msg.t.echo.0", b"fire",
                               {"Wasmhost-Kind": "send", "Wasmhost-Sender": "t/counter/0"})
     assert headers["Wasmhost-Outcome"] == "queued"  # a send, acknowledged once in the mailbox
+    said = wire.acknowledged_heartbeat("host-a", headers.get("Wasmhost-Heartbeat"))  # so it can be watched
+    assert said is not None and said.heartbeat_s == 0.5
     assert a.call("t/counter/0", "") == "1"  # the refused message never reached it
     assert a.stop() == 0
 

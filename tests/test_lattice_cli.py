@@ -3,16 +3,21 @@ daemons and a real nats-server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import nats as nats_client
 import pytest
+from nats.aio.msg import Msg
 
 from tests.lattice_support import NatsServer, free_port, lattice_daemon, lattice_section
-from tests.test_daemon import Daemon, component, config_text, launch, wasmhost
+from tests.test_daemon import ROOT, Daemon, component, config_text, launch, wasmhost
+from wasmhost.lattice import wire
 
 ECHO = component("t/echo/0", "echo")
 
@@ -59,6 +64,44 @@ def test_call_lattice_to_a_component_no_host_runs(tmp_path: Path, nats: NatsServ
     assert result.returncode == 1
     assert "no host of lattice 'default' runs t/nowhere/0" in result.stderr
     assert "wasmhost.default.msg.t.nowhere.0" in result.stderr
+
+
+def test_call_lattice_ends_when_the_host_dies_before_the_cli_heard_its_heartbeat(tmp_path: Path,
+                                                                                 nats: NatsServer) -> None:
+    """The `queued` acknowledgement says the host's heartbeat interval and start: a host that takes the request
+    and dies before the CLI has heard any heartbeat of it ends the call `target-stopped` three intervals later,
+    not at the call's timeout. The host is a plain NATS client acting as one (it acknowledges as a daemon does,
+    then is silent): a real daemon cannot be killed reliably between its acknowledgement and its next beat."""
+    config = write_config(tmp_path, config_text(tmp_path / "state", lattice_section([nats.url], "cli") + ECHO))
+
+    async def run() -> tuple[int | None, bytes]:
+        host = await nats_client.connect(nats.url)
+        try:
+            async def acknowledge(msg: Msg) -> None:  # ...and never heartbeat, as if killed right after
+                await host.publish(msg.reply, b"", headers={
+                    wire.OUTCOME: wire.QUEUED, wire.HOST: "host-gone",
+                    wire.HEARTBEAT: wire.heartbeat_header(0.2, 1234.5)})
+
+            subject = "wasmhost.default.msg.t.held.0"
+            await host.subscribe(subject, queue=subject, cb=acknowledge)
+            await host.flush()
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "wasmhost.cli", "call", "--lattice", "--config", str(config), "t/held/0", "hi",
+                "--timeout", "60", cwd=ROOT, stderr=asyncio.subprocess.PIPE)
+            try:
+                _, err = await asyncio.wait_for(cli.communicate(), 30)  # three intervals (0.6 s), not 60 s
+            finally:
+                if cli.returncode is None:
+                    cli.kill()
+                    await cli.wait()
+            return cli.returncode, err
+        finally:
+            await host.close()
+
+    returncode, err = asyncio.run(run())
+    assert returncode == 1
+    assert err.decode() == ("wasmhost: t/held/0: target-stopped: host host-gone left the lattice (no heartbeat) "
+                            "with the request\n")
 
 
 def lattice_status(d: Daemon) -> dict[str, object]:

@@ -220,7 +220,7 @@ def test_call_lattice_ends_when_the_host_holding_it_dies(tmp_path: Path, nats_se
         holder = until("a replica handles it",
                        lambda: next((s for s in servers if row(s, "t/slow/0")["in_hand"]), None), 10)
         assert isinstance(holder, Daemon)
-        time.sleep(4 * HEARTBEAT_S)  # the CLI has heard the holder's heartbeat (it learns the interval from it)
+        time.sleep(4 * HEARTBEAT_S)  # the CLI has heard the holder's heartbeats (before any: test_lattice_cli.py)
         holder.proc.kill()
         killed = time.monotonic()
         _, err = call.communicate(timeout=10)  # three of its heartbeats (1.5 s), not the call's 30 s

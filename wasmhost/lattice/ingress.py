@@ -45,6 +45,7 @@ class Ingress:
         # Senders decide how many of their messages are refused (a full mailbox, no grant): each logged, a guest
         # on another host sending in a loop wrote 554,051 lines in 35 s here. At most a few per target now.
         self._rejected_lines = LogBudget()
+        self._heartbeat = wire.heartbeat_header(link.settings.heartbeat_s, link.started_at)  # said on `queued`
 
     async def on_message(self, msg: Msg) -> None:
         """A NATS message on a local component's subject (one subscription task per component)."""
@@ -142,6 +143,8 @@ class Ingress:
     def _answer(self, reply: str, payload: bytes, outcome: str, target: ComponentId, detail: str = "",
                 error: str | None = None) -> None:
         headers = {wire.OUTCOME: outcome, wire.HOST: self.link.host}
+        if outcome == wire.QUEUED:  # the requester may not have heard this host yet: it can watch it from now on
+            headers[wire.HEARTBEAT] = self._heartbeat
         if detail:
             headers[wire.DETAIL] = wire.one_line(detail)
         if error is not None:  # a rejection: the sender's host logs it, naming the target

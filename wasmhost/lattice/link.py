@@ -84,8 +84,8 @@ class Link:
         self.host = settings.host_id
         self.subjects = wire.Subjects(settings.name)
         self.directory = Directory(self.host)
-        self.ingress = Ingress(self, accepts_external)
         self.started_at = time.time()
+        self.ingress = Ingress(self, accepts_external)
         self.nc: Client | None = None
         self.cause = "not connected yet"  # why the link is down, for delivery-failed details
         self._unreachable_logged = ""

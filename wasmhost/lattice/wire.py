@@ -12,7 +12,7 @@ Headers of a message: Wasmhost-Kind (send|request|broadcast), Wasmhost-Sender, W
 external clients), Wasmhost-Correlation-Id, Wasmhost-Timeout-Ms, Wasmhost-Ack, Content-Type. Headers of an answer:
 Wasmhost-Outcome (reply|no-reply|failed|timeout|target-stopped|queued|rejected), Wasmhost-Detail (one line),
 Wasmhost-Error (the messaging-error case, for `rejected`), Wasmhost-Host (the host that answered),
-Wasmhost-Target (the component it was for, on `rejected`).
+Wasmhost-Target (the component it was for, on `rejected`), Wasmhost-Heartbeat (on `queued`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ TARGET = "Wasmhost-Target"
 ACK = "Wasmhost-Ack"
 """On a request (from a host, or `call --lattice`): `1` asks the host that takes it to answer `queued` first
 (naming itself)."""
+HEARTBEAT = "Wasmhost-Heartbeat"
+"""On a `queued` answer: `<heartbeat_s> <started_at>` of the host that took the request, so that a requester
+that has heard none of its heartbeats yet (`call --lattice`) can tell from then on when it stops answering."""
 
 KIND_SEND = "send"
 KIND_REQUEST = "request"
@@ -145,6 +148,23 @@ class Inventory(msgspec.Struct, frozen=True):
 
 
 heartbeat_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(Heartbeat))
+
+
+def heartbeat_header(heartbeat_s: float, started_at: float) -> str:
+    """The Wasmhost-Heartbeat value of a host with this interval that started at this time."""
+    return f"{heartbeat_s!r} {started_at!r}"
+
+
+def acknowledged_heartbeat(host: str, value: str | None) -> Heartbeat | None:
+    """The heartbeat a `queued` answer of `host` stands for (Wasmhost-Heartbeat), or None when it has none or
+    it is not one (an interval outside HeartbeatSeconds included)."""
+    try:
+        interval, started_at = (value or "").split(" ")
+        fields = {"host": host, "seq": 0, "started_at": float(started_at), "heartbeat_s": float(interval),
+                  "inventory_version": 0}
+        return msgspec.convert(fields, Heartbeat)
+    except (ValueError, msgspec.ValidationError):
+        return None
 inventory_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(Inventory))
 
 

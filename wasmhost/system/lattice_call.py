@@ -5,8 +5,9 @@ it needs no local daemon, only the [lattice] URLs and credentials, and the recei
 an external sender (`external/cli/<machine>`), so the target must say `accept_external = true`.
 
 Like a daemon's own requests, it asks the host that takes the request to say so (`Wasmhost-Ack: 1`, answered
-`queued` naming that host) and then watches that host's heartbeats: when it misses three of them (of its own
-interval) or restarts, the call ends at once with `target-stopped` instead of waiting for its timeout.
+`queued` naming that host and its heartbeat interval) and then watches that host's heartbeats: when it misses
+three of them (of its own interval, counted from the acknowledgement) or restarts, the call ends at once with
+`target-stopped` instead of waiting for its timeout.
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ async def _request(nc: Client, lattice: str, target: ComponentId, payload: bytes
     """Publish the request and return its answer (not the `queued` acknowledgement), within `timeout` s.
     The acknowledgement names the host that took the request: its heartbeats are watched from then on, and
     the call ends `target-stopped` when that host misses MISSED_HEARTBEATS of them or restarts (the same rule
-    and words as a daemon's requests, see Link._end_placed). A host that dies before its first heartbeat
-    reaches the CLI (its interval unknown) leaves the call to its timeout."""
+    and words as a daemon's requests, see Link._end_placed). The acknowledgement says the host's interval and
+    start (Wasmhost-Heartbeat), so one that dies before the CLI hears any of its heartbeats is noticed too;
+    without it (a host of an older version), only from its first heartbeat heard."""
     subjects = wire.Subjects(lattice)
     subject = subjects.message(target)
     loop = asyncio.get_running_loop()
@@ -166,4 +168,7 @@ async def _request(nc: Client, lattice: str, target: ComponentId, payload: bytes
         if not holder and found.get(wire.HOST):  # the host holding it: watched until the answer comes
             holder = found[wire.HOST]
             beats = subjects.heartbeat(holder)
+            said = wire.acknowledged_heartbeat(holder, found.get(wire.HEARTBEAT))
+            if said is not None:  # alive as it acknowledged: counted as its heartbeat heard now
+                last, heard = said, loop.time()
             await nc.subscribe(beats, cb=put)
