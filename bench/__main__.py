@@ -16,6 +16,7 @@ from bench import (
     density,
     fairness,
     forensics,
+    hostile,
     lattice,
     listing,
     logs,
@@ -38,6 +39,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "storage": storage.run, "messaging": messaging.run,
     "payload": payload.run, "stop": stop.run, "reload": reload.run, "metrics": metrics.run,
     "forensics": forensics.run, "lattice": lattice.run, "accounting": accounting.run, "listing": listing.run,
+    "hostile": hostile.run,
 }
 
 

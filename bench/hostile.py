@@ -1,0 +1,137 @@
+"""Neighbours of three hostile guests, each pushing on a recent limit in a loop (the `fanout` fixture):
+(a) returning a 20 MB runtime-error (bounded where it enters the host, store.guest_error), (b) logging a
+line with 900,000 empty context pairs (read lazily and only as far as a line holds, host_fn.ContextPairs),
+(c) storing a 2 MB value from an 8-byte message (budgets its next call, HostContext.produced). Beside each:
+an echo's request p50/p99 against the same echo beside a guest computing without host calls (`busy`), the
+host's RSS growth over the window, and what the hostile guest did per second, to show it was hostile."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+
+from bench.harness import FIXTURES, Row, bench_supervisor, daemon_logging, frozen_heap
+from wasmhost.actors.spec import ActorSpec
+from wasmhost.actors.supervisor import Supervisor
+from wasmhost.core import ComponentId
+from wasmhost.messaging.outcome import RequestFailed
+from wasmhost.runtime.runtime import Runtime
+from wasmhost.storage.sqlite_store import SqliteStorage
+
+ECHO = ComponentId("hostile", "echo", "0")
+BUSY = ComponentId("hostile", "busy", "0")
+FANOUT = ComponentId("hostile", "fanout", "0")
+ERROR_BYTES = 20_000_000
+"""(a): one runtime-error's text (the size that took the daemon to 2.7 GB before it was bounded)."""
+CONTEXT_PAIRS = 900_000
+"""(b): empty pairs in one line, 14 MB of linear memory: about as many as wasmtime lets one host call carry
+(its 128 MiB of hostcall fuel, 3 values of 48 bytes a pair)."""
+STORED_BYTES = 2_000_000
+"""(c): one storage.set value (below wasmtime's 2,796,200-byte ceiling for a list<u8> in one call)."""
+TARGET_P99_MS = 50.0
+TARGET_RSS_MIB = 256.0
+"""RSS growth allowed over a window: one conversion of the largest payload wasmtime lets through costs
+about 160 bytes of host memory a byte (2 MB: ~320 MB transient, conversion_budget.py); the limits hold when
+the host keeps about one such conversion at a time, not one per call the hostile guest makes."""
+
+
+@dataclass
+class Window:
+    """What one measurement window saw: the echo's latencies (ms, sorted), the RSS growth (MiB) and the
+    hostile guest's calls and seconds."""
+
+    samples: list[float]
+    rss_growth_mib: float
+    calls: int
+    seconds: float
+
+    def percentile(self, share: float) -> float:
+        """The latency below which `share` of the echo's requests were answered (ms)."""
+        return self.samples[max(0, int(len(self.samples) * share) - 1)]
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 2**20
+
+
+async def _window(sup: Supervisor, seconds: float, hog: ComponentId, payload: bytes) -> Window:
+    """The echo's latencies over `seconds` while `hog` handles `payload` again and again (its failures, such
+    as the runtime-error it is asked for, count as calls)."""
+    stop = False
+    calls = 0
+    rss_before = peak = _rss_mib()
+
+    async def loop() -> None:
+        nonlocal calls
+        while not stop:
+            with contextlib.suppress(RequestFailed):
+                await sup.router.host_request(hog, payload, 60.0)
+            calls += 1
+
+    began_all = time.perf_counter()
+    looping = asyncio.ensure_future(loop())
+    await asyncio.sleep(0.05)
+    samples = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        began = time.perf_counter()
+        assert await sup.router.host_request(ECHO, b"ping", 10.0) == b"ping"
+        samples.append((time.perf_counter() - began) * 1000)
+        peak = max(peak, _rss_mib())
+        await asyncio.sleep(0.001)
+    stop = True
+    await looping
+    samples.sort()
+    return Window(samples, peak - rss_before, calls, time.perf_counter() - began_all)
+
+
+async def _measure(runtime: Runtime, seconds: float, state: Path) -> list[Row]:
+    storage = SqliteStorage(state / "hostile.sqlite3")
+    async with bench_supervisor(runtime, storage=storage) as sup:
+        for cid, fixture in ((ECHO, "echo"), (BUSY, "busy"), (FANOUT, "fanout")):
+            await sup.start(ActorSpec(cid, health_interval=3600.0, storage=cid == FANOUT),
+                            runtime.load(cid, FIXTURES / f"{fixture}.wasm"))
+        with frozen_heap():
+            base = await _window(sup, seconds, BUSY, b"20000000")
+            cases = (("errors", f"e{ERROR_BYTES}", ERROR_BYTES / 1e6, "MB/s", "error MB/s"),
+                     ("log ctx", f"l{CONTEXT_PAIRS}", 1.0, "lines/s", "log lines/s"),
+                     ("stored", f"s{STORED_BYTES}", STORED_BYTES / 1e6, "MB/s", "stored MB/s"))
+            windows = [(name, await _window(sup, seconds, FANOUT, payload.encode()), per_call, unit, what)
+                       for name, payload, per_call, unit, what in cases]
+    print(f"beside busy: echo p50 {base.percentile(0.5):.2f} ms, p99 {base.percentile(0.99):.2f} ms, "
+          f"RSS +{base.rss_growth_mib:.0f} MiB", file=sys.stderr)
+    rows = []
+    for name, w, per_call, unit, what in windows:
+        done = w.calls * per_call / w.seconds
+        print(f"beside {name}: echo p50 {w.percentile(0.5):.2f} ms, p99 {w.percentile(0.99):.2f} ms "
+              f"({len(w.samples)} requests), RSS +{w.rss_growth_mib:.0f} MiB, hostile {done:.1f} {unit}",
+              file=sys.stderr, flush=True)
+        rows += [Row("hostile", f"p50, {name}", base.percentile(0.5), w.percentile(0.5), "ms", None),
+                 Row("hostile", f"p99, {name}", base.percentile(0.99), w.percentile(0.99), "ms", TARGET_P99_MS,
+                     at_most=True),
+                 Row("hostile", f"RSS+, {name}", base.rss_growth_mib, w.rss_growth_mib, "MiB", TARGET_RSS_MIB,
+                     at_most=True),
+                 Row("hostile", what, 0.0, done, unit, None)]
+    return rows
+
+
+def run(seconds: float = 1.0) -> list[Row]:
+    """An echo's p50/p99 and the RSS growth beside each hostile guest, against the echo beside `busy`."""
+    runtime = Runtime()
+    try:
+        with daemon_logging(), tempfile.TemporaryDirectory() as tmp:  # the log lines written, as the daemon does
+            return uvloop.run(_measure(runtime, max(2.0, 2 * seconds), Path(tmp)))
+    finally:
+        runtime.close()
+
+
+if __name__ == "__main__":
+    run(2.0)
