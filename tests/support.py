@@ -7,6 +7,7 @@ runtime, wasmtime and the guest components around them are real.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -206,3 +207,29 @@ async def guarded_supervisor(runtime: Runtime, storage_path: Path, quota_bytes: 
     finally:
         workers.close()
         storage.close()
+
+
+async def answers_beside(sup: Supervisor, neighbour: ComponentId, hog: ComponentId, payload: bytes,
+                         pings: int = 3) -> tuple[list[bytes | None], int]:
+    """`neighbour`'s replies to `pings` requests sent one after another while `hog` is asked `payload` again
+    and again (from before the first ping until the last reply came; a failed answer counts as a call too),
+    and how many calls `hog` made. A neighbour stalled past 10 s fails its request."""
+    from wasmhost.messaging.outcome import RequestFailed
+
+    done = False
+    calls = 0
+
+    async def hammer() -> None:
+        nonlocal calls
+        while not done:
+            with contextlib.suppress(RequestFailed):  # the runtime-error a hostile guest was asked for, say
+                await sup.router.host_request(hog, payload, 60.0)
+            calls += 1
+
+    hammering = asyncio.ensure_future(hammer())
+    try:
+        replies = [await sup.router.host_request(neighbour, b"ping", 10.0) for _ in range(pings)]
+    finally:
+        done = True
+        await hammering
+    return replies, calls

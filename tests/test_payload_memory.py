@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import plain_supervisor
+from tests.support import answers_beside, plain_supervisor
 from tests.test_actors import launch
 from wasmhost.actors import actor as actor_module
 from wasmhost.actors.conversion_budget import CONVERSIONS, ConversionBudget
@@ -147,6 +147,9 @@ async def test_a_large_value_a_guest_stores_budgets_its_next_call_and_is_trimmed
     assert await supervisor.router.host_request(guest.component_id, f"s{size}".encode(), 30.0) is None
     assert guest.output_hint == size  # the next call waits for room for a conversion this large
     assert trims  # and the copies were handed back once the call ended
+    echo = await launch(supervisor, "echo", "test-org/echo/0")
+    replies, calls = await answers_beside(supervisor, echo.component_id, guest.component_id, f"s{size}".encode())
+    assert replies == [b"ping"] * 3 and calls >= 1  # a neighbour answers while the guest stores in a loop
 
 
 async def test_memory_of_guests_sending_large_payloads_goes_back_afterwards(supervisor: Supervisor) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Starter
-from tests.support import plain_supervisor
+from tests.support import answers_beside, plain_supervisor
 from tests.test_actors import ask, last_outcome, launch, wait_callbacks
 from tests.test_daemon import component, daemon, wasmhost
 from wasmhost.actors.actor import ComponentActor
@@ -154,6 +154,10 @@ async def test_a_guests_error_far_above_any_limit_reaches_the_requester_bounded(
     assert caught.value.outcome is Outcome.FAILED
     cut = f"... ({20_000_000 - 512} characters cut)"
     assert caught.value.detail == "test-org/fanout/0: runtime-error: " + "e" * 512 + cut
+    await launch(supervisor, "echo", ECHO)
+    replies, calls = await answers_beside(supervisor, ComponentId.parse(ECHO), ComponentId.parse("test-org/fanout/0"),
+                                          b"e20000000")
+    assert replies == [b"ping"] * 3 and calls >= 1  # a neighbour answers while the guest fails so in a loop
 
 
 # --- the control socket and CLI of a real daemon ---
