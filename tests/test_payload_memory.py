@@ -23,6 +23,7 @@ from wasmhost.messaging.outcome import Outcome, RequestFailed
 from wasmhost.runtime.host_fn import CONTEXT_PAIR_VALUES
 from wasmhost.runtime.malloc import release_free_memory
 from wasmhost.runtime.runtime import Runtime
+from wasmhost.runtime.store import TEXT_BYTES_PER_LIST_BYTE
 
 pytestmark = pytest.mark.anyio
 
@@ -169,6 +170,19 @@ async def test_a_long_log_context_budgets_the_guests_next_call_and_is_trimmed(
     replies, calls = await answers_beside(supervisor, echo.component_id, guest.component_id, f"l{pairs}".encode())
     assert replies == [b"ping"] * 3 and calls >= 1  # a neighbour answers while the guest logs in a loop
 
+
+async def test_a_long_error_text_budgets_the_guests_next_call_and_is_trimmed(
+        supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The text is bounded where it enters the host, but wasmtime and the host have converted it whole by then:
+    # four guests returning 20 MB errors in a loop left the host at 281 MiB once they quit (80 of it theirs).
+    trims: list[bool] = []
+    monkeypatch.setattr(actor_module, "release_free_memory", lambda: trims.append(True) or True)
+    guest = await launch(supervisor, "fanout", "test-org/fanout/0")
+    size = 20_000_000
+    with pytest.raises(RequestFailed):
+        await supervisor.router.host_request(guest.component_id, f"e{size}".encode(), 30.0)
+    assert guest.output_hint == size // TEXT_BYTES_PER_LIST_BYTE  # the next call waits for room for it
+    assert trims  # and the copies were handed back once the call ended
 
 async def test_memory_of_guests_sending_large_payloads_goes_back_afterwards(supervisor: Supervisor) -> None:
     # Six guests sending 2.7 MB each left 500-700 MiB resident: freed in per-thread malloc arenas,
