@@ -184,6 +184,7 @@ async def test_a_long_error_text_budgets_the_guests_next_call_and_is_trimmed(
     assert guest.output_hint == size // TEXT_BYTES_PER_LIST_BYTE  # the next call waits for room for it
     assert trims  # and the copies were handed back once the call ended
 
+
 async def test_memory_of_guests_sending_large_payloads_goes_back_afterwards(supervisor: Supervisor) -> None:
     # Six guests sending 2.7 MB each left 500-700 MiB resident: freed in per-thread malloc arenas,
     # which malloc_trim cannot hand back. One arena, trimmed once the budget is idle.
