@@ -37,15 +37,15 @@ RESERVED_KEYS = frozenset({
 
 
 def guest_line(message: str, context: Iterable[tuple[str, str]], correlation_id: str | None,
-               left_out: int = 0) -> tuple[str, dict[str, str | int]]:
+               unread_pairs: int = 0) -> tuple[str, dict[str, str | int]]:
     """The guest's message and context pairs as an event and its fields.
 
     A key that is one of ours (RESERVED_KEYS) or already used by an earlier pair gets `guest_` in front, as
     often as needed, so that every pair is kept. Message, keys (as written, at least one character each)
     and values share MAX_LINE_CHARS in that order; what does not fit is cut (from the first pair whose key
     does not fit on, pairs are left out) and the number of characters cut (a key at least one) is the
-    field `truncated_chars`. `left_out`: the length of pairs the caller left out after `context` (no line
-    could hold them), cut too.
+    field `truncated_chars`. `unread_pairs`: pairs after `context` the caller did not read (no line could
+    hold them), the field `truncated_pairs`.
     """
     room = MAX_LINE_CHARS
     cut = max(0, len(message) - room)
@@ -67,9 +67,10 @@ def guest_line(message: str, context: Iterable[tuple[str, str]], correlation_id:
                 continue
             room = 0  # the pairs after it are left out too: each costs a constant from here on
         cut += max(1, len(key)) + len(value)
-    cut += left_out
     if cut:
         fields["truncated_chars"] = cut
+    if unread_pairs:
+        fields["truncated_pairs"] = unread_pairs
     if correlation_id is not None:
         fields["correlation_id"] = correlation_id
     return message, fields
