@@ -373,13 +373,43 @@ def test_an_actor_always_busy_keeps_no_memory_for_keys_it_wrote_and_deleted(tmp_
                     held.delete(key)
                     held.end_message(True)
                 held.start_commit()  # the next batch starts while this one's commit is in flight
-            gc.collect()  # confirmed commits and their units refer to each other
+            gc.collect()
             grown = tracemalloc.get_traced_memory()[0] - before
         finally:
             tracemalloc.stop()
         held.commit()
         assert storage.usage(OWNER).key_count == 0
         assert grown < 1 << 20, f"{grown} bytes kept after 10,000 keys written and deleted"
+    finally:
+        storage.close()
+
+
+def test_committed_batches_leave_no_cyclic_garbage(tmp_path: Path) -> None:
+    """Each unit's on_done (a method of its batch's PendingCommit, which lists the units) made a
+    reference cycle per acknowledged message: its unit, ops and callback outlived the commit until the
+    cyclic collector found them (103,000 objects per 25,000 guest sets in `python -m bench storage`'s
+    set row, traced by every collection until then). Freed by reference counting now."""
+    storage = SqliteStorage(tmp_path / "s.sqlite3")
+    try:
+        held = storage.hold(OWNER)
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds stays in gc.garbage, for the message
+        try:
+            for batch in range(3):
+                for i in range(10):
+                    held.set(f"k{batch}-{i}", b"v")
+                    held.end_message(True)
+                held.start_commit()  # the next batch starts while this one's commit is in flight
+            held.commit()
+            gc.collect()
+            cyclic = sorted({type(o).__name__ for o in gc.garbage if type(o).__module__.startswith("wasmhost")})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert storage.usage(OWNER).key_count == 30
+        assert cyclic == []
     finally:
         storage.close()
 

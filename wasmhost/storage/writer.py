@@ -65,7 +65,9 @@ class WriteUnit:
     finished: bool = False
     """Committed, or failed with `error` (set under the writer's lock)."""
     on_done: Callable[[], None] | None = None
-    """Called once `finished` (from the thread that finished it; it must not block)."""
+    """Called once `finished` (from the thread that finished it; it must not block), then dropped:
+    it usually points back at what holds the unit (a PendingCommit's method), and a cycle left in
+    place per unit would make every acknowledged write garbage for the cyclic collector."""
     event: threading.Event | None = field(default=None, repr=False)
     """Made by the first waiter that has to block (most units are waited for through on_done)."""
 
@@ -145,6 +147,7 @@ class StorageWriter:
     def _give_up(self, unit: WriteUnit) -> None:
         """End the wait for `unit` in io-error: withdrawn if the writer has not taken it yet."""
         gave_up = False
+        on_done = None
         with self._cond:
             if not unit.finished:
                 if unit.taken:
@@ -156,10 +159,10 @@ class StorageWriter:
                         "io-error", f"storage writer did not take the write within {self.timeout_s:g} s; "
                                     "nothing was written")
                 self._on_io_error(TimeoutError(str(unit.error)))
-                self._mark(unit)
+                on_done = self._mark(unit)
                 gave_up = True
-        if gave_up and unit.on_done is not None:
-            unit.on_done()
+        if gave_up and on_done is not None:
+            on_done()
 
     def queued(self) -> int:
         """Units waiting for the writer to take them."""
@@ -299,21 +302,24 @@ class StorageWriter:
                     default: StorageError | None = None) -> None:
         """Finish `units` (with their error in `errors`, else `default`) under one lock, then call
         their on_done callbacks."""
-        finished = []
+        callbacks = []
         with self._cond:
             for unit in units:
                 if unit.finished:
                     continue  # its caller already gave up and reported io-error
                 unit.error = errors.get(id(unit), default)
-                self._mark(unit)
-                finished.append(unit)
-        for unit in finished:
-            if unit.on_done is not None:
-                unit.on_done()
+                on_done = self._mark(unit)
+                if on_done is not None:
+                    callbacks.append(on_done)
+        for on_done in callbacks:
+            on_done()
 
     @staticmethod
-    def _mark(unit: WriteUnit) -> None:
-        """Mark `unit` finished and wake its waiter, if any (under the lock)."""
+    def _mark(unit: WriteUnit) -> Callable[[], None] | None:
+        """Mark `unit` finished and wake its waiter, if any (under the lock); returns its on_done,
+        now taken off it (see WriteUnit.on_done), for the caller to call once out of the lock."""
         unit.finished = True
         if unit.event is not None:
             unit.event.set()
+        on_done, unit.on_done = unit.on_done, None
+        return on_done
