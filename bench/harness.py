@@ -28,6 +28,7 @@ from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import CapabilityChecker
 from wasmhost.storage.sqlite_store import SqliteStorage
+from wasmhost.system.heap import steady_collector
 from wasmhost.system.logging import configure_logging, shutdown_logging
 from wasmhost.system.stores import HostStores
 
@@ -115,18 +116,19 @@ async def bench_supervisor(runtime: Runtime, *, threads: int | None = None, stor
     loop = asyncio.get_running_loop()
     router = MessageRouter(loop) if permissions is None else MessageRouter(loop, permissions)
     try:
-        async with Supervisor(HostStores(runtime, router, storage, permissions), router, workers) as sup:
-            try:
-                yield sup
-            finally:
+        with steady_collector():  # the collector's thresholds as in the daemon (see system/heap.py)
+            async with Supervisor(HostStores(runtime, router, storage, permissions), router, workers) as sup:
                 try:
-                    await sup.stop_all(drain_s)
+                    yield sup
                 finally:
                     try:
-                        workers.close()
+                        await sup.stop_all(drain_s)
                     finally:
-                        if storage is not None:
-                            storage.close()
+                        try:
+                            workers.close()
+                        finally:
+                            if storage is not None:
+                                storage.close()
     finally:
         affinity.leave_home()  # daemons the next benchmark starts inherit this thread's cores and may take its home
 

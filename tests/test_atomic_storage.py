@@ -35,6 +35,7 @@ from wasmhost.runtime.runtime import Runtime
 from wasmhost.storage.accounting import entry_cost
 from wasmhost.storage.held import PendingCommit
 from wasmhost.storage.sqlite_store import SqliteStorage
+from wasmhost.system.heap import steady_collector
 from wasmhost.system.stores import HostStores
 
 pytestmark = pytest.mark.anyio
@@ -93,6 +94,39 @@ async def test_a_message_that_ends_ok_commits_all_its_writes_and_later_messages_
     assert host.stored(actor) == {"a": b"v1", "last": b"a"}  # committed before the reply was released
     assert await host.answer(actor, b"g a") == b"v1"
     assert await host.answer(actor, b"g last") == b"a"
+
+
+async def test_acknowledged_writes_waiting_for_their_commit_do_not_make_the_collector_run(host: Host) -> None:
+    """A message that writes storage keeps its objects (envelope, reply, held write, write unit) until its
+    batch's commit is confirmed, and at CPython's default threshold the collector then ran every ~115
+    acknowledged sets, freeing nothing (5 - 7 us of CPU per set, a tenth of its cost, in the bench's set
+    row). The daemon collects the youngest generation less often (system/heap.py)."""
+    actors = [await host.start(f"t/tx/{i}") for i in range(2)]
+    collections = 0
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        nonlocal collections
+        collections += phase == "start"
+
+    keys = iter(range(3000))
+
+    async def client(actor: ComponentActor) -> None:
+        for i in keys:
+            assert await host.ask(actor, b"o k%d" % (i % 500)) == b"v1"
+
+    with steady_collector():
+        gc.collect()
+        gc.callbacks.append(count)
+        try:
+            with anyio.fail_after(BOUND):
+                async with anyio.create_task_group() as tg:
+                    for actor in actors:
+                        for _ in range(128):
+                            tg.start_soon(client, actor)
+        finally:
+            gc.callbacks.remove(count)
+    assert len(host.stored(actors[0])) + len(host.stored(actors[1])) > 500
+    assert collections <= 10, f"{collections} collections for 3,000 acknowledged messages"
 
 
 async def test_list_keys_inside_a_message_sees_its_own_writes(host: Host) -> None:

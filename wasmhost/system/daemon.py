@@ -48,7 +48,7 @@ from wasmhost.system import protocol
 from wasmhost.system.config import ComponentPlan, Config, ConfigError, load_config
 from wasmhost.system.control import ControlServer, SocketInUse
 from wasmhost.system.detached import start_detached
-from wasmhost.system.heap import DeploymentHeap, collect_all, frozen_after_slow_collections
+from wasmhost.system.heap import DeploymentHeap, collect_all, frozen_after_slow_collections, steady_collector
 from wasmhost.system.logging import lines_dropped, reopen_log_files
 from wasmhost.system.metrics import DaemonCounters, MetricsServer, start_metrics
 from wasmhost.system.reload_report import ReloadReport, cut
@@ -198,7 +198,8 @@ class Daemon:
     async def run(self) -> int:
         """Deploy, serve until a stop signal, stop gracefully; returns the exit code."""
         try:
-            with frozen_after_slow_collections():  # what restarts build is frozen too (see heap.py)
+            # what restarts build is frozen too; objects kept a few batches are not collected (see heap.py)
+            with frozen_after_slow_collections(), steady_collector():
                 return await self._run()
         finally:
             self._release()
