@@ -158,16 +158,16 @@ class RecordingMessaging:
 
 
 @asynccontextmanager
-async def plain_supervisor(runtime: Runtime, threads: int = 8, host_max_message_bytes: int | None = None
-                           ) -> AsyncIterator[Supervisor]:
-    """A Supervisor on a worker pool of its own and a router without capability checks or storage;
-    stops every actor and the pool afterwards."""
+async def plain_supervisor(runtime: Runtime, threads: int = 8, host_max_message_bytes: int | None = None,
+                           max_lent: int | None = None) -> AsyncIterator[Supervisor]:
+    """A Supervisor on a worker pool of its own (lending at most `max_lent` threads, if given) and a router
+    without capability checks or storage; stops every actor and the pool afterwards."""
     from wasmhost.actors.supervisor import Supervisor
     from wasmhost.actors.workers import WorkerPool
     from wasmhost.messaging.router import MessageRouter
     from wasmhost.system.stores import HostStores
 
-    workers = WorkerPool(threads)
+    workers = WorkerPool(threads) if max_lent is None else WorkerPool(threads, max_lent=max_lent)
     loop = asyncio.get_running_loop()
     router = (MessageRouter(loop) if host_max_message_bytes is None
               else MessageRouter(loop, host_max_message_bytes=host_max_message_bytes))

@@ -411,3 +411,73 @@ async def test_a_health_probe_of_a_guest_asleep_in_wasi_ends_and_the_component_r
             assert await meanwhile == b"1"
         assert await ask(sup, str(sleeper), b"h2", 3600.0) == b"2"
     assert actor.stats.restarts == 1 and actor.state is ActorState.RUNNING
+
+
+LENT = 4
+"""The lending ceiling of the pools below (MAX_LENT_THREADS is 256): 2 + 4 threads, 2 held at most before
+components are failed (WorkerPool.max_held, half the lent threads)."""
+
+
+@pytest.mark.anyio
+async def test_components_that_keep_sleeping_in_wasi_cannot_hold_every_thread_of_the_host(runtime: Runtime) -> None:
+    """Each component is failed once it holds max_restarts + 1 threads given up on in WASI, but nothing
+    bounded them across components: with a generous max_restarts, three sleepers restarted and slept again
+    until they held every thread of the pool (6 of 6 on 2 threads lending at most 4, lowered from 256 here
+    through WorkerPool's max_lent), all stuck `restarting`, and the echo beside them got no answer (a 10 s
+    request timed out) for as long as they slept. Once `max_held` threads are held host-wide, a component
+    whose call is given up on is failed instead of restarted, saying why; the echo is still served."""
+    with structlog.testing.capture_logs() as logs:
+        async with plain_supervisor(runtime, THREADS, max_lent=LENT) as sup:
+            workers = sup.workers
+            echo = ComponentId.parse("test-org/echo/0")
+            await sup.start(ActorSpec(echo), sup.stores.runtime.load(echo, fixture_path("echo")))
+            sleepers = [ComponentId.parse(f"evil/wasiprobe/{i}") for i in range(3)]
+            for sleeper in sleepers:
+                spec = sleeper_spec(sleeper, intensity=Intensity(max_restarts=20, window=60.0))
+                await sup.start(spec, sup.stores.runtime.load(sleeper, fixture_path("wasiprobe")))
+            naps = [asyncio.ensure_future(ask(sup, str(sleeper), HOUR, 3600.0))
+                    for sleeper in sleepers for _ in range(6)]
+            actors = [sup.actors[sleeper] for sleeper in sleepers]
+            await until(lambda: all(actor.state is ActorState.FAILED for actor in actors), 30.0)  # a guard
+            assert await ask(sup, str(echo), b"ping", 10.0) == b"ping"
+            # Past the bound, each component holds one thread more at most: the one it is failed for.
+            assert workers.held_threads == sum(actor.held_threads for actor in actors) <= workers.max_held - 1 + 3
+            assert workers.threads < workers.max_threads
+            results = await asyncio.gather(*naps, return_exceptions=True)
+            assert all(isinstance(result, RequestFailed) for result in results), results
+            refused = [actor for actor in actors if (actor.stats.last_error or "").startswith("not restarted")]
+            assert refused, [actor.stats.last_error for actor in actors]
+            assert "held by guests asleep in WASI (host-wide bound 2)" in (refused[0].stats.last_error or "")
+            assert f"wasmhost restart {refused[0].name}" in (refused[0].stats.last_error or "")
+    bounded = [entry for entry in logs if entry["event"] == "host_threads_held"]
+    assert bounded and all(entry["max_held"] == 2 and entry["held_threads"] >= 2 for entry in bounded)
+
+
+@pytest.mark.anyio
+async def test_once_threads_held_in_wasi_are_let_go_components_restart_again(runtime: Runtime) -> None:
+    """The host-wide bound on threads held by calls given up on in WASI counts only threads still held: once
+    the sleepers wake, a component whose call is given up on is restarted again (the pool lends at most
+    4 threads here, lowered from 256: 2 held at most, see the test above)."""
+    async with plain_supervisor(runtime, THREADS, max_lent=LENT) as sup:
+        workers = sup.workers
+        sleepers = [ComponentId.parse(f"evil/wasiprobe/{i}") for i in range(2)]
+        for sleeper in sleepers:
+            await sup.start(sleeper_spec(sleeper), sup.stores.runtime.load(sleeper, fixture_path("wasiprobe")))
+        actors = [sup.actors[sleeper] for sleeper in sleepers]
+        with anyio.fail_after(HANG_GUARD_S):
+            # 4 s: well after they are given up on (1 s deadline + STOP_GRACE)
+            naps = await asyncio.gather(*(ask(sup, str(sleeper), b"s4000", 3600.0) for sleeper in sleepers),
+                                        return_exceptions=True)
+            assert all("blocked in a WASI wait" in str(nap) for nap in naps), naps
+            # The first given up on made 1 held thread and restarted, the second made 2 (the bound) and failed.
+            await until(lambda: sorted((actor.state.value, actor.stats.restarts) for actor in actors)
+                        == [("failed", 0), ("running", 1)])
+            failed = next(actor for actor in actors if actor.state is ActorState.FAILED)
+            await until(lambda: workers.held_threads == 0, HANG_GUARD_S)  # both guests woke
+            await failed.restart()  # as `wasmhost restart ID`
+            assert failed.state is ActorState.RUNNING and failed.stats.restarts == 1
+            with pytest.raises(RequestFailed, match="blocked in a WASI wait"):
+                await ask(sup, failed.name, HOUR, 3600.0)
+            await until(lambda: failed.state is ActorState.RUNNING and failed.stats.restarts == 2)
+        assert workers.held_threads == failed.held_threads == 1
+        assert await ask(sup, failed.name, b"h1") == b"1"

@@ -201,6 +201,16 @@ class WorkerPool:
                  concurrency: int | None = None) -> None:
         self.size = size or default_worker_count()
         self.max_threads = self.size + max_lent
+        self.max_held = max(1, max_lent // 2)
+        """Threads held by calls given up on in WASI waits (`held_threads`) from which a component whose call
+        is given up on is failed rather than restarted (see ComponentActor._gave_up). A held thread counts
+        as blocked and is lent a replacement, so without a bound components sleeping in WASI after every
+        restart took all `max_threads` and stalled every other guest until they woke (for good, for a
+        sleep of 2^64-1 ns). Half of the lent threads: the other half stays for guests waiting in host
+        calls (sleep-millis, storage), which end within their deadline."""
+        self.held_threads = 0
+        """Threads held by calls given up on in WASI waits, summed over every component (counted on the
+        loop by the actors, see ComponentActor._hold_thread): each is let go when its guest wakes."""
         self.concurrency = concurrency or os.cpu_count() or 1
         """Threads that run guest code at once, at most, while guests compute (those waiting in host
         calls do not count); otherwise one (see the module docstring)."""
