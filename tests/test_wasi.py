@@ -481,3 +481,28 @@ async def test_once_threads_held_in_wasi_are_let_go_components_restart_again(run
             await until(lambda: failed.state is ActorState.RUNNING and failed.stats.restarts == 2)
         assert workers.held_threads == failed.held_threads == 1
         assert await ask(sup, failed.name, b"h1") == b"1"
+
+
+@pytest.mark.anyio
+async def test_with_every_thread_held_in_wasi_failed_components_answer_and_stop(runtime: Runtime) -> None:
+    """Past the host-wide bound each component still takes one thread, the one it is failed for: enough of
+    them hold every thread (5 here, on a pool of 2 threads lending at most 4, lowered from 256 through
+    WorkerPool's max_lent: 1 + 5 held = 6). Then the messages queued to them were never answered, and
+    neither their stop nor the supervisor's exit (the daemon's, on SIGTERM) ended: a cancelled call or chore
+    that no thread had begun (the Store's close) waited for a thread to discard it (measured: 6 of 10
+    messages answered after 20 s, the exit still waiting after 25 s). Its waiter drops it now."""
+    async with plain_supervisor(runtime, THREADS, max_lent=LENT) as sup:
+        sleepers = [ComponentId.parse(f"evil/wasiprobe/{i}") for i in range(5)]
+        for sleeper in sleepers:
+            await sup.start(sleeper_spec(sleeper), sup.stores.runtime.load(sleeper, fixture_path("wasiprobe")))
+        actors = [sup.actors[sleeper] for sleeper in sleepers]
+        naps = [asyncio.ensure_future(ask(sup, str(sleeper), HOUR, 3600.0)) for sleeper in sleepers for _ in range(2)]
+        with anyio.fail_after(30.0):  # a guard: without the fix the queued messages are never answered
+            results = await asyncio.gather(*naps, return_exceptions=True)
+        # The first given up on restarted (1 held) and slept again; every other was failed, its second unhandled.
+        assert sum("blocked in a WASI wait" in str(result) for result in results) == 6, results
+        assert sum("failed before handling" in str(result) for result in results) == 4, results
+        assert all(actor.state is ActorState.FAILED for actor in actors)
+        assert sup.workers.held_threads == sup.workers.threads == sup.workers.max_threads  # every thread held
+        await sup.stop_all(drain_timeout=0.2)
+        await until(lambda: not any(actor.running for actor in sup.actors.values()), 30.0)  # a guard

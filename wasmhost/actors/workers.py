@@ -400,10 +400,23 @@ class WorkerPool:
         except asyncio.CancelledError:
             with self._cond:
                 job.cancelled = True
-                if job.queued:
+                # Never picked by a thread (a chore not run, a call not begun): no thread has touched it and
+                # none will once it leaves the queue here, so there is nothing to wait for. Waiting for a
+                # thread to discard it instead never ended once every thread was held by guests asleep in
+                # WASI: a failed component never answered its queue, and the supervisor never exited.
+                unstarted = job.queued and job.slices == 0
+                if unstarted:
+                    job.ticket += 1  # its queue entry is now stale
+                    job.queued = False
+                    self._waiting -= 1
+                elif job.queued:
                     self._put(self._urgent, job)
                     self._wake_one()
-            if not job.ended:
+            if unstarted:
+                if job.steps is not None:
+                    job.steps.close()  # never started: runs none of its code
+                job.ended = True
+            elif not job.ended:
                 if interrupt is not None:
                     interrupt()
                 await self._until_released(job)
