@@ -192,15 +192,16 @@ class ComponentActor:
         self._idle: anyio.CancelScope | None = None  # a wait with no instance (compile, backoff, suspended):
         # a stop ends it at once, there is nothing to drain into
         self._task_status: TaskStatus[None] | None = None  # until the first attempt has ended
-        # asyncio's own events and lock, not anyio's: every actor makes six (10,000 actors at a start), at
-        # 0.2 us each against 1.5 us (measured); all are set and awaited on the event loop only.
+        # asyncio's own events and lock, not anyio's (0.2 us each against 1.5 us, measured), all set and
+        # awaited on the event loop only; those only a restart, suspend or resume waits for are made when one
+        # does (None until then): 10,000 actors at a start made four each that nobody waited for.
         self._ended = asyncio.Event()  # the task has let go of the Store and answered everything
-        self._attempted = asyncio.Event()  # set (and replaced) whenever a boot attempt ends, and when the task ends
+        self._attempted: asyncio.Event | None = None  # set (and dropped) when a boot attempt ends, and the task
         self._suspend_wanted = False
-        self._suspended = asyncio.Event()
+        self._suspended: asyncio.Event | None = None  # made by `suspend`, set by the task (or when it ends)
         self._resume: asyncio.Event | None = None  # set by `resume`; None while not suspended
         self._gate: asyncio.Event | None = None  # after a failure, the restart waits for it (group restarts)
-        self._restarting = asyncio.Lock()  # one requested restart at a time, each counted
+        self._restarting: asyncio.Lock | None = None  # one requested restart at a time, each counted
         self._next_health = 0.0
         self._in_hand = 0
         self._held_threads = 0  # calls given up on whose threads still wait in WASI (see _gave_up)
@@ -297,7 +298,8 @@ class ComponentActor:
         self._running = True
         self._stopping = False
         self._drain_deadline = math.inf
-        self._ended = asyncio.Event()
+        if self._ended.is_set():  # started before: a new life
+            self._ended = asyncio.Event()
         self.mailbox.reopen()
         self.state = ActorState.STARTING
         try:
@@ -351,13 +353,15 @@ class ComponentActor:
         returns once the new attempt has ended. Every call restarts once and counts once, also when
         calls come back to back. Bounded by the batch in progress, shutdown_timeout and the
         initialize deadline."""
+        if self._restarting is None:
+            self._restarting = asyncio.Lock()
         async with self._restarting:
             if not self._running:
                 await self.start()
                 self._count_restart()
                 return
             if self.state is not ActorState.RUNNING:  # starting or restarting already: answer after that attempt
-                await self._attempted.wait()
+                await self.next_attempt().wait()
             elif await self.suspend():
                 await self.resume()
 
@@ -367,9 +371,9 @@ class ComponentActor:
         if not self._running or self.state is not ActorState.RUNNING or self._stopping:
             return False
         self._suspend_wanted = True
-        self._suspended = asyncio.Event()
+        self._suspended = suspended = asyncio.Event()
         self.mailbox.wake()
-        await self._suspended.wait()  # set by the task, or when it ends
+        await suspended.wait()  # set by the task, or when it ends
         return self._resume is not None
 
     async def resume(self) -> None:
@@ -377,7 +381,7 @@ class ComponentActor:
         resume = self._resume
         if resume is None:
             return
-        attempt = self._attempted
+        attempt = self.next_attempt()
         resume.set()
         await attempt.wait()
 
@@ -389,6 +393,8 @@ class ComponentActor:
 
     def next_attempt(self) -> asyncio.Event:
         """Set when the next boot attempt has ended (or the task has)."""
+        if self._attempted is None:
+            self._attempted = asyncio.Event()
         return self._attempted
 
     async def hand_over(self, spec: ActorSpec, manager: StoreManager,
@@ -469,8 +475,9 @@ class ComponentActor:
         if self._task_status is not None:
             self._task_status.started()
             self._task_status = None
-        self._attempted.set()
-        self._attempted = asyncio.Event()
+        if self._attempted is not None:  # somebody waits for it; the next attempt gets a fresh one
+            self._attempted.set()
+            self._attempted = None
 
     async def _compile(self) -> bool:
         """Get the StoreManager, compiling the component first if need be; False if that failed (the
@@ -633,7 +640,8 @@ class ComponentActor:
             await self._shutdown()
         log.info("component_terminated", component=self.name, reason="restart")
         self._resume = asyncio.Event()
-        self._suspended.set()
+        if self._suspended is not None:
+            self._suspended.set()
         with anyio.CancelScope() as self._idle:
             if not self._stopping:
                 await self._resume.wait()
@@ -1080,7 +1088,8 @@ class ComponentActor:
                 self.state = ActorState.STOPPED
             self.phase = None
             self._suspend_wanted = False
-            self._suspended.set()
+            if self._suspended is not None:
+                self._suspended.set()
             self._attempt_ended()
             self._ended.set()
             log.info("component_stopped", component=self.name, state=self.state.value)
