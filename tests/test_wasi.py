@@ -21,7 +21,7 @@ from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
+from wasmhost.actors.workers import MAX_HELD_MEMORY_BYTES, WorkerPool
 from wasmhost.core import ComponentId
 from wasmhost.core.errors import GuestTimeout, GuestTrap
 from wasmhost.core.limits import ResourceLimits
@@ -449,8 +449,38 @@ async def test_components_that_keep_sleeping_in_wasi_cannot_hold_every_thread_of
             assert refused, [actor.stats.last_error for actor in actors]
             assert "held by guests asleep in WASI (host-wide bound 2)" in (refused[0].stats.last_error or "")
             assert f"wasmhost restart {refused[0].name}" in (refused[0].stats.last_error or "")
-    bounded = [entry for entry in logs if entry["event"] == "host_threads_held"]
+    bounded = [entry for entry in logs if entry["event"] == "host_waits_held"]
     assert bounded and all(entry["max_held"] == 2 and entry["held_threads"] >= 2 for entry in bounded)
+
+
+@pytest.mark.anyio
+async def test_stores_held_by_guests_asleep_in_wasi_are_bounded_in_memory_host_wide(runtime: Runtime) -> None:
+    """Each Store left to a guest asleep in WASI keeps up to its component's max_memory_bytes mapped, outside
+    that component's budget, and a component sleeping after every restart left max_restarts + 1 of them (with
+    128 threads held host-wide at 64 MiB each: 8 GiB, twice the unit's MemoryMax). Once the Stores held
+    host-wide may hold MAX_HELD_MEMORY_BYTES (1 GiB), a component whose call is given up on is failed rather
+    than restarted: here a sleeper allowed 600 MiB is restarted once (600 MiB held) and failed the second time
+    (1,200 MiB), long before its restarts or the threads run out; an echo beside it keeps answering."""
+    assert MAX_HELD_MEMORY_BYTES == 1 << 30
+    async with plain_supervisor(runtime, THREADS) as sup:
+        echo = ComponentId.parse("test-org/echo/0")
+        await sup.start(ActorSpec(echo), sup.stores.runtime.load(echo, fixture_path("echo")))
+        sleeper = ComponentId.parse("evil/wasiprobe/0")
+        spec = ActorSpec(sleeper, limits=ResourceLimits(max_execution_time_ms=1000, max_memory_bytes=600 << 20),
+                         shutdown_timeout=0.2, backoff=Backoff(base=0.01),
+                         intensity=Intensity(max_restarts=20, window=60.0))
+        await sup.start(spec, sup.stores.runtime.load(sleeper, fixture_path("wasiprobe")))
+        actor = sup.actors[sleeper]
+        with anyio.fail_after(HANG_GUARD_S):
+            naps = await asyncio.gather(*(ask(sup, str(sleeper), HOUR, 3600.0) for _ in range(2)),
+                                        return_exceptions=True)
+            assert all("blocked in a WASI wait" in str(nap) for nap in naps), naps
+            await until(lambda: actor.state is ActorState.FAILED)
+        assert actor.stats.restarts == 1 and actor.held_threads == 2
+        assert sup.workers.held_memory == 1200 << 20 and sup.workers.held_threads == 2 < sup.workers.max_held
+        assert (actor.stats.last_error or "").startswith("not restarted: 1200 MiB of Store memory is held by "
+                                                         "guests asleep in WASI (host-wide bound 1024 MiB)")
+        assert await ask(sup, str(echo), b"ping", 10.0) == b"ping"
 
 
 @pytest.mark.anyio

@@ -528,15 +528,18 @@ class ComponentActor:
                 # restart window too. Not one more: at most max_restarts + 1 threads per component.
                 log.error("component_threads_held", component=self.name, held_threads=self._held_threads)
                 delay = None
-            elif isinstance(error, GuestWaitTimeout) and self.workers.held_threads >= self.workers.max_held:
-                # The same across components: restarted, each would sleep again and hold one more thread,
-                # until every thread of the pool is held and no other guest is served until they wake.
-                held, bound = self.workers.held_threads, self.workers.max_held
-                log.error("host_threads_held", component=self.name, held_threads=held, max_held=bound)
+            elif isinstance(error, GuestWaitTimeout) and (too_much := self.workers.held_too_much()) is not None:
+                # The same across components: restarted, each would sleep again and hold one more thread and
+                # Store, until every thread of the pool is held (no other guest served until they wake) or
+                # their memory exhausts the host's.
+                workers = self.workers
+                log.error("host_waits_held", component=self.name, held_threads=workers.held_threads,
+                          max_held=workers.max_held, held_memory=workers.held_memory,
+                          max_held_memory=workers.max_held_memory)
                 self.stats.last_error = bounded(
-                    f"not restarted: {held} worker threads are held by guests asleep in WASI (host-wide bound "
-                    f"{bound})\n{error}\nOnce they wake (component_wait_ended), `wasmhost restart {self.name}` "
-                    "starts it again; components that keep sleeping in WASI past their deadline are best removed.")
+                    f"not restarted: {too_much}\n{error}\nOnce they wake (component_wait_ended), `wasmhost "
+                    f"restart {self.name}` starts it again; components that keep sleeping in WASI past their "
+                    "deadline are best removed.")
                 delay = None
             else:
                 delay = self.supervisor.on_failure(self, error)
@@ -672,13 +675,16 @@ class ComponentActor:
 
     def _hold_thread(self, released: asyncio.Future[None]) -> None:
         """One more thread of this component's left waiting in WASI, until `released` is set."""
+        memory = self.spec.limits.max_memory_bytes  # the most its Store may hold, left mapped while it sleeps
         self._held_threads += 1
         self.workers.held_threads += 1  # host-wide: bounds the restarts of every component (see _live)
+        self.workers.held_memory += memory
         self._changed()
 
         def let_go(_: object) -> None:
             self._held_threads -= 1
             self.workers.held_threads -= 1
+            self.workers.held_memory -= memory
             self._changed()
             log.info("component_wait_ended", component=self.name, held_threads=self._held_threads,
                      host_held_threads=self.workers.held_threads)

@@ -194,6 +194,14 @@ def _resolve(job: _Job, value: Any, error: BaseException | None, abandoned: bool
         future.set_result(value)
 
 
+MAX_HELD_MEMORY_BYTES = 1 << 30
+"""Store memory left to guests asleep in WASI past their deadline, host-wide, from which a component whose call
+is given up on is failed rather than restarted: each held Store keeps up to its max_memory_bytes outside its
+component's budget, so components sleeping after every restart (up to max_restarts + 1 Stores each) held
+64 MiB x 128 threads = 8 GiB with the defaults, twice the systemd unit's MemoryMax. 1 GiB: 16 Stores of
+the default 64 MiB."""
+
+
 class WorkerPool:
     """A fixed set of threads that time-slice guest calls (see the module docstring)."""
 
@@ -211,6 +219,12 @@ class WorkerPool:
         self.held_threads = 0
         """Threads held by calls given up on in WASI waits, summed over every component (counted on the
         loop by the actors, see ComponentActor._hold_thread): each is let go when its guest wakes."""
+        self.max_held_memory = MAX_HELD_MEMORY_BYTES
+        """The Store memory held so (`held_memory`) from which, likewise, a component is failed rather than
+        restarted."""
+        self.held_memory = 0
+        """What the Stores left to those threads may hold, summed: each counted at its component's
+        max_memory_bytes (the memory stays mapped while the guest sleeps, outside its component's budget)."""
         self.concurrency = concurrency or os.cpu_count() or 1
         """Threads that run guest code at once, at most, while guests compute (those waiting in host
         calls do not count); otherwise one (see the module docstring)."""
@@ -255,6 +269,17 @@ class WorkerPool:
         """Worker threads alive: `size`, plus those lent while guests wait in host calls (the
         deadline thread is not counted)."""
         return self._live
+
+    def held_too_much(self) -> str | None:
+        """Why no component whose call is given up on in a WASI wait may restart now (the threads or the
+        Store memory held so host-wide reached their bound), or None."""
+        if self.held_threads >= self.max_held:
+            return (f"{self.held_threads} worker threads are held by guests asleep in WASI (host-wide bound "
+                    f"{self.max_held})")
+        if self.held_memory >= self.max_held_memory:
+            return (f"{self.held_memory >> 20} MiB of Store memory is held by guests asleep in WASI (host-wide "
+                    f"bound {self.max_held_memory >> 20} MiB)")
+        return None
 
     @property
     def busy(self) -> int:
