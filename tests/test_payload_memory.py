@@ -143,7 +143,7 @@ async def test_a_large_value_a_guest_stores_budgets_its_next_call_and_is_trimmed
     # wasmtime converts a storage.set value as it converts a sent payload: 2.7 MB took the host from 45 to
     # 299 MiB, outside the budget, the guest's own incoming message being 8 bytes.
     trims: list[bool] = []
-    monkeypatch.setattr(actor_module, "release_free_memory", lambda: trims.append(True) or True)
+    monkeypatch.setattr(actor_module, "trim_soon", lambda: trims.append(True))
     guest = await launch(supervisor, "fanout", "test-org/fanout/0")
     size = 300_000
     assert await supervisor.router.host_request(guest.component_id, f"s{size}".encode(), 30.0) is None
@@ -160,7 +160,7 @@ async def test_a_long_log_context_budgets_the_guests_next_call_and_is_trimmed(
     # 900,000 empty pairs took the host from 52 to 382 MiB, four such guests at once to 755 MiB, and it
     # stayed resident once they went quiet.
     trims: list[bool] = []
-    monkeypatch.setattr(actor_module, "release_free_memory", lambda: trims.append(True) or True)
+    monkeypatch.setattr(actor_module, "trim_soon", lambda: trims.append(True))
     guest = await launch(supervisor, "fanout", "test-org/fanout/0")
     pairs = 100_000
     assert await supervisor.router.host_request(guest.component_id, f"l{pairs}".encode(), 30.0) is None
@@ -176,7 +176,7 @@ async def test_a_long_error_text_budgets_the_guests_next_call_and_is_trimmed(
     # The text is bounded where it enters the host, but wasmtime and the host have converted it whole by then:
     # four guests returning 20 MB errors in a loop left the host at 281 MiB once they quit (80 of it theirs).
     trims: list[bool] = []
-    monkeypatch.setattr(actor_module, "release_free_memory", lambda: trims.append(True) or True)
+    monkeypatch.setattr(actor_module, "trim_soon", lambda: trims.append(True))
     guest = await launch(supervisor, "fanout", "test-org/fanout/0")
     size = 20_000_000
     with pytest.raises(RequestFailed):

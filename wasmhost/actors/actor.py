@@ -59,7 +59,7 @@ from wasmhost.messaging.envelope import Delivery, Envelope
 from wasmhost.messaging.mailbox import Mailbox, deferring_wakes, wake_all
 from wasmhost.messaging.outcome import Outcome
 from wasmhost.messaging.router import MessageRouter
-from wasmhost.runtime.malloc import release_free_memory
+from wasmhost.runtime.malloc import trim_soon
 from wasmhost.runtime.store import InstanceState, StoreManager, hit_size_guard
 
 log = structlog.get_logger("wasmhost.actor")
@@ -68,7 +68,7 @@ BATCH_SIZE = 64
 """Envelopes handled per hop to a worker thread: amortises the hop for small messages."""
 TRIM_AFTER = 256 * 1024
 """Payloads or replies from this size on (about 40 MiB of transient conversion memory) are followed
-by handing free heap memory back to the OS."""
+by handing free heap memory back to the OS (`trim_soon`: at once, or within a second when one was just done)."""
 
 SLICE_S = 0.002
 """Guest time after which a batch of short calls gives up its thread between two envelopes."""
@@ -1003,7 +1003,7 @@ class ComponentActor:
                 done.append(Handled(envelope, None, Outcome.FAILED, summary, str(exc)))
                 if isinstance(exc, GuestFailure) and hit_size_guard(exc):  # wasmtime's own size guard fired
                     self.output_hint = WASMTIME_LIST_U8_CEILING  # mid-conversion: as large as it gets
-                    release_free_memory()
+                    trim_soon()
                 latency.observe(time.perf_counter() - began)
                 return batch[index + 1 :], exc
             except Exception as exc:  # a bad value: this message fails, the Store is fine
@@ -1015,7 +1015,7 @@ class ComponentActor:
             produced = max(self._call_output, len(done[-1].reply or b""))
             self.output_hint = max(produced, self.output_hint // 2)  # halves with every quiet call
             if max(len(envelope.message.payload), produced) >= TRIM_AFTER:
-                release_free_memory()  # the conversion's transient copies are freed: give them back
+                trim_soon()  # the conversion's transient copies are freed: give them back (coalesced)
         return [], None
 
     def produced(self, size: int) -> None:

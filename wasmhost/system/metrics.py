@@ -37,7 +37,7 @@ import wasmhost
 from wasmhost.actors.latency import PER_DECADE, SMALLEST
 from wasmhost.runtime import contract
 from wasmhost.runtime.host_fn import HOST_FUNCTIONS
-from wasmhost.runtime.malloc import release_free_memory
+from wasmhost.runtime.malloc import trim_soon
 from wasmhost.system.listen import ListenAddress
 from wasmhost.system.logging import lines_dropped
 
@@ -417,7 +417,7 @@ class MetricsServer:
                     yield chunk.encode()
                 yield generate_latest(self.registry)
             finally:
-                release_free_memory()  # what the scrape built (some 40 MB at 10,000 components): back to the OS
+                trim_soon()  # what the scrape built (some 40 MB at 10,000 components): back to the OS
 
         return rest()
 
