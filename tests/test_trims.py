@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.support import plain_supervisor
-from tests.test_actors import launch
+from tests.test_actors import launch, until
 from wasmhost.actors import conversion_budget
+from wasmhost.actors.conversion_budget import ConversionBudget
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.runtime import malloc as malloc_module
 from wasmhost.runtime.malloc import Trimmer
@@ -122,3 +123,23 @@ async def test_a_guest_storing_large_values_in_a_loop_is_trimmed_once_per_gap(
     clock.now += 1.0  # past the gap
     assert await asyncio.to_thread(trimmer.settle, 10.0)  # the rest is handed back once the gap is over
     assert len(trims) == 2
+
+
+@pytest.mark.anyio
+async def test_the_budgets_idle_trim_is_merged_with_the_trims_calls_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A guest pacing its large calls just past the budget's idle time got two trims per call: its own and the
+    # budget's, which went straight to malloc_trim.
+    trims: list[int] = []
+    clock = FrozenClock()
+    trimmer = Trimmer(gap=0.05, trim=lambda: trims.append(1), clock=clock)
+    monkeypatch.setattr(malloc_module, "TRIMMER", trimmer)
+    monkeypatch.setattr(conversion_budget, "IDLE_TRIM_S", 0.0)
+    trimmer.request()  # a large call's trim, just done
+    budget = ConversionBudget(10)
+    async with budget.reserve(10):
+        pass  # the budget goes idle: its trim is asked for at once
+    await until(lambda: trimmer.pending)
+    assert trims == [1] and budget.idle_trims == 0  # not a second trim within the gap
+    clock.now += 1.0  # past the gap
+    await until(lambda: budget.idle_trims == 1)
+    assert trims == [1, 1]  # counted once the memory is back

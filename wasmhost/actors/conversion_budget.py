@@ -11,7 +11,8 @@ an actor whose guest recently produced a large payload budgets its next calls fo
 
 Freed conversion memory sits in glibc's per-thread arenas; each large call is followed by a trim on
 its worker thread (actor.py), and once the budget has been idle for IDLE_TRIM_S the replies and
-envelopes of the burst are gone too, so one more trim hands the rest back to the OS.
+envelopes of the burst are gone too, so one more trim hands the rest back to the OS (both coalesced by
+malloc.Trimmer).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import collections
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from wasmhost.runtime.malloc import release_free_memory
+from wasmhost.runtime import malloc
 
 LARGE_PAYLOAD = 64 * 1024
 """Payloads from this size on are budgeted (and handled one per hop to a worker thread)."""
@@ -30,6 +31,8 @@ DEFAULT_BUDGET_BYTES = 1024 * 1024
 """Payload bytes converted at once across the process: a transient window of about 200 MiB."""
 IDLE_TRIM_S = 0.5
 """Seconds without large conversions after which free heap memory is handed back to the OS."""
+IDLE_TRIM_WAIT_S = 10.0
+"""At most this long an idle trim waits for its turn (it comes within malloc.TRIM_GAP_S plus one trim)."""
 
 
 class ConversionBudget:
@@ -103,7 +106,10 @@ class ConversionBudget:
             loop.run_in_executor(None, self._trim)
 
     def _trim(self) -> None:
-        release_free_memory()
+        # merged with the trims large calls asked for (malloc.Trimmer): a guest pacing its calls just past
+        # IDLE_TRIM_S would otherwise get a trim, and its stall of every allocating thread, per call
+        trimmer = malloc.TRIMMER
+        trimmer.wait(trimmer.request(), IDLE_TRIM_WAIT_S)
         self.idle_trims += 1  # counted once done, so a caller waiting on it sees the memory back
 
     def _release(self, size: int) -> None:

@@ -89,6 +89,7 @@ class Trimmer:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._last_end = -math.inf
+        self._started = 0
         self._running = False
         self._pending = False
         self._thread: threading.Thread | None = None
@@ -104,18 +105,30 @@ class Trimmer:
         with self._lock:
             return self._changed.wait_for(lambda: not self._pending and not self._running, timeout)
 
-    def request(self) -> None:
-        """Ask for a trim: done now, or merged into one the trimmer's thread does within `gap` seconds."""
+    def request(self) -> int:
+        """Ask for a trim: done now, or merged into one the trimmer's thread does within `gap` seconds.
+        Returns a ticket for `wait`."""
         with self._lock:
+            ticket = self._started + 1  # the next trim to start covers this request (trims run one at a time)
             if self._running or self._clock() - self._last_end < self.gap:
                 self._pending = True
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="wasmhost-trim", daemon=True)
                     self._thread.start()
                 self._changed.notify_all()
-                return
-            self._running = True
+                return ticket
+            self._start()
         self._do_trim()
+        return ticket
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        """Wait (at most `timeout` seconds) until the trim `ticket` asked for is done; False if it is not."""
+        with self._lock:
+            return self._changed.wait_for(lambda: self.trims >= ticket, timeout)
+
+    def _start(self) -> None:
+        self._running = True
+        self._started += 1
 
     def _do_trim(self) -> None:
         try:
@@ -137,7 +150,7 @@ class Trimmer:
                     # woken by a request or a trim's end; otherwise once the gap is over
                     self._changed.wait(wait if self._pending and not self._running else None)
                 self._pending = False
-                self._running = True
+                self._start()
             try:
                 self._do_trim()
             except Exception:  # keep serving later requests: no trim would be done again otherwise
@@ -148,6 +161,7 @@ TRIMMER = Trimmer()
 """The process's trimmer: every trim asked for after a large conversion or a metrics scrape goes through it."""
 
 
-def trim_soon() -> None:
-    """Hand free heap memory back to the OS now or within `TRIM_GAP_S` seconds (see `Trimmer`)."""
-    TRIMMER.request()
+def trim_soon() -> int:
+    """Hand free heap memory back to the OS now or within `TRIM_GAP_S` seconds (see `Trimmer`); returns the
+    ticket to wait for it with `TRIMMER.wait`."""
+    return TRIMMER.request()
