@@ -106,6 +106,20 @@ def test_metrics_are_off_by_default_and_a_bad_address_says_what_was_expected(tmp
         parse_config('[host]\nmetrics_by = "instance"\n', source)
 
 
+OPTIONAL_MODULES = ("prometheus_client", "wsgiref", "nats")
+REPORT_MODULES = ("import sys\nfrom wasmhost.cli import main\ncode = main()\n"
+                  f"print('loaded:', [m for m in {OPTIONAL_MODULES!r} if m in sys.modules])\nsys.exit(code)")
+"""`wasmhost run` in a subprocess that prints, as it exits, which of OPTIONAL_MODULES it imported."""
+
+
+def test_a_daemon_without_metrics_or_lattice_imports_neither(tmp_path: Path, started: list[Daemon]) -> None:
+    # prometheus_client and wsgiref took ~25 ms of every start (and nats more): paid only by the configs using them
+    d = launch(tmp_path, component("t/echo/0", "echo"), started, python_args=("-c", REPORT_MODULES))
+    assert d.call("t/echo/0", "hi") == "hi"
+    assert d.stop() == 0
+    assert "loaded: []" in d.log.read_text().splitlines()
+
+
 def test_a_taken_port_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

@@ -17,10 +17,11 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -50,13 +51,15 @@ from wasmhost.system.control import ControlServer, SocketInUse
 from wasmhost.system.detached import start_detached
 from wasmhost.system.heap import DeploymentHeap, collect_all, frozen_after_slow_collections, steady_collector
 from wasmhost.system.logging import lines_dropped, reopen_log_files
-from wasmhost.system.metrics import DaemonCounters, MetricsServer, start_metrics
 from wasmhost.system.reload_report import ReloadReport, cut
 from wasmhost.system.sd_notify import Notifier
 from wasmhost.system.shared_loads import SharedLoads
 from wasmhost.system.state_lock import StateDirInUse, StateLock
 from wasmhost.system.status_table import Deployments, StatusTable, fit
 from wasmhost.system.stores import HostStores
+
+if TYPE_CHECKING:  # imported when [host] metrics listens: prometheus_client and wsgiref take ~25 ms to import
+    from wasmhost.system.metrics import MetricsServer
 
 log = structlog.get_logger("wasmhost.daemon")
 
@@ -70,6 +73,18 @@ CACHE_PRUNE_EVERY_S = 86400.0
 """The compilation cache is pruned after start-up, after each reload and once a day (see cache.prune)."""
 CACHE_PRUNE_JOIN_S = 2.0
 """How long an exit waits for a prune under way (one takes milliseconds; the bound is for a stuck disk)."""
+
+
+@dataclass
+class DaemonCounters:
+    """What the daemon counts for metrics alone (changed on the loop, read by scrapes)."""
+
+    started: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    control_requests: Counter[str] = field(default_factory=Counter)
+    """Control requests answered, by request type (status, call, ...)."""
+    reloads: Counter[str] = field(default_factory=Counter)
+    """Reloads by result (reloaded, rolled-back, rejected, refused, failed)."""
 
 
 @dataclass
@@ -212,12 +227,15 @@ class Daemon:
         link = self._lattice(stores)
         self.control = ControlServer(self.config.control_socket, self.config.socket_mode, self.handle,
                                      self.config.socket_gid, allowed_uids=self.config.control_uids)
-        try:
-            self.metrics = start_metrics(self)  # closed by _release
-        except OSError as exc:
-            log.error("metrics_unavailable", address=str(self.config.metrics), error=str(exc))
-            print(f"wasmhost: host.metrics: cannot listen on {self.config.metrics}: {exc}", file=sys.stderr)
-            return 1
+        if self.config.metrics is not None:  # the endpoint's module (prometheus_client, wsgiref) only then
+            from wasmhost.system.metrics import start_metrics
+
+            try:
+                self.metrics = start_metrics(self)  # closed by _release
+            except OSError as exc:
+                log.error("metrics_unavailable", address=str(self.config.metrics), error=str(exc))
+                print(f"wasmhost: host.metrics: cannot listen on {self.config.metrics}: {exc}", file=sys.stderr)
+                return 1
         try:
             await self.control.start()
         except (SocketInUse, OSError) as exc:

@@ -19,9 +19,7 @@ import platform
 import socket
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
@@ -61,18 +59,6 @@ STORAGE_OPERATIONS = {index: fn.name for index, fn in enumerate(HOST_FUNCTIONS)
 LOG_CALL = next(index for index, fn in enumerate(HOST_FUNCTIONS) if fn.name == "log")
 
 GroupBy = Literal["component", "namespace"]
-
-
-@dataclass
-class DaemonCounters:
-    """What the daemon counts for metrics alone (changed on the loop, read by scrapes)."""
-
-    started: float = field(default_factory=time.time)
-    started_monotonic: float = field(default_factory=time.monotonic)
-    control_requests: Counter[str] = field(default_factory=Counter)
-    """Control requests answered, by request type (status, call, ...)."""
-    reloads: Counter[str] = field(default_factory=Counter)
-    """Reloads by result (reloaded, rolled-back, rejected, refused, failed)."""
 
 
 def _snapshot(read: Callable[[], T], attempts: int = 5) -> T:
