@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import FIXTURES
 from wasmhost.actors.restart import RestartPolicy, Strategy
+from wasmhost.security.capabilities import TargetPattern
 from wasmhost.system.config import ConfigError, parse_config
 
 
@@ -152,6 +153,26 @@ def test_capabilities_naming_unknown_components_are_warnings(tmp_path: Path) -> 
         "components[0].capabilities.request[0]: 'b/*' matches no component in this configuration (fine if another "
         "host of the lattice runs it)",
     ]
+
+
+def test_capability_warnings_look_at_each_pattern_once_however_many_components(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each pattern was tried on every id: 10,000 entries each naming the next one took 9 s to read (the square).
+    tried = []
+    matches = TargetPattern.matches
+    monkeypatch.setattr(TargetPattern, "matches", lambda self, cid: tried.append(cid) or matches(self, cid))
+    count = 2000
+    config = parse(tmp_path, "".join(f'[[components]]\nid = "chain/c/{i}"\npath = "echo.wasm"\n'
+                                     f'capabilities.send = ["chain/c/{i + 1}"]\n' for i in range(count))
+                   + '[[components]]\nid = "x/y/0"\npath = "echo.wasm"\n'
+                     'capabilities = { send = ["*", "chain/*", "chain/c/*", "chain/d/*", "x/y/1", "z/*"] }\n')
+    assert config.warnings == [  # type: ignore[attr-defined]
+        f"components[{count - 1}].capabilities.send[0]: 'chain/c/{count}' matches no component in this configuration",
+        f"components[{count}].capabilities.send[3]: 'chain/d/*' matches no component in this configuration",
+        f"components[{count}].capabilities.send[4]: 'x/y/1' matches no component in this configuration",
+        f"components[{count}].capabilities.send[5]: 'z/*' matches no component in this configuration",
+    ]
+    assert len(tried) <= count + 6
 
 
 def test_socket_settings_are_checked(tmp_path: Path) -> None:

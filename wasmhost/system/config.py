@@ -485,13 +485,20 @@ def _grants(where: str, caps: Capabilities, host: HostSection, errors: list[str]
 def _pattern_warnings(plans: list[ComponentPlan], in_lattice: bool) -> list[str]:
     """Capabilities that name components this config does not deploy (warnings, not errors); a host of a
     lattice may mean components other hosts run, so the warning says so rather than calling it a mistake."""
-    ids = [p.spec.component_id for p in plans]
+    # A pattern matches an id when its fixed parts begin the id: every beginning of every id, gathered once,
+    # answers each pattern in one look-up (trying each pattern on every id took 9 s for 10,000 entries that
+    # each name another component, and grew with the square of the entries).
+    beginnings: set[tuple[str, ...]] = set()
+    for plan in plans:
+        cid = plan.spec.component_id
+        whole = (cid.namespace, cid.name, cid.instance)
+        beginnings.update(whole[:length] for length in range(4))
     where = " (fine if another host of the lattice runs it)" if in_lattice else ""
     warnings = []
     for index, plan in enumerate(plans):
         for action in ("send", "request", "broadcast"):
             for i, pattern in enumerate(plan.grants.patterns(action)):
-                if not pattern.could_match_any(ids):
+                if pattern.parts not in beginnings:
                     warnings.append(f"components[{index}].capabilities.{action}[{i}]: {pattern.text!r} matches no "
                                     f"component in this configuration{where}")
     return warnings
