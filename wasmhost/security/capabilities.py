@@ -43,10 +43,6 @@ class TargetPattern:
         """Whether `component` is covered by this pattern."""
         return (component.namespace, component.name, component.instance)[: len(self.parts)] == self.parts
 
-    def could_match_any(self, ids: Iterable[ComponentId]) -> bool:
-        """Whether any of `ids` is covered."""
-        return any(self.matches(i) for i in ids)
-
     def __str__(self) -> str:
         return self.text
 
