@@ -23,7 +23,7 @@ import uvloop
 
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
-from wasmhost.core import affinity
+from wasmhost.core import ComponentId, affinity
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import CapabilityChecker
@@ -131,6 +131,23 @@ async def bench_supervisor(runtime: Runtime, *, threads: int | None = None, stor
                                 storage.close()
     finally:
         affinity.leave_home()  # daemons the next benchmark starts inherit this thread's cores and may take its home
+
+
+async def echo_latencies_ms(sup: Supervisor, echo: ComponentId, seconds: float,
+                            each: Callable[[], object] | None = None) -> list[float]:
+    """`echo`'s request latencies (ms, in order) over `seconds`, one request after another 1 ms apart, after a
+    50 ms start for whatever runs beside it; `each` is called after every sample."""
+    await asyncio.sleep(0.05)
+    samples = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        began = time.perf_counter()
+        assert await sup.router.host_request(echo, b"ping", 10.0) == b"ping"
+        samples.append((time.perf_counter() - began) * 1000)
+        if each is not None:
+            each()
+        await asyncio.sleep(0.001)
+    return samples
 
 
 def rate(call: Callable[[], object], seconds: float, min_calls: int = 3) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.harness import FIXTURES, Row, bench_supervisor, daemon_logging, frozen_heap
+from bench.harness import FIXTURES, Row, bench_supervisor, daemon_logging, echo_latencies_ms, frozen_heap
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId
@@ -86,17 +86,13 @@ async def _window(sup: Supervisor, seconds: float, hog: ComponentId, payload: by
                 await sup.router.host_request(hog, payload, 60.0)
             calls += 1
 
+    def note_peak() -> None:
+        nonlocal peak
+        peak = max(peak, _rss_mib())
+
     began_all = time.perf_counter()
     looping = asyncio.ensure_future(loop())
-    await asyncio.sleep(0.05)
-    samples = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        began = time.perf_counter()
-        assert await sup.router.host_request(ECHO, b"ping", 10.0) == b"ping"
-        samples.append((time.perf_counter() - began) * 1000)
-        peak = max(peak, _rss_mib())
-        await asyncio.sleep(0.001)
+    samples = await echo_latencies_ms(sup, ECHO, seconds, note_peak)
     stop = True
     await looping
     seconds_taken = time.perf_counter() - began_all

@@ -11,7 +11,7 @@ import time
 
 import uvloop
 
-from bench.harness import FIXTURES, Row, bench_supervisor, daemon_logging, frozen_heap
+from bench.harness import FIXTURES, Row, bench_supervisor, daemon_logging, echo_latencies_ms, frozen_heap
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId
@@ -61,14 +61,7 @@ async def _echo_p99_ms(sup: Supervisor, seconds: float, hog: ComponentId | None 
             await sup.router.host_request(target, payload, 60.0)
 
     looping = asyncio.ensure_future(loop(hog)) if hog is not None else None
-    await asyncio.sleep(0.05)
-    samples = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        began = time.perf_counter()
-        assert await sup.router.host_request(ECHO, b"ping", 10.0) == b"ping"
-        samples.append((time.perf_counter() - began) * 1000)
-        await asyncio.sleep(0.001)
+    samples = await echo_latencies_ms(sup, ECHO, seconds)
     stop = True
     if looping is not None:
         await looping

@@ -138,51 +138,39 @@ async def test_a_guest_that_produced_a_large_payload_waits_for_the_budget_next_t
     assert await held_back(supervisor, blaster, b"R10") == bytes(10)
 
 
-async def test_a_large_value_a_guest_stores_budgets_its_next_call_and_is_trimmed(
-        supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+BUDGETED_CONVERSIONS = [
     # wasmtime converts a storage.set value as it converts a sent payload: 2.7 MB took the host from 45 to
     # 299 MiB, outside the budget, the guest's own incoming message being 8 bytes.
-    trims: list[bool] = []
-    monkeypatch.setattr(actor_module, "trim_soon", lambda: trims.append(True))
-    guest = await launch(supervisor, "fanout", "test-org/fanout/0")
-    size = 300_000
-    assert await supervisor.router.host_request(guest.component_id, f"s{size}".encode(), 30.0) is None
-    assert guest.output_hint == size  # the next call waits for room for a conversion this large
-    assert trims  # and the copies were handed back once the call ended
-    echo = await launch(supervisor, "echo", "test-org/echo/0")
-    replies, calls = await answers_beside(supervisor, echo.component_id, guest.component_id, f"s{size}".encode())
-    assert replies == [b"ping"] * 3 and calls >= 1  # a neighbour answers while the guest stores in a loop
-
-
-async def test_a_long_log_context_budgets_the_guests_next_call_and_is_trimmed(
-        supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.param(b"s300000", 300_000, False, id="stored value"),
     # wasmtime converts every pair of a log context before log() runs, whether the line is written or not:
     # 900,000 empty pairs took the host from 52 to 382 MiB, four such guests at once to 755 MiB, and it
     # stayed resident once they went quiet.
+    pytest.param(b"l100000", CONTEXT_PAIR_VALUES * 100_000, False, id="log context"),
+    # An error's text is bounded where it enters the host, but wasmtime and the host have converted it whole
+    # by then: four guests returning 20 MB errors in a loop left the host at 281 MiB once they quit (80 of
+    # it theirs).
+    pytest.param(b"e20000000", 20_000_000 // TEXT_BYTES_PER_LIST_BYTE, True, id="error text"),
+]
+
+
+@pytest.mark.parametrize(("payload", "hint", "fails"), BUDGETED_CONVERSIONS)
+async def test_what_wasmtime_converted_for_a_guest_budgets_its_next_call_and_is_trimmed(
+        supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch, payload: bytes, hint: int, fails: bool) -> None:
+    """A large conversion the guest made from a tiny message makes its next call wait for room for one as
+    large, and the copies are handed back once the call ended; an echo beside it answers while it goes on."""
     trims: list[bool] = []
     monkeypatch.setattr(actor_module, "trim_soon", lambda: trims.append(True))
     guest = await launch(supervisor, "fanout", "test-org/fanout/0")
-    pairs = 100_000
-    assert await supervisor.router.host_request(guest.component_id, f"l{pairs}".encode(), 30.0) is None
-    assert guest.output_hint == CONTEXT_PAIR_VALUES * pairs  # the next call waits for room for it
+    if fails:
+        with pytest.raises(RequestFailed):
+            await supervisor.router.host_request(guest.component_id, payload, 30.0)
+    else:
+        assert await supervisor.router.host_request(guest.component_id, payload, 30.0) is None
+    assert guest.output_hint == hint  # the next call waits for room for a conversion this large
     assert trims  # and the copies were handed back once the call ended
     echo = await launch(supervisor, "echo", "test-org/echo/0")
-    replies, calls = await answers_beside(supervisor, echo.component_id, guest.component_id, f"l{pairs}".encode())
-    assert replies == [b"ping"] * 3 and calls >= 1  # a neighbour answers while the guest logs in a loop
-
-
-async def test_a_long_error_text_budgets_the_guests_next_call_and_is_trimmed(
-        supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The text is bounded where it enters the host, but wasmtime and the host have converted it whole by then:
-    # four guests returning 20 MB errors in a loop left the host at 281 MiB once they quit (80 of it theirs).
-    trims: list[bool] = []
-    monkeypatch.setattr(actor_module, "trim_soon", lambda: trims.append(True))
-    guest = await launch(supervisor, "fanout", "test-org/fanout/0")
-    size = 20_000_000
-    with pytest.raises(RequestFailed):
-        await supervisor.router.host_request(guest.component_id, f"e{size}".encode(), 30.0)
-    assert guest.output_hint == size // TEXT_BYTES_PER_LIST_BYTE  # the next call waits for room for it
-    assert trims  # and the copies were handed back once the call ended
+    replies, calls = await answers_beside(supervisor, echo.component_id, guest.component_id, payload)
+    assert replies == [b"ping"] * 3 and calls >= 1  # a neighbour answers while the guest goes on in a loop
 
 
 async def test_memory_of_guests_sending_large_payloads_goes_back_afterwards(supervisor: Supervisor) -> None:
