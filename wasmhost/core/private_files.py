@@ -71,6 +71,11 @@ def read_own_file(path: str) -> bytes:
 class NotRegularFile(OSError):
     """A path that is not a regular file where one is read (a FIFO or device would block or never end)."""
 
+    def __init__(self, path: Path | str, kind: str) -> None:
+        self.kind = kind
+        """What is there instead, as read through the descriptor: "a directory" or "not a regular file"."""
+        super().__init__(f"{path} is {kind}")
+
 
 @contextlib.contextmanager
 def regular_file(path: Path | str) -> Iterator[tuple[int, os.stat_result]]:
@@ -81,8 +86,7 @@ def regular_file(path: Path | str) -> Iterator[tuple[int, os.stat_result]]:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise NotRegularFile(f"{path} is {kind}")
+            raise NotRegularFile(path, "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file")
         yield fd, st
     finally:
         os.close(fd)

@@ -50,9 +50,8 @@ def read_component_file(where: Path) -> bytes:
         wasm = read_regular_file(where, MAX_COMPONENT_BYTES)
     except FileNotFoundError:
         raise LoadError(str(where), "no such file") from None
-    except NotRegularFile:
-        kind = "is a directory" if where.is_dir() else "is not a regular file"
-        raise LoadError(str(where), f"{kind}, expected a .wasm file") from None
+    except NotRegularFile as exc:  # what the descriptor showed: the path may have changed since
+        raise LoadError(str(where), f"is {exc.kind}, expected a .wasm file") from None
     except OSError as exc:
         raise LoadError(str(where), f"cannot read: {exc.strerror or exc}") from None
     if len(wasm) > MAX_COMPONENT_BYTES:
