@@ -448,7 +448,7 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
     granted = (tuple(caps.send), tuple(caps.request), tuple(caps.broadcast), caps.storage, quota)
     grants = shared.grants.get(granted)
     if grants is None:
-        grants = _grants(f"{where}.capabilities", caps, host, errors)
+        grants = _grants(f"{where}.capabilities", caps, quota, errors)
         if grants is not None:
             shared.grants[granted] = grants
     if len(errors) > count or limits is None or log_limit is None or grants is None:
@@ -510,9 +510,8 @@ def _config_file(where: str, name: str, base: Path, errors: list[str]) -> bytes 
     return None
 
 
-def _grants(where: str, caps: Capabilities, host: HostSection, errors: list[str]) -> Grants | None:
-    """Parse every target pattern, reporting each bad one at its place."""
-    quota = caps.storage_quota_bytes or host.default_storage_quota_bytes
+def _grants(where: str, caps: Capabilities, quota: int, errors: list[str]) -> Grants | None:
+    """Parse every target pattern, reporting each bad one at its place (`quota`: the storage quota in force)."""
     grants, bad = Grants.parse(caps.send, caps.request, caps.broadcast, caps.storage, quota)
     errors.extend(f"{where}.{error}" for error in bad)
     return None if bad else grants
