@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import anyio
@@ -52,7 +52,7 @@ class Daemon:
     """A `wasmhost run` subprocess with a NOTIFY_SOCKET the test reads."""
 
     def __init__(self, tmp: Path, config: Path, env: dict[str, str] | None = None,
-                 python_args: tuple[str, ...] = ("-m", "wasmhost.cli")) -> None:
+                 python_args: tuple[str, ...] = ("-m", "wasmhost.cli"), prefix: tuple[str, ...] = ()) -> None:
         self.config = config
         self.socket = tmp / "state" / "wasmhost.sock"
         self.log = tmp / "daemon.log"
@@ -61,7 +61,7 @@ class Daemon:
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(60)
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, *python_args, "run", "--config", str(config)],
+        self.proc = subprocess.Popen([*prefix, sys.executable, *python_args, "run", "--config", str(config)],
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.messages: list[str] = []
 
@@ -162,15 +162,16 @@ def warm_cache(runtime: Runtime, state: Path, *binaries: Path) -> None:
 
 
 def launch(tmp_path: Path, components: str, started: list[Daemon], components_dir: Path = FIXTURES,
-           python_args: tuple[str, ...] = ("-m", "wasmhost.cli"), edit: dict[str, str] | None = None) -> Daemon:
-    """Write tmp_path/wasmhost.toml for `components` (with `edit`'s replacements), start a daemon on it,
-    keep it in `started` and wait for READY=1."""
+           python_args: tuple[str, ...] = ("-m", "wasmhost.cli"), edit: dict[str, str] | None = None,
+           prefix: tuple[str, ...] = ()) -> Daemon:
+    """Write tmp_path/wasmhost.toml for `components` (with `edit`'s replacements), start a daemon on it
+    (its command line after `prefix`), keep it in `started` and wait for READY=1."""
     text = config_text(tmp_path / "state", components, components_dir)
     for old, new in (edit or {}).items():
         text = text.replace(old, new)
     config = tmp_path / "wasmhost.toml"
     config.write_text(text)
-    d = Daemon(tmp_path, config, python_args=python_args)
+    d = Daemon(tmp_path, config, python_args=python_args, prefix=prefix)
     started.append(d)
     d.expect("READY=1")
     return d
@@ -234,6 +235,29 @@ def test_the_event_loop_stays_on_the_home_core(daemon: object) -> None:
     assert d.stop() == 0
 
 
+@contextmanager
+def network_namespace_of_their_own() -> Iterator[tuple[str, ...]]:
+    """A command prefix that runs daemons in one network namespace of their own, where no other process
+    on the machine holds a home core (`affinity._claim`'s names live in the network namespace), or no
+    prefix where namespaces cannot be made (not root): then daemons or tests running beside this one
+    may hold cores too, and the daemons here may settle on a core they share with one of those."""
+    try:  # the holder says so once it is in its namespace, then keeps it alive
+        holder = subprocess.Popen(["unshare", "--net", "sh", "-c", "echo in && exec sleep 600"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except FileNotFoundError:
+        yield ()
+        return
+    try:
+        netns = f"/proc/{holder.pid}/ns/net"
+        entered = holder.stdout is not None and holder.stdout.readline() == "in\n"  # EOF if unshare failed
+        usable = entered and subprocess.run(["nsenter", f"--net={netns}", "--", "true"],
+                                            stderr=subprocess.DEVNULL, check=False).returncode == 0
+        yield ("nsenter", f"--net={netns}", "--") if usable else ()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.skipif(len(affinity.ALL_CORES) < 2, reason="one core: there is no other to take")
 def test_daemons_side_by_side_take_different_home_cores(tmp_path: Path) -> None:
     """Each daemon holds its home core while it lives, so a second one started beside it takes another."""
@@ -241,19 +265,21 @@ def test_daemons_side_by_side_take_different_home_cores(tmp_path: Path) -> None:
     started: list[Daemon] = []
     for name in ("first", "second", "third"):
         (tmp_path / name).mkdir()
-    try:
-        first = launch(tmp_path / "first", component("t/echo/0", "echo"), started)
-        second = launch(tmp_path / "second", component("t/echo/0", "echo"), started)
-        first_core, second_core = loop_cores(first), loop_cores(second)
-        assert first_core.isdigit() and second_core.isdigit() and first_core != second_core, (first_core, second_core)
-        assert first.call("t/echo/0", "first") == "first" and second.call("t/echo/0", "second") == "second"
-        first.proc.send_signal(signal.SIGKILL)  # however it ends, its core is free again
-        first.proc.wait()
-        third = launch(tmp_path / "third", component("t/echo/0", "echo"), started)
-        assert loop_cores(third) == first_core
-        assert second.stop() == 0 and third.stop() == 0
-    finally:
-        kill_leftovers(started)
+    with network_namespace_of_their_own() as prefix:
+        try:
+            first = launch(tmp_path / "first", component("t/echo/0", "echo"), started, prefix=prefix)
+            second = launch(tmp_path / "second", component("t/echo/0", "echo"), started, prefix=prefix)
+            first_core, second_core = loop_cores(first), loop_cores(second)
+            assert first_core.isdigit() and second_core.isdigit(), (first_core, second_core)
+            assert first_core != second_core
+            assert first.call("t/echo/0", "first") == "first" and second.call("t/echo/0", "second") == "second"
+            first.proc.send_signal(signal.SIGKILL)  # however it ends, its core is free again
+            first.proc.wait()
+            third = launch(tmp_path / "third", component("t/echo/0", "echo"), started, prefix=prefix)
+            assert loop_cores(third) == first_core
+            assert second.stop() == 0 and third.stop() == 0
+        finally:
+            kill_leftovers(started)
 
 
 def test_reload_applies_only_the_difference(daemon: object, tmp_path: Path) -> None:
