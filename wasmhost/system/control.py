@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -44,7 +46,30 @@ BACKLOG = 4096
 """Connections the kernel queues before the daemon accepts them (capped by net.core.somaxconn): a burst of
 a thousand clients is queued, not refused with EAGAIN (clients also retry, see client.py)."""
 
+MAX_CONNECTIONS = 1024
+"""Most control connections served at once; fewer when the open-file limit is low (half of it: systemd's
+default soft limit of 1024 gives 512), so that clients cannot take the file descriptors the components'
+storage and the daemon itself need. A new client beyond it closes the connection idle the longest, else
+waits in the backlog up to BUSY_WAIT for one to end, else is answered `busy`."""
+IDLE_GRACE = 1.0
+"""Seconds a connection must have waited for a request before a new client may close it for its slot."""
+BUSY_WAIT = 1.0
+"""Seconds a client beyond MAX_CONNECTIONS waits for a connection to end before it is answered `busy`."""
+ACCEPT_PAUSE = 0.1
+"""Seconds the server pauses accepting after the system refused it a descriptor (EMFILE, ENFILE...)."""
+ACCEPT_LOG_INTERVAL = 60.0
+"""Seconds between two `control_accept_failed` log lines (each counts the refusals since the last)."""
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def connection_limit() -> int:
+    """MAX_CONNECTIONS, or half the process's open-file limit when that is lower (at least 16)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, soft // 2))
 
 
 class SocketInUse(Exception):
@@ -91,8 +116,10 @@ class ControlServer:
 
     def __init__(self, path: Path, mode: int, handler: Handler, gid: int | None = None,
                  frame_timeout: float = FRAME_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
-                 allowed_uids: frozenset[int] | None = None, send_timeout: float = ANSWER_SEND_TIMEOUT) -> None:
+                 allowed_uids: frozenset[int] | None = None, send_timeout: float = ANSWER_SEND_TIMEOUT,
+                 max_connections: int | None = None) -> None:
         self.path = path
+        self.max_connections = connection_limit() if max_connections is None else max_connections
         self.allowed_uids = allowed_uids
         self.mode = mode
         self.gid = gid
@@ -107,6 +134,12 @@ class ControlServer:
         self._serving = False
         self._answering = 0  # requests read and not yet answered
         self._answered = anyio.Event()  # set whenever _answering drops to 0
+        self._open = 0  # connections being served
+        self._closed_one = anyio.Event()  # set whenever a connection ends
+        self._refusing = False  # full for BUSY_WAIT already: new clients are answered `busy` at once
+        self._idle: dict[anyio.CancelScope, float] = {}  # connections waiting for a request since, oldest first
+        self._accept_failures = 0  # accepts the system refused since the last `control_accept_failed` line
+        self._accept_log_next = 0.0  # monotonic time from which the next such line may be written
 
     async def start(self) -> None:
         """Bind the socket (SocketInUse, OSError); connections are accepted once `serve` runs."""
@@ -126,7 +159,10 @@ class ControlServer:
                 task_status.started()
                 with self._accepting:
                     while True:
-                        stream = await listener.accept()
+                        stream = await self._accept(listener)
+                        if stream is None:
+                            continue
+                        self._open += 1
                         connections.start_soon(self._serve, stream)
                 with anyio.move_on_after(ANSWER_TIMEOUT):
                     while self._answering:
@@ -150,6 +186,61 @@ class ControlServer:
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
+
+    async def _accept(self, listener: SocketListener) -> SocketStream | None:
+        """The next connection to serve, or None when there was none to serve this time (answered `busy`,
+        or the system is out of descriptors: then after a pause, so that the loop does not spin).
+
+        Never raises for a lack of resources: before, EMFILE from accept ended the server's task group
+        and with it the daemon (measured: 400 idle connections under a limit of 200 open files killed it)."""
+        # Room for one more, or made by closing an idle connection (it ends at the next turn of the loop)
+        room = self._open < self.max_connections or self._close_idle()
+        if not room and not self._refusing:
+            with anyio.move_on_after(BUSY_WAIT):  # every connection is answering: wait for one to end
+                while self._open >= self.max_connections:
+                    self._closed_one = anyio.Event()
+                    await self._closed_one.wait()
+            room = self._open < self.max_connections
+        self._refusing = not room  # still full after BUSY_WAIT: the clients waiting now are answered at once
+        try:
+            stream = await listener.accept()
+        except anyio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, OSError) or cause.errno not in _OUT_OF_RESOURCES:
+                raise
+            self._accept_failures += 1
+            if time.monotonic() >= self._accept_log_next:  # a line a minute at most, however long it lasts
+                log.warning("control_accept_failed", error=str(cause), connections=self._open,
+                            times=self._accept_failures)
+                self._accept_failures = 0
+                self._accept_log_next = time.monotonic() + ACCEPT_LOG_INTERVAL
+            self._close_idle()  # frees a descriptor for the clients waiting in the backlog
+            await anyio.sleep(ACCEPT_PAUSE)
+            return None
+        if not room and self._open >= self.max_connections:
+            with anyio.CancelScope(shield=True):
+                await self._refuse_busy(stream)
+            return None
+        return stream
+
+    def _close_idle(self) -> bool:
+        """Close the connection waiting longest for a request, if for IDLE_GRACE at least (it holds a slot
+        doing nothing; one just accepted has its request on the way); False if there is none."""
+        oldest = next(iter(self._idle), None)
+        if oldest is None or time.monotonic() - self._idle[oldest] < IDLE_GRACE:
+            return False
+        del self._idle[oldest]
+        oldest.cancel()
+        return True
+
+    async def _refuse_busy(self, stream: SocketStream) -> None:
+        """Answer `busy` without waiting (a small frame fits the socket's buffer) and close the connection."""
+        answer = frame(Response(False, f"busy: the daemon serves at most {self.max_connections} control "
+                                       "connections at once and all are answering requests; try again"),
+                       MAX_RESPONSE_FRAME)
+        with contextlib.suppress(OSError):
+            stream.extra(SocketAttribute.raw_socket).send(answer, socket.MSG_DONTWAIT)
+        await stream.aclose()
 
     def _refusal(self, stream: SocketStream) -> str | None:
         """Why this peer may not control the daemon (SO_PEERCRED), or None."""
@@ -218,7 +309,7 @@ class ControlServer:
                 return
             early = b""  # a byte of the next request, read while watching for a hang-up
             while True:
-                header = await _read_header(reader, self.idle_timeout, self.frame_timeout, early)
+                header = await self._read_header(reader, early)
                 if header is None:
                     return
                 try:
@@ -256,18 +347,21 @@ class ControlServer:
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
+            self._open -= 1
+            self._closed_one.set()
 
-
-async def _read_header(reader: BufferedByteReceiveStream, idle: float, frame: float,
-                       first: bytes = b"") -> bytes | None:
-    """The frame header (starting with `first` if already read), or None on a clean end of stream (or an
-    idle timeout) before its first byte."""
-    with anyio.move_on_after(idle):
-        if not first:
-            try:
-                first = await reader.receive(1)
-            except anyio.EndOfStream:
-                return None
-        with anyio.fail_after(frame):
-            return first + await reader.receive_exactly(LENGTH.size - 1)
-    return None
+    async def _read_header(self, reader: BufferedByteReceiveStream, first: bytes = b"") -> bytes | None:
+        """The frame header (starting with `first` if already read), or None on a clean end of stream, an
+        idle timeout or a `_close_idle` before its first byte."""
+        with anyio.move_on_after(self.idle_timeout) as waiting:
+            if not first:
+                self._idle[waiting] = time.monotonic()
+                try:
+                    first = await reader.receive(1)
+                except anyio.EndOfStream:
+                    return None
+                finally:
+                    self._idle.pop(waiting, None)
+            with anyio.fail_after(self.frame_timeout):
+                return first + await reader.receive_exactly(LENGTH.size - 1)
+        return None

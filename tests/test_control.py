@@ -1,0 +1,116 @@
+"""The control socket against many, idle and stalled clients: a real daemon subprocess (tests/test_daemon.py's
+helpers) where the daemon's own limits matter, the ControlServer in-process where only its logic does."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.test_daemon import Daemon, component, kill_leftovers, launch
+from wasmhost.system import control, protocol
+from wasmhost.system.client import request
+from wasmhost.system.control import ControlServer
+
+ECHO = component("t/echo/0", "echo")
+
+
+@pytest.fixture
+def started() -> Iterator[list[Daemon]]:
+    daemons: list[Daemon] = []
+    yield daemons
+    kill_leftovers(daemons)
+
+
+def idle_clients(stack: ExitStack, path: Path, count: int) -> None:
+    """`count` connections to `path` that never send anything (closed when `stack` ends)."""
+    for _ in range(count):
+        conn = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        conn.connect(str(path))  # queued by the kernel even when the daemon cannot accept it
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_daemon_out_of_file_descriptors_keeps_serving(tmp_path: Path, started: list[Daemon]) -> None:
+    """Before, accept's EMFILE ended the control server's task group and with it the daemon and every
+    component (400 idle connections to a daemon allowed 200 open files killed it, with a traceback)."""
+    d = launch(tmp_path, ECHO, started)
+    pid = d.proc.pid
+    _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_files(pid) + 20, hard))  # lowered once it runs
+    with ExitStack() as stack:
+        idle_clients(stack, d.socket, 100)
+        # served once a connection idle for a second is closed to free a descriptor
+        assert d.call("t/echo/0", "still serving") == "still serving"
+        assert d.proc.poll() is None
+    assert d.call("t/echo/0", "after") == "after"
+    failures = [e for e in d.events() if e["event"] == "control_accept_failed"]
+    assert failures and "Too many open files" in str(failures[0]["error"])
+    assert len(failures) == 1  # one line a minute, however often accept is refused
+    assert d.stop() == 0
+
+
+def test_idle_connections_beyond_the_limit_make_room_for_new_clients(tmp_path: Path, started: list[Daemon]) -> None:
+    """With a low open-file limit at start the daemon serves half as many connections; clients that
+    connect and never send are closed for newer ones, so they never lock the operators out."""
+    limited = ("-c", "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+                     "from wasmhost.cli import main; sys.exit(main())")
+    d = launch(tmp_path, ECHO, started, python_args=limited)
+    with ExitStack() as stack:
+        idle_clients(stack, d.socket, 200)
+        assert d.call("t/echo/0", "served") == "served"
+        assert open_files(d.proc.pid) <= 64
+    assert not [e for e in d.events() if e["event"] == "control_accept_failed"]  # the limit kept it clear
+    assert d.stop() == 0
+
+
+@pytest.mark.anyio
+async def test_a_client_beyond_the_limit_while_all_are_answering_is_told_busy(tmp_path: Path) -> None:
+    """Every connection is answering a request (calls to a slow component): a new client is not left
+    waiting without a word; after a second it is answered `busy`, and served again once one ends."""
+    release = anyio.Event()
+
+    async def handler(req: protocol.Request) -> protocol.Response:
+        if isinstance(req, protocol.Call):
+            await release.wait()
+        return protocol.Response(True, data=type(req).__name__)
+
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, 0o600, handler, max_connections=4)
+    await server.start()
+    async with anyio.create_task_group() as group:
+        await group.start(server.serve)
+        try:
+            calls = [await anyio.connect_unix(path) for _ in range(4)]
+            for conn in calls:
+                await conn.send(protocol.frame(protocol.Call("t/echo/0", b"", 30.0)))
+            busy = await anyio.to_thread.run_sync(request, path, protocol.Status(), 30.0)
+            assert not busy.ok
+            assert busy.error == ("busy: the daemon serves at most 4 control connections at once and all are "
+                                  "answering requests; try again")
+            release.set()
+            for conn in calls:  # each call answered, then closed (a close racing the answer: anyio's
+                answer = await conn.receive()  # asyncio backend then reports an InvalidStateError)
+                assert protocol.response_decoder.decode(answer[protocol.LENGTH.size:]).ok
+                await conn.aclose()
+            served = await anyio.to_thread.run_sync(request, path, protocol.Status(), 30.0)
+            assert served.ok and served.data == "Status"
+        finally:
+            await server.close()
+
+
+def test_the_connection_limit_follows_the_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half the soft limit (systemd's default 1024 gives 512), at most MAX_CONNECTIONS, at least 16."""
+    limits = []
+    for soft in (1024, 20, 100_000, resource.RLIM_INFINITY):
+        monkeypatch.setattr(control.resource, "getrlimit", lambda _which, soft=soft: (soft, resource.RLIM_INFINITY))
+        limits.append(control.connection_limit())
+    assert limits == [512, 16, control.MAX_CONNECTIONS, control.MAX_CONNECTIONS]
