@@ -3,6 +3,7 @@ helpers) where the daemon's own limits matter, the ControlServer in-process wher
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import socket
@@ -11,6 +12,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from tests.test_daemon import Daemon, component, kill_leftovers, launch
@@ -114,3 +116,33 @@ def test_the_connection_limit_follows_the_open_file_limit(monkeypatch: pytest.Mo
         monkeypatch.setattr(control.resource, "getrlimit", lambda _which, soft=soft: (soft, resource.RLIM_INFINITY))
         limits.append(control.connection_limit())
     assert limits == [512, 16, control.MAX_CONNECTIONS, control.MAX_CONNECTIONS]
+
+
+def raw_request(path: Path, body: dict[str, object]) -> protocol.Response:
+    """Send `body` as one msgpack frame, as a client other than ours could, and read the answer."""
+    data = msgspec.msgpack.encode(body)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        conn.sendall(protocol.LENGTH.pack(len(data)) + data)
+        stream = conn.makefile("rb")
+        length = protocol.frame_length(stream.read(protocol.LENGTH.size), protocol.MAX_RESPONSE_FRAME)
+        return protocol.response_decoder.decode(stream.read(length))
+
+
+def test_a_timeout_that_is_not_seconds_above_0_is_refused_and_nothing_is_sent(
+        tmp_path: Path, started: list[Daemon]) -> None:
+    """Before, a NaN `call` was queued, handled, and answered `internal error: ValueError: cannot convert
+    float NaN to integer` with a traceback in the log; a negative one was answered as a component's timeout."""
+    d = launch(tmp_path, ECHO, started)
+    for kind in ("call", "send"):
+        for timeout in (math.nan, -1.0, 0.0, math.inf, 1e9):
+            answer = raw_request(d.socket, {"type": kind, "id": "t/echo/0", "payload": b"x", "timeout": timeout})
+            assert not answer.ok
+            assert answer.error is not None and answer.error.startswith("malformed request: Expected `float` ")
+            assert answer.error.endswith("- at `$.timeout`"), answer.error
+    echo = request(d.socket, protocol.Status("t/echo/0")).data["components"][0]
+    assert echo["handled"] == 0  # none of them reached the component
+    assert not [e for e in d.events() if e["event"] == "control_request_failed"]
+    assert d.call("t/echo/0", "fine") == "fine"
+    assert d.stop() == 0

@@ -374,8 +374,11 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _check_timeout(seconds: float) -> None:
-    if not 0 < seconds <= 86400:
-        raise CliError(f"--timeout {seconds:g}: expected seconds above 0, at most 86400 (a day)")
+    """Refuse a --timeout the daemon would refuse (protocol.Timeout), or the client cannot wait (inf, NaN)."""
+    from wasmhost.system.protocol import MAX_TIMEOUT
+
+    if not 0 < seconds <= MAX_TIMEOUT:
+        raise CliError(f"--timeout {seconds:g}: expected seconds above 0, at most {MAX_TIMEOUT:g} (a day)")
 
 
 def cmd_call(args: argparse.Namespace) -> int:

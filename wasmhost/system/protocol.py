@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -19,6 +19,14 @@ MAX_RESPONSE_FRAME = 32 * 1024 * 1024
 
 LENGTH = struct.Struct(">I")
 
+MAX_TIMEOUT = 86400.0
+"""Longest `timeout` a `send` or `call` may ask for (a day)."""
+Timeout = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT)]
+"""Seconds above 0, at most MAX_TIMEOUT: checked as the request is decoded, so a NaN, negative or
+infinite timeout is a `malformed request` naming `$.timeout`. Before, a NaN `call` was queued and
+then failed as `internal error: ValueError: cannot convert float NaN to integer` (a traceback logged
+for each), and a negative one was answered as if the component had timed out handling it."""
+
 
 class Status(msgspec.Struct, tag="status", forbid_unknown_fields=True):
     """Ask for the table of components, or for the row of one (`id`) with its texts whole."""
@@ -32,7 +40,7 @@ class Send(msgspec.Struct, tag="send", forbid_unknown_fields=True):
     id: str
     payload: bytes
     wait: bool = True
-    timeout: float = 30.0
+    timeout: Timeout = 30.0
     """Seconds to wait for mailbox room; then it fails with `timeout` and nothing was queued."""
 
 
@@ -41,7 +49,7 @@ class Call(msgspec.Struct, tag="call", forbid_unknown_fields=True):
 
     id: str
     payload: bytes
-    timeout: float = 30.0
+    timeout: Timeout = 30.0
     """Seconds for the whole call: mailbox room, then the reply."""
     verbose: bool = False
     """Whether a failure's full text (a guest's wasm backtrace) comes back as `data`."""
