@@ -15,7 +15,7 @@ import anyio
 import msgspec
 import pytest
 
-from tests.test_daemon import Daemon, component, kill_leftovers, launch
+from tests.test_daemon import Daemon, component, kill_leftovers, launch, wasmhost
 from wasmhost.system import control, protocol
 from wasmhost.system.client import request
 from wasmhost.system.control import ControlServer
@@ -146,3 +146,12 @@ def test_a_timeout_that_is_not_seconds_above_0_is_refused_and_nothing_is_sent(
     assert not [e for e in d.events() if e["event"] == "control_request_failed"]
     assert d.call("t/echo/0", "fine") == "fine"
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "-1", "0", "1e300"])
+def test_reload_refuses_a_timeout_it_cannot_wait_with_one_line(tmp_path: Path, timeout: str) -> None:
+    """Before, `reload --timeout inf` (or 1e300) ended in an OverflowError traceback from the socket,
+    `--timeout nan` in `Invalid value NaN (not a number)`, naming neither the option nor what it takes."""
+    result = wasmhost("reload", f"--timeout={timeout}", "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 1
+    assert result.stderr == f"wasmhost: --timeout {float(timeout):g}: expected seconds above 0, at most 86400 (a day)\n"

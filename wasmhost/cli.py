@@ -463,6 +463,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     from wasmhost.system.client import request
     from wasmhost.system.reload_report import ReloadReport
 
+    _check_timeout(args.timeout)  # before, `--timeout inf` ended in an OverflowError traceback
     # A reload lasts as long as the longest rollout check window of the versions it hands over.
     response = request(socket_path(args), protocol.Reload(), timeout=args.timeout)
     if response.data is None:  # not a report: the request itself failed
