@@ -3,6 +3,7 @@ helpers) where the daemon's own limits matter, the ControlServer in-process wher
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -14,6 +15,7 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
+import structlog.testing
 
 from tests.test_daemon import Daemon, component, kill_leftovers, launch, wasmhost
 from wasmhost.system import control, protocol
@@ -155,3 +157,45 @@ def test_reload_refuses_a_timeout_it_cannot_wait_with_one_line(tmp_path: Path, t
     result = wasmhost("reload", f"--timeout={timeout}", "--socket", str(tmp_path / "none.sock"))
     assert result.returncode == 1
     assert result.stderr == f"wasmhost: --timeout {float(timeout):g}: expected seconds above 0, at most 86400 (a day)\n"
+
+
+@pytest.mark.anyio
+async def test_answers_clients_do_not_take_are_let_go_when_newer_ones_need_the_room(tmp_path: Path) -> None:
+    """Each client that stopped reading held its answer for send_timeout (30 s): 1,000 `status` requests
+    to a daemon of 2,000 components, never read, held 410 MB. Beyond the budget the stalled ones go, the
+    oldest first; a client taking its answer is served whole."""
+    answer = protocol.Response(True, data="x" * (16 << 20))
+
+    async def handler(req: protocol.Request) -> protocol.Response:
+        return answer
+
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, 0o600, handler, send_timeout=600.0, answer_budget=40 << 20, stalled_after=0.0)
+    await server.start()
+    async with anyio.create_task_group() as group:
+        await group.start(server.serve)
+        try:
+            with structlog.testing.capture_logs() as logs:
+                stalled = []
+                for _ in range(4):  # 64 MiB asked for, none of it read
+                    conn = await anyio.connect_unix(path)
+                    await conn.send(protocol.frame(protocol.Status()))
+                    stalled.append(conn)
+                served = await anyio.to_thread.run_sync(request, path, protocol.Status(), 30.0)
+                assert served == answer
+                whole = len(protocol.frame(answer, protocol.MAX_RESPONSE_FRAME))
+                received = []
+                with anyio.fail_after(30):
+                    for conn in stalled[:3]:  # the oldest ones were let go: their connections end
+                        got = 0
+                        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                            while True:
+                                got += len(await conn.receive())
+                        received.append(got)
+                assert all(got < whole for got in received)
+                assert [e["answers"] for e in logs if e["event"] == "control_answers_dropped"] == [1]
+                assert server._held <= 40 << 20
+            for conn in stalled:
+                await conn.aclose()
+        finally:
+            await server.close()
