@@ -61,7 +61,9 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 
 def request(path: Path, message: Request, timeout: float = 60.0) -> Response:
     """Send one request and wait for its response, all within `timeout` seconds (an oversized request
-    raises FrameError unsent; no answer in time raises DaemonUnavailable)."""
+    raises FrameError unsent; no answer in time, or a connection closed without one, raises
+    DaemonUnavailable: before, a daemon stopping left its queued clients with `[Errno 104] Connection
+    reset by peer`)."""
     data = frame(message)
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -75,5 +77,8 @@ def request(path: Path, message: Request, timeout: float = 60.0) -> Response:
         return response_decoder.decode(_read_exactly(sock, length))
     except TimeoutError:
         raise DaemonUnavailable(f"no answer from the daemon on {path} within {timeout:g} s") from None
+    except ConnectionError:  # reset or closed: a daemon stopping ends the connections it has not served
+        raise DaemonUnavailable(f"the daemon on {path} closed the connection without answering (is it "
+                                "stopping?); the request may not have been carried out") from None
     finally:
         sock.close()
