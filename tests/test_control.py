@@ -18,7 +18,7 @@ import msgspec
 import pytest
 import structlog.testing
 
-from tests.test_daemon import Daemon, component, kill_leftovers, launch, wasmhost
+from tests.test_daemon import Daemon, component, config_text, kill_leftovers, launch, wasmhost
 from wasmhost.system import control, protocol
 from wasmhost.system.client import DaemonUnavailable, request
 from wasmhost.system.control import ControlServer
@@ -194,7 +194,7 @@ async def test_answers_clients_do_not_take_are_let_go_when_newer_ones_need_the_r
                                 got += len(await conn.receive())
                         received.append(got)
                 assert all(got < whole for got in received)
-                assert [e["answers"] for e in logs if e["event"] == "control_answers_dropped"] == [1]
+                assert [e["times"] for e in logs if e["event"] == "control_answers_dropped"] == [1]
                 assert server._held <= 40 << 20
             for conn in stalled:
                 await conn.aclose()
@@ -226,3 +226,42 @@ def test_a_connection_closed_without_an_answer_is_one_clear_error(tmp_path: Path
         closing.join()
     assert str(failed.value) == (f"the daemon on {path} closed the connection without answering (is it "
                                  "stopping?); the request may not have been carried out")
+
+
+def test_a_refused_user_looping_on_connect_writes_one_log_line_not_one_each(tmp_path: Path) -> None:
+    """Each refused connection wrote a `control_peer_refused` line: a user in the socket's group but not
+    in control_users wrote 11,000 lines (1.4 MB) in 3 s, without end. Now the first, then a count a minute."""
+    public = Path(f"/tmp/wasmhost-refused-{os.getpid()}")  # traversable by other users, unlike tmp_path
+    public.mkdir(mode=0o755, exist_ok=True)
+    try:
+        config = tmp_path / "wasmhost.toml"
+        config.write_text(config_text(tmp_path / "state", ECHO).replace(
+            "[host]\n", f'[host]\ncontrol_socket = "{public / "ctl.sock"}"\nsocket_mode = "0660"\n'
+                        'socket_group = "nogroup"\ncontrol_users = ["root"]\n'))
+        d = Daemon(tmp_path, config)
+        d.socket = public / "ctl.sock"
+        d.expect("READY=1")
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:  # another user, asking 200 times
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                answers = {str(request(d.socket, protocol.Status()).error) for _ in range(200)}
+                os.write(write_end, "|".join(sorted(answers)).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(child, 0)
+        with os.fdopen(read_end) as result:
+            assert result.read() == ("permission denied: uid 65534 is not allowed to control this daemon "
+                                     "(host.control_users)")
+        assert d.call("t/echo/0", "root may") == "root may"
+        assert d.stop() == 0
+        refused = [e for e in d.events() if e["event"] == "control_peer_refused"]
+        assert len(refused) == 1, f"{len(refused)} lines for 200 refusals"
+        assert (refused[0]["uid"], refused[0]["times"]) == (65534, 1)
+    finally:
+        for leftover in public.iterdir():
+            leftover.unlink()
+        public.rmdir()

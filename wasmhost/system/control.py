@@ -69,11 +69,29 @@ BUSY_WAIT = 1.0
 ACCEPT_PAUSE = 0.1
 """Seconds the server pauses accepting after the system refused it a descriptor (EMFILE, ENFILE...)."""
 LOG_INTERVAL = 60.0
-"""Seconds between two `control_accept_failed` (or two `control_answers_dropped`) log lines; each
-counts the times since the last."""
+"""Seconds between two lines of a warning clients can cause at will (`control_peer_refused`,
+`control_accept_failed`, `control_answers_dropped`); each line counts the times since the last."""
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Throttled:
+    """A warning written at most once per LOG_INTERVAL, each line with `times`: how often it happened
+    since the last line (the first time is written at once)."""
+
+    def __init__(self, event: str) -> None:
+        self.event = event
+        self.times = 0
+        self.next_line = 0.0
+
+    def note(self, **fields: object) -> None:
+        self.times += 1
+        now = time.monotonic()
+        if now >= self.next_line:
+            log.warning(self.event, times=self.times, **fields)
+            self.times = 0
+            self.next_line = now + LOG_INTERVAL
 
 
 class _Outgoing:
@@ -166,12 +184,11 @@ class ControlServer:
         self._closed_one = anyio.Event()  # set whenever a connection ends
         self._refusing = False  # full for BUSY_WAIT already: new clients are answered `busy` at once
         self._idle: dict[anyio.CancelScope, float] = {}  # connections waiting for a request since, oldest first
-        self._accept_failures = 0  # accepts the system refused since the last `control_accept_failed` line
-        self._accept_log_next = 0.0  # monotonic time from which the next such line may be written
+        self._accept_failed = _Throttled("control_accept_failed")
+        self._peer_refused = _Throttled("control_peer_refused")
+        self._answers_dropped = _Throttled("control_answers_dropped")
         self._outgoing: dict[_Outgoing, None] = {}  # answers being sent, oldest first
         self._held = 0  # their bytes
-        self._dropped = 0  # answers let go for room since the last `control_answers_dropped` line
-        self._dropped_log_next = 0.0
 
     async def start(self) -> None:
         """Bind the socket (SocketInUse, OSError); connections are accepted once `serve` runs."""
@@ -240,12 +257,7 @@ class ControlServer:
             cause = exc.__cause__
             if not isinstance(cause, OSError) or cause.errno not in _OUT_OF_RESOURCES:
                 raise
-            self._accept_failures += 1
-            if time.monotonic() >= self._accept_log_next:  # a line a minute at most, however long it lasts
-                log.warning("control_accept_failed", error=str(cause), connections=self._open,
-                            times=self._accept_failures)
-                self._accept_failures = 0
-                self._accept_log_next = time.monotonic() + LOG_INTERVAL
+            self._accept_failed.note(error=str(cause), connections=self._open)
             self._close_idle()  # frees a descriptor for the clients waiting in the backlog
             await anyio.sleep(ACCEPT_PAUSE)
             return None
@@ -283,7 +295,9 @@ class ControlServer:
         pid, uid, _gid = struct.unpack("3i", creds)
         if uid in self.allowed_uids:
             return None
-        log.warning("control_peer_refused", uid=uid, pid=pid)
+        # Throttled: each refused connection wrote a line, and a refused user looping on connect wrote
+        # 11,000 lines (1.4 MB) in 3 s; now the first is written, then a count a minute.
+        self._peer_refused.note(uid=uid, pid=pid)
         return f"permission denied: uid {uid} is not allowed to control this daemon (host.control_users)"
 
     async def _answer_request(self, request: Request) -> Response:
@@ -355,14 +369,11 @@ class ControlServer:
             oldest = min(stalled, key=lambda out: out.progressed)
             oldest.dropped = True
             oldest.scope.cancel()
-            self._held -= oldest.size  # counted out now: its task lets go of it at its next turn
+            oldest_size = oldest.size
+            self._held -= oldest_size  # counted out now: its task lets go of it at its next turn
             oldest.size = 0
-            self._dropped += 1
-        if self._dropped and now >= self._dropped_log_next:  # a line a minute at most
-            log.warning("control_answers_dropped", answers=self._dropped, budget=self.answer_budget,
-                        reason="their clients took nothing of them while newer answers needed the room")
-            self._dropped = 0
-            self._dropped_log_next = now + LOG_INTERVAL
+            self._answers_dropped.note(budget=self.answer_budget, bytes=oldest_size,
+                                       reason="its client took nothing of it while newer answers needed the room")
 
     async def _serve(self, stream: SocketStream) -> None:
         reader = BufferedByteReceiveStream(stream)
