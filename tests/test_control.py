@@ -265,3 +265,17 @@ def test_a_refused_user_looping_on_connect_writes_one_log_line_not_one_each(tmp_
         for leftover in public.iterdir():
             leftover.unlink()
         public.rmdir()
+
+
+def test_an_unknown_request_type_is_answered_with_the_types_there_are(tmp_path: Path, started: list[Daemon]) -> None:
+    """msgspec's text named the input only (`Invalid value 'frobnicate' - at `$.type``)."""
+    d = launch(tmp_path, ECHO, started)
+    expected = ("(expected one of: status, send, call, reload, stop, start, restart, forensics, lattice-status)")
+    unknown = raw_request(d.socket, {"type": "frobnicate", "id": "t/echo/0"})
+    assert unknown.error == f"malformed request: Invalid value 'frobnicate' - at `$.type` {expected}"
+    missing = raw_request(d.socket, {"id": "t/echo/0"})
+    assert missing.error == f"malformed request: Object missing required field `type` {expected}"
+    wrong = raw_request(d.socket, {"type": "stop", "id": 5})  # other mistakes: msgspec's own words
+    assert wrong.error == "malformed request: Expected `str`, got `int` - at `$.id`"
+    assert d.call("t/echo/0", "still serving") == "still serving"
+    assert d.stop() == 0

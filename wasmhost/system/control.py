@@ -22,6 +22,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from wasmhost.system.protocol import (
     LENGTH,
     MAX_RESPONSE_FRAME,
+    REQUEST_TYPES,
     Call,
     FrameError,
     Request,
@@ -396,7 +397,7 @@ class ControlServer:
                     await self._answer(stream, Response(False, f"bad frame: {exc}"))
                     return
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    await self._answer(stream, Response(False, f"malformed request: {exc}"))
+                    await self._answer(stream, Response(False, f"malformed request: {_expected(exc)}"))
                     return
                 except TimeoutError:
                     await self._answer(stream, Response(False, f"incomplete frame after {self.frame_timeout:g} s"))
@@ -440,3 +441,12 @@ class ControlServer:
             with anyio.fail_after(self.frame_timeout):
                 return first + await reader.receive_exactly(LENGTH.size - 1)
         return None
+
+
+def _expected(exc: msgspec.DecodeError) -> str:
+    """msgspec's text for a request it could not decode; for an unknown or missing `type`, which types
+    there are (msgspec says only `Invalid value 'x' - at `$.type``)."""
+    text = str(exc)
+    if text.endswith("`$.type`") or text.endswith("field `type`"):
+        text += f" (expected one of: {', '.join(REQUEST_TYPES)})"
+    return text

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import msgspec
 
@@ -89,6 +89,8 @@ class LatticeStatus(msgspec.Struct, tag="lattice-status", forbid_unknown_fields=
 
 
 Request = Status | Send | Call | Reload | Stop | Start | Restart | Forensics | LatticeStatus
+REQUEST_TYPES = tuple(str(kind.__struct_config__.tag) for kind in get_args(Request))
+"""The `type` tag of each request, as a client must spell it (named in the answer to an unknown one)."""
 
 
 class StatusRow(msgspec.Struct, gc=False):
