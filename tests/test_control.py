@@ -279,3 +279,14 @@ def test_an_unknown_request_type_is_answered_with_the_types_there_are(tmp_path: 
     assert wrong.error == "malformed request: Expected `str`, got `int` - at `$.id`"
     assert d.call("t/echo/0", "still serving") == "still serving"
     assert d.stop() == 0
+
+
+def test_a_socket_path_that_cannot_be_connected_to_is_named_in_the_error(tmp_path: Path) -> None:
+    """Printed `wasmhost: [Errno 20] Not a directory` and `wasmhost: AF_UNIX path too long`: which path?"""
+    (tmp_path / "file").write_text("")
+    through_a_file = tmp_path / "file" / "x.sock"
+    too_long = tmp_path / ("y" * 120)
+    for path, reason in ((through_a_file, "not a directory"), (too_long, "AF_UNIX path too long")):
+        result = wasmhost("status", "--socket", str(path))
+        assert result.returncode == 1
+        assert result.stderr == f"wasmhost: cannot connect to the control socket {path}: {reason}\n"

@@ -46,6 +46,13 @@ def _connect(sock: socket.socket, path: Path, deadline: float) -> None:
                                         "its queue of waiting clients stayed full") from None
             time.sleep(min(left, pause * random.uniform(0.5, 1.5)))  # jitter: retries do not arrive in step
             pause = min(pause * 2, CONNECT_RETRY_MAX)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            # Not a directory, a path too long for a socket, a symlink loop: before, printed without the
+            # path (`wasmhost: [Errno 20] Not a directory`, `wasmhost: AF_UNIX path too long`).
+            reason = exc.strerror.lower() if exc.strerror else str(exc)
+            raise DaemonUnavailable(f"cannot connect to the control socket {path}: {reason}") from None
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes:
