@@ -8,6 +8,8 @@ import math
 import os
 import resource
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -18,7 +20,8 @@ import msgspec
 import pytest
 import structlog.testing
 
-from tests.test_daemon import Daemon, component, config_text, kill_leftovers, launch, wasmhost
+from tests.test_cli import wait_for
+from tests.test_daemon import ROOT, Daemon, component, config_text, kill_leftovers, launch, wasmhost
 from wasmhost.system import control, protocol
 from wasmhost.system.client import DaemonUnavailable, request
 from wasmhost.system.control import ControlServer
@@ -290,3 +293,27 @@ def test_a_socket_path_that_cannot_be_connected_to_is_named_in_the_error(tmp_pat
         result = wasmhost("status", "--socket", str(path))
         assert result.returncode == 1
         assert result.stderr == f"wasmhost: cannot connect to the control socket {path}: {reason}\n"
+
+
+def test_a_stop_longer_than_the_clients_wait_is_said_to_go_on(tmp_path: Path, started: list[Daemon]) -> None:
+    """A stop drains for up to drain_timeout_s; the CLI gave up after 35 s with `no answer from the daemon
+    on PATH within 35 s`, as if the daemon were gone, while the stop went on (measured: 35.2 s, then
+    `status` showed the component `stopping`)."""
+    d = launch(tmp_path, component("t/sleeper/0", "services"), started,
+               edit={"drain_timeout_s = 5.0": "drain_timeout_s = 600.0"})
+    sleeping = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "call", "t/sleeper/0", "sleep 600000",
+                                 "--timeout", "900", "--socket", str(d.socket)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        wait_for(lambda: request(d.socket, protocol.Status("t/sleeper/0")).data["components"][0]["in_hand"] == 1,
+                 "the sleep to be taken")  # the stop then drains for as long as it lasts
+        result = d.cli("stop", "t/sleeper/0", "--timeout", "1")
+        assert result.returncode == 1
+        assert result.stderr == (f"wasmhost: stop t/sleeper/0: no answer from the daemon on {d.socket} within "
+                                 "6 s; the daemon carries it out even so (a stop drains for up to drain_timeout_s): "
+                                 "`wasmhost status` shows where it is, --timeout S waits longer\n")
+        row = request(d.socket, protocol.Status("t/sleeper/0")).data["components"][0]
+        assert row["state"] == "stopping"
+    finally:
+        sleeping.kill()
+        sleeping.wait()

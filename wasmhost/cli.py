@@ -482,9 +482,18 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_simple(args: argparse.Namespace) -> int:
     """stop ID / start ID / restart ID."""
     from wasmhost.system import protocol
+    from wasmhost.system.client import NoAnswer
 
+    _check_timeout(args.timeout)
     message: Any = {"stop": protocol.Stop, "start": protocol.Start, "restart": protocol.Restart}[args.command](args.id)
-    response = _ask(args, message)
+    try:
+        response = _ask(args, message)
+    except NoAnswer as exc:
+        # Before: only `no answer from the daemon ... within 35 s`, as if the daemon were gone, while a stop
+        # draining for drain_timeout_s went on (it is carried out whether its client waits or not).
+        raise CliError(f"{args.command} {args.id}: {exc}; the daemon carries it out even so (a stop drains "
+                       "for up to drain_timeout_s): `wasmhost status` shows where it is, --timeout S waits "
+                       "longer") from None
     if response is None:
         return EXIT_FAILED
     print(f"{args.command}: ok" + (f" ({response.data})" if response.data else ""))
@@ -713,7 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for the report (a reload waits for its rollout check windows; "
                              "default: %(default)g)")
     for name in ("stop", "start", "restart"):
-        add(name, cmd_simple, f"{name} component ID", control=True).add_argument("id")
+        simple = add(name, cmd_simple, f"{name} component ID and wait for it to be done", control=True)
+        simple.add_argument("id")
+        simple.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                            help="seconds to wait for the daemon to be done (a stop drains for up to "
+                                 "drain_timeout_s); it goes on after (default: %(default)g)")
     logs = add("logs", cmd_logs, "filter and print the daemon's logs (JSON lines or console format)", config=False)
     logs.add_argument("file", nargs="?", help="log file, or - for stdin (default)")
     logs.add_argument("--component", help="component id glob, e.g. 'demo/*'")

@@ -28,6 +28,11 @@ class DaemonUnavailable(Exception):
     """Nothing is listening on the control socket, or it did not answer in time."""
 
 
+class NoAnswer(DaemonUnavailable):
+    """The daemon took the request but did not answer within the client's timeout (it may still be
+    carrying it out: a stop draining its component, a reload)."""
+
+
 def _connect(sock: socket.socket, path: Path, deadline: float) -> None:
     """Connect, retrying with backoff while the daemon's accept queue is full, until `deadline`."""
     pause = CONNECT_RETRY_FIRST
@@ -83,7 +88,7 @@ def request(path: Path, message: Request, timeout: float = 60.0) -> Response:
         length = frame_length(_read_exactly(sock, LENGTH.size), MAX_RESPONSE_FRAME)
         return response_decoder.decode(_read_exactly(sock, length))
     except TimeoutError:
-        raise DaemonUnavailable(f"no answer from the daemon on {path} within {timeout:g} s") from None
+        raise NoAnswer(f"no answer from the daemon on {path} within {timeout:g} s") from None
     except ConnectionError:  # reset or closed: a daemon stopping ends the connections it has not served
         raise DaemonUnavailable(f"the daemon on {path} closed the connection without answering (is it "
                                 "stopping?); the request may not have been carried out") from None
