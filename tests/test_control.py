@@ -317,3 +317,30 @@ def test_a_stop_longer_than_the_clients_wait_is_said_to_go_on(tmp_path: Path, st
     finally:
         sleeping.kill()
         sleeping.wait()
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"\x00\x00\x00\x03\x93\x01\x02"],
+                         ids=["http", "msgpack-not-an-answer"])
+def test_a_socket_that_is_not_a_daemons_gets_one_clear_line(tmp_path: Path, answer: bytes) -> None:
+    """`--socket` naming another program's socket: an HTTP answer ended in a FrameError traceback (a
+    length of 1,213,486,160 bytes read from `HTTP`), other bytes in msgspec's words alone."""
+    path = tmp_path / "other.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+
+        def answer_wrongly() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1 << 16)
+                conn.sendall(answer)
+
+        answering = threading.Thread(target=answer_wrongly)
+        answering.start()
+        result = wasmhost("status", "--socket", str(path))
+        answering.join()
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert "\n" not in line, result.stderr
+    assert line.startswith(f"wasmhost: {path} answered with something that is not a wasmhost control answer (")
+    assert line.endswith("); is it a wasmhost daemon's control socket?")

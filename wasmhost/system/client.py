@@ -8,9 +8,12 @@ import socket
 import time
 from pathlib import Path
 
+import msgspec
+
 from wasmhost.system.protocol import (
     LENGTH,
     MAX_RESPONSE_FRAME,
+    FrameError,
     Request,
     Response,
     frame,
@@ -73,9 +76,9 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 
 def request(path: Path, message: Request, timeout: float = 60.0) -> Response:
     """Send one request and wait for its response, all within `timeout` seconds (an oversized request
-    raises FrameError unsent; no answer in time, or a connection closed without one, raises
-    DaemonUnavailable: before, a daemon stopping left its queued clients with `[Errno 104] Connection
-    reset by peer`)."""
+    raises FrameError unsent; no answer in time, a connection closed without one, or an answer that is
+    no wasmhost answer, raises DaemonUnavailable: before, a daemon stopping left its queued clients with
+    `[Errno 104] Connection reset by peer`)."""
     data = frame(message)
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -92,5 +95,10 @@ def request(path: Path, message: Request, timeout: float = 60.0) -> Response:
     except ConnectionError:  # reset or closed: a daemon stopping ends the connections it has not served
         raise DaemonUnavailable(f"the daemon on {path} closed the connection without answering (is it "
                                 "stopping?); the request may not have been carried out") from None
+    except (FrameError, msgspec.DecodeError) as exc:
+        # Another program's socket (a --socket typo): before, a FrameError traceback, or msgspec's words
+        # alone (`wasmhost: Expected `object`, got `int``).
+        raise DaemonUnavailable(f"{path} answered with something that is not a wasmhost control answer "
+                                f"({exc}); is it a wasmhost daemon's control socket?") from None
     finally:
         sock.close()
