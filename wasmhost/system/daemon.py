@@ -200,6 +200,7 @@ class Daemon:
         self._startup = anyio.CancelScope()  # cancelled by a stop signal
         self._reload_lock = anyio.Lock()
         self._ready = False  # start-up is over: from now on a reload never waits for another one
+        self._configured_ids: frozenset[ComponentId] | None = None  # see _configured
         self.counters = DaemonCounters()  # read by the metrics endpoint
         self.metrics: MetricsServer | None = None
         self.router: MessageRouter
@@ -768,6 +769,12 @@ class Daemon:
 
     # --- control requests ---
 
+    def _configured(self) -> frozenset[ComponentId]:
+        """The ids the configuration deploys (asked only while starting up, when some are not deployed yet)."""
+        if self._configured_ids is None:
+            self._configured_ids = frozenset(plan.spec.component_id for plan in self.config.components)
+        return self._configured_ids
+
     async def handle(self, request: protocol.Request) -> protocol.Response:
         """Answer one control request."""
         self.counters.control_requests[_REQUEST_NAMES.get(type(request), "other")] += 1
@@ -795,6 +802,11 @@ class Daemon:
         if isinstance(request, protocol.LatticeStatus):
             return self.lattice_status()
         cid = ComponentId.parse(request.id)
+        if not self._ready and cid not in self.deployments and cid in self._configured():
+            # Before: `target-not-found`, as if it were not configured, to a script that did not wait for READY
+            return protocol.Response(False, f"delivery-failed: {cid} is not started yet: the daemon is starting "
+                                            f"({len(self.deployments)} of {len(self.config.components)} "
+                                            "components deployed so far); try again once it is ready")
         if isinstance(request, protocol.Send):
             await self.router.host_send(cid, request.payload, wait=request.wait, timeout=request.timeout)
             return protocol.Response(True)
