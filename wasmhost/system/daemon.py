@@ -200,7 +200,7 @@ class Daemon:
         self._startup = anyio.CancelScope()  # cancelled by a stop signal
         self._reload_lock = anyio.Lock()
         self._ready = False  # start-up is over: from now on a reload never waits for another one
-        self._configured_ids: frozenset[ComponentId] | None = None  # see _configured
+        self._configured_ids: tuple[Config, frozenset[ComponentId]] | None = None  # see _configured
         self.counters = DaemonCounters()  # read by the metrics endpoint
         self.metrics: MetricsServer | None = None
         self.router: MessageRouter
@@ -770,10 +770,11 @@ class Daemon:
     # --- control requests ---
 
     def _configured(self) -> frozenset[ComponentId]:
-        """The ids the configuration deploys (asked only while starting up, when some are not deployed yet)."""
-        if self._configured_ids is None:
-            self._configured_ids = frozenset(plan.spec.component_id for plan in self.config.components)
-        return self._configured_ids
+        """The ids the configuration deploys (asked only while starting up, when some are not deployed yet;
+        worked out once per configuration: a reload may come before READY)."""
+        if self._configured_ids is None or self._configured_ids[0] is not self.config:
+            self._configured_ids = (self.config, frozenset(plan.spec.component_id for plan in self.config.components))
+        return self._configured_ids[1]
 
     async def handle(self, request: protocol.Request) -> protocol.Response:
         """Answer one control request."""
