@@ -48,6 +48,22 @@ def test_a_read_that_began_before_a_commit_never_brings_back_the_old_value() -> 
     assert cache.lookup("org/a/0", "k") is None
 
 
+def test_forgetting_an_owner_drops_all_it_kept_and_voids_its_reads_under_way() -> None:
+    """A removed component's bookkeeping goes with its entries; its commit count then starts again from zero,
+    so a read begun before the forget must not match a token taken after as many commits again."""
+    cache = ReadCache()
+    cache.offer("org/a/0", "k", b"v1", cache.token("org/a/0"))
+    cache.offer("org/b/0", "k", b"b", cache.token("org/b/0"))
+    assert cache.claim_whole("org/a/0")
+    began = cache.token("org/a/0")  # commit count 0: a read of b"v1" under way (a left-running guest's)
+    cache.committed([("org/a/0", "k", b"v2")])
+    cache.forget(["org/a/0"])
+    assert cache.owners() == {"org/b/0"} and cache.lookup("org/a/0", "k") is None
+    assert cache.nbytes == ENTRY_OVERHEAD + 1 + 1  # org/b/0's one entry: key "k", value b"b"
+    cache.offer("org/a/0", "k", b"v1", began)  # the same commit count as now: still not kept
+    assert cache.lookup("org/a/0", "k") is None
+
+
 def test_commits_update_what_the_cache_holds_and_add_keys_only_to_whole_namespaces() -> None:
     cache = ReadCache()
     cache.committed([("flood/0", f"new-{i}", b"v") for i in range(1000)])  # a flood of new keys...

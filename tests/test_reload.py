@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import FIXTURES
 from tests.test_cli import background, rows, wait_for
 from tests.test_daemon import Daemon, component, config_text, in_process, kill_leftovers, launch, wasmhost
+from wasmhost.core.ids import ComponentId
 
 PATTERN_ERROR = ("components[1].capabilities.send[0]: target pattern 'demo/echo': expected '*', 'namespace/*', "
                  "'namespace/name/*' or 'namespace/name/instance'")
@@ -322,3 +323,39 @@ async def test_a_reload_lets_go_of_the_compiled_versions_nothing_runs(tmp_path: 
         running = {d.digest for d in daemon.deployments.values()}
         assert set(daemon.runtime.cache._memory) == running and len(running) == 2
         assert len(list((tmp_path / "state" / "cache").glob("*.cwasm"))) == 5  # on disk: every version
+
+
+def _churned(components: Path, state: Path, generation: int | None) -> str:
+    """An echo, plus (for a generation) a storage component with a quota of its own under a fresh id."""
+    text = component("t/echo/0", "echo")
+    if generation is not None:
+        text += component(f"t/notes/{generation}", "storage",
+                          "capabilities = { storage = true, storage_quota_bytes = 100000 }")
+    return config_text(state, text, components)
+
+
+@pytest.mark.anyio
+async def test_reloads_removing_storage_components_leave_nothing_of_them_in_memory(tmp_path: Path,
+                                                                                   components: Path) -> None:
+    """Storage kept, for every component a reload removed, its quota and its read cache's bookkeeping (commit
+    count, whole-namespace tries and state): 500 reloads adding 50 components under fresh ids and removing
+    them left 12,501 quotas for 51 configured. Their rows stay in the file, for the same id configured again."""
+    shutil.copy(FIXTURES / "storage.wasm", components / "storage.wasm")
+    config = tmp_path / "wasmhost.toml"
+    state = tmp_path / "state"
+    config.write_text(_churned(components, state, None))
+    async with in_process(config) as daemon:
+        for generation in range(8):
+            config.write_text(_churned(components, state, generation))
+            assert (await daemon.reload()).added == [f"t/notes/{generation}"]
+            notes = f"t/notes/{generation}"
+            assert await daemon.router.host_request(ComponentId.parse(notes), b"set k v%d" % generation, 10) == b"ok"
+            assert await daemon.router.host_request(ComponentId.parse(notes), b"get k", 10) == b"v%d" % generation
+            config.write_text(_churned(components, state, None))
+            assert (await daemon.reload()).removed == [notes]
+        assert daemon.storage.tracked_owners() <= {"t/echo/0"}
+        config.write_text(_churned(components, state, 3))  # the same id again: its data is still there
+        assert (await daemon.reload()).added == ["t/notes/3"]
+        assert await daemon.router.host_request(ComponentId.parse("t/notes/3"), b"get k", 10) == b"v3"
+        assert daemon.storage.quota("t/notes/3") == 100000
+

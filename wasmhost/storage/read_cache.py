@@ -17,6 +17,10 @@ Whole namespaces. A component whose storage is small (at most 1 / WHOLE_SHARE of
 whole at its first miss (`fill`); from then on its namespace is *complete*: a key the cache does not
 hold is known to be absent, and no read of it goes to SQLite, until one of its entries is evicted.
 
+Forgetting. What the cache keeps per owner besides its entries (its commit count, whether it is complete,
+its tries at being read whole) would stay for every component ever removed: `forget` drops it, with the
+owner's entries, when a reload removes the component (its rows stay on the disk).
+
 Bounds. At most `max_bytes` (each entry counted as its key as Python stores it, its value and
 ENTRY_OVERHEAD; an owner's name is kept once, whatever string object each read brings), least
 recently used first out; values above MAX_VALUE_BYTES are never kept. A guest reading many keys
@@ -66,7 +70,7 @@ class ReadCache:
         self._entries: OrderedDict[tuple[str, str], Cached] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()  # workers read, the writer thread updates
-        self._clears = 0
+        self._clears = 0  # clears and forgets: each voids every read from SQLite under way (see `token`)
         self._commits: dict[str, int] = {}  # per owner: commits that touched it
         self._complete: set[str] = set()  # owners whose every committed key is cached
         self._whole_tries: dict[str, int] = {}
@@ -157,6 +161,29 @@ class ReadCache:
             self._entries.clear()
             self._complete.clear()
             self._bytes = 0
+
+    def forget(self, owners: Iterable[str]) -> None:
+        """Drop everything kept for `owners` (components no longer configured): their entries, commit counts,
+        completeness and whole-read tries, which would otherwise stay for every component ever removed. A
+        read of theirs still under way (a left-running guest's) is voided: its owner's commit count starts
+        again from zero, so its token could otherwise match a later one's."""
+        gone = set(owners)
+        if not gone:
+            return
+        with self._lock:
+            self._clears += 1
+            for owner in gone:
+                self._commits.pop(owner, None)
+                self._whole_tries.pop(owner, None)
+                self._complete.discard(owner)
+            if any(owner in gone for owner, _ in self._entries):
+                for owner, key in [k for k in self._entries if k[0] in gone]:
+                    self._bytes -= self._cost(key, self._entries.pop((owner, key)))
+
+    def owners(self) -> set[str]:
+        """The owners the cache keeps anything for (entries or bookkeeping)."""
+        with self._lock:
+            return {owner for owner, _ in self._entries} | set(self._commits) | self._complete | set(self._whole_tries)
 
     def _put(self, owner: str, key: str, entry: Cached) -> None:
         """Store or replace one entry and evict down to max_bytes (under the lock). An entry that

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -202,6 +202,21 @@ class SqliteStorage:
     def set_quota(self, owner: str, quota_bytes: int) -> None:
         """Give `owner` its own quota instead of the default."""
         self._quotas[owner] = quota_bytes
+
+    def forget(self, owners: Iterable[str]) -> None:
+        """Drop what is kept in memory for `owners`, components a reload removed: their quotas and what the read
+        cache holds of them (reload after reload, an entry per component ever removed stayed). Their rows stay
+        in the file, as the README says, for a component configured again under the same id, which is given
+        its quota again as it is deployed. A write of theirs still committing (a stop that overran) is checked
+        against the default quota and the one its writes were checked against as they were made."""
+        owners = list(owners)
+        for owner in owners:
+            self._quotas.pop(owner, None)
+        self.cache.forget(owners)
+
+    def tracked_owners(self) -> set[str]:
+        """The owners anything is kept for in memory (a quota of their own, read cache entries or bookkeeping)."""
+        return set(self._quotas) | self.cache.owners()
 
     def quota(self, owner: str) -> int:
         """The quota of `owner` in bytes."""

@@ -462,6 +462,9 @@ class Daemon:
             self._revoke(cid)
             self.deployments.pop(cid, None)
             self.router.load_failed(cid, None)
+        # What storage keeps in memory per component (its quota, its read cache bookkeeping) goes too; its rows
+        # stay in the file. One entry per component ever removed stayed otherwise, reload after reload.
+        self.storage.forget(str(cid) for cid in cids)
         # Take the queue of changes now: each removed actor noted itself there (every actor does as it starts
         # and stops), and without a `status` to take them they stayed, Store and all, reload after reload.
         self.status_table.rows()
