@@ -359,3 +359,28 @@ async def test_reloads_removing_storage_components_leave_nothing_of_them_in_memo
         assert await daemon.router.host_request(ComponentId.parse("t/notes/3"), b"get k", 10) == b"v3"
         assert daemon.storage.quota("t/notes/3") == 100000
 
+
+@pytest.mark.anyio
+async def test_reloads_removing_denied_components_leave_no_audit_entries_of_them(tmp_path: Path,
+                                                                                 components: Path) -> None:
+    """The audit log kept, for every sender a reload removed, its denial count, its log interval and its
+    unlogged denials: one entry each per component ever denied and removed, reload after reload."""
+    shutil.copy(FIXTURES / "intruder.wasm", components / "intruder.wasm")
+    config = tmp_path / "wasmhost.toml"
+    state = tmp_path / "state"
+
+    def configure(generation: int | None) -> None:
+        extra = "" if generation is None else component(f"t/intruder/{generation}", "intruder")
+        config.write_text(config_text(state, component("t/echo/0", "echo") + extra, components))
+
+    configure(None)
+    async with in_process(config) as daemon:
+        for generation in range(8):
+            configure(generation)
+            assert (await daemon.reload()).added == [f"t/intruder/{generation}"]
+            intruder = ComponentId.parse(f"t/intruder/{generation}")
+            assert (await daemon.router.host_request(intruder, b"s1|t|echo|0", 10)).startswith(b"err 0 ")
+            assert daemon.permissions.audit.denials(intruder) == 1
+            configure(None)
+            assert (await daemon.reload()).removed == [str(intruder)]
+        assert daemon.permissions.audit.components() == set()

@@ -64,6 +64,21 @@ class AuditLog:
         self._last = {key: at for key, at in self._last.items() if at >= moment}
         self._prune_at = max(REMEMBERED, 2 * len(self._last))  # pruning stays amortised O(1) per denial
 
+    def forget(self, component: ComponentId) -> None:
+        """Drop what is kept for `component`, which a reload removed: its count (read by the metrics only for
+        configured components), its interval and its unlogged denials. Reload after reload, an entry per
+        sender ever removed stayed. Its triples go as they age (`_forget_before`)."""
+        name = str(component)
+        with self._lock:
+            self._counts.pop(name, None)
+            self._windows.pop(name, None)
+            self._suppressed.pop(name, None)
+
+    def components(self) -> set[str]:
+        """The components anything is kept for beyond their recent triples (counts, intervals, unlogged denials)."""
+        with self._lock:
+            return set(self._counts) | set(self._windows) | set(self._suppressed)
+
     def denials(self, component: ComponentId | None = None) -> int:
         """Denials of one component, or of all."""
         with self._lock:

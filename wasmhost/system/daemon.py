@@ -462,6 +462,7 @@ class Daemon:
             self._revoke(cid)
             self.deployments.pop(cid, None)
             self.router.load_failed(cid, None)
+            self.permissions.audit.forget(cid)  # a component configured again counts its denials afresh
         # What storage keeps in memory per component (its quota, its read cache bookkeeping) goes too; its rows
         # stay in the file. One entry per component ever removed stayed otherwise, reload after reload.
         self.storage.forget(str(cid) for cid in cids)
