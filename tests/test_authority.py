@@ -20,7 +20,7 @@ from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId, MessagingError
-from wasmhost.core.log_budget import LINES_PER_INTERVAL, LogBudget
+from wasmhost.core.log_budget import INTERVAL_S, LEFT_OUT_KEPT_S, LINES_PER_INTERVAL, REMEMBERED, LogBudget
 from wasmhost.lattice.link import OUTBOX_ENTRY_BYTES, OUTBOX_GUEST_BYTES, Link
 from wasmhost.lattice.settings import LatticeSettings
 from wasmhost.messaging.router import MessageRouter
@@ -94,6 +94,23 @@ def test_a_log_budget_writes_a_few_lines_per_key_and_interval_and_counts_the_res
     now[0] += 10
     assert budget.admit("a") == 3  # the next line says how many were left out
     assert budget.admit("a") == 0
+
+
+def test_a_log_budget_lets_go_of_keys_long_quiet_even_with_lines_left_out() -> None:
+    """A key with lines left out was never let go: one entry for good per component removed after a flood of
+    late answers, per target no longer named (20,000 such keys: 20,000 entries, each new key scanning them all,
+    12 s). Now such a key is let go LEFT_OUT_KEPT_S after its window, once REMEMBERED keys are known."""
+    now = [100.0]
+    budget = LogBudget(clock=lambda: now[0])
+    for n in range(3 * REMEMBERED):
+        for _ in range(LINES_PER_INTERVAL + 1):  # one more than its window allows: left out
+            budget.admit(f"k{n}")
+        now[0] += 0.1
+    kept_for = INTERVAL_S + LEFT_OUT_KEPT_S
+    assert len(budget) <= 2 * REMEMBERED + kept_for / 0.1
+    assert budget.admit("k0") == 0  # let go, with the count of what was left out long ago
+    now[0] += INTERVAL_S
+    assert budget.admit(f"k{3 * REMEMBERED - 1}") == 1  # remembered: it says so
 
 
 async def test_a_broadcast_naming_more_targets_than_the_host_lifts_is_refused_before_lifting(

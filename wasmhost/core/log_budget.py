@@ -11,7 +11,11 @@ LINES_PER_INTERVAL = 20
 """Lines one key may cause per interval (as the audit log of denials allows)."""
 INTERVAL_S = 10.0
 REMEMBERED = 4096
-"""Keys kept before those with nothing to report are let go."""
+"""Keys kept before those whose window has passed are let go."""
+LEFT_OUT_KEPT_S = 60.0
+"""How long after its window a key with lines left out is still remembered (once REMEMBERED keys are), for its
+next line to say how many: a key that stays quiet longer (a component removed, a target no longer named) is
+let go with its count, which only a next line would have reported."""
 
 
 class LogBudget:
@@ -26,6 +30,11 @@ class LogBudget:
         self.clock = clock
         self._lock = threading.Lock()
         self._windows: dict[str, tuple[float, int, int]] = {}  # per key: window start, lines written, left out
+        self._prune_at = REMEMBERED
+
+    def __len__(self) -> int:
+        """The keys remembered."""
+        return len(self._windows)
 
     def admit(self, key: str) -> int | None:
         """Whether a line for `key` is written now: None (left out, counted), else how many were left out."""
@@ -37,12 +46,15 @@ class LogBudget:
             if written >= self.lines:
                 self._windows[key] = (started, written, left_out + 1)
                 return None
-            if key not in self._windows and len(self._windows) >= REMEMBERED:
-                self._forget_quiet(now)
+            if key not in self._windows and len(self._windows) >= self._prune_at:
+                self._forget_old(now)
             self._windows[key] = (started, written + 1, 0)
             return left_out
 
-    def _forget_quiet(self, now: float) -> None:
-        """Drop the keys whose window has passed with nothing left out (self._lock held): they limit nothing."""
+    def _forget_old(self, now: float) -> None:
+        """Drop the keys whose window has passed (self._lock held): they limit nothing. Those with lines left out
+        stay LEFT_OUT_KEPT_S longer. They stayed for good, one per key ever left out (a component removed, a
+        target no longer named), and every new key then scanned them all again: 20,000 keys took 12 s."""
         self._windows = {key: window for key, window in self._windows.items()
-                         if window[2] or now - window[0] < self.interval}
+                         if now - window[0] < self.interval + (LEFT_OUT_KEPT_S if window[2] else 0.0)}
+        self._prune_at = max(REMEMBERED, 2 * len(self._windows))  # pruning stays amortised O(1) per key
