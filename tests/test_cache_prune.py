@@ -78,6 +78,30 @@ def test_entries_nothing_uses_go_after_a_week_with_their_notes_and_marks(tmp_pat
         runtime.close()
 
 
+def test_a_pruned_entry_leaves_no_marks_or_notes_in_memory(tmp_path: Path) -> None:
+    """The cache kept in memory the marks and load note of every binary it ever loaded, long after a prune had
+    removed their files: 3 entries per new version of a component, reload after reload (400 versions
+    deployed: 802 marks and 401 notes for the 2 binaries running)."""
+    cache = tmp_path / "cache"
+    runtime = Runtime(cache_dir=cache)
+    try:
+        keys = {}
+        for name in ("echo", "counter"):
+            runtime.load(ComponentId.parse(f"t/{name}/0"), fixture_path(name))
+            keys[name] = runtime.cache.key(fixture_path(name).read_bytes())
+        assert runtime.cache.remembered_keys() == set(keys.values())
+        runtime.cache.keep_only({keys["echo"]})  # as a reload that replaced counter does
+        removed, _ = runtime.cache.prune({keys["echo"]}, now=time.time() + WEEK_AND_A_DAY)
+        assert removed >= 3 and files_of(cache, keys["counter"]) == []
+        assert runtime.cache.remembered_keys() == {keys["echo"]}
+        with structlog.testing.capture_logs() as logs:  # loaded again: compiled, checked and noted anew
+            runtime.load(ComponentId.parse("t/counter/1"), fixture_path("counter"))
+        assert [e["cache"] for e in logs if e["event"] == "compile_finished"] == ["miss"]
+        assert runtime.cache.remembered_keys() == set(keys.values())
+    finally:
+        runtime.close()
+
+
 def test_unused_entries_over_the_size_cap_go_oldest_first_but_not_those_just_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "cache"

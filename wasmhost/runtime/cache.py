@@ -89,9 +89,10 @@ class CompilationCache:
         self.directory = directory
         self._salt = f"wasmtime={wasmtime_version()};{engine.settings.fingerprint()}".encode()
         self._memory: dict[str, wc.Component] = {}
-        self._marks: set[tuple[str, str]] = set()
+        # Marks and notes by key, so that a prune removing a key's files drops what memory holds of it too
+        self._marks: dict[str, set[str]] = {}
         self._listing: frozenset[str] | None = None  # the directory's names at the first is_marked
-        self._notes: dict[tuple[str, str], bytes] = {}
+        self._notes: dict[str, dict[str, bytes]] = {}
         self._pending: dict[str, _Compilation] = {}
         self._lock = threading.Lock()
         self.hits = 0
@@ -187,7 +188,7 @@ class CompilationCache:
         """Whether `mark(key, tag)` was done, in this process or an earlier one (one that marked it
         while this process was running may go unseen: the fact is then checked again)."""
         with self._lock:
-            if (key, tag) in self._marks:
+            if tag in self._marks.get(key, ()):
                 return True
         name = f"{key}.{tag}.ok"
         return self.directory is not None and name in self._listed() and self._trusted_mark(name)
@@ -221,19 +222,19 @@ class CompilationCache:
     def mark(self, key: str, tag: str) -> None:
         """Remember a fact about the component with this key (the loader: "validated against tag")."""
         with self._lock:
-            self._marks.add((key, tag))
+            self._marks.setdefault(key, set()).add(tag)
         self._write(f"{key}.{tag}.ok", b"")
 
     def note(self, key: str, name: str, data: bytes) -> None:
         """Keep a small fact about the component with this key (the loader: its footprint)."""
         with self._lock:
-            self._notes[(key, name)] = data
+            self._notes.setdefault(key, {})[name] = data
         self._write(f"{key}.{name}", data)
 
     def recall(self, key: str, name: str) -> bytes | None:
         """What `note(key, name, ...)` kept, in this process or an earlier one, or None."""
         with self._lock:
-            found = self._notes.get((key, name))
+            found = self._notes.get(key, {}).get(name)
         if found is not None or self.directory is None:
             return found
         return self._read(f"{key}.{name}")
@@ -256,6 +257,11 @@ class CompilationCache:
         """Log and remove a cache file that another user could have written."""
         log.warning("cache_entry_refused", path=exc.path, found=exc.found, expected=exc.expected)
         Path(exc.path).unlink(missing_ok=True)
+
+    def remembered_keys(self) -> set[str]:
+        """The keys whose marks or notes memory holds."""
+        with self._lock:
+            return set(self._marks) | set(self._notes)
 
     def keep_only(self, keys: set[str]) -> None:
         """Drop the in-memory copies of every binary but `keys` (the disk entries stay): a daemon reloaded with a
@@ -314,6 +320,10 @@ class CompilationCache:
                     for name, st in found.unused[key].items():
                         if _unlink(name, dir_fd):
                             removed, freed = removed + 1, freed + st.st_size
+                    # What memory held of it goes with its files: one set of marks and notes stayed for every
+                    # binary ever loaded (a new version each deploy), long after the prune removed its files.
+                    self._marks.pop(key, None)
+                    self._notes.pop(key, None)
                 unused_bytes -= size
         except OSError as exc:
             log.warning("cache_prune_failed", directory=str(directory), error=str(exc))
