@@ -22,6 +22,7 @@ from wasmhost.actors.actor import STOP_GRACE
 from wasmhost.actors.workers import MAX_LENT_THREADS, default_worker_count
 from wasmhost.storage.writer import StorageWriter
 from wasmhost.system.config import ComponentSection, ConfigFile
+from wasmhost.system.control import MAX_CONNECTIONS
 from wasmhost.system.daemon import START_CONCURRENCY
 from wasmhost.system.log_writer import LogSink
 from wasmhost.system.logging import FLUSH_TIMEOUT_S
@@ -178,3 +179,13 @@ def test_the_documentation_the_unit_names_is_installed_by_deploy_readme() -> Non
         source = installed.removeprefix("/opt/wasmhost/")
         assert (ROOT / source).is_file(), f"{uri}: no {source} in the checkout"
         assert f"install -D -m 0644 {source} {installed}" in readme, f"deploy/README.md does not install {uri}"
+
+
+def test_the_open_file_limit_covers_the_control_connections_and_a_storage_connection_per_thread() -> None:
+    """deploy/README.md, "Open files": at the unit's limit the control socket serves its full 1024 connections,
+    and every thread TasksMax allows may hold a storage connection (2 files) beside them."""
+    service = _unit()["Service"]
+    limit = int(service["LimitNOFILE"])
+    assert limit // 2 >= MAX_CONNECTIONS  # control.connection_limit: half the limit when that is lower
+    assert limit >= MAX_CONNECTIONS + 2 * int(service["TasksMax"]) + 256  # 256: logs, sockets, cache, room
+    assert f"`LimitNOFILE={limit}`" in (ROOT / "deploy" / "README.md").read_text()
