@@ -291,7 +291,7 @@ def test_a_socket_path_that_cannot_be_connected_to_is_named_in_the_error(tmp_pat
     too_long = tmp_path / ("y" * 120)
     for path, reason in ((through_a_file, "not a directory"), (too_long, "AF_UNIX path too long")):
         result = wasmhost("status", "--socket", str(path))
-        assert result.returncode == 1
+        assert result.returncode == 3
         assert result.stderr == f"wasmhost: cannot connect to the control socket {path}: {reason}\n"
 
 
@@ -308,7 +308,7 @@ def test_a_stop_longer_than_the_clients_wait_is_said_to_go_on(tmp_path: Path, st
         wait_for(lambda: request(d.socket, protocol.Status("t/sleeper/0")).data["components"][0]["in_hand"] == 1,
                  "the sleep to be taken")  # the stop then drains for as long as it lasts
         result = d.cli("stop", "t/sleeper/0", "--timeout", "1")
-        assert result.returncode == 1
+        assert result.returncode == 3  # no answer (1: the daemon answered that it failed)
         assert result.stderr == (f"wasmhost: stop t/sleeper/0: no answer from the daemon on {d.socket} within "
                                  "6 s; the daemon carries it out even so (a stop drains for up to drain_timeout_s): "
                                  "`wasmhost status` shows where it is, --timeout S waits longer\n")
@@ -339,7 +339,7 @@ def test_a_socket_that_is_not_a_daemons_gets_one_clear_line(tmp_path: Path, answ
         answering.start()
         result = wasmhost("status", "--socket", str(path))
         answering.join()
-    assert result.returncode == 1
+    assert result.returncode == 3
     line = result.stderr.strip()
     assert "\n" not in line, result.stderr
     assert line.startswith(f"wasmhost: {path} answered with something that is not a wasmhost control answer (")
@@ -369,3 +369,20 @@ def test_a_call_while_the_daemon_starts_says_the_component_is_not_started_yet(tm
                              "components deployed so far); try again once it is ready\n")
     unknown = d.cli("call", "t/other/0", "hi")  # not configured at all: still target-not-found
     assert unknown.stderr.startswith("wasmhost: target-not-found: t/other/0")
+
+
+def test_no_daemon_answering_exits_3_and_a_refusal_from_the_daemon_exits_1(tmp_path: Path,
+                                                                          started: list[Daemon]) -> None:
+    """A script tells "no daemon there" from "the daemon said no": both exited 1 before."""
+    stale = tmp_path / "stale.sock"  # a socket file nothing listens on any more (a daemon killed -9)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(stale))
+    for command in (("status",), ("call", "t/echo/0", "x"), ("stop", "t/echo/0"), ("reload",)):
+        result = wasmhost(*command, "--socket", str(stale))
+        assert result.returncode == 3, (command, result.stderr)
+        assert result.stderr.startswith("wasmhost: ") and result.stderr.count("\n") == 1, result.stderr
+    (tmp_path / "up").mkdir()
+    d = launch(tmp_path / "up", component("t/echo/0", "echo"), started)
+    refused = d.cli("call", "t/ghost/0", "x")
+    assert refused.returncode == 1 and "target-not-found: t/ghost/0" in refused.stderr
+    assert d.stop() == 0

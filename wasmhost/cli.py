@@ -20,7 +20,10 @@ from wasmhost import __version__
 from wasmhost.core.errors import LoadError
 from wasmhost.core.terminal import printable
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+"""EXIT_FAILED: the command failed (the daemon's answer said so, or the CLI's own checks);
+EXIT_NO_ANSWER: no answer from a daemon (nothing listening on the socket, not a daemon's socket, the
+connection closed, or no answer within --timeout), so a script can tell "not there" from "refused"."""
 DEFAULT_TIMEOUT = 30.0
 """Seconds `call` and `send` wait by default (the daemon answers `timeout` then)."""
 ANSWER_MARGIN = 5.0
@@ -491,7 +494,7 @@ def cmd_simple(args: argparse.Namespace) -> int:
     except NoAnswer as exc:
         # Before: only `no answer from the daemon ... within 35 s`, as if the daemon were gone, while a stop
         # draining for drain_timeout_s went on (it is carried out whether its client waits or not).
-        raise CliError(f"{args.command} {args.id}: {exc}; the daemon carries it out even so (a stop drains "
+        raise NoAnswer(f"{args.command} {args.id}: {exc}; the daemon carries it out even so (a stop drains "
                        "for up to drain_timeout_s): `wasmhost status` shows where it is, --timeout S waits "
                        "longer") from None
     if response is None:
@@ -765,7 +768,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return _reader_gone()
-    except (DaemonUnavailable, CliError) as exc:
+    except DaemonUnavailable as exc:
+        print(f"wasmhost: {exc}", file=sys.stderr)
+        return EXIT_NO_ANSWER
+    except CliError as exc:
         print(f"wasmhost: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (LoadError, ValueError, OSError) as exc:
