@@ -232,7 +232,8 @@ def test_pending_requests_mailbox_busy_workers_rejections_and_state_move(tmp_pat
     assert m.value("wasmhost_component_pending_requests", **asker) == 0
     assert call(d, "t/asker/0", b"t|services|0|sleep 1500").ok  # the request goes out; services sleeps
     m.wait("the asker's pending request", lambda: m.value("wasmhost_component_pending_requests", **asker) == 1)
-    m.wait("a worker busy with the sleeping guest", lambda: m.value("wasmhost_worker_threads_busy") >= 1)
+    m.wait("the sleeping guest's call, set aside", lambda: m.value("wasmhost_guest_calls_asleep") == 1)
+    m.wait("no worker busy while it sleeps", lambda: m.value("wasmhost_worker_threads_busy") == 0)
     m.wait("the reply", lambda: m.value("wasmhost_component_pending_requests", **asker) == 0)
 
     send(d, "t/services/0", b"sleep 60000")  # in hand until the stop's drain time runs out

@@ -167,8 +167,8 @@ async def test_a_deadline_that_passes_while_waiting_for_a_thread_is_a_timeout(st
 
 
 async def test_echo_answers_while_more_guests_than_threads_sleep_in_a_host_call(small_pool: Supervisor) -> None:
-    """A guest waiting in sleep-millis is lent a replacement thread, so sleepers beyond the thread
-    count do not stall a neighbour; the lent threads end once the sleepers wake."""
+    """A guest waiting in sleep-millis holds no thread (its call is suspended and set aside until it wakes),
+    so sleepers beyond the thread count do not stall a neighbour, and no thread is lent for them."""
     sup = small_pool
     echo = ComponentId.parse("test-org/echo/0")
     await sup.start(ActorSpec(echo), sup.stores.runtime.load(echo, fixture_path("echo")))
@@ -182,9 +182,9 @@ async def test_echo_answers_while_more_guests_than_threads_sleep_in_a_host_call(
     for i in range(5):
         assert await ask(sup, "test-org/echo/0", b"ping %d" % i) == b"ping %d" % i
     assert not any(nap.done() for nap in naps), "the echo answered while every sleeper still slept"
-    assert THREADS < sup.workers.threads <= THREADS + SPINNERS
+    assert sup.workers.asleep == SPINNERS and sup.workers.threads == THREADS
     assert await asyncio.gather(*naps) == [b"slept"] * SPINNERS
-    await until(lambda: sup.workers.threads == THREADS)  # lent threads end once idle
+    assert sup.workers.asleep == 0 and sup.workers.threads == THREADS
 
 
 async def test_echo_answers_while_a_guest_instantiates_forever(small_pool: Supervisor) -> None:

@@ -92,7 +92,7 @@ async def test_a_cancelled_call_ends_a_sleep_and_returns_only_once_its_thread_le
         message = ComponentMessage(sleeper.component_id, b"sleep 600000", MessageMetadata(timestamp=Timestamp.now()))
         call = asyncio.ensure_future(
             workers.run_steps(sleeper.handle_message_steps(message), sleeper.lock, sleeper.host.interrupt))
-        await until(lambda: sleeper.in_call and sleeper.lock.locked())  # asleep in sleep-millis, holding the Store
+        await until(lambda: sleeper.in_call and workers.asleep == 1)  # asleep in sleep-millis (set aside)
         call.cancel()
         with anyio.fail_after(BOUND), pytest.raises(asyncio.CancelledError):
             await call

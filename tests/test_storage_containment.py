@@ -24,6 +24,7 @@ from tests.test_actors import until as until_async
 from tests.test_daemon import Daemon, component, config_text, wasmhost
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId, StorageError
+from wasmhost.core.blocking import blocking
 from wasmhost.runtime.runtime import Runtime
 from wasmhost.security.capabilities import Capabilities
 from wasmhost.storage.accounting import entry_cost
@@ -439,23 +440,24 @@ def open_files() -> int:
 
 
 @pytest.mark.anyio
-async def test_threads_lent_while_guests_sleep_leave_no_storage_connection_open(guarded: Supervisor) -> None:
-    # Guests waiting in sleep-millis make the pool lend threads, which end once idle again; a lent
-    # thread that served a storage read (`usage` always reads SQLite) opened a connection of its own.
-    # Before, every one stayed open, about 100 files a second under such a load, until the daemon
-    # ran out of descriptors.
+async def test_threads_lent_while_guests_wait_leave_no_storage_connection_open(guarded: Supervisor) -> None:
+    # Threads waiting in host calls (a storage commit; sleep-millis was one before it suspended calls
+    # instead) make the pool lend threads, which end once idle again; a lent thread that served a storage
+    # read (`usage` always reads SQLite) opened a connection of its own. Before, every one stayed open,
+    # about 100 files a second under such a load, until the daemon ran out of descriptors.
     assert guarded.stores.permissions is not None
-    sleepers = [f"test-org/services/{i}" for i in range(6)]
     readers = [f"test-org/storage/{i}" for i in range(6)]
-    for cid in sleepers:
-        await launch(guarded, "services", cid)
     for cid in readers:
         guarded.stores.permissions.grant(ComponentId.parse(cid), Capabilities(storage=True))
         await launch(guarded, "storage", cid)
     pool = guarded.workers
 
+    def wait_in_a_host_call() -> None:
+        with blocking():  # as a storage write waits for its group commit: the pool lends a thread meanwhile
+            time.sleep(0.005)
+
     async def round_of_naps_and_reads() -> None:
-        await asyncio.gather(*(ask(guarded, cid, b"sleep 5") for cid in sleepers),
+        await asyncio.gather(*(pool.run(wait_in_a_host_call) for _ in range(6)),
                              *(ask(guarded, cid, b"usage") for cid in readers))
         await until_async(lambda: pool.threads == pool.size)  # the lent threads have ended
 
@@ -464,5 +466,5 @@ async def test_threads_lent_while_guests_sleep_leave_no_storage_connection_open(
     for _ in range(30):
         await round_of_naps_and_reads()
     lent = pool.started - started
-    assert lent >= 10, "the naps should have made the pool lend threads"
+    assert lent >= 10, "the waits should have made the pool lend threads"
     assert open_files() - before < 10, f"{open_files() - before} files left open after {lent} lent threads ended"

@@ -12,9 +12,14 @@ whose call deadline passes while it waits for a slice is ended (as a timeout, wi
 code again) by the pool's deadline thread at that moment, not when its turn comes; a call running a
 slice at its deadline is interrupted by wasmtime's epoch deadline as before.
 
-A thread whose guest waits inside a host call (sleep-millis, a storage commit: see core/blocking.py)
-is lent a replacement while work is queued, so waiting guests do not take the threads busy guests
-need; at most MAX_LENT_THREADS threads are lent at once, and surplus threads end once idle.
+A guest sleeping in sleep-millis holds no thread: its call is suspended inside the host call, its step
+yields Asleep (see core/blocking.py), and the job is set aside until the sleep ends (the deadline thread
+puts it back in the queue then) or is interrupted (`interrupt` puts it back at once); its next step goes
+on with the guest. So any number of sleepers leave every thread to the others.
+
+A thread whose guest waits inside a host call (a storage commit: see core/blocking.py) is lent a
+replacement while work is queued, so waiting guests do not take the threads busy guests need; at most
+MAX_LENT_THREADS threads are lent at once, and surplus threads end once idle.
 
 Chores (`run`: plain functions that run no guest code, such as closing a Store) go before every
 call: they are short, and a thousand components stopped at once free their Stores as their
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import math
@@ -64,6 +70,7 @@ from typing import Any, TypeVar
 import anyio
 
 from wasmhost.core import affinity, blocking
+from wasmhost.core.blocking import Asleep, Sleeper
 from wasmhost.messaging.mailbox import flush_wakes
 
 T = TypeVar("T")
@@ -96,7 +103,7 @@ guests hold their threads). Each costs a thread stack: measured RSS in the READM
 def default_worker_count() -> int:
     """Busy guests are time-sliced and need no thread each, and at most one thread per core runs
     guest code at once (`WorkerPool.concurrency`): the others are there for guests blocked in host
-    calls (sleep-millis, storage) and for ending cancelled and expired calls."""
+    calls (storage writes) and for ending cancelled and expired calls."""
     return max(4, 2 * (os.cpu_count() or 1))
 
 
@@ -105,11 +112,14 @@ class _Job:
 
     __slots__ = (
         "afterwards",
+        "asleep_until",
+        "begun",
         "cancelled",
         "clock",
         "computing",
         "deadline",
         "ended",
+        "finishing_sleep",
         "fn",
         "future",
         "give_up_at",
@@ -121,6 +131,7 @@ class _Job:
         "queued",
         "released",
         "sampled",
+        "sleeper",
         "slices",
         "steps",
         "ticket",
@@ -144,7 +155,13 @@ class _Job:
         self.locked = False  # its step holds `lock` (it is not waiting for another thread to let go of it)
         self.loop = loop
         self.future = future
-        self.slices = 0
+        self.slices = 0  # steps that ran guest code (not those that left it asleep)
+        self.begun = False  # a thread has stepped it
+        self.asleep_until = math.inf  # set aside while its guest sleeps (see WorkerPool._set_aside) until then
+        self.sleeper: Sleeper | None = None  # whose interrupt ends that sleep
+        # Cancelled while set aside asleep: its next step still runs, to let the guest go on from its interrupted
+        # sleep (as a guest woken on a thread did), and the one after closes it.
+        self.finishing_sleep = False
         self.deadline = math.inf
         self.heap_deadline = math.inf  # the deadline this job has an entry for in the deadline heap
         self.ticket = 0  # queue entries carrying an older ticket are stale
@@ -152,7 +169,7 @@ class _Job:
         self.cancelled = False
         self.computing = False  # a step of it used up a whole slice of guest code (see the module docstring)
         self.clock = 0  # the CPU-time clock of the thread running its step
-        self.in_host_call = False  # its thread waits in a host call (a blocking section: sleep-millis, storage)
+        self.in_host_call = False  # its thread waits in a host call (a blocking section: a storage write)
         # (monotonic, thread CPU seconds, quiet looks in a row) when its long step was last looked at
         self.sampled: tuple[float, float, int] | None = None
         self.ended = False  # set on the loop once no thread will touch the job again
@@ -215,7 +232,7 @@ class WorkerPool:
         as blocked and is lent a replacement, so without a bound components sleeping in WASI after every
         restart took all `max_threads` and stalled every other guest until they woke (for good, for a
         sleep of 2^64-1 ns). Half of the lent threads: the other half stays for guests waiting in host
-        calls (sleep-millis, storage), which end within their deadline."""
+        calls (storage writes), which end within their deadline."""
         self.held_threads = 0
         """Threads held by calls given up on in WASI waits, summed over every component (counted on the
         loop by the actors, see ComponentActor._hold_thread): each is let go when its guest wakes."""
@@ -236,6 +253,10 @@ class WorkerPool:
         self._urgent: deque[tuple[int, _Job]] = deque()  # cancelled jobs: released before anything else
         self._chores: deque[tuple[int, _Job]] = deque()  # plain functions (`run`): no guest code, next in line
         self._deadlines: list[tuple[float, int, _Job]] = []
+        # Jobs set aside while their guests sleep, by when they wake (entries of jobs woken since are stale).
+        self._alarms: list[tuple[float, int, _Job]] = []
+        self.asleep = 0
+        """Guest calls set aside while their guests sleep (sleep-millis): they hold no thread."""
         # Jobs being stepped (not waiting in a blocking section) -> when their step began: one per worker
         # thread stepping, so its size is the number of those.
         self._stepping_since: dict[_Job, float] = {}
@@ -429,7 +450,7 @@ class WorkerPool:
                 # none will once it leaves the queue here, so there is nothing to wait for. Waiting for a
                 # thread to discard it instead never ended once every thread was held by guests asleep in
                 # WASI: a failed component never answered its queue, and the supervisor never exited.
-                unstarted = job.queued and job.slices == 0
+                unstarted = job.queued and not job.begun
                 if unstarted:
                     job.ticket += 1  # its queue entry is now stale
                     job.queued = False
@@ -443,7 +464,9 @@ class WorkerPool:
                 job.ended = True
             elif not job.ended:
                 if interrupt is not None:
-                    interrupt()
+                    interrupt()  # a guest set aside asleep is put back by it (see _back_from_sleep)
+                with self._cond:
+                    self._back_from_sleep(job)  # still set aside (nothing interrupted its sleep): put back now
                 await self._until_released(job)
             raise
 
@@ -551,8 +574,9 @@ class WorkerPool:
 
     def _reap(self) -> None:
         """The deadline thread: ends queued calls the moment their deadline passes (their next step
-        only finds the deadline gone and abandons the call: no guest code runs here), and while steps
-        run, looks every LONG_STEP_S for one that has run that long (`_admit_past_long_steps`)."""
+        only finds the deadline gone and abandons the call: no guest code runs here), puts calls whose
+        guests slept back in the queue as they wake (`_sleeps_over`), and while steps run, looks every
+        LONG_STEP_S for one that has run that long (`_admit_past_long_steps`)."""
         affinity.roam()  # deadlines must not wait for the home core's turn
         while True:
             with self._cond:
@@ -562,8 +586,12 @@ class WorkerPool:
                         return
                     self._admit_past_long_steps()
                     give_up = self._give_up_overdue()
+                    self._sleeps_over()
                     heap = self._deadlines
                     wait = heap[0][0] - time.monotonic() if heap else None
+                    if self._alarms:
+                        alarm = self._alarms[0][0] - time.monotonic()
+                        wait = alarm if wait is None else min(wait, alarm)
                     if give_up < math.inf:
                         wait = give_up - time.monotonic() if wait is None else min(wait, give_up - time.monotonic())
                     self._watching = bool(self._stepping_since)
@@ -572,6 +600,50 @@ class WorkerPool:
                     self._reaper_cond.wait(wait)
                     job = self._expired()
             self._step(job)
+
+    def _set_aside(self, job: _Job, asleep: Asleep) -> None:
+        """Its step left the guest of `job` asleep (see core/blocking.Asleep): no thread holds it until it
+        wakes at `asleep.until`, or at once when the sleep is interrupted (self._cond held)."""
+        if (self._closed or asleep.until <= time.monotonic()
+                or not asleep.sleeper.wake_me(functools.partial(self._interrupted, job))):
+            self._enqueue(job)  # over or interrupted already (or closing): its next step goes on (or closes it)
+            return
+        job.asleep_until, job.sleeper = asleep.until, asleep.sleeper
+        self.asleep += 1
+        heapq.heappush(self._alarms, (asleep.until, next(self._order), job))
+        if self._alarms[0][2] is job:
+            self._reaper_cond.notify()  # a new earliest wake
+
+    def _back_from_sleep(self, job: _Job) -> None:
+        """Put `job`, set aside while its guest slept, back in the queue (urgently when its waiter went
+        away: its call is abandoned); a no-op if it is not set aside (self._cond held)."""
+        if job.asleep_until == math.inf:
+            return
+        job.asleep_until = math.inf
+        self.asleep -= 1
+        if job.sleeper is not None:
+            job.sleeper.wake_me(None)
+            job.sleeper = None
+        if job.cancelled:
+            job.finishing_sleep = True  # the interrupt that came with the cancel ended its sleep: it goes on first
+            self._put(self._urgent, job)
+            self._wake_one()
+        else:
+            self._enqueue(job)
+
+    def _interrupted(self, job: _Job) -> None:
+        """From the sleeper's interrupt (any thread): the sleep of `job` ends now."""
+        with self._cond:
+            self._back_from_sleep(job)
+
+    def _sleeps_over(self) -> None:
+        """Put the jobs whose guests' sleeps have ended back in the queue (self._cond held)."""
+        alarms = self._alarms
+        now = time.monotonic()
+        while alarms and alarms[0][0] <= now:
+            until, _, job = heapq.heappop(alarms)
+            if job.asleep_until == until:
+                self._back_from_sleep(job)
 
     def _admit_past_long_steps(self) -> None:
         """Count a step that has run LONG_STEP_S as computing, so that the calls waiting behind it get a
@@ -654,8 +726,9 @@ class WorkerPool:
         error: BaseException | None = None
         with job.lock if job.lock is not None else contextlib.nullcontext():
             job.locked = True
+            finishing_sleep, job.finishing_sleep = job.finishing_sleep, False
             try:
-                if job.cancelled or self._closed:
+                if (job.cancelled and not finishing_sleep) or self._closed:
                     job.heap_deadline = math.inf
                     if job.steps is not None:
                         job.steps.close()  # abandons the call in progress: the Store is never left mid-call
@@ -666,9 +739,11 @@ class WorkerPool:
                     assert job.fn is not None
                     value = job.fn()
                 else:
+                    job.begun = True
                     while True:
-                        job.deadline = next(job.steps)
-                        job.slices += 1
+                        job.deadline = step = next(job.steps)
+                        if not isinstance(step, Asleep):  # a step that left its guest asleep used no slice
+                            job.slices += 1
                         with self._cond:
                             if job in self._waiting_steps:  # its wait is over: it is one of the threads stepping again
                                 self._end_long_step(job)
@@ -677,6 +752,9 @@ class WorkerPool:
                             if job.cancelled:
                                 self._put(self._urgent, job)
                                 self._wake_one()
+                                return
+                            if isinstance(step, Asleep):
+                                self._set_aside(job, step)  # this thread goes on to other work
                                 return
                             if self._waiting or self._closed:
                                 self._enqueue(job)
@@ -737,6 +815,9 @@ class WorkerPool:
         """Stop accepting work; queued calls are abandoned, then the threads end."""
         with self._cond:
             self._closed = True
+            for _, _, job in list(self._alarms):
+                self._back_from_sleep(job)  # calls set aside asleep are abandoned too
+            self._alarms.clear()
             for sleeper in self._sleepers:
                 sleeper.notify()
             self._sleepers.clear()

@@ -66,6 +66,39 @@ linker_instance_add_func = _proto(
     FINALIZER,
 )
 
+ASYNC_FUNC_CALLBACK = ctypes.CFUNCTYPE(
+    None, c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_void_p
+)
+"""Async host function trampoline: (env, context, type, args, nargs, results, nresults, error_ret,
+continuation) -> nothing. It runs when the guest makes the call and must always fill the
+wasmtime_async_continuation_t at `continuation` (wasmtime panics, aborting the process, if it is left
+unset); `args` are only valid during it. wasmtime then polls the continuation, whenever the call future
+is polled, until it returns true (the call future's poll returns false meanwhile: the guest is suspended
+and no thread waits), reads `results` and resumes the guest; the continuation's finalizer runs once it is
+dropped, also when the call future is deleted mid-suspension (the call abandoned)."""
+CONTINUATION_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, c_void_p)
+"""A continuation's poll: (env) -> whether the host function has finished."""
+CONTINUATION_FIELDS = 3
+"""wasmtime_async_continuation_t: callback, env, finalizer (three pointers)."""
+linker_instance_add_func_async = _proto(
+    "wasmtime_component_linker_instance_add_func_async",
+    c_void_p,
+    c_void_p,
+    ctypes.c_char_p,
+    c_size_t,
+    ASYNC_FUNC_CALLBACK,
+    c_void_p,
+    FINALIZER,
+)
+# (linker, context, component, instance_out, error_ret) -> wasmtime_call_future_t*: instantiation as a call
+# future, which a Store whose component imports an async host function requires (the synchronous
+# instantiate fails with "store configuration requires that `*_async` functions are used instead").
+linker_instantiate_async = _proto(
+    "wasmtime_component_linker_instantiate_async", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p
+)
+INSTANCE = _ffi.wasmtime_component_instance_t
+"""wasmtime_component_instance_t: a Store's handle to a component instance."""
+
 
 class LayoutMismatch(RuntimeError):
     """wasmtime-py's value structures no longer match what the fast codec writes."""
@@ -85,6 +118,8 @@ def check_layout() -> None:
         ("offsetof(union, list)", union.list.offset, 0),
         ("offsetof(valvariant, val)", _ffi.wasmtime_component_valvariant_t.val.offset, 16),
         ("offsetof(valresult, val)", _ffi.wasmtime_component_valresult_t.val.offset, 8),
+        ("sizeof(wasmtime_async_continuation_t)", ctypes.sizeof(_ffi.wasmtime_async_continuation_t),
+         CONTINUATION_FIELDS * ctypes.sizeof(c_void_p)),
     ]
     kinds = {
         "U8": (_ffi.WASMTIME_COMPONENT_U8.value, U8),

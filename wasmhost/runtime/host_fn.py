@@ -9,6 +9,7 @@ a harmless value and log the host-side problem.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import struct
 import threading
@@ -73,6 +74,11 @@ class HostContext:
     """Set by the Store's owner while its guest yields at epoch ticks: gives the guest a whole epoch
     slice again (called after a wait in a host call, which used no CPU)."""
     _wake: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False, compare=False)
+    _waker: Callable[[], None] | None = field(default=None, init=False, repr=False, compare=False)  # see wake_me
+    asleep_until: float | None = field(default=None, init=False, compare=False)
+    """While the guest's call is suspended in sleep-millis: when it goes on (time.monotonic()). Set when the
+    sleep begins, cleared as it ends (or is abandoned): a poll of the call that returns unfinished with this
+    set is a sleep, not a slice that ran out (see StoreManager._wait)."""
     holding: bool = field(default=False, init=False, compare=False)
     """Messages are being handled: storage writes are held (see hold_writes), not written at once."""
     held: HeldWrites | None = field(default=None, init=False, repr=False, compare=False)
@@ -175,10 +181,31 @@ class HostContext:
 
     def interrupt(self) -> None:
         """End the current call's waits now (from any thread): a guest in sleep-millis returns at once,
-        and so does every sleep after it until the owner clears `interrupted` for the next call."""
+        and so does every sleep after it until the owner clears `interrupted` for the next call. A call
+        suspended in its sleep is handed back to its scheduler (see wake_me)."""
         with self._wake:
             self.interrupted = True
             self._wake.notify_all()
+            wake, self._waker = self._waker, None
+        if wake is not None:
+            wake()  # outside the lock: the scheduler takes its own lock, and holds it when calling wake_me
+
+    def wake_me(self, wake: Callable[[], None] | None) -> bool:
+        """Have `interrupt` call `wake` (once; None: no longer), for a scheduler that set aside the call
+        suspended in sleep-millis. False, and `wake` is not kept, when interrupted already: the sleep is
+        over, and the call goes on at its next step."""
+        with self._wake:
+            if wake is not None and self.interrupted:
+                return False
+            self._waker = wake
+            return True
+
+    def wait_out(self, until: float) -> None:
+        """Wait on this thread until time.monotonic() reaches `until` or the call is interrupted, for
+        whoever steps a call suspended in sleep-millis without setting it aside (run_to_end, instantiate):
+        a blocking section, as every sleep was before calls were suspended."""
+        with _waiting(self):
+            self.sleep_until(until)
 
     def sleep_until(self, end: float) -> None:
         """Wait until time.monotonic() reaches `end`, or less if interrupted."""
@@ -383,13 +410,14 @@ def _waiting(ctx: HostContext) -> Iterator[None]:
         ctx.fresh_slice()
 
 
-def sleep_millis(ctx: HostContext, duration_ms: int) -> None:
-    """host-services.sleep-millis, never past the current call's deadline, and not once the call is interrupted."""
+def sleep_millis(ctx: HostContext, duration_ms: int) -> float | None:
+    """host-services.sleep-millis: when, in time.monotonic(), the guest goes on; never past the current call's
+    deadline, and None (at once) when that has passed or the call is interrupted. The sleep is a suspension
+    of the guest's call that holds no thread (see _suspending_trampoline); it ends early when the call is
+    interrupted (a stop out of drain time)."""
     now = time.monotonic()
     end = min(now + duration_ms / 1000, ctx.deadline)
-    if end > now and not ctx.interrupted:
-        with _waiting(ctx):
-            ctx.sleep_until(end)  # ends early when the call is interrupted (a stop out of drain time)
+    return end if end > now and not ctx.interrupted else None
 
 
 def list_components(ctx: HostContext) -> Listing | list[ComponentId]:
@@ -505,6 +533,9 @@ class HostFunction:
     """Wrappers of parameter converters by position (BoundedList): what a guest's list may hold."""
     result_as: Callable[[Converter], Converter] | None = None
     """Wrapper of the result converter (ListingConverter: how the result is lowered)."""
+    suspends: bool = False
+    """Linked as an async host function: `impl` returns when the guest goes on (time.monotonic(), or None:
+    at once) and the guest's call is suspended until then (see _suspending_trampoline)."""
     params: list[Converter] | None = None
     result: Converter | None = None
 
@@ -536,7 +567,7 @@ HOST_FUNCTIONS: list[HostFunction] = [
     HostFunction(_SERVICES, "log", log, lambda exc: None, {2: _lazy_context}),
     HostFunction(_SERVICES, "current-time", current_time, lambda exc: {"seconds": 0, "nanoseconds": 0}),
     HostFunction(_SERVICES, "current-time-millis", current_time_millis, lambda exc: 0),
-    HostFunction(_SERVICES, "sleep-millis", sleep_millis, lambda exc: None),
+    HostFunction(_SERVICES, "sleep-millis", sleep_millis, lambda exc: None, suspends=True),
     HostFunction(_SERVICES, "list-components", list_components, lambda exc: [], result_as=ListingConverter),
     HostFunction(_SERVICES, "get-component-metadata", get_component_metadata, _err("invalid-state")),
     HostFunction(_STORAGE, "get", storage_get, _err("io-error")),
@@ -627,6 +658,85 @@ _TRAMPOLINE = capi.FUNC_CALLBACK(_trampoline)
 _NO_FINALIZER = capi.FINALIZER(lambda env: None)
 
 
+# --- suspending host functions (sleep-millis) -----------------------------------------------------
+#
+# A suspending host function is linked async: wasmtime calls _suspending_trampoline when the guest makes the
+# call, and then polls the continuation it fills each time the guest's call future is polled. While that
+# says "not yet", the poll returns unfinished with the guest suspended inside the host call, and no thread
+# waits: the call's steps yield Asleep and the worker pool steps it again when the sleep ends (or at once
+# when it is interrupted). Before, each sleeping guest held a worker thread for its whole sleep, so beyond
+# the lent threads, sleepers stalled every other guest until they woke.
+
+_sleeps: dict[int, HostContext] = {}
+"""The contexts of the guests suspended in a sleep, by their continuation's env (one entry per sleep,
+removed by its finalizer: when the sleep ends, or its call is abandoned mid-sleep)."""
+_sleep_keys = itertools.count(1)
+
+
+def _still_asleep(env: int | None) -> bool:
+    """The continuation's poll: whether the sleep `env` is over (its end reached, or its call interrupted)."""
+    try:
+        ctx = _sleeps.get(env or 0)
+        until = ctx.asleep_until if ctx is not None else None
+        if ctx is None or until is None or ctx.interrupted or time.monotonic() >= until:
+            if ctx is not None:
+                ctx.asleep_until = None
+            return True
+        return False
+    except BaseException:  # ctypes would print it and answer false: the guest would sleep until its deadline
+        return True
+
+
+def _sleep_over(env: int | None) -> None:
+    """The continuation's finalizer: the sleep is over, or its call was abandoned mid-sleep."""
+    ctx = _sleeps.pop(env or 0, None)
+    if ctx is not None:
+        ctx.asleep_until = None
+
+
+_STILL_ASLEEP = capi.CONTINUATION_CALLBACK(_still_asleep)
+_SLEEP_OVER = capi.FINALIZER(_sleep_over)
+_AWAKE = capi.CONTINUATION_CALLBACK(lambda env: True)
+_STILL_ASLEEP_ADDRESS = ctypes.cast(_STILL_ASLEEP, ctypes.c_void_p).value
+_SLEEP_OVER_ADDRESS = ctypes.cast(_SLEEP_OVER, ctypes.c_void_p).value
+_AWAKE_ADDRESS = ctypes.cast(_AWAKE, ctypes.c_void_p).value
+_CONTINUATION = ctypes.c_void_p * capi.CONTINUATION_FIELDS
+
+
+def _suspending_trampoline(env: int | None, context: int | None, ty: int | None, args: int | None, nargs: int,
+                           results: int | None, nresults: int, error_ret: int | None,
+                           continuation: int | None) -> None:
+    began = time.perf_counter()
+    cont = _CONTINUATION.from_address(continuation or 0)
+    # Done first, whatever happens next: wasmtime panics (the daemon aborts) on a continuation left unset.
+    cont[0], cont[1], cont[2] = _AWAKE_ADDRESS, None, None
+    ctx = None
+    try:
+        fn = HOST_FUNCTIONS[env or 0]
+        ctx = _contexts.get(context or 0)
+        refusal = (f"wasmhost: no host context for {fn.name}" if ctx is None
+                   else f"wasmhost: {fn.name} refused: the call was given up on" if ctx.dead else None)
+        if ctx is None or refusal is not None:
+            ctypes.c_void_p.from_address(error_ret or 0).value = capi.error_new(str(refusal).encode())
+            return
+        ctx.calls[env or 0] += 1
+        until = _call(fn, ctx, args or 0, ty or 0)
+        if until is None:
+            _share_the_gil(ctx, began)  # no wait: a loop of these is a loop of host calls
+            return
+        key = next(_sleep_keys)
+        _sleeps[key] = ctx
+        ctx.asleep_until = until
+        cont[0], cont[1], cont[2] = _STILL_ASLEEP_ADDRESS, key, _SLEEP_OVER_ADDRESS
+    except BaseException as exc:  # a host bug: the guest goes on at once rather than the daemon aborting
+        if ctx is not None:
+            ctx.asleep_until = None
+        host_log.error("host_function_failed", function="suspending host function", error=repr(exc))
+
+
+_SUSPENDING_TRAMPOLINE = capi.ASYNC_FUNC_CALLBACK(_suspending_trampoline)
+
+
 def build_linker(engine: wasmtime.Engine) -> wc.Linker:
     """A component Linker with WASI 0.2 and every airssys host function defined."""
     linker = wc.Linker(engine)
@@ -639,9 +749,15 @@ def build_linker(engine: wasmtime.Engine) -> wc.Linker:
             with root.add_instance(interface) as instance:
                 for index, fn in functions:
                     name = fn.name.encode()
-                    error = capi.linker_instance_add_func(
-                        capi.addr_of(instance.ptr()), name, len(name), _TRAMPOLINE, index, _NO_FINALIZER
-                    )
+                    if fn.suspends:  # an async host function: a Store whose component imports it is async
+                        error = capi.linker_instance_add_func_async(
+                            capi.addr_of(instance.ptr()), name, len(name), _SUSPENDING_TRAMPOLINE, index,
+                            _NO_FINALIZER,
+                        )
+                    else:
+                        error = capi.linker_instance_add_func(
+                            capi.addr_of(instance.ptr()), name, len(name), _TRAMPOLINE, index, _NO_FINALIZER
+                        )
                     if error:
                         raise wasmtime.WasmtimeError._from_ptr(
                             ctypes.cast(error, ctypes.POINTER(wasmtime._ffi.wasmtime_error_t))

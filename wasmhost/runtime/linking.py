@@ -92,7 +92,8 @@ class Linkers:
 
         The Store allows no instance at all: wasmtime checks every import against the linker before it
         creates anything, so a component that links fails on that limit instead, having created and run
-        nothing."""
+        nothing (or, importing sleep-millis, an async host function, on the synchronous instantiate that
+        wasmtime then refuses, also before creating anything: either is not a link failure)."""
         store = wasmtime.Store(self.engine)
         store.set_limits(instances=0, memories=0, tables=0)
         try:

@@ -15,6 +15,7 @@ import wasmtime
 from wasmtime import component as wc
 
 from wasmhost.core import blocking
+from wasmhost.core.blocking import Asleep
 from wasmhost.core.bounded_text import bounded
 from wasmhost.core.errors import (
     CallInProgress,
@@ -44,16 +45,20 @@ from wasmhost.runtime.message_arg import message_argument
 
 T = TypeVar("T")
 Steps = Generator[float, None, T]
-"""A guest call run one slice per step; each step yields the monotonic deadline of the call."""
+"""A guest call run one slice per step; each step yields the monotonic deadline of the call (as Asleep
+while the call is suspended in a sleep: see blocking.Asleep)."""
 
 
 def run_to_end(steps: Steps[T]) -> T:
-    """Run every step of `steps` on this thread and return its result."""
+    """Run every step of `steps` on this thread and return its result (waiting on this thread while the
+    guest sleeps)."""
     while True:
         try:
-            next(steps)
+            step = next(steps)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
+        if isinstance(step, Asleep):
+            step.sleeper.wait_out(step.until)
 
 
 class InstanceState(enum.Enum):
@@ -211,14 +216,14 @@ class StoreManager:
             store.set_wasi(wasi_config(self.wasi_stdio))
         context = capi.addr_of(store._context())
         register_context(context, self.host)
-        try:
-            self.host.deadline = self.limiter.arm(context)
-            with self._charged():
-                instance = self.linker.instantiate(store, self.loaded.component)
-        except wasmtime.WasmtimeError as exc:
+        self.host.deadline = self.limiter.arm(context)
+        instance = capi.INSTANCE()
+        with self._charged():
+            problem = self._instantiate(store, context, ctypes.addressof(instance))
+        if problem is not None:
             unregister_context(context)
-            raise InstantiationError(self.name, f"instantiation failed: {str(exc).strip()}") from None
-        instance_address = ctypes.addressof(instance._instance)
+            raise InstantiationError(self.name, f"instantiation failed: {problem.strip()}")
+        instance_address = ctypes.addressof(instance)
         for (index, slot), name in zip(self._export_slots, self.loaded.exports, strict=True):
             if not capi.instance_get_func(instance_address, context, index, slot):
                 unregister_context(context)
@@ -232,6 +237,25 @@ class StoreManager:
         self.store, self.context = store, context
         self._func_addresses = self._slot_addresses
         self.state = InstanceState.INSTANTIATED
+
+    def _instantiate(self, store: wasmtime.Store, context: int, instance: int) -> str | None:
+        """Instantiate the component into `store`, writing the instance at the address `instance`; wasmtime's
+        error text if that failed. Asynchronously (a call future polled to its end on this thread): a Store
+        whose component imports a suspending host function must be (the synchronous instantiate refuses it),
+        and a start function that sleeps is waited for here, on this thread, like any sleep before."""
+        error = (ctypes.c_void_p * 1)()
+        future = capi.linker_instantiate_async(
+            capi.addr_of(self.linker.ptr()), context, capi.addr_of(self.loaded.component.ptr()), instance,
+            ctypes.addressof(error),
+        )
+        try:
+            while not capi.call_future_poll(future):
+                until = self.host.asleep_until  # else it cannot be pending: the Store yields nowhere yet
+                if until is not None:
+                    self.host.wait_out(until)
+        finally:
+            capi.call_future_delete(future)
+        return capi.take_error(error[0]) if error[0] else None
 
     def _charged(self) -> AbstractContextManager[None]:
         """Charge the memories made meanwhile to this component (when the engine accounts memory)."""
@@ -331,12 +355,15 @@ class StoreManager:
 
     def _wait(self, function: str, future: int, done: bool) -> Generator[float, None, None]:
         """Poll `future` one slice per step until it finishes or its deadline passes."""
-        deadline = self.host.deadline
+        host = self.host
+        deadline = host.deadline
         interval = FIRST_SLICE_FUEL  # the Store's yield interval, in force for the slice that just ended
         kept_turn = False  # this step went on past a tick that cut its slice short (at most once a step)
+        woke = False  # the last step left the guest asleep: it goes on from its sleep
         try:
             while not done:
-                seconds = time.perf_counter() - self._poll_began  # the slice's: its poll returned a moment ago
+                # The slice's time: its poll returned a moment ago (a sleep's time is never in a poll)
+                seconds = time.perf_counter() - self._poll_began
                 ran_out, computed = self.limiter.end_slice(self.context, interval, seconds)
                 if computed:
                     blocking.computing()  # its scheduler may let other threads run guest code beside it
@@ -347,7 +374,17 @@ class StoreManager:
                     # makes (measured: 1.8M fuel lost from its budget and added to its count).
                     self._yield_interval(SLICE_FUEL)
                     interval = SLICE_FUEL
-                if interval == FIRST_SLICE_FUEL and not kept_turn and seconds < self.limiter.short_slice_s:
+                until = host.asleep_until
+                if until is not None:
+                    # The guest sleeps in sleep-millis, its call suspended: it needs no thread until it wakes
+                    # (at `until`, never past the deadline, or when interrupted), and its scheduler sets it
+                    # aside until then.
+                    kept_turn = False
+                    yield Asleep(deadline, until, host)
+                    if self._future != future:
+                        raise InstanceStateError(f"{self.name}: {function} was abandoned (the Store was closed)")
+                    woke = True
+                elif interval == FIRST_SLICE_FUEL and not kept_turn and seconds < self.limiter.short_slice_s:
                     # Still the first interval, so no slice has run out of fuel: an epoch tick cut the call
                     # just after it began. It has not had its turn, so it goes on (to its fuel or the next
                     # tick) instead of joining the back of the queue, where among a thousand queued calls a
@@ -362,6 +399,9 @@ class StoreManager:
                     # Waited past the deadline for a slice: end it here rather than poll it again.
                     self._abandon()
                     raise GuestTimeout(self.name, function, "wasm trap: interrupt (deadline passed between slices)")
+                if woke and host.fresh_slice is not None:
+                    host.fresh_slice()  # a whole epoch slice: its sleep used no CPU
+                woke = False
                 self._poll_began = time.perf_counter()
                 done = capi.call_future_poll(future)
         finally:

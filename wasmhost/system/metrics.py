@@ -268,6 +268,8 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily("wasmhost_worker_threads_busy", "Worker threads running a guest or waiting in "
                                 "one of its host calls", value=workers.busy)
         yield GaugeMetricFamily("wasmhost_worker_threads", "Worker threads alive", value=workers.threads)
+        yield GaugeMetricFamily("wasmhost_guest_calls_asleep", "Guest calls suspended in sleep-millis (they hold "
+                                "no worker thread)", value=workers.asleep)
         yield CounterMetricFamily("wasmhost_log_lines_dropped", "Daemon log lines dropped because a destination "
                                   "could not keep up", value=lines_dropped())
         yield _lookups("wasmhost_compile_cache_lookups", "Compilation cache lookups by result", daemon.runtime.cache)

@@ -1,0 +1,178 @@
+"""host-services.sleep-millis suspends the guest's call instead of holding a worker thread: any number of
+sleepers leave every thread to their neighbours, wake with the right result, end at once when stopped, and
+still end at their call's deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from tests.conftest import Starter, fixture_path
+from tests.support import plain_supervisor
+from tests.test_actors import ask, until
+from wasmhost.actors.actor import ComponentActor
+from wasmhost.actors.restart import RestartPolicy
+from wasmhost.actors.spec import ActorSpec
+from wasmhost.actors.supervisor import Supervisor
+from wasmhost.actors.workers import WorkerPool
+from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, MessageMetadata, Timestamp, blocking
+from wasmhost.core.blocking import Asleep
+from wasmhost.core.errors import GuestTimeout
+from wasmhost.core.limits import ResourceLimits
+from wasmhost.messaging.outcome import RequestFailed
+from wasmhost.runtime import host_fn
+from wasmhost.runtime.runtime import Runtime
+from wasmhost.runtime.store import InstanceState
+
+THREADS = 2
+LENT = 2
+"""The pool lends at most this many threads: before, each sleeper held a thread, so the fifth one on (and
+every other guest) waited for a sleeper to wake."""
+SLEEPERS = 300
+
+
+def message(payload: bytes) -> ComponentMessage:
+    return ComponentMessage(ComponentId("test-org", "sender", "0"), payload, MessageMetadata(timestamp=Timestamp.now()))
+
+
+@pytest.fixture
+async def small_pool(runtime: Runtime) -> AsyncIterator[Supervisor]:
+    async with plain_supervisor(runtime, THREADS, max_lent=LENT) as sup:
+        yield sup
+
+
+async def start_sleepers(sup: Supervisor, count: int, limits: ResourceLimits,
+                         restart: RestartPolicy = RestartPolicy.TEMPORARY) -> list[ComponentActor]:
+    actors = []
+    for i in range(count):
+        cid = ComponentId("test-org", "sleeper", str(i))
+        loaded = sup.stores.runtime.load(cid, fixture_path("services"))
+        actors.append(await sup.start(ActorSpec(cid, limits=limits, restart=restart), loaded))
+    return actors
+
+
+async def start_echo(sup: Supervisor) -> None:
+    echo = ComponentId.parse("test-org/echo/0")
+    await sup.start(ActorSpec(echo), sup.stores.runtime.load(echo, fixture_path("echo")))
+
+
+@pytest.mark.anyio
+async def test_an_echo_answers_while_more_guests_sleep_than_threads_could_hold(small_pool: Supervisor) -> None:
+    sup = small_pool
+    await start_echo(sup)
+    sleepers = await start_sleepers(sup, SLEEPERS, ResourceLimits(max_execution_time_ms=60_000))
+    naps = [asyncio.ensure_future(ask(sup, str(actor.component_id), b"sleep 2000", 60.0)) for actor in sleepers]
+    # Every sleeper is in its call at once: none holds a thread (before, at most THREADS + LENT were).
+    await until(lambda: all(actor.manager.in_call for actor in sleepers), timeout=20.0)
+    for i in range(5):
+        assert await ask(sup, "test-org/echo/0", b"ping %d" % i) == b"ping %d" % i
+    assert not any(nap.done() for nap in naps), "the echo answered while every sleeper still slept"
+    assert sup.workers.asleep == SLEEPERS and sup.workers.threads == THREADS  # no thread lent for them
+    assert await asyncio.gather(*naps) == [b"slept"] * SLEEPERS
+    assert sup.workers.asleep == 0 and not host_fn._sleeps
+
+
+@pytest.mark.anyio
+async def test_a_stop_during_the_sleeps_ends_them_at_once(small_pool: Supervisor) -> None:
+    sup = small_pool
+    sleepers = await start_sleepers(sup, SLEEPERS, ResourceLimits(max_execution_time_ms=120_000))
+    naps = [asyncio.ensure_future(ask(sup, str(actor.component_id), b"sleep 100000", 150.0)) for actor in sleepers]
+    await until(lambda: sup.workers.asleep == SLEEPERS, timeout=20.0)
+    with anyio.fail_after(30):  # a hang guard: the sleeps had 100 s left
+        await sup.stop_all(drain_timeout=0.1)
+        outcomes = await asyncio.gather(*naps, return_exceptions=True)
+    # Each sleep ended when its stop interrupted it (its drain time out), and the guest finished its message.
+    assert outcomes == [b"slept"] * SLEEPERS, {repr(outcome) for outcome in outcomes}
+    assert sup.workers.asleep == 0 and not host_fn._sleeps
+    assert all(not actor.manager.in_call for actor in sleepers)
+
+
+@pytest.mark.anyio
+async def test_the_calls_deadline_ends_a_long_sleep(small_pool: Supervisor) -> None:
+    sup = small_pool
+    [sleeper] = await start_sleepers(sup, 1, ResourceLimits(max_execution_time_ms=300), RestartPolicy.PERMANENT)
+    with pytest.raises(RequestFailed, match="timed out"):
+        await ask(sup, str(sleeper.component_id), b"sleep 100000", 30.0)  # its 100 s would outlast the ask
+    assert sup.workers.asleep == 0 and not host_fn._sleeps
+    await until(lambda: sleeper.manager.state is InstanceState.INITIALIZED)  # it was restarted
+    assert await ask(sup, str(sleeper.component_id), b"sleep 10") == b"slept"
+
+
+class RecordingHook:
+    """What a guest call's steps tell their scheduler (stands in for WorkerPool's hook)."""
+
+    def __init__(self) -> None:
+        self.blocked = 0
+        self.computing_slices = 0
+
+    def enter_blocking(self) -> None:
+        """A thread waits."""
+        self.blocked += 1
+
+    def leave_blocking(self) -> None:
+        """Not recorded."""
+
+    def computing(self) -> None:
+        """A slice was spent in guest code."""
+        self.computing_slices += 1
+
+
+def test_a_sleeping_call_yields_asleep_and_neither_waits_nor_computes_on_its_thread(start: Starter) -> None:
+    guest = start("services", "test-org/services/0")
+    hook = RecordingHook()
+    blocking.install(hook)
+    try:
+        steps = guest.handle_message_steps(message(b"sleep 100000"))
+        step = next(steps)
+        assert isinstance(step, Asleep) and step == guest.host.deadline
+        assert step.until <= guest.host.deadline and guest.in_call
+        assert hook.blocked == 0 and hook.computing_slices == 0  # this thread did not wait, nor compute
+        assert isinstance(next(steps), Asleep)  # stepped again early: still asleep, nothing else happens
+        guest.host.interrupt()  # a stop: the sleep is over
+        with pytest.raises(StopIteration) as stop:
+            next(steps)
+        assert stop.value.value == b"slept" and not host_fn._sleeps
+    finally:
+        blocking.install(None)
+        guest.host.interrupted = False
+
+
+def test_a_call_abandoned_mid_sleep_leaves_nothing_behind(start: Starter) -> None:
+    guest = start("services", "test-org/services/0")
+    for _ in range(200):
+        if guest.state is not InstanceState.INITIALIZED:
+            guest.instantiate()
+            guest.initialize(ComponentConfig())
+        steps = guest.handle_message_steps(message(b"sleep 100000"))
+        assert isinstance(next(steps), Asleep)
+        steps.close()  # its waiter went away: the call future is deleted mid-sleep
+        assert not guest.in_call and guest.state is InstanceState.DEAD
+        assert guest.host.asleep_until is None and not host_fn._sleeps
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_of_a_sleeping_call_gets_its_store_back_at_once(start: Starter) -> None:
+    guest = start("services", "test-org/services/0", ResourceLimits(max_execution_time_ms=120_000))
+    workers = WorkerPool(1)
+    try:
+        call = asyncio.ensure_future(workers.run_steps(guest.handle_message_steps(message(b"sleep 100000")),
+                                                       guest.lock))
+        await until(lambda: workers.asleep == 1)
+        call.cancel()  # without calling interrupt: the pool itself takes the call out of its sleep
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert not guest.in_call and guest.state is InstanceState.DEAD and workers.asleep == 0
+        assert not host_fn._sleeps
+    finally:
+        workers.close()
+
+
+def test_run_to_end_waits_out_a_sleep_on_its_thread_and_the_deadline_still_applies(start: Starter) -> None:
+    guest = start("services", "test-org/services/1", limits=ResourceLimits(max_execution_time_ms=200))
+    assert guest.handle_message(message(b"sleep 20")) == b"slept"
+    with pytest.raises(GuestTimeout, match="deadline passed"):
+        guest.handle_message(message(b"sleep 100000"))  # ends at the deadline, not in 100 s
+    assert not host_fn._sleeps
