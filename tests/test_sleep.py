@@ -76,6 +76,33 @@ async def test_an_echo_answers_while_more_guests_sleep_than_threads_could_hold(s
 
 
 @pytest.mark.anyio
+async def test_an_echo_answers_beside_guests_looping_over_short_sleeps(runtime: Runtime) -> None:
+    # Before, each napper kept its thread through its sleeps (threads enough were lent) and woke every
+    # millisecond to run a little guest code, so among 100 of them one was nearly always running guest code
+    # and the echo was not admitted to a thread until their deadline ended them (measured: 3.0 s beside 100
+    # nappers with a 3 s deadline, 4 worker threads).
+    async with plain_supervisor(runtime, 4) as sup:
+        await nappers_beside_an_echo(sup)
+
+
+async def nappers_beside_an_echo(sup: Supervisor) -> None:
+    await start_echo(sup)
+    nappers = []
+    for i in range(100):
+        cid = ComponentId("test-org", "napper", str(i))
+        spec = ActorSpec(cid, limits=ResourceLimits(max_execution_time_ms=2000), restart=RestartPolicy.TEMPORARY)
+        nappers.append(await sup.start(spec, sup.stores.runtime.load(cid, fixture_path("napper"))))
+    naps = [asyncio.ensure_future(ask(sup, str(actor.component_id), b"nap", 30.0)) for actor in nappers]
+    await until(lambda: all(actor.manager.in_call for actor in nappers), timeout=20.0)
+    for i in range(5):
+        assert await ask(sup, "test-org/echo/0", b"ping %d" % i) == b"ping %d" % i
+    assert not any(nap.done() for nap in naps), "the echo answered while every napper still napped"
+    outcomes = await asyncio.gather(*naps, return_exceptions=True)
+    assert all(isinstance(outcome, RequestFailed) and "timed out" in outcome.detail for outcome in outcomes)
+    assert sup.workers.asleep == 0 and not host_fn._sleeps
+
+
+@pytest.mark.anyio
 async def test_a_stop_during_the_sleeps_ends_them_at_once(small_pool: Supervisor) -> None:
     sup = small_pool
     sleepers = await start_sleepers(sup, SLEEPERS, ResourceLimits(max_execution_time_ms=120_000))
