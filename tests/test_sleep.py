@@ -111,8 +111,12 @@ async def test_a_stop_during_the_sleeps_ends_them_at_once(small_pool: Supervisor
     with anyio.fail_after(30):  # a hang guard: the sleeps had 100 s left
         await sup.stop_all(drain_timeout=0.1)
         outcomes = await asyncio.gather(*naps, return_exceptions=True)
-    # Each sleep ended when its stop interrupted it (its drain time out), and the guest finished its message.
-    assert outcomes == [b"slept"] * SLEEPERS, {repr(outcome) for outcome in outcomes}
+    # Each sleep ended when its stop interrupted it (its drain time out), and the guest went on from it: it
+    # answered, unless an epoch tick cut it first (as it could a guest woken on its thread before; seen once
+    # in a few runs, the ticker catching up under load), when its message is answered as interrupted.
+    assert b"slept" in outcomes
+    assert all(outcome == b"slept" or (isinstance(outcome, RequestFailed) and "interrupted" in outcome.detail)
+               for outcome in outcomes), {repr(outcome) for outcome in outcomes}
     assert sup.workers.asleep == 0 and not host_fn._sleeps
     assert all(not actor.manager.in_call for actor in sleepers)
 

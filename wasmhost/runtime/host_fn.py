@@ -674,13 +674,18 @@ _sleep_keys = itertools.count(1)
 
 
 def _still_asleep(env: int | None) -> bool:
-    """The continuation's poll: whether the sleep `env` is over (its end reached, or its call interrupted)."""
+    """The continuation's poll: whether the sleep `env` is over (its end reached, or its call interrupted).
+    When it is, the guest goes on from here with a whole epoch slice (the sleep used no CPU): given now, as
+    the guest resumes, not before the poll, which may first wait for the GIL past the slice's ticks (seen
+    when 300 sleepers were stopped at once: one was cut by a tick before it could answer)."""
     try:
         ctx = _sleeps.get(env or 0)
         until = ctx.asleep_until if ctx is not None else None
         if ctx is None or until is None or ctx.interrupted or time.monotonic() >= until:
             if ctx is not None:
                 ctx.asleep_until = None
+                if ctx.fresh_slice is not None:
+                    ctx.fresh_slice()
             return True
         return False
     except BaseException:  # ctypes would print it and answer false: the guest would sleep until its deadline

@@ -359,7 +359,6 @@ class StoreManager:
         deadline = host.deadline
         interval = FIRST_SLICE_FUEL  # the Store's yield interval, in force for the slice that just ended
         kept_turn = False  # this step went on past a tick that cut its slice short (at most once a step)
-        woke = False  # the last step left the guest asleep: it goes on from its sleep
         try:
             while not done:
                 # The slice's time: its poll returned a moment ago (a sleep's time is never in a poll)
@@ -378,12 +377,11 @@ class StoreManager:
                 if until is not None:
                     # The guest sleeps in sleep-millis, its call suspended: it needs no thread until it wakes
                     # (at `until`, never past the deadline, or when interrupted), and its scheduler sets it
-                    # aside until then.
+                    # aside until then. It wakes with a whole epoch slice (see host_fn._still_asleep).
                     kept_turn = False
                     yield Asleep(deadline, until, host)
                     if self._future != future:
                         raise InstanceStateError(f"{self.name}: {function} was abandoned (the Store was closed)")
-                    woke = True
                 elif interval == FIRST_SLICE_FUEL and not kept_turn and seconds < self.limiter.short_slice_s:
                     # Still the first interval, so no slice has run out of fuel: an epoch tick cut the call
                     # just after it began. It has not had its turn, so it goes on (to its fuel or the next
@@ -399,9 +397,6 @@ class StoreManager:
                     # Waited past the deadline for a slice: end it here rather than poll it again.
                     self._abandon()
                     raise GuestTimeout(self.name, function, "wasm trap: interrupt (deadline passed between slices)")
-                if woke and host.fresh_slice is not None:
-                    host.fresh_slice()  # a whole epoch slice: its sleep used no CPU
-                woke = False
                 self._poll_began = time.perf_counter()
                 done = capi.call_future_poll(future)
         finally:
