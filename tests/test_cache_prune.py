@@ -5,8 +5,10 @@ touched."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,32 @@ def test_an_entry_removed_between_its_check_and_its_mapping_is_still_read(tmp_pa
         runtime.close()
     assert [e["event"] for e in logs if e["event"].startswith("cache_")] == []
     assert [e["cache"] for e in logs if e["event"] == "compile_finished"] == ["hit"]
+
+
+def test_a_prune_keeps_little_of_each_version_on_disk_while_it_runs(tmp_path: Path) -> None:
+    """The daemon prunes after every reload, and every version deployed within a week is still on disk (four
+    files each: entry, load note, two marks). The prune kept an os.stat_result, a name and a dict per file while
+    it ran: 3.3 KB per version at its peak, and the daemon's resident memory kept each new peak (Python's
+    allocator hands an arena back only when all of it is free): +4 KB per version deployed, reload after
+    reload (56 -> 63 MB over 800 versions)."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    versions = 1000
+    for n in range(versions):
+        key = hashlib.sha256(b"version %d" % n).hexdigest()
+        for kind, size in (("cwasm", 30000), ("load-3", 90), ("8825c7994b90012b.ok", 0),
+                           ("linked-61f3e878ae7a0c8f-plain.ok", 0)):
+            fd = os.open(cache / f"{key}.{kind}", os.O_CREAT | os.O_WRONLY, 0o600)
+            os.ftruncate(fd, size)
+            os.close(fd)
+    runtime = Runtime(cache_dir=cache)
+    try:
+        tracemalloc.start()
+        try:
+            assert runtime.cache.prune(set()) == (0, 0), "all of them were used just now"
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        runtime.close()
+    assert peak / versions < 1024, f"{peak / versions:.0f} bytes per version on disk"
