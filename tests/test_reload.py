@@ -322,6 +322,7 @@ async def test_a_reload_lets_go_of_the_compiled_versions_nothing_runs(tmp_path: 
             assert report.ok and report.changed == ["t/svc/0"], report
         running = {d.digest for d in daemon.deployments.values()}
         assert set(daemon.runtime.cache._memory) == running and len(running) == 2
+        assert daemon.runtime.cache.remembered_keys() == running, "marks and notes: on disk, not in memory"
         assert len(list((tmp_path / "state" / "cache").glob("*.cwasm"))) == 5  # on disk: every version
 
 
