@@ -206,4 +206,4 @@ def test_the_cli_refuses_an_oversized_payload_before_connecting(tmp_path: Path) 
                             f"no component takes more than {MAX_MESSAGE_BYTES_CEILING} bytes "
                             "(the largest max_message_bytes)\n")
     fits = wasmhost("send", "t/echo/0", "@-", "--socket", nowhere, stdin=b"x" * MAX_MESSAGE_BYTES_CEILING)
-    assert fits.returncode == 1 and "no wasmhost daemon is listening" in fits.stderr
+    assert fits.returncode == 3 and "no wasmhost daemon is listening" in fits.stderr  # 3: no daemon answered
