@@ -81,30 +81,6 @@ def test_entries_nothing_uses_go_after_a_week_with_their_notes_and_marks(tmp_pat
         runtime.close()
 
 
-def test_a_pruned_entry_leaves_no_marks_or_notes_in_memory(tmp_path: Path) -> None:
-    """The cache kept in memory the marks and load note of every binary it ever loaded, long after a prune had
-    removed their files: 3 entries per new version of a component, reload after reload (400 versions
-    deployed: 802 marks and 401 notes for the 2 binaries running)."""
-    cache = tmp_path / "cache"
-    runtime = Runtime(cache_dir=cache)
-    try:
-        keys = {}
-        for name in ("echo", "counter"):
-            runtime.load(ComponentId.parse(f"t/{name}/0"), fixture_path(name))
-            keys[name] = runtime.cache.key(fixture_path(name).read_bytes())
-        assert runtime.cache.remembered_keys() == set(keys.values())
-        runtime.cache.keep_only({keys["echo"]})  # as a reload that replaced counter does
-        removed, _ = runtime.cache.prune({keys["echo"]}, now=time.time() + WEEK_AND_A_DAY)
-        assert removed >= 3 and files_of(cache, keys["counter"]) == []
-        assert runtime.cache.remembered_keys() == {keys["echo"]}
-        with structlog.testing.capture_logs() as logs:  # loaded again: compiled, checked and noted anew
-            runtime.load(ComponentId.parse("t/counter/1"), fixture_path("counter"))
-        assert [e["cache"] for e in logs if e["event"] == "compile_finished"] == ["miss"]
-        assert runtime.cache.remembered_keys() == set(keys.values())
-    finally:
-        runtime.close()
-
-
 def test_unused_entries_over_the_size_cap_go_oldest_first_but_not_those_just_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "cache"
@@ -228,10 +204,12 @@ def test_a_prune_keeps_little_of_each_version_on_disk_while_it_runs(tmp_path: Pa
 
 
 def test_a_version_let_go_keeps_no_marks_or_notes_in_memory_and_loads_again(tmp_path: Path) -> None:
-    """A reload let go of the compiled versions nothing runs (keep_only) but kept their marks and load notes in
-    memory until a prune removed their files, a week later: ~0.8 KB per version deployed that week, for a
-    daemon given a new binary every deploy. They are on disk: a later load of such a version reads them there
-    or checks it again, and still finds its compiled entry."""
+    """The cache kept in memory the marks and load note of every binary it ever loaded: 3 entries per new
+    version of a component, reload after reload (400 versions deployed: 802 marks and 401 notes for the 2
+    binaries running), and after the first fix still until a prune removed their files, a week later (~0.8 KB
+    per version deployed that week). A reload letting a version go (keep_only) drops them now: they are on
+    disk, where a later load reads them or checks it again, and still finds its compiled entry; once a prune
+    has removed its files, a load compiles it anew."""
     cache = tmp_path / "cache"
     runtime = Runtime(cache_dir=cache)
     try:
@@ -239,6 +217,7 @@ def test_a_version_let_go_keeps_no_marks_or_notes_in_memory_and_loads_again(tmp_
         for name in ("echo", "counter"):
             runtime.load(ComponentId.parse(f"t/{name}/0"), fixture_path(name))
             keys[name] = runtime.cache.key(fixture_path(name).read_bytes())
+        assert runtime.cache.remembered_keys() == set(keys.values())
         runtime.cache.keep_only({keys["echo"]})  # as a reload that replaced counter does
         assert runtime.cache.remembered_keys() == {keys["echo"]}
         assert len(files_of(cache, keys["counter"])) >= 3, "its entry, note and marks stay on disk"
@@ -246,6 +225,14 @@ def test_a_version_let_go_keeps_no_marks_or_notes_in_memory_and_loads_again(tmp_
             loaded = runtime.load(ComponentId.parse("t/counter/0"), fixture_path("counter"))
         assert [e["cache"] for e in logs if e["event"] == "compile_finished"] == ["hit"]
         assert loaded.digest == keys["counter"] and set(loaded.exports) == set(contract.LIFECYCLE_EXPORTS)
+        assert runtime.cache.remembered_keys() == set(keys.values())
+        runtime.cache.keep_only({keys["echo"]})  # replaced again, then unused for more than a week
+        removed, _ = runtime.cache.prune({keys["echo"]}, now=time.time() + WEEK_AND_A_DAY)
+        assert removed >= 3 and files_of(cache, keys["counter"]) == []
+        assert runtime.cache.remembered_keys() == {keys["echo"]}
+        with structlog.testing.capture_logs() as logs:  # loaded again: compiled, checked and noted anew
+            runtime.load(ComponentId.parse("t/counter/1"), fixture_path("counter"))
+        assert [e["cache"] for e in logs if e["event"] == "compile_finished"] == ["miss"]
         assert runtime.cache.remembered_keys() == set(keys.values())
     finally:
         runtime.close()

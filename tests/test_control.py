@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -21,7 +21,17 @@ import pytest
 import structlog.testing
 
 from tests.test_cli import wait_for
-from tests.test_daemon import ROOT, Daemon, component, config_text, kill_leftovers, launch, wasmhost
+from tests.test_daemon import (
+    ROOT,
+    Daemon,
+    as_nobody,
+    component,
+    config_text,
+    daemon_only_root_may_control,
+    kill_leftovers,
+    launch,
+    wasmhost,
+)
 from wasmhost.system import control, protocol
 from wasmhost.system.client import DaemonUnavailable, request
 from wasmhost.system.control import ControlServer
@@ -205,28 +215,41 @@ async def test_answers_clients_do_not_take_are_let_go_when_newer_ones_need_the_r
             await server.close()
 
 
+@contextlib.contextmanager
+def serving_one_connection(path: Path, serve: Callable[[socket.socket], None]) -> Iterator[None]:
+    """A Unix socket at `path` that is not a daemon's: its first connection is given to `serve` (on a thread),
+    then closed; waited for on the way out."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+
+        def accept_one() -> None:
+            conn, _ = server.accept()
+            with conn:
+                serve(conn)
+
+        serving = threading.Thread(target=accept_one)
+        serving.start()
+        try:
+            yield
+        finally:
+            serving.join()
+
+
 @pytest.mark.parametrize("reads", [True, False], ids=["read-then-closed", "closed-unread"])
 def test_a_connection_closed_without_an_answer_is_one_clear_error(tmp_path: Path, reads: bool) -> None:
     """A daemon stopping ends the connections waiting in its queue: their clients printed
     `wasmhost: [Errno 104] Connection reset by peer` (8 of 72,000 requests around a SIGTERM)."""
     path = tmp_path / "c.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-        server.bind(str(path))
-        server.listen(1)
 
-        def close_unanswered() -> None:
-            conn, _ = server.accept()
-            with conn:
-                if reads:
-                    conn.recv(1 << 16)
-                else:
-                    conn.recv(1, socket.MSG_PEEK)  # the request is there, and stays unread: a reset
+    def close_unanswered(conn: socket.socket) -> None:
+        if reads:
+            conn.recv(1 << 16)
+        else:
+            conn.recv(1, socket.MSG_PEEK)  # the request is there, and stays unread: a reset
 
-        closing = threading.Thread(target=close_unanswered)
-        closing.start()
-        with pytest.raises(DaemonUnavailable) as failed:
-            request(path, protocol.Call("t/echo/0", b"x", 5.0), timeout=30)
-        closing.join()
+    with serving_one_connection(path, close_unanswered), pytest.raises(DaemonUnavailable) as failed:
+        request(path, protocol.Call("t/echo/0", b"x", 5.0), timeout=30)
     assert str(failed.value) == (f"the daemon on {path} closed the connection without answering (is it "
                                  "stopping?); the request may not have been carried out")
 
@@ -234,40 +257,15 @@ def test_a_connection_closed_without_an_answer_is_one_clear_error(tmp_path: Path
 def test_a_refused_user_looping_on_connect_writes_one_log_line_not_one_each(tmp_path: Path) -> None:
     """Each refused connection wrote a `control_peer_refused` line: a user in the socket's group but not
     in control_users wrote 11,000 lines (1.4 MB) in 3 s, without end. Now the first, then a count a minute."""
-    public = Path(f"/tmp/wasmhost-refused-{os.getpid()}")  # traversable by other users, unlike tmp_path
-    public.mkdir(mode=0o755, exist_ok=True)
-    try:
-        config = tmp_path / "wasmhost.toml"
-        config.write_text(config_text(tmp_path / "state", ECHO).replace(
-            "[host]\n", f'[host]\ncontrol_socket = "{public / "ctl.sock"}"\nsocket_mode = "0660"\n'
-                        'socket_group = "nogroup"\ncontrol_users = ["root"]\n'))
-        d = Daemon(tmp_path, config)
-        d.socket = public / "ctl.sock"
-        d.expect("READY=1")
-        read_end, write_end = os.pipe()
-        child = os.fork()
-        if child == 0:  # another user, asking 200 times
-            try:
-                os.setgid(65534)
-                os.setuid(65534)
-                answers = {str(request(d.socket, protocol.Status()).error) for _ in range(200)}
-                os.write(write_end, "|".join(sorted(answers)).encode())
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        os.waitpid(child, 0)
-        with os.fdopen(read_end) as result:
-            assert result.read() == ("permission denied: uid 65534 is not allowed to control this daemon "
-                                     "(host.control_users)")
+    with daemon_only_root_may_control(tmp_path, ECHO) as d:
+        answers = as_nobody(lambda: "|".join(sorted({str(request(d.socket, protocol.Status()).error)
+                                                     for _ in range(200)})))  # asking 200 times
+        assert answers == "permission denied: uid 65534 is not allowed to control this daemon (host.control_users)"
         assert d.call("t/echo/0", "root may") == "root may"
         assert d.stop() == 0
         refused = [e for e in d.events() if e["event"] == "control_peer_refused"]
         assert len(refused) == 1, f"{len(refused)} lines for 200 refusals"
         assert (refused[0]["uid"], refused[0]["times"]) == (65534, 1)
-    finally:
-        for leftover in public.iterdir():
-            leftover.unlink()
-        public.rmdir()
 
 
 def test_an_unknown_request_type_is_answered_with_the_types_there_are(tmp_path: Path, started: list[Daemon]) -> None:
@@ -325,20 +323,13 @@ def test_a_socket_that_is_not_a_daemons_gets_one_clear_line(tmp_path: Path, answ
     """`--socket` naming another program's socket: an HTTP answer ended in a FrameError traceback (a
     length of 1,213,486,160 bytes read from `HTTP`), other bytes in msgspec's words alone."""
     path = tmp_path / "other.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-        server.bind(str(path))
-        server.listen(1)
 
-        def answer_wrongly() -> None:
-            conn, _ = server.accept()
-            with conn:
-                conn.recv(1 << 16)
-                conn.sendall(answer)
+    def answer_wrongly(conn: socket.socket) -> None:
+        conn.recv(1 << 16)
+        conn.sendall(answer)
 
-        answering = threading.Thread(target=answer_wrongly)
-        answering.start()
+    with serving_one_connection(path, answer_wrongly):
         result = wasmhost("status", "--socket", str(path))
-        answering.join()
     assert result.returncode == 3
     line = result.stderr.strip()
     assert "\n" not in line, result.stderr

@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -537,39 +537,55 @@ def test_logs_follow_prints_lines_as_they_are_written(tmp_path: Path) -> None:
         follower.wait()
 
 
-def test_other_users_are_refused_when_control_users_is_set(tmp_path: Path) -> None:
+@contextmanager
+def daemon_only_root_may_control(tmp_path: Path, components: str) -> Iterator[Daemon]:
+    """A daemon whose control socket sits where other users can reach it (mode 0660, group nogroup) but
+    whose `control_users` is root alone; the socket's directory is removed after."""
     public = Path(f"/tmp/wasmhost-peercred-{os.getpid()}")  # traversable by other users, unlike tmp_path
     public.mkdir(mode=0o755, exist_ok=True)
     try:
         config = tmp_path / "wasmhost.toml"
-        config.write_text(config_text(tmp_path / "state", BASIC).replace(
+        config.write_text(config_text(tmp_path / "state", components).replace(
             "[host]\n", f'[host]\ncontrol_socket = "{public / "ctl.sock"}"\nsocket_mode = "0660"\n'
                         'socket_group = "nogroup"\ncontrol_users = ["root"]\n'))
         d = Daemon(tmp_path, config)
         d.socket = public / "ctl.sock"
         d.expect("READY=1")
-        assert d.call("t/echo/0", "root may") == "root may"
-
-        read_end, write_end = os.pipe()
-        child = os.fork()
-        if child == 0:  # the child becomes another user and asks, with the CLI's own client code
-            try:
-                os.setgid(65534)
-                os.setuid(65534)
-                answer = request(d.socket, protocol.Status())
-                os.write(write_end, f"{answer.ok}|{answer.error}".encode())
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        os.waitpid(child, 0)
-        with os.fdopen(read_end) as result:
-            assert result.read() == ("False|permission denied: uid 65534 is not allowed to control this daemon "
-                                     "(host.control_users)")
-        assert d.stop() == 0
+        yield d
     finally:
         for leftover in public.iterdir():
             leftover.unlink()
         public.rmdir()
+
+
+def as_nobody(ask: Callable[[], str]) -> str:
+    """What `ask` returns when run by another user (uid and gid 65534), in a child process."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write_end, ask().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    with os.fdopen(read_end) as result:
+        return result.read()
+
+
+def test_other_users_are_refused_when_control_users_is_set(tmp_path: Path) -> None:
+    with daemon_only_root_may_control(tmp_path, BASIC) as d:
+        assert d.call("t/echo/0", "root may") == "root may"
+
+        def ask() -> str:  # with the CLI's own client code
+            answer = request(d.socket, protocol.Status())
+            return f"{answer.ok}|{answer.error}"
+
+        assert as_nobody(ask) == "False|permission denied: uid 65534 is not allowed to control this daemon " \
+                                 "(host.control_users)"
+        assert d.stop() == 0
 
 
 def test_the_systemd_unit_is_hardened(tmp_path: Path) -> None:
