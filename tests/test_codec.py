@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from wasmhost.runtime import capi, contract
+from wasmhost.runtime import capi, contract, message_arg
 from wasmhost.runtime.codec import (
     BoolConverter,
     BytesConverter,
@@ -151,3 +151,12 @@ def test_private_value_layout_is_the_one_the_codec_writes() -> None:
 def test_contract_notation_matches_the_codec_description() -> None:
     assert COMPONENT_ID.wit == contract.COMPONENT_ID
     assert STORAGE_ERROR.wit == contract.STORAGE_ERROR
+
+
+def test_bytes_data_addresses_are_where_ctypes_finds_them() -> None:
+    # The message argument points wasmtime at the characters of encoded strings (correlation ids) by
+    # id() plus an offset measured at import: it must be the address ctypes gives, for any bytes.
+    for data in (b"", b"x", b"19581e10-73875", "\u00e9t\u00e9".encode(), bytes(range(256)) * 64):
+        address = message_arg._address(data)
+        assert address == message_arg._data_address(data)
+        assert ctypes.string_at(address, len(data)) == data
