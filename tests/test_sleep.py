@@ -16,6 +16,7 @@ from tests.test_actors import ask, until
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.restart import RestartPolicy
 from wasmhost.actors.spec import ActorSpec
+from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, MessageMetadata, Timestamp, blocking
@@ -207,3 +208,20 @@ def test_run_to_end_waits_out_a_sleep_on_its_thread_and_the_deadline_still_appli
     with pytest.raises(GuestTimeout, match="deadline passed"):
         guest.handle_message(message(b"sleep 100000"))  # ends at the deadline, not in 100 s
     assert not host_fn._sleeps
+
+
+@pytest.mark.anyio
+async def test_a_message_that_arrives_while_a_probes_health_sleeps_waits_for_it(small_pool: Supervisor) -> None:
+    """A reload's rollout probes a component's health outside its actor's task (probe_health). A `health`
+    asleep in sleep-millis was set aside like a message's call, letting go of the Store's lock, so a message
+    arriving meanwhile began its call on a Store with a call in progress: it failed ("a call is already in
+    progress"), the component restarted and the probe failed with it (a rollout rolled back). The probe's
+    sleep holds the Store, as every sleep did before, so the message waits for it and is answered."""
+    sup = small_pool
+    cid = ComponentId.parse("test-org/sleepyhealth/0")
+    actor = await sup.start(ActorSpec(cid), sup.stores.runtime.load(cid, fixture_path("sleepyhealth")))
+    probe = asyncio.ensure_future(actor.probe_health())
+    await until(lambda: actor.manager.host.asleep_until is not None)  # health sleeps 1 s
+    assert await ask(sup, str(cid), b"hello") == b"hello"
+    assert await probe is None
+    assert actor.stats.restarts == 0 and actor.state is ActorState.RUNNING

@@ -60,7 +60,7 @@ from wasmhost.messaging.mailbox import Mailbox, deferring_wakes, wake_all
 from wasmhost.messaging.outcome import Outcome
 from wasmhost.messaging.router import MessageRouter
 from wasmhost.runtime.malloc import trim_soon
-from wasmhost.runtime.store import InstanceState, StoreManager, hit_size_guard
+from wasmhost.runtime.store import InstanceState, StoreManager, hit_size_guard, holding_the_store
 
 log = structlog.get_logger("wasmhost.actor")
 
@@ -427,7 +427,10 @@ class ComponentActor:
         manager = self.manager
         host = manager.host
         try:
-            self.health = await self.workers.run_steps(manager.health_steps(), manager.lock, host.interrupt,
+            # Its guest's sleeps keep the Store's lock (not set aside): the actor's task may begin a message
+            # on the Store meanwhile, and must wait for this call to end rather than find it in progress.
+            self.health = await self.workers.run_steps(holding_the_store(manager.health_steps()), manager.lock,
+                                                       host.interrupt,
                                                        give_up_at=lambda: host.deadline + STOP_GRACE)
         except CallInProgress:
             return None  # busy with a message, between two of its slices: alive; its health stays as it was

@@ -61,6 +61,26 @@ def run_to_end(steps: Steps[T]) -> T:
             step.sleeper.wait_out(step.until)
 
 
+def holding_the_store(steps: Steps[T]) -> Steps[T]:
+    """`steps`, each sleep of its guest waited out on the stepping thread (a blocking section, ended early
+    by an interrupt) instead of yielded as Asleep: for a call made outside its actor's task (a health probe),
+    which must keep the Store's lock while its guest sleeps. Set aside, it let go of the lock, and the
+    actor's next message began its call on a Store with a call in progress: that message failed and the
+    component restarted. Closing it closes `steps` (abandoning the call in progress)."""
+    try:
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            if isinstance(step, Asleep):
+                step.sleeper.wait_out(step.until)
+            else:
+                yield step
+    finally:
+        steps.close()
+
+
 class InstanceState(enum.Enum):
     """Where a StoreManager is in its life."""
 
