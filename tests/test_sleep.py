@@ -225,3 +225,32 @@ async def test_a_message_that_arrives_while_a_probes_health_sleeps_waits_for_it(
     assert await ask(sup, str(cid), b"hello") == b"hello"
     assert await probe is None
     assert actor.stats.restarts == 0 and actor.state is ActorState.RUNNING
+
+
+@pytest.mark.anyio
+async def test_start_functions_asleep_hold_no_thread_and_end_at_their_deadline(small_pool: Supervisor) -> None:
+    """A core start function sleeping in sleep-millis is set aside like a call's sleep. Before, its thread
+    waited the sleep out: beyond the lent threads, start functions asleep stalled every other guest until
+    their deadline (measured: an echo beside 300 of them, 2 threads and 8 lent, got no answer in 60 s)."""
+    sup = small_pool
+    await start_echo(sup)
+
+    async def start_sleeper(i: int, deadline_ms: int) -> ComponentActor:
+        cid = ComponentId("test-org", "startsleep", str(i))
+        spec = ActorSpec(cid, limits=ResourceLimits(max_execution_time_ms=deadline_ms),
+                         restart=RestartPolicy.TEMPORARY)
+        return await sup.start(spec, sup.stores.runtime.load(cid, fixture_path("startsleep")))
+
+    # A sleep that reaches the deadline ends the instantiation as a timeout.
+    short = await start_sleeper(0, 300)
+    assert "instantiation failed" in (short.stats.last_error or "") and "deadline" in (short.stats.last_error or "")
+    count = THREADS + LENT + 6
+    starting = [asyncio.ensure_future(start_sleeper(i, 120_000)) for i in range(1, count + 1)]
+    await until(lambda: sup.workers.asleep == count, timeout=20.0)  # every start function asleep, set aside
+    for i in range(5):
+        assert await ask(sup, "test-org/echo/0", b"ping %d" % i) == b"ping %d" % i
+    assert not any(start.done() for start in starting) and sup.workers.threads == THREADS
+    with anyio.fail_after(30):  # a hang guard: the sleeps had 120 s left; a stop ends them at once
+        await sup.stop_all(drain_timeout=0.1)
+        await asyncio.gather(*starting, return_exceptions=True)
+    assert sup.workers.asleep == 0 and not host_fn._sleeps

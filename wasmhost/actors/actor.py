@@ -734,7 +734,7 @@ class ComponentActor:
         self.phase = "instantiating"
 
         def boot() -> Generator[float, None, tuple[ComponentMetadata, HealthStatus]]:
-            manager.instantiate()
+            yield from manager.instantiate_steps()  # a start function's sleep is set aside like a call's
             self.phase = "initializing"  # a plain attribute, read on the loop by `status`
             yield from manager.initialize_steps(config)
             metadata = known if known is not None else (yield from manager.metadata_steps())

@@ -228,7 +228,17 @@ class StoreManager:
     # --- lifecycle of the Store ---
 
     def instantiate(self) -> None:
-        """Create a fresh Store and instance (dropping any previous one)."""
+        """Create a fresh Store and instance (dropping any previous one), waiting out on this thread any sleep
+        of a start function."""
+        run_to_end(self.instantiate_steps())
+
+    def instantiate_steps(self) -> Steps[None]:
+        """Create a fresh Store and instance (dropping any previous one), in one step unless a core start
+        function sleeps in sleep-millis: that step yields Asleep (the deadline of the instantiation), so its
+        scheduler sets it aside as it does a call's sleep. Before, the thread waited out the sleep: start
+        functions sleeping beyond the lent threads stalled every other guest until their deadline. A sleep
+        that reaches the deadline ends the instantiation (a timeout, as for a call). Closed mid-sleep (its
+        waiter went away), the instantiation is dropped."""
         self.close()
         store = wasmtime.Store(self.engine)
         self.limiter.apply(store)
@@ -236,45 +246,59 @@ class StoreManager:
             store.set_wasi(wasi_config(self.wasi_stdio))
         context = capi.addr_of(store._context())
         register_context(context, self.host)
-        self.host.deadline = self.limiter.arm(context)
-        instance = capi.INSTANCE()
-        with self._charged():
-            problem = self._instantiate(store, context, ctypes.addressof(instance))
-        if problem is not None:
-            unregister_context(context)
-            raise InstantiationError(self.name, f"instantiation failed: {problem.strip()}")
-        instance_address = ctypes.addressof(instance)
-        for (index, slot), name in zip(self._export_slots, self.loaded.exports, strict=True):
-            if not capi.instance_get_func(instance_address, context, index, slot):
+        registered = True
+        try:
+            self.host.deadline = self.limiter.arm(context)
+            instance = capi.INSTANCE()
+            problem = yield from self._instantiate(context, ctypes.addressof(instance))
+            if problem is not None:
+                raise InstantiationError(self.name, f"instantiation failed: {problem.strip()}")
+            instance_address = ctypes.addressof(instance)
+            for (index, slot), name in zip(self._export_slots, self.loaded.exports, strict=True):
+                if not capi.instance_get_func(instance_address, context, index, slot):
+                    raise InstantiationError(self.name, f"export {name} vanished after instantiation")
+            # Only now: once guests yield on fuel, every call on the Store must be async (instantiation too).
+            error = capi.context_fuel_async_yield_interval(context, FIRST_SLICE_FUEL)
+            if error:
+                raise InstantiationError(self.name,
+                                         f"cannot set the fuel yield interval: {capi.take_error(error)}")
+            registered = False  # the Store's now: _release unregisters it
+        finally:
+            if registered:
                 unregister_context(context)
-                raise InstantiationError(self.name, f"export {name} vanished after instantiation")
-        # Only now: once guests yield on fuel, every call on the Store must be async (instantiation too).
-        error = capi.context_fuel_async_yield_interval(context, FIRST_SLICE_FUEL)
-        if error:
-            unregister_context(context)
-            raise InstantiationError(self.name, f"cannot set the fuel yield interval: {capi.take_error(error)}")
         self.host.fresh_slice = self.limiter.start_epoch_yields(context)
         self.store, self.context = store, context
         self._func_addresses = self._slot_addresses
         self.state = InstanceState.INSTANTIATED
 
-    def _instantiate(self, store: wasmtime.Store, context: int, instance: int) -> str | None:
-        """Instantiate the component into `store`, writing the instance at the address `instance`; wasmtime's
-        error text if that failed. Asynchronously (a call future polled to its end on this thread): a Store
-        whose component imports a suspending host function must be (the synchronous instantiate refuses it),
-        and a start function that sleeps is waited for here, on this thread, like any sleep before."""
+    def _instantiate(self, context: int, instance: int) -> Generator[float, None, str | None]:
+        """Instantiate the component into the Store of `context`, writing the instance at the address
+        `instance`; wasmtime's error text if that failed. Asynchronously (a call future polled to its end): a
+        Store whose component imports a suspending host function must be (the synchronous instantiate
+        refuses it). While a start function sleeps, yields Asleep (see instantiate_steps)."""
+        host = self.host
         error = (ctypes.c_void_p * 1)()
         future = capi.linker_instantiate_async(
             capi.addr_of(self.linker.ptr()), context, capi.addr_of(self.loaded.component.ptr()), instance,
             ctypes.addressof(error),
         )
+        done = False
         try:
-            while not capi.call_future_poll(future):
-                until = self.host.asleep_until  # else it cannot be pending: the Store yields nowhere yet
+            while True:
+                with self._charged():  # each poll: the thread runs other guests while this one sleeps
+                    done = capi.call_future_poll(future)
+                if done:
+                    break
+                until = host.asleep_until  # else it cannot be pending: the Store yields nowhere yet
                 if until is not None:
-                    self.host.wait_out(until)
+                    yield Asleep(host.deadline, until, host)
+                    if time.monotonic() >= host.deadline:
+                        return "wasm trap: interrupt (its start function slept until the deadline)"
         finally:
-            capi.call_future_delete(future)
+            capi.call_future_delete(future)  # mid-sleep too: the guest never goes on
+            if error[0] and not done:
+                capi.take_error(error[0])
+                error[0] = None
         return capi.take_error(error[0]) if error[0] else None
 
     def _charged(self) -> AbstractContextManager[None]:
