@@ -5,7 +5,8 @@ still end at their call's deadline."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable, Generator
 
 import anyio
 import pytest
@@ -18,7 +19,7 @@ from wasmhost.actors.restart import RestartPolicy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import WorkerPool
+from wasmhost.actors.workers import LEVELS, WAKES_PER_SLICE, WorkerPool
 from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, MessageMetadata, Timestamp, blocking
 from wasmhost.core.blocking import Asleep
 from wasmhost.core.errors import GuestTimeout
@@ -254,3 +255,49 @@ async def test_start_functions_asleep_hold_no_thread_and_end_at_their_deadline(s
         await sup.stop_all(drain_timeout=0.1)
         await asyncio.gather(*starting, return_exceptions=True)
     assert sup.workers.asleep == 0 and not host_fn._sleeps
+
+
+class NeverInterrupted:
+    """A Sleeper whose sleeps nothing interrupts."""
+
+    def wake_me(self, wake: Callable[[], None] | None) -> bool:
+        """Nothing to tell."""
+        return True
+
+    def wait_out(self, until: float) -> None:
+        """Over already."""
+
+
+@pytest.mark.anyio
+async def test_a_call_that_keeps_waking_sinks_below_a_fresh_call() -> None:
+    """Steps that left the guest asleep did not count in the feedback queue, so a guest looping over
+    sleep-millis(1) stayed at the top level however long its call ran, and every fresh call queued behind
+    the wakes of all of them (measured: an echo beside 1,000 nappers, p50 38.6 ms; beside 1,000 spinners,
+    which sink, 0.09 ms). Wakes now count (WAKES_PER_SLICE to a slice): a fresh call goes before them."""
+    nappers = 20
+    steps_taken = 0
+    sleeper = NeverInterrupted()
+
+    def napper() -> Generator[float, None, None]:
+        nonlocal steps_taken
+        while True:
+            steps_taken += 1
+            yield Asleep(math.inf, 0.0, sleeper)  # a sleep over at once: straight back to the queue
+
+    def fresh() -> Generator[float, None, int]:
+        return steps_taken
+        yield  # a generator: one step, that returns at once
+
+    workers = WorkerPool(1)
+    try:
+        naps = [asyncio.ensure_future(workers.run_steps(napper())) for _ in range(nappers)]
+        await until(lambda: steps_taken >= nappers * WAKES_PER_SLICE * 2 ** (LEVELS - 1))  # each at the bottom
+        before = steps_taken
+        ran_at = await workers.run_steps(fresh())
+        # The fresh call ran next, after at most the napper step in progress (before: after every queued one)
+        assert ran_at - before <= 1, (before, ran_at)
+        for nap in naps:
+            nap.cancel()
+        await asyncio.gather(*naps, return_exceptions=True)
+    finally:
+        workers.close()
