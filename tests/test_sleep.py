@@ -5,7 +5,11 @@ still end at their call's deadline."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import math
+import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Generator
 
 import anyio
@@ -19,7 +23,7 @@ from wasmhost.actors.restart import RestartPolicy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
-from wasmhost.actors.workers import LEVELS, WAKES_PER_SLICE, WorkerPool
+from wasmhost.actors.workers import LEVELS, STALE_ALARMS, WAKES_PER_SLICE, WorkerPool
 from wasmhost.core import ComponentConfig, ComponentId, ComponentMessage, MessageMetadata, Timestamp, blocking
 from wasmhost.core.blocking import Asleep
 from wasmhost.core.errors import GuestTimeout
@@ -299,5 +303,60 @@ async def test_a_call_that_keeps_waking_sinks_below_a_fresh_call() -> None:
         for nap in naps:
             nap.cancel()
         await asyncio.gather(*naps, return_exceptions=True)
+    finally:
+        workers.close()
+
+
+class Interruptible:
+    """A Sleeper whose interrupt the test calls (`interrupt`), as a stop does."""
+
+    def __init__(self) -> None:
+        self.wake: Callable[[], None] | None = None
+
+    def wake_me(self, wake: Callable[[], None] | None) -> bool:
+        """Keep what to call."""
+        self.wake = wake
+        return True
+
+    def wait_out(self, until: float) -> None:
+        """Not used: the pool sets the call aside."""
+
+    def interrupt(self) -> None:
+        """The sleep is over now."""
+        wake, self.wake = self.wake, None
+        if wake is not None:
+            wake()
+
+
+class Held:
+    """What a call holds until it ends (a StoreManager, in the daemon)."""
+
+
+@pytest.mark.anyio
+async def test_calls_whose_sleeps_were_interrupted_are_let_go_of() -> None:
+    """A sleep interrupted before its time (a stop) left its entry in the pool's alarms until that time (up
+    to the call's deadline), keeping the ended call and what it held (the StoreManager of a component removed
+    meanwhile): 500 sleepers (10-minute deadline) stopped and removed per cycle left 2,000 entries after 4
+    cycles, growing with the stops for as long as the deadline."""
+    count = 300
+    sleepers = [Interruptible() for _ in range(count)]
+    held = [Held() for _ in range(count)]
+    refs = [weakref.ref(h) for h in held]
+
+    def sleeps(sleeper: Interruptible) -> Generator[float, None, None]:
+        yield Asleep(math.inf, time.monotonic() + 600, sleeper)
+
+    workers = WorkerPool(1)
+    try:
+        calls = [asyncio.ensure_future(workers.run_steps(sleeps(sleeper), afterwards=functools.partial(id, h)))
+                 for sleeper, h in zip(sleepers, held, strict=True)]
+        await until(lambda: workers.asleep == count)
+        for sleeper in sleepers:
+            sleeper.interrupt()
+        await asyncio.gather(*calls)
+        del calls, held
+        gc.collect()
+        kept = sum(ref() is not None for ref in refs)
+        assert kept <= STALE_ALARMS, f"{kept} of {count} ended calls are still kept"
     finally:
         workers.close()
