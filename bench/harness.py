@@ -10,11 +10,12 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -163,6 +164,56 @@ def rate(call: Callable[[], object], seconds: float, min_calls: int = 3) -> floa
         now = time.perf_counter()
         if now >= deadline and calls >= min_calls:
             return calls / (now - start)
+
+
+ROUNDS = 5
+"""Windows each side of an alternated comparison gets (see `alternated`)."""
+
+
+@dataclass
+class Alternated:
+    """What `alternated` measured: the baseline's median rate, and for each subject the median of its
+    rounds' ratios to the baseline of the same round."""
+
+    baseline: float
+    ratios: list[float]
+
+    def measured(self, subject: int) -> float:
+        """Subject `subject`'s figure for a Row: its median ratio times the median baseline, so that the
+        row's ratio is that median ratio."""
+        return self.ratios[subject] * self.baseline
+
+
+async def alternated(baseline: Callable[[float], Awaitable[float]],
+                     subjects: Sequence[Callable[[float], Awaitable[float]]],
+                     seconds: float, rounds: int = ROUNDS, warm_up: float = 0.1) -> Alternated:
+    """Rates of `baseline` and each of `subjects` (each called with a window's length in seconds and
+    returning its rate over it), measured in `rounds` alternating rounds of `seconds / rounds` each,
+    reduced to the median baseline and each subject's median ratio to its round's baseline.
+
+    Why: a baseline measured once for a second and its subject once after it moves with the machine's
+    minute (host -> echo 44,500 - 56,400/s on the same code, ratios 0.31 - 0.40x), so one run's ratio
+    did too. Measured next to each other in short windows, the baseline and its subject share the
+    machine's state, and the median of the rounds' ratios drops the windows another process disturbed.
+    Every other round runs in reverse order (B S1 S2, S2 S1 B, ...) so a drift within a round does not
+    always favour the same side. A first round of `warm_up`-second windows is not counted: a process's
+    first windows run slower (host -> echo 18,800/s in its first 0.1 s, 45,000 - 56,000/s after),
+    which favoured the subjects when the baseline was measured first.
+    """
+    for measure in [baseline, *subjects]:
+        await measure(warm_up)
+    window = seconds / rounds
+    bases: list[float] = []
+    ratios: list[list[float]] = [[] for _ in subjects]
+    for turn in range(rounds):
+        rates: dict[int, float] = {}
+        order = [-1, *range(len(subjects))]  # -1: the baseline
+        for index in order if turn % 2 == 0 else order[::-1]:
+            rates[index] = await (baseline if index < 0 else subjects[index])(window)
+        bases.append(rates[-1])
+        for index, subject_ratios in enumerate(ratios):
+            subject_ratios.append(rates[index] / rates[-1] if rates[-1] else float("inf"))
+    return Alternated(statistics.median(bases), [statistics.median(r) for r in ratios])
 
 
 @dataclass
