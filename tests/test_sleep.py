@@ -8,6 +8,7 @@ import asyncio
 import functools
 import gc
 import math
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator
@@ -281,10 +282,16 @@ async def test_a_call_that_keeps_waking_sinks_below_a_fresh_call() -> None:
     nappers = 20
     steps_taken = 0
     sleeper = NeverInterrupted()
+    gate = threading.Event()  # cleared: the napper step in progress waits, so the count stops with it
+    gate.set()
+    at_gate = threading.Event()
 
     def napper() -> Generator[float, None, None]:
         nonlocal steps_taken
         while True:
+            if not gate.is_set():
+                at_gate.set()
+                gate.wait(10)
             steps_taken += 1
             yield Asleep(math.inf, 0.0, sleeper)  # a sleep over at once: straight back to the queue
 
@@ -296,9 +303,14 @@ async def test_a_call_that_keeps_waking_sinks_below_a_fresh_call() -> None:
     try:
         naps = [asyncio.ensure_future(workers.run_steps(napper())) for _ in range(nappers)]
         await until(lambda: steps_taken >= nappers * WAKES_PER_SLICE * 2 ** (LEVELS - 1))  # each at the bottom
+        gate.clear()
+        await until(at_gate.is_set)  # the one thread is held inside a napper's step: nothing else moves
+        queued = asyncio.ensure_future(workers.run_steps(fresh()))
+        await asyncio.sleep(0)  # its job is queued behind the 19 nappers queued
         before = steps_taken
-        ran_at = await workers.run_steps(fresh())
-        # The fresh call ran next, after at most the napper step in progress (before: after every queued one)
+        gate.set()
+        ran_at = await queued
+        # The fresh call ran next, after the napper step in progress (before: after every queued one)
         assert ran_at - before <= 1, (before, ran_at)
         for nap in naps:
             nap.cancel()
