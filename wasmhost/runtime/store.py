@@ -51,14 +51,13 @@ while the call is suspended in a sleep: see blocking.Asleep)."""
 
 def run_to_end(steps: Steps[T]) -> T:
     """Run every step of `steps` on this thread and return its result (waiting on this thread while the
-    guest sleeps)."""
-    while True:
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        if isinstance(step, Asleep):
-            step.sleeper.wait_out(step.until)
+    guest sleeps: see holding_the_store)."""
+    held = holding_the_store(steps)
+    try:
+        while True:
+            next(held)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
 
 
 def holding_the_store(steps: Steps[T]) -> Steps[T]:
