@@ -33,11 +33,11 @@ TARGET_SET = 0.65
 TARGET_GET = 0.5
 
 
-async def _throughput(runtime: Runtime, state: Path, seconds: float) -> tuple[float, float, float]:
-    """(host -> echo, guest set, guest get) requests/s, each answered, with WINDOW in flight; sets
-    write 16-byte values under 10,000 keys and are acknowledged only once committed. Measured in
-    alternating windows; set and get are their median ratios to host -> echo times its median rate
-    (see bench.harness.alternated)."""
+async def _throughput(runtime: Runtime, state: Path, seconds: float) -> tuple[float, float, float, float]:
+    """(host -> echo, guest set, host -> echo beside the gets, guest get) requests/s, each answered, with
+    WINDOW in flight; sets write 16-byte values under 10,000 keys and are acknowledged only once committed.
+    The sets are one window after their host -> echo window; the gets alternate with host -> echo windows,
+    their figure the median ratio times the median host -> echo rate (see bench.harness.alternated)."""
     storage = SqliteStorage(state / "throughput.sqlite3", default_quota_bytes=1 << 40)
     async with bench_supervisor(runtime, storage=storage, drain_s=5.0) as sup:
         echo = ComponentId("bench", "echo", "0")
