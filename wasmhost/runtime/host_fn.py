@@ -640,10 +640,8 @@ def _trampoline(env: int | None, context: int | None, ty: int | None, args: int 
     began = time.perf_counter()
     fn = HOST_FUNCTIONS[env or 0]
     ctx = _contexts.get(context or 0)
-    if ctx is None:
-        return int(capi.error_new(f"wasmhost: no host context for {fn.name}".encode()))
-    if ctx.dead:  # a call given up on, its guest awake again: it ends here, with no effect (a trap)
-        return int(capi.error_new(f"wasmhost: {fn.name} refused: the call was given up on".encode()))
+    if ctx is None or ctx.dead:
+        return int(capi.error_new(_refusal(fn, ctx).encode()))
     ctx.calls[env or 0] += 1  # one writer: the thread running this Store
     value = _call(fn, ctx, args or 0, ty or 0)
     if fn.result is not None and results:
@@ -656,6 +654,14 @@ def _trampoline(env: int | None, context: int | None, ty: int | None, args: int 
             fn.result.lower(fn.fallback(exc), results)
     _share_the_gil(ctx, began)
     return None
+
+
+def _refusal(fn: HostFunction, ctx: HostContext | None) -> str:
+    """Why a host call ends in a trap before its function runs: its Store has no host context, or its call
+    was given up on (its guest awake again after a WASI wait: what it does has no effect)."""
+    if ctx is None:
+        return f"wasmhost: no host context for {fn.name}"
+    return f"wasmhost: {fn.name} refused: the call was given up on"
 
 
 _TRAMPOLINE = capi.FUNC_CALLBACK(_trampoline)
@@ -723,10 +729,8 @@ def _suspending_trampoline(env: int | None, context: int | None, ty: int | None,
     try:
         fn = HOST_FUNCTIONS[env or 0]
         ctx = _contexts.get(context or 0)
-        refusal = (f"wasmhost: no host context for {fn.name}" if ctx is None
-                   else f"wasmhost: {fn.name} refused: the call was given up on" if ctx.dead else None)
-        if ctx is None or refusal is not None:
-            ctypes.c_void_p.from_address(error_ret or 0).value = capi.error_new(str(refusal).encode())
+        if ctx is None or ctx.dead:
+            ctypes.c_void_p.from_address(error_ret or 0).value = capi.error_new(_refusal(fn, ctx).encode())
             return
         ctx.calls[env or 0] += 1
         until = _call(fn, ctx, args or 0, ty or 0)
