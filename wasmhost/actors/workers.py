@@ -221,6 +221,13 @@ def _resolve(job: _Job, value: Any, error: BaseException | None, abandoned: bool
         future.set_result(value)
 
 
+def _drop_stale(heap: list[tuple[float, int, _Job]], due: Callable[[_Job], float]) -> None:
+    """Remove, in place (whoever holds the list sees it), the entries of `heap` whose job is no longer due at
+    their time (`due`: when it is due now), and keep it a heap."""
+    heap[:] = [entry for entry in heap if due(entry[2]) == entry[0]]
+    heapq.heapify(heap)
+
+
 MAX_HELD_MEMORY_BYTES = 1 << 30
 """Store memory left to guests asleep in WASI past their deadline, host-wide, from which a component whose call
 is given up on is failed rather than restarted: each held Store keeps up to its max_memory_bytes outside its
@@ -501,8 +508,7 @@ class WorkerPool:
             heap = self._deadlines
             if len(heap) > 1024 and len(heap) > 4 * self._waiting:
                 # Entries of calls that have ended stay until their deadline: drop them now and then.
-                heap = self._deadlines = [entry for entry in heap if entry[2].heap_deadline == entry[0]]
-                heapq.heapify(heap)
+                _drop_stale(heap, lambda job: job.heap_deadline)
             heapq.heappush(heap, (job.deadline, next(self._order), job))
             if self._deadlines[0][2] is job:
                 self._reaper_cond.notify()  # a new earliest deadline
@@ -637,9 +643,7 @@ class WorkerPool:
             # A stale entry stays until its time (up to the call's deadline) and keeps the ended job, with what
             # it holds (its afterwards: the StoreManager of a component removed meanwhile). Measured: 500
             # sleepers (10-minute deadline) stopped and removed per cycle left 2,000 entries after 4 cycles.
-            live = [entry for entry in self._alarms if entry[2].asleep_until == entry[0]]
-            heapq.heapify(live)
-            self._alarms[:] = live  # in place: _sleeps_over and close may hold the list
+            _drop_stale(self._alarms, lambda job: job.asleep_until)
         if job.sleeper is not None:
             job.sleeper.wake_me(None)
             job.sleeper = None
