@@ -192,6 +192,11 @@ class Config:
     remote_grants: tuple[tuple[ComponentId, Grants], ...] = ()
     """What components of other hosts may do to this host's components (`[[lattice.grants]]`)."""
 
+    @functools.cached_property
+    def plans_by_id(self) -> dict[ComponentId, ComponentPlan]:
+        """Each component's plan by its id (worked out once per configuration)."""
+        return {plan.spec.component_id: plan for plan in self.components}
+
     @property
     def engine_settings(self) -> EngineSettings:
         """The engine `run` and `check` build (the same, so `check` fills the cache `run` reads)."""

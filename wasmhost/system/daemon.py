@@ -200,7 +200,6 @@ class Daemon:
         self._startup = anyio.CancelScope()  # cancelled by a stop signal
         self._reload_lock = anyio.Lock()
         self._ready = False  # start-up is over: from now on a reload never waits for another one
-        self._configured_ids: tuple[Config, frozenset[ComponentId]] | None = None  # see _configured
         self.counters = DaemonCounters()  # read by the metrics endpoint
         self.metrics: MetricsServer | None = None
         self.router: MessageRouter
@@ -566,7 +565,7 @@ class Daemon:
             problems.append("lattice: changed; [lattice] settings are read only at start: restart wasmhost to "
                             "apply them")
         added, removed, changed, unchanged = await self._diff(new)
-        wanted = {p.spec.component_id: p for p in new.components}
+        wanted = new.plans_by_id
         loaded: dict[ComponentId, LoadedComponent] = {}
         loads = SharedLoads(self.runtime)
         for cid in added + list(changed):  # compile and check every new version before touching the old ones
@@ -733,7 +732,7 @@ class Daemon:
     async def _diff(self, new: Config) -> tuple[list[ComponentId], list[ComponentId],
                                                 dict[ComponentId, list[str]], list[ComponentId]]:
         """(added, removed, changed with what changed in each, unchanged) between what runs and `new`."""
-        wanted = {p.spec.component_id: p for p in new.components}
+        wanted = new.plans_by_id
         added = [c for c in wanted if c not in self.deployments]
         removed = [c for c in self.deployments if c not in wanted]
         # Each distinct file read and hashed once, on one thread: 100 components of an 18 MB binary read
@@ -773,13 +772,6 @@ class Daemon:
 
     # --- control requests ---
 
-    def _configured(self) -> frozenset[ComponentId]:
-        """The ids the configuration deploys (asked only while starting up, when some are not deployed yet;
-        worked out once per configuration: a reload may come before READY)."""
-        if self._configured_ids is None or self._configured_ids[0] is not self.config:
-            self._configured_ids = (self.config, frozenset(plan.spec.component_id for plan in self.config.components))
-        return self._configured_ids[1]
-
     async def handle(self, request: protocol.Request) -> protocol.Response:
         """Answer one control request."""
         self.counters.control_requests[_REQUEST_NAMES.get(type(request), "other")] += 1
@@ -807,7 +799,7 @@ class Daemon:
         if isinstance(request, protocol.LatticeStatus):
             return self.lattice_status()
         cid = ComponentId.parse(request.id)
-        if not self._ready and cid not in self.deployments and cid in self._configured():
+        if not self._ready and cid not in self.deployments and cid in self.config.plans_by_id:
             # Before: `target-not-found`, as if it were not configured, to a script that did not wait for READY
             return protocol.Response(False, f"delivery-failed: {cid} is not started yet: the daemon is starting "
                                             f"({len(self.deployments)} of {len(self.config.components)} "
