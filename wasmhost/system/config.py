@@ -9,10 +9,11 @@ import os
 import pwd
 import tomllib
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import msgspec
 
@@ -332,6 +333,15 @@ def _limits(section: Limits, defaults: ResourceLimits) -> ResourceLimits:
     )
 
 
+def _entry_limits(where: str, section: Limits, defaults: ResourceLimits, errors: list[str]) -> ResourceLimits | None:
+    """An entry's limits, or None with the error added at `where`.limits."""
+    try:
+        return _limits(section, defaults)
+    except ValueError as exc:
+        errors.append(f"{where}.limits: {exc}")
+        return None
+
+
 def _log_limit(where: str, rate: float, burst: int, errors: list[str]) -> RateLimit | None:
     try:
         return RateLimit(rate, burst)
@@ -369,6 +379,21 @@ def _binary_problem(wasm: Path, components_dir: Path) -> str | None:
     except OSError as exc:
         return f"cannot read {wasm}: {exc.strerror}"
     return None
+
+
+_Key = TypeVar("_Key")
+_Value = TypeVar("_Value")
+
+
+def _kept(shared: dict[_Key, _Value], key: _Key, make: Callable[[], _Value | None]) -> _Value | None:
+    """`shared[key]`, made by `make` the first time; kept only when made (None: it failed its checks and
+    said so), so that every entry with that bad value reports it at its own place (see _Shared)."""
+    found = shared.get(key)
+    if found is None:
+        found = make()
+        if found is not None:
+            shared[key] = found
+    return found
 
 
 @dataclass
@@ -436,26 +461,13 @@ def _plan(index: int, section: ComponentSection, host: HostSection, base: Path, 
             errors.append(problem)
     if section.backoff_max_ms < section.backoff_base_ms:
         errors.append(f"{where}.backoff_max_ms: must be >= backoff_base_ms ({section.backoff_base_ms})")
-    limits = shared.limits.get(section.limits)
-    if limits is None:
-        try:
-            limits = shared.limits[section.limits] = _limits(section.limits, defaults)
-        except ValueError as exc:
-            errors.append(f"{where}.limits: {exc}")
+    limits = _kept(shared.limits, section.limits, lambda: _entry_limits(where, section.limits, defaults, errors))
     rate = section.log_rate or host.default_log_rate, section.log_burst or host.default_log_burst
-    log_limit = shared.log_limits.get(rate)
-    if log_limit is None:
-        log_limit = _log_limit(f"{where}.log_rate", *rate, errors)
-        if log_limit is not None:
-            shared.log_limits[rate] = log_limit
+    log_limit = _kept(shared.log_limits, rate, lambda: _log_limit(f"{where}.log_rate", *rate, errors))
     caps = section.capabilities
     quota = caps.storage_quota_bytes or host.default_storage_quota_bytes
     granted = (tuple(caps.send), tuple(caps.request), tuple(caps.broadcast), caps.storage, quota)
-    grants = shared.grants.get(granted)
-    if grants is None:
-        grants = _grants(f"{where}.capabilities", caps, quota, errors)
-        if grants is not None:
-            shared.grants[granted] = grants
+    grants = _kept(shared.grants, granted, lambda: _grants(f"{where}.capabilities", caps, quota, errors))
     if len(errors) > count or limits is None or log_limit is None or grants is None:
         return None
     restart = (section.restart, section.max_restarts, section.restart_window_s, section.backoff_base_ms,
