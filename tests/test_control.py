@@ -215,6 +215,76 @@ async def test_answers_clients_do_not_take_are_let_go_when_newer_ones_need_the_r
             await server.close()
 
 
+async def answer_of(conn: anyio.abc.SocketStream) -> protocol.Response:
+    """Read one whole answer frame from `conn`."""
+    data = b""
+    while len(data) < protocol.LENGTH.size or len(data) < protocol.LENGTH.size + protocol.frame_length(
+            data[:protocol.LENGTH.size], protocol.MAX_RESPONSE_FRAME):
+        data += await conn.receive()
+    return protocol.response_decoder.decode(data[protocol.LENGTH.size:])
+
+
+@pytest.mark.anyio
+async def test_a_client_hanging_up_during_a_later_call_on_its_connection_cancels_that_call(tmp_path: Path) -> None:
+    """The hang-up watch is one per connection, kept across its calls: a client that made calls and then
+    hangs up while another is answered still has that call cancelled (its message withdrawn)."""
+    taken, cancelled = anyio.Event(), anyio.Event()
+
+    async def handler(req: protocol.Request) -> protocol.Response:
+        if isinstance(req, protocol.Call) and req.payload == b"slow":
+            taken.set()
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                cancelled.set()
+                raise
+        return protocol.Response(True, data=b"fast")
+
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, 0o600, handler)
+    await server.start()
+    async with anyio.create_task_group() as group:
+        await group.start(server.serve)
+        try:
+            with structlog.testing.capture_logs() as logs, anyio.fail_after(30):
+                conn = await anyio.connect_unix(path)
+                for _ in range(3):
+                    await conn.send(protocol.frame(protocol.Call("t/echo/0", b"fast", 30.0)))
+                    assert (await answer_of(conn)).data == b"fast"
+                await conn.send(protocol.frame(protocol.Call("t/echo/0", b"slow", 30.0)))
+                await taken.wait()
+                await conn.aclose()
+                await cancelled.wait()
+            assert [e["request"] for e in logs if e["event"] == "control_client_gone"] == ["Call"]
+        finally:
+            await server.close()
+
+
+@pytest.mark.anyio
+async def test_a_connection_idle_after_its_calls_is_closed_after_the_idle_timeout(tmp_path: Path) -> None:
+    """After a call the next request's first byte is read by the hang-up watch: the idle timeout still
+    applies to that wait."""
+
+    async def handler(req: protocol.Request) -> protocol.Response:
+        return protocol.Response(True, data=b"answered")
+
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, 0o600, handler, idle_timeout=0.2)
+    await server.start()
+    async with anyio.create_task_group() as group:
+        await group.start(server.serve)
+        try:
+            with anyio.fail_after(30):
+                conn = await anyio.connect_unix(path)
+                await conn.send(protocol.frame(protocol.Send("t/echo/0", b"x")))
+                assert (await answer_of(conn)).ok
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await conn.receive()  # the daemon closes it: nothing else would end this read
+                await conn.aclose()
+        finally:
+            await server.close()
+
+
 @contextlib.contextmanager
 def serving_one_connection(path: Path, serve: Callable[[socket.socket], None]) -> Iterator[None]:
     """A Unix socket at `path` that is not a daemon's: its first connection is given to `serve` (on a thread),

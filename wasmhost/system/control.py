@@ -19,6 +19,7 @@ import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from wasmhost.system.hang_up import HangUpWatch
 from wasmhost.system.protocol import (
     LENGTH,
     MAX_RESPONSE_FRAME,
@@ -308,32 +309,6 @@ class ControlServer:
             log.exception("control_request_failed", request=type(request).__name__)
             return Response(False, f"internal error: {type(exc).__name__}: {exc}")
 
-    async def _answer_unless_gone(self, request: Request, reader: BufferedByteReceiveStream
-                                  ) -> tuple[Response | None, bytes]:
-        """Answer a call or send, cancelling it if its client hangs up first (its message is then
-        withdrawn from the mailbox unless the component already took it): (None, b"") then. Also
-        returns the first byte of a next request the client sent meanwhile (pipelined)."""
-        early = b""
-        gone = False
-        response: Response | None = None
-        async with anyio.create_task_group() as watching:
-
-            async def watch() -> None:
-                nonlocal early, gone
-                try:
-                    early = await reader.receive(1)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
-                    gone = True
-                    watching.cancel_scope.cancel()
-
-            watching.start_soon(watch)
-            response = await self._answer_request(request)
-            watching.cancel_scope.cancel()  # answered: stop watching (an unread byte stays buffered)
-        if gone and response is None:
-            log.info("control_client_gone", request=type(request).__name__, id=getattr(request, "id", None))
-            return None, b""
-        return response, early
-
     async def _answer(self, stream: SocketStream, response: Response) -> None:
         """Send `response`; TimeoutError when the client does not take it within send_timeout."""
         try:
@@ -383,9 +358,22 @@ class ControlServer:
             if refusal is not None:
                 await self._answer(stream, Response(False, refusal))
                 return
-            early = b""  # a byte of the next request, read while watching for a hang-up
+            async with anyio.create_task_group() as connection:  # owns the hang-up watch's task
+                await self._converse(stream, reader, HangUpWatch(reader, connection))
+                connection.cancel_scope.cancel()
+        except Exception:  # one connection's bug must not end the server (or the daemon's task group)
+            log.exception("control_connection_failed")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            self._open -= 1
+            self._closed_one.set()
+
+    async def _converse(self, stream: SocketStream, reader: BufferedByteReceiveStream, watch: HangUpWatch) -> None:
+        """Read and answer requests one after another until the client ends, idles out or sends a bad frame."""
+        try:
             while True:
-                header = await self._read_header(reader, early)
+                header = await self._read_header(reader, watch)
                 if header is None:
                     return
                 try:
@@ -405,11 +393,13 @@ class ControlServer:
                 self._answering += 1
                 try:
                     if isinstance(request, Call | Send):
-                        response, early = await self._answer_unless_gone(request, reader)
+                        watch.arm(request)  # its client hanging up meanwhile cancels it: its message is withdrawn
+                        try:  # from the mailbox unless the component already took it
+                            response = await self._answer_request(request)
+                        finally:
+                            watch.answered()
                     else:  # a reload or stop is carried out even if its client does not wait for it
-                        response, early = await self._answer_request(request), b""
-                    if response is None:
-                        return
+                        response = await self._answer_request(request)
                     await self._answer(stream, response)
                 finally:
                     self._answering -= 1
@@ -418,26 +408,21 @@ class ControlServer:
         except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
                 ConnectionError, TimeoutError):
             return
-        except Exception:  # one connection's bug must not end the server (or the daemon's task group)
-            log.exception("control_connection_failed")
-        finally:
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-            self._open -= 1
-            self._closed_one.set()
 
-    async def _read_header(self, reader: BufferedByteReceiveStream, first: bytes = b"") -> bytes | None:
-        """The frame header (starting with `first` if already read), or None on a clean end of stream, an
-        idle timeout or a `_close_idle` before its first byte."""
+    async def _read_header(self, reader: BufferedByteReceiveStream, watch: HangUpWatch) -> bytes | None:
+        """The frame header (its first byte from `watch`), or None on a clean end of stream, an idle
+        timeout or a `_close_idle` before its first byte."""
         with anyio.move_on_after(self.idle_timeout) as waiting:
-            if not first:
+            idle = not watch.ready
+            if idle:
                 self._idle[waiting] = time.monotonic()
-                try:
-                    first = await reader.receive(1)
-                except anyio.EndOfStream:
-                    return None
-                finally:
+            try:
+                first = await watch.first_byte()
+            finally:
+                if idle:
                     self._idle.pop(waiting, None)
+            if not first:
+                return None
             with anyio.fail_after(self.frame_timeout):
                 return first + await reader.receive_exactly(LENGTH.size - 1)
         return None
