@@ -19,6 +19,7 @@ import anyio
 import msgspec
 import pytest
 import structlog.testing
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tests.test_cli import wait_for
 from tests.test_daemon import (
@@ -215,13 +216,10 @@ async def test_answers_clients_do_not_take_are_let_go_when_newer_ones_need_the_r
             await server.close()
 
 
-async def answer_of(conn: anyio.abc.SocketStream) -> protocol.Response:
-    """Read one whole answer frame from `conn`."""
-    data = b""
-    while len(data) < protocol.LENGTH.size or len(data) < protocol.LENGTH.size + protocol.frame_length(
-            data[:protocol.LENGTH.size], protocol.MAX_RESPONSE_FRAME):
-        data += await conn.receive()
-    return protocol.response_decoder.decode(data[protocol.LENGTH.size:])
+async def answer_of(answers: BufferedByteReceiveStream) -> protocol.Response:
+    """Read the next whole answer frame from a connection's `answers`."""
+    length = protocol.frame_length(await answers.receive_exactly(protocol.LENGTH.size), protocol.MAX_RESPONSE_FRAME)
+    return protocol.response_decoder.decode(await answers.receive_exactly(length))
 
 
 @pytest.mark.anyio
@@ -248,14 +246,45 @@ async def test_a_client_hanging_up_during_a_later_call_on_its_connection_cancels
         try:
             with structlog.testing.capture_logs() as logs, anyio.fail_after(30):
                 conn = await anyio.connect_unix(path)
+                answers = BufferedByteReceiveStream(conn)
                 for _ in range(3):
                     await conn.send(protocol.frame(protocol.Call("t/echo/0", b"fast", 30.0)))
-                    assert (await answer_of(conn)).data == b"fast"
+                    assert (await answer_of(answers)).data == b"fast"
                 await conn.send(protocol.frame(protocol.Call("t/echo/0", b"slow", 30.0)))
                 await taken.wait()
                 await conn.aclose()
                 await cancelled.wait()
             assert [e["request"] for e in logs if e["event"] == "control_client_gone"] == ["Call"]
+        finally:
+            await server.close()
+
+
+@pytest.mark.anyio
+async def test_requests_split_into_pieces_or_sent_together_are_each_read_whole_in_order(tmp_path: Path) -> None:
+    """The server reads whatever the socket holds: a frame may arrive a byte at a time or several frames
+    in one read, and each request is still answered once, in order."""
+
+    async def handler(req: protocol.Request) -> protocol.Response:
+        return protocol.Response(True, data=req.payload if isinstance(req, protocol.Call) else b"status")
+
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, 0o600, handler)
+    await server.start()
+    async with anyio.create_task_group() as group:
+        await group.start(server.serve)
+        try:
+            with anyio.fail_after(30):
+                conn = await anyio.connect_unix(path)
+                together = b"".join(protocol.frame(protocol.Call("t/echo/0", b"%d" % i, 30.0)) for i in range(3))
+                await conn.send(together + protocol.frame(protocol.Status()))
+                split = protocol.frame(protocol.Call("t/echo/0", b"x" * 100, 30.0))
+                for at in range(len(split)):
+                    await conn.send(split[at:at + 1])
+                    await anyio.sleep(0.001)  # not waiting for anything: lets the server read the pieces apart
+                replies = BufferedByteReceiveStream(conn)
+                answers = [(await answer_of(replies)).data for _ in range(5)]
+                await conn.aclose()
+            assert answers == [b"0", b"1", b"2", b"status", b"x" * 100]
         finally:
             await server.close()
 
@@ -277,7 +306,7 @@ async def test_a_connection_idle_after_its_calls_is_closed_after_the_idle_timeou
             with anyio.fail_after(30):
                 conn = await anyio.connect_unix(path)
                 await conn.send(protocol.frame(protocol.Send("t/echo/0", b"x")))
-                assert (await answer_of(conn)).ok
+                assert (await answer_of(BufferedByteReceiveStream(conn))).ok
                 with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                     await conn.receive()  # the daemon closes it: nothing else would end this read
                 await conn.aclose()

@@ -17,9 +17,7 @@ import anyio
 import msgspec
 import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
-from anyio.streams.buffered import BufferedByteReceiveStream
 
-from wasmhost.system.hang_up import HangUpWatch
 from wasmhost.system.protocol import (
     LENGTH,
     MAX_RESPONSE_FRAME,
@@ -33,6 +31,7 @@ from wasmhost.system.protocol import (
     frame_length,
     request_decoder,
 )
+from wasmhost.system.request_reader import RequestReader
 
 log = structlog.get_logger("wasmhost.control")
 
@@ -352,14 +351,13 @@ class ControlServer:
                                        reason="its client took nothing of it while newer answers needed the room")
 
     async def _serve(self, stream: SocketStream) -> None:
-        reader = BufferedByteReceiveStream(stream)
         try:
             refusal = self._refusal(stream)
             if refusal is not None:
                 await self._answer(stream, Response(False, refusal))
                 return
-            async with anyio.create_task_group() as connection:  # owns the hang-up watch's task
-                await self._converse(stream, reader, HangUpWatch(reader, connection))
+            async with anyio.create_task_group() as connection:  # owns the reader's read-ahead task
+                await self._converse(stream, RequestReader(stream, connection))
                 connection.cancel_scope.cancel()
         except Exception:  # one connection's bug must not end the server (or the daemon's task group)
             log.exception("control_connection_failed")
@@ -369,17 +367,15 @@ class ControlServer:
             self._open -= 1
             self._closed_one.set()
 
-    async def _converse(self, stream: SocketStream, reader: BufferedByteReceiveStream, watch: HangUpWatch) -> None:
+    async def _converse(self, stream: SocketStream, reader: RequestReader) -> None:
         """Read and answer requests one after another until the client ends, idles out or sends a bad frame."""
         try:
             while True:
-                header = await self._read_header(reader, watch)
+                header = await self._read_header(reader)
                 if header is None:
                     return
                 try:
-                    length = frame_length(header)
-                    with anyio.fail_after(self.frame_timeout):
-                        body = await reader.receive_exactly(length)
+                    body = await self._take(reader, frame_length(header))
                     request = request_decoder.decode(body)
                 except FrameError as exc:
                     await self._answer(stream, Response(False, f"bad frame: {exc}"))
@@ -393,11 +389,11 @@ class ControlServer:
                 self._answering += 1
                 try:
                     if isinstance(request, Call | Send):
-                        watch.arm(request)  # its client hanging up meanwhile cancels it: its message is withdrawn
+                        reader.arm(request)  # its client hanging up meanwhile cancels it: its message is withdrawn
                         try:  # from the mailbox unless the component already took it
                             response = await self._answer_request(request)
                         finally:
-                            watch.answered()
+                            reader.answered()
                     else:  # a reload or stop is carried out even if its client does not wait for it
                         response = await self._answer_request(request)
                     await self._answer(stream, response)
@@ -409,23 +405,29 @@ class ControlServer:
                 ConnectionError, TimeoutError):
             return
 
-    async def _read_header(self, reader: BufferedByteReceiveStream, watch: HangUpWatch) -> bytes | None:
-        """The frame header (its first byte from `watch`), or None on a clean end of stream, an idle
-        timeout or a `_close_idle` before its first byte."""
-        with anyio.move_on_after(self.idle_timeout) as waiting:
-            idle = not watch.ready
-            if idle:
+    async def _read_header(self, reader: RequestReader) -> bytes | None:
+        """The frame header, or None on a clean end of stream, an idle timeout or a `_close_idle` before its
+        first byte."""
+        if not reader.ready:
+            with anyio.move_on_after(self.idle_timeout) as waiting:
                 self._idle[waiting] = time.monotonic()
-            try:
-                first = await watch.first_byte()
-            finally:
-                if idle:
+                try:
+                    await reader.wait_for_bytes()
+                finally:
                     self._idle.pop(waiting, None)
-            if not first:
+            if waiting.cancelled_caught:
                 return None
-            with anyio.fail_after(self.frame_timeout):
-                return first + await reader.receive_exactly(LENGTH.size - 1)
-        return None
+        if not reader.buffered(1):
+            return None  # the stream ended
+        return await self._take(reader, LENGTH.size)
+
+    async def _take(self, reader: RequestReader, nbytes: int) -> bytes:
+        """`nbytes` of the frame begun: within frame_timeout unless they are in hand already (the common case:
+        a client sends a request whole; a timeout costs more than the read)."""
+        if reader.buffered(nbytes):
+            return await reader.take(nbytes)
+        with anyio.fail_after(self.frame_timeout):
+            return await reader.take(nbytes)
 
 
 def _expected(exc: msgspec.DecodeError) -> str:
