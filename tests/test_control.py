@@ -290,9 +290,10 @@ async def test_requests_split_into_pieces_or_sent_together_are_each_read_whole_i
 
 
 @pytest.mark.anyio
-async def test_a_connection_idle_after_its_calls_is_closed_after_the_idle_timeout(tmp_path: Path) -> None:
-    """After a call the next request's first byte is read by the hang-up watch: the idle timeout still
-    applies to that wait."""
+@pytest.mark.parametrize("calls", [0, 2], ids=["never-asked", "after-its-calls"])
+async def test_a_connection_idle_for_the_idle_timeout_is_closed_and_others_are_not(tmp_path: Path, calls: int) -> None:
+    """Idle connections are swept (after a call the next request's first byte is read ahead: the idle
+    timeout still applies to that wait); a connection that keeps asking stays open meanwhile."""
 
     async def handler(req: protocol.Request) -> protocol.Response:
         return protocol.Response(True, data=b"answered")
@@ -304,12 +305,21 @@ async def test_a_connection_idle_after_its_calls_is_closed_after_the_idle_timeou
         await group.start(server.serve)
         try:
             with anyio.fail_after(30):
-                conn = await anyio.connect_unix(path)
-                await conn.send(protocol.frame(protocol.Send("t/echo/0", b"x")))
-                assert (await answer_of(BufferedByteReceiveStream(conn))).ok
+                busy, idle = await anyio.connect_unix(path), await anyio.connect_unix(path)
+                busy_answers = BufferedByteReceiveStream(busy)
+                for _ in range(calls):
+                    await idle.send(protocol.frame(protocol.Send("t/echo/0", b"x")))
+                    assert (await answer_of(BufferedByteReceiveStream(idle))).ok
                 with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-                    await conn.receive()  # the daemon closes it: nothing else would end this read
-                await conn.aclose()
+                    while True:  # the daemon closes it: nothing else ends this loop
+                        with anyio.move_on_after(0.05):  # meanwhile the other client keeps asking
+                            await idle.receive()
+                        await busy.send(protocol.frame(protocol.Status()))
+                        assert (await answer_of(busy_answers)).ok
+                await busy.send(protocol.frame(protocol.Status()))
+                assert (await answer_of(busy_answers)).ok  # never idle for long: still served
+                await idle.aclose()
+                await busy.aclose()
         finally:
             await server.close()
 

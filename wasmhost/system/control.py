@@ -41,7 +41,8 @@ ANSWER_SEND_TIMEOUT = 30.0
 """Seconds a client may take to read one answer (a client that stops reading is dropped, and with it the
 answer it held in the daemon: up to 32 MiB)."""
 IDLE_TIMEOUT = 300.0
-"""Seconds a connection may sit idle between requests before it is closed."""
+"""Seconds a connection may sit idle between requests before it is closed (within a quarter more, at most
+a second: idle connections are swept, not timed one by one)."""
 ANSWER_BUDGET = 256 * 1024 * 1024
 """Bytes of answers the daemon holds for clients still taking them. Beyond it, a new answer closes the
 connection of the client that has taken nothing for STALLED_AFTER seconds the longest, and lets its
@@ -194,7 +195,7 @@ class ControlServer:
         self._open = 0  # connections being served
         self._closed_one = anyio.Event()  # set whenever a connection ends
         self._refusing = False  # full for BUSY_WAIT already: new clients are answered `busy` at once
-        self._idle: dict[anyio.CancelScope, float] = {}  # connections waiting for a request since, oldest first
+        self._idle: dict[RequestReader, float] = {}  # connections waiting for a request since, oldest first
         self._accept_failed = _Throttled("control_accept_failed")
         self._peer_refused = _Throttled("control_peer_refused")
         self._answers_dropped = _Throttled("control_answers_dropped")
@@ -216,6 +217,7 @@ class ControlServer:
         self._serving = True
         try:
             async with anyio.create_task_group() as connections:
+                connections.start_soon(self._sweep_idle, name="control idle sweep")
                 task_status.started()
                 with self._accepting:
                     while True:
@@ -285,8 +287,23 @@ class ControlServer:
         if oldest is None or time.monotonic() - self._idle[oldest] < IDLE_GRACE:
             return False
         del self._idle[oldest]
-        oldest.cancel()
+        oldest.end()
         return True
+
+    async def _sweep_idle(self) -> None:
+        """Close the connections idle for idle_timeout, every quarter of it (at most every second), until the
+        server's task group ends (a timeout armed around each wait for a request cost a cancel scope and a
+        timer per call)."""
+        interval = min(1.0, max(0.01, self.idle_timeout / 4))
+        while True:
+            await anyio.sleep(interval)
+            idle_since = time.monotonic() - self.idle_timeout
+            while self._idle:
+                oldest, since = next(iter(self._idle.items()))
+                if since > idle_since:
+                    break
+                del self._idle[oldest]
+                oldest.end()
 
     async def _refuse_busy(self, stream: SocketStream) -> None:
         """Answer `busy` without waiting (a small frame fits the socket's buffer) and close the connection."""
@@ -421,17 +438,14 @@ class ControlServer:
             return
 
     async def _read_header(self, reader: RequestReader) -> bytes | None:
-        """The frame header, or None on a clean end of stream, an idle timeout or a `_close_idle` before its
-        first byte."""
+        """The frame header, or None on a clean end of stream. A connection waiting for it is idle: `_sweep_idle`
+        or `_close_idle` may end it meanwhile (its task group is cancelled)."""
         if not reader.ready:
-            with anyio.move_on_after(self.idle_timeout) as waiting:
-                self._idle[waiting] = time.monotonic()
-                try:
-                    await reader.wait_for_bytes()
-                finally:
-                    self._idle.pop(waiting, None)
-            if waiting.cancelled_caught:
-                return None
+            self._idle[reader] = time.monotonic()  # `_sweep_idle` or `_close_idle` may end the connection meanwhile
+            try:
+                await reader.wait_for_bytes()
+            finally:
+                self._idle.pop(reader, None)
         if not reader.buffered(1):
             return None  # the stream ended
         return await self._take(reader, LENGTH.size)

@@ -98,6 +98,11 @@ class RequestReader:
             self._connection.start_soon(self._run, name="control read-ahead")
         self._armed.set()
 
+    def end(self) -> None:
+        """End the connection (the server lets it go: idle too long, or its slot is needed): its task group is
+        cancelled, the wait for a request with it."""
+        self._connection.cancel_scope.cancel()
+
     def answered(self) -> None:
         """The answer is in: a hang-up from now on ends the connection at its next read only."""
         self._answering = None
@@ -114,7 +119,7 @@ class RequestReader:
                 request = self._answering
                 if request is not None:
                     log.info("control_client_gone", request=type(request).__name__, id=getattr(request, "id", None))
-                    self._connection.cancel_scope.cancel()
+                    self.end()
                 self._read.set()
                 return
             self._read.set()
