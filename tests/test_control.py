@@ -4,12 +4,15 @@ helpers) where the daemon's own limits matter, the ControlServer in-process wher
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import resource
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -257,6 +260,61 @@ async def test_a_client_hanging_up_during_a_later_call_on_its_connection_cancels
             assert [e["request"] for e in logs if e["event"] == "control_client_gone"] == ["Call"]
         finally:
             await server.close()
+
+
+@pytest.mark.anyio
+async def test_a_hang_up_is_still_noticed_after_a_request_arrived_while_the_previous_one_was_answered(
+        tmp_path: Path) -> None:
+    """A request sent while the previous call is answered is read ahead; the calls after it are still
+    watched: a hang-up during a later one cancels it."""
+    started = {b"first": anyio.Event(), b"last": anyio.Event()}
+    release, cancelled = anyio.Event(), anyio.Event()
+
+    async def handler(req: protocol.Request) -> protocol.Response:
+        assert isinstance(req, protocol.Call)
+        if req.payload in started:
+            started[req.payload].set()
+            try:
+                await (release.wait() if req.payload == b"first" else anyio.sleep_forever())
+            except anyio.get_cancelled_exc_class():
+                cancelled.set()
+                raise
+        return protocol.Response(True, data=req.payload)
+
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, 0o600, handler)
+    await server.start()
+    async with anyio.create_task_group() as group:
+        await group.start(server.serve)
+        try:
+            with structlog.testing.capture_logs() as logs, anyio.fail_after(30):
+                conn = await anyio.connect_unix(path)
+                answers = BufferedByteReceiveStream(conn)
+                await conn.send(protocol.frame(protocol.Call("t/echo/0", b"first", 30.0)))
+                await started[b"first"].wait()
+                await conn.send(protocol.frame(protocol.Call("t/echo/0", b"second", 30.0)))
+                sock = conn.extra(anyio.abc.SocketAttribute.raw_socket)
+                await wait_until(lambda: unread_by_peer(sock) == 0)  # taken by the read ahead: "first" is not answered
+                release.set()
+                assert [(await answer_of(answers)).data for _ in range(2)] == [b"first", b"second"]
+                await conn.send(protocol.frame(protocol.Call("t/echo/0", b"last", 30.0)))
+                await started[b"last"].wait()
+                await conn.aclose()
+                await cancelled.wait()
+            assert [e["request"] for e in logs if e["event"] == "control_client_gone"] == ["Call"]
+        finally:
+            await server.close()
+
+
+def unread_by_peer(sock: socket.socket) -> int:
+    """Bytes sent on the Unix stream socket `sock` that its peer has not read yet (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Yield to the server until `condition` holds (the caller's fail_after bounds it)."""
+    while not condition():
+        await anyio.sleep(0.001)
 
 
 @pytest.mark.anyio

@@ -43,8 +43,8 @@ class RequestReader:
         self._ended = False  # the stream ended (or broke): nothing more will come
         self._started = False
         self._armed = asyncio.Event()
-        self._read = asyncio.Event()  # the read ahead is done
-        self._ahead = False  # a read ahead was armed and is not awaited yet
+        self._read = asyncio.Event()  # the read ahead under way is done
+        self._ahead = False  # a read ahead is under way
         self._answering: Request | None = None
 
     def buffered(self, nbytes: int) -> bool:
@@ -54,7 +54,7 @@ class RequestReader:
     @property
     def ready(self) -> bool:
         """Whether `wait_for_bytes` returns without waiting for the client."""
-        return bool(self._buffer) or self._ended or (self._ahead and self._read.is_set())
+        return bool(self._buffer) or self._ended
 
     async def wait_for_bytes(self) -> bool:
         """Wait until at least one byte is in hand; False when the stream ended before."""
@@ -75,11 +75,9 @@ class RequestReader:
         return taken
 
     async def _read_more(self) -> None:
-        """One read: the read ahead's if one was armed, else one of our own."""
+        """One read: the read ahead's if one is under way, else one of our own."""
         if self._ahead:
             await self._read.wait()
-            self._read.clear()
-            self._ahead = False
             return
         try:
             self._buffer += await self._stream.receive(READ_CHUNK)
@@ -93,6 +91,7 @@ class RequestReader:
             return  # a read is under way already, or the next request is in hand (as with a client that
             # sent it and shut its side down: it is no hang-up)
         self._ahead = True
+        self._read.clear()
         if not self._started:
             self._started = True
             self._connection.start_soon(self._run, name="control read-ahead")
@@ -120,6 +119,8 @@ class RequestReader:
                 if request is not None:
                     log.info("control_client_gone", request=type(request).__name__, id=getattr(request, "id", None))
                     self.end()
+            finally:
+                self._ahead = False  # whatever came is in the buffer (or the end is noted): the next read is anyone's
                 self._read.set()
+            if self._ended:
                 return
-            self._read.set()
