@@ -69,18 +69,19 @@ class RequestReader:
         while len(self._buffer) < nbytes:
             if self._ended:
                 raise anyio.IncompleteRead
-            await self._read_more()
+            await self._read_more(nbytes - len(self._buffer))
         taken = bytes(self._buffer[:nbytes])
         del self._buffer[:nbytes]
         return taken
 
-    async def _read_more(self) -> None:
-        """One read: the read ahead's if one is under way, else one of our own."""
+    async def _read_more(self, wanted: int = 1) -> None:
+        """One read: the read ahead's if one is under way, else one of our own (of what the socket holds, up to
+        `wanted` bytes or READ_CHUNK if more: a large frame is read in large pieces)."""
         if self._ahead:
             await self._read.wait()
             return
         try:
-            self._buffer += await self._stream.receive(READ_CHUNK)
+            self._buffer += await self._stream.receive(max(wanted, READ_CHUNK))
         except _GONE:
             self._ended = True
 
