@@ -29,6 +29,8 @@ log = structlog.get_logger("wasmhost.control")
 
 READ_CHUNK = 65536
 """Bytes asked of the socket at a time (a read ahead takes at most this much from a client meanwhile)."""
+MAX_READ = 1024 * 1024
+"""Bytes asked of the socket at most in one read (Python allocates what is asked for before the socket fills it)."""
 _GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError)
 
 
@@ -76,12 +78,12 @@ class RequestReader:
 
     async def _read_more(self, wanted: int = 1) -> None:
         """One read: the read ahead's if one is under way, else one of our own (of what the socket holds, up to
-        `wanted` bytes or READ_CHUNK if more: a large frame is read in large pieces)."""
+        `wanted` bytes, at least READ_CHUNK and at most MAX_READ: a large frame is read in large pieces)."""
         if self._ahead:
             await self._read.wait()
             return
         try:
-            self._buffer += await self._stream.receive(max(wanted, READ_CHUNK))
+            self._buffer += await self._stream.receive(min(max(wanted, READ_CHUNK), MAX_READ))
         except _GONE:
             self._ended = True
 
