@@ -14,9 +14,10 @@ import subprocess
 import sys
 import termios
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -94,6 +95,19 @@ def test_idle_connections_beyond_the_limit_make_room_for_new_clients(tmp_path: P
     assert d.stop() == 0
 
 
+@contextlib.asynccontextmanager
+async def serving(path: Path, handler: control.Handler, **options: Any) -> AsyncIterator[ControlServer]:
+    """A ControlServer on `path` answering with `handler` (in-process), serving until the block ends."""
+    server = ControlServer(path, 0o600, handler, **options)
+    await server.start()
+    async with anyio.create_task_group() as group:
+        await group.start(server.serve)
+        try:
+            yield server
+        finally:
+            await server.close()
+
+
 @pytest.mark.anyio
 async def test_a_client_beyond_the_limit_while_all_are_answering_is_told_busy(tmp_path: Path) -> None:
     """Every connection is answering a request (calls to a slow component): a new client is not left
@@ -106,27 +120,21 @@ async def test_a_client_beyond_the_limit_while_all_are_answering_is_told_busy(tm
         return protocol.Response(True, data=type(req).__name__)
 
     path = tmp_path / "c.sock"
-    server = ControlServer(path, 0o600, handler, max_connections=4)
-    await server.start()
-    async with anyio.create_task_group() as group:
-        await group.start(server.serve)
-        try:
-            calls = [await anyio.connect_unix(path) for _ in range(4)]
-            for conn in calls:
-                await conn.send(protocol.frame(protocol.Call("t/echo/0", b"", 30.0)))
-            busy = await anyio.to_thread.run_sync(request, path, protocol.Status(), 30.0)
-            assert not busy.ok
-            assert busy.error == ("busy: the daemon serves at most 4 control connections at once and all are "
-                                  "answering requests; try again")
-            release.set()
-            for conn in calls:  # each call answered, then closed (a close racing the answer: anyio's
-                answer = await conn.receive()  # asyncio backend then reports an InvalidStateError)
-                assert protocol.response_decoder.decode(answer[protocol.LENGTH.size:]).ok
-                await conn.aclose()
-            served = await anyio.to_thread.run_sync(request, path, protocol.Status(), 30.0)
-            assert served.ok and served.data == "Status"
-        finally:
-            await server.close()
+    async with serving(path, handler, max_connections=4):
+        calls = [await anyio.connect_unix(path) for _ in range(4)]
+        for conn in calls:
+            await conn.send(protocol.frame(protocol.Call("t/echo/0", b"", 30.0)))
+        busy = await anyio.to_thread.run_sync(request, path, protocol.Status(), 30.0)
+        assert not busy.ok
+        assert busy.error == ("busy: the daemon serves at most 4 control connections at once and all are "
+                              "answering requests; try again")
+        release.set()
+        for conn in calls:  # each call answered, then closed (a close racing the answer: anyio's
+            answer = await conn.receive()  # asyncio backend then reports an InvalidStateError)
+            assert protocol.response_decoder.decode(answer[protocol.LENGTH.size:]).ok
+            await conn.aclose()
+        served = await anyio.to_thread.run_sync(request, path, protocol.Status(), 30.0)
+        assert served.ok and served.data == "Status"
 
 
 def test_the_connection_limit_follows_the_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,35 +196,29 @@ async def test_answers_clients_do_not_take_are_let_go_when_newer_ones_need_the_r
         return answer
 
     path = tmp_path / "c.sock"
-    server = ControlServer(path, 0o600, handler, send_timeout=600.0, answer_budget=40 << 20, stalled_after=0.0)
-    await server.start()
-    async with anyio.create_task_group() as group:
-        await group.start(server.serve)
-        try:
-            with structlog.testing.capture_logs() as logs:
-                stalled = []
-                for _ in range(4):  # 64 MiB asked for, none of it read
-                    conn = await anyio.connect_unix(path)
-                    await conn.send(protocol.frame(protocol.Status()))
-                    stalled.append(conn)
-                served = await anyio.to_thread.run_sync(request, path, protocol.Status(), 30.0)
-                assert served == answer
-                whole = len(protocol.frame(answer, protocol.MAX_RESPONSE_FRAME))
-                received = []
-                with anyio.fail_after(30):
-                    for conn in stalled[:3]:  # the oldest ones were let go: their connections end
-                        got = 0
-                        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-                            while True:
-                                got += len(await conn.receive())
-                        received.append(got)
-                assert all(got < whole for got in received)
-                assert [e["times"] for e in logs if e["event"] == "control_answers_dropped"] == [1]
-                assert server._held <= 40 << 20
-            for conn in stalled:
-                await conn.aclose()
-        finally:
-            await server.close()
+    async with serving(path, handler, send_timeout=600.0, answer_budget=40 << 20, stalled_after=0.0) as server:
+        with structlog.testing.capture_logs() as logs:
+            stalled = []
+            for _ in range(4):  # 64 MiB asked for, none of it read
+                conn = await anyio.connect_unix(path)
+                await conn.send(protocol.frame(protocol.Status()))
+                stalled.append(conn)
+            served = await anyio.to_thread.run_sync(request, path, protocol.Status(), 30.0)
+            assert served == answer
+            whole = len(protocol.frame(answer, protocol.MAX_RESPONSE_FRAME))
+            received = []
+            with anyio.fail_after(30):
+                for conn in stalled[:3]:  # the oldest ones were let go: their connections end
+                    got = 0
+                    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                        while True:
+                            got += len(await conn.receive())
+                    received.append(got)
+            assert all(got < whole for got in received)
+            assert [e["times"] for e in logs if e["event"] == "control_answers_dropped"] == [1]
+            assert server._held <= 40 << 20
+        for conn in stalled:
+            await conn.aclose()
 
 
 async def answer_of(answers: BufferedByteReceiveStream) -> protocol.Response:
@@ -242,24 +244,18 @@ async def test_a_client_hanging_up_during_a_later_call_on_its_connection_cancels
         return protocol.Response(True, data=b"fast")
 
     path = tmp_path / "c.sock"
-    server = ControlServer(path, 0o600, handler)
-    await server.start()
-    async with anyio.create_task_group() as group:
-        await group.start(server.serve)
-        try:
-            with structlog.testing.capture_logs() as logs, anyio.fail_after(30):
-                conn = await anyio.connect_unix(path)
-                answers = BufferedByteReceiveStream(conn)
-                for _ in range(3):
-                    await conn.send(protocol.frame(protocol.Call("t/echo/0", b"fast", 30.0)))
-                    assert (await answer_of(answers)).data == b"fast"
-                await conn.send(protocol.frame(protocol.Call("t/echo/0", b"slow", 30.0)))
-                await taken.wait()
-                await conn.aclose()
-                await cancelled.wait()
-            assert [e["request"] for e in logs if e["event"] == "control_client_gone"] == ["Call"]
-        finally:
-            await server.close()
+    async with serving(path, handler):
+        with structlog.testing.capture_logs() as logs, anyio.fail_after(30):
+            conn = await anyio.connect_unix(path)
+            answers = BufferedByteReceiveStream(conn)
+            for _ in range(3):
+                await conn.send(protocol.frame(protocol.Call("t/echo/0", b"fast", 30.0)))
+                assert (await answer_of(answers)).data == b"fast"
+            await conn.send(protocol.frame(protocol.Call("t/echo/0", b"slow", 30.0)))
+            await taken.wait()
+            await conn.aclose()
+            await cancelled.wait()
+        assert [e["request"] for e in logs if e["event"] == "control_client_gone"] == ["Call"]
 
 
 @pytest.mark.anyio
@@ -282,28 +278,22 @@ async def test_a_hang_up_is_still_noticed_after_a_request_arrived_while_the_prev
         return protocol.Response(True, data=req.payload)
 
     path = tmp_path / "c.sock"
-    server = ControlServer(path, 0o600, handler)
-    await server.start()
-    async with anyio.create_task_group() as group:
-        await group.start(server.serve)
-        try:
-            with structlog.testing.capture_logs() as logs, anyio.fail_after(30):
-                conn = await anyio.connect_unix(path)
-                answers = BufferedByteReceiveStream(conn)
-                await conn.send(protocol.frame(protocol.Call("t/echo/0", b"first", 30.0)))
-                await started[b"first"].wait()
-                await conn.send(protocol.frame(protocol.Call("t/echo/0", b"second", 30.0)))
-                sock = conn.extra(anyio.abc.SocketAttribute.raw_socket)
-                await wait_until(lambda: unread_by_peer(sock) == 0)  # taken by the read ahead: "first" is not answered
-                release.set()
-                assert [(await answer_of(answers)).data for _ in range(2)] == [b"first", b"second"]
-                await conn.send(protocol.frame(protocol.Call("t/echo/0", b"last", 30.0)))
-                await started[b"last"].wait()
-                await conn.aclose()
-                await cancelled.wait()
-            assert [e["request"] for e in logs if e["event"] == "control_client_gone"] == ["Call"]
-        finally:
-            await server.close()
+    async with serving(path, handler):
+        with structlog.testing.capture_logs() as logs, anyio.fail_after(30):
+            conn = await anyio.connect_unix(path)
+            answers = BufferedByteReceiveStream(conn)
+            await conn.send(protocol.frame(protocol.Call("t/echo/0", b"first", 30.0)))
+            await started[b"first"].wait()
+            await conn.send(protocol.frame(protocol.Call("t/echo/0", b"second", 30.0)))
+            sock = conn.extra(anyio.abc.SocketAttribute.raw_socket)
+            await wait_until(lambda: unread_by_peer(sock) == 0)  # taken by the read ahead: "first" is not answered
+            release.set()
+            assert [(await answer_of(answers)).data for _ in range(2)] == [b"first", b"second"]
+            await conn.send(protocol.frame(protocol.Call("t/echo/0", b"last", 30.0)))
+            await started[b"last"].wait()
+            await conn.aclose()
+            await cancelled.wait()
+        assert [e["request"] for e in logs if e["event"] == "control_client_gone"] == ["Call"]
 
 
 def unread_by_peer(sock: socket.socket) -> int:
@@ -326,25 +316,19 @@ async def test_requests_split_into_pieces_or_sent_together_are_each_read_whole_i
         return protocol.Response(True, data=req.payload if isinstance(req, protocol.Call) else b"status")
 
     path = tmp_path / "c.sock"
-    server = ControlServer(path, 0o600, handler)
-    await server.start()
-    async with anyio.create_task_group() as group:
-        await group.start(server.serve)
-        try:
-            with anyio.fail_after(30):
-                conn = await anyio.connect_unix(path)
-                together = b"".join(protocol.frame(protocol.Call("t/echo/0", b"%d" % i, 30.0)) for i in range(3))
-                await conn.send(together + protocol.frame(protocol.Status()))
-                split = protocol.frame(protocol.Call("t/echo/0", b"x" * 100, 30.0))
-                for at in range(len(split)):
-                    await conn.send(split[at:at + 1])
-                    await anyio.sleep(0.001)  # not waiting for anything: lets the server read the pieces apart
-                replies = BufferedByteReceiveStream(conn)
-                answers = [(await answer_of(replies)).data for _ in range(5)]
-                await conn.aclose()
-            assert answers == [b"0", b"1", b"2", b"status", b"x" * 100]
-        finally:
-            await server.close()
+    async with serving(path, handler):
+        with anyio.fail_after(30):
+            conn = await anyio.connect_unix(path)
+            together = b"".join(protocol.frame(protocol.Call("t/echo/0", b"%d" % i, 30.0)) for i in range(3))
+            await conn.send(together + protocol.frame(protocol.Status()))
+            split = protocol.frame(protocol.Call("t/echo/0", b"x" * 100, 30.0))
+            for at in range(len(split)):
+                await conn.send(split[at:at + 1])
+                await anyio.sleep(0.001)  # not waiting for anything: lets the server read the pieces apart
+            replies = BufferedByteReceiveStream(conn)
+            answers = [(await answer_of(replies)).data for _ in range(5)]
+            await conn.aclose()
+        assert answers == [b"0", b"1", b"2", b"status", b"x" * 100]
 
 
 @pytest.mark.anyio
@@ -357,29 +341,23 @@ async def test_a_connection_idle_for_the_idle_timeout_is_closed_and_others_are_n
         return protocol.Response(True, data=b"answered")
 
     path = tmp_path / "c.sock"
-    server = ControlServer(path, 0o600, handler, idle_timeout=0.2)
-    await server.start()
-    async with anyio.create_task_group() as group:
-        await group.start(server.serve)
-        try:
-            with anyio.fail_after(30):
-                busy, idle = await anyio.connect_unix(path), await anyio.connect_unix(path)
-                busy_answers = BufferedByteReceiveStream(busy)
-                for _ in range(calls):
-                    await idle.send(protocol.frame(protocol.Send("t/echo/0", b"x")))
-                    assert (await answer_of(BufferedByteReceiveStream(idle))).ok
-                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-                    while True:  # the daemon closes it: nothing else ends this loop
-                        with anyio.move_on_after(0.05):  # meanwhile the other client keeps asking
-                            await idle.receive()
-                        await busy.send(protocol.frame(protocol.Status()))
-                        assert (await answer_of(busy_answers)).ok
-                await busy.send(protocol.frame(protocol.Status()))
-                assert (await answer_of(busy_answers)).ok  # never idle for long: still served
-                await idle.aclose()
-                await busy.aclose()
-        finally:
-            await server.close()
+    async with serving(path, handler, idle_timeout=0.2):
+        with anyio.fail_after(30):
+            busy, idle = await anyio.connect_unix(path), await anyio.connect_unix(path)
+            busy_answers = BufferedByteReceiveStream(busy)
+            for _ in range(calls):
+                await idle.send(protocol.frame(protocol.Send("t/echo/0", b"x")))
+                assert (await answer_of(BufferedByteReceiveStream(idle))).ok
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                while True:  # the daemon closes it: nothing else ends this loop
+                    with anyio.move_on_after(0.05):  # meanwhile the other client keeps asking
+                        await idle.receive()
+                    await busy.send(protocol.frame(protocol.Status()))
+                    assert (await answer_of(busy_answers)).ok
+            await busy.send(protocol.frame(protocol.Status()))
+            assert (await answer_of(busy_answers)).ok  # never idle for long: still served
+            await idle.aclose()
+            await busy.aclose()
 
 
 @contextlib.contextmanager
