@@ -522,3 +522,42 @@ def test_no_daemon_answering_exits_3_and_a_refusal_from_the_daemon_exits_1(tmp_p
     refused = d.cli("call", "t/ghost/0", "x")
     assert refused.returncode == 1 and "target-not-found: t/ghost/0" in refused.stderr
     assert d.stop() == 0
+
+
+@pytest.mark.anyio
+async def test_requests_sent_together_do_not_keep_the_rest_of_the_daemon_from_running(tmp_path: Path) -> None:
+    """Small requests sent in one write are read in one go and answered without waiting for anything (the
+    socket takes each answer whole): before, the connection answered them all without once letting the event
+    loop run (3,000 pipelined `status` requests stalled every guest and client of the daemon for 250 ms)."""
+    turns = 0  # how often another task of the daemon got to run
+    seen: list[int] = []  # `turns` when each request was answered
+
+    async def handler(req: protocol.Request) -> protocol.Response:
+        seen.append(turns)
+        return protocol.Response(True, data=b"s")
+
+    async def neighbour() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    count, done = 1000, False
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, 0o600, handler)
+    await server.start()
+    async with anyio.create_task_group() as group:
+        await group.start(server.serve)
+        group.start_soon(neighbour)
+        try:
+            with anyio.fail_after(30):
+                conn = await anyio.connect_unix(path)
+                await conn.send(protocol.frame(protocol.Status()) * count)  # 21 kB: in the socket at once
+                answers = BufferedByteReceiveStream(conn)
+                assert all([(await answer_of(answers)).ok for _ in range(count)])
+                await conn.aclose()
+            in_a_row = max(seen.count(t) for t in set(seen))  # requests answered while nothing else ran
+            assert in_a_row <= control.YIELD_EVERY
+        finally:
+            done = True
+            await server.close()

@@ -55,6 +55,10 @@ SEND_CHUNK = 256 * 1024
 """Bytes of an answer sent at a time (each chunk taken counts as progress)."""
 ANSWER_TIMEOUT = 1.0
 """Seconds `close` waits for requests being answered (a `call` answered as the daemon stops) to be sent."""
+YIELD_EVERY = 16
+"""Requests a connection answers in a row before it lets the rest of the daemon run: requests read together
+(one read brings up to 64 KiB: 3,000 small ones) and answered without waiting (a `status`, a refusal, an
+answer the socket takes whole) never yield to the event loop otherwise (measured: 250 ms stalls)."""
 BACKLOG = 4096
 """Connections the kernel queues before the daemon accepts them (capped by net.core.somaxconn): a burst of
 a thousand clients is queued, not refused with EAGAIN (clients also retry, see client.py)."""
@@ -401,8 +405,12 @@ class ControlServer:
 
     async def _converse(self, stream: SocketStream, reader: RequestReader, sock: socket.socket) -> None:
         """Read and answer requests one after another until the client ends, idles out or sends a bad frame."""
+        served = 0
         try:
             while True:
+                served += 1
+                if served % YIELD_EVERY == 0:  # pipelined requests answered from the buffer never wait otherwise
+                    await anyio.lowlevel.checkpoint()
                 header = await self._read_header(reader)
                 if header is None:
                     return
