@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.test_daemon import BASIC, ROOT, Daemon, component, config_text
 from wasmhost.system import protocol
-from wasmhost.system.client import request
+from wasmhost.system.client import DaemonUnavailable, request
 
 
 def start(tmp_path: Path, components: str) -> Daemon:
@@ -43,7 +43,7 @@ def storm_then_kill_9(d: Daemon, tmp_path: Path, cid: str, payload: Callable[[in
         while not stop.is_set():
             try:
                 response = call(d, cid, payload(i))
-            except OSError:
+            except (OSError, DaemonUnavailable):  # killed: a reset, or the connection closed without an answer
                 return
             if acknowledges(i, response):
                 acknowledged.append(i)
