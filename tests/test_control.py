@@ -308,6 +308,28 @@ async def wait_until(condition: Callable[[], bool]) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_refused_peer_gone_before_its_refusal_is_no_connection_failure(tmp_path: Path) -> None:
+    """A peer the daemon refuses (not in host.control_users) that hangs up at once: its refusal cannot be
+    sent, which is that peer's business, not a failure of the daemon's to log with a traceback."""
+
+    async def handler(req: protocol.Request) -> protocol.Response:
+        return protocol.Response(True)
+
+    path = tmp_path / "c.sock"
+    with structlog.testing.capture_logs() as logs:
+        async with serving(path, handler, allowed_uids=frozenset({os.getuid() + 1})) as server:
+            with anyio.fail_after(30):
+                for _ in range(50):
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+                        conn.connect(str(path))
+                # every one refused (the first with a line, 49 counted for the next), every connection over
+                await wait_until(lambda: server._peer_refused.times == 49 and server._open == 0)
+    assert [e for e in logs if e["event"] == "control_connection_failed"] == []
+    assert [e["event"] for e in logs if e["event"] == "control_peer_refused"] == ["control_peer_refused"]
+
+
+@pytest.mark.anyio
 async def test_requests_split_into_pieces_or_sent_together_are_each_read_whole_in_order(tmp_path: Path) -> None:
     """The server reads whatever the socket holds: a frame may arrive a byte at a time or several frames
     in one read, and each request is still answered once, in order."""

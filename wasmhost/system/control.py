@@ -78,6 +78,9 @@ ACCEPT_PAUSE = 0.1
 LOG_INTERVAL = 60.0
 """Seconds between two lines of a warning clients can cause at will (`control_peer_refused`,
 `control_accept_failed`, `control_answers_dropped`); each line counts the times since the last."""
+_CLIENT_GONE = (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                ConnectionError, TimeoutError)
+"""How a connection ends when its client goes away or stops keeping up: the end of that conversation, no error."""
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -396,6 +399,8 @@ class ControlServer:
             async with anyio.create_task_group() as connection:  # owns the reader's read-ahead task
                 await self._converse(stream, RequestReader(stream, connection), sock)
                 connection.cancel_scope.cancel()
+        except _CLIENT_GONE:  # before the conversation: a refused peer gone before its refusal was sent
+            pass
         except Exception:  # one connection's bug must not end the server (or the daemon's task group)
             log.exception("control_connection_failed")
         finally:
@@ -442,15 +447,14 @@ class ControlServer:
                     self._answering -= 1
                     if not self._answering:
                         self._answered.set()
-        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
-                ConnectionError, TimeoutError):
+        except _CLIENT_GONE:
             return
 
     async def _read_header(self, reader: RequestReader) -> bytes | None:
         """The frame header, or None on a clean end of stream. A connection waiting for it is idle: `_sweep_idle`
         or `_close_idle` may end it meanwhile (its task group is cancelled)."""
         if not reader.ready:
-            self._idle[reader] = time.monotonic()  # `_sweep_idle` or `_close_idle` may end the connection meanwhile
+            self._idle[reader] = time.monotonic()
             try:
                 await reader.wait_for_bytes()
             finally:
