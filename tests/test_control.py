@@ -229,8 +229,8 @@ async def answer_of(answers: BufferedByteReceiveStream) -> protocol.Response:
 
 @pytest.mark.anyio
 async def test_a_client_hanging_up_during_a_later_call_on_its_connection_cancels_that_call(tmp_path: Path) -> None:
-    """The hang-up watch is one per connection, kept across its calls: a client that made calls and then
-    hangs up while another is answered still has that call cancelled (its message withdrawn)."""
+    """The read ahead that notices a hang-up is one task per connection, kept across its calls: a client that
+    made calls and then hangs up while another is answered still has that call cancelled (its message withdrawn)."""
     taken, cancelled = anyio.Event(), anyio.Event()
 
     async def handler(req: protocol.Request) -> protocol.Response:
