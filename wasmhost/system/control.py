@@ -397,7 +397,7 @@ class ControlServer:
                 return
             sock = stream.extra(SocketAttribute.raw_socket)
             async with anyio.create_task_group() as connection:  # owns the reader's read-ahead task
-                await self._converse(stream, RequestReader(stream, connection), sock)
+                await self._converse(stream, RequestReader(sock, connection), sock)
                 connection.cancel_scope.cancel()
         except _CLIENT_GONE:  # before the conversation: a refused peer gone before its refusal was sent
             pass

@@ -5,6 +5,9 @@ Our own buffering rather than anyio's BufferedByteReceiveStream: that one asks t
 bytes it is told to read (the first byte, the rest of the header, the body: three `recv`s a request, each
 failing once with a BlockingIOError when the bytes are not there yet); this one takes what the socket holds,
 up to READ_CHUNK, so a request sent whole is one `recv`, and its frame is read without arming a timeout.
+It reads through the event loop's `sock_recv` (uvloop's is C) rather than anyio's socket stream, whose every
+read first yields to the loop, then tries a `recv` that fails when nothing is there yet, then registers a
+reader (measured through the socket: 12,200 - 14,300 -> 15,400 - 16,100 calls/s to a local echo).
 
 While a `call` or `send` is answered, one read is made ahead (`arm` .. `answered`): either the client's
 next request begins (pipelined: it waits in the buffer) or the stream ends (the client is gone: the
@@ -18,10 +21,11 @@ frames, anyio's task state), a 1.5 - 2 ms gen-0 collection ten times a second at
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import anyio
 import structlog
-from anyio.abc import ByteReceiveStream, TaskGroup
+from anyio.abc import TaskGroup
 
 from wasmhost.system.protocol import Request
 
@@ -38,8 +42,9 @@ class RequestReader:
     """The bytes a client sent on one connection, read as frames need them; its read-ahead task lives in
     the connection's task group, which it cancels when the client hangs up during an answer."""
 
-    def __init__(self, stream: ByteReceiveStream, connection: TaskGroup) -> None:
-        self._stream = stream
+    def __init__(self, sock: socket.socket, connection: TaskGroup) -> None:
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
         self._connection = connection
         self._buffer = bytearray()
         self._ended = False  # the stream ended (or broke): nothing more will come
@@ -83,9 +88,16 @@ class RequestReader:
             await self._read.wait()
             return
         try:
-            self._buffer += await self._stream.receive(min(max(wanted, READ_CHUNK), MAX_READ))
+            self._buffer += await self._receive(min(max(wanted, READ_CHUNK), MAX_READ))
         except _GONE:
             self._ended = True
+
+    async def _receive(self, nbytes: int) -> bytes:
+        """What the socket holds, up to `nbytes`; EndOfStream once the client closed its side."""
+        data = await self._loop.sock_recv(self._sock, nbytes)
+        if not data:
+            raise anyio.EndOfStream
+        return data
 
     def arm(self, request: Request) -> None:
         """Read ahead while `request` is answered: the connection is cancelled if the stream ends first."""
@@ -115,7 +127,7 @@ class RequestReader:
             await self._armed.wait()
             self._armed.clear()
             try:
-                self._buffer += await self._stream.receive(READ_CHUNK)
+                self._buffer += await self._receive(READ_CHUNK)
             except _GONE:
                 self._ended = True
                 request = self._answering
