@@ -43,6 +43,7 @@ class RequestReader:
     the connection's task group, which it cancels when the client hangs up during an answer."""
 
     def __init__(self, sock: socket.socket, connection: TaskGroup) -> None:
+        sock.setblocking(False)  # sock_recv must never block the loop (anyio's accept already made it so)
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._connection = connection
