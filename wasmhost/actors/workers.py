@@ -604,13 +604,9 @@ class WorkerPool:
                     self._admit_past_long_steps()
                     give_up = self._give_up_overdue()
                     self._sleeps_over()
-                    heap = self._deadlines
-                    wait = heap[0][0] - time.monotonic() if heap else None
-                    if self._alarms:
-                        alarm = self._alarms[0][0] - time.monotonic()
-                        wait = alarm if wait is None else min(wait, alarm)
-                    if give_up < math.inf:
-                        wait = give_up - time.monotonic() if wait is None else min(wait, give_up - time.monotonic())
+                    next_due = min(self._deadlines[0][0] if self._deadlines else math.inf,
+                                   self._alarms[0][0] if self._alarms else math.inf, give_up)
+                    wait = next_due - time.monotonic() if next_due < math.inf else None
                     self._watching = bool(self._stepping_since)
                     if self._watching:
                         wait = LONG_STEP_S if wait is None else min(wait, LONG_STEP_S)

@@ -762,15 +762,10 @@ def build_linker(engine: wasmtime.Engine) -> wc.Linker:
             with root.add_instance(interface) as instance:
                 for index, fn in functions:
                     name = fn.name.encode()
-                    if fn.suspends:  # an async host function: a Store whose component imports it is async
-                        error = capi.linker_instance_add_func_async(
-                            capi.addr_of(instance.ptr()), name, len(name), _SUSPENDING_TRAMPOLINE, index,
-                            _NO_FINALIZER,
-                        )
-                    else:
-                        error = capi.linker_instance_add_func(
-                            capi.addr_of(instance.ptr()), name, len(name), _TRAMPOLINE, index, _NO_FINALIZER
-                        )
+                    # A suspending function is linked async: a Store whose component imports it is async
+                    add, trampoline = ((capi.linker_instance_add_func_async, _SUSPENDING_TRAMPOLINE) if fn.suspends
+                                       else (capi.linker_instance_add_func, _TRAMPOLINE))
+                    error = add(capi.addr_of(instance.ptr()), name, len(name), trampoline, index, _NO_FINALIZER)
                     if error:
                         raise wasmtime.WasmtimeError._from_ptr(
                             ctypes.cast(error, ctypes.POINTER(wasmtime._ffi.wasmtime_error_t))
