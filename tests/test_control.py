@@ -579,3 +579,37 @@ async def test_requests_sent_together_do_not_keep_the_rest_of_the_daemon_from_ru
             done = True
     in_a_row = max(seen.count(t) for t in set(seen))  # requests answered while nothing else ran
     assert in_a_row <= control.YIELD_EVERY
+
+
+@pytest.mark.anyio
+async def test_a_client_pipelining_without_reading_answers_is_not_read_without_bound(tmp_path: Path) -> None:
+    """A client that sends requests as fast as it can and never reads the answers: once its answers fill its
+    socket, the daemon stops reading its requests (it reads a connection only as its frames need, at most a
+    read ahead of READ_CHUNK during an answer), so what it takes of 64 MiB offered stays a few socket buffers,
+    while another client is answered as usual."""
+
+    async def handler(req: protocol.Request) -> protocol.Response:
+        return protocol.Response(True, data=b"s" * 200)
+
+    path = tmp_path / "c.sock"
+    one = protocol.frame(protocol.Call("t/echo/0", b"x", 30.0))  # a call: its answer is when the daemon reads ahead
+    offered = one * (64 * 1024 * 1024 // len(one))
+    async with serving(path, handler, send_timeout=600.0):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as flood:
+            flood.connect(str(path))
+            flood.settimeout(2.0)  # a bound, not a wait for an event: the daemon has stopped taking requests by then
+            taken = 0
+
+            def push() -> None:
+                nonlocal taken
+                with contextlib.suppress(TimeoutError):
+                    view = memoryview(offered)
+                    while taken < len(offered):
+                        taken += flood.send(view[taken:taken + 65536])
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as flooding:
+                    flooding.start_soon(anyio.to_thread.run_sync, push)
+                    neighbour = await anyio.to_thread.run_sync(request, path, protocol.Status(), 30.0)
+            assert neighbour.ok
+            assert taken < 8 * 1024 * 1024, f"the daemon took {taken} bytes of requests whose answers nobody read"
