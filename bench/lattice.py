@@ -237,7 +237,7 @@ async def _hash_rate(url: str, seconds: float) -> float:
     import nats
 
     nc = await nats.connect(url)
-    subject = wire.Subjects(LATTICE).message(HASHER)
+    subject = wire.Subjects(LATTICE).ingress(HASHER)
     headers = {wire.KIND: wire.KIND_REQUEST, wire.SENDER: "external/bench/load",
                wire.TIMEOUT_MS: str(int(CALL_TIMEOUT * 1000))}
     done = 0

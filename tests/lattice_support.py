@@ -43,7 +43,13 @@ class NatsServer:
     routes: list[int] = field(default_factory=list)
     name: str = "n0"
     max_payload: int = MAX_PAYLOAD
+    authorization: str = ""
+    """nats-server's `authorization { ... }` block (users and their permissions), if any."""
     proc: subprocess.Popen[bytes] | None = None
+
+    def user_url(self, user: str, password: str) -> str:
+        """The client URL for one of the `authorization` block's users."""
+        return f"nats://{user}:{password}@127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
@@ -56,6 +62,8 @@ class NatsServer:
             routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self.routes)
             lines.append(f'cluster {{ name: "wasmhost-test"\n listen: "127.0.0.1:{self.cluster_port}"\n'
                          f" routes: [{routes}] }}")
+        if self.authorization:
+            lines.append(f"authorization {{ {self.authorization} }}")
         path = self.workdir / f"nats-{self.name}.conf"
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -125,19 +125,81 @@ def test_plain_nats_clients_reach_only_components_that_accept_external(tmp_path:
     a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true")
                        + component("t/counter/0", "counter"), [nats_server.url], "host-a", daemons)
     wait_for_log(a, "lattice_connected")
-    data, headers = until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.msg.t.echo.0",
+    data, headers = until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0",
                                                                b"hello"))
     assert data == b"hello" and headers["Wasmhost-Outcome"] == "reply" and headers["Wasmhost-Host"] == "host-a"
-    data, headers = nats_call(nats_server.url, "wasmhost.default.msg.t.counter.0", b"x")
+    data, headers = nats_call(nats_server.url, "wasmhost.default.in.t.counter.0", b"x")
     assert headers["Wasmhost-Outcome"] == "rejected" and headers["Wasmhost-Error"] == "delivery-failed"
     assert "t/counter/0 does not accept messages from external clients" in headers["Wasmhost-Detail"]
-    data, headers = nats_call(nats_server.url, "wasmhost.default.msg.t.echo.0", b"fire",
+    data, headers = nats_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"fire",
                               {"Wasmhost-Kind": "send", "Wasmhost-Sender": "t/counter/0"})
     assert headers["Wasmhost-Outcome"] == "queued"  # a send, acknowledged once in the mailbox
     said = wire.acknowledged_heartbeat("host-a", headers.get("Wasmhost-Heartbeat"))  # so it can be watched
     assert said is not None and said.heartbeat_s == 0.5
     assert a.call("t/counter/0", "") == "1"  # the refused message never reached it
     assert a.stop() == 0
+
+
+HOSTS_AND_CLIENTS = """users = [
+  { user: host, password: host-pw }
+  { user: client, password: client-pw, permissions: { publish: ["wasmhost.default.in.>"], subscribe: ["_INBOX.>"] } }
+]"""
+"""deploy/README.md's permissions: hosts may use the whole lattice, plain clients only its clients' subjects."""
+
+
+def test_a_plain_client_cannot_pose_as_a_host(tmp_path: Path, daemons: list[Daemon]) -> None:
+    # Before, a client that set Wasmhost-Sender-Host on a component's one subject was taken for a host: sending
+    # as the host itself (wasmhost/host/0), it reached a component that does not accept external messages,
+    # and no NATS permission could stop it (permissions name subjects, not headers).
+    server = NatsServer(tmp_path / "nats", authorization=HOSTS_AND_CLIENTS).start()
+    try:
+        a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true")
+                           + component("t/counter/0", "counter"), [server.user_url("host", "host-pw")], "host-a",
+                           daemons)
+        client = server.user_url("client", "client-pw")
+        until("the echo answers", lambda: _try_call(client, "wasmhost.default.in.t.echo.0", b"hello"))
+        as_host = {"Wasmhost-Sender-Host": "host-z", "Wasmhost-Sender": "wasmhost/host/0"}
+        _, headers = nats_call(client, "wasmhost.default.in.t.counter.0", b"x", as_host)  # still a client here
+        assert headers["Wasmhost-Outcome"] == "rejected" and headers["Wasmhost-Error"] == "delivery-failed"
+        assert "t/counter/0 does not accept messages from external clients" in headers["Wasmhost-Detail"]
+        assert _refused_publish(client, "wasmhost.default.msg.t.counter.0", as_host)  # the hosts' subject: NATS says no
+        assert a.call("t/counter/0", "") == "1"  # neither message reached it
+        assert a.stop() == 0
+    finally:
+        server.kill()
+
+
+def test_a_message_without_a_host_on_the_hosts_subject_is_refused_naming_the_clients_subject(
+        tmp_path: Path, nats_server: NatsServer, daemons: list[Daemon]) -> None:
+    a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [nats_server.url],
+                       "host-a", daemons)
+    until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"hello"))
+    _, headers = nats_call(nats_server.url, "wasmhost.default.msg.t.echo.0", b"hello")
+    assert headers["Wasmhost-Outcome"] == "rejected" and headers["Wasmhost-Error"] == "invalid-message"
+    assert headers["Wasmhost-Detail"] == ("wasmhost.default.msg.t.echo.0 takes messages from hosts only (with "
+                                          "Wasmhost-Sender-Host); NATS clients send to wasmhost.default.in.t.echo.0")
+    assert a.stop() == 0
+
+
+def _refused_publish(url: str, subject: str, headers: dict[str, str]) -> str:
+    """Publish as a plain client; the error nats-server reports for it (a permissions violation), waited for."""
+    async def go() -> str:
+        refused: asyncio.Queue[str] = asyncio.Queue()
+
+        async def on_error(exc: Exception) -> None:
+            refused.put_nowait(str(exc))
+
+        nc = await nats.connect(url, error_cb=on_error)
+        try:
+            await nc.publish(subject, b"x", headers=headers)
+            await nc.flush()
+            error = await asyncio.wait_for(refused.get(), 10)
+            assert "permissions violation" in error.lower() and subject in error, error
+            return error
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
 
 
 def row(d: Daemon, cid: str) -> dict[str, object]:
@@ -270,13 +332,13 @@ def test_replicas_on_two_hosts_share_the_load(tmp_path: Path, nats_server: NatsS
     async def many() -> list[str]:
         nc = await nats.connect(nats_server.url)
         try:
-            answers = await asyncio.gather(*(nc.request("wasmhost.default.msg.t.hash.0", b"20000", timeout=20)
+            answers = await asyncio.gather(*(nc.request("wasmhost.default.in.t.hash.0", b"20000", timeout=20)
                                              for _ in range(60)))
             return [m.headers["Wasmhost-Host"] for m in answers if m.headers]
         finally:
             await nc.close()
 
-    until("both replicas subscribed", lambda: _try_call(nats_server.url, "wasmhost.default.msg.t.hash.0", b"1"))
+    until("both replicas subscribed", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.hash.0", b"1"))
     hosts = asyncio.run(many())
     assert len(hosts) == 60
     assert hosts.count("host-a") > 0 and hosts.count("host-b") > 0

@@ -63,7 +63,7 @@ def test_call_lattice_to_a_component_no_host_runs(tmp_path: Path, nats: NatsServ
     result = wasmhost("call", "--lattice", "--config", str(config), "t/nowhere/0", "hi")
     assert result.returncode == 1
     assert "no host of lattice 'default' runs t/nowhere/0" in result.stderr
-    assert "wasmhost.default.msg.t.nowhere.0" in result.stderr
+    assert "wasmhost.default.in.t.nowhere.0" in result.stderr
 
 
 def test_call_lattice_ends_when_the_host_dies_before_the_cli_heard_its_heartbeat(tmp_path: Path,
@@ -82,7 +82,7 @@ def test_call_lattice_ends_when_the_host_dies_before_the_cli_heard_its_heartbeat
                     wire.OUTCOME: wire.QUEUED, wire.HOST: "host-gone",
                     wire.HEARTBEAT: wire.heartbeat_header(0.2, 1234.5)})
 
-            subject = "wasmhost.default.msg.t.held.0"
+            subject = "wasmhost.default.in.t.held.0"
             await host.subscribe(subject, queue=subject, cb=acknowledge)
             await host.flush()
             cli = await asyncio.create_subprocess_exec(

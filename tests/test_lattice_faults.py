@@ -25,7 +25,7 @@ daemons = lattice_support.daemons
 
 MAX_PAYLOAD = 1024 * 1024
 OPEN_ECHO = component("t/echo/0", "echo", "accept_external = true")
-ECHO_SUBJECT = "wasmhost.default.msg.t.echo.0"
+ECHO_SUBJECT = "wasmhost.default.in.t.echo.0"  # where plain clients send
 HEARTBEAT_S = 0.5
 """lattice_daemon's heartbeat interval."""
 

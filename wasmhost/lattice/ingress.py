@@ -1,9 +1,13 @@
 """Messages arriving from the lattice for a local component: checked, queued, answered.
 
-From another host (Wasmhost-Sender-Host set): the sender's capabilities are checked on this host as if it
-were local (its own grants when it also runs here, else `[[lattice.grants]]`). From an external client (no
-host header): only components with `accept_external = true` take them, and the sender is always
-`external/...` whatever it claims. Every message with a reply subject gets an answer: a request its
+From another host (on `P.msg.`, with Wasmhost-Sender-Host): the sender's capabilities are checked on this host
+as if it were local (its own grants when it also runs here, else `[[lattice.grants]]`). From an external client
+(on `P.in.`): only components with `accept_external = true` take them, and the sender is always `external/...`
+whatever its headers claim, Wasmhost-Sender-Host included. The subject, not a header, tells them apart: NATS
+permissions can keep clients off `P.msg.`, but no permission reaches into headers (a client that set
+Wasmhost-Sender-Host on `P.msg.` reached components that do not accept external messages, as the host itself).
+A message on `P.msg.` without the header is refused, naming the client subject. Every message with a reply
+subject gets an answer: a request its
 outcome (after a `queued` acknowledgement when Wasmhost-Ack asks for it, so the requester knows where it
 waits), a send `queued` or `rejected`.
 """
@@ -62,7 +66,8 @@ class Ingress:
         except InvalidComponentId:
             return
         kind = headers.get(wire.KIND) or (wire.KIND_REQUEST if msg.reply else wire.KIND_SEND)
-        sender_host = headers.get(wire.SENDER_HOST)
+        from_client = link.subjects.from_client(msg.subject)
+        sender_host = None if from_client else headers.get(wire.SENDER_HOST)
         if sender_host is None and msg.reply and link.subjects.internal(msg.reply):
             # the answer would be published by this host on a lattice subject the client chose: a forged
             # heartbeat, inventory or answer to another host's request. Neither taken nor answered.
@@ -70,6 +75,9 @@ class Ingress:
                            f"{msg.reply!r} is under {link.subjects.prefix}, which only hosts may publish on")
             return
         try:
+            if sender_host is None and not from_client:
+                raise MessagingError("invalid-message", f"{msg.subject} takes messages from hosts only (with "
+                                     f"{wire.SENDER_HOST}); NATS clients send to {link.subjects.ingress(target)}")
             if kind not in (wire.KIND_SEND, wire.KIND_REQUEST, wire.KIND_BROADCAST):
                 raise MessagingError("invalid-message", f"{wire.KIND} must be send, request or broadcast, "
                                      f"got {kind!r}")

@@ -2,9 +2,9 @@
 
 It connects in the background (the daemon is READY without NATS), retries until it can, then leaves
 reconnection to nats-py, and connects anew when nats-py gives a connection up (the server closed it);
-publishes heartbeats, serves and fetches inventories, subscribes each local component's subject (queue
-group = the subject: one replica takes each message), delivers what arrives to the local router
-(ingress.py) and publishes what the router hands it (the RemotePort protocol).
+publishes heartbeats, serves and fetches inventories, subscribes each local component's two subjects, from
+hosts and from clients (queue group = the subject: one replica takes each message), delivers what arrives
+to the local router (ingress.py) and publishes what the router hands it (the RemotePort protocol).
 
 Guest threads never touch the network: a send or request is checked at once against what the link knows
 (connected, target known lattice-wide, size) and put on the outbox, which the loop publishes in order; a
@@ -101,7 +101,7 @@ class Link:
         self._outbox_ready = asyncio.Event()
         self._changed = asyncio.Event()  # local components changed: resubscribe, new inventory
         self._closed = asyncio.Event()  # nats-py closed the connection for good: connect anew
-        self._subs: dict[ComponentId, Subscription] = {}
+        self._subs: dict[ComponentId, list[Subscription]] = {}  # a local component's subjects: hosts', clients'
         self._inventory: list[wire.InventoryEntry] = []
         self._inventory_version = 0
         self._placed: dict[str, str] = {}  # request token -> the host holding it (guests' and the host's own)
@@ -238,9 +238,8 @@ class Link:
     async def leave(self) -> None:
         """Stop taking messages for local components (the daemon is stopping): other replicas take them."""
         self._leaving = True
-        for sub in list(self._subs.values()):
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        for subs in list(self._subs.values()):
+            await _unsubscribe(subs)
         self._subs.clear()
         log.info("lattice_leaving", host=self.host)
 
@@ -292,15 +291,18 @@ class Link:
                 with contextlib.suppress(InvalidComponentId):
                     wanted.add(ComponentId.parse(entry.id))
         for cid in [c for c in self._subs if c not in wanted]:
-            with contextlib.suppress(Exception):
-                await self._subs.pop(cid).unsubscribe()
+            await _unsubscribe(self._subs.pop(cid))
         for cid in wanted - self._subs.keys():
-            subject = self.subjects.message(cid)
+            subs: list[Subscription] = []
             try:
-                self._subs[cid] = await nc.subscribe(subject, queue=subject, cb=self.ingress.on_message,
-                                                     pending_bytes_limit=256 * 1024 * 1024)
+                for subject in (self.subjects.message(cid), self.subjects.ingress(cid)):  # from hosts, from clients
+                    subs.append(await nc.subscribe(subject, queue=subject, cb=self.ingress.on_message,
+                                                   pending_bytes_limit=256 * 1024 * 1024))
             except Exception as exc:  # the connection is closed or closing: the next tick tries again
                 log.warning("lattice_subscribe_failed", component=str(cid), cause=_describe(exc))
+                await _unsubscribe(subs)
+                continue
+            self._subs[cid] = subs
 
     async def _heartbeats(self) -> None:
         encode = wire.heartbeat_codec[0].encode
@@ -633,6 +635,13 @@ def _host_result(target: ComponentId, data: bytes, headers: dict[str, str]) -> b
         raise RequestFailed(Outcome(outcome), detail)
     except ValueError:
         raise RequestFailed(Outcome.FAILED, f"unknown outcome {outcome!r}: {detail}") from None
+
+
+async def _unsubscribe(subs: list[Subscription]) -> None:
+    """End these subscriptions, whatever state their connection is in."""
+    for sub in subs:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

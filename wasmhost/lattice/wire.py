@@ -3,14 +3,17 @@
 Prefix P = `wasmhost.<lattice name>`. A component id `ns/name/inst` becomes three subject tokens, each part
 percent-encoded so that it holds no '.', '*', '>', whitespace or '%' (`%2E`, `%2A`, `%3E`, `%20`, ... `%25`):
 
-- `P.msg.<ns>.<name>.<inst>`  one message to a component (queue group = the subject: one replica takes it)
+- `P.msg.<ns>.<name>.<inst>`  one message from another host to a component (queue group = the subject: one
+                              replica takes it)
+- `P.in.<ns>.<name>.<inst>`   one message from a plain NATS client to a component (likewise): kept apart from
+                              `P.msg.`, so that NATS permissions can let clients publish here and only here
 - `P.hb.<host>`               a host's heartbeat (Heartbeat, msgspec JSON)
 - `P.inv.<host>`              request/reply: the host's inventory (Inventory, msgspec JSON)
 - `P.re.<host>.<id>`          answers to the requests a host's components made (one wildcard subscription)
 
-Headers of a message: Wasmhost-Kind (send|request|broadcast), Wasmhost-Sender, Wasmhost-Sender-Host (absent for
-external clients), Wasmhost-Correlation-Id, Wasmhost-Timeout-Ms, Wasmhost-Ack, Content-Type. Headers of an answer:
-Wasmhost-Outcome (reply|no-reply|failed|timeout|target-stopped|queued|rejected), Wasmhost-Detail (one line),
+Headers of a message: Wasmhost-Kind (send|request|broadcast), Wasmhost-Sender, Wasmhost-Sender-Host (required on
+`P.msg.`, ignored on `P.in.`), Wasmhost-Correlation-Id, Wasmhost-Timeout-Ms, Wasmhost-Ack, Content-Type. Headers of
+an answer: Wasmhost-Outcome (reply|no-reply|failed|timeout|target-stopped|queued|rejected), Wasmhost-Detail (one line),
 Wasmhost-Error (the messaging-error case, for `rejected`), Wasmhost-Host (the host that answered),
 Wasmhost-Target (the component it was for, on `rejected`), Wasmhost-Heartbeat (on `queued`).
 """
@@ -80,6 +83,7 @@ class Subjects:
     def __init__(self, lattice_name: str) -> None:
         self.prefix = f"wasmhost.{encode_token(lattice_name)}"
         self.msg_prefix = f"{self.prefix}.msg."
+        self.ingress_prefix = f"{self.prefix}.in."
         self.heartbeats = f"{self.prefix}.hb.*"
 
     def internal(self, subject: str) -> bool:
@@ -87,17 +91,25 @@ class Subjects:
         return subject.startswith(f"{self.prefix}.")
 
     def message(self, component: ComponentId) -> str:
-        """Where messages for `component` go (and its replicas' queue group)."""
-        return (f"{self.msg_prefix}{encode_token(component.namespace)}.{encode_token(component.name)}."
-                f"{encode_token(component.instance)}")
+        """Where other hosts send messages for `component` (and its replicas' queue group)."""
+        return self.msg_prefix + _tokens(component)
+
+    def ingress(self, component: ComponentId) -> str:
+        """Where plain NATS clients send messages for `component` (and its replicas' queue group)."""
+        return self.ingress_prefix + _tokens(component)
+
+    def from_client(self, subject: str) -> bool:
+        """Whether `subject` is a `P.in.` subject: what arrives there is from a plain client, whatever it says."""
+        return subject.startswith(self.ingress_prefix)
 
     def component(self, subject: str) -> ComponentId:
-        """The component a `P.msg.` subject names; raises InvalidComponentId for anything else."""
-        if not subject.startswith(self.msg_prefix):
-            raise InvalidComponentId(f"subject {subject!r} is not under {self.msg_prefix}")
-        parts = subject[len(self.msg_prefix):].split(".")
+        """The component a `P.msg.` or `P.in.` subject names; raises InvalidComponentId for anything else."""
+        prefix = self.ingress_prefix if self.from_client(subject) else self.msg_prefix
+        if not subject.startswith(prefix):
+            raise InvalidComponentId(f"subject {subject!r} is not under {self.msg_prefix} or {self.ingress_prefix}")
+        parts = subject[len(prefix):].split(".")
         if len(parts) != 3:
-            raise InvalidComponentId(f"subject {subject!r}: expected {self.msg_prefix}<ns>.<name>.<inst>")
+            raise InvalidComponentId(f"subject {subject!r}: expected {prefix}<ns>.<name>.<inst>")
         return ComponentId(*(decode_token(p) for p in parts))
 
     def heartbeat(self, host: str) -> str:
@@ -115,6 +127,11 @@ class Subjects:
     def reply(self, host: str, token: str) -> str:
         """One answer subject of host `host`."""
         return f"{self.prefix}.re.{encode_token(host)}.{encode_token(token)}"
+
+
+def _tokens(component: ComponentId) -> str:
+    """`component` as the three subject tokens that end its message subjects."""
+    return f"{encode_token(component.namespace)}.{encode_token(component.name)}.{encode_token(component.instance)}"
 
 
 class Heartbeat(msgspec.Struct, frozen=True):

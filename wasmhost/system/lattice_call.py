@@ -117,7 +117,7 @@ async def _request(nc: Client, lattice: str, target: ComponentId, payload: bytes
     start (Wasmhost-Heartbeat), so one that dies before the CLI hears any of its heartbeats is noticed too;
     without it (a host of an older version), only from its first heartbeat heard."""
     subjects = wire.Subjects(lattice)
-    subject = subjects.message(target)
+    subject = subjects.ingress(target)  # a plain client's subject: the CLI is not a host
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     arrived: asyncio.Queue[Msg] = asyncio.Queue()  # answers and heartbeats; the subscriptions end with nc
