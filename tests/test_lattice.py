@@ -169,6 +169,23 @@ def test_a_plain_client_cannot_pose_as_a_host(tmp_path: Path, daemons: list[Daem
         server.kill()
 
 
+def test_a_password_in_a_nats_url_is_shown_neither_by_status_nor_in_the_log(tmp_path: Path,
+                                                                           daemons: list[Daemon]) -> None:
+    server = NatsServer(tmp_path / "nats", authorization=HOSTS_AND_CLIENTS).start()
+    try:
+        a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo"), [server.user_url("host", "host-pw")],
+                           "host-a", daemons)
+        assert wait_for_log(a, "lattice_connected")["url"] == f"nats://host:***@127.0.0.1:{server.port}"
+        shown = a.cli("status", "--lattice").stdout
+        assert f"connected to NATS at nats://host:***@127.0.0.1:{server.port}" in shown
+        server.kill()
+        wait_for_log(a, "lattice_disconnected")
+        assert "host-pw" not in shown + a.cli("status", "--lattice", "--json").stdout + a.log.read_text()
+        assert a.stop() == 0
+    finally:
+        server.kill()
+
+
 def test_a_message_without_a_host_on_the_hosts_subject_is_refused_naming_the_clients_subject(
         tmp_path: Path, nats_server: NatsServer, daemons: list[Daemon]) -> None:
     a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [nats_server.url],

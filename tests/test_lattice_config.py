@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from wasmhost.core.ids import ComponentId
+from wasmhost.lattice.settings import shown_url
 from wasmhost.system.config import ConfigError, parse_config
 
 
@@ -67,3 +68,19 @@ def test_a_daemon_without_lattice_does_not_import_nats() -> None:
              "print(any(m.split('.')[0] == 'nats' for m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("nats://10.0.0.5:4222", "nats://10.0.0.5:4222"),
+    ("nats://host:s3cret@10.0.0.5:4222", "nats://host:***@10.0.0.5:4222"),
+    ("tls://T0KEN@nats.example:4222/x", "tls://***@nats.example:4222/x"),
+    ("nats://a:b:c@h:1", "nats://a:***@h:1"),
+    ("nats://user:p@ss@h:1", "nats://user:***@h:1"),
+])
+def test_credentials_in_a_url_are_not_shown(url: str, shown: str) -> None:
+    assert shown_url(url) == shown
+
+
+def test_a_bad_url_is_named_without_its_password(tmp_path: Path) -> None:
+    errors = errors_of('[lattice]\nurls = ["http://host:s3cret@h:1"]\n', tmp_path)
+    assert any("http://host:***@h:1" in e for e in errors) and not any("s3cret" in e for e in errors)

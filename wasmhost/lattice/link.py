@@ -35,7 +35,7 @@ from wasmhost.core.message_size import check_message_size
 from wasmhost.lattice import wire
 from wasmhost.lattice.directory import Directory
 from wasmhost.lattice.ingress import Ingress
-from wasmhost.lattice.settings import LatticeSettings
+from wasmhost.lattice.settings import LatticeSettings, shown_url
 from wasmhost.messaging.outcome import Outcome, RequestFailed
 from wasmhost.messaging.router import MessageRouter
 
@@ -194,14 +194,15 @@ class Link:
 
     def _url(self) -> str:
         url = self.nc.connected_url if self.nc is not None else None
-        return url.geturl() if url is not None else ""
+        return shown_url(url.geturl()) if url is not None else ""
 
     async def _on_error(self, exc: Exception) -> None:
         cause = _describe(exc)
         if self.nc is None:  # not connected yet
-            cause = f"cannot connect to {', '.join(self.settings.urls)}: {cause}"
+            urls = [shown_url(url) for url in self.settings.urls]
+            cause = f"cannot connect to {', '.join(urls)}: {cause}"
             if cause != self._unreachable_logged:  # once per cause, not on every attempt
-                log.warning("lattice_unreachable", urls=list(self.settings.urls), cause=cause)
+                log.warning("lattice_unreachable", urls=urls, cause=cause)
                 self._unreachable_logged = cause
         elif self.connected:  # a slow consumer (nats-py dropped messages: their requests time out), or the
             log.warning("lattice_error", url=self._url(), cause=cause)  # first sign of a disconnection

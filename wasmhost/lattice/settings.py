@@ -61,6 +61,18 @@ class LatticeSettings:
     tls_key: Path | None = None
 
 
+def shown_url(url: str) -> str:
+    """`url` fit for logs, errors and `status`: the password of a `user:password@` in it, or a token (a user part
+    alone, `token@`), replaced by `***`. nats-py takes credentials in a URL, and `status --lattice` showed them."""
+    scheme, separator, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not separator or not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user + ':***' if colon else '***'}@{host}{slash}{path}"
+
+
 def _file(where: str, name: str | None, base: Path, errors: list[str]) -> Path | None:
     if name is None:
         return None
@@ -80,7 +92,7 @@ def lattice_settings(section: LatticeSection, base: Path, errors: list[str]) -> 
     for index, url in enumerate(section.urls):
         if not url.startswith(URL_SCHEMES) or len(url) <= len(url.split("://")[0]) + 3:
             errors.append(f"lattice.urls[{index}]: expected a URL like \"nats://HOST:4222\" "
-                          f"(scheme one of {', '.join(s[:-3] for s in URL_SCHEMES)}), got \"{url}\"")
+                          f"(scheme one of {', '.join(s[:-3] for s in URL_SCHEMES)}), got \"{shown_url(url)}\"")
     if not section.name.strip():
         errors.append("lattice.name: expected a non-empty lattice name")
     host_id = section.host_id if section.host_id is not None else socket.gethostname()

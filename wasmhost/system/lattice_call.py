@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.lattice import wire
 from wasmhost.lattice.directory import MISSED_HEARTBEATS
-from wasmhost.lattice.settings import LatticeSettings
+from wasmhost.lattice.settings import LatticeSettings, shown_url
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -85,7 +85,7 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
         nc = await nats.connect(**connect, connect_timeout=CONNECT_TIMEOUT, allow_reconnect=False,
                                 max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=quietly)
     except (OSError, errors.Error, TimeoutError) as exc:
-        servers = ", ".join(connect.get("servers", [])) or "the default server"
+        servers = ", ".join(shown_url(url) for url in connect.get("servers", [])) or "the default server"
         cause = seen[-1] if seen else exc
         raise LatticeCallFailed(f"cannot reach NATS at {servers}: {cause or type(cause).__name__}") from None
     try:
