@@ -57,6 +57,7 @@ def test_inspect_of_a_failed_component_of_the_daemon_prints_its_state_and_last_e
         assert shown.returncode == 1
         assert "Traceback" not in shown.stderr
         assert "id          t/broken/0\nstate       failed\n" in shown.stdout
+        assert "health      -\n" in shown.stdout  # no health to report, as in `status` (before: `None`)
         assert "restarts    2\n" in shown.stdout
         last_error = shown.stdout.split("last error  ", 1)[1]
         assert "metadata trapped" in last_error and "wasm `unreachable` instruction executed" in last_error

@@ -611,7 +611,8 @@ def _inspect_running(args: argparse.Namespace, target: str) -> int:
         print(json.dumps({"status": row, "forensics": report}, indent=2))
     else:
         for field in ("id", "state", "health", "restarts", "mailbox", "handled", "failed"):
-            print(f"{field:<11} {row.get(field)}")
+            value = row.get(field)
+            print(f"{field:<11} {'-' if value is None else value}")  # no health unless running, as in `status`
         # The whole error, a backtrace over several lines: each continuation line indented, so that
         # none of the guest's text can pass for a field of ours.
         last_error = printable(row.get("last_error") or "-", newlines=True)
