@@ -142,7 +142,8 @@ def test_plain_nats_clients_reach_only_components_that_accept_external(tmp_path:
 
 HOSTS_AND_CLIENTS = """users = [
   { user: host, password: host-pw }
-  { user: client, password: client-pw, permissions: { publish: ["wasmhost.default.in.>"], subscribe: ["_INBOX.>"] } }
+  { user: client, password: client-pw, permissions: { publish: ["wasmhost.default.in.>"],
+                                                      subscribe: ["_INBOX.>", "wasmhost.default.hb.>"] } }
 ]"""
 """deploy/README.md's permissions: hosts may use the whole lattice, plain clients only its clients' subjects."""
 
