@@ -208,3 +208,26 @@ def test_status_lattice_while_nats_is_unreachable(tmp_path: Path, started: list[
     assert lines[2].split() == ["host-a", "local", "1"]
     assert lines[-1].split()[:3] == ["t/echo/0", "host-a", "running"]
     assert d.call("t/echo/0", "still local") == "still local"
+
+
+ONLY_CLIENT_SUBJECTS = """users = [
+  { user: host, password: host-pw }
+  { user: client, password: client-pw, permissions: { publish: ["wasmhost.default.in.>"], subscribe: ["_INBOX.>"] } }
+]"""
+"""A client user that may not read heartbeats either."""
+
+
+def test_call_lattice_without_leave_to_hear_heartbeats_waits_for_the_answer(tmp_path: Path,
+                                                                            started: list[Daemon]) -> None:
+    # Before, NATS refusing the CLI its heartbeat subscription ended every call that outlasted three of the
+    # holding host's heartbeats with "target-stopped: host host-b left the lattice (no heartbeat)", the host alive.
+    server = NatsServer(tmp_path / "nats", authorization=ONLY_CLIENT_SUBJECTS).start()
+    try:
+        lattice_daemon(tmp_path / "b", component("t/slow/0", "services", "accept_external = true"),
+                       [server.user_url("host", "host-pw")], "host-b", started, heartbeat_s=0.2)
+        config = write_config(tmp_path, config_text(tmp_path / "state", lattice_section(
+            [server.user_url("client", "client-pw")], "cli") + ECHO))
+        result = wasmhost("call", "--lattice", "--config", str(config), "t/slow/0", "sleep 1500", "--timeout", "30")
+        assert (result.returncode, result.stdout, result.stderr) == (0, "slept", "")  # 1.5 s: 7 heartbeats unheard
+    finally:
+        server.kill()

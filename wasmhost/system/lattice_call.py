@@ -7,7 +7,8 @@ an external sender (`external/cli/<machine>`), so the target must say `accept_ex
 Like a daemon's own requests, it asks the host that takes the request to say so (`Wasmhost-Ack: 1`, answered
 `queued` naming that host and its heartbeat interval) and then watches that host's heartbeats: when it misses
 three of them (of its own interval, counted from the acknowledgement) or restarts, the call ends at once with
-`target-stopped` instead of waiting for its timeout.
+`target-stopped` instead of waiting for its timeout. When NATS refuses it the heartbeats (a client user allowed
+only the clients' subjects), hearing none says nothing: the call waits for its answer up to its timeout.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +97,8 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
                                     "for headers)")
         headers = {wire.KIND: wire.KIND_REQUEST, wire.SENDER: external_sender(),
                    wire.TIMEOUT_MS: str(max(1, int(timeout * 1000))), wire.ACK: "1"}
-        msg = await _request(nc, lattice, target, payload, headers, timeout)
+        msg = await _request(nc, lattice, target, payload, headers, timeout,
+                             lambda subject: any(_refused(error, subject) for error in seen))
     finally:
         await nc.close()
     found = msg.headers or {}
@@ -108,14 +111,21 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
     raise LatticeCallFailed(f"{target}{where}: {kind}: {answer.detail or '(no detail)'}")
 
 
+def _refused(error: Exception, subject: str) -> bool:
+    """Whether `error` (as nats-py reports a server's -ERR) is a refused subscription to `subject`."""
+    text = str(error).lower()
+    return "permissions violation for subscription" in text and f'"{subject.lower()}"' in text
+
+
 async def _request(nc: Client, lattice: str, target: ComponentId, payload: bytes, headers: dict[str, str],
-                   timeout: float) -> Msg:
+                   timeout: float, refused: Callable[[str], bool]) -> Msg:
     """Publish the request and return its answer (not the `queued` acknowledgement), within `timeout` s.
     The acknowledgement names the host that took the request: its heartbeats are watched from then on, and
     the call ends `target-stopped` when that host misses MISSED_HEARTBEATS of them or restarts (the same rule
     and words as a daemon's requests, see Link._end_placed). The acknowledgement says the host's interval and
     start (Wasmhost-Heartbeat), so one that dies before the CLI hears any of its heartbeats is noticed too;
-    without it (a host of an older version), only from its first heartbeat heard."""
+    without it (a host of an older version), only from its first heartbeat heard. `refused(subject)`: whether
+    NATS refused this client's subscription to `subject` (the watch then ends: silence would be no sign)."""
     subjects = wire.Subjects(lattice)
     subject = subjects.ingress(target)  # a plain client's subject: the CLI is not a host
     loop = asyncio.get_running_loop()
@@ -138,6 +148,9 @@ async def _request(nc: Client, lattice: str, target: ComponentId, payload: bytes
             now = loop.time()
             gone = heard + MISSED_HEARTBEATS * last.heartbeat_s if last is not None else deadline
             if gone < deadline and now > gone:
+                if refused(beats):  # NATS refused the subscription (permissions): no heartbeat could be heard
+                    last = None
+                    continue
                 raise LatticeCallFailed(f"{target}: target-stopped: host {holder} left the lattice (no heartbeat) "
                                         "with the request") from None
             if now >= deadline:
