@@ -141,7 +141,8 @@ def test_plain_nats_clients_reach_only_components_that_accept_external(tmp_path:
 
 
 HOSTS_AND_CLIENTS = """users = [
-  { user: host, password: host-pw }
+  { user: host, password: host-pw, permissions: { publish: ["wasmhost.default.>", "_INBOX.>"],
+                                                  subscribe: ["wasmhost.default.>", "_INBOX.>"] } }
   { user: client, password: client-pw, permissions: { publish: ["wasmhost.default.in.>"],
                                                       subscribe: ["_INBOX.>", "wasmhost.default.hb.>"] } }
 ]"""
@@ -197,6 +198,41 @@ def test_a_message_without_a_host_on_the_hosts_subject_is_refused_naming_the_cli
     assert headers["Wasmhost-Detail"] == ("wasmhost.default.msg.t.echo.0 takes messages from hosts only (with "
                                           "Wasmhost-Sender-Host); NATS clients send to wasmhost.default.in.t.echo.0")
     assert a.stop() == 0
+
+
+def test_answers_nats_refuses_to_the_clients_reply_subjects_are_logged_within_a_budget(
+        tmp_path: Path, daemons: list[Daemon]) -> None:
+    # A client picks the reply subject: one the host may not publish on makes nats-server refuse the host's
+    # answer (-ERR, the connection stays up). Each refusal was a lattice_error line (200 messages, 200 lines),
+    # and the last one the `cause` status showed while connected (and a later disconnection was reported with).
+    server = NatsServer(tmp_path / "nats", authorization=HOSTS_AND_CLIENTS).start()
+    try:
+        a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true")
+                           + component("t/counter/0", "counter"), [server.user_url("host", "host-pw")], "host-a",
+                           daemons)
+        client = server.user_url("client", "client-pw")
+        until("the echo answers", lambda: _try_call(client, "wasmhost.default.in.t.echo.0", b"hello"))
+
+        async def flood() -> None:
+            nc = await nats.connect(client)
+            try:
+                for i in range(200):  # refused (t/counter/0 does not accept external messages), answered
+                    await nc.publish("wasmhost.default.in.t.counter.0", b"x", reply=f"elsewhere.{i}")
+                await nc.flush()
+            finally:
+                await nc.close()
+
+        asyncio.run(flood())
+        # The host answered all 200 (in order) before this answer; their refusals reached it before the next call
+        nats_call(client, "wasmhost.default.in.t.counter.0", b"after")
+        assert nats_call(client, "wasmhost.default.in.t.counter.0", b"and after")[1]["Wasmhost-Outcome"] == "rejected"
+        refused = [e for e in a.events() if e.get("event") == "lattice_error"]
+        assert 1 <= len(refused) <= 20 and "permissions violation" in str(refused[0]["cause"]).lower()
+        status = json.loads(a.cli("status", "--lattice", "--json").stdout)
+        assert status["connected"] and status["cause"] == ""  # no refusal stands for the link's state
+        assert a.stop() == 0
+    finally:
+        server.kill()
 
 
 def _refused_publish(url: str, subject: str, headers: dict[str, str]) -> str:

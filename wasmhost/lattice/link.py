@@ -97,6 +97,7 @@ class Link:
         # A guest sending in a loop to a target that refuses (its mailbox full, no grant there) makes one
         # rejection per send: 554,051 lines in 35 s on each host, unbudgeted. At most a few per target now.
         self._rejected_lines = LogBudget()
+        self._error_lines = LogBudget()  # lattice_error lines about one message each, per kind (see _on_error)
         self._outbox_lock = threading.Lock()
         self._outbox_ready = asyncio.Event()
         self._changed = asyncio.Event()  # local components changed: resubscribe, new inventory
@@ -204,8 +205,18 @@ class Link:
             if cause != self._unreachable_logged:  # once per cause, not on every attempt
                 log.warning("lattice_unreachable", urls=urls, cause=cause)
                 self._unreachable_logged = cause
-        elif self.connected:  # a slow consumer (nats-py dropped messages: their requests time out), or the
-            log.warning("lattice_error", url=self._url(), cause=cause)  # first sign of a disconnection
+        elif _about_one_message(exc):
+            # A refused publish (an answer to a reply subject this host may not publish on: a client's choice)
+            # or a message dropped (a slow consumer): one per message, as often as clients send them, and the
+            # connection stays up. Each was a line (2,000 client messages made 2,000), and the last one became
+            # the `cause` a later disconnection was reported with. Budgeted now, and not a cause.
+            left_out = self._error_lines.admit(type(exc).__name__)
+            if left_out is not None:
+                extra = {"suppressed": left_out} if left_out else {}
+                log.warning("lattice_error", url=self._url(), cause=cause, **extra)
+            return
+        elif self.connected:  # the first sign of a disconnection
+            log.warning("lattice_error", url=self._url(), cause=cause)
         self.cause = cause
 
     async def _on_disconnected(self) -> None:
@@ -643,6 +654,14 @@ async def _unsubscribe(subs: list[Subscription]) -> None:
     for sub in subs:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+def _about_one_message(exc: Exception) -> bool:
+    """Whether nats-py's error `exc` is about one message, not the connection: a publish the server refused
+    (a permissions violation; the connection stays up) or a message dropped (a slow consumer)."""
+    from nats import errors
+
+    return isinstance(exc, errors.SlowConsumerError) or "permissions violation" in str(exc).lower()
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
