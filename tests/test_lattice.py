@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -233,6 +234,51 @@ def test_answers_nats_refuses_to_the_clients_reply_subjects_are_logged_within_a_
         assert a.stop() == 0
     finally:
         server.kill()
+
+
+def test_a_message_nats_py_cannot_read_is_dropped_and_the_host_reads_on(tmp_path: Path,
+                                                                        daemons: list[Daemon]) -> None:
+    # nats-py stopped reading the connection at such a message, with no reconnection: a plain client's 8 bytes
+    # left a host deaf (no message, no answer, heartbeats going on) until nats-py's pings found the connection
+    # stale, 12 s with heartbeat_s = 2 (here 60 s would make it minutes), and again at the next one.
+    server = NatsServer(tmp_path / "nats", authorization=HOSTS_AND_CLIENTS).start()
+    try:
+        a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true")
+                           + component("t/counter/0", "counter"), [server.user_url("host", "host-pw")], "host-a",
+                           daemons, heartbeat_s=60)
+        client = server.user_url("client", "client-pw")
+        until("the echo answers", lambda: _try_call(client, "wasmhost.default.in.t.echo.0", b"hello"))
+        for header_block, reply in [(b"NATS/1.0", b""), (b"NATS/1.0 \xff\xfe\xfd\r\n\r\n", b""),
+                                    (b"NATS/1.0\r\nWasmhost-Kind: send\r\n\r\n", b"_INBOX.\xff")]:
+            _raw_publish(server.port, b"wasmhost.default.in.t.counter.0", header_block, reply)
+        data, headers = nats_call(client, "wasmhost.default.in.t.echo.0", b"still heard")
+        assert data == b"still heard" and headers["Wasmhost-Outcome"] == "reply"
+        def dropped() -> list[str]:
+            return [str(e["cause"]) for e in a.events() if e.get("event") == "lattice_error"]
+
+        until("each is logged", lambda: len(dropped()) == 3)  # the log is written by a thread of its own
+        assert all("a message on wasmhost.default.in.t.counter.0 could not be read" in c for c in dropped())
+        assert a.call("t/counter/0", "") == "1"  # none reached it
+        assert a.stop() == 0
+    finally:
+        server.kill()
+
+
+def _raw_publish(port: int, subject: bytes, header_block: bytes, reply: bytes) -> None:
+    """Publish as deploy/README's client user through a raw socket (nats-py sends only well-formed headers),
+    then wait for the server's PONG: it has taken the message."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.recv(4096)  # INFO
+        s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"protocol":1,"user":"client",'
+                  b'"pass":"client-pw"}\r\n')
+        size = len(header_block)
+        s.sendall(b" ".join([b"HPUB", subject] + ([reply] if reply else []) + [b"%d %d\r\n" % (size, size)])
+                  + header_block + b"\r\nPING\r\n")
+        seen = b""
+        while b"PONG" not in seen:
+            chunk = s.recv(4096)
+            assert chunk and b"-ERR" not in chunk, seen + chunk
+            seen += chunk
 
 
 def _refused_publish(url: str, subject: str, headers: dict[str, str]) -> str:

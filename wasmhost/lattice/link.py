@@ -159,12 +159,12 @@ class Link:
         """Connect; nats-py retries every URL until one answers (each failure reaches `_on_error`, which logs
         lattice_unreachable once per cause). Only a mistake it does not retry (a bad credentials file) ends
         an attempt: then this tries again after a pause."""
-        import nats  # only a daemon with [lattice] pays for importing nats-py
+        from wasmhost.lattice import nats_client  # only a daemon with [lattice] pays for importing nats-py
 
         wait = CONNECT_RETRY_S[0]
         while True:
             try:
-                self.nc = await nats.connect(
+                self.nc = await nats_client.connect(
                     servers=list(self.settings.urls), name=f"wasmhost {self.host}", allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
                     ping_interval=max(1, int(self.settings.heartbeat_s * 2)), max_outstanding_pings=2,
@@ -207,9 +207,10 @@ class Link:
                 self._unreachable_logged = cause
         elif _about_one_message(exc):
             # A refused publish (an answer to a reply subject this host may not publish on: a client's choice)
-            # or a message dropped (a slow consumer): one per message, as often as clients send them, and the
-            # connection stays up. Each was a line (2,000 client messages made 2,000), and the last one became
-            # the `cause` a later disconnection was reported with. Budgeted now, and not a cause.
+            # or a message dropped (a slow consumer, or unreadable: nats_client.py): one per message, as often
+            # as clients send them, and the connection stays up. Each was a line (2,000 client messages made
+            # 2,000), and the last one became the `cause` a later disconnection was reported with. Budgeted
+            # now, and not a cause.
             left_out = self._error_lines.admit(type(exc).__name__)
             if left_out is not None:
                 extra = {"suppressed": left_out} if left_out else {}
@@ -658,10 +659,13 @@ async def _unsubscribe(subs: list[Subscription]) -> None:
 
 def _about_one_message(exc: Exception) -> bool:
     """Whether nats-py's error `exc` is about one message, not the connection: a publish the server refused
-    (a permissions violation; the connection stays up) or a message dropped (a slow consumer)."""
+    (a permissions violation; the connection stays up) or a message dropped (a slow consumer, unreadable)."""
     from nats import errors
 
-    return isinstance(exc, errors.SlowConsumerError) or "permissions violation" in str(exc).lower()
+    from wasmhost.lattice.nats_client import UnreadableMessage
+
+    return (isinstance(exc, (errors.SlowConsumerError, UnreadableMessage))
+            or "permissions violation" in str(exc).lower())
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

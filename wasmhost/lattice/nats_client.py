@@ -1,0 +1,39 @@
+"""The link's NATS client: nats-py's, except that a message it cannot read no longer stops it reading.
+
+nats-py (2.16) reads a connection's messages in one task, and an exception while it turns a message into a
+Msg ends that task, with no reconnection: a header block of `NATS/1.0` alone (IndexError), an inline status
+or a reply subject that is not UTF-8 (UnicodeDecodeError). Any client allowed to publish on a subject the
+host subscribes (a component's `P.in.` subject) can send such a message with a raw socket. The host then
+read nothing more (no message, no answer) while its heartbeats still went out, so other hosts kept sending
+to it, until nats-py's pings found the connection stale: 12 s with heartbeat_s = 2, and again at the next such
+message. Here such a message is dropped and reported through error_cb as UnreadableMessage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nats.aio.client import Client
+
+
+class UnreadableMessage(Exception):
+    """A message nats-py could not read, dropped (its sender gets no answer: where to is not known)."""
+
+
+class LatticeClient(Client):
+    """nats-py's client, reading on past a message it cannot read."""
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        try:
+            await super()._process_msg(sid, subject, reply, data, headers)
+        except Exception as exc:  # one sender's bytes must not end the reading of everybody's messages
+            shown = subject.decode(errors="replace")
+            await self._error_cb(UnreadableMessage(f"a message on {shown} could not be read and was dropped: "
+                                                   f"{type(exc).__name__}: {exc}"))
+
+
+async def connect(**options: Any) -> Client:
+    """nats.connect's equivalent, with LatticeClient."""
+    client = LatticeClient()
+    await client.connect(**options)
+    return client
