@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nats
 import nats.errors
+from nats.aio.msg import Msg
 
 from tests import lattice_support
 from tests.lattice_support import NatsServer, lattice_daemon, wait_for_log
@@ -259,6 +260,55 @@ def test_a_message_nats_py_cannot_read_is_dropped_and_the_host_reads_on(tmp_path
         until("each is logged", lambda: len(dropped()) == 3)  # the log is written by a thread of its own
         assert all("a message on wasmhost.default.in.t.counter.0 could not be read" in c for c in dropped())
         assert a.call("t/counter/0", "") == "1"  # none reached it
+        assert a.stop() == 0
+    finally:
+        server.kill()
+
+
+ONE_HOST_USER_FOR_TWO_LATTICES = """users = [
+  { user: host, password: host-pw, permissions: { publish: ["wasmhost.>", "_INBOX.>"],
+                                                  subscribe: ["wasmhost.>", "_INBOX.>"] } }
+  { user: client, password: client-pw, permissions: { publish: ["wasmhost.staging.in.>"], subscribe: ["_INBOX.>"] } }
+]"""
+
+
+def test_a_client_of_one_lattice_cannot_make_its_host_speak_on_another_lattices_subjects(
+        tmp_path: Path, daemons: list[Daemon]) -> None:
+    # Only the host's own lattice prefix was refused as a client's reply subject: with one host user for staging
+    # and prod, a staging client had a staging echo publish a heartbeat of its choosing on prod's subjects, and
+    # prod's hosts listed a host "ghost" for three hours (a real host's name would end its requests instead).
+    server = NatsServer(tmp_path / "nats", authorization=ONE_HOST_USER_FOR_TWO_LATTICES).start()
+    try:
+        a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"),
+                           [server.user_url("host", "host-pw")], "host-a", daemons, extra='name = "staging"')
+        client = server.user_url("client", "client-pw")
+        until("the echo answers", lambda: _try_call(client, "wasmhost.staging.in.t.echo.0", b"hello"))
+        forged = json.dumps({"host": "ghost", "seq": 1, "started_at": 1.0, "heartbeat_s": 3600,
+                             "inventory_version": 1}).encode()
+
+        async def attempt() -> list[bytes]:
+            heard: asyncio.Queue[bytes] = asyncio.Queue()
+
+            async def note(msg: Msg) -> None:
+                heard.put_nowait(msg.data)
+
+            watcher = await nats.connect(server.user_url("host", "host-pw"))  # sees what the host publishes, in order
+            attacker = await nats.connect(client)
+            try:
+                await watcher.subscribe("wasmhost.prod.hb.ghost", cb=note)
+                await watcher.subscribe("_INBOX.watched", cb=note)
+                await watcher.flush()
+                await attacker.publish("wasmhost.staging.in.t.echo.0", forged, reply="wasmhost.prod.hb.ghost")
+                await attacker.publish("wasmhost.staging.in.t.echo.0", b"after", reply="_INBOX.watched")
+                await attacker.flush()
+                return [await asyncio.wait_for(heard.get(), 10)]  # the echo answers in order
+            finally:
+                await attacker.close()
+                await watcher.close()
+
+        assert asyncio.run(attempt()) == [b"after"]
+        refused = wait_for_log(a, "lattice_message_rejected", error="invalid-message")
+        assert "'wasmhost.prod.hb.ghost' is under wasmhost." in str(refused["detail"])
         assert a.stop() == 0
     finally:
         server.kill()

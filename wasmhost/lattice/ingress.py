@@ -69,10 +69,11 @@ class Ingress:
         from_client = link.subjects.from_client(msg.subject)
         sender_host = None if from_client else headers.get(wire.SENDER_HOST)
         if sender_host is None and msg.reply and link.subjects.internal(msg.reply):
-            # the answer would be published by this host on a lattice subject the client chose: a forged
-            # heartbeat, inventory or answer to another host's request. Neither taken nor answered.
+            # the answer would be published by this host on a lattice subject the client chose (of this lattice
+            # or another on the same NATS): a forged heartbeat, inventory or answer to another host's request.
+            # Neither taken nor answered.
             self._rejected(target, headers, "", "invalid-message", f"an external client's reply subject "
-                           f"{msg.reply!r} is under {link.subjects.prefix}, which only hosts may publish on")
+                           f"{msg.reply!r} is under {wire.LATTICE_ROOT}, which only hosts may publish on")
             return
         try:
             if sender_host is None and not from_client:

@@ -77,18 +77,24 @@ def decode_token(token: str) -> str:
     return unquote(token, errors="strict")
 
 
+LATTICE_ROOT = "wasmhost."
+"""What every lattice's subjects start with."""
+
+
 class Subjects:
     """Subject names of one lattice (`wasmhost.<name>`)."""
 
     def __init__(self, lattice_name: str) -> None:
-        self.prefix = f"wasmhost.{encode_token(lattice_name)}"
+        self.prefix = f"{LATTICE_ROOT}{encode_token(lattice_name)}"
         self.msg_prefix = f"{self.prefix}.msg."
         self.ingress_prefix = f"{self.prefix}.in."
         self.heartbeats = f"{self.prefix}.hb.*"
 
     def internal(self, subject: str) -> bool:
-        """Whether `subject` is one of this lattice's own (under `wasmhost.<name>.`)."""
-        return subject.startswith(f"{self.prefix}.")
+        """Whether `subject` is a lattice's own: under `wasmhost.`, this lattice's or another's. One NATS may
+        carry several lattices (staging, prod) with one host user for them all: a client of one must not
+        make its hosts publish on another's subjects (a heartbeat of its choosing there) either."""
+        return subject.startswith(LATTICE_ROOT)
 
     def message(self, component: ComponentId) -> str:
         """Where other hosts send messages for `component` (and its replicas' queue group)."""
