@@ -314,6 +314,21 @@ def test_a_client_of_one_lattice_cannot_make_its_host_speak_on_another_lattices_
         server.kill()
 
 
+def test_a_clients_long_header_values_are_shortened_in_the_log(tmp_path: Path, nats_server: NatsServer,
+                                                                daemons: list[Daemon]) -> None:
+    # Rejections are logged within a budget of lines, but a line showed a client's headers whole: a 1 MB
+    # Wasmhost-Sender and Wasmhost-Kind made a 2 MB line, 20 such lines per component every 10 s.
+    a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [nats_server.url],
+                       "host-a", daemons)
+    until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"hello"))
+    long = {"Wasmhost-Sender": "external/x/" + "s" * 1_000_000, "Wasmhost-Kind": "k" * 1_000_000}
+    _, headers = nats_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"x", long)
+    assert headers["Wasmhost-Error"] == "invalid-message" and len(headers["Wasmhost-Detail"]) <= 1000
+    line = wait_for_log(a, "lattice_message_rejected")
+    assert len(json.dumps(line)) < 5000 and str(line["sender"]).endswith("(1000011 characters)")
+    assert a.stop() == 0
+
+
 def _raw_publish(port: int, subject: bytes, header_block: bytes, reply: bytes) -> None:
     """Publish as deploy/README's client user through a raw socket (nats-py sends only well-formed headers),
     then wait for the server's PONG: it has taken the message."""

@@ -111,8 +111,10 @@ class Ingress:
         if left_out is None:
             return
         extra = {"suppressed": left_out} if left_out else {}
-        log.info("lattice_message_rejected", target=str(target), sender=headers.get(wire.SENDER, ""),
-                 sender_host=sender_host, error=error, detail=detail, **extra)
+        # The sender and the detail (a header's value quoted) are a client's text, as long as NATS lets a message
+        # be: a 1 MB Wasmhost-Sender and Wasmhost-Kind made a 2 MB line (the budget counts lines, not bytes)
+        log.info("lattice_message_rejected", target=str(target), sender=_shortened(headers.get(wire.SENDER, "")),
+                 sender_host=_shortened(sender_host), error=error, detail=_shortened(detail), **extra)
 
     def _request(self, reply: str, message: ComponentMessage, recipient: Recipient, target: ComponentId,
                  headers: dict[str, str], acknowledge: bool) -> None:
@@ -175,6 +177,15 @@ def _sender(text: str | None, from_host: bool) -> ComponentId:
     if not from_host and sender.namespace != wire.EXTERNAL_NAMESPACE:
         return ComponentId(wire.EXTERNAL_NAMESPACE, sender.name, sender.instance)
     return sender
+
+
+LOGGED_CHARS = 1000
+"""Characters of a client's text (a header's value) a log line shows at most."""
+
+
+def _shortened(text: str) -> str:
+    """`text` for a log line: at most LOGGED_CHARS characters, saying how many there were when more."""
+    return text if len(text) <= LOGGED_CHARS else f"{text[:LOGGED_CHARS]}... ({len(text)} characters)"
 
 
 def _detail(exc: MessagingError) -> str:
