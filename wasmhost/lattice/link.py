@@ -315,6 +315,9 @@ class Link:
                 log.warning("lattice_subscribe_failed", component=str(cid), cause=_describe(exc))
                 await _unsubscribe(subs)
                 continue
+            if self._leaving:  # leave() ran meanwhile and took out only what was in _subs: nothing more now
+                await _unsubscribe(subs)
+                return
             self._subs[cid] = subs
 
     async def _heartbeats(self) -> None:
