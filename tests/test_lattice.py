@@ -329,6 +329,25 @@ def test_a_clients_long_header_values_are_shortened_in_the_log(tmp_path: Path, n
     assert a.stop() == 0
 
 
+def test_a_clients_correlation_id_and_content_type_are_bounded(tmp_path: Path, nats_server: NatsServer,
+                                                                daemons: list[Daemon]) -> None:
+    # Only the payload was held to max_message_bytes: a client's Wasmhost-Correlation-Id and Content-Type, as
+    # long as NATS lets a message be, went into the mailbox and the guest, and the correlation id into each of
+    # the guest's log lines for that message (past their 16 KiB bound: a 4 MB id made a 4 MB line per line).
+    a = lattice_daemon(tmp_path / "a", component("t/logger/0", "logger", "accept_external = true"),
+                       [nats_server.url], "host-a", daemons)
+    until("the logger answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.logger.0", b"hello"))
+    for header in ("Wasmhost-Correlation-Id", "Content-Type"):
+        _, headers = nats_call(nats_server.url, "wasmhost.default.in.t.logger.0", b"x", {header: "c" * 4_000_000})
+        assert headers["Wasmhost-Outcome"] == "rejected" and headers["Wasmhost-Error"] == "invalid-message"
+        assert headers["Wasmhost-Detail"] == f"{header} is 4000000 characters, at most 256 are allowed"
+    _, headers = nats_call(nats_server.url, "wasmhost.default.in.t.logger.0", b"x",
+                           {"Wasmhost-Correlation-Id": "c" * 256, "Content-Type": "t" * 256})
+    assert headers["Wasmhost-Outcome"] == "no-reply"  # taken
+    assert max(len(line) for line in a.log.read_text().splitlines()) < 20_000
+    assert a.stop() == 0
+
+
 def _raw_publish(port: int, subject: bytes, header_block: bytes, reply: bytes) -> None:
     """Publish as deploy/README's client user through a raw socket (nats-py sends only well-formed headers),
     then wait for the server's PONG: it has taken the message."""

@@ -88,8 +88,8 @@ class Ingress:
                                      "(its config does not set accept_external = true)")
             recipient = link.router.accept_remote(sender, kind, target, len(msg.data),
                                                   check_sender=sender_host is not None and sender != HOST_ID)
-            metadata = MessageMetadata(timestamp=Timestamp.now(), correlation_id=headers.get(wire.CORRELATION),
-                                       reply_to=sender, content_type=headers.get(wire.CONTENT_TYPE))
+            metadata = MessageMetadata(timestamp=Timestamp.now(), correlation_id=_metadata(headers, wire.CORRELATION),
+                                       reply_to=sender, content_type=_metadata(headers, wire.CONTENT_TYPE))
             message = ComponentMessage(sender, msg.data, metadata)
             if kind != wire.KIND_REQUEST or not msg.reply:
                 link.router.deliver(recipient, Envelope(message))
@@ -177,6 +177,16 @@ def _sender(text: str | None, from_host: bool) -> ComponentId:
     if not from_host and sender.namespace != wire.EXTERNAL_NAMESPACE:
         return ComponentId(wire.EXTERNAL_NAMESPACE, sender.name, sender.instance)
     return sender
+
+
+def _metadata(headers: dict[str, str], name: str) -> str | None:
+    """The header `name`, which becomes the message's metadata; invalid-message when it is longer than
+    MAX_METADATA_CHARS (a client's 4 MB correlation id made a 4 MB line of each guest log call)."""
+    value = headers.get(name)
+    if value is not None and len(value) > wire.MAX_METADATA_CHARS:
+        raise MessagingError("invalid-message", f"{name} is {len(value)} characters, at most "
+                             f"{wire.MAX_METADATA_CHARS} are allowed")
+    return value
 
 
 LOGGED_CHARS = 1000

@@ -46,6 +46,11 @@ HEARTBEAT = "Wasmhost-Heartbeat"
 """On a `queued` answer: `<heartbeat_s> <started_at>` of the host that took the request, so that a requester
 that has heard none of its heartbeats yet (`call --lattice`) can tell from then on when it stops answering."""
 
+MAX_METADATA_CHARS = 256
+"""Characters a message's Wasmhost-Correlation-Id and Content-Type may have: they reach the mailbox and the guest
+beside the payload, which alone max_message_bytes bounds, and the correlation id every guest log line of the
+message."""
+
 KIND_SEND = "send"
 KIND_REQUEST = "request"
 KIND_BROADCAST = "broadcast"
