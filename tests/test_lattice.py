@@ -228,6 +228,14 @@ def test_answers_nats_refuses_to_the_clients_reply_subjects_are_logged_within_a_
         # The host answered all 200 (in order) before this answer; their refusals reached it before the next call
         nats_call(client, "wasmhost.default.in.t.counter.0", b"after")
         assert nats_call(client, "wasmhost.default.in.t.counter.0", b"and after")[1]["Wasmhost-Outcome"] == "rejected"
+
+        async def marker() -> None:  # a line logged after theirs (the log is written by a thread of its own)
+            nc = await nats.connect(client)
+            await nc.publish("wasmhost.default.in.t.echo.0", b"x", reply="wasmhost.default.marker")
+            await nc.close()
+
+        asyncio.run(marker())
+        wait_for_log(a, "lattice_message_rejected", target="t/echo/0")
         refused = [e for e in a.events() if e.get("event") == "lattice_error"]
         assert 1 <= len(refused) <= 20 and "permissions violation" in str(refused[0]["cause"]).lower()
         status = json.loads(a.cli("status", "--lattice", "--json").stdout)
