@@ -144,7 +144,7 @@ def test_plain_nats_clients_reach_only_components_that_accept_external(tmp_path:
 
 HOSTS_AND_CLIENTS = """users = [
   { user: host, password: host-pw, permissions: { publish: ["wasmhost.default.>", "_INBOX.>"],
-                                                  subscribe: ["wasmhost.default.>", "_INBOX.>"] } }
+                                                  subscribe: ["wasmhost.default.>"] } }
   { user: client, password: client-pw, permissions: { publish: ["wasmhost.default.in.>"],
                                                       subscribe: ["_INBOX.>", "wasmhost.default.hb.>"] } }
 ]"""
@@ -354,6 +354,38 @@ def test_a_clients_correlation_id_and_content_type_are_bounded(tmp_path: Path, n
     assert headers["Wasmhost-Outcome"] == "no-reply"  # taken
     assert max(len(line) for line in a.log.read_text().splitlines()) < 20_000
     assert a.stop() == 0
+
+
+def test_plain_clients_do_not_read_the_hosts_inventories(tmp_path: Path, daemons: list[Daemon]) -> None:
+    # A host fetched another's inventory with a request on nats-py's _INBOX.: deploy/README's clients, who may
+    # subscribe _INBOX.>, read every inventory (each component of each host, external or not, its health and
+    # version) each time one changed. The hosts now take answers under their lattice's prefix.
+    server = NatsServer(tmp_path / "nats", authorization=HOSTS_AND_CLIENTS).start()
+
+    async def watch() -> list[bytes]:
+        nc = await nats.connect(server.user_url("client", "client-pw"))
+        try:
+            sub = await nc.subscribe("_INBOX.>")
+            await nc.flush()
+
+            def start_both() -> None:
+                lattice_daemon(tmp_path / "a", component("t/counter/0", "counter"),
+                               [server.user_url("host", "host-pw")], "host-a", daemons)
+                b = lattice_daemon(tmp_path / "b", ECHO, [server.user_url("host", "host-pw")], "host-b", daemons)
+                until("b knows a's components", lambda: "t/counter/0" in b.cli("status", "--lattice").stdout)
+
+            await asyncio.to_thread(start_both)
+            await nc.flush()  # what was published to _INBOX.> before this reached nc before the PONG
+            return [(await sub.next_msg(timeout=1)).data for _ in range(sub.pending_msgs)]
+        finally:
+            await nc.close()
+
+    try:
+        read = asyncio.run(watch())
+        assert not [data for data in read if b"t/counter/0" in data]
+        assert all(d.stop() == 0 for d in daemons)
+    finally:
+        server.kill()
 
 
 def _raw_publish(port: int, subject: bytes, header_block: bytes, reply: bytes) -> None:

@@ -169,6 +169,8 @@ class Link:
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
                     ping_interval=max(1, int(self.settings.heartbeat_s * 2)), max_outstanding_pings=2,
                     pending_size=64 * 1024 * 1024, user_credentials=self._credentials(), tls=self._tls(),
+                    # inventories come back here: on _INBOX. any plain client could read every host's
+                    inbox_prefix=self.subjects.inbox(self.host),
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
                 break

@@ -10,6 +10,7 @@ percent-encoded so that it holds no '.', '*', '>', whitespace or '%' (`%2E`, `%2
 - `P.hb.<host>`               a host's heartbeat (Heartbeat, msgspec JSON)
 - `P.inv.<host>`              request/reply: the host's inventory (Inventory, msgspec JSON)
 - `P.re.<host>.<id>`          answers to the requests a host's components made (one wildcard subscription)
+- `P.inbox.<host>.…`          the host's nats-py inboxes: answers to its inventory requests
 
 Headers of a message: Wasmhost-Kind (send|request|broadcast), Wasmhost-Sender, Wasmhost-Sender-Host (required on
 `P.msg.`, ignored on `P.in.`), Wasmhost-Correlation-Id, Wasmhost-Timeout-Ms, Wasmhost-Ack, Content-Type. Headers of
@@ -134,6 +135,11 @@ class Subjects:
     def replies(self, host: str) -> str:
         """The wildcard under which host `host` receives answers to its components' requests."""
         return f"{self.prefix}.re.{encode_token(host)}.*"
+
+    def inbox(self, host: str) -> str:
+        """The prefix of host `host`'s own request inboxes (nats-py's inbox_prefix: inventory fetches). Under the
+        lattice's prefix, not nats-py's `_INBOX.`, which plain clients may subscribe (deploy/README)."""
+        return f"{self.prefix}.inbox.{encode_token(host)}"
 
     def reply(self, host: str, token: str) -> str:
         """One answer subject of host `host`."""
