@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from tests.lattice_support import NatsServer, free_port, lattice_daemon, lattice_section
 from tests.test_daemon import ROOT, Daemon, component, config_text, launch, wasmhost
+from tests.test_lattice import _try_call
 from wasmhost.lattice import wire
 
 ECHO = component("t/echo/0", "echo")
@@ -210,6 +211,11 @@ def test_status_lattice_while_nats_is_unreachable(tmp_path: Path, started: list[
     assert d.call("t/echo/0", "still local") == "still local"
 
 
+def subscribed(url: str, subject: str, probe: bytes) -> None:
+    """Wait until a component's host has subscribed `subject` (READY=1 does not wait for NATS): it answers `probe`."""
+    wait_for(lambda: _try_call(url, subject, probe) is not None, f"a host answers on {subject}")
+
+
 ONLY_CLIENT_SUBJECTS = """users = [
   { user: host, password: host-pw }
   { user: client, password: client-pw, permissions: { publish: ["wasmhost.default.in.>"], subscribe: ["_INBOX.>"] } }
@@ -225,9 +231,33 @@ def test_call_lattice_without_leave_to_hear_heartbeats_waits_for_the_answer(tmp_
     try:
         lattice_daemon(tmp_path / "b", component("t/slow/0", "services", "accept_external = true"),
                        [server.user_url("host", "host-pw")], "host-b", started, heartbeat_s=0.2)
+        subscribed(server.user_url("host", "host-pw"), "wasmhost.default.in.t.slow.0", b"self")
         config = write_config(tmp_path, config_text(tmp_path / "state", lattice_section(
             [server.user_url("client", "client-pw")], "cli") + ECHO))
         result = wasmhost("call", "--lattice", "--config", str(config), "t/slow/0", "sleep 1500", "--timeout", "30")
         assert (result.returncode, result.stdout, result.stderr) == (0, "slept", "")  # 1.5 s: 7 heartbeats unheard
+    finally:
+        server.kill()
+
+
+OWN_INBOXES = """users = [
+  { user: host, password: host-pw }
+  { user: ops, password: ops-pw, permissions: { publish: ["wasmhost.default.in.>"],
+                                                subscribe: ["_INBOX_ops.>", "wasmhost.default.hb.>"] } }
+]"""
+"""An operator's client user kept to inboxes of its own: other clients can neither read nor forge its answers."""
+
+
+def test_call_lattice_takes_its_answers_under_the_configured_inbox_prefix(tmp_path: Path,
+                                                                          started: list[Daemon]) -> None:
+    server = NatsServer(tmp_path / "nats", authorization=OWN_INBOXES).start()
+    try:
+        lattice_daemon(tmp_path / "b", component("t/ext/0", "echo", "accept_external = true"),
+                       [server.user_url("host", "host-pw")], "host-b", started)
+        subscribed(server.user_url("host", "host-pw"), "wasmhost.default.in.t.ext.0", b"probe")
+        section = lattice_section([server.user_url("ops", "ops-pw")], "cli", extra='cli_inbox_prefix = "_INBOX_ops"')
+        config = write_config(tmp_path, config_text(tmp_path / "state", section + ECHO))
+        result = wasmhost("call", "--lattice", "--config", str(config), "t/ext/0", "hi", "--timeout", "30")
+        assert (result.returncode, result.stdout, result.stderr) == (0, "hi", "")
     finally:
         server.kill()

@@ -43,7 +43,8 @@ def test_every_mistake_is_named_by_its_key(tmp_path: Path) -> None:
                        '[[lattice.grants]]\nid = "a/b"\n[[lattice.grants]]\nid = "a/b/c"\nsend = ["a/*/c"]\n',
                        tmp_path)
     assert errors == [
-        "lattice.bogus: unknown key (expected one of urls, name, host_id, credentials, tls, heartbeat_s, grants)",
+        "lattice.bogus: unknown key (expected one of urls, name, host_id, credentials, tls, heartbeat_s, grants, "
+        "cli_inbox_prefix)",
         "lattice.heartbeat_s: expected a number >= 0.05, got 0",
         'lattice.urls[0]: expected a URL like "nats://HOST:4222" (scheme one of nats, tls, ws, wss), got "http://x"',
         'lattice.urls[1]: expected a URL like "nats://HOST:4222" (scheme one of nats, tls, ws, wss), got "nats://"',
@@ -84,3 +85,12 @@ def test_credentials_in_a_url_are_not_shown(url: str, shown: str) -> None:
 def test_a_bad_url_is_named_without_its_password(tmp_path: Path) -> None:
     errors = errors_of('[lattice]\nurls = ["http://host:s3cret@h:1"]\n', tmp_path)
     assert any("http://host:***@h:1" in e for e in errors) and not any("s3cret" in e for e in errors)
+
+
+def test_the_clis_inbox_prefix_is_a_subject_prefix_outside_the_lattices(tmp_path: Path) -> None:
+    config = parse_config('[lattice]\ncli_inbox_prefix = "_INBOX_ops.eu"\n', tmp_path / "wasmhost.toml")
+    assert config.lattice is not None and config.lattice.cli_inbox_prefix == "_INBOX_ops.eu"
+    assert parse_config("[lattice]\n", tmp_path / "wasmhost.toml").lattice.cli_inbox_prefix is None  # type: ignore[union-attr]
+    for bad in ("_INBOX.*", "a..b", "a b", "", ".a", "wasmhost.default.inbox"):
+        [error] = errors_of(f'[lattice]\ncli_inbox_prefix = "{bad}"\n', tmp_path)
+        assert error.startswith("lattice.cli_inbox_prefix: expected subject tokens") and repr(bad) in error

@@ -5,17 +5,20 @@ Absent, the daemon is a single host and nats-py is never imported.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
-from wasmhost.lattice.wire import HeartbeatSeconds
+from wasmhost.lattice.wire import LATTICE_ROOT, HeartbeatSeconds
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_HEARTBEAT_S = 2.0
 URL_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+_INBOX_PREFIX = re.compile(r"[^.*>\s]+(\.[^.*>\s]+)*")
+"""A NATS subject prefix: tokens of anything but '.', wildcards and whitespace, joined by '.'."""
 
 
 class TlsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -45,6 +48,7 @@ class LatticeSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tls: TlsSection = msgspec.field(default_factory=TlsSection)
     heartbeat_s: HeartbeatSeconds = DEFAULT_HEARTBEAT_S
     grants: list[RemoteGrant] = msgspec.field(default_factory=list)
+    cli_inbox_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class LatticeSettings:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    cli_inbox_prefix: str | None = None
+    """Where `wasmhost call --lattice` takes its answers (nats-py's inbox_prefix; None: nats-py's `_INBOX`)."""
 
 
 def shown_url(url: str) -> str:
@@ -103,9 +109,14 @@ def lattice_settings(section: LatticeSection, base: Path, errors: list[str]) -> 
     ca = _file("lattice.tls.ca", tls.ca, base, errors)
     cert = _file("lattice.tls.cert", tls.cert, base, errors)
     key = _file("lattice.tls.key", tls.key, base, errors)
+    prefix = section.cli_inbox_prefix
+    if prefix is not None and (not _INBOX_PREFIX.fullmatch(prefix) or prefix.startswith(LATTICE_ROOT)):
+        errors.append("lattice.cli_inbox_prefix: expected subject tokens joined by '.', without wildcards or "
+                      f"spaces, outside {LATTICE_ROOT} (hosts take no client's reply subject there), got "
+                      f"{prefix!r}")
     if (tls.cert is None) != (tls.key is None):
         errors.append("lattice.tls: give both cert and key (a client certificate needs its key), or neither")
     if len(errors) > before:
         return None
     return LatticeSettings(tuple(section.urls), section.name, host_id, section.heartbeat_s, credentials, ca, cert,
-                           key)
+                           key, prefix)
