@@ -45,6 +45,8 @@ class NatsServer:
     max_payload: int = MAX_PAYLOAD
     authorization: str = ""
     """nats-server's `authorization { ... }` block (users and their permissions), if any."""
+    tls: str = ""
+    """nats-server's `tls { ... }` block (its certificate, the CA it checks clients' certificates with), if any."""
     proc: subprocess.Popen[bytes] | None = None
 
     def user_url(self, user: str, password: str) -> str:
@@ -64,6 +66,8 @@ class NatsServer:
                          f" routes: [{routes}] }}")
         if self.authorization:
             lines.append(f"authorization {{ {self.authorization} }}")
+        if self.tls:
+            lines.append(f"tls {{ {self.tls} }}")
         path = self.workdir / f"nats-{self.name}.conf"
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import nats
 import nats.errors
+import trustme
 from nats.aio.msg import Msg
 
 from tests import lattice_support
-from tests.lattice_support import NatsServer, lattice_daemon, wait_for_log
-from tests.test_daemon import Daemon, component
+from tests.conftest import FIXTURES
+from tests.lattice_support import NatsServer, lattice_daemon, lattice_section, wait_for_log
+from tests.test_daemon import Daemon, component, config_text, wasmhost
 from wasmhost.lattice import wire
 
 nats_server = lattice_support.nats_server  # the fixtures this module uses
@@ -601,3 +603,37 @@ def test_a_guest_cancels_its_request_to_another_host(tmp_path: Path, nats_server
     assert ask(b, "t/echo/0", "after the cancel")["payload"] == "after the cancel"  # the next one is heard
     assert b.call("t/caller/0", "?callbacks") == "1"
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_hosts_and_the_cli_reach_nats_over_mutual_tls_and_a_wrong_ca_is_named(tmp_path: Path,
+                                                                              daemons: list[Daemon]) -> None:
+    ca = trustme.CA()
+    files = tmp_path / "tls"
+    files.mkdir()
+    ca.cert_pem.write_to_path(str(files / "ca.pem"))
+    server_cert = ca.issue_cert("127.0.0.1")
+    server_cert.private_key_and_cert_chain_pem.write_to_path(str(files / "server.pem"))
+    client_cert = ca.issue_cert("host-a")
+    client_cert.cert_chain_pems[0].write_to_path(str(files / "client.pem"))
+    client_cert.private_key_pem.write_to_path(str(files / "client-key.pem"))
+    trustme.CA().cert_pem.write_to_path(str(files / "other-ca.pem"))
+    server = NatsServer(tmp_path / "nats", tls=f'cert_file: "{files / "server.pem"}"\n key_file: '
+                        f'"{files / "server.pem"}"\n ca_file: "{files / "ca.pem"}"\n verify: true').start()
+    try:
+        url = f"tls://127.0.0.1:{server.port}"
+        tls = (f'tls = {{ ca = "{files / "ca.pem"}", cert = "{files / "client.pem"}", '
+               f'key = "{files / "client-key.pem"}" }}')
+        a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [url], "host-a",
+                           daemons, extra=tls)
+        assert wait_for_log(a, "lattice_connected")["url"] == url
+        stranger = lattice_daemon(tmp_path / "b", component("t/other/0", "echo"), [url], "host-b", daemons,
+                                  extra=tls.replace("ca.pem", "other-ca.pem"))
+        refused = wait_for_log(stranger, "lattice_unreachable")
+        assert "certificate verify failed" in str(refused["cause"]), refused  # the server's certificate: not its CA
+        config = tmp_path / "cli.toml"
+        config.write_text(config_text(tmp_path / "cli-state", lattice_section([url], "cli", extra=tls), FIXTURES))
+        until("the CLI reaches the echo", lambda: wasmhost("call", "--lattice", "--config", str(config), "t/echo/0",
+                                                           "over tls").stdout == "over tls")
+        assert a.stop() == 0 and stranger.stop() == 0
+    finally:
+        server.kill()
