@@ -285,3 +285,19 @@ async def test_remote_messages_refused_in_a_loop_write_a_few_lines_on_either_hos
     assert events.count("lattice_message_rejected") == LINES_PER_INTERVAL
     assert events.count("lattice_send_rejected") == LINES_PER_INTERVAL
     assert len(link._outbox) == 1000  # every refused message is still answered
+
+
+async def test_sends_the_link_could_not_publish_write_a_few_lines() -> None:
+    """The outbox holds up to 128 MiB of a guest's sends while NATS is slow; when they cannot be published
+    after all (the link not connected: what its publisher then does), each made one `lattice_publish_failed`
+    line: 1,000 empty sends, 1,000 lines. Within a budget now, the next line saying how many were left out."""
+    router = MessageRouter(asyncio.get_running_loop())
+    link = Link(LatticeSettings(urls=("nats://127.0.0.1:1",), name="t", host_id="h", heartbeat_s=1.0), router,
+                list, lambda cid: False)
+    for _ in range(1000):
+        link.send(INTRUDER, ComponentId.parse("far/echo/0"), b"")
+    with structlog.testing.capture_logs() as logs:
+        link._fail_outbox("not connected to NATS")
+    failed = [e for e in logs if e["event"] == "lattice_publish_failed"]
+    assert len(failed) == LINES_PER_INTERVAL and not link._outbox
+    assert failed[0]["cause"] == "not connected to NATS" and "suppressed" not in failed[0]

@@ -631,8 +631,11 @@ class Link:
         if headers.get(wire.KIND) == wire.KIND_REQUEST and token:
             self._placed.pop(token, None)
             self.router.complete_remote(token, None, Outcome.FAILED, f"the request was not published: {cause}")
-        else:
-            log.warning("lattice_publish_failed", subject=subject, cause=cause)
+        else:  # a send, or an answer: one line each was as many lines as guests had queued (128 MiB of sends)
+            left_out = self._error_lines.admit("lattice_publish_failed")
+            if left_out is not None:
+                extra = {"suppressed": left_out} if left_out else {}
+                log.warning("lattice_publish_failed", subject=subject, cause=cause, **extra)
 
 
 def _host_result(target: ComponentId, data: bytes, headers: dict[str, str]) -> bytes | None:
