@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -153,17 +155,28 @@ HOSTS_AND_CLIENTS = """users = [
 """deploy/README.md's permissions: hosts may use the whole lattice, plain clients only its clients' subjects."""
 
 
-def test_a_plain_client_cannot_pose_as_a_host(tmp_path: Path, daemons: list[Daemon]) -> None:
-    # Before, a client that set Wasmhost-Sender-Host on a component's one subject was taken for a host: sending
-    # as the host itself (wasmhost/host/0), it reached a component that does not accept external messages,
-    # and no NATS permission could stop it (permissions name subjects, not headers).
+@contextlib.contextmanager
+def permissioned_host(tmp_path: Path, daemons: list[Daemon], heartbeat_s: float = 0.5
+                      ) -> Iterator[tuple[NatsServer, Daemon, str]]:
+    """A nats-server with HOSTS_AND_CLIENTS, host-a on it (t/echo/0 accepting external messages, t/counter/0
+    not) answering plain clients, and the client user's URL; the server is killed afterwards."""
     server = NatsServer(tmp_path / "nats", authorization=HOSTS_AND_CLIENTS).start()
     try:
         a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true")
                            + component("t/counter/0", "counter"), [server.user_url("host", "host-pw")], "host-a",
-                           daemons)
+                           daemons, heartbeat_s=heartbeat_s)
         client = server.user_url("client", "client-pw")
         until("the echo answers", lambda: _try_call(client, "wasmhost.default.in.t.echo.0", b"hello"))
+        yield server, a, client
+    finally:
+        server.kill()
+
+
+def test_a_plain_client_cannot_pose_as_a_host(tmp_path: Path, daemons: list[Daemon]) -> None:
+    # Before, a client that set Wasmhost-Sender-Host on a component's one subject was taken for a host: sending
+    # as the host itself (wasmhost/host/0), it reached a component that does not accept external messages,
+    # and no NATS permission could stop it (permissions name subjects, not headers).
+    with permissioned_host(tmp_path, daemons) as (_, a, client):
         as_host = {"Wasmhost-Sender-Host": "host-z", "Wasmhost-Sender": "wasmhost/host/0"}
         _, headers = nats_call(client, "wasmhost.default.in.t.counter.0", b"x", as_host)  # still a client here
         assert headers["Wasmhost-Outcome"] == "rejected" and headers["Wasmhost-Error"] == "delivery-failed"
@@ -171,8 +184,6 @@ def test_a_plain_client_cannot_pose_as_a_host(tmp_path: Path, daemons: list[Daem
         assert _refused_publish(client, "wasmhost.default.msg.t.counter.0", as_host)  # the hosts' subject: NATS says no
         assert a.call("t/counter/0", "") == "1"  # neither message reached it
         assert a.stop() == 0
-    finally:
-        server.kill()
 
 
 def test_a_password_in_a_nats_url_is_shown_neither_by_status_nor_in_the_log(tmp_path: Path,
@@ -209,14 +220,7 @@ def test_answers_nats_refuses_to_the_clients_reply_subjects_are_logged_within_a_
     # A client picks the reply subject: one the host may not publish on makes nats-server refuse the host's
     # answer (-ERR, the connection stays up). Each refusal was a lattice_error line (200 messages, 200 lines),
     # and the last one the `cause` status showed while connected (and a later disconnection was reported with).
-    server = NatsServer(tmp_path / "nats", authorization=HOSTS_AND_CLIENTS).start()
-    try:
-        a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true")
-                           + component("t/counter/0", "counter"), [server.user_url("host", "host-pw")], "host-a",
-                           daemons)
-        client = server.user_url("client", "client-pw")
-        until("the echo answers", lambda: _try_call(client, "wasmhost.default.in.t.echo.0", b"hello"))
-
+    with permissioned_host(tmp_path, daemons) as (_, a, client):
         async def flood() -> None:
             nc = await nats.connect(client)
             try:
@@ -243,8 +247,6 @@ def test_answers_nats_refuses_to_the_clients_reply_subjects_are_logged_within_a_
         status = json.loads(a.cli("status", "--lattice", "--json").stdout)
         assert status["connected"] and status["cause"] == ""  # no refusal stands for the link's state
         assert a.stop() == 0
-    finally:
-        server.kill()
 
 
 def test_a_message_nats_py_cannot_read_is_dropped_and_the_host_reads_on(tmp_path: Path,
@@ -252,13 +254,7 @@ def test_a_message_nats_py_cannot_read_is_dropped_and_the_host_reads_on(tmp_path
     # nats-py stopped reading the connection at such a message, with no reconnection: a plain client's 8 bytes
     # left a host deaf (no message, no answer, heartbeats going on) until nats-py's pings found the connection
     # stale, 12 s with heartbeat_s = 2 (here 60 s would make it minutes), and again at the next one.
-    server = NatsServer(tmp_path / "nats", authorization=HOSTS_AND_CLIENTS).start()
-    try:
-        a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true")
-                           + component("t/counter/0", "counter"), [server.user_url("host", "host-pw")], "host-a",
-                           daemons, heartbeat_s=60)
-        client = server.user_url("client", "client-pw")
-        until("the echo answers", lambda: _try_call(client, "wasmhost.default.in.t.echo.0", b"hello"))
+    with permissioned_host(tmp_path, daemons, heartbeat_s=60) as (server, a, client):
         for header_block, reply in [(b"NATS/1.0", b""), (b"NATS/1.0 \xff\xfe\xfd\r\n\r\n", b""),
                                     (b"NATS/1.0\r\nWasmhost-Kind: send\r\n\r\n", b"_INBOX.\xff")]:
             _raw_publish(server.port, b"wasmhost.default.in.t.counter.0", header_block, reply)
@@ -271,8 +267,6 @@ def test_a_message_nats_py_cannot_read_is_dropped_and_the_host_reads_on(tmp_path
         assert all("a message on wasmhost.default.in.t.counter.0 could not be read" in c for c in dropped())
         assert a.call("t/counter/0", "") == "1"  # none reached it
         assert a.stop() == 0
-    finally:
-        server.kill()
 
 
 ONE_HOST_USER_FOR_TWO_LATTICES = """users = [
