@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,8 @@ from tests.conftest import FIXTURES
 from tests.lattice_support import NatsServer, lattice_daemon, lattice_section, wait_for_log
 from tests.test_daemon import Daemon, component, config_text, wasmhost
 from wasmhost.lattice import wire
+from wasmhost.system import protocol
+from wasmhost.system.client import request
 
 nats_server = lattice_support.nats_server  # the fixtures this module uses
 daemons = lattice_support.daemons
@@ -631,3 +635,50 @@ def test_hosts_and_the_cli_reach_nats_over_mutual_tls_and_a_wrong_ca_is_named(tm
         assert a.stop() == 0 and stranger.stop() == 0
     finally:
         server.kill()
+
+
+def test_requests_nats_delivered_as_a_component_stops_are_answered(tmp_path: Path, nats_server: NatsServer,
+                                                                  daemons: list[Daemon]) -> None:
+    """A component that stops leaves its subjects by draining them: what NATS had already sent it is answered.
+    Unsubscribed plainly, nats-py dropped those messages: about 2 requests per stop heard nothing at all."""
+    a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [nats_server.url],
+                       "host-a", daemons)
+    until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"x"))
+    outcomes: collections.Counter[str] = collections.Counter()
+    done = threading.Event()
+
+    def clients() -> None:
+        async def loop(nc: nats.NATS) -> None:
+            while not done.is_set():
+                try:  # the host answers within Wasmhost-Timeout-Ms; the client's timeout only catches silence
+                    answer = await nc.request("wasmhost.default.in.t.echo.0", b"x", timeout=10,
+                                              headers={wire.TIMEOUT_MS: "2000"})
+                    outcomes[(answer.headers or {}).get(wire.OUTCOME, "?")] += 1
+                except nats.errors.NoRespondersError:
+                    outcomes["no-responders"] += 1
+                except nats.errors.TimeoutError:
+                    outcomes["no answer"] += 1
+
+        async def main() -> None:
+            nc = await nats.connect(nats_server.url)
+            await asyncio.gather(*(loop(nc) for _ in range(100)))
+            await nc.close()
+
+        asyncio.run(main())
+
+    load = threading.Thread(target=clients)
+    load.start()
+    try:
+        until("requests answered", lambda: outcomes["reply"] > 100)
+        for _ in range(10):
+            assert request(a.socket, protocol.Stop(id="t/echo/0")).ok
+            unsubscribed = outcomes["no-responders"]
+            until("NATS knows the echo stopped", lambda: outcomes["no-responders"] > unsubscribed)  # noqa: B023
+            assert request(a.socket, protocol.Start(id="t/echo/0")).ok
+            replies = outcomes["reply"]
+            until("the echo answers again", lambda: outcomes["reply"] > replies)  # noqa: B023
+    finally:
+        done.set()
+        load.join()
+    assert outcomes["no answer"] == 0, outcomes
+    assert a.stop() == 0
