@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -637,30 +637,30 @@ def test_hosts_and_the_cli_reach_nats_over_mutual_tls_and_a_wrong_ca_is_named(tm
         server.kill()
 
 
-def test_requests_nats_delivered_as_a_component_stops_are_answered(tmp_path: Path, nats_server: NatsServer,
-                                                                  daemons: list[Daemon]) -> None:
-    """A component that stops leaves its subjects by draining them: what NATS had already sent it is answered.
-    Unsubscribed plainly, nats-py dropped those messages: about 2 requests per stop heard nothing at all."""
-    a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [nats_server.url],
-                       "host-a", daemons)
-    until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"x"))
+def _churned_under_load(url: str, target: str, off: Callable[[], None], on: Callable[[], None]
+                        ) -> collections.Counter[str]:
+    """Take `target` off (`off`) and on again 10 times while 100 plain clients request it on P.in., each time
+    once NATS says nobody subscribes it and once it answers again; how their requests ended."""
     outcomes: collections.Counter[str] = collections.Counter()
     done = threading.Event()
+    subject = "wasmhost.default.in." + target.replace("/", ".")
 
     def clients() -> None:
         async def loop(nc: nats.NATS) -> None:
             while not done.is_set():
                 try:  # the host answers within Wasmhost-Timeout-Ms; the client's timeout only catches silence
-                    answer = await nc.request("wasmhost.default.in.t.echo.0", b"x", timeout=10,
-                                              headers={wire.TIMEOUT_MS: "2000"})
-                    outcomes[(answer.headers or {}).get(wire.OUTCOME, "?")] += 1
+                    answer = await nc.request(subject, b"x", timeout=10, headers={wire.TIMEOUT_MS: "2000"})
+                    headers = answer.headers or {}
+                    outcomes[headers.get(wire.OUTCOME, "?")] += 1
+                    if "does not accept messages from external clients" in headers.get(wire.DETAIL, ""):
+                        outcomes["said it does not accept external clients"] += 1
                 except nats.errors.NoRespondersError:
                     outcomes["no-responders"] += 1
                 except nats.errors.TimeoutError:
                     outcomes["no answer"] += 1
 
         async def main() -> None:
-            nc = await nats.connect(nats_server.url)
+            nc = await nats.connect(url)
             await asyncio.gather(*(loop(nc) for _ in range(100)))
             await nc.close()
 
@@ -671,14 +671,52 @@ def test_requests_nats_delivered_as_a_component_stops_are_answered(tmp_path: Pat
     try:
         until("requests answered", lambda: outcomes["reply"] > 100)
         for _ in range(10):
-            assert request(a.socket, protocol.Stop(id="t/echo/0")).ok
+            off()
             unsubscribed = outcomes["no-responders"]
-            until("NATS knows the echo stopped", lambda: outcomes["no-responders"] > unsubscribed)  # noqa: B023
-            assert request(a.socket, protocol.Start(id="t/echo/0")).ok
+            until(f"NATS knows {target} is gone", lambda: outcomes["no-responders"] > unsubscribed)  # noqa: B023
+            on()
             replies = outcomes["reply"]
-            until("the echo answers again", lambda: outcomes["reply"] > replies)  # noqa: B023
+            until(f"{target} answers again", lambda: outcomes["reply"] > replies)  # noqa: B023
     finally:
         done.set()
         load.join()
+    return outcomes
+
+
+def test_requests_nats_delivered_as_a_component_stops_are_answered(tmp_path: Path, nats_server: NatsServer,
+                                                                  daemons: list[Daemon]) -> None:
+    """A component that stops leaves its subjects by draining them: what NATS had already sent it is answered.
+    Unsubscribed plainly, nats-py dropped those messages: about 2 requests per stop heard nothing at all."""
+    a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [nats_server.url],
+                       "host-a", daemons)
+    until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"x"))
+    outcomes = _churned_under_load(nats_server.url, "t/echo/0",
+                                   lambda: _control(a, protocol.Stop(id="t/echo/0")),
+                                   lambda: _control(a, protocol.Start(id="t/echo/0")))
     assert outcomes["no answer"] == 0, outcomes
     assert a.stop() == 0
+
+
+def test_a_client_message_nats_delivers_as_a_reload_removes_the_component_is_target_not_found(
+        tmp_path: Path, nats_server: NatsServer, daemons: list[Daemon]) -> None:
+    """What NATS delivers for a component a reload has just removed is answered target-not-found: it was
+    answered that the component does not set accept_external (which it does)."""
+    echo = component("t/echo/0", "echo", "accept_external = true")
+    a = lattice_daemon(tmp_path / "a", echo + component("t/other/0", "counter"), [nats_server.url], "host-a",
+                       daemons)
+    until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"x"))
+    with_echo = a.config.read_text()
+
+    def reload(text: str) -> None:
+        a.config.write_text(text)
+        _control(a, protocol.Reload())
+
+    outcomes = _churned_under_load(nats_server.url, "t/echo/0", lambda: reload(with_echo.replace(echo, "")),
+                                   lambda: reload(with_echo))
+    assert outcomes["said it does not accept external clients"] == 0, outcomes
+    assert outcomes["no answer"] == 0, outcomes
+    assert a.stop() == 0
+
+
+def _control(d: Daemon, message: protocol.Request) -> None:
+    assert request(d.socket, message).ok

@@ -43,7 +43,7 @@ DEFAULT_EXTERNAL_TIMEOUT_MS = 30_000
 class Ingress:
     """Delivers one host's share of the lattice's messages to its router."""
 
-    def __init__(self, link: Link, accepts_external: Callable[[ComponentId], bool]) -> None:
+    def __init__(self, link: Link, accepts_external: Callable[[ComponentId], bool | None]) -> None:
         self.link = link
         self.accepts_external = accepts_external
         # Senders decide how many of their messages are refused (a full mailbox, no grant): each logged, a guest
@@ -83,7 +83,9 @@ class Ingress:
                 raise MessagingError("invalid-message", f"{wire.KIND} must be send, request or broadcast, "
                                      f"got {kind!r}")
             sender = _sender(headers.get(wire.SENDER), sender_host is not None)
-            if sender_host is None and not self.accepts_external(target):
+            if sender_host is None and not (accepts := self.accepts_external(target)):
+                if accepts is None:  # not configured here (any more): a reload removed it after NATS sent this
+                    raise MessagingError("target-not-found", target)
                 raise MessagingError("delivery-failed", f"{target} does not accept messages from external clients "
                                      "(its config does not set accept_external = true)")
             recipient = link.router.accept_remote(sender, kind, target, len(msg.data),

@@ -81,7 +81,7 @@ class Link:
     """One host's membership of a lattice; implements RemotePort for the router."""
 
     def __init__(self, settings: LatticeSettings, router: MessageRouter, inventory: Inventories,
-                 accepts_external: Callable[[ComponentId], bool]) -> None:
+                 accepts_external: Callable[[ComponentId], bool | None]) -> None:
         self.settings = settings
         self.router = router
         self.loop = router.loop

@@ -299,9 +299,11 @@ class Daemon:
                                           actor.max_message_bytes))
         return entries
 
-    def _accepts_external(self, cid: ComponentId) -> bool:
+    def _accepts_external(self, cid: ComponentId) -> bool | None:
+        """Whether `cid` takes messages from plain NATS clients; None when it is not configured here (a client
+        whose message NATS delivered as a reload removed it was told it does not set accept_external)."""
         deployment = self.deployments.get(cid)
-        return deployment is not None and deployment.plan.accept_external
+        return deployment.plan.accept_external if deployment is not None else None
 
     async def _start_up(self) -> None:
         """Deploy the configured components; READY=1 once every first attempt has ended."""
