@@ -39,9 +39,14 @@ class GatedSubscription:
     def __init__(self, nats: GatedNats, subject: str) -> None:
         self.nats = nats
         self.subject = subject
+        self._id = nats.count  # nats-py's sid, which the link keys ended subscriptions by
 
     async def unsubscribe(self) -> None:
         self.nats.live.discard(self.subject)
+
+    async def drain(self) -> None:
+        """How the link ends a component's subscriptions (see Link._drain): here at once."""
+        await self.unsubscribe()
 
 
 async def test_a_component_subscribed_while_the_host_leaves_is_not_left_subscribed() -> None:
