@@ -1,4 +1,6 @@
-"""The link's NATS client: nats-py's, except that a message it cannot read no longer stops it reading.
+"""The link's NATS client: nats-py's, except that a message it cannot read no longer stops it reading, and that
+a message arriving for a subscription the link has just drained reaches that subscription's callback
+(`LatticeClient.ended`) instead of being dropped. Both reach into nats-py 2.16's reader (pinned in pyproject).
 
 nats-py (2.16) reads a connection's messages in one task, and an exception while it turns a message into a
 Msg ends that task, with no reconnection: a header block of `NATS/1.0` alone (IndexError), an inline status
@@ -34,9 +36,9 @@ class LatticeClient(Client):
         the UNSUB inside the server): nats-py drops it, and a request among them heard nothing until its
         requester's timeout (measured: 12 - 76 per 20 stops of a component under load, after the drain)."""
 
-    # A private method of nats-py's, taken whatever its parameters (sid, subject, reply, data, headers in 2.16):
-    # should a release rename it, this is no longer called and nats-py reads as it does, and the test sending such
-    # a message (tests/test_lattice.py) says so.
+    # A private method of nats-py's (sid, subject, reply, data, headers in 2.16), its arguments passed through:
+    # should a release rename it, this is no longer called and nats-py reads as it does, and the tests sending
+    # such messages (tests/test_lattice.py) say so.
     async def _process_msg(self, *args: Any, **kwargs: Any) -> None:
         try:
             sid = kwargs.get("sid", args[0] if args else 0)
