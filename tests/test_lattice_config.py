@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.lattice_support import NatsOperator
+from tests.test_daemon import wasmhost
 from wasmhost.core.ids import ComponentId
-from wasmhost.lattice.settings import shown_url
+from wasmhost.lattice.settings import CREDS_MAX_BYTES, shown_url
 from wasmhost.system.config import ConfigError, parse_config
 
 
@@ -25,7 +27,7 @@ def test_without_lattice_nothing_changes(tmp_path: Path) -> None:
 
 
 def test_defaults_and_files(tmp_path: Path) -> None:
-    (tmp_path / "host.creds").write_text("creds")
+    NatsOperator().creds(tmp_path / "host.creds", "host")
     config = parse_config('[lattice]\ncredentials = "host.creds"\n[[lattice.grants]]\nid = "a/b/c"\n'
                           'request = ["x/*"]\n', tmp_path / "wasmhost.toml")
     settings = config.lattice
@@ -57,6 +59,66 @@ def test_every_mistake_is_named_by_its_key(tmp_path: Path) -> None:
         "lattice.grants[1].send[0]: target pattern 'a/*/c': expected '*', 'namespace/*', 'namespace/name/*' or "
         "'namespace/name/instance'",
     ]
+
+
+def _creds_parts(tmp_path: Path) -> tuple[str, str, str]:
+    """A real creds file's text, its JWT block (with the blank line after it) and the rest (the seed block)."""
+    text = NatsOperator().creds(tmp_path / "made.creds", "host").read_text()
+    jwt_block = text[:text.index("\n\n") + 2]
+    return text, jwt_block, text[len(jwt_block):]
+
+
+JWT_BEGIN, SEED_BEGIN = "-----BEGIN NATS USER JWT-----", "-----BEGIN USER NKEY SEED-----"
+CREDS_FILE = "a NATS .creds file (a user JWT and its nkey seed, as nsc writes them)"
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("seed only", f"expected {CREDS_FILE}, found no {JWT_BEGIN} line"),  # nats-py looked for the JWT for ever
+    ("jwt only", f"expected {CREDS_FILE}, found no {SEED_BEGIN} line"),  # nats-py: a TypeError at every attempt
+    ("text", f"expected {CREDS_FILE}, found no {JWT_BEGIN} line"),
+    ("empty", f"expected {CREDS_FILE}, found no {JWT_BEGIN} line"),
+    ("crlf", f"expected {CREDS_FILE} with \\n line endings (nats-py does not read \\r\\n ones)"),
+    ("not a jwt", f"expected a user JWT on the line after {JWT_BEGIN}"),
+    ("account seed", f"expected a user nkey seed (SU...) on the line after {SEED_BEGIN}"),
+    ("truncated seed", f"expected a user nkey seed (SU...) on the line after {SEED_BEGIN}"),
+    ("seed on the last line", f"expected a user nkey seed (SU...) on the line after {SEED_BEGIN}"),
+    ("too large", f"expected {CREDS_FILE}, got more than {CREDS_MAX_BYTES} bytes"),
+])
+def test_a_credentials_file_that_is_not_a_creds_file_is_named_without_its_secrets(tmp_path: Path, case: str,
+                                                                                   expected: str) -> None:
+    text, jwt_block, seed_block = _creds_parts(tmp_path)
+    jwt, seed = text.split("\n")[1], seed_block.split(SEED_BEGIN + "\n")[1].split("\n")[0]
+    bad = {"seed only": seed_block, "jwt only": jwt_block, "text": "not creds\n", "empty": "",
+           "crlf": text.replace("\n", "\r\n"), "not a jwt": text.replace(jwt, "x" + jwt.replace(".", "", 1)),
+           "account seed": text.replace(seed, "SA" + seed[2:]),
+           "truncated seed": text.replace(seed, seed[:-4]),
+           "seed on the last line": text[:text.index(seed) + len(seed)],
+           "too large": text + "#" * CREDS_MAX_BYTES}[case]
+    (tmp_path / "host.creds").write_text(bad, newline="")
+    [error] = errors_of('[lattice]\ncredentials = "host.creds"\n', tmp_path)
+    assert error == f"lattice.credentials: {tmp_path / 'host.creds'}: {expected}"
+    assert jwt not in error and seed not in error and seed[2:12] not in error and jwt[:20] not in error
+
+
+def test_an_unreadable_credentials_file_is_named(tmp_path: Path) -> None:
+    # /proc/self/mem is a regular file whose first bytes no read can reach (EIO), even as root
+    [error] = errors_of('[lattice]\ncredentials = "/proc/self/mem"\n', tmp_path)
+    assert error == "lattice.credentials: cannot read /proc/self/mem: Input/output error"
+
+
+def test_check_and_call_lattice_name_a_creds_file_without_its_jwt(tmp_path: Path) -> None:
+    # Before, `call --lattice` spun at 100% CPU for ever in nats-py's search for the JWT block (and a daemon
+    # never became ready), while `wasmhost check` said ok.
+    _, _, seed_block = _creds_parts(tmp_path)
+    (tmp_path / "seed.creds").write_text(seed_block)
+    config = tmp_path / "wasmhost.toml"
+    config.write_text(f'[host]\nstate_dir = "{tmp_path / "state"}"\n[lattice]\nurls = ["nats://127.0.0.1:1"]\n'
+                      'credentials = "seed.creds"\n')
+    expected = f"lattice.credentials: {tmp_path / 'seed.creds'}: expected {CREDS_FILE}, found no {JWT_BEGIN} line"
+    for args in (("check",), ("call", "--lattice", "t/echo/0", "x")):
+        result = wasmhost(*args[:1], "--config", str(config), *args[1:])
+        assert result.returncode != 0 and expected in result.stderr, (args, result)
+        assert seed_block.split(SEED_BEGIN + "\n")[1][:58] not in result.stderr + result.stdout  # the seed
 
 
 def test_accept_external_is_a_component_key(tmp_path: Path) -> None:

@@ -19,6 +19,13 @@ DEFAULT_HEARTBEAT_S = 2.0
 URL_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 _INBOX_PREFIX = re.compile(r"[^.*>\s]+(\.[^.*>\s]+)*")
 """A NATS subject prefix: tokens of anything but '.', wildcards and whitespace, joined by '.'."""
+CREDS_MAX_BYTES = 64 * 1024
+"""A `.creds` file is a user JWT and a seed (a few KiB); more is not one, and is not read whole."""
+JWT_BEGIN = "-----BEGIN NATS USER JWT-----"
+SEED_BEGIN = "-----BEGIN USER NKEY SEED-----"
+_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_USER_SEED = re.compile(r"SU[A-Z2-7]{56}")
+"""A user nkey seed as nkeys encodes it: its prefix bytes, 32 bytes of seed and a checksum, in base32."""
 
 
 class TlsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -89,6 +96,42 @@ def _file(where: str, name: str | None, base: Path, errors: list[str]) -> Path |
     return path
 
 
+def _creds_file(name: str | None, base: Path, errors: list[str]) -> Path | None:
+    """The credentials file, checked to be one nats-py can read: it reads the line after each block's BEGIN
+    line, and looked for the JWT's for ever when it was missing (a daemon stuck at start, 100% CPU, no line
+    logged; `call --lattice` hung), took no seed block for a TypeError at every attempt, and a CRLF file's
+    JWT and seed with their '\\r'. Errors name the file and what was expected, never its contents (secrets)."""
+    path = _file("lattice.credentials", name, base, errors)
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as f:
+            data = f.read(CREDS_MAX_BYTES + 1)
+    except OSError as exc:
+        errors.append(f"lattice.credentials: cannot read {path}: {exc.strerror or type(exc).__name__}")
+        return None
+    what = "a NATS .creds file (a user JWT and its nkey seed, as nsc writes them)"
+    if len(data) > CREDS_MAX_BYTES:
+        errors.append(f"lattice.credentials: {path}: expected {what}, got more than {CREDS_MAX_BYTES} bytes")
+        return None
+    lines = data.decode("utf-8", "replace").split("\n")
+    if any(line.endswith("\r") for line in lines):
+        errors.append(f"lattice.credentials: {path}: expected {what} with \\n line endings (nats-py does not read "
+                      "\\r\\n ones)")
+        return None
+    blocks = ((JWT_BEGIN, _JWT, "a user JWT"), (SEED_BEGIN, _USER_SEED, "a user nkey seed (SU...)"))
+    for begin, form, expected in blocks:
+        at = next((i for i, line in enumerate(lines) if begin.strip("-") in line), None)  # as nats-py finds it
+        if at is None:
+            errors.append(f"lattice.credentials: {path}: expected {what}, found no {begin} line")
+            return None
+        # nats-py takes that line less its last character, the '\n' (so a line the file ends on loses one)
+        if at + 2 >= len(lines) or not form.fullmatch(lines[at + 1]):
+            errors.append(f"lattice.credentials: {path}: expected {expected} on the line after {begin}")
+            return None
+    return path
+
+
 def lattice_settings(section: LatticeSection, base: Path, errors: list[str]) -> LatticeSettings | None:
     """The settings of a shape-checked `[lattice]` table, or None with its errors added (relative paths are
     relative to the config file's directory `base`). Its grants are the system layer's to parse (security)."""
@@ -104,7 +147,7 @@ def lattice_settings(section: LatticeSection, base: Path, errors: list[str]) -> 
     host_id = section.host_id if section.host_id is not None else socket.gethostname()
     if not host_id.strip():
         errors.append("lattice.host_id: expected a non-empty host id")
-    credentials = _file("lattice.credentials", section.credentials, base, errors)
+    credentials = _creds_file(section.credentials, base, errors)
     tls = section.tls
     ca = _file("lattice.tls.ca", tls.ca, base, errors)
     cert = _file("lattice.tls.cert", tls.cert, base, errors)
