@@ -17,6 +17,7 @@ from tests.lattice_support import NatsOperator, NatsServer, lattice_daemon, latt
 from tests.test_daemon import Daemon, component, config_text, wasmhost
 from tests.test_lattice import CALLER, REMOTE_GRANT, ask, until
 
+SEED_BEGIN = "-----BEGIN USER NKEY SEED-----"
 HOST_PUB = ["wasmhost.default.>", "_INBOX.>"]
 HOST_SUB = ["wasmhost.default.>"]
 CLIENT_PUB = ["wasmhost.default.in.>"]
@@ -78,3 +79,26 @@ def test_creds_the_server_refuses_are_named_in_the_log(tmp_path: Path, operator:
     assert "permissions violation for subscription to \"wasmhost.default." in str(error["cause"]), error
     assert d.call("t/echo/0", "local") == "local"
     assert s.stop() == 0 and d.stop() == 0
+    for daemon, creds in ((s, stranger), (d, denied)):  # the secrets stay out of the log
+        jwt, seed = creds.read_text().split("\n")[1], creds.read_text().split(SEED_BEGIN + "\n")[1][:58]
+        assert jwt[-40:] not in daemon.log.read_text() and seed[2:30] not in daemon.log.read_text()
+
+
+def test_a_creds_file_rewritten_while_the_host_runs_does_not_stop_its_reconnection(
+        tmp_path: Path, operator: NatsOperator, server: NatsServer, started: list[Daemon]) -> None:
+    # nats-py read the file again at each reconnection. Found with only its seed block (being rewritten), it
+    # read on at the file's end for ever on the daemon's event loop: the daemon froze at 100% CPU, and never
+    # reconnected (empty, its reconnecting task ended with a TypeError: never reconnected, nothing logged).
+    # The host connects with what it read and checked at start, as the rest of [lattice].
+    creds = operator.creds(tmp_path / "a.creds", "host-a", HOST_PUB, HOST_SUB)
+    text = creds.read_text()
+    a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo"), [server.url], "host-a", started,
+                       extra=credentials(creds))
+    wait_for_log(a, "lattice_connected")
+    creds.write_text(text[text.index(SEED_BEGIN):])  # a seed without its JWT
+    server.kill()
+    wait_for_log(a, "lattice_disconnected")
+    server.start()
+    wait_for_log(a, "lattice_reconnected")
+    assert a.call("t/echo/0", "still here") == "still here"
+    assert a.stop() == 0

@@ -162,8 +162,8 @@ class Link:
 
     async def _connect(self) -> None:
         """Connect; nats-py retries every URL until one answers (each failure reaches `_on_error`, which logs
-        lattice_unreachable once per cause). Only a mistake it does not retry (a bad credentials file) ends
-        an attempt: then this tries again after a pause."""
+        lattice_unreachable once per cause). Only a mistake it does not retry ends an attempt: then this tries
+        again after a pause."""
         from wasmhost.lattice import nats_client  # only a daemon with [lattice] pays for importing nats-py
 
         wait = CONNECT_RETRY_S[0]
@@ -173,7 +173,7 @@ class Link:
                     servers=list(self.settings.urls), name=f"wasmhost {self.host}", allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
                     ping_interval=max(1, int(self.settings.heartbeat_s * 2)), max_outstanding_pings=2,
-                    pending_size=64 * 1024 * 1024, user_credentials=self._credentials(), tls=self._tls(),
+                    pending_size=64 * 1024 * 1024, user_credentials=self.settings.user_credentials(), tls=self._tls(),
                     # inventories come back here: on _INBOX. any plain client could read every host's
                     inbox_prefix=self.subjects.inbox(self.host),
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
@@ -187,9 +187,6 @@ class Link:
         self.cause = ""
         log.info("lattice_connected", url=self._url(), host=self.host, lattice=self.settings.name,
                  max_payload=self.max_payload)
-
-    def _credentials(self) -> str | None:
-        return str(self.settings.credentials) if self.settings.credentials is not None else None
 
     def _tls(self) -> ssl.SSLContext | None:
         s = self.settings

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import re
 import socket
-from dataclasses import dataclass
+from collections import UserString
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -72,6 +73,16 @@ class LatticeSettings:
     tls_key: Path | None = None
     cli_inbox_prefix: str | None = None
     """Where `wasmhost call --lattice` takes its answers (nats-py's inbox_prefix; None: nats-py's `_INBOX`)."""
+    credentials_text: str | None = field(default=None, repr=False)
+    """The credentials file's contents, as read and checked at start (a secret: not in the repr)."""
+
+    def user_credentials(self) -> UserString | None:
+        """nats-py's `user_credentials`: the `.creds` contents checked at start (nats-py reads a UserString as
+        them), not the file's path, which nats-py reads again at every reconnection. A file being rewritten
+        then (empty for a moment, or a seed without its JWT) ended nats-py's reconnecting for good (a TypeError
+        in its task: the host never came back, nothing logged) or kept the event loop reading at the file's end
+        for ever (the whole daemon frozen at 100% CPU). `[lattice]` is read at start only anyway."""
+        return UserString(self.credentials_text) if self.credentials_text is not None else None
 
 
 def shown_url(url: str) -> str:
@@ -96,11 +107,12 @@ def _file(where: str, name: str | None, base: Path, errors: list[str]) -> Path |
     return path
 
 
-def _creds_file(name: str | None, base: Path, errors: list[str]) -> Path | None:
-    """The credentials file, checked to be one nats-py can read: it reads the line after each block's BEGIN
-    line, and looked for the JWT's for ever when it was missing (a daemon stuck at start, 100% CPU, no line
-    logged; `call --lattice` hung), took no seed block for a TypeError at every attempt, and a CRLF file's
-    JWT and seed with their '\\r'. Errors name the file and what was expected, never its contents (secrets)."""
+def _creds_file(name: str | None, base: Path, errors: list[str]) -> tuple[Path, str] | None:
+    """The credentials file and its contents, checked to be what nats-py can read: it takes the line after
+    each block's BEGIN line. Without the JWT's it read on at the end for ever (a daemon stuck before READY at
+    100% CPU, no line logged; `call --lattice` hung), without the seed's it failed each attempt with a
+    TypeError, and it kept a CRLF file's '\\r'. Errors name the file and what was expected, never its
+    contents (secrets)."""
     path = _file("lattice.credentials", name, base, errors)
     if path is None:
         return None
@@ -129,7 +141,7 @@ def _creds_file(name: str | None, base: Path, errors: list[str]) -> Path | None:
         if at + 2 >= len(lines) or not form.fullmatch(lines[at + 1]):
             errors.append(f"lattice.credentials: {path}: expected {expected} on the line after {begin}")
             return None
-    return path
+    return path, "\n".join(lines)
 
 
 def lattice_settings(section: LatticeSection, base: Path, errors: list[str]) -> LatticeSettings | None:
@@ -147,7 +159,7 @@ def lattice_settings(section: LatticeSection, base: Path, errors: list[str]) -> 
     host_id = section.host_id if section.host_id is not None else socket.gethostname()
     if not host_id.strip():
         errors.append("lattice.host_id: expected a non-empty host id")
-    credentials = _creds_file(section.credentials, base, errors)
+    creds = _creds_file(section.credentials, base, errors)
     tls = section.tls
     ca = _file("lattice.tls.ca", tls.ca, base, errors)
     cert = _file("lattice.tls.cert", tls.cert, base, errors)
@@ -161,5 +173,5 @@ def lattice_settings(section: LatticeSection, base: Path, errors: list[str]) -> 
         errors.append("lattice.tls: give both cert and key (a client certificate needs its key), or neither")
     if len(errors) > before:
         return None
-    return LatticeSettings(tuple(section.urls), section.name, host_id, section.heartbeat_s, credentials, ca, cert,
-                           key, prefix)
+    return LatticeSettings(tuple(section.urls), section.name, host_id, section.heartbeat_s,
+                           creds[0] if creds else None, ca, cert, key, prefix, creds[1] if creds else None)

@@ -58,10 +58,10 @@ def external_sender() -> str:
 
 
 def connect_options(settings: LatticeSettings) -> dict[str, Any]:
-    """nats.connect keyword arguments for `settings`: its servers, credentials file, TLS files and inbox prefix."""
+    """nats.connect keyword arguments for `settings`: its servers, credentials, TLS files and inbox prefix."""
     options: dict[str, Any] = {"servers": list(settings.urls), "name": f"wasmhost-cli@{settings.host_id}"}
     if settings.credentials is not None:
-        options["user_credentials"] = str(settings.credentials)
+        options["user_credentials"] = settings.user_credentials()
     if settings.cli_inbox_prefix is not None:  # answers that clients allowed _INBOX.> can neither read nor forge
         options["inbox_prefix"] = settings.cli_inbox_prefix
     if settings.tls_ca is not None or settings.tls_cert is not None:
