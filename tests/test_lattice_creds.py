@@ -102,3 +102,20 @@ def test_a_creds_file_rewritten_while_the_host_runs_does_not_stop_its_reconnecti
     wait_for_log(a, "lattice_reconnected")
     assert a.call("t/echo/0", "still here") == "still here"
     assert a.stop() == 0
+
+
+@pytest.mark.parametrize(("pub", "sub", "refusal"), [
+    (CLIENT_PUB, ["other.>"], "may not subscribe to its inbox _INBOX."),
+    (["other.>"], CLIENT_SUB, "may not publish to wasmhost.default.in.t.echo.0 (permissions violation)"),
+])
+def test_call_lattice_names_what_its_creds_do_not_allow(tmp_path: Path, operator: NatsOperator, server: NatsServer,
+                                                        pub: list[str], sub: list[str], refusal: str) -> None:
+    # Before, it waited its whole --timeout and said "timeout: no answer from t/echo/0 within 5 s".
+    creds = operator.creds(tmp_path / "client.creds", "cli", pub, sub)
+    config = tmp_path / "cli.toml"
+    config.write_text(config_text(tmp_path / "cli-state", lattice_section([server.url], "cli",
+                                                                          extra=credentials(creds)), FIXTURES))
+    called = wasmhost("call", "--lattice", "--config", str(config), "--timeout", "5", "t/echo/0", "x")
+    assert called.returncode == 1 and called.stderr.startswith("wasmhost: NATS refused the request: this client's "
+                                                               "user may not "), called.stderr
+    assert refusal in called.stderr, called.stderr

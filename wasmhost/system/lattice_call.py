@@ -115,9 +115,32 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
 
 
 def _refused(error: Exception, subject: str) -> bool:
-    """Whether `error` (as nats-py reports a server's -ERR) is a refused subscription to `subject`."""
+    """Whether `error` (as nats-py reports a server's -ERR) is a refused subscription to, or publish to,
+    `subject`."""
     text = str(error).lower()
-    return "permissions violation for subscription" in text and f'"{subject.lower()}"' in text
+    return (("permissions violation for subscription" in text or "permissions violation for publish" in text)
+            and f'"{subject.lower()}"' in text)
+
+
+async def _server_read_all(nc: Client, timeout: float) -> None:
+    """Return once the server has answered all this client sent so far (its -ERRs come before the PONG), or
+    raise. nats-py's flush writes its PING to the socket at once, ahead of a SUB or PUB still waiting for its
+    flusher task: one flush after a refused subscription returned before the refusal in 5 runs of 6. The
+    first PONG comes after the flusher has run, so the second PING follows those commands."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout  # both within `timeout`
+    for _ in range(2):
+        await nc.flush(timeout=max(0.001, end - loop.time()))  # type: ignore[arg-type]  # seconds
+
+
+async def _refusal(nc: Client, timeout: float, refused: Callable[[str], bool], subject: str, what: str) -> None:
+    """Raise LatticeCallFailed if NATS refused this client's last subscription or publish to `subject`; `what`
+    says what it may not do."""
+    with contextlib.suppress(Exception):  # no PONG in time, no connection: the deadline and answer decide
+        await _server_read_all(nc, timeout)
+    if refused(subject):
+        raise LatticeCallFailed(f"NATS refused the request: this client's user may not {what} (permissions "
+                                "violation)")
 
 
 async def _request(nc: Client, lattice: str, target: ComponentId, payload: bytes, headers: dict[str, str],
@@ -139,8 +162,15 @@ async def _request(nc: Client, lattice: str, target: ComponentId, payload: bytes
         arrived.put_nowait(msg)
 
     inbox = nc.new_inbox()
+    # nats-server refuses a subscription or a publish (permissions: its user's, or its creds' JWT's) with an
+    # -ERR sent before the PONG of a flush. Unasked, a client that may not subscribe to its inbox or publish
+    # to the component waited its whole --timeout, then said "timeout: no answer". The inbox is asked about
+    # before the request goes out: a request whose answer could not be heard is not sent.
     await nc.subscribe(inbox, cb=put)
+    await _refusal(nc, deadline - loop.time(), refused, inbox, f"subscribe to its inbox {inbox} (no answer "
+                   "could reach it; the request was not sent)")
     await nc.publish(subject, payload, reply=inbox, headers=headers)
+    await _refusal(nc, deadline - loop.time(), refused, subject, f"publish to {subject}")
     holder, beats = "", ""  # the host that took the request, its heartbeat subject
     last: wire.Heartbeat | None = None
     heard = 0.0  # loop.time() of `last`
@@ -192,4 +222,4 @@ async def _request(nc: Client, lattice: str, target: ComponentId, payload: bytes
             # it returns, `refused(beats)` knows. Without it, a refusal still on its way when three heartbeats of
             # a fast holder (3 x 0.05 s) had passed ended a call to a live host target-stopped.
             with contextlib.suppress(Exception):  # no PONG in time, no connection: the deadline and answer decide
-                await nc.flush(timeout=max(0.001, deadline - loop.time()))  # type: ignore[arg-type]  # seconds
+                await _server_read_all(nc, deadline - loop.time())
