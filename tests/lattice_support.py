@@ -118,11 +118,13 @@ def _new_key(prefix: int) -> nkeys.KeyPair:
     return nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), prefix)))
 
 
-def _jwt(issuer: nkeys.KeyPair, subject: str, name: str, nats: dict[str, object]) -> str:
+def _jwt(issuer: nkeys.KeyPair, subject: str, name: str, nats: dict[str, object], expires: int | None = None) -> str:
     """A NATS JWT (v2, nats-io/jwt's format): claims with a jti that is the hash of the other claims, base64url
-    without padding, signed by `issuer` with ed25519."""
+    without padding, signed by `issuer` with ed25519; `expires`: its `exp` (Unix seconds), if any."""
     claims: dict[str, object] = {"iat": int(time.time()), "iss": issuer.public_key.decode(), "name": name,
                                  "sub": subject}
+    if expires is not None:
+        claims["exp"] = expires
     claims["jti"] = base64.b32encode(hashlib.new("sha512_256", json.dumps(claims).encode()).digest()) \
         .decode().rstrip("=")
     claims["nats"] = {**nats, "version": 2}
@@ -155,14 +157,15 @@ class NatsOperator:
         return f"operator: {operator}\nresolver: MEMORY\nresolver_preload: {{ {account_key}: {account} }}"
 
     def creds(self, path: Path, name: str, pub: list[str] | None = None, sub: list[str] | None = None,
-              stranger: bool = False) -> Path:
+              stranger: bool = False, expires: int | None = None) -> Path:
         """Write a new user's `.creds` file (its JWT, then its seed, as `nsc` writes them) at `path`; `pub` and
-        `sub` are the subjects its JWT allows it (None: any), signed by the account or, `stranger`, another."""
+        `sub` are the subjects its JWT allows it (None: any), signed by the account or, `stranger`, another;
+        `expires`: when the JWT expires (Unix seconds; None: never)."""
         seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
         user = nkeys.from_seed(bytearray(seed))
         permissions = {what: {"allow": allowed} for what, allowed in (("pub", pub), ("sub", sub)) if allowed}
         token = _jwt(self.stranger if stranger else self.account, user.public_key.decode(), name,
-                     {"type": "user", **permissions, **UNLIMITED})
+                     {"type": "user", **permissions, **UNLIMITED}, expires)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
                         "************************* IMPORTANT *************************\n"

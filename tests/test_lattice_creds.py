@@ -7,6 +7,7 @@ host configured as deploy/README.md says logged `lattice_unreachable ... No modu
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,3 +120,18 @@ def test_call_lattice_names_what_its_creds_do_not_allow(tmp_path: Path, operator
     assert called.returncode == 1 and called.stderr.startswith("wasmhost: NATS refused the request: this client's "
                                                                "user may not "), called.stderr
     assert refusal in called.stderr, called.stderr
+
+
+def test_a_user_jwt_expiring_is_named_as_the_cause_of_the_disconnection(
+        tmp_path: Path, operator: NatsOperator, server: NatsServer, started: list[Daemon]) -> None:
+    # nats-server closes the connection of a user whose JWT expires with -ERR 'User Authentication Expired';
+    # nats-py kept that to itself, and the host logged lattice_disconnected "connection lost". (4 s: time for
+    # the daemon to start and connect first.)
+    creds = operator.creds(tmp_path / "a.creds", "host-a", HOST_PUB, HOST_SUB, expires=int(time.time()) + 4)
+    a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo"), [server.url], "host-a", started,
+                       extra=credentials(creds))
+    wait_for_log(a, "lattice_connected")
+    lost = wait_for_log(a, "lattice_disconnected")
+    assert lost["cause"] == "Error: nats: user authentication expired", lost
+    assert "Authorization Violation" in str(wait_for_log(a, "lattice_unreachable")["cause"])  # expired: refused
+    assert a.call("t/echo/0", "alone") == "alone" and a.stop() == 0

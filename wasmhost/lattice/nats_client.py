@@ -1,6 +1,7 @@
-"""The link's NATS client: nats-py's, except that a message it cannot read no longer stops it reading, and that
+"""The link's NATS client: nats-py's, except that a message it cannot read no longer stops it reading, that
 a message arriving for a subscription the link has just drained reaches that subscription's callback
-(`LatticeClient.ended`) instead of being dropped. Both reach into nats-py 2.16's reader (pinned in pyproject).
+(`LatticeClient.ended`) instead of being dropped, and that the error a server closes the connection with reaches
+error_cb. All reach into nats-py 2.16's reader (pinned in pyproject).
 
 nats-py (2.16) reads a connection's messages in one task, and an exception while it turns a message into a
 Msg ends that task, with no reconnection: a header block of `NATS/1.0` alone (IndexError), an inline status
@@ -16,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from nats import errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.protocol.parser import PERMISSIONS_ERR, STALE_CONNECTION
 
 
 class UnreadableMessage(Exception):
@@ -25,8 +28,9 @@ class UnreadableMessage(Exception):
 
 
 class LatticeClient(Client):
-    """nats-py's client, reading on past a message it cannot read, and handing a message that arrives for a
-    subscription just ended to that subscription's callback (`ended`) instead of dropping it."""
+    """nats-py's client, reading on past a message it cannot read, handing a message that arrives for a
+    subscription just ended to that subscription's callback (`ended`) instead of dropping it, and telling
+    error_cb of the -ERR a server closes the connection with."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,6 +57,16 @@ class LatticeClient(Client):
             shown = subject.decode(errors="replace") if isinstance(subject, bytes) else str(subject)
             await self._error_cb(UnreadableMessage(f"a message on {shown} could not be read and was dropped: "
                                                    f"{type(exc).__name__}: {exc}"))
+
+    # A private method of nats-py's (the -ERR's text, lower-cased, in 2.16). nats-py tells error_cb of a
+    # permissions violation (the connection stays up) and handles a stale connection as a lost one; any other
+    # -ERR closes the connection and was kept to itself: a user JWT expiring ('user authentication expired')
+    # was logged as "connection lost". Should a release rename it, this is no longer called, and
+    # tests/test_lattice_creds.py says so.
+    async def _process_err(self, err_msg: str) -> None:
+        if PERMISSIONS_ERR not in err_msg and STALE_CONNECTION not in err_msg:
+            await self._error_cb(errors.Error(f"nats: {err_msg.strip().strip(chr(39))}"))
+        await super()._process_err(err_msg)
 
 
 async def connect(**options: Any) -> Client:
