@@ -72,6 +72,12 @@ def test_creds_the_server_refuses_are_named_in_the_log(tmp_path: Path, operator:
     refused = wait_for_log(s, "lattice_unreachable")
     assert "Authorization Violation" in str(refused["cause"]), refused
     assert s.call("t/echo/0", "local") == "local"  # the daemon goes on, alone
+    config = tmp_path / "cli.toml"
+    config.write_text(config_text(tmp_path / "cli-state", lattice_section([server.url], "cli",
+                                                                          extra=credentials(stranger)), FIXTURES))
+    called = wasmhost("call", "--lattice", "--config", str(config), "t/echo/0", "x")
+    assert (called.returncode, called.stderr) == (1, f"wasmhost: cannot reach NATS at {server.url}: nats: "
+                                                     "'Authorization Violation'\n")
 
     denied = operator.creds(tmp_path / "denied.creds", "denied", ["other.>"], ["other.>"])  # its JWT: not ours
     d = lattice_daemon(tmp_path / "d", component("t/echo/0", "echo"), [server.url], "host-d", started,
