@@ -42,6 +42,17 @@ def test_wasi_http_is_linked_for_a_component_granted_outbound_http(runtime: Runt
         manager.close()
 
 
+def test_a_granted_guest_calling_wasi_http_gets_an_answer_and_the_daemon_lives_on(daemon: object) -> None:
+    """A guest granted outbound_http that calls wasi:http (here: makes the fields resource every request
+    starts with). The Store had no WASI HTTP context: wasmtime's C API panicked at that first call and
+    the whole daemon aborted (SIGABRT), the `call` unanswered and every neighbour gone with it."""
+    d = daemon(component("t/web/0", "httpfields", "outbound_http = true")  # type: ignore[operator]
+               + component("t/echo/0", "echo"))
+    assert d.call("t/web/0", "made a fields resource") == "made a fields resource"
+    assert d.call("t/echo/0", "still here") == "still here"
+    assert d.stop() == 0
+
+
 def test_every_import_the_host_does_not_provide_is_named_with_each_remedy(runtime: Runtime) -> None:
     with pytest.raises(UnsatisfiedImportsError) as info:
         runtime.load(CID, fixture_path("wasiextra"))

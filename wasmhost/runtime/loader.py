@@ -122,6 +122,12 @@ class LoadedComponent:
         """Whether the component imports any WASI interface (read at every instantiation: kept)."""
         return any(name.startswith("wasi:") for name in self.imports)
 
+    @functools.cached_property
+    def uses_http(self) -> bool:
+        """Whether the component imports wasi:http: it is instantiated with the wasi:http linker, whose
+        functions need the Store's WASI HTTP context (read at every instantiation: kept)."""
+        return linking.imports_http(self.imports)
+
 
 @dataclass(frozen=True)
 class Signature:

@@ -243,6 +243,10 @@ class StoreManager:
         self.limiter.apply(store)
         if self.loaded.uses_wasi:
             store.set_wasi(wasi_config(self.wasi_stdio))
+            if self.loaded.uses_http:
+                # wasi:http's host functions take the Store's HTTP context as given: without one, wasmtime's
+                # C API panics at the guest's first wasi:http call (an unwrap of None), aborting the daemon.
+                store.set_wasi_http()
         context = capi.addr_of(store._context())
         register_context(context, self.host)
         registered = True
