@@ -324,6 +324,24 @@ def test_sigterm_drains_and_exits_0_with_storage_intact(daemon: object, tmp_path
     assert not d.socket.exists()
 
 
+def test_a_second_stop_signal_exits_at_once_with_0_and_says_so_in_the_log(daemon: object, tmp_path: Path) -> None:
+    """SIGINT stops like SIGTERM; a second one, while a `shutdown` that never returns holds the stop, exits
+    at once with 0, committed storage intact. The `forced_exit` line saying why used to be lost: the
+    process exited without letting the log writer thread write it."""
+    d = daemon(component("t/slow/0", "slowstop", "shutdown_timeout_s = 600")  # type: ignore[operator]
+               + component("t/notes/0", "storage", "capabilities = { storage = true }"))
+    assert d.call("t/notes/0", "set colour blue") == "ok"
+    d.proc.send_signal(signal.SIGINT)
+    d.expect("STOPPING=1")  # the first signal has been taken: the stop waits on t/slow/0's shutdown
+    d.proc.send_signal(signal.SIGINT)
+    assert d.proc.wait(timeout=30) == 0
+    events = d.events()
+    assert [e["signal"] for e in events if e["event"] in ("stopping", "forced_exit")] == ["SIGINT", "SIGINT"]
+    assert events[-1]["event"] == "forced_exit", events[-3:]
+    with sqlite3.connect(tmp_path / "state" / "storage.sqlite3") as db:
+        assert db.execute("SELECT value FROM kv WHERE owner = 't/notes/0' AND key = 'colour'").fetchone() == (b"blue",)
+
+
 def test_a_bad_config_at_start_exits_1_listing_every_error(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text(config_text(tmp_path / "state", component("t/a/0", "echo", "limits = { max_fuel = \"lots\" }")

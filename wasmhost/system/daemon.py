@@ -50,7 +50,7 @@ from wasmhost.system.config import ComponentPlan, Config, ConfigError, load_conf
 from wasmhost.system.control import ControlServer, SocketInUse
 from wasmhost.system.detached import start_detached
 from wasmhost.system.heap import DeploymentHeap, collect_all, frozen_after_slow_collections, steady_collector
-from wasmhost.system.logging import lines_dropped, reopen_log_files
+from wasmhost.system.logging import lines_dropped, reopen_log_files, shutdown_logging
 from wasmhost.system.reload_report import ReloadReport, cut
 from wasmhost.system.sd_notify import Notifier
 from wasmhost.system.shared_loads import SharedLoads
@@ -73,6 +73,9 @@ CACHE_PRUNE_EVERY_S = 86400.0
 """The compilation cache is pruned after start-up, after each reload and once a day (see cache.prune)."""
 CACHE_PRUNE_JOIN_S = 2.0
 """How long an exit waits for a prune under way (one takes milliseconds; the bound is for a stuck disk)."""
+FORCED_EXIT_FLUSH_S = 0.2
+"""How long a second stop signal waits for the buffered log lines to be written before the process exits: a
+line is written within milliseconds; the bound is for a destination nobody reads."""
 
 
 @dataclass
@@ -338,6 +341,9 @@ class Daemon:
     def _on_stop_signal(self, sig: int) -> None:
         if self._stopping:
             log.warning("forced_exit", signal=signal.Signals(sig).name)
+            # os._exit skips the log writers' drain: without this the line above (the journal's only word
+            # on why the stop was cut short) and whatever the stop had logged before it were lost.
+            shutdown_logging(FORCED_EXIT_FLUSH_S)
             os._exit(0)  # committed writes are durable and SQLite's WAL keeps the file consistent
         self._stopping = True
         log.info("stopping", signal=signal.Signals(sig).name)
