@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import FIXTURES
 from tests.test_daemon import ROOT, Daemon, component, config_text, kill_leftovers, launch, wasmhost
+from wasmhost import __version__
 from wasmhost.cli import build_parser
 from wasmhost.system import protocol
 from wasmhost.system.client import DaemonUnavailable, request
@@ -385,6 +386,14 @@ def test_the_readme_documents_every_command_and_option() -> None:
                     assert option in section, f"{name} {option}"
     run_help = wasmhost("run", "--help").stdout
     assert "--log-level" in run_help and "--log-format" in run_help
+
+
+def test_python_dash_m_wasmhost_is_the_wasmhost_command() -> None:
+    """`python -m wasmhost` (a venv whose bin/ is not on PATH) ran nothing: "No module named
+    wasmhost.__main__", exit 1."""
+    result = subprocess.run([sys.executable, "-m", "wasmhost", "--version"], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    assert (result.returncode, result.stdout.strip()) == (0, f"wasmhost {__version__}"), result.stderr
 
 
 # --- logs: the console format, and the journal ---
