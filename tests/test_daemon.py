@@ -342,6 +342,45 @@ def test_a_second_stop_signal_exits_at_once_with_0_and_says_so_in_the_log(daemon
         assert db.execute("SELECT value FROM kv WHERE owner = 't/notes/0' AND key = 'colour'").fetchone() == (b"blue",)
 
 
+def test_the_host_defaults_apply_to_every_component_that_sets_nothing(tmp_path: Path) -> None:
+    """[host] default_mailbox_capacity, default_storage_quota_bytes, default_log_rate / default_log_burst and
+    [host.default_limits] reach components whose entries set nothing of their own (before, each was only
+    parsed by the tests, never shown to change what a component gets)."""
+    started: list[Daemon] = []
+    d = launch(tmp_path, component("t/nap/0", "napper")
+               + component("t/notes/0", "storage", "capabilities = { storage = true }")
+               + component("t/flood/0", "logflood") + component("t/hog/0", "memhog") + component("t/busy/0", "busy")
+               + component("t/busy/1", "busy", "limits = { max_fuel = 1000000000 }"), started,
+               edit={"drain_timeout_s = 5.0": "drain_timeout_s = 0.2",  # the napper's queue is not waited for
+                     'log_format = "json"\n': 'log_format = "json"\ndefault_mailbox_capacity = 2\n'
+                     "default_storage_quota_bytes = 100\ndefault_log_rate = 1.0\ndefault_log_burst = 3\n"
+                     "[host.default_limits]\nmax_memory_bytes = 2097152\nmax_fuel = 100000\n"})
+    try:
+        _check_host_defaults(d)
+    finally:
+        kill_leftovers(started)
+
+
+def _check_host_defaults(d: Daemon) -> None:
+    for _ in range(6):  # the napper never finishes its first batch (what was queued when it began: 2 at most)
+        sent = d.cli("send", "t/nap/0", "x", "--timeout", "0.2")
+        if sent.returncode:
+            break
+    assert "the mailbox of t/nap/0 stayed full (2 messages)" in sent.stderr, sent.stderr
+    quota = d.cli("call", "t/notes/0", "set k " + "v" * 200)
+    assert "storage error: quota-exceeded" in quota.stderr, quota.stderr
+    assert d.call("t/notes/0", "usage") == "0 100 0"  # USED QUOTA COUNT
+    assert d.call("t/hog/0", "") == "32"  # pages of 64 KiB it could grow to: 2 MiB
+    assert "ran out of fuel" in d.cli("call", "t/busy/0", "10000000").stderr
+    assert d.call("t/busy/1", "10000000") == "10000000"  # its own max_fuel; the default's 2 MiB and 30 s still
+    assert d.call("t/flood/0", "20") == "20"
+    assert d.stop() == 0
+    events = d.events()
+    assert sum(1 for e in events if e.get("guest") and e.get("component") == "t/flood/0") == 3
+    suppressed = [e for e in events if e["event"] == "guest_log_suppressed"]
+    assert [(e["suppressed"], e["log_rate"], e["log_burst"]) for e in suppressed] == [(17, 1.0, 3)], suppressed
+
+
 def test_a_bad_config_at_start_exits_1_listing_every_error(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text(config_text(tmp_path / "state", component("t/a/0", "echo", "limits = { max_fuel = \"lots\" }")
