@@ -348,5 +348,35 @@ async def test_a_daemon_run_through_start_reload_and_stop_leaves_no_task_behind(
     assert asyncio.all_tasks() - before == set()
 
 
+@pytest.mark.anyio
+async def test_a_sighup_before_the_daemon_handles_signals_is_a_reload_once_it_has_started(tmp_path: Path) -> None:
+    """README: a SIGHUP during start-up waits for the start to end and is carried out then. One that came
+    before the daemon's signal receiver was open (the config being read, storage opened) ended the process
+    instead: `wasmhost run` killed by SIGHUP 0.2 s after it began. `run` now records it from its first moment."""
+    from wasmhost.system.early_signals import hold_early_signals  # what `wasmhost run` does first
+
+    config_path = tmp_path / "wasmhost.toml"
+    head = f'[host]\ncomponents_dir = "{FIXTURES}"\nstate_dir = "{tmp_path / "state"}"\ndrain_timeout_s = 1.0\n\n'
+    echo = '[[components]]\nid = "t/echo/0"\npath = "echo.wasm"\n'
+    config_path.write_text(head + echo)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGUSR1)}
+    try:
+        hold_early_signals()
+        daemon = Daemon(load_config(config_path))
+        config_path.write_text(head + echo + '[[components]]\nid = "t/counter/0"\npath = "counter.wasm"\n')
+        os.kill(os.getpid(), signal.SIGHUP)  # before run() opens its signal receiver
+        code: list[int] = []
+        async with anyio.create_task_group() as group:
+            group.start_soon(lambda: _run(daemon, code))
+            with anyio.fail_after(30):  # the reload reads the config as it is now: the counter comes
+                while "t/counter/0" not in {str(cid) for cid in getattr(daemon, "deployments", {})}:
+                    await anyio.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert code == [0]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 async def _run(daemon: Daemon, code: list[int]) -> None:
     code.append(await daemon.run())

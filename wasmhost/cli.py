@@ -124,6 +124,9 @@ def _payload(text: str) -> bytes:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
+    from wasmhost.system.early_signals import hold_early_signals
+
+    hold_early_signals()  # first: a SIGHUP or SIGUSR1 while the daemon is being set up must not end the process
     import uvloop
 
     from wasmhost.runtime.guest_log import flush_suppressed

@@ -49,6 +49,7 @@ from wasmhost.system import protocol
 from wasmhost.system.config import ComponentPlan, Config, ConfigError, load_config
 from wasmhost.system.control import ControlServer, SocketInUse
 from wasmhost.system.detached import start_detached
+from wasmhost.system.early_signals import take_early_signals
 from wasmhost.system.heap import DeploymentHeap, collect_all, frozen_after_slow_collections, steady_collector
 from wasmhost.system.logging import lines_dropped, reopen_log_files, shutdown_logging
 from wasmhost.system.reload_report import ReloadReport, cut
@@ -323,15 +324,21 @@ class Daemon:
         self.status_table.rows()  # lays the table out now, not in the first `status` (50 ms at 10,000)
 
     async def _signals(self, signals: AsyncIterator[signal.Signals], reloads: MemoryObjectSendStream[None]) -> None:
-        """Turn signals into a stop, a reload request or a log file reopen."""
+        """Turn signals into a stop, a reload request or a log file reopen: first those that came before the
+        daemon's signal receiver was open (system/early_signals.py), then the receiver's."""
+        for sig in take_early_signals():
+            self._on_signal(sig, reloads)
         async for sig in signals:
-            if sig == signal.SIGHUP:
-                with contextlib.suppress(anyio.WouldBlock):
-                    reloads.send_nowait(None)  # one is waiting already: it reads the newest config anyway
-            elif sig == signal.SIGUSR1:
-                reopen_log_files()  # logrotate's postrotate: a new log_file
-            else:
-                self._on_stop_signal(sig)
+            self._on_signal(sig, reloads)
+
+    def _on_signal(self, sig: signal.Signals, reloads: MemoryObjectSendStream[None]) -> None:
+        if sig == signal.SIGHUP:
+            with contextlib.suppress(anyio.WouldBlock):
+                reloads.send_nowait(None)  # one is waiting already: it reads the newest config anyway
+        elif sig == signal.SIGUSR1:
+            reopen_log_files()  # logrotate's postrotate: a new log_file
+        else:
+            self._on_stop_signal(sig)
 
     async def _reloads(self, requests: MemoryObjectReceiveStream[None]) -> None:
         """Apply SIGHUP reload requests one after the other."""
