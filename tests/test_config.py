@@ -283,6 +283,24 @@ def test_timeouts_and_ticks_that_would_hang_or_overflow_a_running_daemon_are_err
     ]
 
 
+def test_a_call_deadline_too_long_for_a_thread_to_wait_on_is_an_error(tmp_path: Path) -> None:
+    """max_execution_time_ms = 2^63 - 1 (meant as "no deadline") was accepted: the worker pool's deadline thread
+    then waited for a deadline 292 million years away at the component's first call, Python refused the wait
+    (OverflowError: timestamp out of range for platform time_t) and the thread died, so no call of any component
+    was timed out any more: a neighbour's 300 ms call left sleeping went unanswered (`wasmhost call` gave up
+    after 30 s, where it had been answered "timed out" in 0.4 s)."""
+    found = errors(tmp_path, '[host.default_limits]\nmax_execution_time_ms = 9223372036854775807\n'
+                             '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\n'
+                             'limits = { max_execution_time_ms = 86400001 }\n')
+    assert found == [
+        "host.default_limits.max_execution_time_ms: expected an integer > 0 and <= 86400000, got 9223372036854775807",
+        "components[0].limits.max_execution_time_ms: expected an integer > 0 and <= 86400000, got 86400001",
+    ]
+    longest = parse(tmp_path, '[[components]]\nid = "a/echo/0"\npath = "echo.wasm"\n'
+                              'limits = { max_execution_time_ms = 86400000 }\n')
+    assert longest.components[0].spec.limits.max_execution_time_ms == 86_400_000  # type: ignore[attr-defined]
+
+
 def test_a_control_socket_path_too_long_to_bind_is_an_error(tmp_path: Path) -> None:
     state = tmp_path / ("s" * 120)
     with pytest.raises(ConfigError) as info:

@@ -63,7 +63,10 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """`limits` tables: memory cap, per-call deadline, per-call fuel."""
 
     max_memory_bytes: Positive | None = None
-    max_execution_time_ms: Positive | None = None
+    max_execution_time_ms: Milliseconds | None = None
+    """A call's deadline is a timeout like the others (MAX_SECONDS): one past about 292 years (2^63 - 1, meant as
+    "none") made the worker pool's deadline thread die on its wait (OverflowError), after which no component's
+    calls were timed out."""
     max_fuel: Positive | None = None
 
 
