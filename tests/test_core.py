@@ -6,6 +6,7 @@ import pytest
 
 from wasmhost.core import ComponentId, InvalidComponentId, MessagingError, ResourceLimits, StorageError, WasmError
 from wasmhost.core.ids import MAX_PART_CHARS
+from wasmhost.core.limits import MAX_EXECUTION_TIME_MS
 
 
 def test_component_id_round_trips_through_its_string_form() -> None:
@@ -55,6 +56,15 @@ def test_resource_limits_defaults_and_zero_rejected() -> None:
     for field in ("max_memory_bytes", "max_execution_time_ms", "max_fuel"):
         with pytest.raises(ValueError, match=field):
             ResourceLimits(**{field: 0})
+
+
+def test_a_call_deadline_past_a_day_is_refused_for_embedders_too() -> None:
+    # The config refuses it; an embedder building ResourceLimits itself must not get past that either: the
+    # worker pool's deadline thread died waiting for 2^63 - 1 ms (OverflowError), and no deadline held after.
+    assert ResourceLimits(max_execution_time_ms=MAX_EXECUTION_TIME_MS).max_execution_time_ms == 86_400_000
+    expected = r"max_execution_time_ms must be at most 86400000 \(a day\), got 9223372036854775807"
+    with pytest.raises(ValueError, match=expected):
+        ResourceLimits(max_execution_time_ms=2**63 - 1)
 
 
 def test_error_values_read_like_the_wit_cases() -> None:

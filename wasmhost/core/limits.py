@@ -6,6 +6,10 @@ import msgspec
 
 DEFAULT_MAX_MEMORY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_EXECUTION_TIME_MS = 30_000
+MAX_EXECUTION_TIME_MS = 86_400_000
+"""A call's deadline is at most a day (the config's bound on every timeout): the worker pool's deadline thread
+waits for the earliest deadline, and Python refuses a wait past about 292 years (OverflowError), which ended
+that thread and with it every component's deadlines."""
 DEFAULT_MAX_OUTSTANDING_REQUESTS = 4096
 """Requests a component may have outstanding (sent, their callback not yet handled) before `request`
 fails with queue-full: their answers wait in its own mailbox past its capacity (README, "Threat model")."""
@@ -46,3 +50,6 @@ class ResourceLimits(msgspec.Struct, frozen=True):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value >= 2**64:
                 raise ValueError(f"resource limits: {label} must be an integer in 1..2^64-1, got {value!r}")
+        if self.max_execution_time_ms > MAX_EXECUTION_TIME_MS:
+            raise ValueError(f"resource limits: max_execution_time_ms must be at most {MAX_EXECUTION_TIME_MS} "
+                             f"(a day), got {self.max_execution_time_ms!r}")
