@@ -82,6 +82,10 @@ CREDS_FILE = "a NATS .creds file (a user JWT and its nkey seed, as nsc writes th
     ("account seed", f"expected a user nkey seed (SU...) on the line after {SEED_BEGIN}"),
     ("truncated seed", f"expected a user nkey seed (SU...) on the line after {SEED_BEGIN}"),
     ("seed on the last line", f"expected a user nkey seed (SU...) on the line after {SEED_BEGIN}"),
+    # of the right form, but nkeys cannot sign with it: the daemon failed each connection ('nkeys: invalid
+    # prefix byte') or signed as another user (an authorization violation), while `wasmhost check` said ok
+    ("mangled seed", f"expected a user nkey seed (SU...) on the line after {SEED_BEGIN}"),
+    ("seed with a wrong checksum", f"expected a user nkey seed (SU...) on the line after {SEED_BEGIN}"),
     ("too large", f"expected {CREDS_FILE}, got more than {CREDS_MAX_BYTES} bytes"),
 ])
 def test_a_credentials_file_that_is_not_a_creds_file_is_named_without_its_secrets(tmp_path: Path, case: str,
@@ -93,6 +97,8 @@ def test_a_credentials_file_that_is_not_a_creds_file_is_named_without_its_secret
            "account seed": text.replace(seed, "SA" + seed[2:]),
            "truncated seed": text.replace(seed, seed[:-4]),
            "seed on the last line": text[:text.index(seed) + len(seed)],
+           "mangled seed": text.replace(seed, seed[:2] + "Z" + seed[3:]),
+           "seed with a wrong checksum": text.replace(seed, seed[:20] + ("A" if seed[20] != "A" else "B") + seed[21:]),
            "too large": text + "#" * CREDS_MAX_BYTES}[case]
     (tmp_path / "host.creds").write_text(bad, newline="")
     [error] = errors_of('[lattice]\ncredentials = "host.creds"\n', tmp_path)

@@ -5,6 +5,8 @@ Absent, the daemon is a single host and nats-py is never imported.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import socket
 from collections import UserString
@@ -138,10 +140,26 @@ def _creds_file(name: str | None, base: Path, errors: list[str]) -> tuple[Path, 
             errors.append(f"lattice.credentials: {path}: expected {what}, found no {begin} line")
             return None
         # nats-py takes that line less its last character, the '\n' (so a line the file ends on loses one)
-        if at + 2 >= len(lines) or not form.fullmatch(lines[at + 1]):
+        if at + 2 >= len(lines) or not form.fullmatch(lines[at + 1]) or (
+                form is _USER_SEED and not _usable_user_seed(lines[at + 1])):
             errors.append(f"lattice.credentials: {path}: expected {expected} on the line after {begin}")
             return None
     return path, "\n".join(lines)
+
+
+def _usable_user_seed(seed: str) -> bool:
+    """Whether nkeys signs with `seed` (its form checked already) as a user, and its checksum holds. nkeys
+    decodes a seed only when nats-py signs the server's nonce: a mangled one (its third character, say) passed
+    `wasmhost check`, then failed every connection attempt of the daemon ('nkeys: invalid prefix byte'); one
+    with a wrong checksum signed as some other key, refused by the server as an authorization violation."""
+    import nkeys  # type: ignore[import-untyped]  # here: only a configuration with credentials pays for it
+
+    try:
+        raw = base64.b32decode(seed + "=" * (-len(seed) % 8))
+        prefix, _ = nkeys.decode_seed(bytearray(seed.encode()))
+    except (binascii.Error, nkeys.NkeysError):
+        return False
+    return bool(prefix == nkeys.PREFIX_BYTE_USER and nkeys.crc16_checksum(raw[:-2]) == raw[-2:])
 
 
 def lattice_settings(section: LatticeSection, base: Path, errors: list[str]) -> LatticeSettings | None:
