@@ -157,15 +157,16 @@ class NatsOperator:
         return f"operator: {operator}\nresolver: MEMORY\nresolver_preload: {{ {account_key}: {account} }}"
 
     def creds(self, path: Path, name: str, pub: list[str] | None = None, sub: list[str] | None = None,
-              stranger: bool = False, expires: int | None = None) -> Path:
+              stranger: bool = False, expires: int | None = None, payload: int = -1) -> Path:
         """Write a new user's `.creds` file (its JWT, then its seed, as `nsc` writes them) at `path`; `pub` and
         `sub` are the subjects its JWT allows it (None: any), signed by the account or, `stranger`, another;
-        `expires`: when the JWT expires (Unix seconds; None: never)."""
+        `expires`: when the JWT expires (Unix seconds; None: never); `payload`: the largest message its JWT
+        lets it publish (`nsc edit user --payload`; -1: the server's max_payload)."""
         seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
         user = nkeys.from_seed(bytearray(seed))
         permissions = {what: {"allow": allowed} for what, allowed in (("pub", pub), ("sub", sub)) if allowed}
         token = _jwt(self.stranger if stranger else self.account, user.public_key.decode(), name,
-                     {"type": "user", **permissions, **UNLIMITED}, expires)
+                     {"type": "user", **permissions, **UNLIMITED, "payload": payload}, expires)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
                         "************************* IMPORTANT *************************\n"

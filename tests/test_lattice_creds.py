@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import FIXTURES
 from tests.lattice_support import NatsOperator, NatsServer, lattice_daemon, lattice_section, wait_for_log
 from tests.test_daemon import Daemon, component, config_text, wasmhost
-from tests.test_lattice import CALLER, REMOTE_GRANT, ask, until
+from tests.test_lattice import BLASTER, BLASTER_GRANT, CALLER, ECHO, REMOTE_GRANT, ask, until
 
 SEED_BEGIN = "-----BEGIN USER NKEY SEED-----"
 HOST_PUB = ["wasmhost.default.>", "_INBOX.>"]
@@ -143,3 +143,23 @@ def test_a_user_jwt_expiring_is_named_as_the_cause_of_the_disconnection(
     refused = str(wait_for_log(a, "lattice_unreachable")["cause"])
     assert "Authorization Violation" in refused or "User Authentication Expired" in refused, refused
     assert a.call("t/echo/0", "alone") == "alone" and a.stop() == 0
+
+
+def test_a_guest_message_above_its_users_payload_limit_fails_instead_of_closing_the_hosts_connection(
+        tmp_path: Path, operator: NatsOperator, server: NatsServer, started: list[Daemon]) -> None:
+    # A user JWT's payload limit (`nsc edit user --payload`) is below the server's max_payload: nats-server
+    # announces it in an INFO after CONNECT, which nats-py did not read. A guest's 20,000 bytes (the server
+    # allows 8 MiB, the JWT 8,192) passed the host's check, and the server closed the host's connection
+    # ('maximum payload violation'): every remote request of every component on it failed, at each such send.
+    a_creds = operator.creds(tmp_path / "a.creds", "host-a", HOST_PUB, HOST_SUB)
+    b_creds = operator.creds(tmp_path / "b.creds", "host-b", HOST_PUB, HOST_SUB, payload=8192)
+    a = lattice_daemon(tmp_path / "a", ECHO, [server.url], "host-a", started,
+                       extra=credentials(a_creds) + "\n" + BLASTER_GRANT)
+    b = lattice_daemon(tmp_path / "b", BLASTER, [server.url], "host-b", started, extra=credentials(b_creds))
+    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    assert b.call("t/blaster/0", "r20000|t|echo|0") == (
+        "err 2 payload of 20000 bytes does not fit the NATS server's max_payload of 8192 bytes (with 1024 bytes "
+        "for headers)")
+    assert b.call("t/blaster/0", "r4096|t|echo|0") == "ok"
+    assert a.stop() == 0 and b.stop() == 0
+    assert '"lattice_closed"' not in b.log.read_text() and "maximum payload violation" not in b.log.read_text()

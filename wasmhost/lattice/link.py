@@ -48,6 +48,8 @@ log = structlog.get_logger("wasmhost.lattice")
 
 HEADER_ROOM = 1024
 """Bytes kept free of a NATS message's max_payload for the headers."""
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+"""nats-server's default max_payload: what the link assumes before it has a connection to ask."""
 CONNECT_RETRY_S = (0.2, 5.0)
 """First and longest wait between two attempts at the first connection."""
 INVENTORY_TIMEOUT_S = 2.0
@@ -96,7 +98,6 @@ class Link:
         self._unreachable_logged = ""
         self._leaving = False
         self._duplicate_logged = False
-        self.max_payload = 1024 * 1024
         self._outbox: deque[tuple[str, bytes, dict[str, str], str]] = deque()
         self._outbox_bytes = 0  # what the outbox holds, as counted against OUTBOX_GUEST_BYTES
         # A guest sending in a loop to a target that refuses (its mailbox full, no grant there) makes one
@@ -183,7 +184,6 @@ class Link:
                 await self._on_error(exc)
                 await anyio.sleep(wait)
                 wait = min(wait * 2, CONNECT_RETRY_S[1])
-        self.max_payload = self.nc.max_payload
         self.cause = ""
         log.info("lattice_connected", url=self._url(), host=self.host, lattice=self.settings.name,
                  max_payload=self.max_payload)
@@ -231,8 +231,6 @@ class Link:
 
     async def _on_reconnected(self) -> None:
         self.cause = ""
-        if self.nc is not None:
-            self.max_payload = self.nc.max_payload
         log.info("lattice_reconnected", url=self._url())
 
     async def _on_closed(self) -> None:
@@ -273,6 +271,14 @@ class Link:
                        "components": [msgspec.to_builtins(e) for e in r.components.values()]}
                       for r in sorted(self.directory.hosts.values(), key=lambda r: r.host)],
         }
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message (headers included) NATS takes from this host now: the connection's, read live,
+        since nats-server lowers it after CONNECT to a user's or account's JWT limit (nats_client.py); before
+        a connection, nats-server's default."""
+        nc = self.nc
+        return nc.max_payload if nc is not None else DEFAULT_MAX_PAYLOAD
 
     @property
     def connected(self) -> bool:

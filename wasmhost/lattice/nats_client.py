@@ -1,7 +1,8 @@
 """The link's NATS client: nats-py's, except that a message it cannot read no longer stops it reading, that
 a message arriving for a subscription the link has just drained reaches that subscription's callback
-(`LatticeClient.ended`) instead of being dropped, and that the error a server closes the connection with reaches
-error_cb. All reach into nats-py 2.16's reader (pinned in pyproject).
+(`LatticeClient.ended`) instead of being dropped, that the error a server closes the connection with reaches
+error_cb, and that max_payload is the one the server announced last (a user's JWT limit). All reach into
+nats-py 2.16's reader (pinned in pyproject).
 
 nats-py (2.16) reads a connection's messages in one task, and an exception while it turns a message into a
 Msg ends that task, with no reconnection: a header block of `NATS/1.0` alone (IndexError), an inline status
@@ -67,6 +68,17 @@ class LatticeClient(Client):
         if PERMISSIONS_ERR not in err_msg and STALE_CONNECTION not in err_msg:
             await self._error_cb(errors.Error(f"nats: {err_msg.strip().strip(chr(39))}"))
         await super()._process_err(err_msg)
+
+    # A private method of nats-py's (an INFO's fields; initial_connection for the one before CONNECT, in 2.16).
+    # nats-server announces the max_payload of the connection's user in an INFO after CONNECT when the user's
+    # or its account's JWT sets one below the server's (`nsc edit user --payload`); nats-py kept the first
+    # INFO's. A guest's message between the two passed the link's checks and nats-py's, and the server then
+    # closed the host's connection ('maximum payload violation'): every remote request on it failed, each time.
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        limit = info.get("max_payload")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            self._max_payload = limit
+        await super()._process_info(info, initial_connection)
 
 
 async def connect(**options: Any) -> Client:
