@@ -8,6 +8,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from nats import errors
+from structlog.testing import capture_logs
 
 from wasmhost.lattice.link import LIVE_STATES, Link
 from wasmhost.lattice.settings import LatticeSettings
@@ -65,3 +67,26 @@ async def test_a_component_subscribed_while_the_host_leaves_is_not_left_subscrib
     nats.gate.set()
     await reconciling
     assert nats.live == set()
+
+
+async def test_the_servers_reason_stays_the_cause_when_its_closed_socket_then_fails() -> None:
+    # The sequence nats-py made of a server closing a busy host's connection with an -ERR: the -ERR (through
+    # nats_client.LatticeClient), then, while nats-py closes, the socket's reset, then disconnected_cb and
+    # closed_cb. The disconnection and closure were logged 'ConnectionResetError: [Errno 104] Connection reset
+    # by peer', not the server's reason.
+    router = SimpleNamespace(loop=asyncio.get_running_loop())
+    link = Link(LatticeSettings(("nats://127.0.0.1:4222",), "default", "h", 1.0), router,  # type: ignore[arg-type]
+                lambda: [], lambda _: True)
+    nc = SimpleNamespace(is_connected=True, is_closed=False, connected_url=None)
+    link.nc = nc  # type: ignore[assignment]
+    link.cause = ""
+    with capture_logs() as logs:
+        await link._on_error(errors.Error("nats: user authentication expired"))
+        nc.is_connected, nc.is_closed = False, True  # nats-py's _close: CLOSED first, then the socket's close
+        await link._on_error(ConnectionResetError(104, "Connection reset by peer"))
+        await link._on_disconnected()
+        await link._on_closed()
+    reason = "Error: nats: user authentication expired"
+    assert [(line["event"], line["cause"]) for line in logs] == [
+        ("lattice_error", reason), ("lattice_disconnected", reason),
+        ("lattice_closed", f"the NATS connection was closed (disconnected from NATS ({reason}))")]

@@ -136,6 +136,7 @@ class Link:
                     self.cause = f"the lattice link failed: {_describe(exc)}"
                     with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                         await self._close()
+                    self.nc = None  # closed: the next connection's failures are not its (see _on_error)
                 self._subs.clear()  # they belonged to the connection just closed
                 if time.monotonic() - began > CONNECT_RETRY_S[1]:  # it served a while: not a closure loop
                     wait = CONNECT_RETRY_S[0]
@@ -219,6 +220,11 @@ class Link:
             if left_out is not None:
                 extra = {"suppressed": left_out} if left_out else {}
                 log.warning("lattice_error", url=self._url(), cause=cause, **extra)
+            return
+        elif self.nc.is_closed and self.cause:
+            # nats-py closing the connection after a server's -ERR (logged, and the cause): the socket the
+            # server closed may then fail too (measured: 'Connection reset by peer' after 'maximum payload
+            # violation'), and lattice_disconnected and lattice_closed named that instead of the server's reason
             return
         elif self.connected:  # the first sign of a disconnection
             log.warning("lattice_error", url=self._url(), cause=cause)
