@@ -163,3 +163,17 @@ def test_a_guest_message_above_its_users_payload_limit_fails_instead_of_closing_
     assert b.call("t/blaster/0", "r4096|t|echo|0") == "ok"
     assert a.stop() == 0 and b.stop() == 0
     assert '"lattice_closed"' not in b.log.read_text() and "maximum payload violation" not in b.log.read_text()
+
+
+def test_call_lattice_names_why_the_server_closed_its_connection(tmp_path: Path, operator: NatsOperator,
+                                                                 server: NatsServer) -> None:
+    # Its user's JWT allows 64-byte messages, less than the request's headers: nats-server closes the
+    # connection ('maximum payload violation'), which nats-py told nobody. The CLI waited its whole --timeout
+    # (measured: 4.31 s of 4), then said "timeout: no answer from t/echo/0 within 4 s".
+    creds = operator.creds(tmp_path / "client.creds", "cli", CLIENT_PUB, CLIENT_SUB, payload=64)
+    config = tmp_path / "cli.toml"
+    config.write_text(config_text(tmp_path / "cli-state", lattice_section([server.url], "cli",
+                                                                          extra=credentials(creds)), FIXTURES))
+    called = wasmhost("call", "--lattice", "--config", str(config), "--timeout", "10", "t/echo/0", "x")
+    assert (called.returncode, called.stderr) == (1, "wasmhost: NATS closed the connection before an answer "
+                                                     "came: nats: maximum payload violation\n")

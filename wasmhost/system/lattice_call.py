@@ -86,9 +86,24 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
     async def quietly(exc: Exception) -> None:  # nats-py prints each error with a traceback by default
         seen.append(exc)
 
+    requests: list[asyncio.Task[Msg]] = []  # the request under way: ended when the connection is
+    # closed under it (`cut`)
+    cut: list[bool] = []
+
+    async def closed() -> None:
+        # nats-py closes the connection (no reconnection here) after a server's -ERR other than a permissions
+        # violation ('maximum payload violation' past a user JWT's payload limit, 'user authentication
+        # expired') or when the server goes, and then wakes neither a flush nor the wait for the answer: the
+        # call waited its whole --timeout, then said "timeout: no answer".
+        for task in requests:
+            if not task.done():
+                cut.append(True)
+                task.cancel()
+
     try:  # each server tried twice at most (nats-py reads max_reconnect_attempts=0 as "forever")
         nc = await nats.connect(**connect, connect_timeout=CONNECT_TIMEOUT, allow_reconnect=False,
-                                max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=quietly)
+                                max_reconnect_attempts=1, reconnect_time_wait=0.1, error_cb=quietly,
+                                closed_cb=closed)
     except (OSError, errors.Error, TimeoutError) as exc:
         servers = ", ".join(shown_url(url) for url in connect.get("servers", [])) or "the default server"
         cause = seen[-1] if seen else exc
@@ -100,8 +115,17 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
                                     "for headers)")
         headers = {wire.KIND: wire.KIND_REQUEST, wire.SENDER: external_sender(),
                    wire.TIMEOUT_MS: str(max(1, int(timeout * 1000))), wire.ACK: "1"}
-        msg = await _request(nc, lattice, target, payload, headers, timeout,
-                             lambda subject: any(_refused(error, subject) for error in seen))
+        requests.append(asyncio.ensure_future(_request(
+            nc, lattice, target, payload, headers, timeout,
+            lambda subject: any(_refused(error, subject) for error in seen))))
+        try:
+            msg = await requests[0]
+        except (asyncio.CancelledError, errors.ConnectionClosedError) as exc:
+            # a ConnectionClosedError: a publish or subscription after nats-py began closing, before closed()
+            if isinstance(exc, asyncio.CancelledError) and not cut:  # the call itself was cancelled (Ctrl-C)
+                raise
+            raise LatticeCallFailed(f"NATS closed the connection before an answer came: "
+                                    f"{nc.last_error or 'connection lost'}") from None
     finally:
         await nc.close()
     found = msg.headers or {}
