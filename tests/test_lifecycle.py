@@ -378,5 +378,25 @@ async def test_a_sighup_before_the_daemon_handles_signals_is_a_reload_once_it_ha
             signal.signal(sig, handler)
 
 
+def test_a_signal_storm_before_the_daemon_handles_signals_is_remembered_once_each() -> None:
+    # Every SIGHUP and SIGUSR1 during start-up was kept in a list, until the start was over: a storm of
+    # 100,000 kept 100,000 (and made as many reload requests and log reopens after it). One of each does.
+    from wasmhost.system.early_signals import hold_early_signals, take_early_signals
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGUSR1)}
+    try:
+        hold_early_signals()
+        for _ in range(1000):
+            signal.raise_signal(signal.SIGHUP)
+            signal.raise_signal(signal.SIGUSR1)
+        assert take_early_signals() == [signal.SIGHUP, signal.SIGUSR1]
+        assert take_early_signals() == []
+        signal.raise_signal(signal.SIGUSR1)  # after a take, a new one counts again
+        assert take_early_signals() == [signal.SIGUSR1]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 async def _run(daemon: Daemon, code: list[int]) -> None:
     code.append(await daemon.run())

@@ -19,7 +19,15 @@ _early: list[signal.Signals] = []
 def hold_early_signals() -> None:
     """Record SIGHUP and SIGUSR1 from now until the daemon's signal receiver replaces these handlers."""
     for sig in EARLY_SIGNALS:
-        signal.signal(sig, lambda number, _frame: _early.append(signal.Signals(number)))
+        signal.signal(sig, _record)
+
+
+def _record(number: int, _frame: object) -> None:
+    # Each signal once: one reload reads the newest config, one reopen the newest log file, however many were
+    # asked for. A list of every one grew by each signal of a storm for as long as the start lasted.
+    sig = signal.Signals(number)
+    if sig not in _early:
+        _early.append(sig)
 
 
 def take_early_signals() -> list[signal.Signals]:
