@@ -177,3 +177,27 @@ def test_call_lattice_names_why_the_server_closed_its_connection(tmp_path: Path,
     called = wasmhost("call", "--lattice", "--config", str(config), "--timeout", "10", "t/echo/0", "x")
     assert (called.returncode, called.stderr) == (1, "wasmhost: NATS closed the connection before an answer "
                                                      "came: nats: maximum payload violation\n")
+
+
+def test_a_reload_after_the_creds_file_was_rotated_says_so_and_the_link_keeps_its_credentials(
+        tmp_path: Path, operator: NatsOperator, server: NatsServer, started: list[Daemon]) -> None:
+    # The daemon reads the file at start (deploy/README.md: restart after rotating it). A reload after a
+    # rotation was rejected with "lattice: changed", naming nothing: no key of [lattice] had been edited.
+    creds = operator.creds(tmp_path / "a.creds", "host-a", HOST_PUB, HOST_SUB)
+    a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [server.url],
+                       "host-a", started, extra=credentials(creds))
+    wait_for_log(a, "lattice_connected")
+    rotated = operator.creds(tmp_path / "a.creds", "host-a", HOST_PUB, HOST_SUB).read_text()
+    reloaded = a.cli("reload")
+    assert reloaded.returncode == 1 and ("lattice: changed (the contents of the credentials file); [lattice] "
+                                         "settings are read only at start: restart wasmhost to apply them"
+                                         ) in reloaded.stderr, reloaded
+    jwt, seed = rotated.split("\n")[1], rotated.split(SEED_BEGIN + "\n")[1][:58]
+    assert jwt[-40:] not in reloaded.stdout + reloaded.stderr and seed[2:30] not in reloaded.stdout + reloaded.stderr
+    config = tmp_path / "cli.toml"  # the link still connected with what it read at start: a plain client's call
+    client_creds = operator.creds(tmp_path / "client.creds", "cli", CLIENT_PUB, CLIENT_SUB)
+    config.write_text(config_text(tmp_path / "cli-state", lattice_section([server.url], "cli",
+                                                                          extra=credentials(client_creds)), FIXTURES))
+    called = wasmhost("call", "--lattice", "--config", str(config), "t/echo/0", "still")
+    assert (called.returncode, called.stdout) == (0, "still"), called
+    assert a.stop() == 0

@@ -152,6 +152,26 @@ def _host_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     return [(key, before[key], after[key]) for key in before if before[key] != after[key]]
 
 
+_LATTICE_KEYS = {"tls_ca": "tls.ca", "tls_cert": "tls.cert", "tls_key": "tls.key",
+                 "credentials_text": "the contents of the credentials file"}
+"""The config key behind a field of LatticeSettings, where the names differ."""
+
+
+def _lattice_changes(old: Config, new: Config) -> list[str]:
+    """The [lattice] keys that differ between two configs, named without their values (credentials are
+    secrets). Only 'lattice: changed' was said: after a credentials file was rotated in place (the daemon
+    reads it at start), every reload was rejected for a [lattice] table nobody had edited."""
+    if old.lattice is None or new.lattice is None:
+        changed = [] if old.lattice is new.lattice else [f"[lattice] {'added' if old.lattice is None else 'removed'}"]
+    else:
+        before, after = old.lattice, new.lattice
+        changed = [_LATTICE_KEYS.get(f.name, f.name) for f in dataclasses.fields(before)
+                   if getattr(before, f.name) != getattr(after, f.name)]
+    if old.remote_grants != new.remote_grants:
+        changed.append("grants")
+    return changed
+
+
 _SETTING_NAMES = {
     "path": "path", "wasm_path": "path", "env_vars": "env", "config_data": "config data",
     "intensity": "max_restarts/restart_window_s", "backoff": "backoff_base_ms/backoff_max_ms",
@@ -576,9 +596,10 @@ class Daemon:
                 *(f"  {e}" for e in exc.errors)])
         problems = [f"host.{key}: changed from {old!r} to {value!r}; [host] settings are read only at start: "
                     "restart wasmhost to apply them" for key, old, value in _host_changes(self.config, new)]
-        if (self.config.lattice, self.config.remote_grants) != (new.lattice, new.remote_grants):
-            problems.append("lattice: changed; [lattice] settings are read only at start: restart wasmhost to "
-                            "apply them")
+        lattice = _lattice_changes(self.config, new)
+        if lattice:
+            problems.append(f"lattice: changed ({', '.join(lattice)}); [lattice] settings are read only at start: "
+                            "restart wasmhost to apply them")
         added, removed, changed, unchanged = await self._diff(new)
         wanted = new.plans_by_id
         loaded: dict[ComponentId, LoadedComponent] = {}
