@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from wasmhost.core.ids import ComponentId, InvalidComponentId
 from wasmhost.lattice import wire
 from wasmhost.lattice.directory import MISSED_HEARTBEATS
@@ -86,19 +88,14 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
     async def quietly(exc: Exception) -> None:  # nats-py prints each error with a traceback by default
         seen.append(exc)
 
-    requests: list[asyncio.Task[Msg]] = []  # the request under way: ended when the connection is
-    # closed under it (`cut`)
-    cut: list[bool] = []
+    under_way = anyio.CancelScope()  # the request: cancelled when the connection is closed under it
 
     async def closed() -> None:
         # nats-py closes the connection (no reconnection here) after a server's -ERR other than a permissions
         # violation ('maximum payload violation' past a user JWT's payload limit, 'user authentication
         # expired') or when the server goes, and then wakes neither a flush nor the wait for the answer: the
-        # call waited its whole --timeout, then said "timeout: no answer".
-        for task in requests:
-            if not task.done():
-                cut.append(True)
-                task.cancel()
+        # call waited its whole --timeout, then said "timeout: no answer". (After the answer: nothing to end.)
+        under_way.cancel()
 
     try:  # each server tried twice at most (nats-py reads max_reconnect_attempts=0 as "forever")
         nc = await nats.connect(**connect, connect_timeout=CONNECT_TIMEOUT, allow_reconnect=False,
@@ -115,17 +112,15 @@ async def call(connect: dict[str, Any], lattice: str, target: ComponentId, paylo
                                     "for headers)")
         headers = {wire.KIND: wire.KIND_REQUEST, wire.SENDER: external_sender(),
                    wire.TIMEOUT_MS: str(max(1, int(timeout * 1000))), wire.ACK: "1"}
-        requests.append(asyncio.ensure_future(_request(
-            nc, lattice, target, payload, headers, timeout,
-            lambda subject: any(_refused(error, subject) for error in seen))))
-        try:
-            msg = await requests[0]
-        except (asyncio.CancelledError, errors.ConnectionClosedError) as exc:
-            # a ConnectionClosedError: a publish or subscription after nats-py began closing, before closed()
-            if isinstance(exc, asyncio.CancelledError) and not cut:  # the call itself was cancelled (Ctrl-C)
-                raise
+        msg: Msg | None = None
+        with contextlib.suppress(errors.ConnectionClosedError), under_way:  # a ConnectionClosedError: a publish
+            # or subscription after nats-py began closing, before closed(); a cancellation from outside (Ctrl-C)
+            # goes on as before, since only closed() cancels this scope
+            msg = await _request(nc, lattice, target, payload, headers, timeout,
+                                 lambda subject: any(_refused(error, subject) for error in seen))
+        if msg is None:
             raise LatticeCallFailed(f"NATS closed the connection before an answer came: "
-                                    f"{nc.last_error or 'connection lost'}") from None
+                                    f"{nc.last_error or 'connection lost'}")
     finally:
         await nc.close()
     found = msg.headers or {}
