@@ -17,7 +17,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 import structlog
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus, UNIXSocketStream
 
 from wasmhost.system.protocol import (
     LENGTH,
@@ -82,6 +82,7 @@ _CLIENT_GONE = (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceErr
                 ConnectionError, TimeoutError)
 """How a connection ends when its client goes away or stops keeping up: the end of that conversation, no error."""
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -194,6 +195,7 @@ class ControlServer:
         self.send_timeout = send_timeout
         self.handler = handler
         self._listener: SocketListener | None = None
+        self._spare: int | None = None  # a descriptor held back for a client when the process has none left
         self._inode: int | None = None
         self._accepting = anyio.CancelScope()  # cancelled by `close`
         self._served = anyio.Event()  # `serve` has ended (or never ran)
@@ -215,6 +217,7 @@ class ControlServer:
         sock = bind_control_socket(self.path, self.mode, self.gid)
         self._inode = os.stat(self.path).st_ino
         self._listener = await SocketListener.from_socket(sock)
+        self._take_spare()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Accept and serve connections until `close`; then give requests being answered (a `call`
@@ -242,6 +245,7 @@ class ControlServer:
         finally:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
+            self._drop_spare()
             self._served.set()
 
     async def close(self) -> None:
@@ -253,6 +257,7 @@ class ControlServer:
                 await self._served.wait()
         elif self._listener is not None:
             await self._listener.aclose()
+            self._drop_spare()
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
@@ -272,6 +277,7 @@ class ControlServer:
                     await self._closed_one.wait()
             room = self._open < self.max_connections
         self._refusing = not room  # still full after BUSY_WAIT: the clients waiting now are answered at once
+        self._take_spare()  # given back when the connection served with it ended
         try:
             stream = await listener.accept()
         except anyio.BrokenResourceError as exc:
@@ -279,14 +285,46 @@ class ControlServer:
             if not isinstance(cause, OSError) or cause.errno not in _OUT_OF_RESOURCES:
                 raise
             self._accept_failed.note(error=str(cause), connections=self._open)
-            self._close_idle()  # frees a descriptor for the clients waiting in the backlog
-            await anyio.sleep(ACCEPT_PAUSE)
-            return None
+            spared = await self._accept_with_spare(listener) if cause.errno in _OUT_OF_DESCRIPTORS else None
+            if spared is None:
+                self._close_idle()  # frees a descriptor for the clients waiting in the backlog
+                await anyio.sleep(ACCEPT_PAUSE)
+                return None
+            stream = spared
         if not room and self._open >= self.max_connections:
             with anyio.CancelScope(shield=True):
                 await self._refuse_busy(stream)
             return None
         return stream
+
+    def _take_spare(self) -> None:
+        """Hold a descriptor back (of /dev/null), unless one is held already or none is left."""
+        if self._spare is None:
+            with contextlib.suppress(OSError):
+                self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _drop_spare(self) -> None:
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+    async def _accept_with_spare(self, listener: SocketListener) -> SocketStream | None:
+        """The waiting client, accepted in the descriptor held back for it, or None (none held, or taken
+        first by another thread of the process, or the client gone).
+
+        The daemon's descriptors may be held by what it cannot close: a guest granted outbound_http holds
+        a socket per request in flight, for as long as wasmtime lets it wait (600 s). Before, such a guest
+        locked out every new client, `wasmhost restart` (which gives its sockets back) included, whenever
+        no idle connection was there to close."""
+        if self._spare is None:
+            return None
+        self._drop_spare()
+        try:
+            conn, _address = listener.extra(SocketAttribute.raw_socket).accept()
+        except OSError:
+            return None
+        conn.setblocking(False)
+        return await UNIXSocketStream.from_socket(conn)  # as the listener's own accept makes it
 
     def _close_idle(self) -> bool:
         """Close the connection waiting longest for a request, if for IDLE_GRACE at least (it holds a slot
