@@ -277,7 +277,7 @@ class ControlServer:
                     await self._closed_one.wait()
             room = self._open < self.max_connections
         self._refusing = not room  # still full after BUSY_WAIT: the clients waiting now are answered at once
-        self._take_spare()  # given back when the connection served with it ended
+        self._take_spare()  # if it was used and could not be taken again when its connection ended
         try:
             stream = await listener.accept()
         except anyio.BrokenResourceError as exc:
@@ -442,6 +442,7 @@ class ControlServer:
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
+            self._take_spare()  # in the descriptor just closed, if the spare was used, before a guest takes it
             self._open -= 1
             self._closed_one.set()
 
