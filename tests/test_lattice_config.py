@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from tests.lattice_support import NatsOperator
 from tests.test_daemon import wasmhost
 from wasmhost.core.ids import ComponentId
+from wasmhost.lattice import settings
 from wasmhost.lattice.settings import CREDS_MAX_BYTES, shown_url
 from wasmhost.system.config import ConfigError, parse_config
 
@@ -110,6 +113,29 @@ def test_an_unreadable_credentials_file_is_named(tmp_path: Path) -> None:
     # /proc/self/mem is a regular file whose first bytes no read can reach (EIO), even as root
     [error] = errors_of('[lattice]\ncredentials = "/proc/self/mem"\n', tmp_path)
     assert error == "lattice.credentials: cannot read /proc/self/mem: Input/output error"
+
+
+def test_a_credentials_path_that_is_no_regular_file_is_named_so(tmp_path: Path) -> None:
+    # Both said "no file at PATH", which sent the operator looking for a file that was there.
+    (tmp_path / "dir.creds").mkdir()
+    os.mkfifo(tmp_path / "pipe.creds")
+    for name in ("dir.creds", "pipe.creds"):
+        [error] = errors_of(f'[lattice]\ncredentials = "{name}"\n', tmp_path)
+        assert error == f"lattice.credentials: {tmp_path / name} is not a regular file"
+
+
+def test_a_pipe_swapped_in_after_the_check_does_not_block_the_load(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Our own logic: the path check is patched to pass a pipe, as if the file had been replaced by one right
+    # after it. Opening it to read waited for a writer for ever, and with it `check` and the daemon's start.
+    os.mkfifo(tmp_path / "pipe.creds")
+    monkeypatch.setattr(settings, "_file", lambda where, name, base, errors: name and base / name)
+    found: list[list[str]] = []
+    loading = threading.Thread(target=lambda: found.append(
+        errors_of('[lattice]\ncredentials = "pipe.creds"\n', tmp_path)), daemon=True)
+    loading.start()
+    loading.join(timeout=10)
+    assert found == [[f"lattice.credentials: cannot read {tmp_path / 'pipe.creds'}: not a regular file"]]
 
 
 def test_check_and_call_lattice_name_a_creds_file_without_its_jwt(tmp_path: Path) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 import socket
+import stat
 from collections import UserString
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +106,8 @@ def _file(where: str, name: str | None, base: Path, errors: list[str]) -> Path |
         return None
     path = Path(name) if Path(name).is_absolute() else base / name
     if not path.is_file():
-        errors.append(f"{where}: no file at {path}")
+        # a directory, a pipe or a device there is a different mistake from a missing file: say which
+        errors.append(f"{where}: {path} is not a regular file" if path.exists() else f"{where}: no file at {path}")
         return None
     return path
 
@@ -119,7 +122,12 @@ def _creds_file(name: str | None, base: Path, errors: list[str]) -> tuple[Path, 
     if path is None:
         return None
     try:
-        with path.open("rb") as f:
+        # non-blocking, and checked through the descriptor read from: a pipe put there after the check above
+        # would block the configuration's load (and `check`) until someone wrote to it
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(0, "not a regular file")
             data = f.read(CREDS_MAX_BYTES + 1)
     except OSError as exc:
         errors.append(f"lattice.credentials: cannot read {path}: {exc.strerror or type(exc).__name__}")
