@@ -51,6 +51,14 @@ class LogBudget:
             self._windows[key] = (started, written + 1, 0)
             return left_out
 
+    def fields(self, key: str) -> dict[str, object] | None:
+        """`admit` as a log line's fields: None for a line to leave out, else `{"suppressed": N}` when N lines
+        of `key` were left out since its previous line, `{}` when none were."""
+        left_out = self.admit(key)
+        if left_out is None:
+            return None
+        return {"suppressed": left_out} if left_out else {}
+
     def _forget_old(self, now: float) -> None:
         """Drop the keys whose window has passed (self._lock held): they limit nothing. Those with lines left out
         stay LEFT_OUT_KEPT_S longer. They stayed for good, one per key ever left out (a component removed, a

@@ -109,10 +109,9 @@ class Ingress:
                   detail: str) -> None:
         """Log a message refused for `target`, within the target's budget of lines (the rest are counted, and
         the next line says how many with `suppressed=N`)."""
-        left_out = self._rejected_lines.admit(str(target))
-        if left_out is None:
+        extra = self._rejected_lines.fields(str(target))
+        if extra is None:
             return
-        extra = {"suppressed": left_out} if left_out else {}
         # The sender and the detail (a header's value quoted) are a client's text, as long as NATS lets a message
         # be: a 1 MB Wasmhost-Sender and Wasmhost-Kind made a 2 MB line (the budget counts lines, not bytes)
         log.info("lattice_message_rejected", target=str(target), sender=_shortened(headers.get(wire.SENDER, "")),

@@ -216,9 +216,8 @@ class Link:
             # as clients send them, and the connection stays up. Each was a line (2,000 client messages made
             # 2,000), and the last one became the `cause` a later disconnection was reported with. Budgeted
             # now, and not a cause.
-            left_out = self._error_lines.admit(type(exc).__name__)
-            if left_out is not None:
-                extra = {"suppressed": left_out} if left_out else {}
+            extra = self._error_lines.fields(type(exc).__name__)
+            if extra is not None:
                 log.warning("lattice_error", url=self._url(), cause=cause, **extra)
             return
         elif self.nc.is_closed and self.cause:
@@ -491,9 +490,8 @@ class Link:
         if token == SEND_TOKEN:
             if outcome == wire.REJECTED:
                 target = headers.get(wire.TARGET, "")
-                left_out = self._rejected_lines.admit(target)
-                if left_out is not None:
-                    extra = {"suppressed": left_out} if left_out else {}
+                extra = self._rejected_lines.fields(target)
+                if extra is not None:
                     log.warning("lattice_send_rejected", target=target, host=headers.get(wire.HOST, ""),
                                 error=headers.get(wire.ERROR, ""), detail=detail, **extra)
             return
@@ -677,9 +675,8 @@ class Link:
             self._placed.pop(token, None)
             self.router.complete_remote(token, None, Outcome.FAILED, f"the request was not published: {cause}")
         else:  # a send, or an answer: one line each was as many lines as guests had queued (128 MiB of sends)
-            left_out = self._error_lines.admit("lattice_publish_failed")
-            if left_out is not None:
-                extra = {"suppressed": left_out} if left_out else {}
+            extra = self._error_lines.fields("lattice_publish_failed")
+            if extra is not None:
                 log.warning("lattice_publish_failed", subject=subject, cause=cause, **extra)
 
 

@@ -464,10 +464,9 @@ class MessageRouter:
         """Count an answer to a request no longer pending and log it, within the requester's budget of
         lines (remote answers share one: their requester is not known any more)."""
         self.late_responses += 1
-        left_out = self._late_lines.admit(requester)
-        if left_out is None:
+        extra = self._late_lines.fields(requester)
+        if extra is None:
             return
-        extra: dict[str, object] = {"suppressed": left_out} if left_out else {}
         if requester:
             extra["requester"] = requester
         log.info("late_response_dropped", correlation_id=correlation_id, **fields, **extra)
