@@ -23,8 +23,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check wasmhost tests bench
 	$(BIN)/mypy
 
+# One pytest worker per core (pytest-xdist): most tests wait on daemons, timeouts and NATS servers, so two
+# workers on two cores take about 4 minutes where one took 7 and a half.
 test: fixtures examples lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 fuzz: fixtures
 	HYPOTHESIS_PROFILE=fuzz FUZZ_CONTROL_EXAMPLES=300 $(BIN)/python -m pytest -q -s tests/test_fuzz.py
