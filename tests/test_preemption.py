@@ -355,20 +355,26 @@ async def test_a_system_that_refuses_placement_leaves_threads_where_they_are(mon
     assert len(calls) == 1
 
 
+@pytest.fixture
+def own_claim_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims under names of this test alone: daemons and test workers running beside it on this
+    machine hold the real names, and would change which rank is free."""
+    monkeypatch.setattr(affinity, "CLAIM_NAMES", f"wasmhost-test-{os.getpid()}/home-core")
+
+
 def _hold_home_names(ranks: int) -> list[socket.socket]:
-    """Stand-ins for other processes: sockets bound to the first `ranks` home-core names of every core
-    (a name a daemon on this machine holds already is held all the same)."""
+    """Stand-ins for other processes: sockets bound to the first `ranks` home-core names of every core."""
     holders = []
     for core in sorted(affinity.ALL_CORES):
         for rank in range(ranks):
             holder = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            with contextlib.suppress(OSError):
-                holder.bind(f"\0wasmhost/home-core/{core}/{rank}")
+            holder.bind(f"\0{affinity.CLAIM_NAMES}/{core}/{rank}")
             holders.append(holder)
     return holders
 
 
 @pytest.mark.skipif(len(affinity.ALL_CORES) < 2, reason="one core: there is no home to choose")
+@pytest.mark.usefixtures("own_claim_names")
 def test_when_every_core_is_held_the_least_held_one_is_taken() -> None:
     """Every core held once (here by stand-ins bound by the test, real abstract socket names): the
     next process to choose holds a core as its second holder."""
@@ -377,7 +383,7 @@ def test_when_every_core_is_held_the_least_held_one_is_taken() -> None:
     try:
         (core,) = affinity.home()
         assert affinity._claimed is not None
-        assert affinity._claimed.getsockname() == f"\0wasmhost/home-core/{core}/1".encode()
+        assert affinity._claimed.getsockname() == f"\0{affinity.CLAIM_NAMES}/{core}/1".encode()
     finally:
         affinity.leave_home()
         for holder in stand_ins:
@@ -390,7 +396,7 @@ def _home_claims_held_here() -> int:
     ours = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
             if os.path.exists(f"/proc/self/fd/{fd}")}
     return sum(1 for line in Path("/proc/net/unix").read_text().splitlines()[1:]
-               if "@wasmhost/home-core/" in line and f"socket:[{line.split()[6]}]" in ours)
+               if f"@{affinity.CLAIM_NAMES}/" in line and f"socket:[{line.split()[6]}]" in ours)
 
 
 def test_threads_asking_at_once_get_one_home_and_hold_one_claim() -> None:
@@ -418,6 +424,7 @@ def test_threads_asking_at_once_get_one_home_and_hold_one_claim() -> None:
 
 
 @pytest.mark.skipif(len(affinity.ALL_CORES) < 2, reason="one core: there is no home to choose")
+@pytest.mark.usefixtures("own_claim_names")
 def test_a_process_squatting_every_name_cannot_keep_a_daemon_from_choosing_a_home() -> None:
     """A hostile local process holding every home-core name up to the bound (MAX_CLAIMS_PER_CORE per
     core, here the test's own stand-ins): the choice stays bounded and falls back to the caller's core."""

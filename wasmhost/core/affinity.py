@@ -45,6 +45,8 @@ _claimed: socket.socket | None = None  # the name by which this process holds it
 _choosing = threading.Lock()
 MAX_CLAIMS_PER_CORE = 64
 """Processes on one machine that `home` spreads over the cores; beyond them, it takes the caller's core."""
+CLAIM_NAMES = "wasmhost/home-core"
+"""Where the abstract socket names of the claims live: `{CLAIM_NAMES}/{core}/{rank}`."""
 
 
 def home() -> frozenset[int]:
@@ -82,7 +84,7 @@ def _claim(core: int, rank: int) -> bool:
     global _claimed
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        sock.bind(f"\0wasmhost/home-core/{core}/{rank}")
+        sock.bind(f"\0{CLAIM_NAMES}/{core}/{rank}")
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
