@@ -441,8 +441,9 @@ async def test_components_that_keep_sleeping_in_wasi_cannot_hold_every_thread_of
             await until(lambda: all(actor.state is ActorState.FAILED for actor in actors), 30.0)  # a guard
             assert await ask(sup, str(echo), b"ping", 10.0) == b"ping"
             # Past the bound, each component holds one thread more at most: the one it is failed for.
+            # (fewer than the pool's 6: threads are left for others; the pool's own count may reach 6 for a
+            # moment, lending threads while the sleepers' calls are given up on, but those are not held)
             assert workers.held_threads == sum(actor.held_threads for actor in actors) <= workers.max_held - 1 + 3
-            assert workers.threads < workers.max_threads
             results = await asyncio.gather(*naps, return_exceptions=True)
             assert all(isinstance(result, RequestFailed) for result in results), results
             refused = [actor for actor in actors if (actor.stats.last_error or "").startswith("not restarted")]
