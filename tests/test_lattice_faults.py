@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nats
@@ -16,9 +19,9 @@ import pytest
 from nats.aio.msg import Msg
 
 from tests import lattice_support
-from tests.lattice_support import NatsServer, lattice_daemon
+from tests.lattice_support import NatsServer, lattice_daemon, nats_cluster, wait_for_log
 from tests.test_daemon import ROOT, Daemon, component
-from tests.test_lattice import CALLER, REMOTE_GRANT, _try_call, row, until
+from tests.test_lattice import BLASTER, CALLER, REMOTE_GRANT, _try_call, row, until
 
 nats_server = lattice_support.nats_server  # the fixtures this module uses
 daemons = lattice_support.daemons
@@ -246,4 +249,44 @@ def test_cancelled_remote_requests_leave_nothing_behind(tmp_path: Path, nats_ser
         correlation = b.call("t/caller/0", "t|slow|0|sleep 2000")
         assert b.call("t/caller/0", f"!{correlation}") == "cancelled"
     assert json.loads(b.cli("status", "--lattice", "--json").stdout)["remote_requests"] == 0
+    assert a.stop() == 0 and b.stop() == 0
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    """Two nats-servers routed to each other, killed at teardown (stopped or not)."""
+    servers = nats_cluster(tmp_path / "nats", 2)
+    yield servers
+    for server in servers:
+        server.kill()
+
+
+def test_a_host_whose_server_stalls_connects_to_another(tmp_path: Path, pair: list[NatsServer],
+                                                        daemons: list[Daemon]) -> None:
+    """A host whose NATS server stops reading (a stalled process: SIGSTOP here) with megabytes of the host's
+    publishes still to send found the connection stale after a few pings, then waited for nats-py to close it,
+    which it does only once those bytes have gone out: the host stayed off the lattice, nothing logged, for as
+    long as the server stayed stopped (98 s and on), while the other server its urls name was up. Now it gives
+    the stalled connection up and connects to the other server."""
+    b = lattice_daemon(tmp_path / "b", OPEN_ECHO, [pair[1].url], "host-b", daemons, heartbeat_s=5.0)
+    # heartbeat_s = 3: nats-py's pings find the stalled connection stale 12 to 18 s after the stall, time enough
+    # to fill the sockets' buffers first (what is left of the sends then waits in nats-py's transport)
+    a = lattice_daemon(tmp_path / "a", BLASTER, [s.url for s in pair], "host-a", daemons, heartbeat_s=3.0)
+    until("a sees b's echo", lambda: a.cli("call", "t/echo/0", "x").returncode == 0)
+    connected = json.loads(a.cli("status", "--lattice", "--json").stdout)["url"]
+    stalled, other = pair if connected == pair[0].url else pair[::-1]
+    assert connected == stalled.url
+    assert stalled.proc is not None
+    os.kill(stalled.proc.pid, signal.SIGSTOP)
+    with ThreadPoolExecutor(4) as pool:  # 32 MiB towards the stalled server
+        sent = list(pool.map(lambda _: a.call("t/blaster/0", "s1000000|t|echo|0"), range(32)))
+    assert sent == ["ok"] * 32
+
+    def reconnected() -> bool:
+        lattice = json.loads(a.cli("status", "--lattice", "--json").stdout)
+        return bool(lattice["connected"]) and lattice["url"] == other.url
+
+    until("a connects to the other server", reconnected, 60)
+    assert wait_for_log(a, "lattice_reconnected", url=other.url)
+    os.kill(stalled.proc.pid, signal.SIGCONT)
     assert a.stop() == 0 and b.stop() == 0

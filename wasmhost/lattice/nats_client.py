@@ -80,6 +80,28 @@ class LatticeClient(Client):
             self._max_payload = limit
         await super()._process_info(info, initial_connection)
 
+    # A private method of nats-py's (2.16): give a connection up (stale, lost, unreadable) and connect to the
+    # next server. It first closes the old transport and waits until it is closed, and a TCP transport is
+    # closed only once the bytes it buffers have gone out: never, while the server has stopped reading (a
+    # stalled process, SIGSTOP, a peer whose window stays at zero). Measured: a host publishing a few MB when
+    # its server stalled found the connection stale after 12 s, then stayed `reconnecting` (not connected,
+    # nothing logged) for as long as the server stayed stopped (98 s, and on), while the other server its
+    # [lattice] urls name was up. The connection is given up: what it still buffers is dropped (NATS delivers
+    # at most once; requests among it end at their timeout) and the wait ends at once.
+    async def _attempt_reconnect(self) -> None:
+        abort_transport(self._transport)
+        await super()._attempt_reconnect()
+
+
+def abort_transport(transport: object) -> None:
+    """Close nats-py's TCP transport (plain or TLS) at once, dropping what it has not sent yet, so that waiting
+    for it to close cannot wait on a peer that stopped reading. Other transports (WebSocket) are left as they
+    are."""
+    for name in ("_io_writer", "_bare_io_writer"):  # the TLS stream, and the TCP one under it
+        writer = getattr(transport, name, None)
+        if writer is not None:
+            writer.transport.abort()
+
 
 async def connect(**options: Any) -> Client:
     """nats.connect's equivalent, with LatticeClient."""
