@@ -241,6 +241,33 @@ def test_a_reload_reads_each_binary_once_however_many_components_share_it(tmp_pa
     assert d.stop() == 0
 
 
+# Runs the real CLI with Daemon._digest never returning once it has said which file it reads: a read on a
+# filesystem that hangs (a stalled NFS or FUSE mount), which nothing here can make a real read do.
+STUCK = """
+import sys, threading
+from wasmhost.system import daemon
+def stuck(self, path):
+    print(f"digest {path.name}", file=sys.stderr, flush=True)
+    threading.Event().wait()
+daemon.Daemon._digest = stuck
+from wasmhost.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_does_not_wait_for_a_reload_reading_the_component_files(tmp_path: Path, components: Path,
+                                                                     started: list[Daemon]) -> None:
+    """A reload reads and hashes each component file to see what changed. It did so on asyncio's default
+    executor, which the daemon joins when it exits: a SIGTERM during those reads exited only once they had
+    ended (measured: 5.5 s for 30 distinct 128 MiB files; for ever on a filesystem that hangs), whatever the
+    stop's bound. The stop abandons them now, as it abandons compiles."""
+    d = start(tmp_path, components, started, BASE, ("-c", STUCK))
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "digest " in d.log.read_text(), "the reload reading a component file")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=30) == 0
+
+
 def test_a_reload_reports_the_warnings_check_reports(tmp_path: Path, components: Path,
                                                      started: list[Daemon]) -> None:
     d = start(tmp_path, components, started, BASE)
