@@ -3,6 +3,7 @@ own text parser; every metric the README lists exists and moves when the thing i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import select
@@ -367,6 +368,46 @@ def test_idle_connections_to_the_endpoint_take_a_bounded_number_of_threads_for_a
             s.close()
     assert "wasmhost_build_info" in scrape_text(port)
     assert any(e.get("event") == "metrics_connections_refused" for e in d.events())
+    assert d.stop() == 0
+
+
+def test_clients_sending_their_request_a_byte_at_a_time_cannot_hold_the_endpoint(
+        tmp_path: Path, started: list[Daemon]) -> None:
+    # Each read timed out alone: a client sending a byte every few seconds kept its thread as long as it went on,
+    # and SCRAPE_CONNECTIONS of them held every slot: every scrape was closed unanswered (80 s and on, measured).
+    # The request's head must now come whole within SCRAPE_IO_TIMEOUT_S.
+    d = launch(tmp_path, component("t/echo/0", "echo"), started, edit=METRICS_ON)
+    port = metrics_port(d)
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(SCRAPE_CONNECTIONS)]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(1.0):
+            for s in slow:
+                with contextlib.suppress(OSError):  # closed by the daemon
+                    s.send(b"G")
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        ended: set[socket.socket] = set()
+        deadline = time.monotonic() + SCRAPE_IO_TIMEOUT_S + 20
+        while len(ended) < len(slow):
+            assert time.monotonic() < deadline, f"{len(ended)} of {len(slow)} trickling connections closed"
+            readable, _, _ = select.select([s for s in slow if s not in ended], [], [], 0.5)
+            for s in readable:
+                try:
+                    data = s.recv(1)
+                except ConnectionResetError:
+                    data = b""
+                if data == b"":
+                    ended.add(s)
+    finally:
+        stop.set()
+        sender.join(timeout=10)
+        for s in slow:
+            s.close()
+    assert "wasmhost_build_info" in scrape_text(port)
     assert d.stop() == 0
 
 

@@ -15,6 +15,7 @@ components.
 
 from __future__ import annotations
 
+import io
 import platform
 import socket
 import threading
@@ -331,10 +332,50 @@ SCRAPE_IO_TIMEOUT_S = 10.0
 client that connects and sends nothing, or stops reading, lets its thread go."""
 
 
+class _HeadReader(io.RawIOBase):
+    """A connection's reads, those of the request's head (its line and headers) all within one deadline.
+    Each read timing out alone let a client sending a byte every few seconds hold its thread as long as it
+    kept sending: 16 such clients (one byte each every 5 s) held every slot, and every scrape was closed
+    unanswered (80 s and on)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self.deadline: float | None = deadline
+        """time.monotonic() by which the head must have come; None once it has (reads then time out alone)."""
+
+    def readable(self) -> bool:
+        """It is read from."""
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        """Read into `buffer`; TimeoutError once the head's deadline has passed."""
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the request did not come within {SCRAPE_IO_TIMEOUT_S:g} s")
+            self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
 class _QuietHandler(WSGIRequestHandler):
-    """No access log line per scrape; reads and writes time out."""
+    """No access log line per scrape; the request's head must come within SCRAPE_IO_TIMEOUT_S, and each write
+    of the answer times out."""
 
     timeout = SCRAPE_IO_TIMEOUT_S
+
+    def setup(self) -> None:
+        """The connection's streams, the request read through a _HeadReader."""
+        super().setup()
+        self._head = _HeadReader(self.connection, time.monotonic() + SCRAPE_IO_TIMEOUT_S)
+        self.rfile = io.BufferedReader(self._head)
+
+    def parse_request(self) -> bool:
+        """Read the headers (within the head's deadline); from then on reads and writes time out alone."""
+        parsed = bool(super().parse_request())
+        self._head.deadline = None
+        self.connection.settimeout(self.timeout)
+        return parsed
 
     def log_message(self, format: str, *args: object) -> None:
         """Log nothing."""
