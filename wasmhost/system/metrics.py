@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import platform
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -410,6 +411,17 @@ class _BoundedServer(ThreadingWSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed: logged, not printed. socketserver printed a traceback to stderr for each
+        (a client that sent nothing in time, or went away: any local user's doing), outside the log's format
+        and its bounded buffers, on the connection's thread: with stderr a pipe nobody read (a stalled
+        journal), those threads waited on the pipe for good, each holding its slot, and once the pipe was full
+        every scrape was refused."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # timed out, reset, broken pipe: the client's doing, said nothing of
+            return
+        log.error("metrics_request_failed", error=f"{type(error).__name__}: {error}")
 
 
 class MetricsServer:
