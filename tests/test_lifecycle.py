@@ -124,9 +124,9 @@ def test_slow_starts_block_neither_control_calls_nor_sigterm(tmp_path: Path) -> 
     d = start_daemon(tmp_path, components, components_dir(tmp_path, "initloop", "echo"))
     try:
         wait_for(lambda: status(d).get("t/echo/0", {}).get("state") == "running", "echo running")
-        rows = status(d)
-        assert (rows["t/greeter/0"]["state"], rows["t/greeter/0"]["phase"]) == ("starting", "compiling")
-        assert (rows["t/initloop/0"]["state"], rows["t/initloop/0"]["phase"]) == ("starting", "initializing")
+        # initloop compiles beside the others (its compile may end after echo's start on a loaded machine)
+        wait_for(lambda: phase(d, "t/initloop/0") == ("starting", "initializing"), "initloop initializing")
+        assert phase(d, "t/greeter/0") == ("starting", "compiling")
         assert d.call("t/echo/0", "still answered") == "still answered"
         began = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
