@@ -29,6 +29,7 @@ from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.actors.workers import WorkerPool
 from wasmhost.core import ComponentId, ComponentMessage, MessageMetadata, Timestamp
+from wasmhost.core.errors import ComponentError
 from wasmhost.core.limits import ResourceLimits
 from wasmhost.messaging.outcome import Outcome, RequestFailed
 from wasmhost.messaging.router import MessageRouter
@@ -433,3 +434,19 @@ def test_sigterm_exits_within_drain_plus_shutdown_whatever_the_guests_do(tmp_pat
     assert shutdowns == {"t/sleeper/0", "t/slowstop/0"}
     assert "stopped" in {e["event"] for e in events}
     assert d.stop() == 0
+
+
+async def test_a_start_or_restart_during_a_stop_is_refused_not_lost(supervisor: Supervisor) -> None:
+    """Before: `wasmhost start ID` (and `restart ID`) while ID was stopping answered ok and did nothing, and
+    the component then stopped: the operator's start was lost behind an ok (found by test_lifecycle_chaos)."""
+    actor = await launch(supervisor, "slowstop", "t/slowstop/0", shutdown_timeout=1.0)  # its shutdown never ends
+    stopping = asyncio.ensure_future(supervisor.stop(actor.component_id, 0.0))
+    await until(lambda: actor.state is ActorState.STOPPING)
+    with pytest.raises(ComponentError, match="t/slowstop/0 is stopping"):
+        await actor.start()
+    with pytest.raises(ComponentError, match="t/slowstop/0 is stopping"):
+        await actor.restart()
+    await asyncio.wait_for(stopping, BOUND)
+    assert actor.state is ActorState.STOPPED and not actor.running
+    await asyncio.wait_for(actor.start(), BOUND)  # once stopped, it starts as usual
+    assert actor.state is ActorState.RUNNING

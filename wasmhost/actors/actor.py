@@ -291,8 +291,11 @@ class ComponentActor:
         """Run the actor task in the supervisor's task group and wait until its component's first
         attempt has ended: running, restarting after a failure (a component whose `initialize` never
         ends does not hold up READY=1 or a reload for all its restarts), or failed. Raises RuntimeError,
-        changing nothing, once the supervisor is stopping."""
+        changing nothing, once the supervisor is stopping, and ComponentError (invalid-state) while this
+        actor is stopping: that stop would end what this start asked for."""
         if self._running:
+            if self._stopping:  # before: answered as if started, and the stop then ended it all the same
+                raise self._stopping_error()
             return
         group = self.supervisor.group  # raises once the supervisor is stopping: before anything changes here
         self._running = True
@@ -352,10 +355,12 @@ class ComponentActor:
         """Terminate the running instance and boot a fresh one (a stopped or failed actor is started);
         returns once the new attempt has ended. Every call restarts once and counts once, also when
         calls come back to back. Bounded by the batch in progress, shutdown_timeout and the
-        initialize deadline."""
+        initialize deadline. Raises ComponentError (invalid-state) while the actor is stopping."""
         if self._restarting is None:
             self._restarting = asyncio.Lock()
         async with self._restarting:
+            if self._running and self._stopping:  # before: waited for the stop, then answered as if restarted
+                raise self._stopping_error()
             if not self._running:
                 await self.start()
                 self._count_restart()
@@ -364,6 +369,11 @@ class ComponentActor:
                 await self.next_attempt().wait()
             elif await self.suspend():
                 await self.resume()
+
+    def _stopping_error(self) -> ComponentError:
+        """Why a start or restart asked for while this actor stops is refused (rather than answered ok and
+        then undone by the stop: the operator would believe it runs)."""
+        return ComponentError("invalid-state", f"{self.name} is stopping: start it again once it has stopped")
 
     async def suspend(self) -> bool:
         """Terminate the running instance (after the batch in hand; the guest's `shutdown`, bounded) and
