@@ -450,3 +450,18 @@ async def test_a_start_or_restart_during_a_stop_is_refused_not_lost(supervisor: 
     assert actor.state is ActorState.STOPPED and not actor.running
     await asyncio.wait_for(actor.start(), BOUND)  # once stopped, it starts as usual
     assert actor.state is ActorState.RUNNING
+
+
+async def test_a_restart_waiting_behind_another_does_not_undo_a_later_stop(supervisor: Supervisor) -> None:
+    """Before: two restarts back to back, then a stop: the second restart, let through once the first ended,
+    found the component stopped and started it again, so the stop answered ok and the component ran on
+    (found by test_lifecycle_chaos)."""
+    actor = await launch(supervisor, "slowstop", "t/slowstop/0", shutdown_timeout=1.0)  # each shutdown takes 1 s
+    first = asyncio.ensure_future(actor.restart())
+    second = asyncio.ensure_future(actor.restart())  # waits for the first
+    await until(lambda: actor.state is not ActorState.RUNNING)  # the first is terminating the instance
+    await asyncio.wait_for(supervisor.stop(actor.component_id, 0.0), BOUND)
+    await asyncio.wait_for(first, BOUND)
+    with pytest.raises(ComponentError, match="t/slowstop/0 was stopped while this restart waited"):
+        await asyncio.wait_for(second, BOUND)
+    assert actor.state is ActorState.STOPPED and not actor.running  # the last word was the stop's

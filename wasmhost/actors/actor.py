@@ -202,6 +202,7 @@ class ComponentActor:
         self._resume: asyncio.Event | None = None  # set by `resume`; None while not suspended
         self._gate: asyncio.Event | None = None  # after a failure, the restart waits for it (group restarts)
         self._restarting: asyncio.Lock | None = None  # one requested restart at a time, each counted
+        self._stops = 0  # stops asked for so far: a restart waiting for the one before it checks none came meanwhile
         self._next_health = 0.0
         self._in_hand = 0
         self._held_threads = 0  # calls given up on whose threads still wait in WASI (see _gave_up)
@@ -317,6 +318,7 @@ class ComponentActor:
         left with an error. Returns within drain_timeout + shutdown_timeout + 2 x STOP_GRACE, whatever
         the guest does (twice that for a guest blocked in a WASI call, below); concurrent stops share the
         earliest drain deadline."""
+        self._stops += 1
         if not self._running:
             self._reject_remaining("stopped")
             self.state = ActorState.STOPPED if self.state is not ActorState.FAILED else self.state
@@ -355,10 +357,15 @@ class ComponentActor:
         """Terminate the running instance and boot a fresh one (a stopped or failed actor is started);
         returns once the new attempt has ended. Every call restarts once and counts once, also when
         calls come back to back. Bounded by the batch in progress, shutdown_timeout and the
-        initialize deadline. Raises ComponentError (invalid-state) while the actor is stopping."""
+        initialize deadline. Raises ComponentError (invalid-state) while the actor is stopping, and when
+        it was stopped while this restart waited for the one before it (the later stop has the last word)."""
+        stops = self._stops
         if self._restarting is None:
             self._restarting = asyncio.Lock()
         async with self._restarting:
+            if self._stops != stops:  # before: it found the component stopped and started it again
+                raise ComponentError("invalid-state", f"{self.name} was stopped while this restart waited for "
+                                     "the one before it")
             if self._running and self._stopping:  # before: waited for the stop, then answered as if restarted
                 raise self._stopping_error()
             if not self._running:
