@@ -56,7 +56,7 @@ from hypothesis.stateful import (
 
 from tests.conftest import fixture_path
 from wasmhost.actors.actor import Handover
-from wasmhost.actors.restart import Backoff, Intensity
+from wasmhost.actors.restart import Backoff, Intensity, Strategy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import TAKING_MESSAGES, ActorState
 from wasmhost.actors.supervisor import Supervisor
@@ -97,6 +97,10 @@ ALARMS = {"component_stop_overran", "component_task_failed", "component_finish_f
           "host_function_failed", "host_result_unconvertible", "component_threads_held", "host_waits_held",
           "component_call_given_up", "storage_commit_failed"}
 """Events the host logs when one of its bounds did not hold or an answer may be lost (none is expected here)."""
+
+
+STOP_REFUSALS = ("is stopping", "was stopped while this restart waited")
+"""Why a start or restart may be refused: a stop asked for after it has the last word."""
 
 
 @dataclass
@@ -155,6 +159,7 @@ class SupervisorChaos(RuleBasedStateMachine):
     runtime: ClassVar[Runtime]
     sup: Supervisor
     group: TaskGroup
+    strategy: Strategy
 
     def __init__(self) -> None:
         super().__init__()
@@ -266,22 +271,32 @@ class SupervisorChaos(RuleBasedStateMachine):
     # --- operator actions ---
 
     @initialize(fixtures=st.lists(st.sampled_from(FIXTURES), min_size=len(SLOTS), max_size=len(SLOTS)),
-                limits=st.lists(limits_strategy, min_size=len(SLOTS), max_size=len(SLOTS)))
-    def add_every_slot(self, fixtures: list[str], limits: list[ResourceLimits]) -> None:
-        """Every slot starts with a component, so that the steps find something to act on."""
-        for index, (fixture, its_limits) in enumerate(zip(fixtures, limits, strict=True)):
-            self.add(index, fixture, its_limits, 64)
+                limits=st.lists(limits_strategy, min_size=len(SLOTS), max_size=len(SLOTS)),
+                grouped=st.lists(st.booleans(), min_size=len(SLOTS), max_size=len(SLOTS)),
+                strategy=st.sampled_from(list(Strategy)))
+    def add_every_slot(self, fixtures: list[str], limits: list[ResourceLimits], grouped: list[bool],
+                       strategy: Strategy) -> None:
+        """Every slot starts with a component, so that the steps find something to act on; those `grouped`
+        are members of one supervision group whose `strategy` restarts its members together."""
+        self.strategy = strategy
+        for index, (fixture, its_limits, member) in enumerate(zip(fixtures, limits, grouped, strict=True)):
+            self.add(index, fixture, its_limits, 64, member)
+
+    def spec(self, cid: ComponentId, limits: ResourceLimits, capacity: int, grouped: bool) -> ActorSpec:
+        """How a slot's component runs: short bounds everywhere, so that a stop or restart takes a second at most."""
+        return ActorSpec(cid, limits=limits, mailbox_capacity=capacity, shutdown_timeout=SHUTDOWN_S,
+                         backoff=Backoff(0.01, 0.05), intensity=Intensity(5, 1.0), health_interval=0.2,
+                         group="g" if grouped else None, strategy=self.strategy)
 
     @precondition(lambda self: len(self.slots) < len(SLOTS))
     @rule(index=st.integers(0, len(SLOTS) - 1), fixture=st.sampled_from(FIXTURES), limits=limits_strategy,
-          capacity=st.sampled_from([2, 64]))
-    def add(self, index: int, fixture: str, limits: ResourceLimits, capacity: int) -> None:
+          capacity=st.sampled_from([2, 64]), grouped=st.booleans())
+    def add(self, index: int, fixture: str, limits: ResourceLimits, capacity: int, grouped: bool) -> None:
         """Start a component in a free slot (not waited for)."""
         cid = SLOTS[index]
         if cid in self.slots or cid in self.removing:
             return
-        spec = ActorSpec(cid, limits=limits, mailbox_capacity=capacity, shutdown_timeout=SHUTDOWN_S,
-                         backoff=Backoff(0.01, 0.05), intensity=Intensity(5, 1.0), health_interval=0.2)
+        spec = self.spec(cid, limits, capacity, grouped)
         loaded = load(self.runtime, cid, fixture)
         slot = self.slots[cid] = Slot(spec, loaded, fixture)
         slot.last_op = self._fire(f"add {cid} {fixture}", lambda: self.sup.start(spec, loaded))
@@ -307,7 +322,8 @@ class SupervisorChaos(RuleBasedStateMachine):
             return
         cid, slot = found
         slot.last = "start"
-        # Refused (invalid-state) while a stop is under way: that stop would end it.
+        # Refused (invalid-state) while a stop is under way: that stop would end it (a restart also when a stop
+        # came while it waited for the restart before it).
         slot.last_op = self._fire(f"start {cid}", lambda: self.sup.actors[cid].start(), (ComponentError,))
 
     @rule(index=st.integers(0, len(SLOTS) - 1))
@@ -339,8 +355,7 @@ class SupervisorChaos(RuleBasedStateMachine):
         if found is None or found[1].handing_over:
             return  # one reload at a time
         cid, slot = found
-        spec = ActorSpec(cid, limits=limits, mailbox_capacity=slot.spec.mailbox_capacity, shutdown_timeout=SHUTDOWN_S,
-                         backoff=Backoff(0.01, 0.05), intensity=Intensity(5, 1.0), health_interval=0.2)
+        spec = self.spec(cid, limits, slot.spec.mailbox_capacity, slot.spec.group is not None)
         loaded = load(self.runtime, cid, fixture)
         previous = (slot.spec, slot.loaded)
         slot.handing_over = True
@@ -416,6 +431,9 @@ class SupervisorChaos(RuleBasedStateMachine):
             if (slot.last in ("add", "start", "restart") and answered_ok
                     and actor.state in (ActorState.STOPPED, ActorState.STOPPING)):
                 self.problems.append(f"{cid} was {slot.last}ed last (answered ok), yet is {actor.state.value}")
+            if actor.state in (ActorState.STOPPED, ActorState.FAILED) and (len(actor.mailbox) or actor.in_hand):
+                self.problems.append(f"{cid} is {actor.state.value} with {len(actor.mailbox)} message(s) queued and "
+                                     f"{actor.in_hand} in hand: never answered")
             if (cid in listed) != (actor.state in TAKING_MESSAGES):
                 self.problems.append(f"{cid} listed={cid in listed} in state {actor.state.value}")
         try:
@@ -432,7 +450,8 @@ class SupervisorChaos(RuleBasedStateMachine):
         twice = [(o.what, o.outcomes) for o in self.ops if len(o.outcomes) > 1]
         unexpected = [(o.what, o.outcomes[0]) for o in self.ops if o.unexpected is not None]
         refused = [(o.what, o.outcomes[0]) for o in self.ops
-                   if o.outcomes and o.outcomes[0].startswith("ComponentError") and "is stopping" not in o.outcomes[0]]
+                   if o.outcomes and o.outcomes[0].startswith("ComponentError")
+                   and not any(why in o.outcomes[0] for why in STOP_REFUSALS)]
         assert not refused, f"refused for another reason than a stop under way: {refused}"
         assert not twice, f"operations with more than one outcome: {twice}"
         assert not unexpected, f"undocumented exceptions escaped: {unexpected}"
