@@ -247,6 +247,24 @@ async def test_rest_for_one_restarts_only_later_members(supervisor: Supervisor) 
     assert first.stats.restarts == 0
 
 
+async def test_a_restart_during_a_group_restart_leaves_neither_waiting(supervisor: Supervisor) -> None:
+    """Before: a group restart asked a busy sibling to suspend, then `wasmhost restart` of that sibling asked
+    again before its task took the first: the second request replaced the first one's event, so the group
+    restart waited for ever and the failed member stayed `restarting`, its messages unanswered (found by
+    test_lifecycle_chaos)."""
+    busy = await launch(supervisor, "busy", "test-org/busy/0", group="g", strategy=Strategy.ONE_FOR_ALL)
+    trapper = await launch(supervisor, "trapper", "test-org/trapper/0", group="g", strategy=Strategy.ONE_FOR_ALL)
+    long = asyncio.ensure_future(ask(supervisor, "test-org/busy/0", b"300000000", 30.0))  # about a second
+    await until(lambda: busy.manager.in_call)  # a suspend waits for the end of this batch
+    with pytest.raises(RequestFailed):
+        await ask(supervisor, "test-org/trapper/0", b"boom")
+    await until(lambda: busy._suspend_wanted)  # the group restart asked first
+    await asyncio.wait_for(busy.restart(), 30)  # then the operator, before the busy one took it up
+    assert await long == b"300000000"
+    await until(lambda: trapper.state is ActorState.RUNNING, timeout=30)  # before: `restarting` for ever
+    assert busy.state is ActorState.RUNNING and await ask(supervisor, "test-org/busy/0", b"7") == b"7"
+
+
 async def test_temporary_component_is_not_restarted(supervisor: Supervisor) -> None:
     trapper = await launch(supervisor, "trapper", "test-org/trapper/0", restart=RestartPolicy.TEMPORARY)
     with pytest.raises(RequestFailed):

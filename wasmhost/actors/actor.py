@@ -384,11 +384,16 @@ class ComponentActor:
 
     async def suspend(self) -> bool:
         """Terminate the running instance (after the batch in hand; the guest's `shutdown`, bounded) and
-        keep the task and mailbox waiting for `resume`. Returns whether it did (it was running)."""
+        keep the task and mailbox waiting for `resume`. Returns whether it did (it was running). Callers
+        asking before the task has taken up the first request (a group restart and `wasmhost restart`) share it."""
         if not self._running or self.state is not ActorState.RUNNING or self._stopping:
             return False
+        if not self._suspend_wanted or self._suspended is None:
+            # Only a new request gets a new event: replacing the one a caller waits for left that caller (a group
+            # restart, which then never started its failed member again) waiting for ever.
+            self._suspended = asyncio.Event()
+        suspended = self._suspended
         self._suspend_wanted = True
-        self._suspended = suspended = asyncio.Event()
         self.mailbox.wake()
         await suspended.wait()  # set by the task, or when it ends
         return self._resume is not None
