@@ -465,3 +465,19 @@ async def test_a_restart_waiting_behind_another_does_not_undo_a_later_stop(super
     with pytest.raises(ComponentError, match="t/slowstop/0 was stopped while this restart waited"):
         await asyncio.wait_for(second, BOUND)
     assert actor.state is ActorState.STOPPED and not actor.running  # the last word was the stop's
+
+
+async def test_a_stop_during_a_health_probe_ends_the_probe_and_closes_the_store(supervisor: Supervisor) -> None:
+    """Before: a stop while a rollout's health probe was in the guest took the probe's call for one stuck in
+    WASI: it logged component_left_running, skipped the guest's shutdown and left the Store unclosed to the
+    probe's thread (found by test_lifecycle_chaos)."""
+    actor = await launch(supervisor, "sleepyhealth", "t/sleepy/0", limits=LONG)  # health sleeps a second
+    manager = actor.manager
+    probe = asyncio.ensure_future(actor.probe_health())
+    await until(lambda: manager.in_call)
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait_for(supervisor.stop(actor.component_id, 0.0), BOUND)
+    assert await asyncio.wait_for(probe, BOUND) is None  # ended by the stop, not an error of the guest's
+    assert not [e for e in logs if e["event"] == "component_left_running"], logs
+    assert actor.manager is manager and manager.store is None  # closed here, not left to a thread
+    assert actor.state is ActorState.STOPPED

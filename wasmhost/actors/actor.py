@@ -208,6 +208,7 @@ class ComponentActor:
         self._held_threads = 0  # calls given up on whose threads still wait in WASI (see _gave_up)
         self._lost: Exception | None = None  # a probe gave up on the instance in place: the task restarts it
         self._handover: Handover | None = None  # asked for, not yet taken up by the actor task
+        self._probes: dict[anyio.CancelScope, asyncio.Event] = {}  # health probes in progress -> set once over
         self._booting: Handover | None = None  # taken up: its first boot is under way
         self._probation: Handover | None = None  # booted: a failure falls back instead of restarting
         self._changed()  # a new actor: its row is built at the next `status`
@@ -448,23 +449,41 @@ class ComponentActor:
             return None
         manager = self.manager
         host = manager.host
+        # A stop ends the probe (see _end_probes): cancelled, the call is interrupted like a drained one and
+        # the wait returns once no thread touches the Store; the probe then answers None.
+        scope = anyio.CancelScope()
+        self._probes[scope] = ended = asyncio.Event()
         try:
-            # Its guest's sleeps keep the Store's lock (not set aside): the actor's task may begin a message
-            # on the Store meanwhile, and must wait for this call to end rather than find it in progress.
-            self.health = await self.workers.run_steps(holding_the_store(manager.health_steps()), manager.lock,
-                                                       host.interrupt,
-                                                       give_up_at=lambda: host.deadline + STOP_GRACE)
-        except CallInProgress:
-            return None  # busy with a message, between two of its slices: alive; its health stays as it was
-        except CallGivenUp as exc:
-            # Asleep in WASI past its deadline (see _gave_up); the actor task restarts the component too, as
-            # after a failed health check of its own (a batch waiting for the Store's lock is given up on).
-            self._lost = self._gave_up(manager, exc)
-            self.mailbox.wake()
-            return self._lost
-        except (GuestFailure, InstanceStateError) as exc:
-            return exc
+            with scope:
+                try:
+                    # Its guest's sleeps keep the Store's lock (not set aside): the actor's task may begin a message
+                    # on the Store meanwhile, and must wait for this call to end rather than find it in progress.
+                    self.health = await self.workers.run_steps(holding_the_store(manager.health_steps()),
+                                                               manager.lock, host.interrupt,
+                                                               give_up_at=lambda: host.deadline + STOP_GRACE)
+                except CallInProgress:
+                    return None  # busy with a message, between two of its slices: alive; its health stays as it was
+                except CallGivenUp as exc:
+                    # Asleep in WASI past its deadline (see _gave_up); the actor task restarts the component too,
+                    # as after a failed health check of its own (a batch waiting for the Store's lock is given up on).
+                    self._lost = self._gave_up(manager, exc)
+                    self.mailbox.wake()
+                    return self._lost
+                except (GuestFailure, InstanceStateError) as exc:
+                    return exc
+        finally:
+            del self._probes[scope]
+            ended.set()
         return None
+
+    async def _end_probes(self) -> None:
+        """End the health probes in progress and wait until no thread runs them. Before, a stop during one
+        took its call for a guest stuck in WASI: it skipped the guest's shutdown, logged component_left_running
+        and left the Store, unclosed, to the probe's thread."""
+        for scope in list(self._probes):
+            scope.cancel()
+        for ended in list(self._probes.values()):
+            await ended.wait()
 
     @property
     def running(self) -> bool:
@@ -1080,6 +1099,7 @@ class ComponentActor:
         try:
             with anyio.CancelScope(shield=True):
                 with anyio.CancelScope(deadline=self._shutdown_deadline()) as late:
+                    await self._end_probes()  # their calls are no WASI waits: the Store is closed here
                     await self._shutdown()
                 if late.cancelled_caught:
                     log.warning("component_shutdown_failed", component=self.name,
