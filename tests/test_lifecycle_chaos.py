@@ -4,8 +4,11 @@ Every other lifecycle test drives one scripted sequence. This one (a hypothesis 
 runs one real in-process Supervisor (real Runtime, real WAT fixtures, a worker pool of its own, uvloop)
 and fires, in random order and mostly without waiting for them:
 
-- operator actions on a few component slots: add (start), stop, start again, restart, remove, and hand over
-  to another binary with the previous version as fallback, as a reload's rollout does;
+- operator actions on a few component slots (some of them members of one supervision group, its strategy
+  drawn per run): add (start), stop, start again, restart, remove, hand over to another binary with the
+  previous version as fallback and a check window, as a reload's rollout does, replace (remove, then start
+  another binary under the same id, as a reload does with a component that does not run), and a health probe
+  as the rollout's check window makes;
 - host sends (wait=True) and host requests, including to guests that trap (trapper), spin past their time
   limit or their fuel (spinner, busy with a long count), fail to start (initfail, inittrap), never end their
   shutdown (slowstop), sleep in host calls (napper) or report unhealthy (sickly);
@@ -18,16 +21,20 @@ and message not waited for runs as a task that records its single outcome.
 
 Invariants (checked by `settle`, a rule, and at teardown):
 - every operation ends with exactly one outcome within BOUND_S seconds of its start: a reply, or one of
-  the documented errors (RequestFailed, MessagingError); no other exception escapes;
+  the documented errors (RequestFailed, MessagingError; ComponentError for a start or restart refused
+  because a stop came after it, see STOP_REFUSALS); no other exception escapes, and the host logs none of
+  its ALARMS;
 - the supervisor's listing matches the model: the ids it holds are those added and not removed; a slot
-  whose last action was a stop is not listed as taking messages; `component_info` of a removed id is a
-  ComponentError;
+  whose last action was a stop is stopped (or failed) and not listed; one whose last action was a start or
+  restart answered ok is not stopped; a stopped or failed actor holds no unanswered message;
+  `component_info` of a removed id is a ComponentError;
 - a neighbour (an echo nobody touches) keeps answering;
 - after teardown: no task of ours is left in the loop, no worker thread is running guest code, no request
   is left pending in the router, and every StoreManager built was closed.
 
-A default run is short (the `test` profile); `make fuzz` (HYPOTHESIS_PROFILE=fuzz) runs many more examples
-and steps, and CHAOS_EXAMPLES / CHAOS_STEPS override both.
+A default run is short and derandomized (30 examples of up to 40 steps: about 12 s here); `make fuzz`
+(HYPOTHESIS_PROFILE=fuzz) runs 300 examples of up to 80 steps, random, with hypothesis' example database,
+and CHAOS_EXAMPLES / CHAOS_STEPS override both.
 """
 
 from __future__ import annotations
@@ -105,8 +112,9 @@ machine loaded far past its cores (load 14 on 2, measured) a guest thread that g
 for one that does (workers.QUIET_LOOKS), and given up on at its deadline as documented."""
 
 
-STOP_REFUSALS = ("is stopping", "was stopped while this restart waited")
-"""Why a start or restart may be refused: a stop asked for after it has the last word."""
+STOP_REFUSALS = ("is stopping", "was stopped while this restart waited", "no component")
+"""Why a start or restart may be refused: a stop asked for after it has the last word; or the id is between
+the removal and the start of a replacement (as the control socket answers `no running component`)."""
 
 
 @dataclass
@@ -130,7 +138,9 @@ class Slot:
     fixture: str
     last: str = "add"  # the last lifecycle action fired at it...
     last_op: Op | None = None  # ...and how it ended
-    handing_over: bool = False
+    reloaded: bool = False  # a reload (hand-over or replacement) was fired since the last settle: one at a time
+    replacing: bool = False  # a replacement: actions meanwhile may meet the old actor, none, or the new one...
+    uncertain: bool = False  # ...so when the last action was fired during one, which state it ends in is not known
     restarts: list[Op] = field(default_factory=list)
 
 
@@ -324,7 +334,10 @@ class SupervisorChaos(RuleBasedStateMachine):
     def _slot(self, index: int) -> tuple[ComponentId, Slot] | None:
         cid = SLOTS[index]
         slot = self.slots.get(cid)
-        return None if slot is None else (cid, slot)
+        if slot is None:
+            return None
+        slot.uncertain = slot.replacing  # the action about to be fired is the last one so far
+        return cid, slot
 
     @rule(index=st.integers(0, len(SLOTS) - 1))
     def stop(self, index: int) -> None:
@@ -333,7 +346,7 @@ class SupervisorChaos(RuleBasedStateMachine):
             return
         cid, slot = found
         slot.last = "stop"
-        slot.last_op = self._fire(f"stop {cid}", lambda: self.sup.stop(cid, DRAIN_S))
+        slot.last_op = self._fire(f"stop {cid}", lambda: self.actor(cid).stop(DRAIN_S), (ComponentError,))
 
     @rule(index=st.integers(0, len(SLOTS) - 1))
     def start_again(self, index: int) -> None:
@@ -344,7 +357,7 @@ class SupervisorChaos(RuleBasedStateMachine):
         slot.last = "start"
         # Refused (invalid-state) while a stop is under way: that stop would end it (a restart also when a stop
         # came while it waited for the restart before it).
-        slot.last_op = self._fire(f"start {cid}", lambda: self.sup.actors[cid].start(), (ComponentError,))
+        slot.last_op = self._fire(f"start {cid}", lambda: self.actor(cid).start(), (ComponentError,))
 
     @rule(index=st.integers(0, len(SLOTS) - 1))
     def restart(self, index: int) -> None:
@@ -355,14 +368,14 @@ class SupervisorChaos(RuleBasedStateMachine):
         if sum(not op.outcomes for op in slot.restarts) >= MAX_QUEUED_RESTARTS:
             return
         slot.last = "restart"
-        slot.last_op = self._fire(f"restart {cid}", lambda: self.sup.actors[cid].restart(), (ComponentError,))
+        slot.last_op = self._fire(f"restart {cid}", lambda: self.actor(cid).restart(), (ComponentError,))
         slot.restarts.append(slot.last_op)
 
     @rule(index=st.integers(0, len(SLOTS) - 1))
     def remove(self, index: int) -> None:
         found = self._slot(index)
-        if found is None:
-            return
+        if found is None or found[1].reloaded:
+            return  # removed by a reload, which the daemon runs one at a time
         cid, _ = found
         # Out of the model at once (hypothesis' preconditions may only read what the steps change), and
         # not added again before the next settle: the daemon never re-adds an id it is still removing.
@@ -370,39 +383,72 @@ class SupervisorChaos(RuleBasedStateMachine):
         self.removing.add(cid)
         self._fire(f"remove {cid}", lambda: self.sup.remove(cid, DRAIN_S))
 
+    def actor(self, cid: ComponentId) -> ComponentActor:
+        """The actor under `cid` now, as the control socket looks it up (a ComponentError when there is none)."""
+        actor = self.sup.actors.get(cid)
+        if actor is None:
+            raise ComponentError("invalid-state", f"no component {cid}")
+        return actor
+
+    @rule(index=st.integers(0, len(SLOTS) - 1), fixture=st.sampled_from(FIXTURES), limits=limits_strategy)
+    def replace(self, index: int, fixture: str, limits: ResourceLimits) -> None:
+        """As a reload does with a changed component that does not run (or a failed upgrade's put-back):
+        remove it, then start the new version under the same id."""
+        found = self._slot(index)
+        if found is None or found[1].reloaded:
+            return  # one reload at a time (reset by `settle`: a step's choice may not depend on timing)
+        cid, slot = found
+        spec = self.spec(cid, limits, slot.spec.mailbox_capacity, slot.spec.group is not None)
+        loaded = load(self.runtime, cid, fixture)
+        slot.reloaded = slot.replacing = True
+
+        async def remove_and_start() -> None:
+            try:
+                await self.sup.remove(cid, DRAIN_S)
+                await self.sup.start(spec, loaded)
+            finally:
+                slot.replacing = False
+
+        slot.spec, slot.loaded, slot.fixture, slot.last = spec, loaded, fixture, "add"
+        slot.last_op = self._fire(f"replace {cid} with {fixture}", remove_and_start)
+
+    @rule(index=st.integers(0, len(SLOTS) - 1))
+    def probe(self, index: int) -> None:
+        """As a rollout's check window does: ask the running instance for its health now."""
+        cid = SLOTS[index]
+        if cid in self.slots:  # not a lifecycle action: not through _slot
+            self._fire(f"probe {cid}", lambda: self.actor(cid).probe_health(), (ComponentError,))
+
     @rule(index=st.integers(0, len(SLOTS) - 1), fixture=st.sampled_from(FIXTURES), limits=limits_strategy,
           window=st.sampled_from([0.0, 0.3]))
     def hand_over(self, index: int, fixture: str, limits: ResourceLimits, window: float) -> None:
         """As a reload's rollout: to a new binary, the running version as fallback, a check window."""
         found = self._slot(index)
-        if found is None or found[1].handing_over:
+        if found is None or found[1].reloaded:
             return  # one reload at a time
         cid, slot = found
         spec = self.spec(cid, limits, slot.spec.mailbox_capacity, slot.spec.group is not None)
         loaded = load(self.runtime, cid, fixture)
         previous = (slot.spec, slot.loaded)
-        slot.handing_over = True
+        slot.reloaded = True
         slot.last = "hand over"
         slot.last_op = None
 
         async def roll_out() -> str:
+            actor = self.sup.actors.get(cid)
+            if actor is None or not actor.accepts_handover:  # as Daemon._can_hand_over: started anew instead
+                return "not running: not handed over"
+            handover: Handover = await self.sup.hand_over(spec, loaded, previous)
             try:
-                actor = self.sup.actors.get(cid)
-                if actor is None or not actor.accepts_handover:  # as Daemon._can_hand_over: started anew instead
-                    return "not running: not handed over"
-                handover: Handover = await self.sup.hand_over(spec, loaded, previous)
-                try:
-                    if handover.boot_error is None:  # its check window: a failure falls back at once
-                        with anyio.move_on_after(window):
-                            await handover.failed.wait()
-                finally:
-                    actor.end_probation()
-                if handover.boot_error is not None or handover.failed.is_set():
-                    return "rolled back"
-                slot.spec, slot.loaded, slot.fixture = spec, loaded, fixture
-                return "upgraded"
+                if handover.boot_error is None:  # its check window: a failure falls back at once
+                    with anyio.move_on_after(window):
+                        await handover.failed.wait()
             finally:
-                slot.handing_over = False
+                actor.end_probation()
+            if handover.boot_error is not None or handover.failed.is_set():
+                return "rolled back"
+            slot.spec, slot.loaded, slot.fixture = spec, loaded, fixture
+            return "upgraded"
 
         self._fire(f"hand over {cid} to {fixture}", roll_out)
 
@@ -425,6 +471,8 @@ class SupervisorChaos(RuleBasedStateMachine):
         """Wait for every operation in flight, then compare the supervisor with the model."""
         self.portal.call(self._wait_all, "settle")
         self.removing.clear()
+        for slot in self.slots.values():
+            slot.reloaded = False
         self._check_problems()
         self.portal.call(self._check_listing)
         self._check_problems()
@@ -448,12 +496,16 @@ class SupervisorChaos(RuleBasedStateMachine):
             if actor is None:
                 continue
             sup.component_info(cid)
-            if slot.last == "stop" and (cid in listed or actor.state not in (ActorState.STOPPED, ActorState.FAILED)):
-                self.problems.append(f"{cid} was stopped last, yet is {actor.state.value} (listed: {cid in listed})")
+            certain = not slot.uncertain
+            if (certain and slot.last == "stop"
+                    and (cid in listed or actor.state not in (ActorState.STOPPED, ActorState.FAILED))):
+                self.problems.append(f"{cid} was stopped last, yet is {actor.state.value} (listed: {cid in listed}): "
+                                     f"{describe(actor)}; {self._trail(cid)}")
             answered_ok = slot.last_op is not None and slot.last_op.outcomes[0].startswith("ok")
-            if (slot.last in ("add", "start", "restart") and answered_ok
+            if (certain and slot.last in ("add", "start", "restart") and answered_ok
                     and actor.state in (ActorState.STOPPED, ActorState.STOPPING)):
-                self.problems.append(f"{cid} was {slot.last}ed last (answered ok), yet is {actor.state.value}")
+                self.problems.append(f"{cid} was {slot.last}ed last (answered ok), yet is {actor.state.value}: "
+                                     f"{self._trail(cid)}")
             if actor.state is ActorState.FAILED and actor.running:
                 # Failed, its task still closing the Store (bounded: STOP_GRACE); it answers what is queued last.
                 with anyio.move_on_after(BOUND_S):
@@ -462,7 +514,7 @@ class SupervisorChaos(RuleBasedStateMachine):
                 self.problems.append(f"{cid} is {actor.state.value} with {len(actor.mailbox)} message(s) queued and "
                                      f"{actor.in_hand} in hand: never answered ({describe(actor)}; "
                                      f"mailbox closed={actor.mailbox.closed}); "
-                                     f"{[(o.what, o.outcomes) for o in self.ops if str(cid) in o.what]}")
+                                     f"{self._trail(cid)}")
             if (cid in listed) != (actor.state in TAKING_MESSAGES):
                 self.problems.append(f"{cid} listed={cid in listed} in state {actor.state.value}")
         try:
@@ -472,6 +524,10 @@ class SupervisorChaos(RuleBasedStateMachine):
                 self.problems.append(f"the neighbour answered {reply!r}")
         except Exception as exc:
             self.problems.append(f"the neighbour did not answer: {type(exc).__name__}: {exc}")
+
+    def _trail(self, cid: ComponentId) -> list[tuple[str, list[str]]]:
+        """The operations fired at `cid` so far, with their outcomes (for a problem's explanation)."""
+        return [(o.what, o.outcomes) for o in self.ops if f"{cid} " in f"{o.what} "]
 
     def _check_problems(self) -> None:
         alarms = [e for e in self.logs if e["event"] in ALARMS]
@@ -484,7 +540,8 @@ class SupervisorChaos(RuleBasedStateMachine):
         assert not refused, f"refused for another reason than a stop under way: {refused}"
         assert not twice, f"operations with more than one outcome: {twice}"
         assert not unexpected, f"undocumented exceptions escaped: {unexpected}"
-        assert not self.problems, self.problems
+        if self.problems:  # whole, one a line (an assertion's message would be shortened)
+            raise AssertionError("\n".join(self.problems))
 
     def teardown(self) -> None:
         try:
