@@ -265,6 +265,25 @@ async def test_a_restart_during_a_group_restart_leaves_neither_waiting(superviso
     assert busy.state is ActorState.RUNNING and await ask(supervisor, "test-org/busy/0", b"7") == b"7"
 
 
+async def test_a_group_restart_whose_failed_member_is_stopped_meanwhile_resumes_the_others(
+        supervisor: Supervisor) -> None:
+    """Before: a one-for-all restart suspended the siblings, then waited for the next boot of the failed
+    member, which a stop had ended meanwhile: it waited for ever, and the siblings stayed `restarting`, their
+    messages unanswered (found by test_lifecycle_chaos)."""
+    # The failed member first in start order: the others are started again after it.
+    trapper = await launch(supervisor, "trapper", "test-org/trapper/0", group="g", strategy=Strategy.ONE_FOR_ALL)
+    busy = await launch(supervisor, "busy", "test-org/busy/0", group="g", strategy=Strategy.ONE_FOR_ALL)
+    long = asyncio.ensure_future(ask(supervisor, "test-org/busy/0", b"300000000", 30.0))  # about a second
+    await until(lambda: busy.manager.in_call)  # the group restart's suspend waits for the end of this batch
+    with pytest.raises(RequestFailed):
+        await ask(supervisor, "test-org/trapper/0", b"boom")
+    await until(lambda: busy._suspend_wanted)
+    await asyncio.wait_for(supervisor.stop(trapper.component_id, 0.0), 30)  # the failed one is stopped meanwhile
+    assert await long == b"300000000"
+    await until(lambda: busy.state is ActorState.RUNNING, timeout=30)  # before: `restarting` for ever
+    assert await ask(supervisor, "test-org/busy/0", b"7") == b"7" and trapper.state is ActorState.STOPPED
+
+
 async def test_temporary_component_is_not_restarted(supervisor: Supervisor) -> None:
     trapper = await launch(supervisor, "trapper", "test-org/trapper/0", restart=RestartPolicy.TEMPORARY)
     with pytest.raises(RequestFailed):

@@ -415,7 +415,13 @@ class ComponentActor:
         return gate
 
     def next_attempt(self) -> asyncio.Event:
-        """Set when the next boot attempt has ended (or the task has)."""
+        """Set when the next boot attempt has ended (or the task has): already set when the task has ended
+        (before, a group restart whose failed member was stopped meanwhile waited for it for ever, and the
+        members it had terminated were never started again)."""
+        if not self._running:
+            ended = asyncio.Event()
+            ended.set()
+            return ended
         if self._attempted is None:
             self._attempted = asyncio.Event()
         return self._attempted
