@@ -336,7 +336,6 @@ class SupervisorChaos(RuleBasedStateMachine):
         slot = self.slots.get(cid)
         if slot is None:
             return None
-        slot.uncertain = slot.replacing  # the action about to be fired is the last one so far
         return cid, slot
 
     @rule(index=st.integers(0, len(SLOTS) - 1))
@@ -345,7 +344,7 @@ class SupervisorChaos(RuleBasedStateMachine):
         if found is None:
             return
         cid, slot = found
-        slot.last = "stop"
+        slot.last, slot.uncertain = "stop", slot.replacing  # fired during a replacement: either actor
         slot.last_op = self._fire(f"stop {cid}", lambda: self.actor(cid).stop(DRAIN_S), (ComponentError,))
 
     @rule(index=st.integers(0, len(SLOTS) - 1))
@@ -354,7 +353,7 @@ class SupervisorChaos(RuleBasedStateMachine):
         if found is None:
             return
         cid, slot = found
-        slot.last = "start"
+        slot.last, slot.uncertain = "start", slot.replacing  # fired during a replacement: either actor
         # Refused (invalid-state) while a stop is under way: that stop would end it (a restart also when a stop
         # came while it waited for the restart before it).
         slot.last_op = self._fire(f"start {cid}", lambda: self.actor(cid).start(), (ComponentError,))
@@ -367,7 +366,7 @@ class SupervisorChaos(RuleBasedStateMachine):
         cid, slot = found
         if sum(not op.outcomes for op in slot.restarts) >= MAX_QUEUED_RESTARTS:
             return
-        slot.last = "restart"
+        slot.last, slot.uncertain = "restart", slot.replacing  # fired during a replacement: either actor
         slot.last_op = self._fire(f"restart {cid}", lambda: self.actor(cid).restart(), (ComponentError,))
         slot.restarts.append(slot.last_op)
 
@@ -409,7 +408,7 @@ class SupervisorChaos(RuleBasedStateMachine):
             finally:
                 slot.replacing = False
 
-        slot.spec, slot.loaded, slot.fixture, slot.last = spec, loaded, fixture, "add"
+        slot.spec, slot.loaded, slot.fixture, slot.last, slot.uncertain = spec, loaded, fixture, "add", False
         slot.last_op = self._fire(f"replace {cid} with {fixture}", remove_and_start)
 
     @rule(index=st.integers(0, len(SLOTS) - 1))
@@ -431,7 +430,7 @@ class SupervisorChaos(RuleBasedStateMachine):
         loaded = load(self.runtime, cid, fixture)
         previous = (slot.spec, slot.loaded)
         slot.reloaded = True
-        slot.last = "hand over"
+        slot.last, slot.uncertain = "hand over", slot.replacing
         slot.last_op = None
 
         async def roll_out() -> str:
