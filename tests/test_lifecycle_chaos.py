@@ -338,14 +338,21 @@ class SupervisorChaos(RuleBasedStateMachine):
             return None
         return cid, slot
 
+    def _operator(self, cid: ComponentId, slot: Slot, action: str, call: Callable[[], Awaitable[object]]) -> Op:
+        """Fire an operator's stop, start or restart of `cid`, now the slot's last action. ComponentError is a
+        documented refusal: a start or restart while a stop is under way (that stop would end it; a restart
+        also when a stop came while it waited for the restart before it)."""
+        slot.last, slot.uncertain = action, slot.replacing  # fired during a replacement: either actor
+        slot.last_op = self._fire(f"{action} {cid}", call, (ComponentError,))
+        return slot.last_op
+
     @rule(index=st.integers(0, len(SLOTS) - 1))
     def stop(self, index: int) -> None:
         found = self._slot(index)
         if found is None:
             return
         cid, slot = found
-        slot.last, slot.uncertain = "stop", slot.replacing  # fired during a replacement: either actor
-        slot.last_op = self._fire(f"stop {cid}", lambda: self.actor(cid).stop(DRAIN_S), (ComponentError,))
+        self._operator(cid, slot, "stop", lambda: self.actor(cid).stop(DRAIN_S))
 
     @rule(index=st.integers(0, len(SLOTS) - 1))
     def start_again(self, index: int) -> None:
@@ -353,10 +360,7 @@ class SupervisorChaos(RuleBasedStateMachine):
         if found is None:
             return
         cid, slot = found
-        slot.last, slot.uncertain = "start", slot.replacing  # fired during a replacement: either actor
-        # Refused (invalid-state) while a stop is under way: that stop would end it (a restart also when a stop
-        # came while it waited for the restart before it).
-        slot.last_op = self._fire(f"start {cid}", lambda: self.actor(cid).start(), (ComponentError,))
+        self._operator(cid, slot, "start", lambda: self.actor(cid).start())
 
     @rule(index=st.integers(0, len(SLOTS) - 1))
     def restart(self, index: int) -> None:
@@ -366,9 +370,7 @@ class SupervisorChaos(RuleBasedStateMachine):
         cid, slot = found
         if sum(not op.outcomes for op in slot.restarts) >= MAX_QUEUED_RESTARTS:
             return
-        slot.last, slot.uncertain = "restart", slot.replacing  # fired during a replacement: either actor
-        slot.last_op = self._fire(f"restart {cid}", lambda: self.actor(cid).restart(), (ComponentError,))
-        slot.restarts.append(slot.last_op)
+        slot.restarts.append(self._operator(cid, slot, "restart", lambda: self.actor(cid).restart()))
 
     @rule(index=st.integers(0, len(SLOTS) - 1))
     def remove(self, index: int) -> None:
