@@ -112,9 +112,10 @@ machine loaded far past its cores (load 14 on 2, measured) a guest thread that g
 for one that does (workers.QUIET_LOOKS), and given up on at its deadline as documented."""
 
 
-STOP_REFUSALS = ("is stopping", "was stopped while this restart waited", "no component")
-"""Why a start or restart may be refused: a stop asked for after it has the last word; or the id is between
-the removal and the start of a replacement (as the control socket answers `no running component`)."""
+STOP_REFUSALS = ("is stopping", "was stopped while this restart waited", "was removed", "no component")
+"""Why a start or restart may be refused: a stop asked for after it has the last word; the component is being
+removed; or the id is between the removal and the start of a replacement (as the control socket answers
+`no running component`)."""
 
 
 @dataclass

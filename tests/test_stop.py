@@ -481,3 +481,15 @@ async def test_a_stop_during_a_health_probe_ends_the_probe_and_closes_the_store(
     assert not [e for e in logs if e["event"] == "component_left_running"], logs
     assert actor.manager is manager and manager.store is None  # closed here, not left to a thread
     assert actor.state is ActorState.STOPPED
+
+
+@pytest.mark.parametrize("ask", ["start", "restart"])
+async def test_a_removed_component_is_not_started_again_unlisted(supervisor: Supervisor, ask: str) -> None:
+    """A start or restart reaching an actor once it was removed (a control request in the loop turn between
+    its task's end and its removal by a reload or `remove`) ran it again outside the supervisor's listing:
+    nobody could see, stop or reload it. It is refused now."""
+    actor = await launch(supervisor, "echo", "t/removed/0")
+    await asyncio.wait_for(supervisor.remove(actor.component_id, 0.0), BOUND)
+    with pytest.raises(ComponentError, match="t/removed/0 was removed"):
+        await asyncio.wait_for(getattr(actor, ask)(), BOUND)
+    assert not actor.running and actor.component_id not in supervisor.actors

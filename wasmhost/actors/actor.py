@@ -203,6 +203,7 @@ class ComponentActor:
         self._gate: asyncio.Event | None = None  # after a failure, the restart waits for it (group restarts)
         self._restarting: asyncio.Lock | None = None  # one requested restart at a time, each counted
         self._stops = 0  # stops asked for so far: a restart waiting for the one before it checks none came meanwhile
+        self._removed = False  # set by `removed`: the supervisor forgets this actor; it never runs again
         self._next_health = 0.0
         self._in_hand = 0
         self._held_threads = 0  # calls given up on whose threads still wait in WASI (see _gave_up)
@@ -294,7 +295,9 @@ class ComponentActor:
         attempt has ended: running, restarting after a failure (a component whose `initialize` never
         ends does not hold up READY=1 or a reload for all its restarts), or failed. Raises RuntimeError,
         changing nothing, once the supervisor is stopping, and ComponentError (invalid-state) while this
-        actor is stopping: that stop would end what this start asked for."""
+        actor is stopping: that stop would end what this start asked for, or once it was removed."""
+        if self._removed:
+            raise ComponentError("invalid-state", f"{self.name} was removed: it is no longer deployed")
         if self._running:
             if self._stopping:  # before: answered as if started, and the stop then ended it all the same
                 raise self._stopping_error()
@@ -377,6 +380,12 @@ class ComponentActor:
                 await self.next_attempt().wait()
             elif await self.suspend():
                 await self.resume()
+
+    def removed(self) -> None:
+        """The supervisor is removing this actor (a reload, `remove`): from now on a start or restart is
+        refused. Before, one reaching it in the loop turn between its task's end and its removal (a control
+        request) ran it again outside the supervisor's listing, where nobody could see, stop or reload it."""
+        self._removed = True
 
     def _stopping_error(self) -> ComponentError:
         """Why a start or restart asked for while this actor stops is refused (rather than answered ok and

@@ -123,6 +123,7 @@ class Supervisor:
         actor = self.actors.get(component)
         if actor is None:
             return
+        actor.removed()
         await actor.stop(drain_timeout)
         self.router.detach(component)
         del self.actors[component]
