@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # One pytest worker per core (pytest-xdist): most tests wait on daemons, timeouts and NATS servers, so two
-# workers on two cores take about 4 minutes where one took 7 and a half. A test file runs on one worker: some
+# workers on two cores take 4 to 5 minutes where one took 7 and a half. A test file runs on one worker: some
 # files' last test reads what the earlier ones counted (tests/test_fuzz.py).
 test: fixtures examples lint
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
