@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from tests.test_cli import wait_for
 from tests.test_daemon import Daemon, component, daemon, kill_leftovers, launch
 from wasmhost.system import protocol
 from wasmhost.system.client import request
@@ -56,17 +56,6 @@ def server() -> Iterator[ThreadingHTTPServer]:
             Hello.gate_open.set()
             httpd.shutdown()
             thread.join()
-
-
-def descriptors_reach(pid: int, count: int, timeout: float) -> bool:
-    """Whether process `pid` holds `count` open descriptors within `timeout` seconds (polled: no event
-    tells another process's descriptor count)."""
-    deadline = time.monotonic() + timeout
-    while len(os.listdir(f"/proc/{pid}/fd")) < count:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_a_granted_guest_gets_a_real_response_and_a_refused_port_is_a_clean_error(
@@ -123,7 +112,7 @@ def test_a_guest_holding_every_descriptor_in_requests_leaves_the_operator_a_way_
         for _ in range(300):
             assert converse(second, protocol.Send(id="t/web/0", payload=f"fire {silent_url}".encode())).ok
         # wasmtime connects them on threads of its own: the limit is reached a moment after the sends
-        assert descriptors_reach(d.proc.pid, 256, timeout=30), len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+        wait_for(lambda: len(os.listdir(f"/proc/{d.proc.pid}/fd")) >= 256, "the daemon holding all 256 descriptors", 30)
         # handled after the 300 (one mailbox, in order): no descriptor is left for its connection
         starved = converse(second, protocol.Call(id="t/web/0", payload=f"get http://127.0.0.1:{port}/".encode()))
         assert starved.data is not None and starved.data.startswith(b"error "), starved
