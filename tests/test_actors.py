@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import structlog
 
 from tests.conftest import fixture_path
 from tests.support import guarded_supervisor, plain_supervisor
+from tests.waits import until
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy, Strategy
 from wasmhost.actors.spec import ActorSpec
@@ -43,14 +44,6 @@ async def launch(sup: Supervisor, fixture: str, component_id: str, **settings: o
     cid = ComponentId.parse(component_id)
     spec = replace(ActorSpec(cid, backoff=FAST_BACKOFF), **settings)  # type: ignore[arg-type]
     return await sup.start(spec, sup.stores.runtime.load(cid, fixture_path(fixture)))
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 async def ask(sup: Supervisor, target: str, payload: bytes, timeout: float = 5.0) -> bytes | None:

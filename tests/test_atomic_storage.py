@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 from tests.conftest import fixture_path
-from tests.test_storage_containment import until
+from tests.waits import wait_for
 from wasmhost.actors.actor import BATCH_SIZE, ComponentActor
 from wasmhost.actors.restart import Backoff
 from wasmhost.actors.spec import ActorSpec
@@ -498,7 +498,7 @@ def test_writes_of_a_batch_given_up_at_a_stop_never_land_after_later_ones(tmp_pa
         host.drop_writes()  # STOP_GRACE is over: given up
         shutdown = threading.Thread(target=storage_set, args=(host, "b", b"new"))
         shutdown.start()  # the guest's shutdown writes at once
-        until(lambda: storage._writer.queued() >= 1)  # queued behind the first batch
+        wait_for(lambda: storage._writer.queued() >= 1, "queued behind the first batch", 10, every=0.002)
         blocker.execute("ROLLBACK")
         abandoned.join(30)
         shutdown.join(30)

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import FIXTURES
 from tests.test_daemon import ROOT, Daemon, component, config_text, kill_leftovers, launch, wasmhost
+from tests.waits import wait_for
 from wasmhost import __version__
 from wasmhost.cli import build_parser
 from wasmhost.system import protocol
@@ -58,15 +59,6 @@ def rows(d: Daemon) -> dict[str, dict[str, object]]:
     result = d.cli("status", "--json")
     assert result.returncode == 0, result.stderr
     return {r["id"]: r for r in json.loads(result.stdout)["components"]}
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll a condition the daemon shows (status) until it holds; fail naming it after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # --- call: the reply bytes, files, the literal @ ---

@@ -25,7 +25,6 @@ import pytest
 import structlog.testing
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from tests.test_cli import wait_for
 from tests.test_daemon import (
     ROOT,
     Daemon,
@@ -37,6 +36,7 @@ from tests.test_daemon import (
     launch,
     wasmhost,
 )
+from tests.waits import until, wait_for
 from wasmhost.system import control, protocol
 from wasmhost.system.client import DaemonUnavailable, request
 from wasmhost.system.control import ControlServer
@@ -286,7 +286,7 @@ async def test_a_hang_up_is_still_noticed_after_a_request_arrived_while_the_prev
             await started[b"first"].wait()
             await conn.send(protocol.frame(protocol.Call("t/echo/0", b"second", 30.0)))
             sock = conn.extra(anyio.abc.SocketAttribute.raw_socket)
-            await wait_until(lambda: unread_by_peer(sock) == 0)  # taken by the read ahead: "first" is not answered
+            await until(lambda: unread_by_peer(sock) == 0)  # taken by the read ahead: "first" is not answered
             release.set()
             assert [(await answer_of(answers)).data for _ in range(2)] == [b"first", b"second"]
             await conn.send(protocol.frame(protocol.Call("t/echo/0", b"last", 30.0)))
@@ -299,12 +299,6 @@ async def test_a_hang_up_is_still_noticed_after_a_request_arrived_while_the_prev
 def unread_by_peer(sock: socket.socket) -> int:
     """Bytes sent on the Unix stream socket `sock` that its peer has not read yet (SIOCOUTQ)."""
     return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Yield to the server until `condition` holds (the caller's fail_after bounds it)."""
-    while not condition():
-        await anyio.sleep(0.001)
 
 
 @pytest.mark.anyio
@@ -324,7 +318,7 @@ async def test_a_refused_peer_gone_before_its_refusal_is_no_connection_failure(t
                         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
                         conn.connect(str(path))
                 # every one refused (the first with a line, 49 counted for the next), every connection over
-                await wait_until(lambda: server._peer_refused.times == 49 and server._open == 0)
+                await until(lambda: server._peer_refused.times == 49 and server._open == 0)
     assert [e for e in logs if e["event"] == "control_connection_failed"] == []
     assert [e["event"] for e in logs if e["event"] == "control_peer_refused"] == ["control_peer_refused"]
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import fixture_path
 from tests.support import plain_supervisor
-from tests.test_actors import until
+from tests.waits import until
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
 from wasmhost.actors.supervisor import Supervisor

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import wait_for
 from tests.test_daemon import Daemon, component, daemon, kill_leftovers, launch
+from tests.waits import wait_for
 from wasmhost.system import protocol
 from wasmhost.system.client import request
 

@@ -8,7 +8,6 @@ import contextlib
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tests import lattice_support
 from tests.conftest import FIXTURES
 from tests.lattice_support import NatsServer, lattice_daemon, lattice_section, wait_for_log
 from tests.test_daemon import Daemon, component, config_text, wasmhost
+from tests.waits import wait_for
 from wasmhost.lattice import wire
 from wasmhost.system import protocol
 from wasmhost.system.client import request
@@ -31,24 +31,12 @@ daemons = lattice_support.daemons
 ECHO = component("t/echo/0", "echo")
 
 
-def until(what: str, check: object, timeout: float = 30.0) -> object:
-    """Call `check` until it returns something true (bounded); that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()  # type: ignore[operator]
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)  # the daemons are subprocesses: polling their answers is all there is
-
-
 def test_a_host_calls_a_component_on_another_host(tmp_path: Path, nats_server: NatsServer,
                                                   daemons: list[Daemon]) -> None:
     a = lattice_daemon(tmp_path / "a", ECHO, [nats_server.url], "host-a", daemons)
     b = lattice_daemon(tmp_path / "b", component("t/other/0", "counter"), [nats_server.url], "host-b", daemons)
     wait_for_log(b, "lattice_connected")
-    until("b sees the echo", lambda: b.cli("call", "t/echo/0", "across").stdout.rstrip("\n") == "across")
+    wait_for(lambda: b.cli("call", "t/echo/0", "across").stdout.rstrip("\n") == "across", "b sees the echo")
     assert a.stop() == 0 and b.stop() == 0
 
 
@@ -62,7 +50,7 @@ def served_and_caller(tmp_path: Path, nats_server: NatsServer, daemons: list[Dae
     """Host A serving SERVED to remote senders granted, host B running the callback guest; once B sees A."""
     a = lattice_daemon(tmp_path / "a", SERVED, [nats_server.url], "host-a", daemons, extra=REMOTE_GRANT)
     b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
-    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    wait_for(lambda: b.cli("call", "t/echo/0", "x").returncode == 0, "b sees a's components")
     return a, b
 
 
@@ -70,7 +58,7 @@ def ask(d: Daemon, target: str, data: str) -> dict[str, str]:
     """Have the callback guest on `d` request `data` from `target`; wait for the callback and read it."""
     before = int(d.call("t/caller/0", "?callbacks") or 0)
     d.call("t/caller/0", f"{target.replace('/', '|')}|{data}")
-    until(f"a callback from {target}", lambda: int(d.call("t/caller/0", "?callbacks") or 0) > before, 20)
+    wait_for(lambda: int(d.call("t/caller/0", "?callbacks") or 0) > before, f"a callback from {target}", 20)
     return {what: d.call("t/caller/0", f"?last-{what}") for what in ("payload", "content-type", "sender")}
 
 
@@ -95,7 +83,7 @@ def test_remote_senders_need_a_grant_on_the_receiving_host(tmp_path: Path, nats_
                                                           daemons: list[Daemon]) -> None:
     a = lattice_daemon(tmp_path / "a", ECHO, [nats_server.url], "host-a", daemons)  # no [[lattice.grants]]
     b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
-    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    wait_for(lambda: b.cli("call", "t/echo/0", "x").returncode == 0, "b sees a's components")
     denied = ask(b, "t/echo/0", "let me in")
     report = json.loads(denied["payload"])
     assert report["outcome"] == "failed"
@@ -108,7 +96,7 @@ def test_lattice_grants_apply_again_when_a_reload_removes_the_local_replica(tmp_
                                                                           daemons: list[Daemon]) -> None:
     a = lattice_daemon(tmp_path / "a", ECHO + CALLER, [nats_server.url], "host-a", daemons, extra=REMOTE_GRANT)
     b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
-    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    wait_for(lambda: b.cli("call", "t/echo/0", "x").returncode == 0, "b sees a's components")
     assert ask(b, "t/echo/0", "with a's own caller")["payload"] == "with a's own caller"
     a.config.write_text(a.config.read_text().replace(CALLER, ""))  # a runs no caller: its lattice grant applies
     assert a.cli("reload").returncode == 0
@@ -135,8 +123,8 @@ def test_plain_nats_clients_reach_only_components_that_accept_external(tmp_path:
     a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true")
                        + component("t/counter/0", "counter"), [nats_server.url], "host-a", daemons)
     wait_for_log(a, "lattice_connected")
-    data, headers = until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0",
-                                                               b"hello"))
+    data, headers = wait_for(lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"hello"),
+                             "the echo answers")
     assert data == b"hello" and headers["Wasmhost-Outcome"] == "reply" and headers["Wasmhost-Host"] == "host-a"
     data, headers = nats_call(nats_server.url, "wasmhost.default.in.t.counter.0", b"x")
     assert headers["Wasmhost-Outcome"] == "rejected" and headers["Wasmhost-Error"] == "delivery-failed"
@@ -170,7 +158,7 @@ def permissioned_host(tmp_path: Path, daemons: list[Daemon], heartbeat_s: float 
                            + component("t/counter/0", "counter"), [server.user_url("host", "host-pw")], "host-a",
                            daemons, heartbeat_s=heartbeat_s)
         client = server.user_url("client", "client-pw")
-        until("the echo answers", lambda: _try_call(client, "wasmhost.default.in.t.echo.0", b"hello"))
+        wait_for(lambda: _try_call(client, "wasmhost.default.in.t.echo.0", b"hello"), "the echo answers")
         yield server, a, client
     finally:
         server.kill()
@@ -211,7 +199,7 @@ def test_a_message_without_a_host_on_the_hosts_subject_is_refused_naming_the_cli
         tmp_path: Path, nats_server: NatsServer, daemons: list[Daemon]) -> None:
     a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [nats_server.url],
                        "host-a", daemons)
-    until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"hello"))
+    wait_for(lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"hello"), "the echo answers")
     _, headers = nats_call(nats_server.url, "wasmhost.default.msg.t.echo.0", b"hello")
     assert headers["Wasmhost-Outcome"] == "rejected" and headers["Wasmhost-Error"] == "invalid-message"
     assert headers["Wasmhost-Detail"] == ("wasmhost.default.msg.t.echo.0 takes messages from hosts only (with "
@@ -267,7 +255,7 @@ def test_a_message_nats_py_cannot_read_is_dropped_and_the_host_reads_on(tmp_path
         def dropped() -> list[str]:
             return [str(e["cause"]) for e in a.events() if e.get("event") == "lattice_error"]
 
-        until("each is logged", lambda: len(dropped()) == 3)  # the log is written by a thread of its own
+        wait_for(lambda: len(dropped()) == 3, "each is logged")  # the log is written by a thread of its own
         assert all("a message on wasmhost.default.in.t.counter.0 could not be read" in c for c in dropped())
         assert a.call("t/counter/0", "") == "1"  # none reached it
         assert a.stop() == 0
@@ -290,7 +278,7 @@ def test_a_client_of_one_lattice_cannot_make_its_host_speak_on_another_lattices_
         a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"),
                            [server.user_url("host", "host-pw")], "host-a", daemons, extra='name = "staging"')
         client = server.user_url("client", "client-pw")
-        until("the echo answers", lambda: _try_call(client, "wasmhost.staging.in.t.echo.0", b"hello"))
+        wait_for(lambda: _try_call(client, "wasmhost.staging.in.t.echo.0", b"hello"), "the echo answers")
         forged = json.dumps({"host": "ghost", "seq": 1, "started_at": 1.0, "heartbeat_s": 3600,
                              "inventory_version": 1}).encode()
 
@@ -328,7 +316,7 @@ def test_a_clients_long_header_values_are_shortened_in_the_log(tmp_path: Path, n
     # Wasmhost-Sender and Wasmhost-Kind made a 2 MB line, 20 such lines per component every 10 s.
     a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [nats_server.url],
                        "host-a", daemons)
-    until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"hello"))
+    wait_for(lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"hello"), "the echo answers")
     long = {"Wasmhost-Sender": "external/x/" + "s" * 1_000_000, "Wasmhost-Kind": "k" * 1_000_000}
     _, headers = nats_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"x", long)
     assert headers["Wasmhost-Error"] == "invalid-message" and len(headers["Wasmhost-Detail"]) <= 1000
@@ -344,7 +332,7 @@ def test_a_clients_correlation_id_and_content_type_are_bounded(tmp_path: Path, n
     # the guest's log lines for that message (past their 16 KiB bound: a 4 MB id made a 4 MB line per line).
     a = lattice_daemon(tmp_path / "a", component("t/logger/0", "logger", "accept_external = true"),
                        [nats_server.url], "host-a", daemons)
-    until("the logger answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.logger.0", b"hello"))
+    wait_for(lambda: _try_call(nats_server.url, "wasmhost.default.in.t.logger.0", b"hello"), "the logger answers")
     for header in ("Wasmhost-Correlation-Id", "Content-Type"):
         _, headers = nats_call(nats_server.url, "wasmhost.default.in.t.logger.0", b"x", {header: "c" * 4_000_000})
         assert headers["Wasmhost-Outcome"] == "rejected" and headers["Wasmhost-Error"] == "invalid-message"
@@ -372,7 +360,7 @@ def test_plain_clients_do_not_read_the_hosts_inventories(tmp_path: Path, daemons
                 lattice_daemon(tmp_path / "a", component("t/counter/0", "counter"),
                                [server.user_url("host", "host-pw")], "host-a", daemons)
                 b = lattice_daemon(tmp_path / "b", ECHO, [server.user_url("host", "host-pw")], "host-b", daemons)
-                until("b knows a's components", lambda: "t/counter/0" in b.cli("status", "--lattice").stdout)
+                wait_for(lambda: "t/counter/0" in b.cli("status", "--lattice").stdout, "b knows a's components")
 
             await asyncio.to_thread(start_both)
             await nc.flush()  # what was published to _INBOX.> before this reached nc before the PONG
@@ -456,24 +444,24 @@ def test_sends_broadcasts_and_large_payloads_cross_hosts(tmp_path: Path, nats_se
                        daemons, extra=BLASTER_GRANT)
     b = lattice_daemon(tmp_path / "b", BLASTER + component("t/counter/1", "counter"), [nats_server.url], "host-b",
                        daemons)
-    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    wait_for(lambda: b.cli("call", "t/echo/0", "x").returncode == 0, "b sees a's components")
     assert b.call("t/blaster/0", "s5|t|counter|0") == "ok"
     assert b.call("t/blaster/0", "b5|t|counter|0") == "ok"
-    until("both arrived", lambda: a.call("t/counter/0", "") == "3")
+    wait_for(lambda: a.call("t/counter/0", "") == "3", "both arrived")
     # a remote send the target's host refuses (no grant to send to the echo) is logged on the sender's host
     assert b.call("t/blaster/0", "s5|t|echo|0") == "ok"
     rejected = wait_for_log(b, "lattice_send_rejected")
     assert rejected["target"] == "t/echo/0" and "capability denied" in str(rejected["detail"])
     assert b.call("t/blaster/0", "b5|t|echo|0") == "ok"  # the receiving host checks broadcast as broadcast
-    until("the broadcast is refused", lambda: any("may not broadcast to t/echo/0" in str(e.get("detail"))
-                                                  for e in b.events() if e["event"] == "lattice_send_rejected"))
+    wait_for(lambda: any("may not broadcast to t/echo/0" in str(e.get("detail"))
+                         for e in b.events() if e["event"] == "lattice_send_rejected"), "the broadcast is refused")
     # 1 MiB across hosts: the host's own call and a guest's request
     big = tmp_path / "big.bin"
     big.write_bytes(b"0123456789abcdef" * 65536)
     result = b.cli("call", "t/echo/0", f"@{big}")
     assert result.returncode == 0 and result.stdout.rstrip("\n").encode() == big.read_bytes(), result.stderr
     assert b.call("t/blaster/0", "r1048576|t|echo|0") == "ok"
-    until("the echo handled the 1 MiB request", lambda: handled(a, "t/echo/0") >= 3)
+    wait_for(lambda: handled(a, "t/echo/0") >= 3, "the echo handled the 1 MiB request")
     assert a.stop() == 0 and b.stop() == 0
 
 
@@ -481,8 +469,8 @@ def test_list_components_and_metadata_see_other_hosts(tmp_path: Path, nats_serve
                                                      daemons: list[Daemon]) -> None:
     a = lattice_daemon(tmp_path / "a", ECHO, [nats_server.url], "host-a", daemons)
     b = lattice_daemon(tmp_path / "b", component("t/services/0", "services"), [nats_server.url], "host-b", daemons)
-    listed = until("b lists a's echo", lambda: "t/echo/0" in b.call("t/services/0", "list").split("\n")
-                   and b.call("t/services/0", "list"))
+    listed = wait_for(lambda: "t/echo/0" in b.call("t/services/0", "list").split("\n")
+                      and b.call("t/services/0", "list"), "b lists a's echo")
     assert set(str(listed).split("\n")) == {"t/services/0", "t/echo/0"}
     assert b.call("t/services/0", "meta t|echo|0").endswith("healthy")
     seen = json.loads(b.cli("status", "--lattice", "--json").stdout)
@@ -490,7 +478,7 @@ def test_list_components_and_metadata_see_other_hosts(tmp_path: Path, nats_serve
     assert [h["host"] for h in seen["hosts"] if not h["local"]] == ["host-a"]
     assert [(c["id"], c["state"]) for c in seen["components"] if c["host"] == "host-a"] == [("t/echo/0", "running")]
     assert a.stop() == 0
-    until("a's echo leaves b's directory", lambda: b.call("t/services/0", "list") == "t/services/0", 15)
+    wait_for(lambda: b.call("t/services/0", "list") == "t/services/0", "a's echo leaves b's directory", 15)
     assert b.stop() == 0
 
 
@@ -509,7 +497,7 @@ def test_nats_down_at_start_then_up(tmp_path: Path, daemons: list[Daemon]) -> No
         server.start()
         assert wait_for_log(b, "lattice_connected")["url"] == server.url
         a = lattice_daemon(tmp_path / "a", ECHO, [server.url], "host-a", daemons, extra=REMOTE_GRANT)
-        until("b reaches a's echo", lambda: b.cli("call", "t/echo/0", "now").stdout.rstrip("\n") == "now")
+        wait_for(lambda: b.cli("call", "t/echo/0", "now").stdout.rstrip("\n") == "now", "b reaches a's echo")
         assert ask(b, "t/echo/0", "via the guest")["payload"] == "via the guest"
         server.kill()  # NATS goes away while both run: logged, remote fails fast, local is untouched
         wait_for_log(b, "lattice_disconnected")
@@ -517,7 +505,7 @@ def test_nats_down_at_start_then_up(tmp_path: Path, daemons: list[Daemon]) -> No
         assert b.call("t/local/0", "fine") == "fine"
         server.start()
         wait_for_log(b, "lattice_reconnected")
-        until("b reaches a's echo again", lambda: b.cli("call", "t/echo/0", "back").stdout.rstrip("\n") == "back")
+        wait_for(lambda: b.cli("call", "t/echo/0", "back").stdout.rstrip("\n") == "back", "b reaches a's echo again")
         assert a.stop() == 0 and b.stop() == 0
     finally:
         server.kill()
@@ -528,13 +516,13 @@ def test_a_host_killed_mid_request_ends_it_and_replicas_take_new_ones(tmp_path: 
     a = lattice_daemon(tmp_path / "a", SERVED, [nats_server.url], "host-a", daemons, extra=REMOTE_GRANT)
     c = lattice_daemon(tmp_path / "c", ECHO, [nats_server.url], "host-c", daemons, extra=REMOTE_GRANT)
     b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons)
-    until("b sees a", lambda: b.cli("call", "t/slow/0", "self").stdout.rstrip("\n") == "t/slow/0")
+    wait_for(lambda: b.cli("call", "t/slow/0", "self").stdout.rstrip("\n") == "t/slow/0", "b sees a")
     before = int(b.call("t/caller/0", "?callbacks") or 0)
     b.call("t/caller/0", "t|slow|0|sleep 4000")
-    until("a's guest handles the request", lambda: row(a, "t/slow/0")["in_hand"] == 1, 10)
+    wait_for(lambda: row(a, "t/slow/0")["in_hand"] == 1, "a's guest handles the request", 10)
     a.proc.kill()
     a.proc.wait()
-    until("the pending request ends", lambda: int(b.call("t/caller/0", "?callbacks") or 0) > before, 10)
+    wait_for(lambda: int(b.call("t/caller/0", "?callbacks") or 0) > before, "the pending request ends", 10)
     report = json.loads(b.call("t/caller/0", "?last-payload"))
     assert report == {"outcome": "target-stopped",
                       "detail": "host host-a left the lattice (no heartbeat) with the request"}
@@ -562,7 +550,7 @@ def test_replicas_on_two_hosts_share_the_load(tmp_path: Path, nats_server: NatsS
         finally:
             await nc.close()
 
-    until("both replicas subscribed", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.hash.0", b"1"))
+    wait_for(lambda: _try_call(nats_server.url, "wasmhost.default.in.t.hash.0", b"1"), "both replicas subscribed")
     hosts = asyncio.run(many())
     assert len(hosts) == 60
     assert hosts.count("host-a") > 0 and hosts.count("host-b") > 0
@@ -577,7 +565,7 @@ def test_payloads_too_large_for_the_target_or_for_nats_fail_fast_naming_both_siz
         a = lattice_daemon(tmp_path / "a", ECHO + component("t/small/0", "echo", "max_message_bytes = 1000"),
                            [server.url], "host-a", daemons, extra=BLASTER_GRANT)
         b = lattice_daemon(tmp_path / "b", BLASTER, [server.url], "host-b", daemons)
-        until("b sees a's components", lambda: b.cli("call", "t/small/0", "x").returncode == 0)
+        wait_for(lambda: b.cli("call", "t/small/0", "x").returncode == 0, "b sees a's components")
         assert b.call("t/blaster/0", "r2000|t|small|0") == ("err 2 payload of 2000 bytes exceeds the limit of 1000 "
                                                              "bytes (max_message_bytes of t/small/0)")
         assert b.call("t/blaster/0", "r1048576|t|echo|0") == (
@@ -631,8 +619,8 @@ def test_hosts_and_the_cli_reach_nats_over_mutual_tls_and_a_wrong_ca_is_named(tm
         assert "certificate verify failed" in str(refused["cause"]), refused  # the server's certificate: not its CA
         config = tmp_path / "cli.toml"
         config.write_text(config_text(tmp_path / "cli-state", lattice_section([url], "cli", extra=tls), FIXTURES))
-        until("the CLI reaches the echo", lambda: wasmhost("call", "--lattice", "--config", str(config), "t/echo/0",
-                                                           "over tls").stdout == "over tls")
+        wait_for(lambda: wasmhost("call", "--lattice", "--config", str(config), "t/echo/0",
+                                  "over tls").stdout == "over tls", "the CLI reaches the echo")
         assert a.stop() == 0 and stranger.stop() == 0
     finally:
         server.kill()
@@ -670,14 +658,14 @@ def _churned_under_load(url: str, target: str, off: Callable[[], None], on: Call
     load = threading.Thread(target=clients)
     load.start()
     try:
-        until("requests answered", lambda: outcomes["reply"] > 100)
+        wait_for(lambda: outcomes["reply"] > 100, "requests answered")
         for _ in range(10):
             off()
             unsubscribed = outcomes["no-responders"]
-            until(f"NATS knows {target} is gone", lambda: outcomes["no-responders"] > unsubscribed)  # noqa: B023
+            wait_for(lambda: outcomes["no-responders"] > unsubscribed, f"NATS knows {target} is gone")  # noqa: B023
             on()
             replies = outcomes["reply"]
-            until(f"{target} answers again", lambda: outcomes["reply"] > replies)  # noqa: B023
+            wait_for(lambda: outcomes["reply"] > replies, f"{target} answers again")  # noqa: B023
     finally:
         done.set()
         load.join()
@@ -690,7 +678,7 @@ def test_requests_nats_delivered_as_a_component_stops_are_answered(tmp_path: Pat
     Unsubscribed plainly, nats-py dropped those messages: about 2 requests per stop heard nothing at all."""
     a = lattice_daemon(tmp_path / "a", component("t/echo/0", "echo", "accept_external = true"), [nats_server.url],
                        "host-a", daemons)
-    until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"x"))
+    wait_for(lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"x"), "the echo answers")
     outcomes = _churned_under_load(nats_server.url, "t/echo/0",
                                    lambda: _control(a, protocol.Stop(id="t/echo/0")),
                                    lambda: _control(a, protocol.Start(id="t/echo/0")))
@@ -705,7 +693,7 @@ def test_a_client_message_nats_delivers_as_a_reload_removes_the_component_is_tar
     echo = component("t/echo/0", "echo", "accept_external = true")
     a = lattice_daemon(tmp_path / "a", echo + component("t/other/0", "counter"), [nats_server.url], "host-a",
                        daemons)
-    until("the echo answers", lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"x"))
+    wait_for(lambda: _try_call(nats_server.url, "wasmhost.default.in.t.echo.0", b"x"), "the echo answers")
     with_echo = a.config.read_text()
 
     def reload(text: str) -> None:

@@ -7,8 +7,7 @@ import asyncio
 import json
 import re
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import nats as nats_client
@@ -18,6 +17,7 @@ from nats.aio.msg import Msg
 from tests.lattice_support import NatsServer, free_port, lattice_daemon, lattice_section
 from tests.test_daemon import ROOT, Daemon, component, config_text, launch, wasmhost
 from tests.test_lattice import _try_call
+from tests.waits import wait_for
 from wasmhost.lattice import wire
 
 ECHO = component("t/echo/0", "echo")
@@ -109,14 +109,6 @@ def lattice_status(d: Daemon) -> dict[str, object]:
     result = d.cli("status", "--lattice", "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g} s")
-        time.sleep(0.05)  # another process's directory: polled through its control socket
 
 
 def rows(d: Daemon) -> set[tuple[str, str]]:

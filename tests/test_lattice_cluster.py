@@ -15,6 +15,7 @@ import pytest
 
 from tests.lattice_support import NatsServer, lattice_daemon, nats_cluster, wait_for_log
 from tests.test_daemon import Daemon, component
+from tests.waits import wait_for
 from wasmhost.system import protocol
 from wasmhost.system.client import request
 
@@ -31,15 +32,6 @@ def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
     yield servers
     for server in servers:
         server.kill()
-
-
-def wait_until(condition: object, what: str, timeout: float = SETTLE_TIMEOUT) -> None:
-    """Until `condition()` is true, checked every 50 ms for at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g} s")
-        time.sleep(0.05)  # the daemons are other processes: their state is polled
 
 
 def sees(d: Daemon, cid: str, host: str) -> bool:
@@ -113,16 +105,18 @@ def test_a_killed_nats_node_costs_outcomes_not_requests(tmp_path: Path, cluster:
     a = lattice_daemon(tmp_path / "a", client, [n0.url], "host-a", started)
     b = lattice_daemon(tmp_path / "b", component("t/echo/0", "echo"), [n1.url], "host-b", started,
                        extra='[[lattice.grants]]\nid = "t/client/0"\nrequest = ["t/echo/*"]\n')
-    wait_until(lambda: sees(a, "t/echo/0", "host-b"), "host-a sees host-b's echo")
+    wait_for(lambda: sees(a, "t/echo/0", "host-b"), "host-a sees host-b's echo", SETTLE_TIMEOUT)
 
     with Traffic(a, "t/echo/0") as traffic, Traffic(a, "t/client/0", "t|echo|0|guest %d") as guests:
-        wait_until(lambda: traffic.replies_since(0) >= 20, "20 replies across hosts before the kill")
+        wait_for(lambda: traffic.replies_since(0) >= 20, "20 replies across hosts before the kill", SETTLE_TIMEOUT)
         killed_at = time.monotonic()
         n0.kill()  # host-a's node, mid-traffic
-        wait_until(lambda: traffic.replies_since(killed_at + 0.001) >= 20, "20 replies after host-a's node died")
+        wait_for(lambda: traffic.replies_since(killed_at + 0.001) >= 20, "20 replies after host-a's node died",
+                 SETTLE_TIMEOUT)
         killed_at = time.monotonic()
         n1.kill()  # then host-b's: both daemons end up on the last node
-        wait_until(lambda: traffic.replies_since(killed_at + 0.001) >= 20, "20 replies after host-b's node died")
+        wait_for(lambda: traffic.replies_since(killed_at + 0.001) >= 20, "20 replies after host-b's node died",
+                 SETTLE_TIMEOUT)
 
     assert not traffic.lost, traffic.lost
     for r in traffic.results:  # every request ended with its echo or an error naming what happened
@@ -137,8 +131,8 @@ def test_a_killed_nats_node_costs_outcomes_not_requests(tmp_path: Path, cluster:
     made = sum(1 for r in guests.results if r.ok)
     assert made >= 20 and guests.results[-1].ok
     assert all(isinstance(r.answer, str) and "request failed: " in r.answer for r in guests.results if not r.ok)
-    wait_until(lambda: callbacks(a, "t/client/0") == made, f"a callback for each of the {made} guest requests",
-               timeout=15.0)
+    wait_for(lambda: callbacks(a, "t/client/0") == made, f"a callback for each of the {made} guest requests",
+             timeout=15.0)
     assert a.proc.poll() is None and b.proc.poll() is None
     for d in (a, b):  # each logged losing its node and where it went; both are on the one node left now
         wait_for_log(d, "lattice_disconnected", timeout=5.0)

@@ -16,7 +16,8 @@ import pytest
 from tests.conftest import FIXTURES
 from tests.lattice_support import NatsOperator, NatsServer, lattice_daemon, lattice_section, wait_for_log
 from tests.test_daemon import Daemon, component, config_text, wasmhost
-from tests.test_lattice import BLASTER, BLASTER_GRANT, CALLER, ECHO, REMOTE_GRANT, ask, until
+from tests.test_lattice import BLASTER, BLASTER_GRANT, CALLER, ECHO, REMOTE_GRANT, ask
+from tests.waits import wait_for
 
 SEED_BEGIN = "-----BEGIN USER NKEY SEED-----"
 HOST_PUB = ["wasmhost.default.>", "_INBOX.>"]
@@ -51,7 +52,7 @@ def test_hosts_and_the_cli_connect_with_creds_files(tmp_path: Path, operator: Na
                        "host-a", started, extra=credentials(a_creds) + "\n" + REMOTE_GRANT)
     b = lattice_daemon(tmp_path / "b", CALLER, [server.url], "host-b", started, extra=credentials(b_creds))
     assert wait_for_log(a, "lattice_connected")["url"] == server.url
-    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    wait_for(lambda: b.cli("call", "t/echo/0", "x").returncode == 0, "b sees a's components")
     # a component on host-b requests one on host-a, through NATS as the users of the creds files
     assert ask(b, "t/echo/0", "with credentials")["payload"] == "with credentials"
 
@@ -156,7 +157,7 @@ def test_a_guest_message_above_its_users_payload_limit_fails_instead_of_closing_
     a = lattice_daemon(tmp_path / "a", ECHO, [server.url], "host-a", started,
                        extra=credentials(a_creds) + "\n" + BLASTER_GRANT)
     b = lattice_daemon(tmp_path / "b", BLASTER, [server.url], "host-b", started, extra=credentials(b_creds))
-    until("b sees a's components", lambda: b.cli("call", "t/echo/0", "x").returncode == 0)
+    wait_for(lambda: b.cli("call", "t/echo/0", "x").returncode == 0, "b sees a's components")
     assert b.call("t/blaster/0", "r20000|t|echo|0") == (
         "err 2 payload of 20000 bytes does not fit the NATS server's max_payload of 8192 bytes (with 1024 bytes "
         "for headers)")

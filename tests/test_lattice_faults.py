@@ -21,7 +21,8 @@ from nats.aio.msg import Msg
 from tests import lattice_support
 from tests.lattice_support import NatsServer, lattice_daemon, nats_cluster, wait_for_log
 from tests.test_daemon import ROOT, Daemon, component
-from tests.test_lattice import BLASTER, CALLER, REMOTE_GRANT, _try_call, row, until
+from tests.test_lattice import BLASTER, CALLER, REMOTE_GRANT, _try_call, row
+from tests.waits import wait_for
 
 nats_server = lattice_support.nats_server  # the fixtures this module uses
 daemons = lattice_support.daemons
@@ -61,7 +62,7 @@ def test_a_closed_connection_does_not_end_the_daemon(tmp_path: Path, small_serve
                                                       daemons: list[Daemon]) -> None:
     a = lattice_daemon(tmp_path / "a", OPEN_ECHO + component("t/local/0", "echo"), [small_server.url], "host-a",
                        daemons)
-    until("the echo answers", lambda: _try_call(small_server.url, ECHO_SUBJECT, b"hi"))
+    wait_for(lambda: _try_call(small_server.url, ECHO_SUBJECT, b"hi"), "the echo answers")
     request_max_payload(small_server.url)  # nats-server closed host-a's connection for the oversized answer
     for action in ("stop", "start"):  # the link subscribes anew (on whatever connection it has) at its next tick
         assert a.cli(action, "t/local/0").returncode == 0
@@ -73,9 +74,9 @@ def test_a_closed_connection_does_not_end_the_daemon(tmp_path: Path, small_serve
 def test_the_link_connects_again_after_the_server_closed_it(tmp_path: Path, small_server: NatsServer,
                                                              daemons: list[Daemon]) -> None:
     a = lattice_daemon(tmp_path / "a", OPEN_ECHO, [small_server.url], "host-a", daemons)
-    until("the echo answers", lambda: _try_call(small_server.url, ECHO_SUBJECT, b"hi"))
+    wait_for(lambda: _try_call(small_server.url, ECHO_SUBJECT, b"hi"), "the echo answers")
     request_max_payload(small_server.url)  # may make nats-server close host-a's connection
-    until("the echo answers again", lambda: _try_call(small_server.url, ECHO_SUBJECT, b"again"), 15)
+    wait_for(lambda: _try_call(small_server.url, ECHO_SUBJECT, b"again"), "the echo answers again", 15)
     assert json.loads(a.cli("status", "--lattice", "--json").stdout)["connected"]
     assert a.stop() == 0
 
@@ -85,7 +86,7 @@ def test_a_reply_too_large_for_nats_ends_failed_naming_both_sizes(tmp_path: Path
     a = lattice_daemon(tmp_path / "a", OPEN_ECHO + component("t/big/0", "blaster"), [small_server.url], "host-a",
                        daemons)
     b = lattice_daemon(tmp_path / "b", component("t/other/0", "echo"), [small_server.url], "host-b", daemons)
-    until("b sees a", lambda: b.cli("call", "t/big/0", "R10").returncode == 0)
+    wait_for(lambda: b.cli("call", "t/big/0", "R10").returncode == 0, "b sees a")
     too_large = "the reply is too large for NATS: 1048576 bytes (with "
     answer = request_max_payload(small_server.url)  # a plain client: its echo fits, the headers do not
     assert isinstance(answer, dict) and answer["Wasmhost-Outcome"] == "failed", answer
@@ -108,7 +109,7 @@ def heartbeat(host: str, heartbeat_s: float) -> bytes:
 def test_clients_cannot_make_a_host_speak_on_lattice_subjects(tmp_path: Path, small_server: NatsServer,
                                                               daemons: list[Daemon]) -> None:
     a = lattice_daemon(tmp_path / "a", OPEN_ECHO, [small_server.url], "host-a", daemons)
-    until("the echo answers", lambda: _try_call(small_server.url, ECHO_SUBJECT, b"hi"))
+    wait_for(lambda: _try_call(small_server.url, ECHO_SUBJECT, b"hi"), "the echo answers")
 
     async def client() -> list[bytes]:
         nc = await nats.connect(small_server.url)
@@ -138,7 +139,7 @@ def test_clients_cannot_make_a_host_speak_on_lattice_subjects(tmp_path: Path, sm
         seen = json.loads(a.cli("status", "--lattice", "--json").stdout)
         return [h["host"] for h in seen["hosts"] if not h["local"]]
 
-    until("host-a hears the marker heartbeat", lambda: "marker" in hosts())  # heard after the forged ones
+    wait_for(lambda: "marker" in hosts(), "host-a hears the marker heartbeat")  # heard after the forged ones
     assert hosts() == ["marker"]
     assert a.stop() == 0
 
@@ -147,8 +148,8 @@ def test_a_stopped_replica_takes_no_more_messages(tmp_path: Path, nats_server: N
                                                   daemons: list[Daemon]) -> None:
     a, b = (lattice_daemon(tmp_path / h, OPEN_ECHO, [nats_server.url], f"host-{h}", daemons, heartbeat_s=20)
             for h in "ab")  # slow heartbeats: the stop alone must drop the subscription
-    until("both replicas answer", lambda: len({_try_call(nats_server.url, ECHO_SUBJECT, b"x")[1]["Wasmhost-Host"]
-                                               for _ in range(20)}) == 2)
+    wait_for(lambda: len({_try_call(nats_server.url, ECHO_SUBJECT, b"x")[1]["Wasmhost-Host"]
+                          for _ in range(20)}) == 2, "both replicas answer")
     assert a.cli("stop", "t/echo/0").returncode == 0
 
     async def requests() -> list[tuple[str, str]]:
@@ -169,11 +170,11 @@ def test_a_dead_host_leaves_at_its_own_heartbeat_not_at_ours(tmp_path: Path, nat
     b = lattice_daemon(tmp_path / "b", component("t/slow/0", "services"), [nats_server.url], "host-b", daemons,
                        heartbeat_s=0.5, extra=REMOTE_GRANT)
     a = lattice_daemon(tmp_path / "a", CALLER, [nats_server.url], "host-a", daemons, heartbeat_s=20)
-    until("a sees b", lambda: a.cli("call", "t/slow/0", "self").returncode == 0)
+    wait_for(lambda: a.cli("call", "t/slow/0", "self").returncode == 0, "a sees b")
     a.call("t/caller/0", "t|slow|0|sleep 4500")  # the callback guest's requests wait 5 s
-    until("b handles it", lambda: row(b, "t/slow/0")["in_hand"] == 1, 10)
+    wait_for(lambda: row(b, "t/slow/0")["in_hand"] == 1, "b handles it", 10)
     b.proc.kill()
-    until("a's request ends", lambda: a.call("t/caller/0", "?callbacks") == "1", 10)
+    wait_for(lambda: a.call("t/caller/0", "?callbacks") == "1", "a's request ends", 10)
     assert json.loads(a.call("t/caller/0", "?last-payload")) == {
         "outcome": "target-stopped", "detail": "host host-b left the lattice (no heartbeat) with the request"}
     assert a.stop() == 0
@@ -190,11 +191,11 @@ def test_the_hosts_own_call_ends_when_the_host_holding_it_dies(tmp_path: Path, n
         rows = json.loads(b.cli("status", "--lattice", "--json").stdout)["components"]
         return sum(row["id"] == "t/slow/0" for row in rows)
 
-    until("b sees every replica", lambda: replicas_seen() == replicas)
+    wait_for(lambda: replicas_seen() == replicas, "b sees every replica")
     call = subprocess.Popen([sys.executable, "-m", "wasmhost.cli", "call", "t/slow/0", "sleep 20000", "--timeout",
                              "30", "--socket", str(b.socket)], stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    holder = until("a replica handles it", lambda: next((s for s in servers if row(s, "t/slow/0")["in_hand"]), None),
-                   10)
+    holder = wait_for(lambda: next((s for s in servers if row(s, "t/slow/0")["in_hand"]), None),
+                      "a replica handles it", 10)
     assert isinstance(holder, Daemon)
     holder.proc.kill()
     try:
@@ -215,13 +216,13 @@ def test_call_lattice_ends_when_the_host_holding_it_dies(tmp_path: Path, nats_se
                               [nats_server.url], f"host-s{n}", daemons) for n in range(replicas)]
     config = servers[0].config
     cli = [sys.executable, "-m", "wasmhost.cli", "call", "--lattice", "--config", str(config)]
-    until("the target is subscribed", lambda: subprocess.run([*cli, "t/slow/0", "self"], capture_output=True,
-                                                             cwd=ROOT, timeout=30).returncode == 0)
+    wait_for(lambda: subprocess.run([*cli, "t/slow/0", "self"], capture_output=True,
+                                    cwd=ROOT, timeout=30).returncode == 0, "the target is subscribed")
     call = subprocess.Popen([*cli, "t/slow/0", "sleep 20000", "--timeout", "30"], stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)
     try:
-        holder = until("a replica handles it",
-                       lambda: next((s for s in servers if row(s, "t/slow/0")["in_hand"]), None), 10)
+        holder = wait_for(lambda: next((s for s in servers if row(s, "t/slow/0")["in_hand"]), None),
+                          "a replica handles it", 10)
         assert isinstance(holder, Daemon)
         time.sleep(4 * HEARTBEAT_S)  # the CLI has heard the holder's heartbeats (before any: test_lattice_cli.py)
         holder.proc.kill()
@@ -244,7 +245,7 @@ def test_cancelled_remote_requests_leave_nothing_behind(tmp_path: Path, nats_ser
     a = lattice_daemon(tmp_path / "a", component("t/slow/0", "services"), [nats_server.url], "host-a", daemons,
                        extra=REMOTE_GRANT, drain_timeout_s=0.5)
     b = lattice_daemon(tmp_path / "b", CALLER, [nats_server.url], "host-b", daemons, heartbeat_s=3600)
-    until("b sees a", lambda: b.cli("call", "t/slow/0", "self").returncode == 0)
+    wait_for(lambda: b.cli("call", "t/slow/0", "self").returncode == 0, "b sees a")
     for _ in range(10):  # each waits on host-a (slow to answer) until the guest cancels it
         correlation = b.call("t/caller/0", "t|slow|0|sleep 2000")
         assert b.call("t/caller/0", f"!{correlation}") == "cancelled"
@@ -272,7 +273,7 @@ def test_a_host_whose_server_stalls_connects_to_another(tmp_path: Path, pair: li
     # heartbeat_s = 3: nats-py's pings find the stalled connection stale 12 to 18 s after the stall, time enough
     # to fill the sockets' buffers first (what is left of the sends then waits in nats-py's transport)
     a = lattice_daemon(tmp_path / "a", BLASTER, [s.url for s in pair], "host-a", daemons, heartbeat_s=3.0)
-    until("a sees b's echo", lambda: a.cli("call", "t/echo/0", "x").returncode == 0)
+    wait_for(lambda: a.cli("call", "t/echo/0", "x").returncode == 0, "a sees b's echo")
     connected = json.loads(a.cli("status", "--lattice", "--json").stdout)["url"]
     stalled, other = pair if connected == pair[0].url else pair[::-1]
     assert connected == stalled.url
@@ -286,7 +287,7 @@ def test_a_host_whose_server_stalls_connects_to_another(tmp_path: Path, pair: li
         lattice = json.loads(a.cli("status", "--lattice", "--json").stdout)
         return bool(lattice["connected"]) and lattice["url"] == other.url
 
-    until("a connects to the other server", reconnected, 60)
+    wait_for(reconnected, "a connects to the other server", 60)
     assert wait_for_log(a, "lattice_reconnected", url=other.url)
     os.kill(stalled.proc.pid, signal.SIGCONT)
     assert a.stop() == 0 and b.stop() == 0

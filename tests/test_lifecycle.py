@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tests.conftest import FIXTURES, fixture_path
 from tests.support import plain_supervisor
 from tests.test_daemon import ROOT
 from tests.test_daemon import Daemon as DaemonProcess
+from tests.waits import until, wait_for
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.restart import Backoff, Strategy
 from wasmhost.actors.spec import ActorSpec
@@ -74,13 +74,6 @@ def status(d: DaemonProcess) -> dict[str, dict[str, object]]:
     return {row["id"]: row for row in json.loads(result.stdout)["components"]}
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"not reached within {timeout} s: {what}"
-        time.sleep(0.05)
-
-
 def phase(d: DaemonProcess, cid: str) -> tuple[object, object]:
     row = status(d).get(cid, {})
     return row.get("state"), row.get("phase")
@@ -92,13 +85,13 @@ GREETER_TOML = '[[components]]\nid = "t/greeter/0"\npath = "greeter.wasm"\ncapab
 def test_a_compiling_component_is_listed_starting_and_its_calls_wait_for_it(tmp_path: Path) -> None:
     d = start_daemon(tmp_path, GREETER_TOML, components_dir(tmp_path))
     try:
-        wait_for(lambda: phase(d, "t/greeter/0") == ("starting", "compiling"), "starting/compiling")
+        wait_for(lambda: phase(d, "t/greeter/0") == ("starting", "compiling"), "starting/compiling", 60)
         command = [sys.executable, "-m", "wasmhost.cli", "call", "t/greeter/0", "Ada", "--timeout", "300",
                    "--socket", str(d.socket)]
         call = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             # the call is queued in the mailbox of the component that is still compiling
-            wait_for(lambda: status(d)["t/greeter/0"]["mailbox"] == 1, "the call queued")
+            wait_for(lambda: status(d)["t/greeter/0"]["mailbox"] == 1, "the call queued", 60)
             assert phase(d, "t/greeter/0") == ("starting", "compiling")
             table = d.cli("status").stdout
             assert re.search(r"t/greeter/0\s+starting/compiling\s", table), table
@@ -123,9 +116,9 @@ def test_slow_starts_block_neither_control_calls_nor_sigterm(tmp_path: Path) -> 
         '[[components]]\nid = "t/echo/0"\npath = "echo.wasm"\n')
     d = start_daemon(tmp_path, components, components_dir(tmp_path, "initloop", "echo"))
     try:
-        wait_for(lambda: status(d).get("t/echo/0", {}).get("state") == "running", "echo running")
+        wait_for(lambda: status(d).get("t/echo/0", {}).get("state") == "running", "echo running", 60)
         # initloop compiles beside the others (its compile may end after echo's start on a loaded machine)
-        wait_for(lambda: phase(d, "t/initloop/0") == ("starting", "initializing"), "initloop initializing")
+        wait_for(lambda: phase(d, "t/initloop/0") == ("starting", "initializing"), "initloop initializing", 60)
         assert phase(d, "t/greeter/0") == ("starting", "compiling")
         assert d.call("t/echo/0", "still answered") == "still answered"
         began = time.monotonic()
@@ -332,17 +325,12 @@ async def test_a_daemon_run_through_start_reload_and_stop_leaves_no_task_behind(
         actor = getattr(daemon, "supervisor", None) and daemon.supervisor.actors.get(ComponentId.parse(cid))
         return actor.state.value if actor else None
 
-    async def until(cid: str) -> None:
-        with anyio.fail_after(30):
-            while state(cid) != "running":
-                await anyio.sleep(0.01)
-
     async with anyio.create_task_group() as group:
         group.start_soon(lambda: _run(daemon, code))
-        await until("t/echo/0")
+        await until(lambda: state("t/echo/0") == "running", 30)
         config_path.write_text(head + echo + '[[components]]\nid = "t/counter/0"\npath = "counter.wasm"\n')
         os.kill(os.getpid(), signal.SIGHUP)  # a reload, requested the way systemd does
-        await until("t/counter/0")
+        await until(lambda: state("t/counter/0") == "running", 30)
         os.kill(os.getpid(), signal.SIGTERM)
     assert code == [0]
     assert asyncio.all_tasks() - before == set()

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
-from tests.test_cli import background, rows, wait_for
+from tests.test_cli import background, rows
 from tests.test_daemon import Daemon, component, config_text, in_process, kill_leftovers, launch, wasmhost
+from tests.waits import wait_for
 from wasmhost.core.ids import ComponentId
 
 PATTERN_ERROR = ("components[1].capabilities.send[0]: target pattern 'demo/echo': expected '*', 'namespace/*', "

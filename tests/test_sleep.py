@@ -18,7 +18,8 @@ import pytest
 
 from tests.conftest import Starter, fixture_path
 from tests.support import plain_supervisor
-from tests.test_actors import ask, until
+from tests.test_actors import ask
+from tests.waits import until
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.restart import RestartPolicy
 from wasmhost.actors.spec import ActorSpec

@@ -21,6 +21,7 @@ import structlog
 from tests.conftest import FIXTURES, Starter, fixture_path
 from tests.support import MemoryStorage, plain_supervisor
 from tests.test_daemon import ROOT, Daemon, component, config_text
+from tests.waits import until
 from wasmhost.actors import actor as actor_module
 from wasmhost.actors.actor import ComponentActor
 from wasmhost.actors.restart import Backoff, RestartPolicy
@@ -61,12 +62,6 @@ async def launch(sup: Supervisor, fixture: str, name: str, **settings: object) -
     cid = ComponentId.parse(name)
     spec = replace(ActorSpec(cid, backoff=Backoff(0.01, 0.05)), **settings)  # type: ignore[arg-type]
     return await sup.start(spec, sup.stores.runtime.load(cid, fixture_path(fixture)))
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.005)
 
 
 def ask(sup: Supervisor, actor: ComponentActor, payload: bytes) -> asyncio.Future[bytes | None]:

@@ -11,7 +11,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,8 @@ import structlog
 from tests.conftest import fixture_path
 from tests.support import guarded_supervisor
 from tests.test_actors import ask, launch
-from tests.test_actors import until as until_async
 from tests.test_daemon import Daemon, component, config_text, wasmhost
+from tests.waits import until, wait_for
 from wasmhost.actors.supervisor import Supervisor
 from wasmhost.core import ComponentId, StorageError
 from wasmhost.core.blocking import blocking
@@ -51,14 +51,6 @@ def mode(path: Path) -> int:
 # --- fairness ---------------------------------------------------------------------------------------
 
 
-def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait (bounded) until `condition` holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.002)
-
-
 def test_the_writer_serves_owners_round_robin_whatever_one_has_queued(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     store = SqliteStorage(path)
@@ -71,7 +63,7 @@ def test_the_writer_serves_owners_round_robin_whatever_one_has_queued(tmp_path: 
     blocker.execute("BEGIN EXCLUSIVE")  # hold the writer while the queues fill up
     first = WriteUnit(str(FLOOD), [WriteOp("first", b"")])
     store.enqueue(first)
-    until(lambda: writer.units_taken == 1)  # the writer took it and waits for the lock
+    wait_for(lambda: writer.units_taken == 1, "the writer takes it and waits for the lock", 10, every=0.002)
     backlog = [WriteUnit(str(FLOOD), [WriteOp(f"k{i}", b"")]) for i in range(2 * MAX_BATCH_UNITS)]
     for unit in backlog:
         store.enqueue(unit)
@@ -108,13 +100,13 @@ def test_one_failing_write_in_a_batch_fails_alone(tmp_path: Path) -> None:
     writer, taken = store._writer, store._writer.units_taken
     first = threading.Thread(target=write, args=(QUIET, "first", b"1"))
     first.start()
-    until(lambda: writer.units_taken == taken + 1)  # the writer took "first" alone and waits
+    wait_for(lambda: writer.units_taken == taken + 1, 'the writer takes "first" alone and waits', 10, every=0.002)
     batches = writer.batches
     later = [threading.Thread(target=write, args=args) for args in (
         (FLOOD, "big", b"x" * 100), (QUIET, "second", b"2"), (ComponentId.parse("org/third/0"), "third", b"3"))]
     for t in later:
         t.start()
-    until(lambda: writer.queued() == 3)
+    wait_for(lambda: writer.queued() == 3, "three units queued", 10, every=0.002)
     blocker.execute("ROLLBACK")
     for t in [first, *later]:
         t.join(10)
@@ -144,7 +136,8 @@ def test_a_hung_database_answers_io_error_within_the_bound_and_withdraws_queued_
     taken = store._writer.units_taken
     stuck = threading.Thread(target=write, args=("stuck",))
     stuck.start()
-    until(lambda: store._writer.units_taken == taken + 1)  # taken, and the writer waits on the lock
+    wait_for(lambda: store._writer.units_taken == taken + 1, "taken, and the writer waits on the lock", 10,
+             every=0.002)
     queued = threading.Thread(target=write, args=("queued",))
     queued.start()
     stuck.join(5)
@@ -459,7 +452,7 @@ async def test_threads_lent_while_guests_wait_leave_no_storage_connection_open(g
     async def round_of_naps_and_reads() -> None:
         await asyncio.gather(*(pool.run(wait_in_a_host_call) for _ in range(6)),
                              *(ask(guarded, cid, b"usage") for cid in readers))
-        await until_async(lambda: pool.threads == pool.size)  # the lent threads have ended
+        await until(lambda: pool.threads == pool.size)  # the lent threads have ended
 
     await round_of_naps_and_reads()
     before, started = open_files(), pool.started

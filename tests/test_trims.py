@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.support import plain_supervisor
-from tests.test_actors import launch, until
+from tests.test_actors import launch
+from tests.waits import until
 from wasmhost.actors import conversion_budget
 from wasmhost.actors.conversion_budget import ConversionBudget
 from wasmhost.actors.supervisor import Supervisor

@@ -15,8 +15,9 @@ import structlog.testing
 
 from tests.conftest import Starter, fixture_path
 from tests.support import MemoryStorage, plain_supervisor
-from tests.test_actors import ask, until
+from tests.test_actors import ask
 from tests.test_runtime_calls import message
+from tests.waits import until
 from wasmhost.actors.restart import Backoff, Intensity, RestartPolicy
 from wasmhost.actors.spec import ActorSpec
 from wasmhost.actors.state import ActorState
