@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
+from tests.test_cli import background, rows, wait_for
 from tests.test_daemon import ROOT, Daemon, component, config_text, launch
 from wasmhost.system import protocol
 from wasmhost.system.client import request
@@ -75,7 +76,7 @@ def test_an_upgrade_hands_the_queue_and_counters_to_the_new_version(tmp_path: Pa
     result = d.cli("reload", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
-    assert report["outcome"] == "reloaded" and report["changed"] == ["t/svc/0"], report
+    assert report["outcome"] == "reloaded" and report["changed"] == ["t/svc/0"], report["rolled_back"]
     assert report["rolled_back"] == {} and report["added"] == report["removed"] == [], report
     # FIFO: once the new version answers this call, everything queued before it has been handled.
     assert d.call("t/svc/0", "5") != "5"  # hasher's hash of 0..4, not busy's echo of the count
@@ -175,4 +176,29 @@ def test_a_fault_in_an_upgrade_keeps_the_previous_version_and_says_so(tmp_path: 
         "RuntimeError: injected fault"
     seen = d.expect("READY=1")
     assert any("STATUS=reloaded with rollbacks; 1 running" in m.split("\n") for m in seen), seen
+    assert d.stop() == 0
+
+
+def test_a_component_stopped_while_a_reload_removes_others_is_started_anew_on_its_new_version(
+        tmp_path: Path, components: Path, started: list[Daemon]) -> None:
+    """A reload decides which changed components it hands over (those running) before it removes the
+    components the config dropped; a changed one stopped meanwhile (`wasmhost stop`, or failing for good) was
+    then handed over all the same: the handover raised (`is not running`), the reload logged it as a bug
+    (`reload_upgrade_failed`), reported the component rolled back with a RuntimeError, and left it stopped on
+    its previous version. As one stopped before the reload, it is started anew on its new version now."""
+    shutil.copy(FIXTURES / "slowstop.wasm", components / "slowstop.wasm")
+    slow = component("t/slow/0", "slowstop", "shutdown_timeout_s = 2")  # its removal takes 2 s: the stop comes then
+    d = launch(tmp_path, component("t/svc/0", "svc", "rollout_check_s = 0") + slow, started, components)
+    assert d.call("t/svc/0", "5") == "5"  # busy
+    new_version(d, tmp_path, components, "hasher", "rollout_check_s = 0")  # and t/slow/0 removed
+    reload = background(d, "reload", "--json")
+    wait_for(lambda: rows(d).get("t/slow/0", {}).get("state") == "stopping", "the reload removing t/slow/0")
+    stop = d.cli("stop", "t/svc/0")
+    assert stop.returncode == 0, stop.stderr
+    out, _ = reload.communicate(timeout=60)
+    report = json.loads(out)
+    assert report["outcome"] == "reloaded" and report["changed"] == ["t/svc/0"], report["rolled_back"]
+    assert report["removed"] == ["t/slow/0"] and report["rolled_back"] == {}, report
+    assert d.call("t/svc/0", "5") != "5"  # hasher, the new version, runs
+    assert not [e for e in d.events() if e["event"] == "reload_upgrade_failed"]
     assert d.stop() == 0

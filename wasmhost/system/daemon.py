@@ -679,6 +679,18 @@ class Daemon:
         Returns why it was rolled back, or None when the new version stays."""
         cid = plan.spec.component_id
         assert previous.loaded is not None  # _can_hand_over
+        if not self._can_hand_over(cid):
+            # It stopped or failed for good since the reload chose it (a `wasmhost stop` while the reload removed
+            # other components, say). Handed over all the same, it raised `is not running`, which was reported
+            # as a failed upgrade and left it stopped on its previous version. As a changed component that was
+            # not running when the reload began, it is started anew on its new version (not during a shutdown:
+            # nothing started now would be stopped).
+            if self._stopping:
+                return "the daemon is stopping"
+            await self._remove([cid])
+            await self._apply([plan], {cid: loaded})
+            log.info("component_started_anew", component=str(cid))
+            return None
         self._grant(plan)
         self.deployments[cid] = Deployment(plan, loaded.digest, loaded=loaded, rollout="upgraded")
         reason: str | None
