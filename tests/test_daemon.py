@@ -342,6 +342,23 @@ def test_a_second_stop_signal_exits_at_once_with_0_and_says_so_in_the_log(daemon
         assert db.execute("SELECT value FROM kv WHERE owner = 't/notes/0' AND key = 'colour'").fetchone() == (b"blue",)
 
 
+def test_a_start_or_restart_during_the_shutdown_is_refused_not_an_internal_error(daemon: object) -> None:
+    """`wasmhost start ID` (or `restart ID`) of a stopped component while the daemon stops: the supervisor
+    refuses to start anything then (RuntimeError), which the control socket answered as `internal error:
+    RuntimeError: the supervisor is not running ...`, logging a traceback (control_request_failed)."""
+    d = daemon(component("t/slow/0", "slowstop", "shutdown_timeout_s = 5")  # type: ignore[operator]
+               + component("t/echo/0", "echo"))
+    assert d.cli("stop", "t/echo/0").returncode == 0
+    d.proc.send_signal(signal.SIGTERM)
+    d.expect("STOPPING=1")  # the stop waits on t/slow/0's shutdown for up to 5 s
+    for command in ("start", "restart"):
+        refused = d.cli(command, "t/echo/0")
+        assert refused.returncode == 1 and "internal error" not in refused.stderr, refused.stderr
+        assert "t/echo/0 not started: the daemon is stopping" in refused.stderr, refused.stderr
+    assert d.proc.wait(timeout=30) == 0
+    assert not [e for e in d.events() if e["event"] == "control_request_failed"]
+
+
 def test_the_host_defaults_apply_to_every_component_that_sets_nothing(tmp_path: Path) -> None:
     """[host] default_mailbox_capacity, default_storage_quota_bytes, default_log_rate / default_log_burst and
     [host.default_limits] reach components whose entries set nothing of their own (before, each was only

@@ -868,6 +868,10 @@ class Daemon:
             return protocol.Response(False, f"no running component {cid}")
         if isinstance(request, protocol.Forensics):
             return protocol.Response(True, data=actor.forensics.report(actor.name))
+        if isinstance(request, (protocol.Start, protocol.Restart)) and self._stopping:
+            # The supervisor starts nothing once the shutdown has begun (what it started would not be stopped):
+            # its RuntimeError was answered as an internal error, with a traceback in the log.
+            return protocol.Response(False, f"{cid} not started: the daemon is stopping")
         if isinstance(request, protocol.Stop):
             await actor.stop(self.config.host.drain_timeout_s)
         elif isinstance(request, protocol.Start):
