@@ -19,7 +19,7 @@ Each example ends with one more reload and the checks, so that its last edits ar
 In process rather than a subprocess: a daemon is READY in 0.02 s from a warm cache (a subprocess: 0.6 s,
 measured, and 0.2 s more for each request made with the CLI), its log events are read as they are made
 (structlog's capture) and its actors can be told apart (a handover keeps the actor, a replacement makes a new
-one); so 15 examples run in about 10 s. The daemon runs on this test's event loop, in the main thread, so
+one); so 12 examples run in about 10 s. The daemon runs on this test's event loop, in the main thread, so
 that its signal receiver works and a real SIGHUP (os.kill of this process) reaches it; hypothesis runs on a
 worker thread and fires each operation as a task of one task group. Requests go through the control socket
 with the CLI's own client (on threads), and now and then through the CLI itself.
@@ -41,7 +41,7 @@ Invariants (checked when every operation has answered, by `settle`, and at teard
 - at teardown the daemon's own stop (its SIGTERM path) ends `run` with 0 within its documented bound, with no
   request left pending.
 
-Default: 15 derandomized examples of up to 40 steps (about 10 s here); `make fuzz` (HYPOTHESIS_PROFILE=fuzz)
+Default: 12 derandomized examples of up to 40 steps (about 10 s here); `make fuzz` (HYPOTHESIS_PROFILE=fuzz)
 runs 150 random ones of up to 60 steps (about 3 minutes); RELOAD_CHAOS_EXAMPLES / RELOAD_CHAOS_STEPS override
 both.
 """
@@ -85,7 +85,7 @@ from wasmhost.system.daemon import Daemon
 from wasmhost.system.reload_report import ReloadReport
 
 FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
-EXAMPLES = int(os.environ.get("RELOAD_CHAOS_EXAMPLES", 150 if FUZZ else 15))
+EXAMPLES = int(os.environ.get("RELOAD_CHAOS_EXAMPLES", 150 if FUZZ else 12))
 STEPS = int(os.environ.get("RELOAD_CHAOS_STEPS", 60 if FUZZ else 40))
 
 DRAIN_S = 0.3
@@ -290,6 +290,8 @@ class ReloadChaos(RuleBasedStateMachine):
         self.logs = self._logs_cm.__enter__()
         self.owned = False
         self.failed = False  # a check failed: the teardown only stops the daemon
+        self.abrupt = False
+        self.ended_at = 0.0
 
     # --- the config file ---
 
@@ -361,7 +363,9 @@ class ReloadChaos(RuleBasedStateMachine):
                 self.problems.append(f"the daemon's run raised {type(exc).__name__}: {exc}")
                 raise
             finally:
+                self.ended_at = time.monotonic()
                 self._ended.set()
+                self._progressed()  # a SIGHUP's operation waits for the daemon's end too
 
         async with anyio.create_task_group() as outer:
             outer.start_soon(run, name="reload chaos daemon")
@@ -372,11 +376,16 @@ class ReloadChaos(RuleBasedStateMachine):
                 self.ops_group = ops
                 task_status.started()
                 await self._teardown.wait()
+                stopped = time.monotonic()
+                if self.abrupt:  # the stop comes while the last operations are under way
+                    daemon._on_stop_signal(signal.SIGTERM)
                 await self._wait_all("teardown")
-            daemon._on_stop_signal(signal.SIGTERM)  # as in_process stops it: the SIGTERM path, without a signal
-            with anyio.move_on_after(STOP_BOUND_S) as late:
+            if not self.abrupt:
+                stopped = time.monotonic()
+                daemon._on_stop_signal(signal.SIGTERM)  # as in_process stops it: the SIGTERM path, without a signal
+            with anyio.move_on_after(max(0.0, stopped + STOP_BOUND_S - time.monotonic())):
                 await self._ended.wait()
-            if late.cancelled_caught:
+            if not self._ended.is_set() or self.ended_at - stopped > STOP_BOUND_S:
                 self.problems.append(f"the daemon did not stop within {STOP_BOUND_S} s")
                 outer.cancel_scope.cancel()
             elif daemon.router.pending_by_requester():
@@ -429,9 +438,12 @@ class ReloadChaos(RuleBasedStateMachine):
     # --- the first config and the daemon ---
 
     @initialize(fixtures=st.lists(st.sampled_from(FIXTURES_USED), min_size=len(SLOTS), max_size=len(SLOTS)),
-                windows=st.lists(st.sampled_from([0.0, 0.3]), min_size=len(SLOTS), max_size=len(SLOTS)))
-    def start_the_daemon(self, fixtures: list[str], windows: list[float]) -> None:
-        """A config of every slot and the neighbour, and a daemon running it (its READY=1 waited for)."""
+                windows=st.lists(st.sampled_from([0.0, 0.3]), min_size=len(SLOTS), max_size=len(SLOTS)),
+                abrupt=st.booleans())
+    def start_the_daemon(self, fixtures: list[str], windows: list[float], abrupt: bool) -> None:
+        """A config of every slot and the neighbour, and a daemon running it (its READY=1 waited for). `abrupt`:
+        the example ends with a stop while a reload and calls are under way, not once all have answered."""
+        self.abrupt = abrupt
         for cid, fixture, window in zip(SLOTS, fixtures, windows, strict=True):
             self.desired[cid] = Entry(self.new_file(fixture), window=window)
         self.previous = dict(self.desired)
@@ -544,6 +556,8 @@ class ReloadChaos(RuleBasedStateMachine):
             seen = len(self.logs)
             os.kill(os.getpid(), signal.SIGHUP)
             while sum(self.daemon.counters.reloads.values()) == before:
+                if self._ended.is_set():  # an abrupt teardown's stop came first: a reload refused or never begun
+                    return "signalled; the daemon stopped", None
                 await self._progress.wait()
             return "signalled", report_from_log(self.logs[seen:])
 
@@ -825,14 +839,15 @@ class ReloadChaos(RuleBasedStateMachine):
 
     def _check_problems(self) -> None:
         self.failed = True  # until it returns
+        trail = "\n  ".join(f"{o.number} {o.what}: {o.outcomes} ({o.took:.2f} s)" for o in self.ops[-60:])
         alarms = [e for e in self.logs if e["event"] in ALARMS]
-        if alarms:  # capture_logs keeps no traceback: what the reports said of the upgrades is the next best
+        if alarms:  # capture_logs keeps no traceback: the answers and what the reports said are the next best
             reasons = [(o.what, o.data.rolled_back) for o in self.ops if isinstance(o.data, ReloadReport)]
-            raise AssertionError(f"the daemon logged alarms: {alarms}; rolled back: {reasons}")
+            raise AssertionError(f"the daemon logged alarms: {alarms}; rolled back: {reasons}\noperations (the "
+                                 f"last 60):\n  {trail}")
         twice = [(o.what, o.outcomes) for o in self.ops if len(o.outcomes) > 1]
         assert not twice, f"operations with more than one outcome: {twice}"
         if self.problems:
-            trail = "\n  ".join(f"{o.number} {o.what}: {o.outcomes} ({o.took:.2f} s)" for o in self.ops[-60:])
             raise AssertionError("\n".join(self.problems) + f"\noperations (the last 60):\n  {trail}")
         self.failed = False
 
@@ -841,9 +856,27 @@ class ReloadChaos(RuleBasedStateMachine):
             if self.owned and not self.failed:  # the last edits applied and checked too: one more reload
                 self.fired_reload = False
                 self._reload("socket")
-                self.settle()
+                if self.abrupt:  # and calls, all cut short by the stop: each answered, or its connection closed
+                    for cid in [*SLOTS, NEIGHBOUR]:
+                        self.message(cid, b"5", True)
+                else:
+                    self.settle()
         finally:
             self._stop()
+        if self.abrupt:
+            self._check_cut_short()
+
+    def _check_cut_short(self) -> None:
+        """After a stop while operations were under way: each ended with an answer or its connection closed by
+        the stop, never an internal error nor no end at all."""
+        for op in self.ops:
+            outcome = op.outcomes[0] if op.outcomes else "no outcome"
+            cut = any(why in outcome for why in ("closed the connection without answering", "no wasmhost daemon is "
+                                                 "listening")) or outcome.startswith(
+                ("ok", "error", "exit", "signalled", "unexpected output of reload --json: 1 "))
+            if not cut or outcome.startswith("error internal error"):
+                self.problems.append(f"{op.what}: {outcome}")
+        self._check_problems()
 
     def _stop(self) -> None:
         try:
