@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
-from tests.test_cli import background, rows, wait_for
+from tests.test_cli import background, rows
 from tests.test_daemon import ROOT, Daemon, component, config_text, launch
+from tests.waits import wait_for
 from wasmhost.system import protocol
 from wasmhost.system.client import request
 
