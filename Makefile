@@ -30,7 +30,8 @@ test: fixtures examples lint
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 fuzz: fixtures
-	HYPOTHESIS_PROFILE=fuzz FUZZ_CONTROL_EXAMPLES=300 $(BIN)/python -m pytest -q -s tests/test_fuzz.py tests/test_lifecycle_chaos.py tests/test_reload_chaos.py
+	HYPOTHESIS_PROFILE=fuzz FUZZ_CONTROL_EXAMPLES=300 $(BIN)/python -m pytest -q -s tests/test_fuzz.py \
+		tests/test_lifecycle_chaos.py tests/test_reload_chaos.py tests/test_lattice_chaos.py
 
 bench: fixtures examples  # startup runs the example greeter from config/build
 	$(BIN)/python -m bench
