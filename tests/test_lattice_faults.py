@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from tests import lattice_support
 from tests.lattice_support import NatsServer, lattice_daemon, nats_cluster, wait_for_log
 from tests.test_daemon import ROOT, Daemon, component
-from tests.test_lattice import BLASTER, CALLER, REMOTE_GRANT, _try_call, row
+from tests.test_lattice import BLASTER, CALLER, ECHO, REMOTE_GRANT, _try_call, row
 from tests.waits import wait_for
 
 nats_server = lattice_support.nats_server  # the fixtures this module uses
@@ -291,3 +291,47 @@ def test_a_host_whose_server_stalls_connects_to_another(tmp_path: Path, pair: li
     assert wait_for_log(a, "lattice_reconnected", url=other.url)
     os.kill(stalled.proc.pid, signal.SIGCONT)
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_a_restarted_hosts_old_heartbeats_arriving_late_neither_end_its_requests_nor_pass_for_a_duplicate(
+        tmp_path: Path, pair: list[NatsServer], daemons: list[Daemon]) -> None:
+    """Heartbeats a host sent to a server that stalled are delivered when the server resumes, however late: by
+    then the host may have been restarted (here: killed, and started again on the other server). Found by
+    tests/test_lattice_chaos.py: the new run logged `lattice_duplicate_host_id` (an error, and only the first is
+    logged: a real duplicate would then go unsaid), and the other host took each old heartbeat for a restart,
+    ending the requests the new run held with `target-stopped` ("host host-a restarted with the request")."""
+    stalled, other = pair
+    b = lattice_daemon(tmp_path / "b", CALLER, [other.url], "host-b", daemons)
+    # The first run's components are not the second's: the stalled server would keep the first run's subscriptions
+    # (its queue group members), and NATS may route a message to them until it resumes
+    a = lattice_daemon(tmp_path / "a", ECHO, [stalled.url], "host-a", daemons, extra=REMOTE_GRANT)
+    wait_for(lambda: b.cli("call", "t/echo/0", "x", "--timeout", "2").returncode == 0, "b sees a")
+    assert stalled.proc is not None
+    os.kill(stalled.proc.pid, signal.SIGSTOP)
+    try:
+        # host-a's heartbeats of the next second wait in the stalled server's socket: killed before its pings find
+        # the connection stale (2 to 3 s), the host closes the connection with them still unread there
+        time.sleep(1.0)
+        a.proc.kill()
+        a.proc.wait()
+        again = lattice_daemon(tmp_path / "a-again", component("t/slow/0", "services"), [other.url], "host-a",
+                               daemons, extra=REMOTE_GRANT)
+        wait_for(lambda: b.cli("call", "t/slow/0", "self", "--timeout", "2").returncode == 0, "b sees the new run")
+        b.call("t/caller/0", "t|slow|0|sleep 3000")  # the callback guest's request waits 5 s at most
+        wait_for(lambda: row(again, "t/slow/0")["in_hand"] == 1, "the new run holds it", 10)
+    finally:
+        os.kill(stalled.proc.pid, signal.SIGCONT)  # the old run's heartbeats are delivered now
+    wait_for(lambda: b.call("t/caller/0", "?callbacks") == "1", "b's request ends", 10)
+    assert b.call("t/caller/0", "?last-payload") == "slept"
+    assert again.stop() == 0 and b.stop() == 0
+    assert not [e for e in again.events() if e["event"] == "lattice_duplicate_host_id"]
+
+
+def test_two_daemons_with_one_host_id_are_told_so(tmp_path: Path, nats_server: NatsServer,
+                                                  daemons: list[Daemon]) -> None:
+    """The other side of the test above: a daemon really running with the same host_id is said, by both."""
+    first = lattice_daemon(tmp_path / "first", ECHO, [nats_server.url], "host-a", daemons)
+    second = lattice_daemon(tmp_path / "second", ECHO, [nats_server.url], "host-a", daemons)
+    for d in (first, second):  # the later run at once, the earlier one after a second of the other's heartbeats
+        assert wait_for_log(d, "lattice_duplicate_host_id", timeout=15)["level"] == "error"
+    assert first.stop() == 0 and second.stop() == 0

@@ -49,6 +49,12 @@ class Directory:
             return False, False
         now = time.monotonic() if now is None else now
         record = self.hosts.get(beat.host)
+        if record is not None and _sent_before(beat, record.heartbeat):
+            # Delivered late: a server that stalled hands on what it held when it resumes, however old. An earlier
+            # run's heartbeat was taken for a restart, ending the requests the host's current run held (and its
+            # old inventory version fetched). Ignored, as long as the newer run is heard of (a host whose clock
+            # was set back across its restart is taken in once its earlier run has left, three heartbeats later).
+            return False, False
         restarted = record is not None and record.heartbeat.started_at != beat.started_at
         if record is None or restarted:
             record = self.hosts[beat.host] = HostRecord(beat.host, beat, now)
@@ -109,6 +115,13 @@ class Directory:
     def components(self) -> list[ComponentId]:
         """Every component some other host runs."""
         return list(self._index)
+
+
+def _sent_before(beat: Heartbeat, known: Heartbeat) -> bool:
+    """Whether `beat` was sent before `known` by the same host: by an earlier run, or earlier in the same run."""
+    if beat.started_at != known.started_at:
+        return beat.started_at < known.started_at
+    return beat.seq <= known.seq
 
 
 class LatticeDirectory:

@@ -98,6 +98,7 @@ class Link:
         self._unreachable_logged = ""
         self._leaving = False
         self._duplicate_logged = False
+        self._other_runs: dict[float, float] = {}  # earlier starts heard with this host_id -> when first heard
         self._outbox: deque[tuple[str, bytes, dict[str, str], str]] = deque()
         self._outbox_bytes = 0  # what the outbox holds, as counted against OUTBOX_GUEST_BYTES
         # A guest sending in a loop to a target that refuses (its mailbox full, no grant there) makes one
@@ -408,7 +409,8 @@ class Link:
             log.warning("lattice_bad_heartbeat", subject=msg.subject, host=beat.host,
                         detail=f"expected the heartbeat of {beat.host} on {self.subjects.heartbeat(beat.host)}")
             return
-        if beat.host == self.host and beat.started_at != self.started_at and not self._duplicate_logged:
+        if (beat.host == self.host and beat.started_at != self.started_at and not self._duplicate_logged
+                and self._another_run_alive(beat)):
             # answers meant for one of the two reach either: requests would time out at random
             log.error("lattice_duplicate_host_id", host=self.host, detail="another daemon uses this host_id; give "
                       "each daemon its own [lattice] host_id")
@@ -422,6 +424,19 @@ class Link:
                 log.info("lattice_host_joined", host=beat.host)
             self._fetching.add(beat.host)
             self._tasks.start_soon(self._fetch_inventory, beat.host, name=f"inventory of {beat.host}")
+
+    def _another_run_alive(self, beat: wire.Heartbeat) -> bool:
+        """Whether `beat`, this host's id with another start, comes from a daemon running now. A run started after
+        this one is; one started before may be this host's own previous run, whose last heartbeats a server that
+        stalled delivers when it resumes, however late (all at once): taken for another daemon, that logged an error
+        (and only the first is logged: a real duplicate would then go unsaid). So an earlier run counts once its
+        heartbeats have kept coming for one of its intervals (at most a second)."""
+        if beat.started_at > self.started_at:
+            return True
+        if len(self._other_runs) > 64:  # a flood of forged starts: bounded
+            self._other_runs.clear()
+        first = self._other_runs.setdefault(beat.started_at, time.monotonic())
+        return time.monotonic() - first >= min(1.0, beat.heartbeat_s)
 
     async def _fetch_inventory(self, host: str) -> None:
         try:
