@@ -55,6 +55,8 @@ class NatsServer:
     """nats-server's `tls { ... }` block (its certificate, the CA it checks clients' certificates with), if any."""
     operator: str = ""
     """Operator mode (`NatsOperator.server_config`): the operator JWT and the accounts it trusts, if any."""
+    monitor_port: int | None = None
+    """nats-server's HTTP monitoring port (`/connz?subs=detail`: every connection's subscriptions), if any."""
     proc: subprocess.Popen[bytes] | None = None
 
     def user_url(self, user: str, password: str) -> str:
@@ -78,6 +80,8 @@ class NatsServer:
             lines.append(f"tls {{ {self.tls} }}")
         if self.operator:
             lines.append(self.operator)
+        if self.monitor_port is not None:
+            lines.append(f"http: 127.0.0.1:{self.monitor_port}")
         path = self.workdir / f"nats-{self.name}.conf"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -185,11 +189,12 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server.kill()
 
 
-def nats_cluster(workdir: Path, size: int = 3) -> list[NatsServer]:
-    """`size` nats-servers routed to each other on loopback, started; kill each at teardown."""
+def nats_cluster(workdir: Path, size: int = 3, monitor: bool = False) -> list[NatsServer]:
+    """`size` nats-servers routed to each other on loopback (with `monitor`, each with its monitoring port), started;
+    kill each at teardown."""
     ports = [free_port() for _ in range(size)]
     servers = [NatsServer(workdir, cluster_port=ports[i], routes=[p for j, p in enumerate(ports) if j != i],
-                          name=f"n{i}") for i in range(size)]
+                          name=f"n{i}", monitor_port=free_port() if monitor else None) for i in range(size)]
     try:
         for server in servers:
             server.start()

@@ -1,37 +1,42 @@
 """A stateful chaos test of the lattice: random interleavings of NATS faults, lifecycle actions, reloads that
-move components between hosts, and traffic, over REAL parts.
+move components between hosts, daemon crashes, and traffic, over REAL parts.
 
 Every other lattice test scripts one fault. This one (a hypothesis RuleBasedStateMachine) runs a cluster of
-three routed nats-servers (tests/lattice_support.py) and two daemons (subprocesses, `urls` naming all three
-servers), host-a and host-b, each running:
+three routed nats-servers (tests/lattice_support.py, with their monitoring ports) and two daemons
+(subprocesses, `urls` naming all three servers), host-a and host-b, each running:
 
-- a local neighbour (an echo nobody else touches, not in any rule), which must answer throughout;
+- a local neighbour (an echo nobody else touches, not in any rule), which must answer at every step;
 - a callback guest (`t/caller-X/0`) whose requests to the slots cross hosts (each must end with exactly one
   callback), and a pinger (`t/pinger-X/0`) making request chains to them (traffic only);
-- its share of the SLOTS, components that `accept_external`: an echo and a counter (stateful), each on host-a,
-  host-b or both (replicas), moved by reloads.
+- its share of the SLOTS, components that `accept_external`: an echo, a counter (stateful) and a slow one
+  (holding each message a second), each on host-a, host-b or both (replicas), moved by reloads.
 
 Rules, in random order: SIGKILL a nats-server and start it again on its port; SIGSTOP one and SIGCONT it (at
 most two of the three faulted at once); stop, start or restart a slot on either host (through the control
-socket); reload both daemons' configs so that a slot moves to the other host or runs on both; host calls to
-the slots through either daemon's control socket, and `wasmhost call --lattice` (the CLI, a subprocess) from
-outside, fired without waiting; guest requests and pinger chains.
+socket); reload the daemons' configs so that a slot moves to the other host or runs on both; SIGKILL a daemon
+and start it again; host calls through either daemon's control socket and `wasmhost call --lattice` (the CLI,
+a subprocess) from outside, fired without waiting; guest requests and pinger chains; a pause letting faults
+last. All along, a thread calls every slot through both daemons and has the callback guests request them.
 
 Invariants:
 - every call ends with exactly one outcome, a reply or one of the documented errors (DOCUMENTED_*), within a
   bound derived from the documented timeouts (CALL_BOUND_S, LATTICE_CALL_BOUND_S); every guest request made
   gets exactly one callback;
-- after the faults heal (`settle`: every server up and resumed), within SETTLE_S every running slot is
-  reachable from either host and from an outside client as the model says (a host's own replica first,
-  stopped or not; else another host's), `status --lattice` on each host lists exactly the running slots where
-  they run, and nothing stopped or removed answers;
-- neither daemon exits, nor logs an error, an exception, or a line that is not one of its JSON events (a
-  traceback printed by a library); each neighbour answers at every step;
-- teardown: with the server host-a uses stalled (SIGSTOP), SIGTERM ends each daemon within TERM_BOUND_S.
+- after the faults heal (`settle`: every server up and resumed), within SETTLE_S: every slot is reachable
+  from either host and from an outside client as the model says (a host's own replica first, stopped or not;
+  else another host's), and nothing stopped or removed answers; `status --lattice` on each host sees both
+  hosts and lists exactly the running slots where they run; no request waits on another host and no message
+  is left unanswered in a mailbox; each host has exactly one connection to the cluster, subscribing exactly its
+  live components' two subjects each (nats-server's /connz);
+- neither daemon exits, nor logs an error, an exception or one of ALARMS, nor prints a line that is not one of
+  its JSON events (a library's traceback);
+- teardown: with the server host-a uses stalled (SIGSTOP), SIGTERM ends each daemon, exit 0, within TERM_BOUND_S.
 
-The default run is small and derandomized (2 examples of up to 5 steps, each ending with a settle: about 25 s
-here); `make fuzz` (HYPOTHESIS_PROFILE=fuzz) runs 30 examples of up to 25 steps, random, with hypothesis'
-example database; LATTICE_CHAOS_EXAMPLES / LATTICE_CHAOS_STEPS override both.
+The default run is small and fixed (a seed: 2 examples of 5 steps, about 20 s here); `make fuzz`
+(HYPOTHESIS_PROFILE=fuzz) runs 30 examples of up to 25 steps, random, with hypothesis' example database (no
+shrinking: real processes do not fail at the same step twice); LATTICE_CHAOS_EXAMPLES / LATTICE_CHAOS_STEPS /
+LATTICE_CHAOS_SEED override them, and LATTICE_CHAOS_TRAIL=1 prints each example's steps. A failure prints the
+steps of its example with what each did, and the example's directory (daemon and nats-server logs).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +65,7 @@ from tests.conftest import FIXTURES
 from tests.lattice_support import lattice_section, nats_cluster
 from tests.test_daemon import ROOT, Daemon, component, config_text
 from wasmhost.core.ids import ComponentId
+from wasmhost.lattice import wire
 from wasmhost.lattice.settings import LatticeSettings
 from wasmhost.system import lattice_call, protocol
 from wasmhost.system.client import request
@@ -69,8 +76,12 @@ STEPS = int(os.environ.get("LATTICE_CHAOS_STEPS", 25 if FUZZ else 5))
 
 DEFAULT_SEED = int(os.environ.get("LATTICE_CHAOS_SEED", 1))
 HOSTS = ("a", "b")
-SLOTS = {"t/echo/0": "echo", "t/count/0": "counter"}
+SLOTS = {"t/echo/0": "echo", "t/count/0": "counter", "t/slow/0": "services"}
 """The components reloads move between the hosts (their fixtures); every one accepts external clients."""
+PAYLOADS = {"t/echo/0": "chaos", "t/count/0": "chaos", "t/slow/0": "sleep 1000"}
+"""What the traffic sends each slot: the slow one holds each message a second (in hand when a fault comes)."""
+PROBES = {"t/echo/0": b"probe", "t/count/0": b"probe", "t/slow/0": b"self"}
+"""What `settle` calls each slot with (answered at once)."""
 PLACEMENTS = (frozenset("a"), frozenset("b"), frozenset("ab"))
 SERVERS = 3
 MAX_FAULTED = SERVERS - 1
@@ -163,14 +174,15 @@ class LatticeChaos(RuleBasedStateMachine):
         self.root = self.workdir / f"example-{LatticeChaos.examples}"
         self.began = time.monotonic()
         self.trail: list[str] = []
-        self.servers = nats_cluster(self.root / "nats", SERVERS)
+        self.servers = nats_cluster(self.root / "nats", SERVERS, monitor=True)
         self.killed: set[int] = set()
         self.stalled: set[int] = set()
         self.daemons: dict[str, Daemon] = {}
         self.placement: dict[str, frozenset[str]] = {cid: PLACEMENTS[i % 2] for i, cid in enumerate(SLOTS)}
         self.running: dict[tuple[str, str], bool] = {}  # (slot, host) -> running, for the slots placed there
         self.acted = False  # a fault, lifecycle action or move since the last settle (else settling checks nothing new)
-        self.made = dict.fromkeys(HOSTS, 0)  # guest requests the callback guest made (each one callback)
+        self.made = dict.fromkeys(HOSTS, 0)
+        self.crashes = 0  # guest requests the callback guest made (each one callback)
         self.ops: list[Op] = []
         self.problems: list[str] = []
         self.pool = ThreadPoolExecutor(8, thread_name_prefix="lattice chaos")
@@ -327,6 +339,31 @@ class LatticeChaos(RuleBasedStateMachine):
                 self.running.pop((cid, host), None)
         self._neighbours()
 
+    @rule(host=st.sampled_from(HOSTS))
+    @noted
+    def crash_host(self, host: str) -> None:
+        """SIGKILL a daemon and start it again on its config and state: the other host's requests held there end
+        (`target-stopped`, the host left or restarted), and the lattice takes the new run in. The calls fired from
+        here wait first (their daemon going away is no outcome of theirs), and the traffic pauses."""
+        self._pause_traffic("crash")
+        self._wait_ops("crash")
+        self._check_problems()  # its log is replaced by the new run's
+        d = self.daemons[host]
+        d.proc.kill()
+        d.proc.wait()
+        d.notify.close()
+        d.notify_path.unlink()
+        self.crashes += 1
+        d.log.rename(d.log.with_name(f"daemon-{self.crashes}.log"))
+        self.daemons[host] = self._start_daemon(host)
+        for cid, hosts in self.placement.items():
+            if host in hosts:
+                self.running[(cid, host)] = True
+        self.made[host] = 0  # its callback guest starts counting again
+        self._acted(f"host-{host} killed and started again")
+        self.flowing.set()
+        self._neighbours()
+
     # --- traffic ---
 
     def _fire(self, what: str, bound: float, call: Callable[[], str]) -> None:
@@ -345,7 +382,7 @@ class LatticeChaos(RuleBasedStateMachine):
 
     def _call(self, host: str, cid: str) -> str:
         """A call through host-X's control socket to wherever `cid` runs: "ok", or the error it ended with."""
-        response = request(self.daemons[host].socket, protocol.Call(cid, b"chaos", CALL_TIMEOUT_S),
+        response = request(self.daemons[host].socket, protocol.Call(cid, PAYLOADS[cid].encode(), CALL_TIMEOUT_S),
                            timeout=CALL_BOUND_S)
         if response.ok:
             return "ok"
@@ -369,8 +406,8 @@ class LatticeChaos(RuleBasedStateMachine):
 
         def call() -> str:
             done = subprocess.run([sys.executable, "-m", "wasmhost.cli", "call", "--lattice", "--config", str(path),
-                                   cid, "chaos", "--timeout", str(CALL_TIMEOUT_S)], capture_output=True, text=True,
-                                  cwd=ROOT, timeout=LATTICE_CALL_BOUND_S + 30)
+                                   cid, PAYLOADS[cid], "--timeout", str(CALL_TIMEOUT_S)], capture_output=True,
+                                  text=True, cwd=ROOT, timeout=LATTICE_CALL_BOUND_S + 30)
             return lattice_cli_outcome(cid, done)
 
         self._fire(f"call --lattice {cid}", LATTICE_CALL_BOUND_S, call)
@@ -378,8 +415,8 @@ class LatticeChaos(RuleBasedStateMachine):
 
     def _guest_request(self, host: str, cid: str) -> None:
         """host-X's callback guest requests `cid` (on either host): made now, its callback within 5 s."""
-        response = request(self.daemons[host].socket,
-                           protocol.Call(f"t/caller-{host}/0", f"{cid.replace('/', '|')}|chaos".encode(), 10.0),
+        payload = f"{cid.replace('/', '|')}|{PAYLOADS[cid]}".encode()
+        response = request(self.daemons[host].socket, protocol.Call(f"t/caller-{host}/0", payload, 10.0),
                            timeout=20.0)
         if response.ok:
             with self.lock:
@@ -467,9 +504,7 @@ class LatticeChaos(RuleBasedStateMachine):
         notice them (a stalled server is found out only then); the traffic pauses for the checks."""
         if self.killed or self.stalled:
             time.sleep(STALE_S)  # not a wait for anything: the faults lasting is the point
-        self.flowing.clear()
-        if self.traffic.is_alive() and not self.idle.wait(timeout=CALL_BOUND_S + 30):
-            self.problems.append(f"{when}: the traffic thread's call had no outcome within {CALL_BOUND_S + 30:g} s")
+        self._pause_traffic(when)
         self._heal()
         healed = time.monotonic()
         self._wait_ops(when)
@@ -485,6 +520,11 @@ class LatticeChaos(RuleBasedStateMachine):
         self._check_problems()
         self.acted = False
         self.flowing.set()
+
+    def _pause_traffic(self, when: str) -> None:
+        self.flowing.clear()
+        if self.traffic.is_alive() and not self.idle.wait(timeout=CALL_BOUND_S + 30):
+            self.problems.append(f"{when}: the traffic thread's call had no outcome within {CALL_BOUND_S + 30:g} s")
 
     def _wait_ops(self, when: str) -> None:
         for op in self.ops:
@@ -537,15 +577,22 @@ class LatticeChaos(RuleBasedStateMachine):
                       if c["id"] in SLOTS and c["state"] == "running"}
             if listed != expected:
                 found.append(f"host-{host} lists {sorted(listed)} running, expected {sorted(expected)}")
+            if view.data["remote_requests"]:
+                found.append(f"host-{host} has {view.data['remote_requests']} request(s) waiting on another host")
+            rows = request(d.socket, protocol.Status(), timeout=20.0)
+            table = (rows.data["components"] if isinstance(rows.data, dict) else rows.data) if rows.ok else []
+            busy = [(r["id"], r["state"], r["mailbox"]) for r in table if r["mailbox"]] if rows.ok else rows.error
+            if busy:
+                found.append(f"host-{host} has messages unanswered: {busy}")
             for cid in SLOTS:
-                response = request(d.socket, protocol.Call(cid, b"probe", CALL_TIMEOUT_S), timeout=CALL_BOUND_S)
+                response = request(d.socket, protocol.Call(cid, PROBES[cid], CALL_TIMEOUT_S), timeout=CALL_BOUND_S)
                 if response.ok != self._reachable(cid, host):
                     found.append(f"call {cid} through host-{host}: {'ok' if response.ok else response.error}")
         settings = LatticeSettings(tuple(s.url for s in self.servers), "default", "chaos-client", HEARTBEAT_S)
         for cid in SLOTS:
             try:
                 answer = asyncio.run(lattice_call.call(lattice_call.connect_options(settings), "default",
-                                                       ComponentId.parse(cid), b"probe", CALL_TIMEOUT_S))
+                                                       ComponentId.parse(cid), PROBES[cid], CALL_TIMEOUT_S))
                 ok, said = True, f"answered by {answer.host}"
             except lattice_call.LatticeCallFailed as exc:
                 ok, said = False, str(exc)
@@ -555,9 +602,38 @@ class LatticeChaos(RuleBasedStateMachine):
         for host, d in self.daemons.items():
             response = request(d.socket, protocol.Call(f"t/caller-{host}/0", b"?callbacks", 10.0), timeout=20.0)
             callbacks[host] = int(response.data) if response.ok else response.error
+            if isinstance(callbacks[host], int) and callbacks[host] > self.made[host]:
+                self.problems.append(f"the callback guest on host-{host} made {self.made[host]} requests and has had "
+                                     f"{callbacks[host]} callbacks: more than one for some")
             if callbacks[host] != self.made[host]:
                 found.append(f"the callback guest on host-{host} made {self.made[host]} requests and has had "
                              f"{callbacks[host]} callbacks")
+        return found + self._subscriptions()
+
+    def _subscriptions(self) -> list[str]:
+        """What differs between the subscriptions each host holds on the NATS cluster (its one connection, on any
+        server) and what it runs: exactly its live components' two subjects each, from hosts and from clients."""
+        found = []
+        connections: dict[str, list[list[str]]] = {}
+        for server in self.servers:
+            assert server.monitor_port is not None
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.monitor_port}/connz?subs=detail",
+                                        timeout=10) as answer:
+                for connection in json.load(answer)["connections"]:
+                    name = connection.get("name", "")
+                    if name.startswith("wasmhost host-"):
+                        held_subjects = [sub["subject"] for sub in connection.get("subscriptions_list_detail", [])
+                                    if sub["subject"].startswith(("wasmhost.default.msg.", "wasmhost.default.in."))]
+                        connections.setdefault(name.removeprefix("wasmhost "), []).append(sorted(held_subjects))
+        for host in HOSTS:
+            live = [f"t/{fixed}-{host}/0" for fixed in ("local", "caller", "pinger")]
+            live += [cid for cid, hosts in self.placement.items() if host in hosts and self.running[(cid, host)]]
+            subjects = wire.Subjects("default")
+            expected = sorted(subject for cid in live for subject in (subjects.message(ComponentId.parse(cid)),
+                                                                      subjects.ingress(ComponentId.parse(cid))))
+            held = connections.get(f"host-{host}", [])
+            if held != [expected]:
+                found.append(f"host-{host}'s connections to the cluster subscribe {held}, expected [{expected}]")
         return found
 
     def _log_problems(self) -> list[str]:
@@ -615,7 +691,7 @@ class LatticeChaos(RuleBasedStateMachine):
 def lattice_cli_outcome(cid: str, done: subprocess.CompletedProcess[str]) -> str:
     """What `wasmhost call --lattice` ended with: its reply, or a documented error (exit 1, one line)."""
     if done.returncode == 0:
-        return "ok" if done.stdout == "chaos" or cid != "t/echo/0" else f"undocumented reply {done.stdout!r}"
+        return "ok" if done.stdout == PAYLOADS[cid] or cid != "t/echo/0" else f"undocumented reply {done.stdout!r}"
     error = done.stderr.removeprefix("wasmhost: ")
     documented = error.startswith(DOCUMENTED_LATTICE_CALL_ERRORS) or error.startswith(f"{cid}")
     if done.returncode != 1 or not documented or error.count("\n") != 1:
