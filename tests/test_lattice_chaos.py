@@ -430,11 +430,13 @@ class LatticeChaos(RuleBasedStateMachine):
         self._guest_request(host, cid)
         self._neighbours()
 
-    @rule(host=st.sampled_from(HOSTS), cid=st.sampled_from(sorted(SLOTS)), hops=st.sampled_from([3, 30]))
+    # Not the counter: it answers its own count, not N - 1, so a chain with it would never end.
+    @rule(host=st.sampled_from(HOSTS), cid=st.sampled_from(["t/echo/0", "t/slow/0"]), hops=st.sampled_from([3, 30]))
     @noted
     def pinger_chain(self, host: str, cid: str, hops: int) -> None:
-        """host-X's pinger starts a request chain of `hops` round trips with `cid` (traffic: its end is not
-        checked, only that nothing breaks)."""
+        """host-X's pinger starts a request chain of `hops` round trips with `cid` (the slow one fails the first:
+        its answer is an outcome, which ends the chain). Traffic: its end is not checked, only that nothing
+        breaks."""
         response = request(self.daemons[host].socket,
                            protocol.Call(f"t/pinger-{host}/0", f"{cid.replace('/', '|')}|{hops}".encode(), 10.0),
                            timeout=20.0)
@@ -581,7 +583,8 @@ class LatticeChaos(RuleBasedStateMachine):
                 found.append(f"host-{host} has {view.data['remote_requests']} request(s) waiting on another host")
             rows = request(d.socket, protocol.Status(), timeout=20.0)
             table = (rows.data["components"] if isinstance(rows.data, dict) else rows.data) if rows.ok else []
-            busy = [(r["id"], r["state"], r["mailbox"]) for r in table if r["mailbox"]] if rows.ok else rows.error
+            busy = ([(r["id"], r["state"], f"queued {r['queued']}, in hand {r['in_hand']}") for r in table
+                     if r["mailbox"]] if rows.ok else rows.error)
             if busy:
                 found.append(f"host-{host} has messages unanswered: {busy}")
             for cid in SLOTS:
