@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -37,6 +38,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def restartable_port() -> int:
+    """A loopback TCP port nobody listens on right now, below the kernel's range of ephemeral ports: a server
+    killed and started again on it finds it free. One in that range can meanwhile become the local port of any
+    outgoing connection (measured: a chaos test's restart failing, `bind: address already in use`)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(1000):
+        port = random.randrange(10000, max(10001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 @dataclass
@@ -191,10 +211,11 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 def nats_cluster(workdir: Path, size: int = 3, monitor: bool = False) -> list[NatsServer]:
     """`size` nats-servers routed to each other on loopback (with `monitor`, each with its monitoring port), started;
-    kill each at teardown."""
-    ports = [free_port() for _ in range(size)]
-    servers = [NatsServer(workdir, cluster_port=ports[i], routes=[p for j, p in enumerate(ports) if j != i],
-                          name=f"n{i}", monitor_port=free_port() if monitor else None) for i in range(size)]
+    kill each at teardown. Their ports are restartable_port()s: a test may kill one and start it again."""
+    ports = [restartable_port() for _ in range(size)]
+    servers = [NatsServer(workdir, port=restartable_port(), cluster_port=ports[i],
+                          routes=[p for j, p in enumerate(ports) if j != i], name=f"n{i}",
+                          monitor_port=restartable_port() if monitor else None) for i in range(size)]
     try:
         for server in servers:
             server.start()
