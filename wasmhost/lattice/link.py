@@ -361,6 +361,16 @@ class Link:
                 if nc is not None:  # nats-py 2.16's drain leaves the subscription in place when its flush fails
                     sub._stop_processing()  # (nats-py has no public way to drop a half-drained one)
                     nc._remove_sub(sub._id)
+            if nc is not None:
+                # The connection may have been lost during the drain: nats-py then subscribed everything it held
+                # again on the next server, these too (a drain forgets nothing until it ends), after the UNSUB that
+                # went to the old one, and a drain whose round trip was lost gave up dropping them in nats-py only.
+                # The new server kept them for good, in the components' queue groups: their share of the messages
+                # was dropped. Unsubscribed again now that nats-py no longer holds them (it cannot subscribe them
+                # anew): a server that has them takes this, one that has not ignores it.
+                for sub in subs:
+                    with contextlib.suppress(Exception):
+                        await nc._send_unsubscribe(sub._id)
             if linger:  # not when the daemon leaves: it stops at once
                 await anyio.sleep(ENDED_S)
         finally:
