@@ -105,10 +105,10 @@ LATTICE_CALL_BOUND_S = 2 * 5.0 * SERVERS + CALL_TIMEOUT_S + SLACK_S
 timeout (README, "Across the lattice")."""
 STALE_S = 3 * max(1, int(2 * HEARTBEAT_S))
 """nats-py's stale detection with the link's pings (every 2 x heartbeat_s, at least 1 s; three missed)."""
-SETTLE_S = STALE_S + 3 * HEARTBEAT_S + 2.0 + 5.0 + 2 * SLACK_S
+SETTLE_S = STALE_S + 3 * HEARTBEAT_S + 2.0 + max(5.0, GUEST_TIMEOUT_S) + 2 * SLACK_S
 """From the faults healed to the lattice agreeing with what runs: a stalled connection found stale, a
-reconnection, three heartbeats (a dead host's leaving), an inventory fetch (2 s timeout), a drained replica's
-late messages (5 s), and slack."""
+reconnection, three heartbeats (a dead host's leaving), an inventory fetch (2 s timeout), then a drained
+replica's late messages (5 s) or a guest request's callback (its timeout), and slack."""
 TERM_BOUND_S = DRAIN_TIMEOUT_S + SHUTDOWN_TIMEOUT_S + 1.0 + 4.0 + SLACK_S
 """SIGTERM: drain_timeout_s + shutdown_timeout_s + 1 s (README, "The daemon"), 4 s more with a stalled server."""
 
@@ -117,6 +117,7 @@ DOCUMENTED_CALL_ERRORS = ("delivery-failed", "target-not-found", "queue-full", "
 """How a host call may fail (README, "Request/response and outcomes" and "Lattice")."""
 DOCUMENTED_LATTICE_CALL_ERRORS = ("cannot reach NATS at ", "no host of lattice ", "timeout: no answer from ",
                                   "NATS closed the connection before an answer came")
+"""How `call --lattice` may fail (README, "Across the lattice"), besides an outcome naming the target."""
 DOCUMENTED_GUEST_ERRORS = ("runtime-error: request failed",)
 """The callback guest's and the pinger's refusals (a messaging-error at once: unreachable, not found, full)."""
 ALARMS = {"lattice_link_failed", "lattice_ingress_failed", "lattice_heartbeat_failed", "lattice_expiry_failed",
@@ -165,6 +166,9 @@ def configured(host: str, placement: dict[str, frozenset[str]]) -> str:
 
 
 class LatticeChaos(RuleBasedStateMachine):
+    """One example: a NATS cluster and two daemons of its own (under `workdir`), the model of what runs where, and
+    the calls fired so far."""
+
     workdir: ClassVar[Path]
     examples: ClassVar[int] = 0
 
@@ -181,8 +185,8 @@ class LatticeChaos(RuleBasedStateMachine):
         self.placement: dict[str, frozenset[str]] = {cid: PLACEMENTS[i % 2] for i, cid in enumerate(SLOTS)}
         self.running: dict[tuple[str, str], bool] = {}  # (slot, host) -> running, for the slots placed there
         self.acted = False  # a fault, lifecycle action or move since the last settle (else settling checks nothing new)
-        self.made = dict.fromkeys(HOSTS, 0)
-        self.crashes = 0  # guest requests the callback guest made (each one callback)
+        self.made = dict.fromkeys(HOSTS, 0)  # guest requests the callback guests made (each one callback)
+        self.crashes = 0
         self.ops: list[Op] = []
         self.problems: list[str] = []
         self.pool = ThreadPoolExecutor(8, thread_name_prefix="lattice chaos")
