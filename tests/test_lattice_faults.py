@@ -381,18 +381,18 @@ def test_a_component_stopped_while_its_server_goes_leaves_no_subscription_on_the
         b = lattice_daemon(tmp_path / "b", component("t/other/0", "echo"), [other.url], "host-b", daemons)
         # host-a is given the first server only: it learns the other from the cluster (and is not left to pick)
         a = lattice_daemon(tmp_path / "a", OPEN_ECHO, [lost.url], "host-a", daemons)
-        until("b sees a's echo", lambda: b.cli("call", "t/echo/0", "x", "--timeout", "2").returncode == 0)
+        wait_for(lambda: b.cli("call", "t/echo/0", "x", "--timeout", "2").returncode == 0, "b sees a's echo")
         assert lost.proc is not None
         os.kill(lost.proc.pid, signal.SIGSTOP)  # the drain's round trip is not answered...
         assert a.cli("stop", "t/echo/0").returncode == 0
         time.sleep(0.5)  # ... nor is anything outside the daemon told that the drain has begun (its next tick)
         lost.kill()  # a reconnects to the other server at once
-        until("a is on the other server", lambda: json.loads(a.cli("status", "--lattice", "--json").stdout)["url"]
-              == other.url, 15)
-        until("a subscribes nothing of the stopped echo", lambda: not [
-            s for s in subscriptions(other, "wasmhost host-a") if s.endswith(".t.echo.0")], 15)
+        wait_for(lambda: json.loads(a.cli("status", "--lattice", "--json").stdout)["url"] == other.url,
+                 "a is on the other server", 15)
+        wait_for(lambda: not [s for s in subscriptions(other, "wasmhost host-a") if s.endswith(".t.echo.0")],
+                 "a subscribes nothing of the stopped echo", 15)
         assert a.cli("start", "t/echo/0").returncode == 0
-        until("b sees a's echo again", lambda: b.cli("call", "t/echo/0", "x", "--timeout", "2").returncode == 0)
+        wait_for(lambda: b.cli("call", "t/echo/0", "x", "--timeout", "2").returncode == 0, "b sees a's echo again")
         calls = [b.cli("call", "t/echo/0", str(n), "--timeout", "2") for n in range(20)]
         assert [c.stdout or c.stderr for c in calls] == [str(n) for n in range(20)]
         assert a.stop() == 0 and b.stop() == 0
