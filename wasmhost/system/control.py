@@ -232,7 +232,10 @@ class ControlServer:
                 task_status.started()
                 with self._accepting:
                     while True:
-                        stream = await self._accept(listener)
+                        try:
+                            stream = await self._accept(listener)
+                        except anyio.ClosedResourceError:  # by `close`
+                            break
                         if stream is None:
                             continue
                         self._open += 1
@@ -251,12 +254,17 @@ class ControlServer:
     async def close(self) -> None:
         """Stop accepting, wait (bounded by ANSWER_TIMEOUT) for `serve` to end, and remove the socket
         file (if it is still ours)."""
+        # The listener is closed before the accept is cancelled. anyio's accept waits on a future its socket's
+        # reader completes; cancelled, it leaves the reader registered until its task runs again, and a client
+        # connecting in that turn of the loop had the reader complete the cancelled future (asyncio logged
+        # InvalidStateError from `Future.set_result`). Closing the listener takes the reader away first.
+        if self._listener is not None:
+            await self._listener.aclose()
         self._accepting.cancel()
         if self._serving:
             with anyio.move_on_after(ANSWER_TIMEOUT + 1.0):
                 await self._served.wait()
-        elif self._listener is not None:
-            await self._listener.aclose()
+        else:
             self._drop_spare()
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
