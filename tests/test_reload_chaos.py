@@ -76,6 +76,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 
 from tests.conftest import FIXTURES
 from tests.test_daemon import ROOT, warm_cache
+from tests.test_lifecycle_chaos import Op as LifecycleOp
 from wasmhost.actors.state import ActorState
 from wasmhost.core import ComponentId
 from wasmhost.runtime.runtime import Runtime
@@ -184,15 +185,10 @@ class Running:
 
 
 @dataclass
-class Op:
-    """One operation fired at the daemon; `outcomes` gets exactly one entry when it ends."""
+class Op(LifecycleOp):
+    """One operation fired at the daemon (as in the lifecycle chaos test), with what it answered."""
 
-    number: int
-    what: str
-    started: float
-    outcomes: list[str] = field(default_factory=list)
     data: Any = None
-    took: float = 0.0
     finished: int = -1  # the order in which operations answered
 
 
