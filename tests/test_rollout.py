@@ -203,3 +203,29 @@ def test_a_component_stopped_while_a_reload_removes_others_is_started_anew_on_it
     assert d.call("t/svc/0", "5") != "5"  # hasher, the new version, runs
     assert not [e for e in d.events() if e["event"] == "reload_upgrade_failed"]
     assert d.stop() == 0
+
+
+def test_a_stop_signal_while_a_reload_removes_components_cuts_it_short_without_restoring(
+        tmp_path: Path, components: Path, started: list[Daemon]) -> None:
+    """A SIGTERM while a reload waits for a removed component's `shutdown`: the supervisor starts nothing once
+    the shutdown has begun, so the reload's start of an added component raised, and the reload took that for an
+    unexpected failure: it tried to put the previous configuration back (which could not start either) and
+    logged reload_restoring, reload_restore_failed and reload_failed with tracebacks. Found by the reload
+    chaos test. The reload now ends there, answering that the stop cut it short, and the daemon stops as usual."""
+    shutil.copy(FIXTURES / "slowstop.wasm", components / "slowstop.wasm")
+    shutil.copy(FIXTURES / "echo.wasm", components / "echo.wasm")
+    slow = component("t/slow/0", "slowstop", "shutdown_timeout_s = 2")  # its removal takes 2 s: the stop comes then
+    d = launch(tmp_path, component("t/svc/0", "svc") + slow, started, components)
+    d.config.write_text(config_text(tmp_path / "state", component("t/svc/0", "svc") + component("t/echo/0", "echo"),
+                                    components))  # t/slow/0 removed, t/echo/0 added
+    reload = background(d, "reload", "--json")
+    wait_for(lambda: rows(d).get("t/slow/0", {}).get("state") == "stopping", "the reload removing t/slow/0")
+    d.proc.send_signal(signal.SIGTERM)
+    out, _ = reload.communicate(timeout=60)
+    report = json.loads(out)
+    assert report["outcome"] == "failed" and report["problems"] == [
+        "reload cut short by the stop signal: what it had not started yet is not started"], report
+    assert d.proc.wait(timeout=30) == 0
+    alarms = {"reload_failed", "reload_restoring", "reload_restore_failed"}
+    assert not [e for e in d.events() if e["event"] in alarms]
+    assert [e["event"] for e in d.events() if e["event"] == "reload_cut_short"] == ["reload_cut_short"]

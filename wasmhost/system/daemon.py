@@ -560,8 +560,8 @@ class Daemon:
             outcome = "reload failed"
             try:
                 report = await self._reload()
-                outcome = {"reloaded": "reloaded", "rolled-back": "reloaded with rollbacks"}.get(
-                    report.outcome, "reload rejected")
+                outcome = {"reloaded": "reloaded", "rolled-back": "reloaded with rollbacks",
+                           "failed": "reload failed"}.get(report.outcome, "reload rejected")
                 return report
             except Exception as exc:  # a bug must not leave systemd waiting nor the reload lock held
                 log.exception("reload_failed")
@@ -619,15 +619,27 @@ class Daemon:
         handed = [c for c in changed if self._can_hand_over(c)]
         replaced = [c for c in changed if c not in handed]  # not running: nothing to hand over, started anew
         old_config, old_deployments = self.config, dict(self.deployments)
+        refused: str | None = None  # a start the supervisor refused, once the shutdown had begun
         try:
             await self._remove(removed + replaced)
             if removed or replaced:
                 collect_all()  # what they built was frozen at their start (see heap.py)
             self.config = new
-            await self._apply([wanted[c] for c in added + replaced], loaded)
-        except Exception:
-            await self._restore(old_config, old_deployments, added + replaced + removed)
-            raise
+            if not self._stopping:
+                await self._apply([wanted[c] for c in added + replaced], loaded)
+        except Exception as exc:
+            if not self._stopping:
+                await self._restore(old_config, old_deployments, added + replaced + removed)
+                raise
+            refused = _describe(exc)
+        if self._stopping:
+            # A stop signal came while the removals drained or the starts ran. The supervisor starts nothing
+            # once the shutdown has begun (what it started, the shutdown would not stop), and the shutdown stops
+            # everything: the rest of the reload is left undone, nothing restored. Before, the refused start was
+            # taken for an unexpected failure, and the restore, refused as well, logged errors with tracebacks.
+            log.warning("reload_cut_short", reason="the daemon is stopping", refused=refused)
+            return ReloadReport("failed", problems=[
+                "reload cut short by the stop signal: what it had not started yet is not started"])
         rolled_back = await self._roll_out([wanted[c] for c in handed], loaded, old_deployments)
         self.runtime.cache.keep_only(self._cache_keys())
         self._prune_cache(old_deployments.values())  # what ran until now is marked used now, and stays a while
