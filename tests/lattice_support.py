@@ -9,6 +9,7 @@ connecting to the port (bounded); every server is killed at teardown.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -224,6 +225,17 @@ def nats_cluster(workdir: Path, size: int = 3, monitor: bool = False) -> list[Na
             server.kill()
         raise
     return servers
+
+
+@contextlib.contextmanager
+def running_cluster(workdir: Path, size: int = 3, monitor: bool = False) -> Iterator[list[NatsServer]]:
+    """nats_cluster's servers for the block, each killed when it ends (stopped or not)."""
+    servers = nats_cluster(workdir, size, monitor)
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.kill()
 
 
 def lattice_section(urls: list[str], host_id: str, heartbeat_s: float = 0.5, extra: str = "") -> str:

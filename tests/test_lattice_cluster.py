@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lattice_support import NatsServer, lattice_daemon, nats_cluster, wait_for_log
+from tests.lattice_support import NatsServer, lattice_daemon, running_cluster, wait_for_log
 from tests.test_daemon import Daemon, component
 from tests.waits import wait_for
 from wasmhost.system import protocol
@@ -28,10 +28,8 @@ SETTLE_TIMEOUT = 60.0
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
     """Three nats-servers routed to each other on loopback, killed at teardown."""
-    servers = nats_cluster(tmp_path / "nats")
-    yield servers
-    for server in servers:
-        server.kill()
+    with running_cluster(tmp_path / "nats") as servers:
+        yield servers
 
 
 def sees(d: Daemon, cid: str, host: str) -> bool:

@@ -20,7 +20,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from tests import lattice_support
-from tests.lattice_support import NatsServer, lattice_daemon, nats_cluster, wait_for_log
+from tests.lattice_support import NatsServer, lattice_daemon, running_cluster, wait_for_log
 from tests.test_daemon import ROOT, Daemon, component
 from tests.test_lattice import BLASTER, CALLER, ECHO, REMOTE_GRANT, _try_call, row
 from tests.waits import wait_for
@@ -257,10 +257,8 @@ def test_cancelled_remote_requests_leave_nothing_behind(tmp_path: Path, nats_ser
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[list[NatsServer]]:
     """Two nats-servers routed to each other, killed at teardown (stopped or not)."""
-    servers = nats_cluster(tmp_path / "nats", 2)
-    yield servers
-    for server in servers:
-        server.kill()
+    with running_cluster(tmp_path / "nats", 2) as servers:
+        yield servers
 
 
 def test_a_host_whose_server_stalls_connects_to_another(tmp_path: Path, pair: list[NatsServer],
@@ -375,8 +373,7 @@ def test_a_component_stopped_while_its_server_goes_leaves_no_subscription_on_the
     the component ran again, NATS gave the leftover, a member of its queue group, its share of the messages from
     other hosts, which nats-py dropped: half of another host's requests timed out, for as long as the host stayed
     connected."""
-    servers = nats_cluster(tmp_path / "nats", 2, monitor=True)
-    try:
+    with running_cluster(tmp_path / "nats", 2, monitor=True) as servers:
         lost, other = servers
         b = lattice_daemon(tmp_path / "b", component("t/other/0", "echo"), [other.url], "host-b", daemons)
         # host-a is given the first server only: it learns the other from the cluster (and is not left to pick)
@@ -396,6 +393,3 @@ def test_a_component_stopped_while_its_server_goes_leaves_no_subscription_on_the
         calls = [b.cli("call", "t/echo/0", str(n), "--timeout", "2") for n in range(20)]
         assert [c.stdout or c.stderr for c in calls] == [str(n) for n in range(20)]
         assert a.stop() == 0 and b.stop() == 0
-    finally:
-        for server in servers:
-            server.kill()
